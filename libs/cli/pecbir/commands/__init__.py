@@ -1,0 +1,1 @@
+"""Sub-commands of `pecbir`; each module exposes `register(subparsers)`."""

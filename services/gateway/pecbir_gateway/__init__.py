@@ -1,0 +1,1 @@
+"""pecbir_gateway."""
