@@ -20,7 +20,7 @@ from pecbir import commands
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pecbir",
-        description="Privacy-preserving CBIR of brain-tumour MRI over perceptually encrypted images.",
+        description="Privacy-preserving CBIR of brain-tumour MRI on perceptually encrypted images.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

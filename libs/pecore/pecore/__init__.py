@@ -1,1 +1,1 @@
-"""pecore: the science of pe-cbir (perceptual encryption + Cheng et al. 2016 retrieval), no web code."""
+"""pecore: the science of pe-cbir (perceptual encryption + Cheng 2016 retrieval); no web code."""
