@@ -11,6 +11,7 @@ image set, or a consortium's shared set) under ``tenants/<tenant>/collections/<c
     models/<version>/model.npz        trained pipeline (npz, no pickle)
     models/<version>/manifest.json    ModelManifest
     models/<version>/request.json     TrainRequest the version was trained from
+    models/<version>/failure.json     why training failed
     models/current.json               pointer to the version new images are indexed with
 idempotency records:
     tenants/<tenant>/idempotency/<sha256(idempotency key)>.json
@@ -138,6 +139,9 @@ class CollectionLayout:
 
     def train_request(self, version: str) -> str:
         return f"{self.models_prefix}{check_version(version)}/request.json"
+
+    def model_failure(self, version: str) -> str:
+        return f"{self.models_prefix}{check_version(version)}/failure.json"
 
     @property
     def current_model(self) -> str:

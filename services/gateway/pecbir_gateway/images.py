@@ -32,6 +32,7 @@ from pecbir_contracts.png import (
     decode_image_png,
     decode_mask_png,
 )
+from pecbir_contracts.records import read_current_version
 from pecbir_contracts.schemas import ImageMetadata, UploadAccepted, UploadStatus
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE
@@ -202,10 +203,7 @@ def _replay(ctx: GatewayContext, record_key: str, fingerprint: str) -> JSONRespo
 
 
 def current_version(ctx: GatewayContext, layout: CollectionLayout) -> str | None:
-    try:
-        return json.loads(ctx.store.get(layout.current_model))["version"]
-    except ObjectNotFound:
-        return None
+    return read_current_version(ctx.store, layout)
 
 
 def _is_indexed(ctx: GatewayContext, layout: CollectionLayout, image_id: str) -> bool:

@@ -74,7 +74,7 @@ def model_version(
     except ObjectNotFound:
         pass
     state = {"version": version, "state": "queued", "params": request.model_dump()}
-    failure_key = layout.models_prefix + f"{version}/failure.json"
+    failure_key = layout.model_failure(version)
     if ctx.store.exists(failure_key):
         state.update(state="failed", reason=json.loads(ctx.store.get(failure_key))["reason"])
     return state
