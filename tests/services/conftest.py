@@ -3,8 +3,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from pecbir_contracts.store import FilesystemStore
 
+from pecbir_contracts.store import FilesystemStore
 from tests.services.helpers import TOKEN_SECRET
 
 
@@ -31,3 +31,8 @@ def store(tmp_path) -> FilesystemStore:
 @pytest.fixture
 def token_secret() -> bytes:
     return TOKEN_SECRET
+
+
+from tests.services.standin_pipeline import install_if_missing  # noqa: E402
+
+STANDIN_PIPELINE = install_if_missing()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError, store_from_url
 
+from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError, store_from_url
 from pecbir_gateway import images, models, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher

@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout, version_number
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
-
 from pecbir_search.index import VectorIndex
 
 log = logging.getLogger(__name__)
