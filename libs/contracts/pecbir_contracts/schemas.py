@@ -31,7 +31,7 @@ class KeyInfo(_Strict):
     mode: Literal["per-image", "same"] = "per-image"
     key_id: str = Field(default="0" * 16, pattern=r"^[0-9a-f]{8,64}$")
     counter: int = Field(ge=0, le=1024)
-    check: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    check: str = Field(pattern=r"^[0-9a-z:]{8,80}$")
 
 
 class Integrity(_Strict):

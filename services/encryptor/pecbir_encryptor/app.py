@@ -4,8 +4,6 @@ Runs at the hospital and holds the master key. Its users authenticate with beare
 this service (not the cloud's); key release is audited.
 """
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import httpx

@@ -1,7 +1,5 @@
 """The search service: learned metric + projected vectors in memory, k-NN over HTTP."""
 
-from __future__ import annotations
-
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
