@@ -17,13 +17,9 @@ import pytest
 
 from pecore.cipher import to_uint8
 from tests.dicom_factory import make_dataset
-from tests.services.conftest import STANDIN_PIPELINE
 from tests.services.helpers import labelled_set, make_seg
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(STANDIN_PIPELINE, reason="pecore.pipeline not available yet"),
-]
+pytestmark = pytest.mark.integration
 SMALL_MODEL = {
     "n_components": 4,
     "n_regions": 2,
