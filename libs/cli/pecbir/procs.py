@@ -194,6 +194,10 @@ class Cluster:
             "PECBIR_BROKER_URL": self.redis_url,
             "PECBIR_TOKEN_SECRET": self.cloud_secret,
             "PECBIR_REINDEX_CHUNK": "16",
+            # One BLAS thread per request/task: concurrent requests already use the cores.
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
         }
         self.worker = stack.enter_context(celery_worker(self.env, self.logs / "worker.log"))
         self.start_search()
