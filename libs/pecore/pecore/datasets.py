@@ -38,7 +38,9 @@ class Dataset:
         n = len(self.images)
         for name in ("masks", "labels", "pids", "folds", "index"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"Dataset.{name} has {len(getattr(self, name))} rows, expected {n}")
+                raise ValueError(
+                    f"Dataset.{name} has {len(getattr(self, name))} rows, expected {n}"
+                )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,7 +112,9 @@ def load_figshare(
         cache_file = None
         if cache_dir is not None:
             stat = path.stat()
-            cache_file = Path(cache_dir) / f"figshare_images_{stat.st_size}_{int(stat.st_mtime)}.npy"
+            cache_file = (
+                Path(cache_dir) / f"figshare_images_{stat.st_size}_{int(stat.st_mtime)}.npy"
+            )
             if cache_file.is_file():
                 images = np.load(cache_file, mmap_mode="r")
         if images is None:
