@@ -12,10 +12,10 @@ from typing import Annotated
 
 import httpx
 from fastapi import Depends, HTTPException, Query, Request
+
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, mint_token, verify_token
 from pecbir_contracts.layout import CollectionLayout, check_name
 from pecbir_contracts.store import ObjectStore
-
 from pecbir_gateway.dispatch import TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
 

@@ -19,6 +19,8 @@ from fastapi import (
     UploadFile,
 )
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
 from pecbir_contracts.layout import (
     CollectionLayout,
     check_image_id,
@@ -36,8 +38,6 @@ from pecbir_contracts.records import read_current_version
 from pecbir_contracts.schemas import ImageMetadata, UploadAccepted, UploadStatus
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE
-from pydantic import ValidationError
-
 from pecbir_gateway.deps import (
     Access,
     Caller,

@@ -8,11 +8,11 @@ from typing import Annotated
 import httpx
 from fastapi import APIRouter, Body, HTTPException
 from fastapi.responses import JSONResponse
+
 from pecbir_contracts.layout import CollectionLayout, version_name, version_number
 from pecbir_contracts.schemas import ModelManifest, ModelStatus, TrainAccepted, TrainRequest
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_TRAIN_MODEL
-
 from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.dispatch import DispatchError
 from pecbir_gateway.images import current_version

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import httpx
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
-from pecbir_contracts.schemas import SearchResponse
 
+from pecbir_contracts.schemas import SearchResponse
 from pecbir_gateway.deps import Caller, Ctx, Owner, authorise
 from pecbir_gateway.images import read_limited, validate_pair
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from pecbir_contracts.tasks import WORKER_QUEUES
-
 from pecbir_indexer.app import celery_app
 
 

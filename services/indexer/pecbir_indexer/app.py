@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery, Task
 from kombu import Queue
+
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.records import write_failure
 from pecbir_contracts.store import StorageError
@@ -27,8 +28,7 @@ from pecbir_contracts.tasks import (
     TASK_TRAIN_MODEL,
     WORKER_QUEUES,
 )
-
-from pecbir_indexer import work
+from pecbir_indexer import ops, work
 from pecbir_indexer.runtime import get_runtime
 from pecbir_indexer.settings import IndexerSettings
 
@@ -154,3 +154,6 @@ TASKS = {
 def run_eagerly(task_name: str, args: list[Any]) -> None:
     """Embedded mode: execute a task in this process (Celery's eager mode, no broker)."""
     TASKS[task_name].apply(args=list(args), throw=False)
+
+
+ops.instrument(celery_app, _settings)

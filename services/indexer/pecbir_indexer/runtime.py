@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pecbir_contracts.events import EventBus, bus_from_url
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.store import ObjectStore, store_from_url
-
 from pecbir_indexer.settings import IndexerSettings
 
 

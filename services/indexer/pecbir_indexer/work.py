@@ -14,14 +14,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ValidationError
+
 from pecbir_contracts.events import ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import InvalidImage, check_pair, decode_image_png, decode_mask_png
 from pecbir_contracts.records import FeatureRecord, read_current_version, write_current_version
 from pecbir_contracts.schemas import ImageMetadata, ModelManifest, TrainRequest
 from pecbir_contracts.store import ObjectNotFound
-from pydantic import ValidationError
-
 from pecbir_indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)

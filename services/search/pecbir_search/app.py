@@ -8,6 +8,8 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from pydantic import BaseModel
+
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
 from pecbir_contracts.events import EventBus, bus_from_url
 from pecbir_contracts.layout import check_name
@@ -20,8 +22,7 @@ from pecbir_contracts.png import (
 )
 from pecbir_contracts.schemas import IndexStatus, SearchHit, SearchResponse, SearchTimings
 from pecbir_contracts.store import ObjectStore, store_from_url
-from pydantic import BaseModel
-
+from pecbir_search import metrics
 from pecbir_search.engine import CollectionState, SearchEngine
 from pecbir_search.settings import SearchSettings
 
@@ -172,4 +173,5 @@ def create_app(
     def healthz() -> dict[str, object]:
         return {"status": "ok", "events_applied": engine.events_applied}
 
+    metrics.instrument(app, engine, following=settings.follow)
     return app

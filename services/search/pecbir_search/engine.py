@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout, version_number
+from pecbir_contracts.observability import request_context
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
-
 from pecbir_search.index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,9 @@ class SearchEngine:
                 continue
             for event_id, event in events:
                 try:
-                    self.apply(event)
+                    with request_context(event.request_id):
+                        self.apply(event)
+                        log.debug("applied %s event %s", event.kind, event_id)
                 except Exception:
                     log.exception("could not apply event %s", event_id)
                 after = event_id
