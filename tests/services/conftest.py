@@ -3,8 +3,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from pecbir_contracts.store import FilesystemStore
 
+from pecbir_contracts.store import FilesystemStore
 from tests.services.helpers import TOKEN_SECRET
 
 

@@ -6,6 +6,7 @@ import struct
 import zlib
 
 import numpy as np
+
 from pecbir_contracts.auth import mint_token
 from pecbir_contracts.png import encode_png
 

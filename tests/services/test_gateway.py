@@ -8,12 +8,12 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import encode_png
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_TRAIN_MODEL
 from pecbir_gateway.app import create_app
 from pecbir_gateway.settings import GatewaySettings
-
 from tests.services.conftest import RecordingDispatcher
 from tests.services.helpers import (
     TOKEN_SECRET,

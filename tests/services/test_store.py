@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
+
 from pecbir_contracts.store import FilesystemStore, MinioStore, ObjectNotFound, store_from_url
 
 

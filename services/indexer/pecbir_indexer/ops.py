@@ -37,6 +37,11 @@ class WorkerOpsSettings(BaseSettings):
 class CachedModelCollector:
     """`pecbir_model_version{service="indexer"}`: the model versions this worker has loaded."""
 
+    def describe(self) -> list:
+        # No up-front names: search and indexer both report `pecbir_model_version`, each from
+        # its own process; tests that load both into one registry must not clash.
+        return []
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         model = GaugeMetricFamily(
             "pecbir_model_version",

@@ -193,12 +193,12 @@ class SearchEngine:
                 time.sleep(1.0)
                 continue
             for event_id, event in events:
-                try:
-                    with request_context(event.request_id):
+                with request_context(event.request_id):
+                    try:
                         self.apply(event)
                         log.debug("applied %s event %s", event.kind, event_id)
-                except Exception:
-                    log.exception("could not apply event %s", event_id)
+                    except Exception:
+                        log.exception("could not apply event %s", event_id)
                 after = event_id
 
     def stop(self) -> None:

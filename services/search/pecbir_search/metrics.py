@@ -23,6 +23,11 @@ class SearchIndexCollector:
     def __init__(self, engine: SearchEngine) -> None:
         self.engine = engine
 
+    def describe(self) -> list:
+        # No up-front names: search and indexer both report `pecbir_model_version`, each from
+        # its own process; tests that load both into one registry must not clash.
+        return []
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         vectors = GaugeMetricFamily(
             "pecbir_search_vectors",
