@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Scheme = Literal["ours", "pe25", "pe26", "pe27", "plain"]
+Scheme = Literal["ours", "25", "26", "27"]
 OpaqueId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,128}$")]
 HexTag = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -28,9 +28,10 @@ class KeyInfo(_Strict):
     """Public facts about the image key: enough for the owner to re-derive it, nothing more."""
 
     scheme: Scheme = "ours"
-    mode: Literal["per-image", "shared"] = "per-image"
+    mode: Literal["per-image", "same"] = "per-image"
+    key_id: str = Field(default="0" * 16, pattern=r"^[0-9a-f]{8,64}$")
     counter: int = Field(ge=0, le=1024)
-    check: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    check: str = Field(pattern=r"^[0-9a-z:]{8,80}$")
 
 
 class Integrity(_Strict):

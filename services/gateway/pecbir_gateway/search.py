@@ -38,7 +38,6 @@ def search(
                 "mask": ("mask.png", mask_bytes, "image/png"),
             },
             headers=ctx.search_headers(access),
-            timeout=ctx.settings.search_timeout_s,
         )
     except httpx.HTTPError as exc:
         raise HTTPException(503, f"search service unavailable: {exc}") from None

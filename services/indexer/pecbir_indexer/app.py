@@ -28,7 +28,11 @@ from pecbir_contracts.tasks import (
     TASK_TRAIN_MODEL,
     WORKER_QUEUES,
 )
+<<<<<<< HEAD
 from pecbir_indexer import ops, work
+=======
+from pecbir_indexer import work
+>>>>>>> services
 from pecbir_indexer.runtime import get_runtime
 from pecbir_indexer.settings import IndexerSettings
 
@@ -151,8 +155,19 @@ TASKS = {
 }
 
 
+def use_eager_mode() -> None:
+    """Embedded mode: every task runs in the calling process, at once (Celery eager mode).
+
+    Only for the single-process demo and unit tests: no broker, so no acks, redelivery or
+    parallel workers; the dead-letter copy goes to Celery's in-memory transport.
+    """
+    celery_app.conf.update(
+        task_always_eager=True, task_eager_propagates=False, broker_url="memory://"
+    )
+
+
 def run_eagerly(task_name: str, args: list[Any]) -> None:
-    """Embedded mode: execute a task in this process (Celery's eager mode, no broker)."""
+    """Execute a task by name in this process (after `use_eager_mode`)."""
     TASKS[task_name].apply(args=list(args), throw=False)
 
 

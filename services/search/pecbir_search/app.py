@@ -1,7 +1,5 @@
 """The search service: learned metric + projected vectors in memory, k-NN over HTTP."""
 
-from __future__ import annotations
-
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -22,7 +20,10 @@ from pecbir_contracts.png import (
 )
 from pecbir_contracts.schemas import IndexStatus, SearchHit, SearchResponse, SearchTimings
 from pecbir_contracts.store import ObjectStore, store_from_url
+<<<<<<< HEAD
 from pecbir_search import metrics
+=======
+>>>>>>> services
 from pecbir_search.engine import CollectionState, SearchEngine
 from pecbir_search.settings import SearchSettings
 
