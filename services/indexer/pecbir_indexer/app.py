@@ -28,11 +28,7 @@ from pecbir_contracts.tasks import (
     TASK_TRAIN_MODEL,
     WORKER_QUEUES,
 )
-<<<<<<< HEAD
 from pecbir_indexer import ops, work
-=======
-from pecbir_indexer import work
->>>>>>> services
 from pecbir_indexer.runtime import get_runtime
 from pecbir_indexer.settings import IndexerSettings
 

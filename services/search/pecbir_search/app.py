@@ -20,10 +20,7 @@ from pecbir_contracts.png import (
 )
 from pecbir_contracts.schemas import IndexStatus, SearchHit, SearchResponse, SearchTimings
 from pecbir_contracts.store import ObjectStore, store_from_url
-<<<<<<< HEAD
 from pecbir_search import metrics
-=======
->>>>>>> services
 from pecbir_search.engine import CollectionState, SearchEngine
 from pecbir_search.settings import SearchSettings
 
