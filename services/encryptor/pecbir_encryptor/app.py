@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
 from pecbir_contracts.layout import check_image_id, check_name
 from pecbir_contracts.png import encode_png
+from pecbir_encryptor import ops
 from pecbir_encryptor.core import Encryptor, GatewayError
 from pecbir_encryptor.dicom import (
     FAILURE_CANNOT_UNDERSTAND,
@@ -371,4 +372,5 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok", "tenant": settings.tenant, "key_id": master.key_id}
 
+    ops.instrument(app, encryptor)
     return app
