@@ -375,12 +375,21 @@ def test_services_and_urls_point_at_declared_ports(cloud):
                 for p in c.get("ports", [])
             }
             assert port["targetPort"] in names, service["metadata"]["name"]
-    gateway = kt.pod_spec(workloads["gateway"])["containers"][0]
-    env = kt.container_env(gateway, cloud)
-    for var in ("PECBIR_SEARCH_URL", "PECBIR_STORE_URL", "PECBIR_BROKER_URL"):
-        url = urlsplit(env[var])
-        assert url.hostname in services, f"{var} names no Service: {url.hostname}"
-        assert url.port in {p["port"] for p in services[url.hostname]["spec"]["ports"]}, var
+    checked = 0
+    for name, _workload, container, _service in _service_containers(cloud):
+        env = kt.container_env(container, cloud)
+        for var, value in env.items():
+            if not (var.startswith("PECBIR_") and var.endswith("_URL")):
+                continue
+            url = urlsplit(value)
+            assert url.hostname in services, f"{name}: {var} names no Service: {url.hostname}"
+            ports = {p["port"] for p in services[url.hostname]["spec"]["ports"]}
+            assert url.port in ports, f"{name}: {var} port {url.port} is not one of {ports}"
+            checked += 1
+        if "REDIS_ADDRESS" in env:
+            host, _, port = env["REDIS_ADDRESS"].partition(":")
+            assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, name
+    assert checked >= 3 + 2 + 2 * 2  # gateway: search, store, broker; search; two workers
 
 
 def _workers(objects: list[dict]) -> dict[str, tuple[dict, dict]]:
