@@ -317,7 +317,7 @@ def test_queue_depth_and_request_id_header_on_a_real_redis_broker(monkeypatch, t
 
     import redis
 
-    from tests.services.procs import redis_server
+    from pecbir.procs import redis_server
 
     if shutil.which("redis-server") is None:
         pytest.skip("needs the redis-server binary (a private broker, not the shared one)")

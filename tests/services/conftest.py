@@ -31,8 +31,3 @@ def store(tmp_path) -> FilesystemStore:
 @pytest.fixture
 def token_secret() -> bytes:
     return TOKEN_SECRET
-
-
-from tests.services.standin_pipeline import install_if_missing  # noqa: E402
-
-STANDIN_PIPELINE = install_if_missing()

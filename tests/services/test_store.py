@@ -43,7 +43,7 @@ def test_filesystem_store(tmp_path):
 
 @pytest.mark.integration
 def test_minio_client_against_moto_server(tmp_path):
-    from tests.services.procs import moto_s3
+    from pecbir.procs import moto_s3
 
     with moto_s3() as endpoint:
         store = MinioStore(endpoint, access_key="test", secret_key="test-secret", bucket="pecbir")

@@ -161,3 +161,7 @@ class IndexStatus(BaseModel):
     n_vectors: int
     pending_version: str | None = None
     pending_vectors: int = 0
+
+
+# Largest k a search may ask for (a full ranking of a few thousand images, for evaluation).
+MAX_K = 5000

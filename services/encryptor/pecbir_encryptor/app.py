@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
 from pecbir_contracts.layout import check_image_id, check_name
 from pecbir_contracts.png import encode_png
+from pecbir_contracts.schemas import MAX_K
 from pecbir_encryptor import ops
 from pecbir_encryptor.core import Encryptor, GatewayError
 from pecbir_encryptor.dicom import (
@@ -281,7 +282,7 @@ def create_app(
         claims: Caller,
         image: Annotated[UploadFile, File(description="plain query image: DICOM, PNG or NPY")],
         mask: Annotated[UploadFile, File(description="its tumour mask: PNG, NPY or DICOM SEG")],
-        k: Annotated[int, Form(ge=1, le=100)] = 10,
+        k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         owner: Annotated[str | None, Query()] = None,
     ) -> dict[str, object]:
         need(claims, "search")

@@ -7,7 +7,7 @@ from typing import Annotated
 import httpx
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
-from pecbir_contracts.schemas import SearchResponse
+from pecbir_contracts.schemas import MAX_K, SearchResponse
 from pecbir_gateway.deps import Caller, Ctx, Owner, authorise
 from pecbir_gateway.images import read_limited, validate_pair
 
@@ -21,7 +21,7 @@ def search(
     mask: Annotated[UploadFile, File(description="tumour mask of the query, binary PNG")],
     claims: Caller,
     ctx: Ctx,
-    k: Annotated[int, Form(ge=1, le=100)] = 10,
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
     owner: Owner = None,
 ) -> SearchResponse:
     access = authorise(ctx, claims, collection, owner, "search")

@@ -18,7 +18,7 @@ from pecbir_contracts.png import (
     decode_image_png,
     decode_mask_png,
 )
-from pecbir_contracts.schemas import IndexStatus, SearchHit, SearchResponse, SearchTimings
+from pecbir_contracts.schemas import MAX_K, IndexStatus, SearchHit, SearchResponse, SearchTimings
 from pecbir_contracts.store import ObjectStore, store_from_url
 from pecbir_search import metrics
 from pecbir_search.engine import CollectionState, SearchEngine
@@ -124,7 +124,7 @@ def create_app(
         state: State,
         cipher: Annotated[UploadFile, File()],
         mask: Annotated[UploadFile, File()],
-        k: Annotated[int, Query(ge=1, le=100)] = 10,
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     ) -> SearchResponse:
         serving = serving_of(state)  # one (model, matrix) pair for the whole query
         timings = SearchTimings()
