@@ -3,6 +3,9 @@
 - `search`: k-NN latency (p50/p99) of the search service's own index (`pecbir_search.index.
   VectorIndex`) against the number of vectors, next to faiss `IndexFlatL2` on the same data in
   the same run; plus the cost of one insert as the index fills.
+- `indexing`: images/s of the indexer's task body (`pecbir_indexer.work.index_image`) with 1
+  and 2 worker processes over a filesystem store, and the per-image cost split
+  (decode, patches, Fisher vector, store).
 - `memory`: bytes per indexed image held by the search service and by the object store
   (real images protected by the encryptor's code, a real feature record), and what a
   10-million-image consortium would need.
@@ -40,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     memory.add_argument("--consortium", type=int, default=10_000_000)
     memory.add_argument("--out", type=Path, default=OUT / "memory.json")
     memory.set_defaults(func=run_memory)
+    indexing = targets.add_parser("indexing", help="indexer throughput, 1 and 2 processes")
+    indexing.add_argument("--images", type=int, default=60, help="images indexed per run")
+    indexing.add_argument("--fit-images", type=int, default=120)
+    indexing.add_argument("--n-components", type=int, default=64, help="GMM components D")
+    indexing.add_argument("--processes", default="1,2")
+    indexing.add_argument("--out", type=Path, default=OUT / "indexing.json")
+    indexing.set_defaults(func=run_indexing)
 
 
 def _machine() -> dict[str, object]:
@@ -197,12 +207,12 @@ def search_bytes_per_vector(n: int, dim: int) -> dict[str, float]:
 
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    ids = [f"{i:032x}" for i in range(n)]
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     index = VectorIndex("v0001", dim)
-    for image_id, vector in zip(ids, vectors, strict=True):
-        index.upsert(image_id, vector, 1)
+    for i, vector in enumerate(vectors):
+        # The id string is made here: in the service it arrives with the event and is kept.
+        index.upsert(f"{i:032x}", vector, 1)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     total = sum(s.size_diff for s in after.compare_to(before, "filename"))
@@ -335,3 +345,220 @@ def _plot_memory(result: dict, path: Path) -> None:
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# -- indexing throughput ---------------------------------------------------------------------
+
+_TENANT, _COLLECTION, _VERSION = "bench", "scaling", "v0001"
+
+
+def _prepare_store(root: Path, n_images: int, fit_images: int, n_components: int) -> list[str]:
+    """A filesystem store holding a fitted model (current version) and `n_images` uploads,
+    written the way the gateway and the training task write them."""
+    import io
+
+    import httpx
+
+    from pecbir_contracts.layout import CollectionLayout, new_image_id
+    from pecbir_contracts.png import encode_png
+    from pecbir_contracts.records import write_current_version
+    from pecbir_contracts.store import FilesystemStore
+    from pecbir_encryptor.core import Encryptor
+    from pecore.datasets import load_figshare
+    from pecore.keys import MasterKey
+    from pecore.pipeline import CBIRPipeline
+
+    data = load_figshare()
+    store = FilesystemStore(root)
+    layout = CollectionLayout(_TENANT, _COLLECTION)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(data.images))
+    fit, upload = order[:fit_images], order[fit_images : fit_images + n_images]
+    encryptor = Encryptor(MasterKey.from_seed(4), httpx.Client(base_url="http://unused"))
+    protected = {
+        int(i): encryptor.protect(
+            np.asarray(data.images[i]), data.masks[i], opaque_id=f"bench-{i:08d}", label=1
+        )
+        for i in np.concatenate([fit, upload])
+    }
+    # The model is fitted on cipher images, as the training task does.
+    pipeline = CBIRPipeline(n_components=n_components, n_train_patches=40_000, n_jobs=1)
+    pipeline.fit(
+        [protected[int(i)].cipher for i in fit],
+        [protected[int(i)].mask for i in fit],
+        np.asarray(data.labels)[fit],
+    )
+    buffer = io.BytesIO()
+    pipeline.save(buffer)
+    store.put(layout.model(_VERSION), buffer.getvalue())
+    write_current_version(store, layout, _VERSION)
+    image_ids = []
+    for i in upload:
+        image_id = new_image_id()
+        item = protected[int(i)]
+        store.put(layout.cipher(image_id), encode_png(item.cipher))
+        store.put(layout.mask(image_id), encode_png(item.mask))
+        store.put(layout.meta(image_id), item.metadata.model_dump_json().encode())
+        image_ids.append(image_id)
+    return image_ids
+
+
+def _runtime(root: Path):
+    from pecbir_contracts.events import InMemoryBus
+    from pecbir_contracts.store import FilesystemStore
+    from pecbir_indexer.runtime import configure_runtime
+    from pecbir_indexer.settings import IndexerSettings
+
+    settings = IndexerSettings(store_url=f"file://{root}", encode_threads=1)
+    return configure_runtime(FilesystemStore(root), InMemoryBus(), settings)
+
+
+def _index_share(root: str, image_ids: list[str]) -> tuple[float, int]:
+    """One worker process: load the model (not timed), then index its share of the images."""
+    import threadpoolctl
+
+    from pecbir_contracts.layout import CollectionLayout
+    from pecbir_indexer import work
+
+    threadpoolctl.threadpool_limits(1)
+    rt = _runtime(Path(root))
+    rt.model(CollectionLayout(_TENANT, _COLLECTION), _VERSION)
+    started = time.perf_counter()
+    for image_id in image_ids:
+        outcome = work.index_image(rt, _TENANT, _COLLECTION, image_id)
+        assert outcome.state == "indexed", outcome
+    return time.perf_counter() - started, len(image_ids)
+
+
+def _cost_split(root: Path, image_ids: list[str]) -> dict[str, float]:
+    """Mean ms per image of each step `work.index_image` takes, timed one by one."""
+    import threadpoolctl
+
+    from pecbir_contracts.events import VectorEvent
+    from pecbir_contracts.layout import CollectionLayout
+    from pecbir_contracts.records import FeatureRecord
+    from pecbir_indexer import work
+    from pecore.features import roi_patches
+    from pecore.fisher import moments
+    from pecore.roi import dilate_mask
+
+    threadpoolctl.threadpool_limits(1)
+    rt = _runtime(root)
+    layout = CollectionLayout(_TENANT, _COLLECTION)
+    pipeline = rt.model(layout, _VERSION)
+    totals = {"decode": 0.0, "patches": 0.0, "fisher_vector": 0.0, "store": 0.0}
+    for image_id in image_ids:
+        t0 = time.perf_counter()
+        meta, cipher, mask = work.load_image(rt, layout, image_id)
+        t1 = time.perf_counter()
+        roi = dilate_mask(mask, pipeline.radius)
+        patches = roi_patches(
+            cipher, roi, pipeline.patch_size, pipeline.radius, pipeline.encoder_.n_regions, roi=roi
+        )
+        y = pipeline.pca_.transform(patches.patches)
+        t2 = time.perf_counter()
+        fisher = pipeline.encoder_.encode(y, patches.bounds, moments(y))[None, :]
+        vector = pipeline.project(fisher)[0]
+        t3 = time.perf_counter()
+        record = FeatureRecord(_VERSION, fisher[0], vector, meta.label)
+        rt.store.put(layout.features("v9999", image_id), record.to_bytes())
+        rt.bus.publish(
+            VectorEvent(
+                tenant=_TENANT,
+                collection=_COLLECTION,
+                version=_VERSION,
+                image_id=image_id,
+                label=meta.label,
+                vector=[float(v) for v in vector],
+            )
+        )
+        t4 = time.perf_counter()
+        for name, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            totals[name] += seconds
+    return {name: 1000 * seconds / len(image_ids) for name, seconds in totals.items()}
+
+
+def run_indexing(args: argparse.Namespace) -> int:
+    import multiprocessing
+    import shutil
+    import tempfile
+
+    from pecbir_contracts.layout import CollectionLayout
+
+    processes = [int(p) for p in args.processes.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="pecbir-bench-index-"))
+    try:
+        print(f"preparing a store with a D={args.n_components} model and {args.images} uploads")
+        image_ids = _prepare_store(root, args.images, args.fit_images, args.n_components)
+        layout = CollectionLayout(_TENANT, _COLLECTION)
+        split = _cost_split(root, image_ids)
+        runs = []
+        context = multiprocessing.get_context("spawn")
+        for count in processes:
+            for key in list(_list_features(root, layout)):
+                (root / key).unlink()
+            shares = [image_ids[i::count] for i in range(count)]
+            with context.Pool(count) as pool:
+                results = pool.starmap(_index_share, [(str(root), share) for share in shares])
+            wall = max(seconds for seconds, _n in results)
+            runs.append(
+                {
+                    "processes": count,
+                    "images": len(image_ids),
+                    "seconds": wall,
+                    "images_per_s": len(image_ids) / wall,
+                    "images_per_s_per_process": len(image_ids) / wall / count,
+                }
+            )
+            print(f"{count} process(es): {len(image_ids) / wall:.1f} images/s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    target = 10.0
+    result = {
+        "benchmark": "indexer throughput (work.index_image: store → features → store + event)",
+        "n_components": args.n_components,
+        "images": args.images,
+        "store": "filesystem (local disk); MinIO adds a network round trip per object",
+        "cost_split_ms_per_image": split,
+        "runs": runs,
+        "target_images_per_s_per_core": target,
+        "meets_target": all(r["images_per_s_per_process"] >= target for r in runs),
+        "machine": _machine(),
+    }
+    _write(args.out, result)
+    total = sum(split.values())
+    for name, ms in split.items():
+        print(f"{name:<14} {ms:7.1f} ms per image ({100 * ms / total:4.1f} %)")
+    _plot_indexing(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _list_features(root: Path, layout) -> list[str]:
+    from pecbir_contracts.store import FilesystemStore
+
+    return FilesystemStore(root).list(layout.root + "features/")
+
+
+def _plot_indexing(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = result["cost_split_ms_per_image"]
+    runs = result["runs"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(list(split), list(split.values()), color=["C0", "C1", "C2", "C3"])
+    left.set(ylabel="ms per image", title=f"per-image cost, D={result['n_components']}")
+    positions = list(range(len(runs)))
+    right.bar(positions, [r["images_per_s"] for r in runs], color="C0")
+    right.set_xticks(positions, [str(r["processes"]) for r in runs])
+    right.axhline(
+        result["target_images_per_s_per_core"], color="red", lw=1, label="target per core"
+    )
+    right.set(xlabel="worker processes", ylabel="images / s", title="indexing throughput")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
