@@ -322,6 +322,8 @@ class ClearPixelAttack:
     with what the scheme stored there: {c, 255 − c} for [25], `consistent_plain_values(d)`
     for "ours"/[27] (d = c ⊕ c(i−1)); nothing for [26] (c = p ⊕ k says nothing about p).
     With a known mask, [25] is simply inverted back (255 − c) instead.
+    tile: against tile-scrambled variants (`pecore.cipher_variants`), denoise every tile×tile
+    tile on its own so that neighbours from unrelated tiles do not leak into the estimate.
     """
 
     def __init__(
@@ -330,11 +332,13 @@ class ClearPixelAttack:
         clear_mask: np.ndarray | None = None,
         project: bool = True,
         size: int = 5,
+        tile: int | None = None,
     ) -> None:
         self.scheme = scheme
         self.clear_mask = clear_mask
         self.project = project
         self.size = size
+        self.tile = tile
 
     def transform(self, ciphers: np.ndarray) -> np.ndarray:
         if self.scheme not in SCHEMES:
@@ -342,6 +346,10 @@ class ClearPixelAttack:
         stack, single = _as_stack(ciphers, "cipher")
         chained = dechain(stack)
         view = chained if self.scheme == "27" else stack
+        if self.tile is not None:
+            if self.clear_mask is not None:
+                raise ValueError("tile-wise denoising estimates the clear mask itself")
+            return _like_input(self._transform_tiles(stack, view, chained), single)
         if self.clear_mask is None:
             clear = estimate_clear_mask(view, size=self.size)
             known_mask = False
@@ -353,6 +361,34 @@ class ClearPixelAttack:
             clear = np.broadcast_to(self.clear_mask.astype(bool), stack.shape)
             known_mask = True
         estimate = _fill_gaps(masked_median(view, clear, self.size), view, clear)
+        return _like_input(self._fill(view, chained, clear, estimate, known_mask), single)
+
+    def _transform_tiles(self, stack: np.ndarray, view: np.ndarray, chained: np.ndarray):
+        n, height, width = stack.shape
+        b = self.tile
+        if b is None or b < 2 or height % b or width % b:
+            raise ValueError(f"tile {b} must be >= 2 and divide the image shape {stack.shape[1:]}")
+
+        def tiles(a: np.ndarray) -> np.ndarray:
+            return a.reshape(n, height // b, b, width // b, b).swapaxes(2, 3).reshape(-1, b, b)
+
+        def untile(a: np.ndarray) -> np.ndarray:
+            grid = a.reshape(n, height // b, width // b, b, b).swapaxes(2, 3)
+            return grid.reshape(n, height, width)
+
+        tiled_view = tiles(view)
+        clear = estimate_clear_mask(tiled_view, size=self.size)
+        estimate = _fill_gaps(masked_median(tiled_view, clear, self.size), tiled_view, clear)
+        return self._fill(view, chained, untile(clear), untile(estimate), known_mask=False)
+
+    def _fill(
+        self,
+        view: np.ndarray,
+        chained: np.ndarray,
+        clear: np.ndarray,
+        estimate: np.ndarray,
+        known_mask: bool,
+    ) -> np.ndarray:
         guess = np.clip(np.rint(estimate), 0, 255).astype(np.uint8)
         if self.project and self.scheme == "25":
             flipped = 255 - view
@@ -365,8 +401,7 @@ class ClearPixelAttack:
                 guess = np.where(closer, flipped, view)
         elif self.project and self.scheme in ("ours", "27"):
             guess = _NEAREST_SUBSTITUTED[chained, guess]
-        out = np.where(clear, view, guess)
-        return _like_input(out.astype(np.uint8), single)
+        return np.where(clear, view, guess).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- known plaintext
@@ -516,3 +551,39 @@ class KnownPlaintextAttack:
         out = p.copy()
         out[unsure] = np.argmin(cost, axis=1)
         return out
+
+
+# --------------------------------------------------------------------------- tile scrambling
+def jigsaw_neighbour_accuracy(estimate: np.ndarray, permutation: np.ndarray, block: int) -> float:
+    """How well an attacker could re-assemble a tile-scrambled image (`pecore.cipher_variants`).
+
+    estimate: the attacker's (denoised) version of the scrambled image; permutation: the true
+    tile permutation (scrambled tile j came from position permutation[j]).  For every pair of
+    tiles that were left/right or top/bottom neighbours in the plain image, check whether the
+    true partner is the unique best match among all tiles by mean absolute difference of the
+    touching edge rows/columns (the usual "direct comparison" measure of jigsaw solvers).
+    Ties count as failures.  Returns the fraction of neighbour pairs found.
+    """
+    estimate = np.asarray(estimate, dtype=np.float32)
+    rows, cols = estimate.shape[0] // block, estimate.shape[1] // block
+    core = estimate[: rows * block, : cols * block]
+    tiles = core.reshape(rows, block, cols, block).swapaxes(1, 2).reshape(-1, block, block)
+    position_of = np.asarray(permutation)  # scrambled index → original position
+    index_at = np.empty_like(position_of)
+    index_at[position_of] = np.arange(position_of.size)  # original position → scrambled index
+    found = 0
+    total = 0
+    for first_edge, second_edge, step, valid in (
+        (tiles[:, :, -1], tiles[:, :, 0], 1, lambda pos: pos % cols < cols - 1),
+        (tiles[:, -1, :], tiles[:, 0, :], cols, lambda pos: pos < (rows - 1) * cols),
+    ):
+        cost = np.abs(first_edge[:, None, :] - second_edge[None, :, :]).mean(axis=2)
+        np.fill_diagonal(cost, np.inf)
+        for position in range(rows * cols):
+            if not valid(position):
+                continue
+            left, right = index_at[position], index_at[position + step]
+            best = cost[left].min()
+            total += 1
+            found += int(cost[left, right] == best and np.count_nonzero(cost[left] == best) == 1)
+    return found / total if total else float("nan")
