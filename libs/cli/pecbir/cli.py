@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"pecbir {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

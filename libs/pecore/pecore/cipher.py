@@ -206,3 +206,26 @@ def to_uint8(image: np.ndarray) -> tuple[np.ndarray, IntensityRescale]:
         return np.zeros(image.shape, dtype=np.uint8), rescale
     scaled = np.floor(255.0 * (values - low) / (high - low) + 0.5)
     return scaled.astype(np.uint8), rescale
+
+
+# --------------------------------------------------------------------------- reference loops
+def encrypt_reference(image: np.ndarray, stream: np.ndarray, scheme: Scheme = "ours") -> np.ndarray:
+    """Straightforward per-pixel loop of the published equations (tests and benchmarks only)."""
+    _check_scheme(scheme)
+    _check_inputs(image, stream, "image")
+    p = image.ravel().tolist()
+    k = stream.tolist()
+    n = len(p)
+    c = [0] * n
+    previous = p[-1] if n >= 2 else 0
+    for i in range(n):
+        if scheme == "25":
+            c[i] = p[i] ^ 255 if k[i] else p[i]
+        elif scheme == "26":
+            c[i] = p[i] ^ k[i]
+        elif k[i]:
+            c[i] = (((k[i] ^ p[i]) + k[i]) % 256) ^ previous
+        else:
+            c[i] = p[i] ^ previous if scheme == "27" else p[i]
+        previous = c[i]
+    return np.array(c, dtype=np.uint8).reshape(image.shape)

@@ -1,0 +1,153 @@
+"""`pecbir bench cipher`: the paper's Table 3 (encrypt/decrypt time per 512×512 image).
+
+Measures, over real dataset images (or generated ones when the dataset is absent), the
+mean encrypt and decrypt time of all four schemes with a cached key stream, the key-stream
+generation time (one key, and per image when many per-image keys are derived in a batch),
+and a per-pixel Python loop of "ours" as the side-by-side reference point.  Prints a table
+and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+PAPER_TABLE3_SECONDS = {  # Ahmad et al. 2025, Table 3 (their machine), for context only
+    "25": (0.0118, 0.0119),
+    "26": (0.0107, 0.0107),
+    "27": (0.1429, 0.1434),
+    "ours": (0.0861, 0.0834),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    targets = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
+    cipher = targets.add_parser("cipher", help="encrypt/decrypt/key-stream time per 512² image")
+    cipher.add_argument("--images", type=int, default=32, help="dataset images to time")
+    cipher.add_argument("--repeats", type=int, default=5, help="timed repetitions per image")
+    cipher.add_argument("--loop-images", type=int, default=2, help="images for the Python loop")
+    cipher.add_argument("--batch", type=int, default=16, help="per-image keys in the batch")
+    cipher.add_argument("--out", type=Path, default=Path("results/bench/cipher.json"))
+    cipher.set_defaults(func=run_cipher)
+
+
+def _bench_images(n: int) -> tuple[list[np.ndarray], str]:
+    from pecore.datasets import load_figshare, make_synthetic
+
+    try:
+        dataset = load_figshare(limit=n)
+        source = "figshare brain-tumour dataset"
+    except FileNotFoundError:
+        dataset = make_synthetic(n_images=n, size=512, seed=0)
+        source = "generated images (dataset not found)"
+    images = [img for img in dataset.images if img.shape == (512, 512)][:n]
+    return images, source
+
+
+def _timed(function, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_cipher(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pecore.cipher import SCHEMES, decrypt, encrypt, encrypt_reference
+    from pecore.keys import MasterKey, SSLMKey, derive_image_key, key_stream, key_streams
+
+    images, source = _bench_images(args.images)
+    n_pixels = 512 * 512
+    key = SSLMKey()
+    key_stream(key, 16)  # compile the kernels outside the timings
+    key_streams([key], 16)
+
+    single = _timed(partial(key_stream, key, n_pixels), args.repeats)
+    master = MasterKey.from_seed(0)
+    per_image_keys = [derive_image_key(master, f"bench-{i}", 16).sslm for i in range(args.batch)]
+    batch = _timed(partial(key_streams, per_image_keys, n_pixels), 1)[0] / args.batch
+    stream = key_stream(key, n_pixels)
+
+    rows = {}
+    progress = tqdm(SCHEMES, desc="schemes", unit="scheme")
+    for scheme in progress:
+        encrypt_times, decrypt_times, exact = [], [], True
+        for image in images:
+            cipher = encrypt(image, stream, scheme)
+            exact &= bool(np.array_equal(decrypt(cipher, stream, scheme), image))
+            encrypt_times += _timed(partial(encrypt, image, stream, scheme), args.repeats)
+            decrypt_times += _timed(partial(decrypt, cipher, stream, scheme), args.repeats)
+        rows[scheme] = {
+            "encrypt_ms_mean": 1e3 * statistics.fmean(encrypt_times),
+            "encrypt_ms_p95": 1e3 * float(np.percentile(encrypt_times, 95)),
+            "decrypt_ms_mean": 1e3 * statistics.fmean(decrypt_times),
+            "decrypt_ms_p95": 1e3 * float(np.percentile(decrypt_times, 95)),
+            "round_trip_bit_exact": exact,
+            "paper_encrypt_ms": 1e3 * PAPER_TABLE3_SECONDS[scheme][0],
+            "paper_decrypt_ms": 1e3 * PAPER_TABLE3_SECONDS[scheme][1],
+        }
+
+    loop_times = []
+    for image in tqdm(images[: args.loop_images], desc="python loop (ours)", unit="image"):
+        start = time.perf_counter()
+        loop_cipher = encrypt_reference(image, stream, "ours")
+        loop_times.append(time.perf_counter() - start)
+        if not np.array_equal(loop_cipher, encrypt(image, stream, "ours")):
+            raise RuntimeError("vectorised and loop encryption disagree")
+    loop_ms = 1e3 * statistics.fmean(loop_times)
+
+    report = {
+        "benchmark": "cipher",
+        "image_source": source,
+        "images": len(images),
+        "repeats_per_image": args.repeats,
+        "image_shape": [512, 512],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "processor": platform.processor() or platform.machine(),
+        },
+        "schemes": rows,
+        "key_stream_ms": {
+            "single_key_mean": 1e3 * statistics.fmean(single),
+            "per_image_in_batch_mean": 1e3 * batch,
+            "batch_size": args.batch,
+        },
+        "python_loop_ours_encrypt_ms": loop_ms,
+        "speedup_vs_python_loop": loop_ms / rows["ours"]["encrypt_ms_mean"],
+        "targets_ms": {"encrypt": 2.0, "decrypt": 1.0, "key_stream": 20.0},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\ncipher benchmark: {len(images)} × 512² images from {source}, cached key stream")
+    header = ("scheme", "encrypt ms", "decrypt ms", "paper enc", "paper dec")
+    print(f"{header[0]:<8}{header[1]:>12}{header[2]:>12}{header[3]:>11}{header[4]:>11}  exact")
+    for scheme, row in rows.items():
+        print(
+            f"{scheme:<8}{row['encrypt_ms_mean']:>12.3f}{row['decrypt_ms_mean']:>12.3f}"
+            f"{row['paper_encrypt_ms']:>11.1f}{row['paper_decrypt_ms']:>11.1f}"
+            f"  {row['round_trip_bit_exact']}"
+        )
+    streams = report["key_stream_ms"]
+    print(f"key stream, one key:            {streams['single_key_mean']:8.2f} ms")
+    print(f"key stream, per image in batch: {streams['per_image_in_batch_mean']:8.2f} ms")
+    print(
+        f"python per-pixel loop (ours):   {loop_ms:8.1f} ms  -> vectorised speed-up "
+        f"{report['speedup_vs_python_loop']:.0f}×"
+    )
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,133 @@
+"""Reading and writing grey images: PNG (8/16-bit), NPY and DICOM (12/16-bit MONOCHROME2).
+
+DICOM input is only ever read for its pixels; nothing of its header is written anywhere by
+this module (callers decide what little metadata survives).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".npy", ".dcm", ".dicom")
+# Decompression-bomb guard for PNG input: far above any MRI slice (512² or 1024²).
+MAX_PIXELS = 4096 * 4096
+
+
+def is_dicom(head: bytes) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def read_dicom(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[np.ndarray, object]:
+    """Pixels (2-D integer array) and the pydicom dataset of a single-frame MONOCHROME2 image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if isinstance(source, bytes | bytearray):
+        source = io.BytesIO(source)
+    try:
+        dataset = pydicom.dcmread(source)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"not a readable DICOM file: {exc}") from None
+    if "PixelData" not in dataset:
+        raise ValueError("not a readable DICOM image: it has no pixel data")
+    photometric = str(getattr(dataset, "PhotometricInterpretation", ""))
+    if photometric != "MONOCHROME2":
+        raise ValueError(
+            f"DICOM PhotometricInterpretation is {photometric or 'missing'}; only MONOCHROME2 "
+            "grey images are supported"
+        )
+    if int(getattr(dataset, "SamplesPerPixel", 1)) != 1:
+        raise ValueError("DICOM image has more than one sample per pixel; expected grey")
+    if int(getattr(dataset, "NumberOfFrames", 1) or 1) != 1:
+        raise ValueError("multi-frame DICOM is not supported; send one slice per instance")
+    bits_stored = int(getattr(dataset, "BitsStored", 0))
+    if bits_stored not in range(8, 17):
+        raise ValueError(f"DICOM BitsStored = {bits_stored}; expected 8 to 16 (e.g. 12 or 16)")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken or unsupported pixel data
+        raise ValueError(f"cannot decode DICOM pixel data: {exc}") from None
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise ValueError(f"DICOM pixel data has shape {pixels.shape}; expected one 2-D slice")
+    return np.asarray(pixels), dataset
+
+
+def read_png(source: str | os.PathLike[str] | bytes | BinaryIO) -> np.ndarray:
+    """A grey PNG as uint8 or uint16; colour PNGs are refused rather than silently converted."""
+    if isinstance(source, bytes | bytearray):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as image:
+            if image.format != "PNG":
+                raise ValueError(f"expected a PNG, got {image.format}")
+            if image.width * image.height > MAX_PIXELS:
+                raise ValueError(
+                    f"PNG of {image.width}×{image.height} pixels exceeds the limit of {MAX_PIXELS}"
+                )
+            if image.mode not in ("L", "I;16", "I;16B", "I", "1"):
+                raise ValueError(f"PNG mode {image.mode} is not a grey image (L or I;16)")
+            image.load()
+            array = np.array(image)
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"not a readable PNG: {exc}") from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif array.dtype.kind in "iu" and array.dtype.itemsize > 1:
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError("PNG values out of the 16-bit range")
+        array = array.astype(np.uint16)
+    return array
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """A 2-D grey image from a .png, .npy or DICOM file (by content for DICOM, else suffix)."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        head = handle.read(132)
+    if is_dicom(head) or path.suffix.lower() in (".dcm", ".dicom"):
+        return read_dicom(path)[0]
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return read_png(path)
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a plain .npy array ({exc})") from None
+        if array.ndim != 2:
+            raise ValueError(f"{path}: expected a 2-D array, got shape {array.shape}")
+        return array
+    raise ValueError(f"{path}: unsupported image type {suffix!r}; use .png, .npy or DICOM")
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """Write a 2-D uint8/uint16 image as PNG (no text chunks) or any 2-D array as .npy."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+    if suffix == ".npy":
+        np.save(path, image, allow_pickle=False)
+    elif suffix == ".png":
+        if image.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"PNG output needs uint8 or uint16, got {image.dtype}")
+        Image.fromarray(image).save(path, format="PNG")
+    else:
+        raise ValueError(f"{path}: unsupported output type {suffix!r}; use .png or .npy")
+    return path
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a uint8/uint16 2-D image as PNG bytes."""
+    if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"PNG needs a 2-D uint8/uint16 image, got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
