@@ -133,7 +133,8 @@ def score(
     for polarity, reference in references.items():
         ssim = float(structural_similarity(reference, recovered, data_range=255))
         if not best or ssim > float(best["ssim"]):
-            psnr = float(peak_signal_noise_ratio(reference, recovered, data_range=255))
+            with np.errstate(divide="ignore"):  # identical images: PSNR = inf, capped below
+                psnr = float(peak_signal_noise_ratio(reference, recovered, data_range=255))
             best = {"ssim": ssim, "psnr": min(psnr, 99.0), "polarity": polarity}
     return best
 
@@ -142,7 +143,8 @@ def score_folded(plain: np.ndarray, recovered: np.ndarray) -> dict[str, float]:
     """SSIM/PSNR against the folded plain image min(p, 255 − p) (for the fixed-bit attack)."""
     folded = fold(plain)
     recovered = np.asarray(recovered, dtype=np.uint8)
-    psnr = float(peak_signal_noise_ratio(folded, recovered, data_range=255))
+    with np.errstate(divide="ignore"):
+        psnr = float(peak_signal_noise_ratio(folded, recovered, data_range=255))
     return {
         "ssim": float(structural_similarity(folded, recovered, data_range=255)),
         "psnr": min(psnr, 99.0),
