@@ -524,7 +524,7 @@ class KnownPlaintextAttack:
                 f"the recovered key stream is for {self.shape_} images, got {stack.shape[1:]}"
             )
         outs = []
-        certain_fractions = []
+        certain_masks = []
         for c_img in stack:
             c = c_img.ravel()
             previous = np.concatenate((c[:1], c[:-1]))  # placeholder for i = 0, fixed below
@@ -535,8 +535,9 @@ class KnownPlaintextAttack:
             if self.resolve == "neighbours" and not certain.all():
                 p = self._resolve_by_neighbours(p, possible, certain, c_img.shape)
             outs.append(p.reshape(c_img.shape))
-            certain_fractions.append(float(certain.mean()))
-        self.certain_fraction_ = certain_fractions
+            certain_masks.append(certain.reshape(c_img.shape))
+        self.certain_ = np.stack(certain_masks)  # pixels every consistent key decrypts alike
+        self.certain_fraction_ = [float(m.mean()) for m in certain_masks]
         return _like_input(np.stack(outs), single)
 
     @staticmethod

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--images", type=int, default=8, help="dataset images attacked")
     parser.add_argument(
-        "--mask-images", type=int, default=24, help="cipher images for the same-key mask estimate"
+        "--mask-images", type=int, default=16, help="cipher images for the same-key mask estimate"
     )
     parser.add_argument(
         "--kpa-images", type=int, default=3, help="images decrypted by the known-plaintext attack"
