@@ -196,3 +196,22 @@ def test_jigsaw_accuracy_is_high_for_smooth_tiles_and_low_for_noise():
     chance = attacks.jigsaw_neighbour_accuracy(noise, permutation, 32)
     assert accuracy > 0.7
     assert chance < 0.3
+
+
+def test_fast_ssim_and_psnr_match_skimage():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.default_rng(12)
+    plain = smooth_image(80, seed=4)
+    for recovered in (plain, 255 - plain, rng.integers(0, 256, plain.shape, dtype=np.uint8)):
+        recovered = np.asarray(recovered, dtype=np.uint8)
+        for reference in (plain, 255 - plain):
+            expected = structural_similarity(reference, recovered, data_range=255)
+            result = attacks.score(reference, recovered, both_polarities=False)
+            assert result["ssim"] == pytest.approx(expected, abs=1e-9)
+            if not np.array_equal(reference, recovered):
+                psnr = peak_signal_noise_ratio(reference, recovered, data_range=255)
+                assert result["psnr"] == pytest.approx(psnr, abs=1e-9)
+    folded = np.minimum(plain, 255 - plain)
+    expected = structural_similarity(folded, plain, data_range=255)
+    assert attacks.score_folded(plain, plain)["ssim"] == pytest.approx(expected, abs=1e-9)
