@@ -473,6 +473,10 @@ def read_retrieval_map(path: Path | None) -> tuple[dict[tuple[str, str], float],
         document = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return {}, f"could not read {path}: {exc}"
+    runner = _read_experiment_summary(document)
+    if runner:
+        found_runner, how = runner
+        return found_runner, f"{path} ({how})"
     found: dict[tuple[str, str], float] = {}
 
     def visit(node: object, context: dict[str, object]) -> None:
@@ -509,6 +513,44 @@ def read_retrieval_map(path: Path | None) -> tuple[dict[tuple[str, str], float],
     if not found:
         return {}, f"{path} holds no (scheme, key mode, mAP) entries this reader understands"
     return found, f"{path} (largest mAP per condition over the runs it holds, in %)"
+
+
+def _read_experiment_summary(document: object) -> tuple[dict[tuple[str, str], float], str] | None:
+    """The `pecbir experiment` layout: summary[condition][D][dim]["mAP"]["mean"] (in %).
+
+    condition is "non-secure" or "<scheme>/<same|different>".  Uses the runner's headline
+    CFML dim and the largest dictionary size D present for each condition.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("summary"), dict):
+        return None
+    config = document.get("config", {}) if isinstance(document.get("config"), dict) else {}
+    dim = str(config.get("headline_dim", 10))
+    found: dict[tuple[str, str], float] = {}
+    sizes_used: set[str] = set()
+    for name, by_size in document["summary"].items():
+        if name == "non-secure":
+            condition = ("plain", "same")
+        elif isinstance(name, str) and name.count("/") == 1:
+            scheme, mode = name.split("/")
+            condition = (scheme, mode)
+        else:
+            continue
+        if not isinstance(by_size, dict):
+            continue
+        sizes = sorted((s for s in by_size if dim in by_size[s]), key=int)
+        if not sizes:
+            continue
+        entry = by_size[sizes[-1]][dim].get("mAP", {})
+        if isinstance(entry, dict) and isinstance(entry.get("mean"), int | float):
+            found[condition] = float(entry["mean"])
+            sizes_used.add(sizes[-1])
+    if not found:
+        return None
+    folds = config.get("folds")
+    return found, (
+        f"pecbir experiment summary: mAP in %, CFML dim {dim}, D = {', '.join(sorted(sizes_used))}"
+        f", folds {folds}"
+    )
 
 
 # --------------------------------------------------------------------------- figures
