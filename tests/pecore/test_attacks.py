@@ -215,3 +215,13 @@ def test_fast_ssim_and_psnr_match_skimage():
     folded = np.minimum(plain, 255 - plain)
     expected = structural_similarity(folded, plain, data_range=255)
     assert attacks.score_folded(plain, plain)["ssim"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_shared_mask_of_25_on_mostly_dark_images_inverts_the_keyed_pixels_back():
+    stream = random_stream(64 * 64, 13)
+    plains = np.stack([smooth_image(64, seed=s) for s in range(16)])
+    ciphers = np.stack([encrypt(p, stream, "25") for p in plains])
+    mask = attacks.SharedMaskEstimator("25").fit(ciphers).clear_mask_
+    assert np.mean(mask.ravel() == (stream == 0)) > 0.95
+    recovered = attacks.ClearPixelAttack("25", clear_mask=mask).transform(ciphers[0])
+    assert attacks.score(plains[0], recovered)["ssim"] > 0.9

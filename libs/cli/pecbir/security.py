@@ -978,5 +978,5 @@ def _stat(metric: str, value: float) -> str:
     if metric == "chi2":
         return f"{value:.3g}"
     if metric.startswith(("npcr", "uaci", "wrong_key_pixels")):
-        return f"{value:.2f} %"
+        return f"{value:.2f} %" if value >= 0.1 or value == 0 else f"{value:.2g} %"
     return f"{value:.4f}"
