@@ -44,12 +44,12 @@ def _bench_images(n: int) -> tuple[list[np.ndarray], str]:
     from pecore.datasets import load_figshare, make_synthetic
 
     try:
-        dataset = load_figshare(limit=n)
+        dataset = load_figshare()
         source = "figshare brain-tumour dataset"
     except FileNotFoundError:
         dataset = make_synthetic(n_images=n, size=512, seed=0)
         source = "generated images (dataset not found)"
-    images = [img for img in dataset.images if img.shape == (512, 512)][:n]
+    images = [np.asarray(img) for img in dataset.images[:n] if img.shape == (512, 512)]
     return images, source
 
 

@@ -1,0 +1,90 @@
+"""Closed-form metric learning (CFML, Cheng's `DML_CFML`) with the exact low-rank reduction
+(method spec §5.1).
+
+CFML solves M_D w = γ (M_S + λI) w, where M_S / M_D are the mean outer products of pairwise
+differences over same-class / different-class pairs, keeps γ > 0 in descending order and scales
+each eigenvector by √γ. Every such w lies in the span of the centred training data, so the problem
+is solved exactly in an r-dimensional orthonormal basis U of that span (r ≤ n − 1); since
+Uᵀ(λI)U = λI_r this gives the same γ and the same B-normalised w = U a as the full F×F problem.
+U is obtained from the n×n Gram matrix of the centred data, so nothing F×F is ever formed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["CFML", "pair_scatter"]
+
+
+def pair_scatter(Z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M_S, M_D) for samples in the rows of Z, over ordered pairs i ≠ j (spec §5.1 step 1)."""
+    Z = np.asarray(Z, dtype=np.float64)
+    labels = np.asarray(labels)
+    n = Z.shape[0]
+    total = Z.sum(axis=0)
+    all_pairs = 2.0 * n * (Z.T @ Z) - 2.0 * np.outer(total, total)
+    same = np.zeros_like(all_pairs)
+    n_same = 0
+    for c in np.unique(labels):
+        Zc = Z[labels == c]
+        nc = Zc.shape[0]
+        sc = Zc.sum(axis=0)
+        same += 2.0 * nc * (Zc.T @ Zc) - 2.0 * np.outer(sc, sc)
+        n_same += nc * (nc - 1)
+    n_diff = n * (n - 1) - n_same
+    if n_same == 0 or n_diff == 0:
+        raise ValueError("CFML needs at least two classes and one class with two samples")
+    return same / n_same, (all_pairs - same) / n_diff
+
+
+class CFML:
+    """Closed-form metric learning; `transform(X)` gives z = Wᵀx with W (F × n_components).
+
+    Parameters: `reg` = λ (1.5e-4 in Cheng's code), `n_components` = output dimension `dim`
+    (the first columns of the √γ-scaled eigenvector matrix), `rtol` = relative cut-off on the
+    singular values of the centred data when building the basis of its span.
+    """
+
+    def __init__(self, reg: float = 1.5e-4, n_components: int = 10, rtol: float = 1e-10) -> None:
+        self.reg = reg
+        self.n_components = n_components
+        self.rtol = rtol
+
+    def fit(self, X: np.ndarray, labels: np.ndarray) -> CFML:
+        X = np.asarray(X)
+        labels = np.asarray(labels)
+        if X.ndim != 2 or X.shape[0] != labels.shape[0]:
+            raise ValueError(f"X {X.shape} and labels {labels.shape} do not match")
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        centred = np.array(X, dtype=np.float64)  # one F×n float64 copy, centred in place
+        centred -= centred.mean(axis=0)
+        gram = centred @ centred.T  # n×n, = V S² Vᵀ
+        eigenvalues, V = np.linalg.eigh(gram)
+        keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
+        s = np.sqrt(eigenvalues[keep])
+        V = V[:, keep]
+        Z = V * s  # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
+        m_same, m_diff = pair_scatter(Z, labels)
+        gammas, A = scipy.linalg.eigh(m_diff, m_same + self.reg * np.eye(Z.shape[1]))
+        order = np.argsort(gammas)[::-1]
+        gammas, A = gammas[order], A[:, order]
+        positive = gammas > 0
+        gammas, A = gammas[positive], A[:, positive]
+        self.eigenvalues_ = gammas
+        self.rank_ = int(Z.shape[1])
+        m = min(self.n_components, gammas.size)
+        coeffs = (V / s) @ (A[:, :m] * np.sqrt(gammas[:m]))  # n × m
+        self.components_ = centred.T @ coeffs  # W = U A diag(√γ), F × m
+        return self
+
+    def transform(self, X: np.ndarray, n_components: int | None = None) -> np.ndarray:
+        """Project the rows of X: float64 (n, m) with m = min(n_components, learned)."""
+        m = self.components_.shape[1] if n_components is None else n_components
+        W = self.components_[:, :m]
+        X = np.asarray(X)
+        out = np.empty((X.shape[0], W.shape[1]), dtype=np.float64)
+        for start in range(0, X.shape[0], 512):  # float64 without copying all of X at once
+            out[start : start + 512] = X[start : start + 512].astype(np.float64) @ W
+        return out
