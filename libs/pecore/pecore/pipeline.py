@@ -245,7 +245,9 @@ class CBIRPipeline:
         fisher_vectors = np.atleast_2d(np.asarray(fisher_vectors))
         expected = self.metric_.components_.shape[0]
         if fisher_vectors.shape[1] != expected:
-            raise ValueError(f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}")
+            raise ValueError(
+                f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}"
+            )
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
 
     def transform(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
