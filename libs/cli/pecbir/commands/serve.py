@@ -1,0 +1,98 @@
+"""`pecbir serve`: the cloud services as real processes (gateway, search, indexer workers).
+
+Configuration comes from the environment (see README): PECBIR_TOKEN_SECRET, PECBIR_STORE_URL
+(an S3/MinIO endpoint, http://host:port), PECBIR_S3_ACCESS_KEY, PECBIR_S3_SECRET_KEY,
+PECBIR_S3_BUCKET, PECBIR_BROKER_URL (Redis). With --encryptor, also the owner-side encryptor
+(PECBIR_ENCRYPTOR_* variables); in a real deployment it runs at the hospital, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run gateway, search and indexer workers")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--gateway-port", type=int, default=8001)
+    parser.add_argument("--search-port", type=int, default=8002)
+    parser.add_argument("--encryptor-port", type=int, default=8003)
+    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
+    parser.add_argument("--encryptor", action="store_true", help="also run the encryptor")
+    parser.set_defaults(func=run)
+
+
+def _require(names: list[str]) -> None:
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        raise ValueError(f"set the environment variables {', '.join(missing)} (see README)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pecbir_contracts.tasks import WORKER_QUEUES
+
+    _require(["PECBIR_TOKEN_SECRET", "PECBIR_STORE_URL", "PECBIR_BROKER_URL"])
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ)
+    env.setdefault("PECBIR_SEARCH_URL", f"http://{args.host}:{args.search_port}")
+
+    def uvicorn(factory: str, port: int) -> list[str]:
+        return [
+            str(bin_dir / "uvicorn"),
+            "--factory",
+            factory,
+            "--host",
+            args.host,
+            "--port",
+            str(port),
+        ]
+
+    commands = {
+        "search": uvicorn("pecbir_search.app:create_app", args.search_port),
+        "gateway": uvicorn("pecbir_gateway.app:create_app", args.gateway_port),
+        "indexer": [
+            str(bin_dir / "celery"), "-A", "pecbir_indexer.app:celery_app", "worker",
+            "-Q", ",".join(WORKER_QUEUES), "--concurrency", str(args.workers),
+            "--loglevel", "INFO",
+        ],
+    }  # fmt: skip
+    if args.encryptor:
+        _require(["PECBIR_ENCRYPTOR_TENANT", "PECBIR_ENCRYPTOR_MASTER_KEY"])
+        env.setdefault("PECBIR_ENCRYPTOR_GATEWAY_URL", f"http://{args.host}:{args.gateway_port}")
+        commands["encryptor"] = uvicorn("pecbir_encryptor.app:create_app", args.encryptor_port)
+    processes = {
+        name: subprocess.Popen(command, env=env, start_new_session=True)
+        for name, command in commands.items()
+    }
+    print("started: " + ", ".join(f"{n} (pid {p.pid})" for n, p in processes.items()))
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    exit_code = 0
+    while not stopping:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                print(f"{name} exited with code {process.returncode}; stopping the others")
+                exit_code = process.returncode or 1
+                stopping = True
+        time.sleep(0.5)
+    for process in processes.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes.values():
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    return exit_code

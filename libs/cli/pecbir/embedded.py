@@ -1,0 +1,136 @@
+"""The whole system in one process: encryptor → gateway → indexer → search, no servers.
+
+Embedded mode = filesystem object store + in-process event bus + Celery in eager mode (tasks
+run inside the gateway's request, so there is no broker, no redelivery and no parallelism)
++ each FastAPI app reached through an in-process HTTP client. The code paths of the services
+are the real ones; only the transports differ from `pecbir serve`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from pecbir_contracts.auth import mint_token
+from pecbir_contracts.events import InMemoryBus
+from pecbir_contracts.store import FilesystemStore
+from pecore.keys import MasterKey
+
+USER_SCOPES = ("upload", "search", "read", "train", "decrypt", "key-release")
+
+
+class EmbeddedSystem:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        tenant: str = "hospital-a",
+        master: MasterKey | None = None,
+        encode_threads: int | None = None,
+        reindex_chunk: int = 32,
+    ) -> None:
+        from pecbir_encryptor.app import create_app as encryptor_app
+        from pecbir_encryptor.settings import EncryptorSettings
+        from pecbir_gateway.app import create_app as gateway_app
+        from pecbir_gateway.dispatch import CallableDispatcher
+        from pecbir_gateway.settings import GatewaySettings
+        from pecbir_indexer.app import run_eagerly, use_eager_mode
+        from pecbir_indexer.runtime import configure_runtime
+        from pecbir_indexer.settings import IndexerSettings
+        from pecbir_search.app import create_app as search_app
+        from pecbir_search.settings import SearchSettings
+
+        self.root = Path(root)
+        self.tenant = tenant
+        self.master = master or MasterKey.generate()
+        self.cloud_secret = secrets.token_bytes(32)
+        self.user_secret = secrets.token_bytes(32)
+        self.store = FilesystemStore(self.root / "store")
+        self.bus = InMemoryBus()
+        self._stack = ExitStack()
+
+        use_eager_mode()
+        configure_runtime(
+            self.store,
+            self.bus,
+            IndexerSettings(encode_threads=encode_threads, reindex_chunk=reindex_chunk),
+        )
+        cloud = self.cloud_secret.hex()
+        self.search_app = search_app(
+            SearchSettings(token_secret=cloud, encode_threads=encode_threads),
+            store=self.store,
+            bus=self.bus,
+        )
+        self.search = self._stack.enter_context(TestClient(self.search_app))
+        self.gateway_app = gateway_app(
+            GatewaySettings(token_secret=cloud),
+            store=self.store,
+            dispatcher=CallableDispatcher(run_eagerly),
+            search_client=self.search,
+        )
+        self.gateway = self._stack.enter_context(TestClient(self.gateway_app))
+        gateway_for_encryptor = self._stack.enter_context(TestClient(self.gateway_app))
+        self.encryptor_app = encryptor_app(
+            EncryptorSettings(
+                tenant=tenant,
+                master_key=self.root / "unused.key",
+                gateway_token=self.cloud_token(),
+                user_token_secret=self.user_secret.hex(),
+                audit_log=self.root / "encryptor-audit.jsonl",
+            ),
+            master=self.master,
+            gateway_client=gateway_for_encryptor,
+        )
+        self.encryptor = self._stack.enter_context(TestClient(self.encryptor_app))
+        self.encryptor.headers["authorization"] = f"Bearer {self.user_token()}"
+        self.gateway.headers["authorization"] = f"Bearer {self.cloud_token()}"
+
+    def cloud_token(self, scopes=("upload", "search", "read", "train")) -> str:
+        return mint_token(
+            self.cloud_secret.hex().encode(),
+            sub=f"encryptor@{self.tenant}",
+            tenant=self.tenant,
+            scopes=scopes,
+            ttl_s=24 * 3600,
+        )
+
+    def user_token(self, scopes=USER_SCOPES) -> str:
+        return mint_token(
+            self.user_secret.hex().encode(),
+            sub=f"radiologist@{self.tenant}",
+            tenant=self.tenant,
+            scopes=scopes,
+            ttl_s=24 * 3600,
+        )
+
+    @property
+    def engine(self):  # pecbir_search.engine.SearchEngine
+        return self.search_app.state.engine
+
+    def wait_searchable(self, collection: str, n: int, timeout: float = 60.0) -> dict:
+        """Block until the search service serves `n` vectors of the newest version."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.gateway.get(f"/v1/collections/{collection}/model").json()
+            if (
+                status["serving_version"]
+                and status["serving_version"] == status["indexing_version"]
+                and status["n_vectors"] >= n
+            ):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"search holds {status} after {timeout} s, expected {n}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> EmbeddedSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

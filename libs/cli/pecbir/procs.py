@@ -1,0 +1,257 @@
+"""Real processes for integration tests and benchmarks: Redis, moto S3, uvicorn, Celery.
+
+Every process is started in its own process group and killed (group-wide) on teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early with code {proc.returncode}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+@contextlib.contextmanager
+def process(
+    args: list[str], what: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        args,
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        stop(proc)
+        if log:
+            out.close()
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """An empty database on the machine's Redis (127.0.0.1:6379) if it answers, else a
+    private redis-server on a free port. The database is flushed afterwards."""
+    import redis
+
+    if os.environ.get("PECBIR_TEST_OWN_REDIS") != "1":
+        shared = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=0.5)
+        with contextlib.suppress(Exception):
+            shared.ping()
+            for db in range(15, 0, -1):
+                client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+                # Claim an unused database: SETNX of a marker in an empty one.
+                if client.dbsize() == 0 and client.set("pecbir:claimed", os.getpid(), nx=True):
+                    try:
+                        yield f"redis://127.0.0.1:6379/{db}"
+                    finally:
+                        client.flushdb()
+                    return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("no Redis on 127.0.0.1:6379 and no redis-server binary")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(tmp)]
+    with process(args, "redis-server") as proc:
+        wait_for(lambda: redis.Redis(host="127.0.0.1", port=port).ping(), "redis-server", proc=proc)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def moto_s3(log: Path | None = None) -> Iterator[str]:
+    """moto's standalone S3 server over HTTP (tests the S3 wire path, not S3 security)."""
+    port = free_port()
+    args = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with process(args, "moto_server", log=log) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/moto-api/").status_code < 500, "moto_server", proc=proc)
+        yield url
+
+
+@contextlib.contextmanager
+def uvicorn_app(
+    factory: str,
+    env: dict[str, str],
+    log: Path | None = None,
+    timeout: float = 60.0,
+    port: int | None = None,
+) -> Iterator[str]:
+    port = port or free_port()
+    args = [str(BIN / "uvicorn"), "--factory", factory, "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--log-level", "warning"]
+    with process(args, factory, env=env, log=log) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, factory, timeout, proc)
+        yield url
+
+
+@contextlib.contextmanager
+def celery_worker(env: dict[str, str], log: Path | None = None) -> Iterator[subprocess.Popen]:
+    from pecbir_contracts.tasks import WORKER_QUEUES
+
+    args = [str(BIN / "celery"), "-A", "pecbir_indexer.app:celery_app", "worker"]
+    args += ["-Q", ",".join(WORKER_QUEUES)]
+    args += ["--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    args += ["--without-heartbeat", "-n", f"test-{os.getpid()}-{free_port()}@localhost"]
+    with process(args, "celery worker", env=env, log=log) as proc:
+        yield proc
+
+
+class Cluster:
+    """Redis + moto S3 + Celery worker + uvicorn search, gateway (and encryptor), on loopback."""
+
+    def __init__(self, tmp: Path, *, tenant: str = "hospital-a", encryptor: bool = True) -> None:
+        import secrets
+
+        self.tmp = Path(tmp)
+        self.tenant = tenant
+        self.with_encryptor = encryptor
+        self.cloud_secret = secrets.token_hex(32)
+        self.user_secret = secrets.token_hex(32)
+        self.logs = self.tmp / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        self._search_cm: contextlib.AbstractContextManager | None = None
+
+    def token(self, scopes=("upload", "search", "read", "train"), tenant: str | None = None) -> str:
+        from pecbir_contracts.auth import mint_token
+
+        return mint_token(
+            self.cloud_secret.encode(),
+            sub="operator",
+            tenant=tenant or self.tenant,
+            scopes=scopes,
+            ttl_s=6 * 3600,
+        )
+
+    def user_token(self, scopes=("upload", "search", "decrypt", "key-release")) -> str:
+        from pecbir_contracts.auth import mint_token
+
+        return mint_token(
+            self.user_secret.encode(), sub="radiologist", tenant=self.tenant, scopes=scopes
+        )
+
+    def start(self) -> Cluster:
+        stack = self._stack
+        self.redis_url = stack.enter_context(redis_server(self.tmp))
+        self.s3_url = stack.enter_context(moto_s3(self.logs / "moto.log"))
+        self.env = {
+            "PECBIR_STORE_URL": self.s3_url,
+            "PECBIR_S3_ACCESS_KEY": "test-access",
+            "PECBIR_S3_SECRET_KEY": "test-secret",
+            "PECBIR_S3_BUCKET": "pecbir",
+            "PECBIR_BROKER_URL": self.redis_url,
+            "PECBIR_TOKEN_SECRET": self.cloud_secret,
+            "PECBIR_REINDEX_CHUNK": "16",
+            # One BLAS thread per request/task: concurrent requests already use the cores.
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        self.worker = stack.enter_context(celery_worker(self.env, self.logs / "worker.log"))
+        self.start_search()
+        self.env["PECBIR_SEARCH_URL"] = self.search_url
+        self.gateway_url = stack.enter_context(
+            uvicorn_app("pecbir_gateway.app:create_app", self.env, self.logs / "gateway.log")
+        )
+        if self.with_encryptor:
+            from pecore.keys import MasterKey
+
+            key_path = self.tmp / "master.key"
+            if not key_path.exists():
+                MasterKey.generate().save(key_path)
+            encryptor_env = {
+                "PECBIR_ENCRYPTOR_TENANT": self.tenant,
+                "PECBIR_ENCRYPTOR_MASTER_KEY": str(key_path),
+                "PECBIR_ENCRYPTOR_GATEWAY_URL": self.gateway_url,
+                "PECBIR_ENCRYPTOR_GATEWAY_TOKEN": self.token(),
+                "PECBIR_ENCRYPTOR_USER_TOKEN_SECRET": self.user_secret,
+                "PECBIR_ENCRYPTOR_AUDIT_LOG": str(self.tmp / "audit.jsonl"),
+            }
+            self.encryptor_url = stack.enter_context(
+                uvicorn_app(
+                    "pecbir_encryptor.app:create_app", encryptor_env, self.logs / "encryptor.log"
+                )
+            )
+        return self
+
+    def start_search(self) -> None:
+        self._search_port = getattr(self, "_search_port", None) or free_port()
+        self._search_cm = uvicorn_app(
+            "pecbir_search.app:create_app",
+            self.env,
+            self.logs / "search.log",
+            port=self._search_port,
+        )
+        self.search_url = self._search_cm.__enter__()
+        self.env["PECBIR_SEARCH_URL"] = self.search_url
+
+    def stop_search(self) -> None:
+        if self._search_cm is not None:
+            self._search_cm.__exit__(None, None, None)
+            self._search_cm = None
+
+    def close(self) -> None:
+        self.stop_search()
+        self._stack.close()
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

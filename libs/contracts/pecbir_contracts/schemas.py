@@ -1,0 +1,167 @@
+"""HTTP API models shared by the gateway, the search service and the encryptor."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Scheme = Literal["ours", "25", "26", "27"]
+OpaqueId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,128}$")]
+HexTag = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RescaleInfo(_Strict):
+    """How the owner brought the image to 8 bits (pecore.cipher.IntensityRescale)."""
+
+    rule: Literal["minmax-v1"] = "minmax-v1"
+    min: float
+    max: float
+    source_dtype: str = Field(max_length=32)
+
+
+class KeyInfo(_Strict):
+    """Public facts about the image key: enough for the owner to re-derive it, nothing more."""
+
+    scheme: Scheme = "ours"
+    mode: Literal["per-image", "same"] = "per-image"
+    key_id: str = Field(default="0" * 16, pattern=r"^[0-9a-f]{8,64}$")
+    counter: int = Field(ge=0, le=1024)
+    check: str = Field(pattern=r"^[0-9a-z:]{8,80}$")
+
+
+class Integrity(_Strict):
+    """Owner's HMAC over cipher pixels, mask and the rest of the metadata."""
+
+    alg: Literal["hmac-sha256"] = "hmac-sha256"
+    key_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    tag: HexTag
+
+
+class ImageMetadata(_Strict):
+    """Everything the cloud stores next to a cipher image; no patient-identifying data."""
+
+    opaque_id: OpaqueId
+    role: Literal["template", "query"] = "template"
+    label: int | None = Field(default=None, ge=0, le=255)
+    height: int = Field(ge=1, le=4096)
+    width: int = Field(ge=1, le=4096)
+    rescale: RescaleInfo | None = None
+    key: KeyInfo
+    integrity: Integrity | None = None
+
+    @model_validator(mode="after")
+    def _label_only_for_templates(self) -> ImageMetadata:
+        if self.role == "query" and self.label is not None:
+            raise ValueError("query images carry no label")
+        return self
+
+    def signed_part(self) -> dict[str, object]:
+        """The fields the integrity tag covers (everything but the tag itself)."""
+        return self.model_dump(mode="json", exclude={"integrity"})
+
+
+UploadState = Literal["stored", "awaiting_model", "indexed", "searchable", "failed"]
+
+
+class UploadAccepted(BaseModel):
+    image_id: str
+    collection: str
+    state: UploadState
+    status_url: str
+
+
+class UploadStatus(BaseModel):
+    image_id: str
+    collection: str
+    state: UploadState
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class SearchHit(BaseModel):
+    rank: int
+    image_id: str
+    distance: float
+    label: int | None = None
+    cipher_url: str | None = None
+
+
+class SearchTimings(BaseModel):
+    decode_ms: float = 0.0
+    featurise_ms: float = 0.0
+    knn_ms: float = 0.0
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    owner: str
+    model_version: str
+    n_database: int
+    k: int
+    hits: list[SearchHit]
+    timings: SearchTimings
+
+
+class TrainRequest(_Strict):
+    """Parameters of a model version (pecore.pipeline.CBIRPipeline)."""
+
+    n_components: int = Field(default=64, ge=2, le=256)
+    n_regions: int = Field(default=8, ge=1, le=16)
+    patch_size: int = Field(default=9, ge=3, le=15)
+    radius: int = Field(default=24, ge=0, le=64)
+    pca_energy: float = Field(default=0.99, gt=0.0, le=1.0)
+    n_train_patches: int = Field(default=300_000, ge=1_000, le=2_000_000)
+    metric_lambda: float = Field(default=1.5e-4, gt=0.0)
+    dim: int = Field(default=10, ge=1, le=64)
+    random_state: int = 0
+
+
+class ModelManifest(BaseModel):
+    version: str
+    tenant: str
+    collection: str
+    created_at: float
+    params: TrainRequest
+    n_templates: int
+    label_counts: dict[str, int]
+    feature_dim: int
+    projected_dim: int
+    train_seconds: float
+
+
+class ModelStatus(BaseModel):
+    collection: str
+    owner: str
+    indexing_version: str | None
+    training: dict[str, object] | None = None
+    serving_version: str | None = None
+    n_vectors: int = 0
+    pending_version: str | None = None
+    pending_vectors: int = 0
+    n_images: int | None = None
+
+
+class TrainAccepted(BaseModel):
+    version: str
+    collection: str
+    status_url: str
+
+
+class IndexStatus(BaseModel):
+    """What the search service holds for one collection."""
+
+    collection: str
+    owner: str
+    serving_version: str | None
+    n_vectors: int
+    pending_version: str | None = None
+    pending_vectors: int = 0
+
+
+# Largest k a search may ask for (a full ranking of a few thousand images, for evaluation).
+MAX_K = 5000

@@ -1,0 +1,300 @@
+"""Object store: one interface, two back ends.
+
+`FilesystemStore` is the embedded default (atomic, fsync'd writes: a `put` that returned is on
+disk). `MinioStore` speaks the S3 API through the `minio` client (MinIO, AWS S3, moto_server).
+Both raise `ObjectNotFound` for a missing key and `StorageError` for anything transient, so that
+callers can retry the latter and never the former.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlsplit
+
+from pecbir_contracts.layout import DEFAULT_BUCKET
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """The store could not complete an operation (network, disk, permissions): retryable."""
+
+
+class ObjectNotFound(KeyError):
+    """No object under this key."""
+
+    def __str__(self) -> str:
+        return f"no object {self.args[0]!r}"
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Store `data` durably; returns only once the store confirmed the write."""
+
+    def put_if_absent(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        """Store unless the key exists; True if this call created it."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 16) -> Iterator[bytes]: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """All keys under `prefix`, sorted."""
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
+        """A time-limited direct download URL, or None if the back end cannot make one."""
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class FilesystemStore:
+    """Objects as files under `root`; writes are atomic (tmp + fsync + rename + dir fsync)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FilesystemStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._write(self._path(key), bytes(data))
+
+    def put_if_absent(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        path = self._path(key)
+        with self._lock:
+            if path.exists():
+                return False
+            self._write(path, bytes(data))
+            return True
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc}") from exc
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        return _file_chunks(handle, chunk_size)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        search_root = base if base.is_dir() else base.parent
+        if not search_root.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(search_root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
+        return None
+
+
+def _file_chunks(handle: io.BufferedReader, chunk_size: int) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(chunk_size):
+            yield chunk
+
+
+class MinioStore:
+    """S3 / MinIO through the `minio` client (one bucket, created on first use)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str = DEFAULT_BUCKET,
+        *,
+        secure: bool | None = None,
+        region: str | None = "us-east-1",
+        create_bucket: bool = True,
+    ) -> None:
+        from minio import Minio
+
+        parsed = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        self.endpoint = parsed.netloc
+        self.bucket = bucket
+        self._client = Minio(
+            parsed.netloc,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=(parsed.scheme == "https") if secure is None else secure,
+            region=region,
+        )
+        self._lock = threading.Lock()
+        if create_bucket:
+            self._guard(bucket, self._ensure_bucket)
+
+    def __repr__(self) -> str:
+        return f"MinioStore({self.endpoint!r}, bucket={self.bucket!r})"
+
+    def _ensure_bucket(self) -> None:
+        if not self._client.bucket_exists(self.bucket):
+            self._client.make_bucket(self.bucket)
+
+    def _guard(self, key: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one client call, mapping errors to ObjectNotFound / StorageError."""
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return func(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"S3 error {exc.code} on {key!r}: {exc.message}") from exc
+        except (HTTPError, OSError) as exc:
+            raise StorageError(f"S3 endpoint {self.endpoint} unreachable: {exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        data = bytes(data)
+        self._guard(
+            key,
+            self._client.put_object,
+            self.bucket,
+            _check_key(key),
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+        )
+
+    def put_if_absent(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        # Not atomic across processes (S3 conditional writes are not universally supported);
+        # the lock makes it atomic within one gateway process.
+        with self._lock:
+            if self.exists(key):
+                return False
+            self.put(key, data, content_type)
+            return True
+
+    def get(self, key: str) -> bytes:
+        def read() -> bytes:
+            response = self._client.get_object(self.bucket, _check_key(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._guard(key, read)
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        response = self._guard(key, self._client.get_object, self.bucket, _check_key(key))
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.stream(chunk_size)
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._guard(key, self._client.stat_object, self.bucket, _check_key(key))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        self._guard(key, self._client.remove_object, self.bucket, _check_key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        def collect() -> list[str]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return sorted(obj.object_name for obj in objects)
+
+        return self._guard(prefix, collect)
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
+        return self._guard(
+            key, self._client.presigned_get_object, self.bucket, _check_key(key), expires=expires
+        )
+
+
+def store_from_url(url: str, **s3: str) -> ObjectStore:
+    """`file:///path` (or a bare path) → FilesystemStore; `s3://` / `http(s)://` → MinioStore.
+
+    For S3 the credentials come from `s3` (access_key, secret_key, bucket, region).
+    """
+    if url.startswith("file://"):
+        return FilesystemStore(url[len("file://") :])
+    if url.startswith(("http://", "https://", "s3://")):
+        endpoint = "http://" + url[len("s3://") :] if url.startswith("s3://") else url
+        return MinioStore(
+            endpoint,
+            access_key=s3.get("access_key", ""),
+            secret_key=s3.get("secret_key", ""),
+            bucket=s3.get("bucket") or DEFAULT_BUCKET,
+            region=s3.get("region") or "us-east-1",
+        )
+    if "://" in url:
+        raise ValueError(f"unsupported object store URL {url!r} (use file://, http(s):// or s3://)")
+    return FilesystemStore(url)

@@ -1,0 +1,32 @@
+"""Celery task and queue names, and the names of the event streams (one place for all)."""
+
+from __future__ import annotations
+
+# Tasks (their arguments carry ids only: tenant, collection, image id, model version).
+TASK_INDEX_IMAGE = "pecbir.index.image"  # (tenant, collection, image_id)
+TASK_INDEX_CHUNK = "pecbir.index.chunk"  # (tenant, collection, version, [image_id, ...])
+TASK_TRAIN_MODEL = "pecbir.model.train"  # (tenant, collection, version)
+TASK_REINDEX_COLLECTION = "pecbir.index.collection"  # (tenant, collection, version)
+TASK_DEAD_LETTER = "pecbir.dead_letter"  # (original task name, task id, args, reason)
+
+# Queues. Uploads are indexed on their own queue so a re-index never delays fresh uploads.
+QUEUE_INDEX = "pecbir.index"
+QUEUE_REINDEX = "pecbir.reindex"
+QUEUE_TRAIN = "pecbir.train"
+# Nobody consumes this queue: poison messages wait there for an operator.
+QUEUE_DEAD_LETTER = "pecbir.dead_letter"
+
+TASK_QUEUES: dict[str, str] = {
+    TASK_INDEX_IMAGE: QUEUE_INDEX,
+    TASK_INDEX_CHUNK: QUEUE_REINDEX,
+    TASK_REINDEX_COLLECTION: QUEUE_REINDEX,
+    TASK_TRAIN_MODEL: QUEUE_TRAIN,
+    TASK_DEAD_LETTER: QUEUE_DEAD_LETTER,
+}
+WORKER_QUEUES = (QUEUE_INDEX, QUEUE_REINDEX, QUEUE_TRAIN)
+
+# Redis stream the search service follows (vectors and model announcements).
+EVENT_STREAM = "pecbir:events"
+EVENT_STREAM_MAXLEN = 200_000
+# Delivery counter per task id (poison detection across worker crashes).
+ATTEMPTS_KEY_PREFIX = "pecbir:attempts:"

@@ -1,0 +1,225 @@
+"""Owner-side operations: protect (8-bit + encrypt + tag), upload, fetch-verify-decrypt."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
+from pecbir_contracts.schemas import ImageMetadata, KeyInfo, RescaleInfo, SearchResponse
+from pecbir_encryptor.integrity import IntegrityError, sign, verify
+from pecore.cipher import IntensityRescale
+from pecore.envelope import CipherMetadata, image_key_for, seal, unseal
+from pecore.keys import ImageKey, MasterKey
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(RuntimeError):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"gateway answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Protected:
+    cipher: np.ndarray
+    mask: np.ndarray
+    metadata: ImageMetadata
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"tumour mask must be 2-D, got shape {mask.shape}")
+    if mask.shape != tuple(shape):
+        raise ValueError(f"tumour mask shape {mask.shape} differs from the image shape {shape}")
+    values = np.unique(mask)
+    if values.size > 2 or (values.size == 2 and values[0] != 0):
+        raise ValueError("tumour mask is not binary (expected 0 and one other value)")
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError("tumour mask is empty: the retrieval needs the tumour region")
+    return mask
+
+
+class Encryptor:
+    def __init__(
+        self,
+        master: MasterKey,
+        gateway: httpx.Client,
+        *,
+        scheme: str = "ours",
+        key_mode: str = "per-image",
+        audit_log: Path | None = None,
+    ) -> None:
+        self.master = master
+        self.gateway = gateway
+        self.scheme = scheme
+        self.key_mode = key_mode
+        self.audit_log = audit_log
+        self._audit_lock = threading.Lock()
+
+    # -- ids -----------------------------------------------------------------------------------
+    def opaque_id_for(self, source_uid: str | None) -> str:
+        """Pseudonym of a source object: keyed hash of its UID (re-push → same id), or random."""
+        if not source_uid:
+            return uuid.uuid4().hex
+        digest = hmac.new(
+            self.master.secret.get_secret_value(),
+            b"pecbir/opaque-id/v1\x00" + source_uid.encode(),
+            hashlib.sha256,
+        )
+        return digest.hexdigest()[:32]
+
+    # -- owner side ----------------------------------------------------------------------------
+    def protect(
+        self,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        *,
+        opaque_id: str,
+        label: int | None = None,
+        role: str = "template",
+    ) -> Protected:
+        """8-bit rule + encryption with the image's key + integrity tag; nothing identifying."""
+        mask = _check_mask(mask, pixels.shape)
+        cipher, sealed = seal(pixels, self.master, opaque_id, self.scheme, self.key_mode)
+        metadata = ImageMetadata(
+            opaque_id=opaque_id,
+            role=role,
+            label=label if role == "template" else None,
+            height=cipher.shape[0],
+            width=cipher.shape[1],
+            rescale=RescaleInfo(**sealed.rescale.model_dump()),
+            key=KeyInfo(
+                scheme=sealed.scheme,
+                mode=sealed.key_mode,
+                key_id=sealed.key_id,
+                counter=sealed.key_counter,
+                check=sealed.key_check,
+            ),
+        )
+        return Protected(cipher, mask, sign(self.master, cipher, mask, metadata))
+
+    def upload(self, collection: str, protected: Protected, idempotency_key: str | None) -> dict:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        answer = self.gateway.post(
+            f"/v1/collections/{collection}/images",
+            files={
+                "cipher": ("cipher.png", encode_png(protected.cipher), "image/png"),
+                "mask": ("mask.png", encode_png(protected.mask), "image/png"),
+                "metadata": (None, protected.metadata.model_dump_json()),
+            },
+            headers=headers,
+        )
+        if answer.status_code != 202:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return answer.json()
+
+    def decrypt_metadata(self, metadata: ImageMetadata) -> CipherMetadata:
+        if metadata.rescale is None:
+            raise IntegrityError(f"image {metadata.opaque_id} lacks its 8-bit conversion record")
+        return CipherMetadata(
+            image_id=metadata.opaque_id,
+            scheme=metadata.key.scheme,
+            key_mode=metadata.key.mode,
+            key_id=metadata.key.key_id,
+            key_counter=metadata.key.counter,
+            key_check=metadata.key.check,
+            shape=(metadata.height, metadata.width),
+            rescale=IntensityRescale(**metadata.rescale.model_dump()),
+        )
+
+    def open(self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata) -> np.ndarray:
+        """Verify the owner's tag, then decrypt bit-exactly; IntegrityError if tampered."""
+        verify(self.master, cipher, mask, metadata)
+        return unseal(cipher, self.decrypt_metadata(metadata), self.master)
+
+    # -- via the gateway -----------------------------------------------------------------------
+    def fetch(self, collection: str, image_id: str, owner: str | None = None):
+        params = {"owner": owner} if owner else {}
+        base = f"/v1/collections/{collection}/images/{image_id}"
+        meta_answer = self.gateway.get(base, params=params)
+        if meta_answer.status_code != 200:
+            raise GatewayError(meta_answer.status_code, _detail(meta_answer))
+        try:
+            metadata = ImageMetadata.model_validate_json(meta_answer.content)
+        except ValueError as exc:
+            raise IntegrityError(f"stored metadata of {image_id} is unreadable: {exc}") from None
+        images = []
+        for kind in ("cipher", "mask"):
+            answer = self.gateway.get(f"{base}/{kind}", params=params)
+            if answer.status_code != 200:
+                raise GatewayError(answer.status_code, _detail(answer))
+            images.append(answer.content)
+        try:
+            cipher = decode_image_png(images[0], "stored cipher")
+            mask = decode_mask_png(images[1], "stored mask")
+        except ValueError as exc:
+            raise IntegrityError(f"stored image {image_id} is unreadable: {exc}") from None
+        return cipher, mask, metadata
+
+    def fetch_plain(self, collection: str, image_id: str, owner: str | None = None):
+        cipher, mask, metadata = self.fetch(collection, image_id, owner)
+        return self.open(cipher, mask, metadata), mask, metadata
+
+    def search(
+        self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None
+    ) -> SearchResponse:
+        """Encrypt the query under a fresh key of its own, search, return the hits."""
+        query = self.protect(pixels, mask, opaque_id=self.opaque_id_for(None), role="query")
+        params = {"owner": owner} if owner else {}
+        answer = self.gateway.post(
+            f"/v1/collections/{collection}/search",
+            params=params,
+            files={
+                "cipher": ("query.png", encode_png(query.cipher), "image/png"),
+                "mask": ("mask.png", encode_png(query.mask), "image/png"),
+            },
+            data={"k": str(k)},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return SearchResponse.model_validate_json(answer.content)
+
+    def release_key(self, metadata: ImageMetadata) -> ImageKey:
+        key = image_key_for(
+            self.master, metadata.opaque_id, metadata.key.mode, metadata.height * metadata.width
+        )
+        if key.counter != metadata.key.counter or key.check != metadata.key.check:
+            raise IntegrityError(f"stored key facts of {metadata.opaque_id} do not match")
+        return key
+
+    # -- audit ---------------------------------------------------------------------------------
+    def audit(self, **record: object) -> None:
+        if self.audit_log is None:
+            return
+        line = json.dumps({"at": time.time(), **record}, default=str, sort_keys=True)
+        with self._audit_lock:
+            self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _detail(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json().get("detail", answer.text))
+    except ValueError:
+        return answer.text[:300]

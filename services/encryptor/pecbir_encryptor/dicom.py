@@ -1,0 +1,169 @@
+"""DICOM in: STOW-RS request bodies, images and their DICOM SEG tumour masks, STOW responses.
+
+Only pixels (and a SEG's segment label, for the tumour class) are taken from a DICOM object;
+every other attribute, patient-identifying or not, stays at the hospital.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+# PS3.4 Annex GG / PS3.18 failure reasons used in FailedSOPSequence.
+FAILURE_PROCESSING = 0x0110  # processing failure
+FAILURE_CANNOT_UNDERSTAND = 0xC000  # cannot understand (undecodable, unsupported)
+FAILURE_SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class / not an image
+LABELS_BY_NAME = {"meningioma": 1, "glioma": 2, "pituitary": 3}
+
+
+class StowError(ValueError):
+    """The request as a whole is not a STOW-RS request we can read (→ 400/415)."""
+
+
+def parse_multipart_related(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """Parts of a `multipart/related; type="application/dicom"` body as (headers, bytes)."""
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() != "multipart/related":
+        raise StowError(f"Content-Type must be multipart/related, got {media.strip() or 'none'}")
+    values = dict(
+        (m.group(1).lower(), m.group(2) if m.group(2) is not None else m.group(3))
+        for m in re.finditer(r';?\s*([\w-]+)\s*=\s*(?:"([^"]*)"|([^;\s]+))', ";" + params)
+    )
+    if values.get("type", "application/dicom").lower() != "application/dicom":
+        raise StowError(f'only type="application/dicom" is supported, not {values.get("type")!r}')
+    boundary = values.get("boundary")
+    if not boundary:
+        raise StowError("multipart/related Content-Type lacks a boundary")
+    delimiter = b"--" + boundary.encode()
+    chunks = body.split(delimiter)
+    parts = []
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):
+            break
+        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk
+        head, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise StowError("malformed multipart part (no header/body separator)")
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip():
+                headers[name.strip().lower()] = value.strip()
+        if payload.endswith(b"\r\n"):
+            payload = payload[:-2]
+        parts.append((headers, payload))
+    if not parts:
+        raise StowError("multipart body has no parts")
+    return parts
+
+
+@dataclass
+class Instance:
+    """One DICOM object of a STOW request."""
+
+    dataset: Dataset | None
+    payload: bytes = b""
+    sop_class: str = ""
+    sop_instance: str = ""
+    error: tuple[int, str] | None = None
+
+
+def read_instance(payload: bytes, part_type: str) -> Instance:
+    if part_type and part_type.split(";")[0].strip().lower() != "application/dicom":
+        return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, f"part type {part_type!r}"))
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(payload), force=False)
+    except Exception as exc:
+        return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, f"not a DICOM file: {exc}"))
+    return Instance(
+        dataset,
+        payload=payload,
+        sop_class=str(getattr(dataset, "SOPClassUID", "")),
+        sop_instance=str(getattr(dataset, "SOPInstanceUID", "")),
+    )
+
+
+@dataclass
+class SegMask:
+    mask: np.ndarray
+    referenced: set[str] = field(default_factory=set)
+    label: int | None = None
+
+
+def read_seg(dataset: Dataset) -> SegMask:
+    """The union of all segments of a DICOM SEG as one 2-D mask, its source images, its label."""
+    try:
+        frames = np.asarray(dataset.pixel_array)
+    except Exception as exc:
+        raise ValueError(f"cannot decode SEG pixel data: {exc}") from None
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3:
+        raise ValueError(f"SEG pixel data has shape {frames.shape}; expected frames of one slice")
+    mask = frames.astype(bool).any(axis=0)
+    referenced: set[str] = set()
+    for series in getattr(dataset, "ReferencedSeriesSequence", []):
+        for item in getattr(series, "ReferencedInstanceSequence", []):
+            referenced.add(str(item.ReferencedSOPInstanceUID))
+    for group in getattr(dataset, "PerFrameFunctionalGroupsSequence", []):
+        for derivation in getattr(group, "DerivationImageSequence", []):
+            for source in getattr(derivation, "SourceImageSequence", []):
+                referenced.add(str(source.ReferencedSOPInstanceUID))
+    label = None
+    for segment in getattr(dataset, "SegmentSequence", []):
+        text = str(getattr(segment, "SegmentLabel", "")).strip().lower()
+        if text in LABELS_BY_NAME:
+            label = LABELS_BY_NAME[text]
+        elif text.isdigit():
+            label = int(text)
+    return SegMask(mask, referenced, label)
+
+
+def is_seg(instance: Instance) -> bool:
+    return instance.sop_class == SEG_SOP_CLASS
+
+
+def _sop_item(sop_class: str, sop_instance: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class or "1.2.840.10008.5.1.4.1.1.7"
+    item.ReferencedSOPInstanceUID = sop_instance or "0"
+    return item
+
+
+def stow_response(
+    stored: list[tuple[str, str, str | None]],
+    failed: list[tuple[str, str, int, str]],
+    retrieve_url: str | None = None,
+) -> tuple[int, dict]:
+    """PS3.18 status and DICOM JSON body: 200 all stored, 202 some failed, 409 none stored.
+
+    `stored`: (SOP class, SOP instance, retrieve URL); `failed`: (class, instance, reason, text).
+    """
+    response = Dataset()
+    if retrieve_url:
+        response.RetrieveURL = retrieve_url
+    if stored:
+        items = []
+        for sop_class, sop_instance, url in stored:
+            item = _sop_item(sop_class, sop_instance)
+            if url:
+                item.RetrieveURL = url
+            items.append(item)
+        response.ReferencedSOPSequence = items
+    if failed:
+        items = []
+        for sop_class, sop_instance, reason, text in failed:
+            item = _sop_item(sop_class, sop_instance)
+            item.FailureReason = reason
+            # Human-readable cause (Error Comment, as in DIMSE status responses).
+            item.add_new(0x00000902, "LO", text[:64])
+            items.append(item)
+        response.FailedSOPSequence = items
+    status = 409 if not stored else 202 if failed else 200
+    return status, response.to_json_dict()

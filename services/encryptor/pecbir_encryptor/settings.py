@@ -1,0 +1,24 @@
+"""Encryptor settings, from the environment (prefix PECBIR_ENCRYPTOR_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EncryptorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PECBIR_ENCRYPTOR_", extra="ignore")
+
+    tenant: str = Field(description="The hospital's tenant name in the cloud")
+    master_key: Path = Field(description="Master key file (0600), made by `pecbir keygen`")
+    gateway_url: str = "http://127.0.0.1:8001"
+    gateway_token: SecretStr = Field(description="Bearer token of this tenant at the gateway")
+    user_token_secret: SecretStr = Field(description="HMAC secret of this service's user tokens")
+    audit_log: Path = Path("var/encryptor-audit.jsonl")
+    scheme: Literal["ours", "25", "26", "27"] = "ours"
+    key_mode: Literal["per-image", "same"] = "per-image"
+    max_upload_bytes: int = 64 * 1024 * 1024
+    gateway_timeout_s: float = 60.0

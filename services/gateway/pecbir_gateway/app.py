@@ -1,0 +1,66 @@
+"""The cloud gateway: FastAPI app factory. It only ever sees cipher images and masks."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError, store_from_url
+from pecbir_gateway import images, models, search
+from pecbir_gateway.deps import GatewayContext
+from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
+from pecbir_gateway.settings import GatewaySettings
+
+
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    store: ObjectStore | None = None,
+    dispatcher: TaskDispatcher | None = None,
+    search_client: httpx.Client | None = None,
+) -> FastAPI:
+    settings = settings or GatewaySettings()  # type: ignore[call-arg]
+    if store is None:
+        store = store_from_url(
+            settings.store_url,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            bucket=settings.s3_bucket,
+            region=settings.s3_region,
+        )
+    context = GatewayContext(
+        settings=settings,
+        store=store,
+        dispatcher=dispatcher or CeleryDispatcher(settings.broker_url),
+        search=search_client
+        or httpx.Client(base_url=settings.search_url, timeout=settings.search_timeout_s),
+        sharing=settings.sharing(),
+    )
+    app = FastAPI(
+        title="pe-cbir gateway",
+        version="1",
+        description="Encrypted uploads, k-NN search over cipher images, encrypted downloads.",
+    )
+    app.state.context = context
+    app.include_router(images.router)
+    app.include_router(search.router)
+    app.include_router(models.router)
+
+    @app.exception_handler(StorageError)
+    def storage_failed(_request: Request, exc: StorageError) -> JSONResponse:
+        return JSONResponse(
+            status_code=503,
+            content={"detail": f"object store unavailable: {exc}"},
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(ObjectNotFound)
+    def not_found(_request: Request, exc: ObjectNotFound) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "store": repr(context.store)}
+
+    return app

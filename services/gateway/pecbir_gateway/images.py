@@ -1,0 +1,307 @@
+"""Uploads, upload status and encrypted-image download."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    Header,
+    HTTPException,
+    Query,
+    UploadFile,
+)
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from pecbir_contracts.layout import (
+    CollectionLayout,
+    check_image_id,
+    idempotency_record_key,
+    new_image_id,
+)
+from pecbir_contracts.png import (
+    ImageTooLarge,
+    InvalidImage,
+    check_pair,
+    decode_image_png,
+    decode_mask_png,
+)
+from pecbir_contracts.records import read_current_version
+from pecbir_contracts.schemas import ImageMetadata, UploadAccepted, UploadStatus
+from pecbir_contracts.store import ObjectNotFound
+from pecbir_contracts.tasks import TASK_INDEX_IMAGE
+from pecbir_gateway.deps import (
+    Access,
+    Caller,
+    Ctx,
+    GatewayContext,
+    Owner,
+    authorise,
+)
+from pecbir_gateway.dispatch import DispatchError
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["images"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=8,
+        max_length=200,
+        description="Same key + same body → the original answer; same key + other body → 409",
+    ),
+]
+
+
+def read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"{what}: larger than the limit of {limit} bytes")
+    if not data:
+        raise HTTPException(422, f"{what}: empty file")
+    return data
+
+
+def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[int, int]:
+    try:
+        image = decode_image_png(cipher, "cipher", ctx.settings.max_pixels)
+        plain_mask = decode_mask_png(mask, "mask", ctx.settings.max_pixels)
+        check_pair(image, plain_mask)
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except InvalidImage as exc:
+        raise HTTPException(422, str(exc)) from None
+    return image.shape
+
+
+def _status_url(layout: CollectionLayout, image_id: str) -> str:
+    return f"/v1/collections/{layout.collection}/images/{image_id}/status?owner={layout.tenant}"
+
+
+def _image_access(collection: str, claims: Caller, ctx: Ctx, owner: Owner = None) -> Access:
+    return authorise(ctx, claims, collection, owner, "read")
+
+
+ImageAccess = Annotated[Access, Depends(_image_access)]
+Presign = Annotated[bool, Query(description="answer with a time-limited URL instead")]
+
+
+@router.post(
+    "/collections/{collection}/images",
+    status_code=202,
+    response_model=UploadAccepted,
+    responses={409: {"description": "Idempotency key reused with another body"}},
+)
+def upload_image(
+    collection: str,
+    cipher: Annotated[UploadFile, File(description="cipher image, 8-bit grey PNG")],
+    mask: Annotated[UploadFile, File(description="tumour mask, binary PNG of the same size")],
+    metadata: Annotated[str, Form(description="ImageMetadata as JSON")],
+    claims: Caller,
+    ctx: Ctx,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    access = authorise(ctx, claims, collection, None, "upload")
+    layout = access.layout
+    limit = ctx.settings.max_upload_bytes
+    cipher_bytes = read_limited(cipher, limit, "cipher")
+    mask_bytes = read_limited(mask, limit, "mask")
+    try:
+        meta = ImageMetadata.model_validate_json(metadata)
+    except ValidationError as exc:
+        raise HTTPException(422, f"metadata: {exc.errors(include_url=False)}") from None
+    height, width = validate_pair(ctx, cipher_bytes, mask_bytes)
+    if (meta.height, meta.width) != (height, width):
+        raise HTTPException(
+            422, f"metadata says {meta.height}x{meta.width}, the cipher image is {height}x{width}"
+        )
+    meta_bytes = meta.model_dump_json().encode()
+    body_hash = hashlib.sha256()
+    for part in (layout.root.encode(), cipher_bytes, mask_bytes, meta_bytes):
+        body_hash.update(hashlib.sha256(part).digest())
+    fingerprint = body_hash.hexdigest()
+
+    record_key = idempotency_record_key(layout.tenant, idempotency_key) if idempotency_key else None
+    if record_key:
+        replay = _replay(ctx, record_key, fingerprint)
+        if replay is not None:
+            return replay
+
+    image_id = new_image_id()
+    store = ctx.store
+    store.put(layout.cipher(image_id), cipher_bytes, "image/png")
+    store.put(layout.mask(image_id), mask_bytes, "image/png")
+    # meta.json last: it marks the image as complete for listings.
+    store.put(layout.meta(image_id), meta_bytes, "application/json")
+    answer = UploadAccepted(
+        image_id=image_id,
+        collection=layout.collection,
+        state="stored",
+        status_url=_status_url(layout, image_id),
+    )
+    if record_key:
+        record = {
+            "fingerprint": fingerprint,
+            "tenant": layout.tenant,
+            "collection": layout.collection,
+            "image_id": image_id,
+            "answer": answer.model_dump(mode="json"),
+        }
+        if not store.put_if_absent(record_key, json.dumps(record).encode(), "application/json"):
+            # A concurrent request with the same key won; undo ours and answer like it.
+            for key in (layout.meta(image_id), layout.mask(image_id), layout.cipher(image_id)):
+                store.delete(key)
+            replay = _replay(ctx, record_key, fingerprint)
+            if replay is not None:
+                return replay
+    return _queue_indexing(ctx, layout, image_id, answer)
+
+
+def _queue_indexing(
+    ctx: GatewayContext, layout: CollectionLayout, image_id: str, answer: UploadAccepted
+) -> JSONResponse:
+    try:
+        ctx.dispatcher.send(TASK_INDEX_IMAGE, [layout.tenant, layout.collection, image_id])
+    except DispatchError as exc:
+        log.error("upload %s stored but not queued: %s", image_id, exc)
+        return JSONResponse(
+            status_code=503,
+            content={
+                "detail": "image stored, but indexing could not be queued; "
+                "retry with the same Idempotency-Key",
+                "image_id": image_id,
+            },
+            headers={"Retry-After": "5"},
+        )
+    return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
+
+
+def _replay(ctx: GatewayContext, record_key: str, fingerprint: str) -> JSONResponse | None:
+    try:
+        record = json.loads(ctx.store.get(record_key))
+    except ObjectNotFound:
+        return None
+    if record["fingerprint"] != fingerprint:
+        raise HTTPException(
+            409, "Idempotency-Key was already used for a different upload; use a new key"
+        )
+    layout = CollectionLayout(record["tenant"], record["collection"])
+    answer = UploadAccepted.model_validate(record["answer"])
+    # Re-queue (tasks are idempotent) so that a retry after a broker failure completes.
+    if not _is_indexed(ctx, layout, answer.image_id):
+        return _queue_indexing(ctx, layout, answer.image_id, answer)
+    return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
+
+
+def current_version(ctx: GatewayContext, layout: CollectionLayout) -> str | None:
+    return read_current_version(ctx.store, layout)
+
+
+def _is_indexed(ctx: GatewayContext, layout: CollectionLayout, image_id: str) -> bool:
+    version = current_version(ctx, layout)
+    return version is not None and ctx.store.exists(layout.features(version, image_id))
+
+
+def _checked_image(access: Access, ctx: GatewayContext, image_id: str) -> str:
+    try:
+        check_image_id(image_id)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if not ctx.store.exists(access.layout.meta(image_id)):
+        raise HTTPException(404, f"no image {image_id} in collection {access.layout.collection}")
+    return image_id
+
+
+@router.get("/collections/{collection}/images/{image_id}/status", response_model=UploadStatus)
+def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
+    layout = access.layout
+    _checked_image(access, ctx, image_id)
+    base = {"image_id": image_id, "collection": layout.collection}
+    try:
+        failure = json.loads(ctx.store.get(layout.failure(image_id)))
+        return UploadStatus(**base, state="failed", detail=failure.get("reason"))
+    except ObjectNotFound:
+        pass
+    version = current_version(ctx, layout)
+    if version is None:
+        return UploadStatus(**base, state="awaiting_model", detail="no model trained yet")
+    if not ctx.store.exists(layout.features(version, image_id)):
+        return UploadStatus(**base, state="stored", model_version=version)
+    try:
+        held = ctx.search.get(
+            f"/v1/collections/{layout.collection}/images/{image_id}",
+            params={"owner": layout.tenant},
+            headers=ctx.search_headers(access),
+        )
+        searchable = held.status_code == 200 and held.json().get("version") == version
+    except Exception as exc:
+        log.warning("search service unreachable for status: %s", exc)
+        searchable = False
+    return UploadStatus(
+        **base, state="searchable" if searchable else "indexed", model_version=version
+    )
+
+
+@router.get("/collections/{collection}/images/{image_id}", response_model=ImageMetadata)
+def image_metadata(image_id: str, access: ImageAccess, ctx: Ctx) -> ImageMetadata:
+    _checked_image(access, ctx, image_id)
+    return ImageMetadata.model_validate_json(ctx.store.get(access.layout.meta(image_id)))
+
+
+def _download(
+    kind: str, image_id: str, presign: bool, access: Access, ctx: GatewayContext
+) -> object:
+    _checked_image(access, ctx, image_id)
+    key = access.layout.cipher(image_id) if kind == "cipher" else access.layout.mask(image_id)
+    if presign:
+        ttl = ctx.settings.presign_ttl_s
+        url = ctx.store.presigned_get_url(key, timedelta(seconds=ttl))
+        if url is None:
+            url = f"/v1/blobs/{ctx.sign_blob(key, ttl)}"
+        return JSONResponse({"url": url, "expires_in": ttl})
+    return StreamingResponse(ctx.store.iter_chunks(key), media_type="image/png")
+
+
+@router.get(
+    "/collections/{collection}/images/{image_id}/cipher",
+    responses={200: {"content": {"image/png": {}}}},
+)
+def download_cipher(
+    image_id: str,
+    access: ImageAccess,
+    ctx: Ctx,
+    presign: Presign = False,
+) -> object:
+    return _download("cipher", image_id, presign, access, ctx)
+
+
+@router.get(
+    "/collections/{collection}/images/{image_id}/mask",
+    responses={200: {"content": {"image/png": {}}}},
+)
+def download_mask(
+    image_id: str,
+    access: ImageAccess,
+    ctx: Ctx,
+    presign: Presign = False,
+) -> object:
+    return _download("mask", image_id, presign, access, ctx)
+
+
+@router.get("/blobs/{token}", responses={200: {"content": {"image/png": {}}}}, tags=["images"])
+def download_blob(token: str, ctx: Ctx) -> StreamingResponse:
+    """Capability URL made by `?presign=true` on the filesystem store (no bearer token)."""
+    key = ctx.open_blob(token)
+    try:
+        return StreamingResponse(ctx.store.iter_chunks(key), media_type="image/png")
+    except ObjectNotFound:
+        raise HTTPException(404, "object no longer exists") from None

@@ -1,0 +1,109 @@
+"""Model versions: start training, report what is indexed and served."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import httpx
+from fastapi import APIRouter, Body, HTTPException
+from fastapi.responses import JSONResponse
+
+from pecbir_contracts.layout import CollectionLayout, version_name, version_number
+from pecbir_contracts.schemas import ModelManifest, ModelStatus, TrainAccepted, TrainRequest
+from pecbir_contracts.store import ObjectNotFound
+from pecbir_contracts.tasks import TASK_TRAIN_MODEL
+from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
+from pecbir_gateway.dispatch import DispatchError
+from pecbir_gateway.images import current_version
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def _versions(ctx: GatewayContext, layout: CollectionLayout) -> list[str]:
+    found = {layout.version_of_model_key(key) for key in ctx.store.list(layout.models_prefix)}
+    return sorted((v for v in found if v), key=version_number)
+
+
+@router.post("/collections/{collection}/model/train", status_code=202, response_model=TrainAccepted)
+def train(
+    collection: str,
+    claims: Caller,
+    ctx: Ctx,
+    params: Annotated[TrainRequest | None, Body()] = None,
+) -> JSONResponse:
+    access = authorise(ctx, claims, collection, None, "train")
+    params = params or TrainRequest()
+    layout = access.layout
+    body = params.model_dump_json().encode()
+    versions = _versions(ctx, layout)
+    number = version_number(versions[-1]) + 1 if versions else 1
+    while not ctx.store.put_if_absent(
+        layout.train_request(version_name(number)), body, "application/json"
+    ):
+        number += 1
+    version = version_name(number)
+    try:
+        ctx.dispatcher.send(TASK_TRAIN_MODEL, [layout.tenant, layout.collection, version])
+    except DispatchError as exc:
+        ctx.store.delete(layout.train_request(version))
+        raise HTTPException(503, f"training could not be queued: {exc}") from None
+    answer = TrainAccepted(
+        version=version,
+        collection=collection,
+        status_url=f"/v1/collections/{collection}/model/{version}",
+    )
+    return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
+
+
+@router.get("/collections/{collection}/model/{version}")
+def model_version(
+    collection: str,
+    version: str,
+    claims: Caller,
+    ctx: Ctx,
+) -> dict[str, object]:
+    layout = authorise(ctx, claims, collection, None, "read").layout
+    try:
+        request = TrainRequest.model_validate_json(ctx.store.get(layout.train_request(version)))
+    except (ObjectNotFound, ValueError):
+        raise HTTPException(404, f"no model version {version!r} in {collection}") from None
+    try:
+        manifest = ModelManifest.model_validate_json(ctx.store.get(layout.manifest(version)))
+        return {"version": version, "state": "trained", "manifest": manifest.model_dump()}
+    except ObjectNotFound:
+        pass
+    state = {"version": version, "state": "queued", "params": request.model_dump()}
+    failure_key = layout.model_failure(version)
+    if ctx.store.exists(failure_key):
+        state.update(state="failed", reason=json.loads(ctx.store.get(failure_key))["reason"])
+    return state
+
+
+@router.get("/collections/{collection}/model", response_model=ModelStatus)
+def model_status(
+    collection: str,
+    claims: Caller,
+    ctx: Ctx,
+    owner: Owner = None,
+) -> ModelStatus:
+    access = authorise(ctx, claims, collection, owner, "read")
+    layout = access.layout
+    status = ModelStatus(
+        collection=collection, owner=access.owner, indexing_version=current_version(ctx, layout)
+    )
+    try:
+        held = ctx.search.get(
+            f"/v1/collections/{collection}/status",
+            params={"owner": access.owner},
+            headers=ctx.search_headers(access),
+        )
+        if held.status_code == 200:
+            index = held.json()
+            status.serving_version = index["serving_version"]
+            status.n_vectors = index["n_vectors"]
+            status.pending_version = index.get("pending_version")
+            status.pending_vectors = index.get("pending_vectors", 0)
+    except httpx.HTTPError:
+        pass
+    return status

@@ -1,0 +1,53 @@
+"""Search: validate the cipher query, forward it to the search service, link the hits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import httpx
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+
+from pecbir_contracts.schemas import MAX_K, SearchResponse
+from pecbir_gateway.deps import Caller, Ctx, Owner, authorise
+from pecbir_gateway.images import read_limited, validate_pair
+
+router = APIRouter(prefix="/v1", tags=["search"])
+
+
+@router.post("/collections/{collection}/search", response_model=SearchResponse)
+def search(
+    collection: str,
+    cipher: Annotated[UploadFile, File(description="cipher query image, 8-bit grey PNG")],
+    mask: Annotated[UploadFile, File(description="tumour mask of the query, binary PNG")],
+    claims: Caller,
+    ctx: Ctx,
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+    owner: Owner = None,
+) -> SearchResponse:
+    access = authorise(ctx, claims, collection, owner, "search")
+    limit = ctx.settings.max_upload_bytes
+    cipher_bytes = read_limited(cipher, limit, "cipher")
+    mask_bytes = read_limited(mask, limit, "mask")
+    validate_pair(ctx, cipher_bytes, mask_bytes)
+    try:
+        answer = ctx.search.post(
+            f"/v1/collections/{collection}/search",
+            params={"owner": access.owner, "k": k},
+            files={
+                "cipher": ("query.png", cipher_bytes, "image/png"),
+                "mask": ("mask.png", mask_bytes, "image/png"),
+            },
+            headers=ctx.search_headers(access),
+        )
+    except httpx.HTTPError as exc:
+        raise HTTPException(503, f"search service unavailable: {exc}") from None
+    if answer.status_code != 200:
+        detail = answer.json().get("detail") if answer.content else answer.reason_phrase
+        status = answer.status_code if answer.status_code in (404, 409, 422) else 502
+        raise HTTPException(status, f"search service: {detail}")
+    result = SearchResponse.model_validate_json(answer.content)
+    for hit in result.hits:
+        hit.cipher_url = (
+            f"/v1/collections/{collection}/images/{hit.image_id}/cipher?owner={access.owner}"
+        )
+    return result

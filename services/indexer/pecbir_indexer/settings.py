@@ -1,0 +1,26 @@
+"""Indexer settings, from the environment (prefix PECBIR_)."""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class IndexerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PECBIR_", extra="ignore")
+
+    store_url: str = "file://./var/store"
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_bucket: str = "pecbir"
+    s3_region: str = "us-east-1"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # Event stream for the search service; defaults to the broker's Redis.
+    events_url: str | None = None
+    reindex_chunk: int = 32
+    max_retries: int = 5
+    # Deliveries of one task id (retries + redeliveries after a worker died) before it is
+    # treated as poison and dead-lettered.
+    max_deliveries: int = 8
+    model_cache_size: int = 4
+    encode_threads: int | None = None

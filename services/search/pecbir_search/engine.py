@@ -1,0 +1,204 @@
+"""Per-collection state of the search service, catch-up from the store and live following.
+
+For each (tenant, collection) the engine holds a *serving* version (model + vector index) and
+possibly a *pending* one that a re-index is filling. The pending version replaces the serving
+one, in a single reference swap, as soon as it holds at least as many vectors; queries always
+see one consistent (model, matrix) pair.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
+from pecbir_contracts.layout import CollectionLayout, version_number
+from pecbir_contracts.records import FeatureRecord, read_current_version
+from pecbir_contracts.schemas import IndexStatus
+from pecbir_contracts.store import ObjectNotFound, ObjectStore
+from pecbir_search.index import VectorIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Version:
+    """A model version with its vectors: what a query needs, swapped as one object."""
+
+    name: str
+    pipeline: object  # pecore.pipeline.CBIRPipeline
+    index: VectorIndex
+
+
+class CollectionState:
+    def __init__(self, layout: CollectionLayout) -> None:
+        self.layout = layout
+        self.serving: Version | None = None
+        self.pending: Version | None = None
+        self.lock = threading.RLock()
+
+    def status(self) -> IndexStatus:
+        serving, pending = self.serving, self.pending
+        return IndexStatus(
+            collection=self.layout.collection,
+            owner=self.layout.tenant,
+            serving_version=serving.name if serving else None,
+            n_vectors=len(serving.index) if serving else 0,
+            pending_version=pending.name if pending else None,
+            pending_vectors=len(pending.index) if pending else 0,
+        )
+
+    def _maybe_swap(self) -> None:
+        pending, serving = self.pending, self.serving
+        if pending is None:
+            return
+        if serving is None or len(pending.index) >= len(serving.index):
+            self.serving, self.pending = pending, None
+            log.info(
+                "%s now serves %s (%d vectors)", self.layout.root, pending.name, len(pending.index)
+            )
+
+
+class SearchEngine:
+    def __init__(self, store: ObjectStore, bus: EventBus | None, encode_threads: int | None = 1):
+        self.store = store
+        self.bus = bus
+        self.encode_threads = encode_threads
+        self._collections: dict[tuple[str, str], CollectionState] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.events_applied = 0
+
+    # -- loading -------------------------------------------------------------------------------
+    def _load_version(self, layout: CollectionLayout, version: str) -> Version | None:
+        from pecore.pipeline import CBIRPipeline
+
+        try:
+            pipeline = CBIRPipeline.load(io.BytesIO(self.store.get(layout.model(version))))
+        except ObjectNotFound:
+            return None
+        pipeline.n_jobs = self.encode_threads
+        index = None
+        for key in self.store.list(layout.features_prefix(version)):
+            image_id = layout.image_id_of_features(version, key)
+            if image_id is None:
+                continue
+            record = FeatureRecord.from_bytes(self.store.get(key), with_fisher_vector=False)
+            if index is None:
+                index = VectorIndex(version, record.vector.shape[0])
+            index.upsert(image_id, record.vector, record.label)
+        if index is None:
+            index = VectorIndex(version, int(pipeline.dim))
+        return Version(version, pipeline, index)
+
+    def collection(self, tenant: str, collection: str) -> CollectionState:
+        """The state of a collection, caught up from the store on first use."""
+        key = (tenant, collection)
+        with self._lock:
+            state = self._collections.get(key)
+            if state is None:
+                state = self._collections[key] = CollectionState(CollectionLayout(*key))
+                fresh = True
+            else:
+                fresh = False
+        with state.lock:  # also waits for a catch-up another thread started
+            if fresh:
+                self._catch_up(state)
+        return state
+
+    def _catch_up(self, state: CollectionState) -> None:
+        layout = state.layout
+        current = read_current_version(self.store, layout)
+        if current is None:
+            return
+        newest = self._load_version(layout, current)
+        previous = None
+        number = version_number(current)
+        for key in reversed(self.store.list(layout.models_prefix)):
+            version = layout.version_of_model_key(key)
+            if (
+                version
+                and version_number(version) < number
+                and self.store.exists(layout.manifest(version))
+            ):
+                previous = self._load_version(layout, version)
+                break
+        if previous is not None and (newest is None or len(previous.index) > len(newest.index)):
+            state.serving, state.pending = previous, newest
+        else:
+            state.serving = newest
+        log.info("caught up %s: %s", layout.root, state.status().model_dump())
+
+    def catch_up_all(self) -> int:
+        """Load every collection that has a current model (service start)."""
+        count = 0
+        for key in self.store.list("tenants/"):
+            if key.endswith("/models/current.json"):
+                parts = key.split("/")
+                self.collection(parts[1], parts[3])
+                count += 1
+        return count
+
+    # -- events --------------------------------------------------------------------------------
+    def apply(self, event: VectorEvent | ModelEvent) -> None:
+        state = self.collection(event.tenant, event.collection)
+        with state.lock:
+            target = self._version_for(state, event.version)
+            if target is not None and isinstance(event, VectorEvent):
+                target.index.upsert(event.image_id, np.asarray(event.vector), event.label)
+            state._maybe_swap()
+        self.events_applied += 1
+
+    def _version_for(self, state: CollectionState, version: str) -> Version | None:
+        for held in (state.serving, state.pending):
+            if held is not None and held.name == version:
+                return held
+        newest = max(
+            (version_number(v.name) for v in (state.serving, state.pending) if v), default=0
+        )
+        if version_number(version) < newest:
+            return None  # an old version: ignore
+        loaded = self._load_version(state.layout, version)
+        if loaded is None:
+            log.warning("event for unknown model %s of %s", version, state.layout.root)
+            return None
+        state.pending = loaded
+        return loaded
+
+    def start(self) -> None:
+        """Catch up from the store, then follow the event stream from before the catch-up."""
+        after = self.bus.last_id() if self.bus is not None else None
+        self.catch_up_all()
+        if self.bus is None:
+            return
+        self._thread = threading.Thread(
+            target=self._follow, args=(after,), name="pecbir-search-follow", daemon=True
+        )
+        self._thread.start()
+
+    def _follow(self, after: str) -> None:
+        assert self.bus is not None
+        while not self._stop.is_set():
+            try:
+                events = self.bus.read(after, block_ms=500)
+            except Exception as exc:
+                log.warning("event stream unavailable (%s); retrying", exc)
+                time.sleep(1.0)
+                continue
+            for event_id, event in events:
+                try:
+                    self.apply(event)
+                except Exception:
+                    log.exception("could not apply event %s", event_id)
+                after = event_id
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

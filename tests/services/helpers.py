@@ -1,0 +1,166 @@
+"""Small generated inputs shared by the service tests (no dataset needed)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from pecbir_contracts.auth import mint_token
+from pecbir_contracts.png import encode_png
+
+TOKEN_SECRET = b"test-token-secret-0123456789abcdef"
+
+
+def token(
+    tenant: str = "hosp-a", scopes: tuple[str, ...] = ("upload", "search", "read", "train"), **kw
+) -> str:
+    return mint_token(TOKEN_SECRET, sub=f"user@{tenant}", tenant=tenant, scopes=scopes, **kw)
+
+
+def auth(
+    tenant: str = "hosp-a", scopes: tuple[str, ...] = ("upload", "search", "read", "train"), **kw
+) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(tenant, scopes, **kw)}"}
+
+
+def blob_image(seed: int = 0, shape: tuple[int, int] = (48, 48)) -> tuple[np.ndarray, np.ndarray]:
+    """A uint8 'scan' with a bright blob and its mask."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = (
+        rng.integers(shape[0] // 3, 2 * shape[0] // 3),
+        rng.integers(shape[1] // 3, 2 * shape[1] // 3),
+    )
+    radius = shape[0] / 6
+    mask = (rows - cy) ** 2 + (cols - cx) ** 2 <= radius**2
+    image = rng.integers(0, 90, size=shape).astype(np.uint8)
+    image[mask] = np.clip(image[mask].astype(int) + 120, 0, 255).astype(np.uint8)
+    return image, mask
+
+
+def metadata_json(
+    shape: tuple[int, int], opaque_id: str = "opaque-0001", label: int | None = 1
+) -> str:
+    import json
+
+    return json.dumps(
+        {
+            "opaque_id": opaque_id,
+            "role": "template",
+            "label": label,
+            "height": shape[0],
+            "width": shape[1],
+            "key": {
+                "scheme": "ours",
+                "mode": "per-image",
+                "counter": 0,
+                "check": "0123456789abcdef",
+            },
+        }
+    )
+
+
+def upload_files(image: np.ndarray, mask: np.ndarray, meta: str | None = None) -> dict:
+    return {
+        "cipher": ("c.png", encode_png(image), "image/png"),
+        "mask": ("m.png", encode_png(mask), "image/png"),
+        "metadata": (None, meta if meta is not None else metadata_json(image.shape)),
+    }
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares a huge image (decompression-bomb shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def labelled_set(n: int = 18, shape: tuple[int, int] = (48, 48), seed: int = 0):
+    """(images, masks, labels): three classes that differ in tumour brightness and texture."""
+    rng = np.random.default_rng(seed)
+    images, masks, labels = [], [], []
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    for i in range(n):
+        label = 1 + i % 3
+        cy, cx = shape[0] // 2 + rng.integers(-4, 5), shape[1] // 2 + rng.integers(-4, 5)
+        mask = (rows - cy) ** 2 + (cols - cx) ** 2 <= (shape[0] / 5) ** 2
+        image = rng.normal(60, 10, shape)
+        tumour = {1: rng.normal(200, 5, shape), 2: rng.normal(120, 40, shape)}.get(
+            label, 90 + 80 * (np.sin(cols / 1.5) > 0)
+        )
+        image[mask] = tumour[mask]
+        images.append(np.clip(image, 0, 255).astype(np.uint16) * 16)  # 12-bit-like source
+        masks.append(mask)
+        labels.append(label)
+    return images, masks, labels
+
+
+def make_seg(mask: np.ndarray, source, label: str = "glioma"):
+    """A minimal DICOM SEG (binary, one frame) whose segment covers `mask` on `source`."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    seg_class = "1.2.840.10008.5.1.4.1.1.66.4"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = seg_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg = FileDataset("seg.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
+    seg.SOPClassUID = seg_class
+    seg.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    seg.StudyInstanceUID = source.StudyInstanceUID
+    seg.SeriesInstanceUID = generate_uid()
+    seg.PatientName = source.PatientName
+    seg.PatientID = source.PatientID
+    seg.Modality = "SEG"
+    seg.SegmentationType = "BINARY"
+    seg.Rows, seg.Columns = mask.shape
+    seg.NumberOfFrames = 1
+    seg.SamplesPerPixel = 1
+    seg.PhotometricInterpretation = "MONOCHROME2"
+    seg.BitsAllocated = 1
+    seg.BitsStored = 1
+    seg.HighBit = 0
+    seg.PixelRepresentation = 0
+    seg.PixelData = pack_bits(mask.astype(np.uint8))
+    segment = Dataset()
+    segment.SegmentNumber = 1
+    segment.SegmentLabel = label
+    seg.SegmentSequence = [segment]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedInstanceSequence = [reference]
+    seg.ReferencedSeriesSequence = [series]
+    return seg
+
+
+def dicom_bytes(dataset) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def multipart_related(
+    parts: list[bytes], boundary: str = "pecbir-test-boundary"
+) -> tuple[bytes, str]:
+    body = b""
+    for part in parts:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'

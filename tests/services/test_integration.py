@@ -1,0 +1,161 @@
+"""Real processes: Redis, Celery worker, moto S3, uvicorn gateway/search/encryptor.
+
+One walk from a DICOMweb client (STOW-RS) through the encryptor into the cloud, to a search
+hit decrypted bit-exactly; the search service restarted and caught up from S3; a poison
+message dead-lettered by the real worker. (moto checks the S3 wire protocol, not S3 auth,
+encryption at rest or URL expiry.)
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from pecore.cipher import to_uint8
+from tests.dicom_factory import make_dataset
+from tests.services.helpers import labelled_set, make_seg
+
+pytestmark = pytest.mark.integration
+SMALL_MODEL = {
+    "n_components": 4,
+    "n_regions": 2,
+    "patch_size": 5,
+    "radius": 2,
+    "n_train_patches": 2000,
+    "dim": 3,
+}
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from pecbir.procs import Cluster
+
+    with Cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
+
+
+def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
+    from dicomweb_client.api import DICOMwebClient
+
+    gateway = httpx.Client(
+        base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
+    )
+    encryptor = httpx.Client(
+        base_url=cluster.encryptor_url,
+        headers={"authorization": f"Bearer {cluster.user_token()}"},
+        timeout=60,
+    )
+    images, masks, labels = labelled_set(12, shape=(48, 48), seed=3)
+    for image, mask, label in zip(images, masks, labels, strict=True):
+        answer = encryptor.post(
+            "/v1/collections/brain/images",
+            files={"image": ("x.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
+            data={"label": str(label)},
+        )
+        assert answer.status_code == 202, answer.text
+    trained = gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)
+    assert trained.status_code == 202, trained.text
+
+    def served(n: int):
+        status = gateway.get("/v1/collections/brain/model").json()
+        return status if status["serving_version"] and status["n_vectors"] >= n else None
+
+    _poll(lambda: served(12), "12 vectors served")
+
+    # A PACS pushes one 12-bit MR slice and its DICOM SEG over DICOMweb STOW-RS.
+    pixels, mask = labelled_set(1, shape=(48, 48), seed=99)[0][0], labelled_set(1, seed=99)[1][0]
+    dataset = make_dataset(pixels.astype(np.uint16), bits_stored=12)
+    seg = make_seg(mask, dataset, label="meningioma")
+    pacs = DICOMwebClient(
+        url=f"{cluster.encryptor_url}/dicomweb/brain",
+        headers={"Authorization": f"Bearer {cluster.user_token()}"},
+    )
+    response = pacs.store_instances(datasets=[dataset, seg])
+    stored = {item.ReferencedSOPInstanceUID: item for item in response.ReferencedSOPSequence}
+    assert set(stored) == {dataset.SOPInstanceUID, seg.SOPInstanceUID}
+    assert "FailedSOPSequence" not in response
+    image_id = stored[dataset.SOPInstanceUID].RetrieveURL.rstrip("/").split("/")[-2]
+
+    def searchable():
+        status = gateway.get(f"/v1/collections/brain/images/{image_id}/status").json()
+        return status["state"] == "searchable"
+
+    _poll(searchable, "uploaded DICOM searchable")
+    # The cloud stored no header value.
+    meta = gateway.get(f"/v1/collections/brain/images/{image_id}").json()
+    assert meta["label"] == 1 and "Doe" not in str(meta) and dataset.SOPInstanceUID not in str(meta)
+
+    # A user searches with the same slice (encrypted under a fresh key) and finds it.
+    answer = encryptor.post(
+        "/v1/collections/brain/search",
+        files={"image": ("q.npy", _npy(pixels)), "mask": ("m.npy", _npy(mask))},
+        data={"k": "13"},
+    )
+    assert answer.status_code == 200, answer.text
+    hits = {hit["image_id"]: hit for hit in answer.json()["hits"]}
+    assert image_id in hits and len(hits) == 13
+    plain = encryptor.get(hits[image_id]["plain_url"], params={"format": "npy"})
+    assert plain.status_code == 200, plain.text
+    expected, _ = to_uint8(pixels.astype(np.uint16))
+    np.testing.assert_array_equal(np.load(io.BytesIO(plain.content)), expected)
+
+    # The search service restarts and catches up from S3 alone: nothing indexed is missing.
+    before = served(13)
+    cluster.stop_search()
+    cluster.start_search()
+    after = _poll(lambda: served(13), "search caught up after restart", timeout=60)
+    assert after["n_vectors"] == before["n_vectors"]
+    assert after["serving_version"] == before["serving_version"]
+
+
+def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
+    import redis
+
+    from pecbir_contracts.layout import CollectionLayout
+    from pecbir_contracts.store import MinioStore
+    from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, TASK_INDEX_IMAGE
+
+    gateway = httpx.Client(
+        base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
+    )
+    store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
+    layout = CollectionLayout(cluster.tenant, "brain")
+    image_ids = [layout.image_id_of_meta(k) for k in store.list(layout.images_prefix)]
+    victim = next(i for i in image_ids if i)
+    # Corrupt a stored mask behind the gateway's back, drop its features, re-queue it.
+    store.put(layout.mask(victim), b"\x89PNG\r\n\x1a\nbroken")
+    version = gateway.get("/v1/collections/brain/model").json()["indexing_version"]
+    store.delete(layout.features(version, victim))
+    from celery import Celery
+
+    Celery(broker=cluster.redis_url).send_task(
+        TASK_INDEX_IMAGE, args=[cluster.tenant, "brain", victim], queue="pecbir.index"
+    )
+
+    def failed():
+        status = gateway.get(f"/v1/collections/brain/images/{victim}/status").json()
+        return status if status["state"] == "failed" else None
+
+    status = _poll(failed, "failure recorded", timeout=60)
+    assert "unusable" in status["detail"]
+    assert redis.Redis.from_url(cluster.redis_url).llen(QUEUE_DEAD_LETTER) >= 1
