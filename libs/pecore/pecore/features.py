@@ -126,10 +126,10 @@ def training_sample(
     else:
         chosen = np.arange(total)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    cuts = np.searchsorted(chosen, offsets)  # chosen is sorted: image i owns chosen[cuts[i]:cuts[i+1]]
-    return [
-        per_image[i][chosen[cuts[i] : cuts[i + 1]] - offsets[i]] for i in range(len(per_image))
-    ]
+    cuts = np.searchsorted(
+        chosen, offsets
+    )  # chosen is sorted: image i owns chosen[cuts[i]:cuts[i+1]]
+    return [per_image[i][chosen[cuts[i] : cuts[i + 1]] - offsets[i]] for i in range(len(per_image))]
 
 
 class PatchPCA:
@@ -172,8 +172,12 @@ class PatchPCA:
         return out
 
     def get_state(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean_, "components": self.components_, "variance": self.explained_variance_,
-                "ratio": self.explained_variance_ratio_}
+        return {
+            "mean": self.mean_,
+            "components": self.components_,
+            "variance": self.explained_variance_,
+            "ratio": self.explained_variance_ratio_,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], energy: float) -> PatchPCA:

@@ -215,7 +215,9 @@ class FisherVectorEncoder:
             v = ((s2 - 2.0 * mu * s1 + mu**2 * mass) / gmm.variances_ - mass) / (
                 t * math.sqrt(2.0) * sqrt_w
             )
-            block = np.concatenate([np.where(active, u, 0.0).ravel(), np.where(active, v, 0.0).ravel()])
+            block = np.concatenate(
+                [np.where(active, u, 0.0).ravel(), np.where(active, v, 0.0).ravel()]
+            )
             block = np.sign(block) * np.sqrt(np.abs(block))
             block /= max(float(np.linalg.norm(block)), 1e-12)
             out[r] = block

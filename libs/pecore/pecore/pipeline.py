@@ -80,7 +80,8 @@ def fit_patch_model(
     projected = pca.transform(sample)
     gmms = {}
     for size in dictionary_sizes:
-        seed = int(rng.integers(2**31 - 1))
+        # a seed per size, independent of which other sizes are fitted alongside
+        seed = int(np.random.SeedSequence([random_state, int(size)]).generate_state(1)[0])
         gmms[int(size)] = DiagonalGMM(n_components=int(size), random_state=seed).fit(projected)
     return PatchModel(pca=pca, gmms=gmms, n_training_patches=int(sample.shape[0]))
 
@@ -245,7 +246,9 @@ class CBIRPipeline:
         fisher_vectors = np.atleast_2d(np.asarray(fisher_vectors))
         expected = self.metric_.components_.shape[0]
         if fisher_vectors.shape[1] != expected:
-            raise ValueError(f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}")
+            raise ValueError(
+                f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}"
+            )
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
 
     def transform(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
