@@ -9,6 +9,10 @@ encryption at rest or URL expiry.)
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -159,3 +163,39 @@ def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
     status = _poll(failed, "failure recorded", timeout=60)
     assert "unusable" in status["detail"]
     assert redis.Redis.from_url(cluster.redis_url).llen(QUEUE_DEAD_LETTER) >= 1
+
+
+def test_encryptor_cli_uploads_and_fetches_bit_exactly(cluster, tmp_path):
+    from PIL import Image
+
+    images, masks, _ = labelled_set(1, shape=(48, 48), seed=5)
+    image_path, mask_path = tmp_path / "slice.npy", tmp_path / "mask.png"
+    np.save(image_path, images[0])
+    Image.fromarray(masks[0].astype(np.uint8) * 255).save(mask_path)
+    env = {
+        **os.environ,
+        "PECBIR_ENCRYPTOR_TENANT": cluster.tenant,
+        "PECBIR_ENCRYPTOR_MASTER_KEY": str(cluster.tmp / "master.key"),
+        "PECBIR_ENCRYPTOR_GATEWAY_URL": cluster.gateway_url,
+        "PECBIR_ENCRYPTOR_GATEWAY_TOKEN": cluster.token(),
+        "PECBIR_ENCRYPTOR_USER_TOKEN_SECRET": cluster.user_secret,
+        "PECBIR_ENCRYPTOR_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+    }
+    cli = [sys.executable, "-m", "pecbir_encryptor"]
+    uploaded = subprocess.run(
+        [*cli, "upload", str(image_path), str(mask_path), "--collection", "cli", "--label", "2"],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    image_id = json.loads(uploaded.stdout)["upload"]["image_id"]
+    out = tmp_path / "plain.npy"
+    subprocess.run(
+        [*cli, "fetch", image_id, "--collection", "cli", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    expected, _ = to_uint8(images[0])
+    np.testing.assert_array_equal(np.load(out), expected)
+    missing = subprocess.run(
+        [*cli, "upload", str(image_path), str(tmp_path / "none.png"), "--collection", "cli"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "none.png" in missing.stderr

@@ -4,6 +4,7 @@ Runs at the hospital and holds the master key. Its users authenticate with beare
 this service (not the cloud's); key release is audited.
 """
 
+import hashlib
 from typing import Annotated
 
 import httpx
@@ -117,9 +118,13 @@ def create_app(
         need(claims, "upload")
         collection = collection_name(collection)
         try:
-            pixels, source_uid = read_pixels(read_limited(image, "image"), "image")
-            plain_mask, seg_label = read_mask(read_limited(mask, "mask"))
-            opaque_id = encryptor.opaque_id_for(source_uid)
+            image_bytes, mask_bytes = read_limited(image, "image"), read_limited(mask, "mask")
+            pixels, source_uid = read_pixels(image_bytes, "image")
+            plain_mask, seg_label = read_mask(mask_bytes)
+            # DICOM: keyed pseudonym of the SOP Instance UID; files: of their content. Either
+            # way a repeated upload maps to the same id and so to the same cloud object.
+            content = hashlib.sha256(image_bytes + b"\x00" + mask_bytes).hexdigest()
+            opaque_id = encryptor.opaque_id_for(source_uid or f"content:{content}")
             protected = encryptor.protect(
                 pixels,
                 plain_mask,

@@ -1,5 +1,6 @@
 """The search service: learned metric + projected vectors in memory, k-NN over HTTP."""
 
+import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -49,6 +50,7 @@ def create_app(
     if bus is None and settings.follow:
         bus = bus_from_url(settings.events_url or settings.broker_url)
     engine = SearchEngine(store, bus if settings.follow else None, settings.encode_threads)
+    sys.setswitchinterval(settings.gil_switch_interval_s)
     secret = settings.token_secret.get_secret_value().encode()
 
     @asynccontextmanager

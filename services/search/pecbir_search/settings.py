@@ -20,3 +20,6 @@ class SearchSettings(BaseSettings):
     # Follow the event stream in a background thread (off: only catch-up from the store).
     follow: bool = True
     encode_threads: int | None = 1
+    # GIL switch interval of the service process: numpy releases the GIL inside a k-NN step,
+    # and with Python's default (5 ms) getting it back can cost up to that much.
+    gil_switch_interval_s: float = 0.0005

@@ -1,0 +1,3 @@
+from pecbir_encryptor.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""`pecbir-encryptor` (or `python -m pecbir_encryptor`): the owner side from a shell.
+
+    pecbir-encryptor serve  [--host H --port P]          run the FastAPI app (uvicorn)
+    pecbir-encryptor upload IMAGE MASK --collection C [--label L]
+    pecbir-encryptor fetch  IMAGE_ID --collection C --out plain.png|.npy
+
+Settings come from PECBIR_ENCRYPTOR_* variables (tenant, master key file, gateway URL and
+token); `fetch` verifies the owner's integrity tag before it decrypts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _encryptor():
+    import httpx
+
+    from pecbir_encryptor.core import Encryptor
+    from pecbir_encryptor.settings import EncryptorSettings
+    from pecore.keys import MasterKey
+
+    settings = EncryptorSettings()  # type: ignore[call-arg]
+    gateway = httpx.Client(base_url=settings.gateway_url, timeout=settings.gateway_timeout_s)
+    gateway.headers["authorization"] = f"Bearer {settings.gateway_token.get_secret_value()}"
+    return Encryptor(
+        MasterKey.load(settings.master_key),
+        gateway,
+        scheme=settings.scheme,
+        key_mode=settings.key_mode,
+        audit_log=settings.audit_log,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("pecbir_encryptor.app:create_app", factory=True, host=args.host, port=args.port)
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.inputs import read_mask, read_pixels
+
+    encryptor = _encryptor()
+    pixels, source_uid = read_pixels(Path(args.image).read_bytes(), "image")
+    mask, seg_label = read_mask(Path(args.mask).read_bytes())
+    opaque_id = encryptor.opaque_id_for(source_uid or f"file:{Path(args.image).resolve()}")
+    protected = encryptor.protect(
+        pixels, mask, opaque_id=opaque_id, label=args.label if args.label is not None else seg_label
+    )
+    answer = encryptor.upload(args.collection, protected, f"owner-{opaque_id}")
+    print(json.dumps({"opaque_id": opaque_id, "upload": answer}))
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from pecore.io import write_image
+
+    encryptor = _encryptor()
+    plain, _mask, metadata = encryptor.fetch_plain(args.collection, args.image_id)
+    write_image(args.out, plain)
+    encryptor.audit(action="decrypt", sub="cli", image_id=args.image_id, outcome="ok")
+    print(f"verified and decrypted {args.image_id} (opaque id {metadata.opaque_id}) to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pecbir-encryptor", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the encryptor API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8003)
+    serve.set_defaults(func=_serve)
+    upload = commands.add_parser("upload", help="encrypt one image and upload it")
+    upload.add_argument("image", help="DICOM, PNG or NPY")
+    upload.add_argument("mask", help="PNG, NPY or DICOM SEG")
+    upload.add_argument("--collection", required=True)
+    upload.add_argument("--label", type=int, default=None)
+    upload.set_defaults(func=_upload)
+    fetch = commands.add_parser("fetch", help="download, verify and decrypt one image")
+    fetch.add_argument("image_id")
+    fetch.add_argument("--collection", required=True)
+    fetch.add_argument("--out", type=Path, required=True)
+    fetch.set_defaults(func=_fetch)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+        print(f"pecbir-encryptor {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
