@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from pecbir_contracts.observability import current_request_id
 from pecbir_contracts.tasks import ATTEMPTS_KEY_PREFIX, EVENT_STREAM, EVENT_STREAM_MAXLEN
 
 
@@ -26,6 +27,8 @@ class VectorEvent(BaseModel):
     image_id: str
     label: int | None = None
     vector: list[float]
+    # Request that caused the event (observability only; see pecbir_contracts.observability).
+    request_id: str | None = None
 
 
 class ModelEvent(BaseModel):
@@ -35,6 +38,7 @@ class ModelEvent(BaseModel):
     tenant: str
     collection: str
     version: str
+    request_id: str | None = None
 
 
 Event = Annotated[VectorEvent | ModelEvent, Field(discriminator="kind")]
@@ -42,6 +46,10 @@ _EVENT = TypeAdapter(Event)
 
 
 def encode_event(event: VectorEvent | ModelEvent) -> str:
+    if event.request_id is None:
+        request_id = current_request_id()
+        if request_id:
+            event = event.model_copy(update={"request_id": request_id})
     return event.model_dump_json()
 
 

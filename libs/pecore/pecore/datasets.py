@@ -89,11 +89,13 @@ def load_figshare(
     path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     n_threads: int = 2,
+    limit: int | None = None,
 ) -> Dataset:
     """Load the compact figshare copy (see shared/data/README.md).
 
     Decoding the 3064 WebP images takes ~12 s on two cores; with `cache_dir` the decoded stack is
     kept as an `.npy` file and memory-mapped on later calls (read-only).
+    `limit` keeps only the first `limit` rows (quick looks, benchmarks; no cache then).
     Raises FileNotFoundError if the file is missing, ValueError if the split is not
     patient-disjoint.
     """
@@ -102,15 +104,18 @@ def load_figshare(
     path = Path(path) if path is not None else default_data_path()
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path} (set PECBIR_DATA)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    rows = slice(None) if limit is None else slice(0, limit)
     with h5py.File(path, "r") as f:
-        labels = f["labels"][:].astype(np.int64)
-        folds = f["cvind5fold"][:].astype(np.int64)
-        pids = f["pids"][:].astype(str)
-        index = f["index"][:].astype(np.int64)
-        masks = np.unpackbits(f["masks_packed"][:], axis=-1).astype(bool)
+        labels = f["labels"][rows].astype(np.int64)
+        folds = f["cvind5fold"][rows].astype(np.int64)
+        pids = f["pids"][rows].astype(str)
+        index = f["index"][rows].astype(np.int64)
+        masks = np.unpackbits(f["masks_packed"][rows], axis=-1).astype(bool)
         images = None
         cache_file = None
-        if cache_dir is not None:
+        if cache_dir is not None and limit is None:
             stat = path.stat()
             cache_file = (
                 Path(cache_dir) / f"figshare_images_{stat.st_size}_{int(stat.st_mtime)}.npy"
@@ -118,7 +123,7 @@ def load_figshare(
             if cache_file.is_file():
                 images = np.load(cache_file, mmap_mode="r")
         if images is None:
-            blobs = f["images_webp"][:]
+            blobs = f["images_webp"][rows]
             with ThreadPoolExecutor(max(1, n_threads)) as pool:
                 images = np.stack(list(pool.map(_decode_webp, blobs)))
             if cache_file is not None:

@@ -61,20 +61,30 @@ class CFML:
         centred = np.array(X, dtype=np.float64)  # one F×n float64 copy, centred in place
         centred -= centred.mean(axis=0)
         gram = centred @ centred.T  # n×n, = V S² Vᵀ
-        eigenvalues, V = np.linalg.eigh(gram)
+        eigenvalues, V = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True)
         keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
         s = np.sqrt(eigenvalues[keep])
         V = V[:, keep]
         Z = V * s  # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
         m_same, m_diff = pair_scatter(Z, labels)
-        gammas, A = scipy.linalg.eigh(m_diff, m_same + self.reg * np.eye(Z.shape[1]))
+        r = Z.shape[1]
+        # only the leading n_components eigenpairs are ever used: ask LAPACK for just those
+        # (B-normalised like the full solve; about 10x faster than all r of them)
+        n_wanted = min(self.n_components, r)
+        gammas, A = scipy.linalg.eigh(
+            m_diff,
+            m_same + self.reg * np.eye(r),
+            subset_by_index=[r - n_wanted, r - 1],
+            overwrite_a=True,
+            overwrite_b=True,
+        )
         order = np.argsort(gammas)[::-1]
         gammas, A = gammas[order], A[:, order]
         positive = gammas > 0
         gammas, A = gammas[positive], A[:, positive]
-        self.eigenvalues_ = gammas
-        self.rank_ = int(Z.shape[1])
-        m = min(self.n_components, gammas.size)
+        self.eigenvalues_ = gammas  # the leading (≤ n_components) positive eigenvalues
+        self.rank_ = int(r)
+        m = gammas.size
         coeffs = (V / s) @ (A[:, :m] * np.sqrt(gammas[:m]))  # n × m
         self.components_ = centred.T @ coeffs  # W = U A diag(√γ), F × m
         return self

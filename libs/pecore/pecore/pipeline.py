@@ -80,7 +80,8 @@ def fit_patch_model(
     projected = pca.transform(sample)
     gmms = {}
     for size in dictionary_sizes:
-        seed = int(rng.integers(2**31 - 1))
+        # a seed per size, independent of which other sizes are fitted alongside
+        seed = int(np.random.SeedSequence([random_state, int(size)]).generate_state(1)[0])
         gmms[int(size)] = DiagonalGMM(n_components=int(size), random_state=seed).fit(projected)
     return PatchModel(pca=pca, gmms=gmms, n_training_patches=int(sample.shape[0]))
 

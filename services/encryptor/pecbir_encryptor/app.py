@@ -17,6 +17,7 @@ from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_t
 from pecbir_contracts.layout import check_image_id, check_name
 from pecbir_contracts.png import encode_png
 from pecbir_contracts.schemas import MAX_K
+from pecbir_encryptor import ops
 from pecbir_encryptor.core import Encryptor, GatewayError
 from pecbir_encryptor.dicom import (
     FAILURE_CANNOT_UNDERSTAND,
@@ -377,4 +378,5 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok", "tenant": settings.tenant, "key_id": master.key_id}
 
+    ops.instrument(app, encryptor)
     return app

@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError, store_from_url
-from pecbir_gateway import images, models, search
+from pecbir_gateway import images, models, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
@@ -63,4 +63,5 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok", "store": repr(context.store)}
 
+    ops.instrument(app, context)
     return app

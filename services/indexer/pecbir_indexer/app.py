@@ -28,7 +28,7 @@ from pecbir_contracts.tasks import (
     TASK_TRAIN_MODEL,
     WORKER_QUEUES,
 )
-from pecbir_indexer import work
+from pecbir_indexer import ops, work
 from pecbir_indexer.runtime import get_runtime
 from pecbir_indexer.settings import IndexerSettings
 
@@ -165,3 +165,6 @@ def use_eager_mode() -> None:
 def run_eagerly(task_name: str, args: list[Any]) -> None:
     """Execute a task by name in this process (after `use_eager_mode`)."""
     TASKS[task_name].apply(args=list(args), throw=False)
+
+
+ops.instrument(celery_app, _settings)

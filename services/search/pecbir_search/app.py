@@ -21,6 +21,7 @@ from pecbir_contracts.png import (
 )
 from pecbir_contracts.schemas import MAX_K, IndexStatus, SearchHit, SearchResponse, SearchTimings
 from pecbir_contracts.store import ObjectStore, store_from_url
+from pecbir_search import metrics
 from pecbir_search.engine import CollectionState, SearchEngine
 from pecbir_search.settings import SearchSettings
 
@@ -172,4 +173,5 @@ def create_app(
     def healthz() -> dict[str, object]:
         return {"status": "ok", "events_applied": engine.events_applied}
 
+    metrics.instrument(app, engine, following=settings.follow)
     return app

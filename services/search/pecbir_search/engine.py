@@ -18,6 +18,7 @@ import numpy as np
 
 from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout, version_number
+from pecbir_contracts.observability import request_context
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
@@ -192,10 +193,12 @@ class SearchEngine:
                 time.sleep(1.0)
                 continue
             for event_id, event in events:
-                try:
-                    self.apply(event)
-                except Exception:
-                    log.exception("could not apply event %s", event_id)
+                with request_context(event.request_id):
+                    try:
+                        self.apply(event)
+                        log.debug("applied %s event %s", event.kind, event_id)
+                    except Exception:
+                        log.exception("could not apply event %s", event_id)
                 after = event_id
 
     def stop(self) -> None:

@@ -1,0 +1,122 @@
+"""`pecbir experiment`: Tables 1–2 of Ahmad et al. 2025 (retrieval on plain and cipher images).
+
+Writes results/<run>/results.json, tables.md (Table 1 and Table 2 layout, mean ± std over folds)
+and map_vs_d.png. Cipher images and finished (condition, fold, D) results are cached under
+--cache, so the same command twice gives the same numbers and the second run is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+
+
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "experiment",
+        help="retrieval experiment: paper Tables 1-2 (mAP, P@5, P@10 over folds)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--run", default=None, help="run name: output goes to results/<run>/")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (overrides --run)")
+    parser.add_argument(
+        "--dict-sizes", type=_int_list, default=[16, 32, 64], help="GMM sizes D (default 16,32,64)"
+    )
+    parser.add_argument(
+        "--conditions",
+        type=_str_list,
+        default=["non-secure", "25", "26", "27", "ours"],
+        help="any of non-secure,25,26,27,ours (default all)",
+    )
+    parser.add_argument(
+        "--key-modes", type=_str_list, default=["same", "different"], help="same,different"
+    )
+    parser.add_argument(
+        "--fold", type=_int_list, default=[1, 2, 3, 4, 5], help="query folds to run"
+    )
+    parser.add_argument(
+        "--folds", dest="fold_file", default=None, help="CSV index,fold (default: reference split)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fold 1, D=16, non-secure and ours (both key modes)"
+    )
+    parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
+    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache directory")
+    parser.add_argument("--seed", type=int, default=0, help="sampling / GMM seed")
+    parser.add_argument("--key-seed", type=int, default=2025, help="master seed, different keys")
+    parser.add_argument("--jobs", type=int, default=2, help="encoding threads")
+    parser.add_argument("--n-train-patches", type=int, default=300_000)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pecbir.experiment import (
+        KEY_MODES,
+        SCHEMES,
+        ExperimentConfig,
+        all_conditions,
+        markdown_tables,
+        run_experiment,
+        write_outputs,
+    )
+
+    conditions = args.conditions
+    sizes, folds, modes = args.dict_sizes, args.fold, args.key_modes
+    if args.quick:
+        conditions, sizes, folds = ["non-secure", "ours"], [16], [1]
+    unknown = [c for c in conditions if c != "non-secure" and c not in SCHEMES]
+    if unknown:
+        raise ValueError(
+            f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)}"
+        )
+    bad_modes = [m for m in modes if m not in KEY_MODES]
+    if bad_modes:
+        raise ValueError(f"unknown key mode(s) {bad_modes}; choose from {', '.join(KEY_MODES)}")
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"bad dictionary sizes {sizes}")
+    run_name = args.run or ("quick" if args.quick else "experiment")
+    out_dir = args.out or Path("results") / run_name
+    config = ExperimentConfig(
+        dictionary_sizes=tuple(sorted(set(sizes))),
+        conditions=tuple(
+            all_conditions(
+                [c for c in SCHEMES if c in conditions], modes, "non-secure" in conditions
+            )
+        ),
+        folds=tuple(folds),
+        fold_file=args.fold_file,
+        n_train_patches=args.n_train_patches,
+        seed=args.seed,
+        key_seed=args.key_seed,
+        n_jobs=args.jobs,
+        data_path=args.data,
+        cache_dir=str(args.cache),
+        out_dir=str(out_dir),
+    )
+    if not config.conditions:
+        raise ValueError("no conditions selected")
+    results = run_experiment(config)
+    results["command"] = "pecbir " + " ".join(sys.argv[1:])
+    paths = write_outputs(results, out_dir)
+    print(markdown_tables(results))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,137 @@
+"""Block-scrambled perceptual encryption: an experimental variant, separate from `pecore.cipher`.
+
+Why: every scheme of `pecore.cipher` leaves about half of the pixels (or, for [27], half of the
+c(i) ⊕ c(i−1) values) equal to the plain pixel *at its own position*, so a ciphertext-only
+attacker inpaints the rest and sees the image (`pecore.attacks.ClearPixelAttack`).
+
+What retrieval needs (method-spec §2–4): the ROI's pixels split into intensity-order subregions
+(a function of the ROI's *set* of values, not of their positions) and dense 9×9 raw patches
+pooled orderlessly into Fisher vectors per subregion.  Neither needs the tiles of the image to
+be in their places, only each patch's inside.
+
+So "<inner>-bs<b>" cuts the image into b×b tiles, permutes the tiles with a keyed permutation
+that differs per image (derived from the key stream and a public per-image nonce, e.g. the
+image id), and then encrypts the scrambled image with the unchanged inner scheme.  The owner
+scrambles the ROI mask with the same permutation (`scramble_mask`) before upload, so the cloud
+extracts features exactly as before.  Patches that straddle a tile border mix two unrelated
+tiles: about 1 − ((b − 8)/b)² of them (44 % for b = 32, 23 % for b = 64).
+
+Rows/columns beyond the last full tile stay in place.  The permutation key is a hash of the
+key stream: an attacker who recovers the *whole* stream also gets the permutations (for
+"ours" the top bit of k is never observable, so a known-plaintext attack does not).
+This variant does not defend against a jigsaw-puzzle solver working on denoised tiles;
+`pecore.attacks.jigsaw_neighbour_accuracy` measures how well tiles can be re-matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+
+from pecore.cipher import SCHEMES, decrypt, encrypt
+
+VARIANT_SCHEMES = ("ours-bs32", "ours-bs64")
+_NAME = re.compile(r"^(?P<inner>ours|25|26|27)-bs(?P<block>[1-9][0-9]*)$")
+_LABEL = b"pecbir/block-scramble/v1"
+
+
+def parse_variant(scheme: str) -> tuple[str, int]:
+    """'ours-bs64' → ('ours', 64).  Any inner scheme of `pecore.cipher` and any tile size ≥ 2."""
+    match = _NAME.match(scheme)
+    if not match or int(match["block"]) < 2:
+        raise ValueError(
+            f"unknown variant scheme {scheme!r}; expected '<inner>-bs<tile>' with inner in "
+            f"{', '.join(SCHEMES)} and tile >= 2, e.g. {', '.join(VARIANT_SCHEMES)}"
+        )
+    return match["inner"], int(match["block"])
+
+
+def _nonce_bytes(nonce: str | bytes) -> bytes:
+    if isinstance(nonce, str):
+        nonce = nonce.encode()
+    if not isinstance(nonce, bytes):
+        raise ValueError(f"nonce must be str or bytes, got {type(nonce).__name__}")
+    return nonce
+
+
+def tile_permutation(stream: np.ndarray, nonce: str | bytes, n_tiles: int) -> np.ndarray:
+    """The keyed permutation of `n_tiles` tiles: argsort of SHAKE-256(H(stream) ‖ nonce).
+
+    Version-independent (no numpy RNG): the same on every machine that derives the same stream.
+    """
+    nonce = _nonce_bytes(nonce)
+    secret = hashlib.sha256(_LABEL + np.ascontiguousarray(stream, dtype=np.uint8).tobytes())
+    message = secret.digest() + len(nonce).to_bytes(4, "big") + nonce
+    draws = np.frombuffer(hashlib.shake_256(message).digest(8 * n_tiles), dtype=">u8")
+    return np.argsort(draws, kind="stable")
+
+
+def _tiles_view(image: np.ndarray, block: int) -> tuple[np.ndarray, int, int]:
+    rows, cols = image.shape[0] // block, image.shape[1] // block
+    core = image[: rows * block, : cols * block]
+    tiles = core.reshape(rows, block, cols, block).swapaxes(1, 2).reshape(-1, block, block)
+    return tiles, rows, cols
+
+
+def _place_tiles(image: np.ndarray, tiles: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    block = tiles.shape[1]
+    out = image.copy()
+    grid = tiles.reshape(rows, cols, block, block).swapaxes(1, 2)
+    out[: rows * block, : cols * block] = grid.reshape(rows * block, cols * block)
+    return out
+
+
+def scramble(image: np.ndarray, permutation: np.ndarray, block: int) -> np.ndarray:
+    """Tile j of the output is tile permutation[j] of the input (row-major tile order)."""
+    tiles, rows, cols = _tiles_view(image, block)
+    if permutation.shape != (tiles.shape[0],):
+        raise ValueError(f"permutation has {permutation.size} entries, image {tiles.shape[0]}")
+    return _place_tiles(image, tiles[permutation], rows, cols)
+
+
+def unscramble(image: np.ndarray, permutation: np.ndarray, block: int) -> np.ndarray:
+    """Inverse of `scramble`."""
+    tiles, rows, cols = _tiles_view(image, block)
+    restored = np.empty_like(tiles)
+    restored[permutation] = tiles
+    return _place_tiles(image, restored, rows, cols)
+
+
+def _permutation_for(
+    shape: tuple[int, ...], stream: np.ndarray, nonce: str | bytes, block: int
+) -> np.ndarray:
+    if len(shape) != 2:
+        raise ValueError(f"expected a 2-D image, got shape {shape}")
+    n_tiles = (shape[0] // block) * (shape[1] // block)
+    return tile_permutation(stream, nonce, n_tiles)
+
+
+def encrypt_variant(
+    image: np.ndarray, stream: np.ndarray, scheme: str = "ours-bs64", nonce: str | bytes = b""
+) -> np.ndarray:
+    """Scramble b×b tiles (keyed by stream and nonce), then encrypt with the inner scheme."""
+    inner, block = parse_variant(scheme)
+    image = np.asarray(image)
+    permutation = _permutation_for(image.shape, stream, nonce, block)
+    return encrypt(scramble(image, permutation, block), stream, inner)
+
+
+def decrypt_variant(
+    cipher: np.ndarray, stream: np.ndarray, scheme: str = "ours-bs64", nonce: str | bytes = b""
+) -> np.ndarray:
+    """Exact inverse of `encrypt_variant` for the same stream, scheme and nonce."""
+    inner, block = parse_variant(scheme)
+    cipher = np.asarray(cipher)
+    permutation = _permutation_for(cipher.shape, stream, nonce, block)
+    return unscramble(decrypt(cipher, stream, inner), permutation, block)
+
+
+def scramble_mask(
+    mask: np.ndarray, stream: np.ndarray, scheme: str = "ours-bs64", nonce: str | bytes = b""
+) -> np.ndarray:
+    """The ROI mask moved with the image's tiles (what the owner uploads with the cipher)."""
+    _, block = parse_variant(scheme)
+    mask = np.asarray(mask)
+    return scramble(mask, _permutation_for(mask.shape, stream, nonce, block), block)

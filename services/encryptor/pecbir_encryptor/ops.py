@@ -1,0 +1,40 @@
+"""Operations hooks of the encryptor: metrics, request ids and readiness checks.
+
+Readiness does not include the cloud gateway: while the cloud is away the encryptor still
+answers (decryption of images already held, clear 502s for uploads) instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI
+
+from pecbir_contracts.observability import Check, httpx_request_id_hook, instrument_app
+from pecbir_encryptor.core import Encryptor
+
+
+def readiness_checks(encryptor: Encryptor) -> dict[str, Check]:
+    def master_key() -> bool:
+        return bool(encryptor.master.key_id)
+
+    def audit_log() -> bool:
+        if encryptor.audit_log is None:
+            return True
+        folder = encryptor.audit_log.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"audit log folder {folder} is not writable")
+        return True
+
+    return {"master_key": master_key, "audit_log": audit_log}
+
+
+def instrument(app: FastAPI, encryptor: Encryptor) -> None:
+    hooks = encryptor.gateway.event_hooks
+    if httpx_request_id_hook not in hooks.get("request", []):
+        encryptor.gateway.event_hooks = {
+            **hooks,
+            "request": [*hooks.get("request", []), httpx_request_id_hook],
+        }
+    instrument_app(app, "encryptor", readiness_checks(encryptor))

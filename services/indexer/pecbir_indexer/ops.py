@@ -1,0 +1,90 @@
+"""Operations hooks of the worker: metrics, request ids, probes and graceful shutdown.
+
+Kubernetes stops a pod with SIGTERM and kills it `terminationGracePeriodSeconds` later. With
+`REMAP_SIGTERM=SIGQUIT` in the environment, Celery answers SIGTERM with a *soft shutdown*: it
+stops taking messages, lets running tasks go on for `PECBIR_SOFT_SHUTDOWN_S` seconds, then
+cancels what is still running, which (late acks + reject on worker lost) puts those messages
+back on their queue for another worker. Keep the grace period above the soft-shutdown time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pecbir_contracts.layout import version_number
+from pecbir_contracts.observability import (
+    Check,
+    broker_check,
+    instrument_celery,
+    register_collector,
+)
+from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
+from pecbir_indexer.runtime import get_runtime
+from pecbir_indexer.settings import IndexerSettings
+
+
+class WorkerOpsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PECBIR_", extra="ignore")
+
+    # Seconds running tasks may go on after SIGTERM before they are handed back (0 = off).
+    soft_shutdown_s: float = 0.0
+
+
+class CachedModelCollector:
+    """`pecbir_model_version{service="indexer"}`: the model versions this worker has loaded."""
+
+    def describe(self) -> list:
+        # No up-front names: search and indexer both report `pecbir_model_version`, each from
+        # its own process; tests that load both into one registry must not clash.
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        model = GaugeMetricFamily(
+            "pecbir_model_version",
+            "Model version number (vNNNN → NNNN) a service uses for a collection",
+            labels=["service", "tenant", "collection", "role"],
+        )
+        from pecbir_indexer import runtime
+
+        held = runtime._runtime
+        newest: dict[tuple[str, str], int] = {}
+        for tenant, collection, version in list(held._models) if held else []:
+            number = version_number(version)
+            newest[(tenant, collection)] = max(number, newest.get((tenant, collection), 0))
+        for (tenant, collection), number in newest.items():
+            model.add_metric(["indexer", tenant, collection, "indexing"], number)
+        yield model
+
+
+def readiness_checks(settings: IndexerSettings) -> dict[str, Check]:
+    def store() -> bool:
+        get_runtime().store.exists("healthz/probe")
+        return True
+
+    def models() -> bool:
+        import pecore.pipeline  # noqa: F401  (every task loads a pipeline)
+
+        return True
+
+    return {"broker": broker_check(settings.broker_url), "store": store, "models": models}
+
+
+def instrument(celery_app: Any, settings: IndexerSettings) -> None:
+    ops = WorkerOpsSettings()
+    if ops.soft_shutdown_s > 0:
+        celery_app.conf.update(
+            worker_soft_shutdown_timeout=ops.soft_shutdown_s,
+            worker_enable_soft_shutdown_on_idle=False,
+        )
+    register_collector("indexer_models", CachedModelCollector())
+    instrument_celery(
+        celery_app,
+        "indexer",
+        broker_url=settings.broker_url,
+        queues=(*WORKER_QUEUES, QUEUE_DEAD_LETTER),
+        checks=readiness_checks(settings),
+    )

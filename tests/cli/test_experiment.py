@@ -1,0 +1,72 @@
+"""The experiment runner on synthetic data (the full run needs the dataset; see results/table1)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pecbir.experiment import (
+    Condition,
+    ExperimentConfig,
+    cipher_images,
+    markdown_tables,
+    plot_map_vs_d,
+    read_fold_file,
+    run_fold,
+    summarise,
+)
+from pecore.datasets import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(n_images=60, size=48, seed=5)
+
+
+def test_fold_results_tables_and_plot(data, tmp_path):
+    config = ExperimentConfig(
+        dictionary_sizes=(2, 4),
+        conditions=(Condition(None), Condition("ours", "different")),
+        folds=(1, 2),
+        radius=3,
+        n_train_patches=5000,
+        cache_dir=str(tmp_path),
+    )
+    stacks = cipher_images(data.images, data.index, config.conditions, 11, tmp_path)
+    assert stacks["non-secure"] is data.images
+    assert not np.array_equal(stacks["ours/different"], data.images)
+    again = cipher_images(data.images, data.index, config.conditions, 11, tmp_path)  # cached
+    np.testing.assert_array_equal(again["ours/different"], stacks["ours/different"])
+    fold_results = {}
+    for condition in config.conditions:
+        images = stacks[condition.name]
+        fold_results[condition.name] = {
+            fold: run_fold(
+                images, data.masks, data.labels, data.folds, fold, [2, 4], config, [0, fold, 1]
+            )
+            for fold in config.folds
+        }
+    first = fold_results["non-secure"][1][4]
+    assert first["n_query"] == int(np.sum(data.folds == 1))
+    assert "1" in first["by_dim"] and first["pca_dim"] >= 1
+    results = json.loads(json.dumps(summarise(config, fold_results, "x")))
+    entry = results["summary"]["non-secure"]["4"]["1"]
+    maps = [fold_results["non-secure"][f][4]["by_dim"]["1"]["mAP"] * 100 for f in (1, 2)]
+    assert entry["mAP"]["mean"] == pytest.approx(np.mean(maps))
+    assert entry["mAP"]["std"] == pytest.approx(np.std(maps))
+    assert entry["mAP"]["mean"] > 60  # chance is about 33 %
+    text = markdown_tables(results, dim=1)
+    assert "| 4 | Non-secure [3] |" in text and "diff. keys Ours" in text
+    plot_map_vs_d(results, tmp_path / "plot.png", dim=1)
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_fold_file_maps_index_to_fold(tmp_path):
+    path = tmp_path / "folds.csv"
+    path.write_text("index,fold\n1,2\n2,1\n3,2\n")
+    np.testing.assert_array_equal(read_fold_file(path, np.array([3, 1, 2])), [2, 2, 1])
+    with pytest.raises(ValueError, match="no fold"):
+        read_fold_file(path, np.array([1, 4]))
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="header"):
+        read_fold_file(tmp_path / "bad.csv", np.array([1]))

@@ -1,0 +1,54 @@
+"""The security report's reader of experiment results (no dataset needed)."""
+
+from __future__ import annotations
+
+import json
+
+from pecbir.security import best_ciphertext_only, read_retrieval_map
+
+
+def test_missing_results_mean_map_not_available(tmp_path):
+    found, reason = read_retrieval_map(None)
+    assert found == {} and "no experiment results" in reason
+    found, reason = read_retrieval_map(tmp_path / "absent.json")
+    assert found == {} and "does not exist" in reason
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_retrieval_map(tmp_path / "bad.json")[0] == {}
+    (tmp_path / "other.json").write_text(json.dumps({"something": [1, 2, 3]}))
+    assert read_retrieval_map(tmp_path / "other.json")[0] == {}
+
+
+def test_reads_the_experiment_runner_summary_at_the_largest_d(tmp_path):
+    def entry(value):
+        return {"mAP": {"mean": value, "std": 0.5, "n": 5}}
+
+    document = {
+        "config": {"headline_dim": 10, "folds": [1, 2, 3, 4, 5]},
+        "summary": {
+            "non-secure": {"16": {"10": entry(89.9)}, "64": {"10": entry(94.0)}},
+            "ours/same": {"16": {"10": entry(80.0)}, "64": {"10": entry(85.0), "9": entry(1.0)}},
+            "27/different": {"16": {"10": entry(60.0)}},
+        },
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    found, reason = read_retrieval_map(path)
+    assert found == {("plain", "same"): 94.0, ("ours", "same"): 85.0, ("27", "different"): 60.0}
+    assert "dim 10" in reason
+
+
+def test_reads_a_flat_list_of_conditions(tmp_path):
+    document = {"runs": [{"scheme": "ours", "key_mode": "different", "mAP": 0.81}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    assert read_retrieval_map(path)[0] == {("ours", "different"): 81.0}
+
+
+def test_best_attack_ignores_known_plaintext_and_the_raw_cipher():
+    results = {
+        "cipher image (no attack)": {"threat": "ciphertext-only", "ssim": {"mean": 0.9}},
+        "median 3×3": {"threat": "ciphertext-only", "ssim": {"mean": 0.3}},
+        "shared-mask inpainting": {"threat": "ciphertext-only, 16 ...", "ssim": {"mean": 0.5}},
+        "known-plaintext (1 pair)": {"threat": "known plaintext", "ssim": {"mean": 0.99}},
+    }
+    assert best_ciphertext_only(results)[0] == "shared-mask inpainting"

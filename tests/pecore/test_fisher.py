@@ -1,0 +1,101 @@
+import math
+
+import numpy as np
+import pytest
+
+from pecore.fisher import DiagonalGMM, FisherVectorEncoder
+
+
+def _gmm(k=3, d=2, seed=0):
+    rng = np.random.default_rng(seed)
+    weights = rng.uniform(0.5, 1.5, k)
+    return DiagonalGMM.from_state(
+        {
+            "weights": weights / weights.sum(),
+            "means": rng.standard_normal((k, d)),
+            "variances": rng.uniform(0.3, 2.0, (k, d)),
+        }
+    )
+
+
+def _reference_block(y, gmm):
+    """Improved FV of one descriptor set, straight from the formulas (float64 loops)."""
+    k, d = gmm.means_.shape
+    log_p = np.array(
+        [
+            [
+                math.log(gmm.weights_[c])
+                - 0.5
+                * sum(
+                    math.log(2 * math.pi * gmm.variances_[c, j])
+                    + (yt[j] - gmm.means_[c, j]) ** 2 / gmm.variances_[c, j]
+                    for j in range(d)
+                )
+                for c in range(k)
+            ]
+            for yt in y
+        ]
+    )
+    post = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+    post /= post.sum(axis=1, keepdims=True)
+    t = len(y)
+    u = np.zeros((k, d))
+    v = np.zeros((k, d))
+    for c in range(k):
+        z = (y - gmm.means_[c]) / np.sqrt(gmm.variances_[c])
+        u[c] = (post[:, c, None] * z).sum(axis=0) / (t * math.sqrt(gmm.weights_[c]))
+        v[c] = (post[:, c, None] * (z**2 - 1)).sum(axis=0) / (t * math.sqrt(2 * gmm.weights_[c]))
+    block = np.concatenate([u.ravel(), v.ravel()])  # [u_1..u_K, v_1..v_K]
+    block = np.sign(block) * np.sqrt(np.abs(block))
+    return block / np.linalg.norm(block)
+
+
+def test_fisher_vector_matches_formulas_layout_and_normalisation():
+    gmm = _gmm()
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((13, 2)).astype(np.float32)
+    bounds = np.array([0, 5, 5, 13])  # region 1 is empty
+    fv = FisherVectorEncoder(gmm, n_regions=3).encode(y, bounds)
+    assert fv.dtype == np.float32 and fv.shape == (3 * 2 * 3 * 2,)
+    blocks = fv.reshape(3, -1)
+    np.testing.assert_allclose(blocks[0], _reference_block(y[:5].astype(float), gmm), atol=2e-5)
+    np.testing.assert_array_equal(blocks[1], 0)
+    np.testing.assert_allclose(blocks[2], _reference_block(y[5:].astype(float), gmm), atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(blocks, axis=1), [1, 0, 1], atol=1e-6)
+
+
+def test_fisher_vector_of_an_image_without_patches_is_zero():
+    fv = FisherVectorEncoder(_gmm(), n_regions=2).encode(
+        np.zeros((0, 2), np.float32), np.zeros(3, int)
+    )
+    assert fv.shape == (2 * 2 * 3 * 2,) and not fv.any()
+    with pytest.raises(ValueError):
+        FisherVectorEncoder(_gmm(), n_regions=2).encode(
+            np.zeros((4, 2), np.float32), np.array([0, 4])
+        )
+
+
+def test_gmm_recovers_separated_clusters_and_clamps_variances():
+    rng = np.random.default_rng(0)
+    centres = np.array([[-4.0, -4.0, 1.0], [4.0, 4.0, 1.0]])
+    X = np.concatenate([c + 0.5 * rng.standard_normal((3000, 3)) for c in centres])
+    X[:, 2] = 1.0  # a constant dimension: variance must be floored at 1e-4, not 0
+    gmm = DiagonalGMM(n_components=2, random_state=0).fit(X)
+    order = np.argsort(gmm.means_[:, 0])
+    np.testing.assert_allclose(gmm.means_[order, :2], centres[:, :2], atol=0.05)
+    np.testing.assert_allclose(gmm.weights_, [0.5, 0.5], atol=0.01)
+    np.testing.assert_allclose(gmm.variances_[:, :2], 0.25, rtol=0.1)
+    np.testing.assert_allclose(gmm.variances_[:, 2], 1e-4)
+    assert gmm.converged_ and gmm.n_iter_ < 100
+    proba = gmm.predict_proba(X[:5])
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-6)
+
+
+def test_gmm_is_deterministic_for_a_seed_and_caps_iterations():
+    X = np.random.default_rng(3).standard_normal((2000, 4))
+    a = DiagonalGMM(5, max_iter=7, random_state=11).fit(X)
+    b = DiagonalGMM(5, max_iter=7, random_state=11).fit(X)
+    np.testing.assert_array_equal(a.means_, b.means_)
+    assert a.n_iter_ <= 7
+    with pytest.raises(ValueError):
+        DiagonalGMM(10).fit(X[:5])

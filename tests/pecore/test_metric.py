@@ -1,0 +1,72 @@
+import itertools
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from pecore.metric import CFML, pair_scatter
+
+
+def _brute_scatter(X, y):
+    same, diff, n_same, n_diff = 0.0, 0.0, 0, 0
+    for i, j in itertools.permutations(range(len(X)), 2):
+        outer = np.outer(X[i] - X[j], X[i] - X[j])
+        if y[i] == y[j]:
+            same, n_same = same + outer, n_same + 1
+        else:
+            diff, n_diff = diff + outer, n_diff + 1
+    return same / n_same, diff / n_diff
+
+
+def _data(n, f, seed):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    X = rng.standard_normal((n, f)) * 0.3 + rng.standard_normal((3, f))[y]
+    return X, y
+
+
+def test_pair_scatter_closed_form_equals_all_ordered_pairs():
+    X, y = _data(9, 4, 0)
+    for got, want in zip(pair_scatter(X, y), _brute_scatter(X, y), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    with pytest.raises(ValueError):
+        pair_scatter(X, np.zeros(9))
+
+
+@pytest.mark.parametrize(("n", "f"), [(12, 30), (40, 6)])
+def test_low_rank_reduction_equals_the_full_generalised_eigenproblem(n, f):
+    X, y = _data(n, f, 1)
+    lam = 1.5e-4
+    m_same, m_diff = _brute_scatter(X, y)
+    gammas, W = scipy.linalg.eigh(m_diff, m_same + lam * np.eye(f))
+    order = np.argsort(gammas)[::-1]
+    gammas, W = gammas[order], W[:, order]
+    model = CFML(reg=lam, n_components=f).fit(X, y)
+    m = model.components_.shape[1]
+    keep = gammas > 1e-9 * gammas[0]
+    assert m == keep.sum()
+    np.testing.assert_allclose(model.eigenvalues_[:m], gammas[:m], rtol=1e-7)
+    full = W[:, :m] * np.sqrt(gammas[:m])
+    # columns agree up to sign (distinct eigenvalues on random data)
+    signs = np.sign(np.sum(full * model.components_, axis=0))
+    # columns span 1e-2..1e3, so compare each relative to its norm; the full problem's B has
+    # F - rank eigenvalues equal to λ, which limits its own eigenvector accuracy to ~1e-6
+    scale = np.linalg.norm(full, axis=0)
+    np.testing.assert_allclose(model.components_ * signs / scale, full / scale, atol=1e-5)
+    # B-normalised eigenvectors: wᵀ B w = γ after the √γ scaling
+    B = m_same + lam * np.eye(f)
+    np.testing.assert_allclose(
+        np.einsum("fi,fg,gi->i", model.components_, B, model.components_), gammas[:m], rtol=1e-7
+    )
+
+
+def test_transform_keeps_leading_dimensions_and_separates_classes():
+    X, y = _data(60, 50, 2)
+    model = CFML(n_components=2).fit(X, y)
+    Z = model.transform(X)
+    assert Z.shape == (60, 2) and Z.dtype == np.float64
+    np.testing.assert_allclose(model.transform(X, 1), Z[:, :1])
+    centroids = np.stack([Z[y == c].mean(axis=0) for c in range(3)])
+    spread = max(Z[y == c].std(axis=0).max() for c in range(3))
+    gaps = [np.linalg.norm(a - b) for a, b in itertools.combinations(centroids, 2)]
+    assert min(gaps) > 3 * spread
