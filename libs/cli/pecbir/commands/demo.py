@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from pecbir.embedded import EmbeddedSystem
     from pecore.evaluate import average_precision, precision_at
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per in-process request
+    # One log line per in-process request or eager task would bury the progress bars.
+    for noisy in ("httpx", "celery", "kombu", "pecbir_search", "pecbir_indexer", "pecbir_gateway"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     dataset, source = _load(args)
     database, queries = _pick(dataset, args.images, args.query_fold, args.seed)
