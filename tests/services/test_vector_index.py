@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from pecbir_search.index import VectorIndex
+from pecbir_search.index import VectorIndex, compile_kernels
 
 
 def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
@@ -123,15 +124,17 @@ def test_empty_index_and_k_beyond_n():
 
 
 def test_concurrent_readers_see_only_whole_rows_while_the_follower_appends():
-    # Every vector is constant (all coordinates = its number), and the query is far away on the
-    # diagonal, so the nearest row of a consistent snapshot is the newest one, at a distance that
-    # its id determines. A half-written row would show up as a distance matching no id.
-    dim = 8
+    # Row i is the constant vector (total - i) and the query is the origin, so the nearest row of
+    # a consistent snapshot is its newest one, at a distance its id determines. A row published
+    # before it is (completely) written holds zeros: it would come first at a distance matching
+    # no id.
+    compile_kernels()  # else the readers spend the whole test waiting for the JIT
+    dim, total = 8, 6000
     index = VectorIndex("v0001", dim, capacity=1)
-    index.upsert("0", np.zeros(dim, np.float32), None)
-    query = np.full(dim, 10_000, np.float32)
-    total = 6000
+    index.upsert("0", np.full(dim, total, np.float32), None)
+    query = np.zeros(dim, np.float32)
     errors: list[str] = []
+    reads: list[int] = []
     done = threading.Event()
 
     def read() -> None:
@@ -143,24 +146,29 @@ def test_concurrent_readers_see_only_whole_rows_while_the_follower_appends():
                 errors.append(f"went back from {last} to {newest}")
             last = newest
             for image_id, distance in zip(ids, distances, strict=True):
-                expected = direct_distances(np.full((1, dim), int(image_id), np.float32), query)
-                if distance != expected[0]:
-                    errors.append(f"row {image_id} at distance {distance}, expected {expected[0]}")
+                row = np.full((1, dim), total - int(image_id), np.float32)
+                expected = direct_distances(row, query)[0]
+                if distance != expected:
+                    errors.append(f"row {image_id} at distance {distance}, expected {expected}")
             if [int(i) for i in ids] != list(range(newest, max(newest - 3, -1), -1)):
                 errors.append(f"not the newest rows: {ids}")
+            reads.append(newest)
 
     readers = [threading.Thread(target=read) for _ in range(3)]
     for reader in readers:
         reader.start()
     try:
         for i in range(1, total):
-            index.upsert(str(i), np.full(dim, i, np.float32), None)
+            index.upsert(str(i), np.full(dim, total - i, np.float32), None)
+            if i % 8 == 0:
+                time.sleep(0)  # let readers in, as the follower does between stream reads
     finally:
         done.set()
         for reader in readers:
             reader.join()
     assert not errors, errors[:5]
     assert len(index) == total
+    assert len(set(reads)) > 50  # the readers did run while rows were appended
 
 
 def test_version_swap_is_atomic_for_concurrent_readers():
@@ -170,6 +178,7 @@ def test_version_swap_is_atomic_for_concurrent_readers():
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_search.engine import CollectionState, Version
 
+    compile_kernels()
     rng = np.random.default_rng(3)
     old_vectors = rng.standard_normal((300, 3)).astype(np.float32)
     new_vectors = rng.standard_normal((300, 5)).astype(np.float32)
