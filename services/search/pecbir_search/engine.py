@@ -22,7 +22,7 @@ from pecbir_contracts.observability import request_context
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
-from pecbir_search.index import VectorIndex
+from pecbir_search.index import VectorIndex, compile_kernels
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ class SearchEngine:
 
     def start(self) -> None:
         """Catch up from the store, then follow the event stream from before the catch-up."""
+        compile_kernels()  # before serving: the first query must not pay the JIT compile
         after = self.bus.last_id() if self.bus is not None else None
         self.catch_up_all()
         if self.bus is None:

@@ -52,8 +52,7 @@ class SearchIndexCollector:
                 labels = [layout.tenant, layout.collection, role]
                 vectors.add_metric([*labels, held.name], len(held.index))
                 model.add_metric(["search", *labels], version_number(held.name))
-                view = held.index._view
-                total_bytes += view.rows.nbytes + view.labels.nbytes
+                total_bytes += held.index.nbytes
         held_bytes.add_metric([], total_bytes)
         events = GaugeMetricFamily(
             "pecbir_search_events_applied", "Events applied since the service started"

@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
     env.setdefault("PECBIR_SEARCH_URL", f"http://{args.host}:{args.search_port}")
+    # One BLAS/OpenMP thread per service process, as in deploy/k8s: a request's small matrix
+    # products lose more to thread hand-off than they gain, and concurrent requests contend.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
 
     def uvicorn(factory: str, port: int) -> list[str]:
         return [
