@@ -47,6 +47,8 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"tumour mask must be 2-D, got shape {mask.shape}")
     if mask.shape != tuple(shape):
         raise ValueError(f"tumour mask shape {mask.shape} differs from the image shape {shape}")
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():
+        raise ValueError("tumour mask contains NaN or infinite values")
     values = np.unique(mask)
     if values.size > 2 or (values.size == 2 and values[0] != 0):
         raise ValueError("tumour mask is not binary (expected 0 and one other value)")
