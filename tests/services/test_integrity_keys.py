@@ -18,6 +18,7 @@ import struct
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from pecbir.embedded import EmbeddedSystem
 from pecbir_contracts.auth import mint_token
@@ -108,9 +109,23 @@ def run(tmp_path_factory):
 
 # -- single-bit tampering -------------------------------------------------------------------------
 def _flip_file_byte(data: bytes) -> bytes:
-    """Flip the lowest bit of a byte inside the PNG's first IDAT payload."""
-    at = data.index(b"IDAT") + 4 + 2  # past the type and the zlib header
-    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+    """Flip one bit of a byte inside the PNG's IDAT payload that changes what it decodes to.
+
+    (Some deflate bits do not matter to the decoded pixels; flipping those tampers nothing.)
+    """
+    from pecbir_contracts.png import InvalidImage
+
+    original = np.asarray(Image.open(io.BytesIO(data)))
+    start = data.index(b"IDAT") + 4 + 2  # past the chunk type and the zlib header
+    for at in range(start, start + 64):
+        flipped = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+        try:
+            decoded = np.asarray(Image.open(io.BytesIO(flipped)))
+        except (OSError, ValueError, InvalidImage):
+            return flipped  # undecodable: tampering that must be refused too
+        if not np.array_equal(decoded, original):
+            return flipped
+    raise AssertionError("no IDAT bit flip changed the image")
 
 
 def _flip_cipher_pixel(data: bytes) -> bytes:
