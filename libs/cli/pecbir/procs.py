@@ -108,6 +108,119 @@ def redis_server(tmp: Path) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
+class RedisProcess:
+    """A private redis-server on a free loopback port that a test may kill and start again.
+
+    Append-only file with fsync on every write: what Redis acknowledged survives a kill -9,
+    as a broker behind "acknowledged only when durable" must (deploy Redis the same way).
+    """
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisProcess:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server binary")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)]
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        wait_for(
+            lambda: redis.Redis(host="127.0.0.1", port=self.port).ping(),
+            "redis-server",
+            proc=self.proc,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, only what the AOF already holds survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+class TcpProxy:
+    """A loopback TCP forwarder; `stop()` cuts every connection (a network partition)."""
+
+    def __init__(self, target_port: int, port: int | None = None) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> TcpProxy:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 @contextlib.contextmanager
 def moto_s3(log: Path | None = None) -> Iterator[str]:
     """moto's standalone S3 server over HTTP (tests the S3 wire path, not S3 security)."""
@@ -151,9 +264,24 @@ def celery_worker(env: dict[str, str], log: Path | None = None) -> Iterator[subp
 class Cluster:
     """Redis + moto S3 + Celery worker + uvicorn search, gateway (and encryptor), on loopback."""
 
-    def __init__(self, tmp: Path, *, tenant: str = "hospital-a", encryptor: bool = True) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        tenant: str = "hospital-a",
+        encryptor: bool = True,
+        own_redis: bool = False,
+        store_proxy: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         import secrets
 
+        self.own_redis = own_redis
+        self.use_store_proxy = store_proxy
+        self.extra_env = extra_env or {}
+        self.redis: RedisProcess | None = None
+        self.store_proxy: TcpProxy | None = None
+        self._worker_cm: contextlib.AbstractContextManager | None = None
         self.tmp = Path(tmp)
         self.tenant = tenant
         self.with_encryptor = encryptor
@@ -184,8 +312,19 @@ class Cluster:
 
     def start(self) -> Cluster:
         stack = self._stack
-        self.redis_url = stack.enter_context(redis_server(self.tmp))
+        if self.own_redis:
+            self.redis = RedisProcess(self.tmp / "redis").start()
+            stack.callback(self.redis.stop)
+            self.redis_url = self.redis.url
+        else:
+            self.redis_url = stack.enter_context(redis_server(self.tmp))
         self.s3_url = stack.enter_context(moto_s3(self.logs / "moto.log"))
+        self.moto_url = self.s3_url
+        if self.use_store_proxy:
+            moto_port = int(self.s3_url.rsplit(":", 1)[1])
+            self.store_proxy = TcpProxy(moto_port).start()
+            stack.callback(self.store_proxy.stop)
+            self.s3_url = self.store_proxy.url
         self.env = {
             "PECBIR_STORE_URL": self.s3_url,
             "PECBIR_S3_ACCESS_KEY": "test-access",
@@ -198,8 +337,9 @@ class Cluster:
             "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
+            **self.extra_env,
         }
-        self.worker = stack.enter_context(celery_worker(self.env, self.logs / "worker.log"))
+        self.start_worker()
         self.start_search()
         self.env["PECBIR_SEARCH_URL"] = self.search_url
         self.gateway_url = stack.enter_context(
@@ -226,6 +366,25 @@ class Cluster:
             )
         return self
 
+    def start_worker(self) -> subprocess.Popen:
+        self._worker_cm = celery_worker(self.env, self.logs / "worker.log")
+        self.worker = self._worker_cm.__enter__()
+        return self.worker
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker's whole process group (no shutdown, no ack)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait(10)
+        if self._worker_cm is not None:
+            self._worker_cm.__exit__(None, None, None)
+            self._worker_cm = None
+
+    def stop_worker(self) -> None:
+        if self._worker_cm is not None:
+            self._worker_cm.__exit__(None, None, None)
+            self._worker_cm = None
+
     def start_search(self) -> None:
         self._search_port = getattr(self, "_search_port", None) or free_port()
         self._search_cm = uvicorn_app(
@@ -244,6 +403,7 @@ class Cluster:
 
     def close(self) -> None:
         self.stop_search()
+        self.stop_worker()
         self._stack.close()
 
     def __enter__(self) -> Cluster:

@@ -110,6 +110,9 @@ class SearchResponse(BaseModel):
 class TrainRequest(_Strict):
     """Parameters of a model version (pecore.pipeline.CBIRPipeline)."""
 
+    # No lax coercion (`true` → 1, "8" → 8): a wrongly typed parameter is a client error.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     n_components: int = Field(default=64, ge=2, le=256)
     n_regions: int = Field(default=8, ge=1, le=16)
     patch_size: int = Field(default=9, ge=3, le=15)

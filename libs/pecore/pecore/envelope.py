@@ -9,6 +9,9 @@ the master key and inverts it bit-exactly.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from typing import Literal
 
 import numpy as np
@@ -38,6 +41,9 @@ class CipherMetadata(BaseModel):
     key_check: str
     shape: tuple[int, int]
     rescale: IntensityRescale
+    # Owner's HMAC over the cipher pixels and every other field (see `integrity_tag`); set by
+    # `tag`, checked by `verify_tag` before anything is decrypted.
+    integrity_tag: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 def image_key_for(master: MasterKey, image_id: str, key_mode: KeyMode, n_pixels: int) -> ImageKey:
@@ -69,6 +75,54 @@ def seal(
         rescale=rescale,
     )
     return cipher, metadata
+
+
+_TAG_LABEL = b"pecbir/sidecar-integrity/v1"
+
+
+class TamperedError(ValueError):
+    """A cipher image or its metadata changed since the owner tagged them: do not decrypt."""
+
+
+def integrity_tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> str:
+    """HMAC-SHA256 (key derived from the master key) over cipher pixels + metadata fields."""
+    pixels = np.ascontiguousarray(cipher, dtype=np.uint8)
+    fields = metadata.model_dump(mode="json", exclude={"integrity_tag"})
+    message = b"\x00".join(
+        [
+            _TAG_LABEL,
+            f"{pixels.shape}".encode(),
+            hashlib.sha256(pixels.tobytes()).digest(),
+            json.dumps(fields, sort_keys=True, separators=(",", ":")).encode(),
+        ]
+    )
+    key = hmac.new(master.secret.get_secret_value(), _TAG_LABEL, hashlib.sha256).digest()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> CipherMetadata:
+    """`metadata` with the owner's integrity tag over it and `cipher`."""
+    return metadata.model_copy(update={"integrity_tag": integrity_tag(cipher, metadata, master)})
+
+
+def verify_tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> None:
+    """TamperedError unless `metadata` carries a tag that matches `cipher` and its fields."""
+    if metadata.integrity_tag is None:
+        raise TamperedError(
+            f"image {metadata.image_id!r}: metadata carries no integrity tag; refusing to decrypt"
+        )
+    if metadata.key_id != master.key_id:
+        raise TamperedError(
+            f"image {metadata.image_id!r} was encrypted under master key {metadata.key_id}, "
+            f"not {master.key_id}"
+        )
+    if tuple(np.shape(cipher)) != tuple(metadata.shape) or not hmac.compare_digest(
+        integrity_tag(cipher, metadata, master), metadata.integrity_tag
+    ):
+        raise TamperedError(
+            f"integrity check failed for image {metadata.image_id!r}: the cipher image or its "
+            "metadata changed since encryption; refusing to decrypt"
+        )
 
 
 def unseal(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> np.ndarray:

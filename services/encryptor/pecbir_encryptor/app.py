@@ -32,6 +32,7 @@ from pecbir_encryptor.dicom import (
 )
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_encryptor.integrity import IntegrityError
+from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.settings import EncryptorSettings
 from pecore.io import read_dicom
 from pecore.keys import MasterKey
@@ -47,11 +48,11 @@ class KeyReleaseRequest(BaseModel):
 def create_app(
     settings: EncryptorSettings | None = None,
     *,
-    master: MasterKey | None = None,
+    master: MasterKey | Keyring | None = None,
     gateway_client: httpx.Client | None = None,
 ) -> FastAPI:
     settings = settings or EncryptorSettings()  # type: ignore[call-arg]
-    master = master or MasterKey.load(settings.master_key)
+    master = master or Keyring.load(settings.master_key, settings.keyring_dir)
     gateway = gateway_client or httpx.Client(
         base_url=settings.gateway_url, timeout=settings.gateway_timeout_s
     )
@@ -78,6 +79,9 @@ def create_app(
             encryptor.audit(action=request.url.path, outcome="unauthenticated", reason=str(exc))
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
         if claims.tenant != settings.tenant:
+            encryptor.audit(
+                action=request.url.path, sub=claims.sub, outcome="denied", reason="other tenant"
+            )
             raise HTTPException(403, f"this encryptor serves tenant {settings.tenant!r}")
         return claims
 
@@ -359,8 +363,8 @@ def create_app(
         collection = collection_name(request.collection)
         try:
             check_image_id(request.image_id)
-            _cipher, _mask, metadata = encryptor.fetch(collection, request.image_id)
-            key = encryptor.release_key(metadata)
+            cipher, mask, metadata = encryptor.fetch(collection, request.image_id)
+            key = encryptor.release_key(cipher, mask, metadata)
         except (IntegrityError, ValueError) as exc:
             encryptor.audit(**record, outcome="refused", reason=str(exc))
             raise HTTPException(422, str(exc)) from None
@@ -376,7 +380,7 @@ def create_app(
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
-        return {"status": "ok", "tenant": settings.tenant, "key_id": master.key_id}
+        return {"status": "ok", "tenant": settings.tenant, "key_id": encryptor.master.key_id}
 
     ops.instrument(app, encryptor)
     return app

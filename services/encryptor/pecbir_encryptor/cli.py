@@ -3,6 +3,7 @@
     pecbir-encryptor serve  [--host H --port P]          run the FastAPI app (uvicorn)
     pecbir-encryptor upload IMAGE MASK --collection C [--label L]
     pecbir-encryptor fetch  IMAGE_ID --collection C --out plain.png|.npy
+    pecbir-encryptor rotate [--master-key F --keyring-dir D]   new master key, old one retired
 
 Settings come from PECBIR_ENCRYPTOR_* variables (tenant, master key file, gateway URL and
 token); `fetch` verifies the owner's integrity tag before it decrypts.
@@ -21,14 +22,14 @@ def _encryptor():
     import httpx
 
     from pecbir_encryptor.core import Encryptor
+    from pecbir_encryptor.keyring import Keyring
     from pecbir_encryptor.settings import EncryptorSettings
-    from pecore.keys import MasterKey
 
     settings = EncryptorSettings()  # type: ignore[call-arg]
     gateway = httpx.Client(base_url=settings.gateway_url, timeout=settings.gateway_timeout_s)
     gateway.headers["authorization"] = f"Bearer {settings.gateway_token.get_secret_value()}"
     return Encryptor(
-        MasterKey.load(settings.master_key),
+        Keyring.load(settings.master_key, settings.keyring_dir),
         gateway,
         scheme=settings.scheme,
         key_mode=settings.key_mode,
@@ -59,13 +60,38 @@ def _upload(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.integrity import IntegrityError
     from pecore.io import write_image
 
     encryptor = _encryptor()
-    plain, _mask, metadata = encryptor.fetch_plain(args.collection, args.image_id)
+    try:
+        plain, _mask, metadata = encryptor.fetch_plain(args.collection, args.image_id)
+    except IntegrityError as exc:
+        encryptor.audit(
+            action="decrypt", sub="cli", image_id=args.image_id, outcome="refused", reason=str(exc)
+        )
+        raise
     write_image(args.out, plain)
     encryptor.audit(action="decrypt", sub="cli", image_id=args.image_id, outcome="ok")
     print(f"verified and decrypted {args.image_id} (opaque id {metadata.opaque_id}) to {args.out}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    import os
+
+    from pecbir_encryptor.keyring import rotate
+
+    active = args.master_key or os.environ.get("PECBIR_ENCRYPTOR_MASTER_KEY")
+    retired = args.keyring_dir or os.environ.get("PECBIR_ENCRYPTOR_KEYRING_DIR")
+    if not active or not retired:
+        raise ValueError(
+            "rotate needs --master-key and --keyring-dir "
+            "(or PECBIR_ENCRYPTOR_MASTER_KEY and PECBIR_ENCRYPTOR_KEYRING_DIR)"
+        )
+    old, new = rotate(Path(active), Path(retired))
+    print(f"retired master key {old} into {retired}; new active key {new} in {active}")
+    print("restart the encryptor; images uploaded before still decrypt with the retired key")
     return 0
 
 
@@ -87,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fetch.add_argument("--collection", required=True)
     fetch.add_argument("--out", type=Path, required=True)
     fetch.set_defaults(func=_fetch)
+    rotate = commands.add_parser("rotate", help="rotate the master key (keeps the old one)")
+    rotate.add_argument("--master-key", type=Path, default=None)
+    rotate.add_argument("--keyring-dir", type=Path, default=None)
+    rotate.set_defaults(func=_rotate)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -19,6 +19,7 @@ import numpy as np
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
 from pecbir_contracts.schemas import ImageMetadata, KeyInfo, RescaleInfo, SearchResponse
 from pecbir_encryptor.integrity import IntegrityError, sign, verify
+from pecbir_encryptor.keyring import Keyring, UnknownKey
 from pecore.cipher import IntensityRescale
 from pecore.envelope import CipherMetadata, image_key_for, seal, unseal
 from pecore.keys import ImageKey, MasterKey
@@ -46,6 +47,8 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"tumour mask must be 2-D, got shape {mask.shape}")
     if mask.shape != tuple(shape):
         raise ValueError(f"tumour mask shape {mask.shape} differs from the image shape {shape}")
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():
+        raise ValueError("tumour mask contains NaN or infinite values")
     values = np.unique(mask)
     if values.size > 2 or (values.size == 2 and values[0] != 0):
         raise ValueError("tumour mask is not binary (expected 0 and one other value)")
@@ -58,14 +61,16 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class Encryptor:
     def __init__(
         self,
-        master: MasterKey,
+        master: MasterKey | Keyring,
         gateway: httpx.Client,
         *,
         scheme: str = "ours",
         key_mode: str = "per-image",
         audit_log: Path | None = None,
     ) -> None:
-        self.master = master
+        # New uploads use the active key; stored images are opened with the key they name.
+        self.keyring = master if isinstance(master, Keyring) else Keyring(master)
+        self.master = self.keyring.active
         self.gateway = gateway
         self.scheme = scheme
         self.key_mode = key_mode
@@ -143,10 +148,34 @@ class Encryptor:
             rescale=IntensityRescale(**metadata.rescale.model_dump()),
         )
 
+    def master_of(self, metadata: ImageMetadata) -> MasterKey:
+        """The keyring's master key that tagged `metadata` (IntegrityError if none or unknown).
+
+        Only the tag's key id selects the key; after `verify` the (signed) key facts must name
+        the same key, so a stored record cannot mix keys.
+        """
+        if metadata.integrity is None:
+            raise IntegrityError(f"image {metadata.opaque_id} carries no integrity tag")
+        try:
+            return self.keyring.get(metadata.integrity.key_id)
+        except UnknownKey as exc:
+            raise IntegrityError(str(exc)) from None
+
+    def verified(self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata) -> MasterKey:
+        """Check the owner's tag over cipher, mask and metadata; the master key to use."""
+        master = self.master_of(metadata)
+        verify(master, cipher, mask, metadata)
+        if metadata.key.key_id != master.key_id:
+            raise IntegrityError(
+                f"image {metadata.opaque_id}: encrypted under key {metadata.key.key_id} but "
+                f"tagged under {master.key_id}; refusing to decrypt"
+            )
+        return master
+
     def open(self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata) -> np.ndarray:
         """Verify the owner's tag, then decrypt bit-exactly; IntegrityError if tampered."""
-        verify(self.master, cipher, mask, metadata)
-        return unseal(cipher, self.decrypt_metadata(metadata), self.master)
+        master = self.verified(cipher, mask, metadata)
+        return unseal(cipher, self.decrypt_metadata(metadata), master)
 
     # -- via the gateway -----------------------------------------------------------------------
     def fetch(self, collection: str, image_id: str, owner: str | None = None):
@@ -195,9 +224,13 @@ class Encryptor:
             raise GatewayError(answer.status_code, _detail(answer))
         return SearchResponse.model_validate_json(answer.content)
 
-    def release_key(self, metadata: ImageMetadata) -> ImageKey:
+    def release_key(
+        self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata
+    ) -> ImageKey:
+        """The key of a stored image, only after its owner's tag checked out (as for decrypt)."""
+        master = self.verified(cipher, mask, metadata)
         key = image_key_for(
-            self.master, metadata.opaque_id, metadata.key.mode, metadata.height * metadata.width
+            master, metadata.opaque_id, metadata.key.mode, metadata.height * metadata.width
         )
         if key.counter != metadata.key.counter or key.check != metadata.key.check:
             raise IntegrityError(f"stored key facts of {metadata.opaque_id} do not match")

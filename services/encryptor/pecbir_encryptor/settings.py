@@ -14,6 +14,9 @@ class EncryptorSettings(BaseSettings):
 
     tenant: str = Field(description="The hospital's tenant name in the cloud")
     master_key: Path = Field(description="Master key file (0600), made by `pecbir keygen`")
+    # Retired master keys (`*.key`, 0600) kept after a rotation so that images uploaded under
+    # them still verify and decrypt; `pecbir-encryptor rotate` fills it.
+    keyring_dir: Path | None = None
     gateway_url: str = "http://127.0.0.1:8001"
     gateway_token: SecretStr = Field(description="Bearer token of this tenant at the gateway")
     user_token_secret: SecretStr = Field(description="HMAC secret of this service's user tokens")

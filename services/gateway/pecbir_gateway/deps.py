@@ -57,7 +57,8 @@ class GatewayContext:
     def open_blob(self, token: str) -> str:
         payload, _, tag = token.partition(".")
         expected = hmac.new(self.token_secret, b"blob\x00" + payload.encode(), hashlib.sha256)
-        if not hmac.compare_digest(tag, expected.hexdigest()):
+        # Bytes, not str: compare_digest refuses non-ASCII text (which a link may hold).
+        if not hmac.compare_digest(tag.encode(), expected.hexdigest().encode()):
             raise HTTPException(403, "invalid download link")
         body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         if time.time() > body["e"]:

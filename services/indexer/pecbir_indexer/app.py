@@ -9,11 +9,17 @@ store (`failures/…`) and copied to `QUEUE_DEAD_LETTER`, which no worker consum
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery, Task
+from celery.exceptions import Reject
 from kombu import Queue
+from kombu.exceptions import OperationalError
 
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.records import write_failure
@@ -34,6 +40,8 @@ from pecbir_indexer.settings import IndexerSettings
 
 log = logging.getLogger(__name__)
 _settings = IndexerSettings()
+# Errors that mean "Redis is unreachable", not "this task is bad".
+BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 celery_app = Celery("pecbir-indexer", broker=_settings.broker_url)
 celery_app.conf.update(
@@ -47,7 +55,13 @@ celery_app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     # A lost worker's unacked message comes back after this many seconds (Redis transport).
-    broker_transport_options={"visibility_timeout": 3600},
+    # kombu sweeps for such messages every `unacked_restore_interval` s but by default scans
+    # only on every 10th sweep; scan on each (one ZRANGE on the unacked index).
+    broker_transport_options={
+        "visibility_timeout": _settings.visibility_timeout_s,
+        "unacked_restore_interval": max(1, min(10, _settings.visibility_timeout_s)),
+        "unacked_restore_throttle": 1,
+    },
 )
 
 
@@ -91,6 +105,16 @@ class IndexerTask(Task):
     reject_on_worker_lost = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._run_counted(*args, **kwargs)
+        except BROKER_DOWN as exc:
+            # Redis (broker and event stream) went away mid-task: not the message's fault, so
+            # no dead letter. Hand it back: requeued if Redis is back by now, else it stays
+            # unacknowledged in Redis and is redelivered after the visibility timeout.
+            log.warning("broker/event stream lost during %s: %s; handing it back", self.name, exc)
+            raise Reject(exc, requeue=True) from exc
+
+    def _run_counted(self, *args: Any, **kwargs: Any) -> Any:
         task_id = self.request.id
         if task_id and not self.request.is_eager:
             deliveries = get_runtime().bus.incr_attempts(task_id)
@@ -106,8 +130,18 @@ class IndexerTask(Task):
         dead_letter(self.name, task_id, list(args), f"{type(exc).__name__}: {exc}")
 
 
+def _test_delay() -> None:
+    """The fault-injection hook (see IndexerSettings.test_index_delay_file)."""
+    if _settings.test_index_delay_file:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            seconds = float(Path(_settings.test_index_delay_file).read_text())
+            log.warning("test hook: index_image sleeps %.1f s", seconds)
+            time.sleep(seconds)
+
+
 @celery_app.task(base=IndexerTask, name=TASK_INDEX_IMAGE, throws=(work.PoisonMessage,))
 def index_image(tenant: str, collection: str, image_id: str) -> str:
+    _test_delay()
     return work.index_image(get_runtime(), tenant, collection, image_id).state
 
 

@@ -24,3 +24,9 @@ class IndexerSettings(BaseSettings):
     max_deliveries: int = 8
     model_cache_size: int = 4
     encode_threads: int | None = None
+    # A lost worker's unacknowledged message is handed out again after this many seconds
+    # (Redis transport). Keep it above the longest task (training) or a slow task runs twice.
+    visibility_timeout_s: int = 3600
+    # Fault-injection hook for tests only: while this file exists, `index_image` first sleeps
+    # as many seconds as it holds (makes "kill the worker mid-task" deterministic).
+    test_index_delay_file: str | None = None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
 from pecbir_contracts.events import EventBus, bus_from_url
@@ -28,7 +28,7 @@ from pecbir_search.settings import SearchSettings
 
 class VectorQuery(BaseModel):
     vector: list[float]
-    k: int = 10
+    k: int = Field(default=10, ge=1, le=MAX_K)
 
 
 def create_app(

@@ -1,7 +1,9 @@
 """`pecbir encrypt` / `pecbir decrypt`: PNG, NPY and DICOM in; cipher PNG + JSON sidecar out.
 
-The sidecar (`<id>.json`) holds the public `CipherMetadata` only; DICOM headers are never
-copied into the output.  Decryption verifies the key check value before touching pixels.
+The sidecar (`<id>.json`) holds the public `CipherMetadata` only, tagged with the owner's
+HMAC over the cipher pixels and every metadata field; DICOM headers are never copied into the
+output.  Decryption checks every input's tag (and the key check value) before it decrypts or
+writes anything: one altered cipher image or sidecar and nothing is written.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_encrypt(args: argparse.Namespace) -> int:
-    from pecore.envelope import seal
+    from pecore.envelope import seal, tag
     from pecore.io import read_image, write_image
     from pecore.keys import MasterKey
 
@@ -55,6 +57,7 @@ def run_encrypt(args: argparse.Namespace) -> int:
     for source in args.inputs:
         image_id = args.image_id or uuid.uuid4().hex
         cipher, metadata = seal(read_image(source), master, image_id, args.scheme, args.key_mode)
+        metadata = tag(cipher, metadata, master)
         write_image(args.out / f"{image_id}.png", cipher)
         (args.out / f"{image_id}{SIDECAR_SUFFIX}").write_text(metadata.model_dump_json(indent=2))
         print(f"{source} -> {args.out / image_id}.png")
@@ -64,18 +67,26 @@ def run_encrypt(args: argparse.Namespace) -> int:
 def run_decrypt(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pecore.envelope import CipherMetadata, unseal
+    from pecore.envelope import CipherMetadata, unseal, verify_tag
     from pecore.io import read_image, write_image
     from pecore.keys import MasterKey
 
     master = MasterKey.load(args.key)
-    args.out.mkdir(parents=True, exist_ok=True)
+    verified = []
     for source in args.inputs:
         sidecar = source.with_suffix(SIDECAR_SUFFIX)
         if not sidecar.exists():
             raise FileNotFoundError(f"{sidecar}: metadata sidecar of {source} is missing")
-        metadata = CipherMetadata.model_validate_json(sidecar.read_text())
-        plain = unseal(read_image(source), metadata, master)
+        try:
+            metadata = CipherMetadata.model_validate_json(sidecar.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{sidecar}: not a cipher metadata sidecar ({exc})") from None
+        cipher = read_image(source)
+        verify_tag(cipher, metadata, master)
+        verified.append((source, cipher, metadata))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for source, cipher, metadata in verified:
+        plain = unseal(cipher, metadata, master)
         target = args.out / f"{metadata.image_id}.png"
         write_image(target, plain)
         if args.restore:

@@ -1,0 +1,443 @@
+"""Integrity before decryption, key hygiene, audited key release and master-key rotation.
+
+Embedded system (filesystem store): single bits of stored cipher PNGs, masks and metadata are
+flipped behind the gateway's back and every path that decrypts (encryptor API, its key release,
+`pecbir-encryptor fetch`, `pecbir decrypt` of sidecars) must refuse and return nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import stat
+import struct
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pecbir.embedded import EmbeddedSystem
+from pecbir_contracts.auth import mint_token
+from pecbir_contracts.layout import CollectionLayout
+from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
+from pecore.cipher import to_uint8
+from pecore.envelope import image_key_for
+from pecore.keys import MasterKey
+from tests.services.helpers import labelled_set
+
+SMALL_MODEL = {
+    "n_components": 4,
+    "n_regions": 2,
+    "patch_size": 5,
+    "radius": 2,
+    "n_train_patches": 2000,
+    "dim": 2,
+}
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _upload(client, image, mask, label=None, collection="brain") -> dict:
+    data = {"label": str(label)} if label is not None else {}
+    answer = client.post(
+        f"/v1/collections/{collection}/images",
+        files={"image": ("x.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
+        data=data,
+    )
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A full embedded run (upload, train, index, search, decrypt, key release), logs captured."""
+    root = tmp_path_factory.mktemp("integrity")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    logger = logging.getLogger()
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    master = MasterKey.from_seed(11)
+    try:
+        with EmbeddedSystem(root, master=master) as system:
+            images, masks, labels = labelled_set(12, seed=4)
+            uploads = [
+                _upload(system.encryptor, image, mask, label)
+                for image, mask, label in zip(images, masks, labels, strict=True)
+            ]
+            trained = system.gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)
+            assert trained.status_code == 202, trained.text
+            system.wait_searchable("brain", len(images))
+            found = system.encryptor.post(
+                "/v1/collections/brain/search",
+                files={"image": ("q.npy", _npy(images[0])), "mask": ("m.npy", _npy(masks[0]))},
+                data={"k": "3"},
+            )
+            assert found.status_code == 200, found.text
+            for hit in found.json()["hits"]:
+                assert system.encryptor.get(hit["plain_url"]).status_code == 200
+            released = system.encryptor.post(
+                "/v1/keys/release",
+                json={"collection": "brain", "image_id": uploads[0]["upload"]["image_id"]},
+            )
+            assert released.status_code == 200, released.text
+            yield {
+                "system": system,
+                "images": images,
+                "masks": masks,
+                "uploads": uploads,
+                "records": records,
+            }
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+# -- single-bit tampering -------------------------------------------------------------------------
+def _flip_file_byte(data: bytes) -> bytes:
+    """Flip one bit of a byte inside the PNG's IDAT payload that changes what it decodes to.
+
+    (Some deflate bits do not matter to the decoded pixels; flipping those tampers nothing.)
+    """
+    from pecbir_contracts.png import InvalidImage
+
+    original = np.asarray(Image.open(io.BytesIO(data)))
+    start = data.index(b"IDAT") + 4 + 2  # past the chunk type and the zlib header
+    for at in range(start, start + 64):
+        flipped = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+        try:
+            decoded = np.asarray(Image.open(io.BytesIO(flipped)))
+        except (OSError, ValueError, InvalidImage):
+            return flipped  # undecodable: tampering that must be refused too
+        if not np.array_equal(decoded, original):
+            return flipped
+    raise AssertionError("no IDAT bit flip changed the image")
+
+
+def _flip_cipher_pixel(data: bytes) -> bytes:
+    array = decode_image_png(data).copy()
+    array[20, 20] ^= 0x01
+    return encode_png(array)
+
+
+def _flip_mask_pixel(data: bytes) -> bytes:
+    array = decode_mask_png(data).copy()
+    array[0, 0] = ~array[0, 0]
+    return encode_png(array)
+
+
+def _meta_field(path: tuple[str, ...]):
+    """Flip the lowest bit of the first character/digit of one metadata field."""
+
+    def change(data: bytes) -> bytes:
+        meta = json.loads(data)
+        holder = meta
+        for name in path[:-1]:
+            holder = holder[name]
+        value = holder[path[-1]]
+        if isinstance(value, bool) or value is None:
+            raise AssertionError(path)
+        if isinstance(value, int):
+            holder[path[-1]] = value ^ 1
+        elif isinstance(value, float):
+            (bits,) = struct.unpack("<Q", struct.pack("<d", value))
+            holder[path[-1]] = struct.unpack("<d", struct.pack("<Q", bits ^ 1))[0]
+        else:
+            holder[path[-1]] = chr(ord(value[0]) ^ 1) + value[1:]
+        return json.dumps(meta).encode()
+
+    return change
+
+
+TAMPERING = {
+    "cipher PNG byte": ("cipher", _flip_file_byte),
+    "cipher pixel bit": ("cipher", _flip_cipher_pixel),
+    "mask PNG byte": ("mask", _flip_file_byte),
+    "mask pixel": ("mask", _flip_mask_pixel),
+    "metadata label": ("meta", _meta_field(("label",))),
+    "metadata opaque id": ("meta", _meta_field(("opaque_id",))),
+    "metadata rescale min": ("meta", _meta_field(("rescale", "max"))),
+    "metadata key check": ("meta", _meta_field(("key", "check"))),
+    "metadata key counter": ("meta", _meta_field(("key", "counter"))),
+    "metadata tag": ("meta", _meta_field(("integrity", "tag"))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+def test_a_flipped_bit_is_refused_by_every_decrypting_path(run, case, tmp_path, monkeypatch):
+    from pecbir_encryptor import cli as encryptor_cli
+    from pecbir_encryptor.integrity import IntegrityError
+
+    system = run["system"]
+    upload = run["uploads"][1]
+    image_id = upload["upload"]["image_id"]
+    layout = CollectionLayout(system.tenant, "brain")
+    kind, change = TAMPERING[case]
+    key = {"cipher": layout.cipher, "mask": layout.mask, "meta": layout.meta}[kind](image_id)
+    original = system.store.get(key)
+    tampered = change(original)
+    assert tampered != original
+    audit = system.root / "encryptor-audit.jsonl"
+    audit_lines = len(audit.read_text().splitlines())
+    system.store.put(key, tampered)
+    try:
+        # 1. encryptor API: decrypt
+        answer = system.encryptor.get(f"/v1/collections/brain/images/{image_id}/plain")
+        assert answer.status_code == 502, answer.text
+        assert answer.headers["content-type"].startswith("application/json")
+        detail = answer.json()["detail"]
+        assert "integrity" in detail or "unreadable" in detail, detail
+        # 2. encryptor API: key release refuses too (no key for an altered record)
+        released = system.encryptor.post(
+            "/v1/keys/release", json={"collection": "brain", "image_id": image_id}
+        )
+        assert released.status_code == 422, released.text
+        assert "sslm" not in released.text
+        # 3. the library call both use
+        with pytest.raises(IntegrityError):
+            system.encryptor_app.state.encryptor.fetch_plain("brain", image_id)
+        # 4. `pecbir-encryptor fetch`
+        monkeypatch.setattr(
+            encryptor_cli, "_encryptor", lambda: system.encryptor_app.state.encryptor
+        )
+        out = tmp_path / "plain.npy"
+        code = encryptor_cli.main(["fetch", image_id, "--collection", "brain", "--out", str(out)])
+        assert code == 2 and not out.exists()
+        outcomes = [json.loads(line) for line in audit.read_text().splitlines()[audit_lines:]]
+        assert [r["outcome"] for r in outcomes if r.get("action") == "decrypt"] == ["refused"] * 2
+        assert [r["outcome"] for r in outcomes if r.get("action") == "key-release"] == ["refused"]
+    finally:
+        system.store.put(key, original)
+    expected, _ = to_uint8(run["images"][1])
+    answer = system.encryptor.get(
+        f"/v1/collections/brain/images/{image_id}/plain", params={"format": "npy"}
+    )
+    assert answer.status_code == 200
+    np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), expected)
+
+
+SIDECAR_TAMPERING = {
+    "cipher pixel bit": lambda c, m: (_flip_cipher_pixel(c), m),
+    "cipher PNG byte": lambda c, m: (_flip_file_byte(c), m),
+    "rescale field": lambda c, m: (c, _meta_field(("rescale", "max"))(m)),
+    "image id": lambda c, m: (c, _meta_field(("image_id",))(m)),
+    "tag removed": lambda c, m: (c, json.dumps({**json.loads(m), "integrity_tag": None}).encode()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIDECAR_TAMPERING))
+def test_pecbir_decrypt_refuses_tampered_sidecar_pairs_and_writes_nothing(tmp_path, case, capsys):
+    from pecbir.cli import main
+
+    key = tmp_path / "owner.key"
+    assert main(["keygen", "--out", str(key)]) == 0
+    sources = []
+    for i in range(2):
+        path = tmp_path / f"s{i}.npy"
+        np.save(path, labelled_set(2, seed=i)[0][i])
+        sources.append(path)
+    assert (
+        main(["encrypt", *map(str, sources), "--key", str(key), "--out", str(tmp_path / "c")]) == 0
+    )
+    ciphers = sorted((tmp_path / "c").glob("*.png"))
+    victim = ciphers[0]
+    sidecar = victim.with_suffix(".json")
+    cipher_bytes, meta_bytes = SIDECAR_TAMPERING[case](victim.read_bytes(), sidecar.read_bytes())
+    victim.write_bytes(cipher_bytes)
+    sidecar.write_bytes(meta_bytes)
+    capsys.readouterr()
+    code = main(["decrypt", *map(str, ciphers), "--key", str(key), "--out", str(tmp_path / "p")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "integrity" in err or "not a readable PNG" in err or "sidecar" in err, err
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+# -- key material ---------------------------------------------------------------------------------
+def _key_strings(master: MasterKey, opaque_ids: list[str], n_pixels: int) -> dict[str, bytes]:
+    secret = master.secret.get_secret_value()
+    found = {
+        "secret hex": secret.hex().encode(),
+        "secret b64": base64.b64encode(secret),
+        "secret b64url": base64.urlsafe_b64encode(secret).rstrip(b"="),
+        "secret raw": secret,
+    }
+    for opaque_id in opaque_ids:
+        sslm = image_key_for(master, opaque_id, "per-image", n_pixels).sslm
+        for name, value in [("x0", sslm.x0), *((f"r{i}", r) for i, r in enumerate(sslm.r))]:
+            found[f"{opaque_id} {name} repr"] = repr(value).encode()
+            found[f"{opaque_id} {name} 12 digits"] = f"{value:.12f}".encode()
+            found[f"{opaque_id} {name} float64"] = struct.pack("<d", value)
+    return found
+
+
+def test_key_material_is_never_logged_nor_stored_in_the_cloud(run, capfd):
+    system = run["system"]
+    opaque_ids = [u["opaque_id"] for u in run["uploads"]]
+    n_pixels = int(np.prod(run["images"][0].shape))
+    needles = _key_strings(system.master, opaque_ids, n_pixels)
+    # The per-image parameters are really what this looks for: they are in the released key.
+    assert needles[f"{opaque_ids[0]} x0 repr"]
+    logs = (
+        "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in run["records"]).encode()
+        + "".join(capfd.readouterr()).encode()
+    )
+    assert len(run["records"]) > 10, "the run logged nothing: this test would prove nothing"
+    audit = (system.root / "encryptor-audit.jsonl").read_bytes()
+    cloud_keys = system.store.list("")
+    assert any(k.endswith("cipher.png") for k in cloud_keys)
+    assert any("/models/" in k for k in cloud_keys) and any("/features/" in k for k in cloud_keys)
+    cloud = b"".join(system.store.get(k) for k in cloud_keys)
+    for name, needle in needles.items():
+        assert needle not in logs, f"{name} appears in the logs"
+        assert needle not in audit, f"{name} appears in the audit log"
+        assert needle not in cloud, f"{name} is stored in the cloud"
+    assert stat.S_IMODE(os.stat(system.root / "encryptor-audit.jsonl").st_mode) == 0o600
+
+
+def test_master_key_files_are_0600_and_wider_ones_are_refused(tmp_path):
+    from pecbir_encryptor.keyring import Keyring, rotate
+
+    active = MasterKey.generate().save(tmp_path / "master.key")
+    assert stat.S_IMODE(os.stat(active).st_mode) == 0o600
+    old_id, new_id = rotate(active, tmp_path / "retired")
+    assert old_id != new_id
+    for path in (active, tmp_path / "retired" / f"{old_id}.key"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    ring = Keyring.load(active, tmp_path / "retired")
+    assert ring.active.key_id == new_id and ring.key_ids == sorted([old_id, new_id])
+    os.chmod(active, 0o640)
+    with pytest.raises(PermissionError, match="0600"):
+        Keyring.load(active, tmp_path / "retired")
+
+
+# -- key release ----------------------------------------------------------------------------------
+def test_key_release_refuses_forged_expired_and_unscoped_tokens_and_audits_them(run):
+    system = run["system"]
+    image_id = run["uploads"][2]["upload"]["image_id"]
+    body = {"collection": "brain", "image_id": image_id}
+    user = dict(sub="mallory", tenant=system.tenant)
+    tokens = {
+        "forged": (mint_token(b"x" * 32, scopes=("key-release",), **user), 401),
+        "expired": (
+            mint_token(
+                system.user_secret.hex().encode(), scopes=("key-release",), ttl_s=-60, **user
+            ),
+            401,
+        ),
+        "cloud token": (system.cloud_token(), 401),
+        "alg none": (
+            base64.urlsafe_b64encode(b'{"alg":"none"}').decode().rstrip("=")
+            + "."
+            + system.user_token().split(".")[1]
+            + ".",
+            401,
+        ),
+        "wrong scope": (system.user_token(scopes=("decrypt", "search")), 403),
+        "other tenant": (
+            mint_token(
+                system.user_secret.hex().encode(),
+                sub="eve",
+                tenant="hospital-b",
+                scopes=("key-release",),
+            ),
+            403,
+        ),
+    }
+    audit = system.root / "encryptor-audit.jsonl"
+    for name, (token, status) in tokens.items():
+        before = len(audit.read_text().splitlines())
+        answer = system.encryptor.post(
+            "/v1/keys/release", json=body, headers={"authorization": f"Bearer {token}"}
+        )
+        assert answer.status_code == status, (name, answer.text)
+        assert "sslm" not in answer.text
+        new = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
+        assert len(new) == 1 and new[0]["outcome"] in ("unauthenticated", "denied"), (name, new)
+    before = len(audit.read_text().splitlines())
+    missing = system.encryptor.post(
+        "/v1/keys/release", json={"collection": "brain", "image_id": "0" * 32}
+    )
+    assert missing.status_code == 404
+    new = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
+    assert [r["outcome"] for r in new] == ["refused"]
+
+
+# -- rotation -------------------------------------------------------------------------------------
+def test_rotation_keeps_old_images_decryptable_and_re_encrypts_nothing(run):
+    from pecbir_encryptor.app import create_app
+    from pecbir_encryptor.keyring import Keyring
+    from pecbir_encryptor.settings import EncryptorSettings
+
+    system = run["system"]
+    old = system.master
+    new = MasterKey.from_seed(12)
+    old_upload = run["uploads"][3]
+    old_id = old_upload["upload"]["image_id"]
+    layout = CollectionLayout(system.tenant, "brain")
+    cloud_before = {k: system.store.get(k) for k in system.store.list(layout.images_prefix)}
+
+    def encryptor_with(keyring: Keyring) -> TestClient:
+        app = create_app(
+            EncryptorSettings(
+                tenant=system.tenant,
+                master_key=system.root / "unused.key",
+                gateway_token=system.cloud_token(),
+                user_token_secret=system.user_secret.hex(),
+                audit_log=system.root / "encryptor-audit.jsonl",
+            ),
+            master=keyring,
+            gateway_client=TestClient(system.gateway_app),
+        )
+        client = TestClient(app)
+        client.headers["authorization"] = f"Bearer {system.user_token()}"
+        return client
+
+    rotated = encryptor_with(Keyring(new, [old]))
+    assert rotated.get("/healthz").json()["key_id"] == new.key_id
+    image, mask = labelled_set(13, seed=4)[0][12], labelled_set(13, seed=4)[1][12]
+    fresh = _upload(rotated, image, mask, label=1)
+    fresh_meta = system.gateway.get(f"/v1/collections/brain/images/{fresh['upload']['image_id']}")
+    assert fresh_meta.json()["key"]["key_id"] == new.key_id
+    assert fresh_meta.json()["integrity"]["key_id"] == new.key_id
+    old_meta = system.gateway.get(f"/v1/collections/brain/images/{old_id}").json()
+    assert old_meta["key"]["key_id"] == old.key_id
+
+    for client_image_id, plain in [
+        (old_id, run["images"][3]),
+        (fresh["upload"]["image_id"], image),
+    ]:
+        answer = rotated.get(
+            f"/v1/collections/brain/images/{client_image_id}/plain", params={"format": "npy"}
+        )
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_array_equal(np.load(io.BytesIO(answer.content)), to_uint8(plain)[0])
+    # Nothing uploaded before the rotation was touched.
+    for key, data in cloud_before.items():
+        assert system.store.get(key) == data, key
+    # Without the retired key the old images are refused (clearly), the new ones still open.
+    forgetful = encryptor_with(Keyring(new))
+    refused = forgetful.get(f"/v1/collections/brain/images/{old_id}/plain")
+    assert refused.status_code == 502 and "keyring" in refused.json()["detail"]
+    assert (
+        forgetful.get(f"/v1/collections/brain/images/{fresh['upload']['image_id']}/plain")
+    ).status_code == 200
+    # The old encryptor (old key only) cannot open images made under the new key.
+    stale = system.encryptor.get(
+        f"/v1/collections/brain/images/{fresh['upload']['image_id']}/plain"
+    )
+    assert stale.status_code == 502
