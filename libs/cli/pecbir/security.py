@@ -30,12 +30,12 @@ from pecore.cipher_variants import (
     tile_permutation,
     unscramble,
 )
+from pecore.datasets import decode_webp, default_data_path
 from pecore.keys import MasterKey, SSLMKey, derive_image_key, key_stream
 
 KEY_MODES = ("same", "different")
 MODE_LABEL = {"same": "same key (k_i = k_j)", "different": "different keys (k_i ≠ k_j)"}
 SCHEME_LABEL = {"ours": "Ours", "25": "[25]", "26": "[26]", "27": "[27]"}
-DATA_FILE_NAME = "brain_tumor_cheng2017.h5"
 
 
 def scheme_label(scheme: str) -> str:
@@ -60,16 +60,6 @@ class ReportConfig:
 
 
 # --------------------------------------------------------------------------- data
-def default_data_path() -> Path:
-    """$PECBIR_DATA (file or directory), else <repo>/../shared/data/<file>."""
-    env = os.environ.get("PECBIR_DATA")
-    if env:
-        path = Path(env)
-        return path / DATA_FILE_NAME if path.is_dir() else path
-    repo_root = Path(__file__).resolve().parents[3]
-    return repo_root.parent / "shared" / "data" / DATA_FILE_NAME
-
-
 @dataclass
 class ImageSet:
     """Dataset rows used by the report (all natively 512×512)."""
@@ -83,12 +73,8 @@ class ImageSet:
 
 
 def load_image_set(config: ReportConfig) -> ImageSet:
-    """Pick rows with a seeded generator and decode only those (h5 read directly).
-
-    TODO(lead): switch to pecore.datasets.load_figshare once it is on main.
-    """
+    """Pick natively 512×512 rows with a seeded generator and decode only those."""
     import h5py
-    from PIL import Image
 
     path = config.data_path or default_data_path()
     if not Path(path).is_file():
@@ -103,12 +89,9 @@ def load_image_set(config: ReportConfig) -> ImageSet:
             raise ValueError(f"asked for {n_total} images, the dataset has {rows.size}")
         chosen = rng.choice(rows, size=n_total, replace=False)
         blobs = handle["images_webp"]
-
-        def decode(row: int) -> np.ndarray:
-            blob = blobs[int(row)]
-            return np.array(Image.open(io.BytesIO(blob.tobytes())).convert("L"))
-
-        images = np.stack([decode(r) for r in tqdm(chosen, desc="decode images", leave=False)])
+        images = np.stack(
+            [decode_webp(blobs[int(r)]) for r in tqdm(chosen, desc="decode images", leave=False)]
+        )
     n_main = max(config.n_images, config.n_mask_images)
     ids = [f"figshare-{int(index[r])}" for r in chosen]
     return ImageSet(

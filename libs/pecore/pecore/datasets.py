@@ -78,7 +78,8 @@ def default_data_path() -> Path:
     return repo_root.parent / "shared" / "data" / DATA_FILE_NAME
 
 
-def _decode_webp(blob: np.ndarray) -> np.ndarray:
+def decode_webp(blob: np.ndarray) -> np.ndarray:
+    """One lossless WebP row of `images_webp` as a uint8 grey image."""
     from PIL import Image
 
     with Image.open(io.BytesIO(blob.tobytes())) as im:
@@ -125,7 +126,7 @@ def load_figshare(
         if images is None:
             blobs = f["images_webp"][rows]
             with ThreadPoolExecutor(max(1, n_threads)) as pool:
-                images = np.stack(list(pool.map(_decode_webp, blobs)))
+                images = np.stack(list(pool.map(decode_webp, blobs)))
             if cache_file is not None:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache_file.with_suffix(".tmp.npy")
