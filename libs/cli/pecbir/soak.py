@@ -173,12 +173,17 @@ class RssSampler:
 def load_images(cfg: SoakConfig, n: int):
     """(images, masks, labels, source): dataset slices if `cfg.data`, else synthetic ones."""
     if cfg.data is not None:
-        from pecore.datasets import load_figshare
+        from pecore.datasets import DATA_FILE_NAME, load_figshare
 
-        data = load_figshare(cfg.data, limit=n)
-        if len(data) < n:
-            raise ValueError(f"{cfg.data} holds {len(data)} images, the soak needs {n}")
-        return data.images, data.masks, data.labels, f"figshare ({cfg.data})"
+        path = Path(cfg.data)
+        path = path / DATA_FILE_NAME if path.is_dir() else path
+        data = load_figshare(path, cache_dir=Path("cache"))
+        # A random subset: the file is ordered by class, the seed batch needs all of them.
+        rows = np.random.default_rng(cfg.seed).permutation(len(data))[:n]
+        if len(rows) < n:
+            raise ValueError(f"{path} holds {len(data)} images, the soak needs {n}")
+        labels = np.asarray(data.labels)[rows]
+        return [data.images[r] for r in rows], [data.masks[r] for r in rows], labels, "figshare"
     from pecore.datasets import make_synthetic
 
     data = make_synthetic(n_images=n, size=cfg.image_size, seed=cfg.seed)
@@ -513,8 +518,14 @@ def _latency_table(records: list[Record], by: str) -> dict[str, dict[str, dict[s
     }
 
 
-def memory_report(samples: list[dict], cfg: SoakConfig) -> dict[str, dict[str, object]]:
-    """Per process: start/end/peak RSS and the Q2 → Q4 median growth of the mixed phase."""
+def memory_report(
+    samples: list[dict], cfg: SoakConfig, request_times: list[float] | None = None
+) -> dict[str, dict[str, object]]:
+    """Per process: start/end/peak RSS and the Q2 → Q4 median growth of the mixed phase.
+
+    With `request_times` also the growth per 1000 requests sent between the middles of Q2
+    and Q4 (a leak per request shows there however short the run).
+    """
     mixed = [s for s in samples if str(s["phase"]).startswith("mixed")]
     roles = sorted({role for s in samples for role in s["rss"]})
     report: dict[str, dict[str, object]] = {}
@@ -525,6 +536,9 @@ def memory_report(samples: list[dict], cfg: SoakConfig) -> dict[str, dict[str, o
 
     def quarter(s: dict) -> int:
         return min(3, int(4 * (s["t"] - t_start) / span))
+
+    mid_q2, mid_q4 = t_start + 0.375 * span, t_start + 0.875 * span
+    between = sum(mid_q2 <= t <= mid_q4 for t in request_times or [])
 
     for role in roles:
         series = [(s["t"], s["rss"][role]) for s in samples if role in s["rss"]]
@@ -549,6 +563,8 @@ def memory_report(samples: list[dict], cfg: SoakConfig) -> dict[str, dict[str, o
                 allowed_mib=allowed,
                 flat=q4_mib - q2_mib <= allowed,
             )
+            if between:
+                entry["growth_kib_per_1k_requests"] = (q4_mib - q2_mib) * 1024 * 1000 / between
         else:
             entry["flat"] = None  # too few samples in the mixed phase to judge
         report[role] = entry
@@ -629,7 +645,7 @@ def run_soak(cluster, cfg: SoakConfig, pool: list[Sealed] | None = None) -> dict
         replays_answered=len(state.replay_ids),
         latency_by_phase=_latency_table(records, "phase"),
         latency_by_concurrency=_latency_table(records, "concurrency"),
-        memory=memory_report(sampler.samples, cfg),
+        memory=memory_report(sampler.samples, cfg, [r.t for r in records]),
         rss_samples=sampler.samples,
         n_database=state.n_database[:: max(1, len(state.n_database) // 500)],
         load=_load_summary(sampler.samples),

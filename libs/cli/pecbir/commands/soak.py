@@ -135,19 +135,24 @@ def _table(results: dict) -> str:
     lines += [
         "",
         "| process | start MiB | end MiB | peak MiB | mixed Q2 median | mixed Q4 median "
-        "| growth | allowed | flat |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| growth | allowed | per 1000 requests | flat |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for role, m in results["memory"].items():
         judged = "pass" if m["flat"] else ("FAIL" if m["flat"] is False else "n/a")
         if not m["checked"]:
-            judged = f"not checked ({judged}: holds the data)"
+            per_upload = (
+                (m["end_mib"] - m["start_mib"]) * 1024 / results["verify"]["acknowledged_ids"]
+            )
+            judged = f"not checked, holds the data ({per_upload:+.1f} KiB per stored upload)"
         q = (
             f"{m['q2_median_mib']:.1f} | {m['q4_median_mib']:.1f} | {m['growth_mib']:+.1f} MiB "
             f"({m['growth_pct']:+.1f} %) | {m['allowed_mib']:.1f} MiB"
             if "q2_median_mib" in m
             else "– | – | – | –"
         )
+        per_1k = m.get("growth_kib_per_1k_requests")
+        q += f" | {per_1k:+.0f} KiB" if per_1k is not None else " | –"
         lines.append(
             f"| {role} | {m['start_mib']:.1f} | {m['end_mib']:.1f} | {m['peak_mib']:.1f} | {q} "
             f"| {judged} |"
@@ -178,7 +183,7 @@ def _plot(results: dict, path: Path) -> None:
     ax_rss.set_xlabel("time since start (s)")
     ax_rss.set_ylabel("RSS (MiB, process + children)")
     ax_rss.legend(fontsize=8)
-    ax_rss.set_title("resident memory per service process", pad=14)
+    ax_rss.set_title("resident memory per service process", pad=24)
 
     phases = list(results["latency_by_phase"])
     kinds = ["upload", "search", "replay", "conflict"]
