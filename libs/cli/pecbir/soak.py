@@ -211,7 +211,9 @@ def seal_pool(cfg: SoakConfig, n: int) -> tuple[list[Sealed], str, float]:
 
 
 def schedule(cfg: SoakConfig, first: int, run: str) -> list[list[Op]]:
-    """Rounds of operations: uploads of pool items first.., searches, replays, conflicts.
+    """Rounds of operations: `cfg.uploads` uploads (pool items `first`, `first + 1`, …, each
+    under its own idempotency key) shuffled with `cfg.searches` searches, plus replays and
+    conflicts.
 
     A replay follows its upload within a few rounds, sometimes in the same round (then the
     two race in the gateway); a conflict comes in a later round than its upload.
