@@ -45,10 +45,18 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0, proc=N
     raise TimeoutError(f"{what} not ready after {timeout} s")
 
 
+Started = Callable[[subprocess.Popen], None] | None
+
+
 @contextlib.contextmanager
 def process(
-    args: list[str], what: str, env: dict[str, str] | None = None, log: Path | None = None
+    args: list[str],
+    what: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    on_start: Started = None,
 ) -> Iterator[subprocess.Popen]:
+    """`on_start(proc)` is called once the process exists (to watch it: pid, memory)."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         args,
@@ -57,6 +65,8 @@ def process(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    if on_start is not None:
+        on_start(proc)
     try:
         yield proc
     finally:
@@ -222,11 +232,11 @@ class TcpProxy:
 
 
 @contextlib.contextmanager
-def moto_s3(log: Path | None = None) -> Iterator[str]:
+def moto_s3(log: Path | None = None, on_start: Started = None) -> Iterator[str]:
     """moto's standalone S3 server over HTTP (tests the S3 wire path, not S3 security)."""
     port = free_port()
     args = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with process(args, "moto_server", log=log) as proc:
+    with process(args, "moto_server", log=log, on_start=on_start) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(url + "/moto-api/").status_code < 500, "moto_server", proc=proc)
         yield url
@@ -239,11 +249,12 @@ def uvicorn_app(
     log: Path | None = None,
     timeout: float = 60.0,
     port: int | None = None,
+    on_start: Started = None,
 ) -> Iterator[str]:
     port = port or free_port()
     args = [str(BIN / "uvicorn"), "--factory", factory, "--host", "127.0.0.1", "--port", str(port)]
     args += ["--log-level", "warning"]
-    with process(args, factory, env=env, log=log) as proc:
+    with process(args, factory, env=env, log=log, on_start=on_start) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, factory, timeout, proc)
         yield url
@@ -291,6 +302,11 @@ class Cluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         self._stack = contextlib.ExitStack()
         self._search_cm: contextlib.AbstractContextManager | None = None
+        # The processes this cluster started, by role (restarts replace the entry).
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _track(self, role: str) -> Callable[[subprocess.Popen], None]:
+        return lambda proc: self.processes.__setitem__(role, proc)
 
     def token(self, scopes=("upload", "search", "read", "train"), tenant: str | None = None) -> str:
         from pecbir_contracts.auth import mint_token
@@ -318,7 +334,7 @@ class Cluster:
             self.redis_url = self.redis.url
         else:
             self.redis_url = stack.enter_context(redis_server(self.tmp))
-        self.s3_url = stack.enter_context(moto_s3(self.logs / "moto.log"))
+        self.s3_url = stack.enter_context(moto_s3(self.logs / "moto.log", self._track("moto")))
         self.moto_url = self.s3_url
         if self.use_store_proxy:
             moto_port = int(self.s3_url.rsplit(":", 1)[1])
@@ -343,7 +359,12 @@ class Cluster:
         self.start_search()
         self.env["PECBIR_SEARCH_URL"] = self.search_url
         self.gateway_url = stack.enter_context(
-            uvicorn_app("pecbir_gateway.app:create_app", self.env, self.logs / "gateway.log")
+            uvicorn_app(
+                "pecbir_gateway.app:create_app",
+                self.env,
+                self.logs / "gateway.log",
+                on_start=self._track("gateway"),
+            )
         )
         if self.with_encryptor:
             from pecore.keys import MasterKey
@@ -361,14 +382,25 @@ class Cluster:
             }
             self.encryptor_url = stack.enter_context(
                 uvicorn_app(
-                    "pecbir_encryptor.app:create_app", encryptor_env, self.logs / "encryptor.log"
+                    "pecbir_encryptor.app:create_app",
+                    encryptor_env,
+                    self.logs / "encryptor.log",
+                    on_start=self._track("encryptor"),
                 )
             )
         return self
 
+    def service_pids(self) -> dict[str, int]:
+        """Pid of every live process this cluster started, by role (own Redis included)."""
+        procs = dict(self.processes)
+        if self.redis is not None and self.redis.proc is not None:
+            procs["redis"] = self.redis.proc
+        return {role: proc.pid for role, proc in procs.items() if proc.poll() is None}
+
     def start_worker(self) -> subprocess.Popen:
         self._worker_cm = celery_worker(self.env, self.logs / "worker.log")
         self.worker = self._worker_cm.__enter__()
+        self.processes["worker"] = self.worker
         return self.worker
 
     def kill_worker(self) -> None:
@@ -392,6 +424,7 @@ class Cluster:
             self.env,
             self.logs / "search.log",
             port=self._search_port,
+            on_start=self._track("search"),
         )
         self.search_url = self._search_cm.__enter__()
         self.env["PECBIR_SEARCH_URL"] = self.search_url

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pecbir.workload import percentile
+
 TARGETS = {"query_p50_ms": 200.0, "knn_p99_ms": 2.0, "upload_to_searchable_p50_s": 1.5}
 
 
@@ -46,38 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-def _seal_one(job: tuple[bytes, np.ndarray, np.ndarray, str, int | None]):
-    from pecbir_contracts.png import encode_png
-    from pecore.envelope import seal
-    from pecore.keys import MasterKey
-
-    secret, image, mask, opaque_id, label = job
-    master = MasterKey(secret=secret)
-    started = time.perf_counter()
-    cipher, sealed = seal(image, master, opaque_id)
-    seconds = time.perf_counter() - started
-    meta = {
-        "opaque_id": opaque_id,
-        "role": "template",
-        "label": label,
-        "height": cipher.shape[0],
-        "width": cipher.shape[1],
-        "rescale": sealed.rescale.model_dump(),
-        "key": {
-            "scheme": sealed.scheme,
-            "mode": sealed.key_mode,
-            "key_id": sealed.key_id,
-            "counter": sealed.key_counter,
-            "check": sealed.key_check,
-        },
-    }
-    return encode_png(cipher), encode_png(mask), json.dumps(meta), seconds
-
-
 def _load(args):
     from pecore.datasets import default_data_path, load_figshare, make_synthetic
 
@@ -92,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pecbir.procs import Cluster
+    from pecbir.workload import seal_for_upload
     from pecore.keys import MasterKey
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -107,7 +78,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         sealed = list(
-            tqdm(pool.map(_seal_one, jobs, chunksize=8), total=n, desc="owner: encrypt", unit="img")
+            tqdm(
+                pool.map(seal_for_upload, jobs, chunksize=8),
+                total=n,
+                desc="owner: encrypt",
+                unit="img",
+            )
         )
     seal_seconds = [s[3] for s in sealed]
     n_train = min(args.train, n - args.probes - 1)
@@ -197,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.01)
             latencies.append(time.perf_counter() - started)
         results["upload_to_searchable_s"] = {
-            "p50": _percentile(latencies, 50),
-            "p95": _percentile(latencies, 95),
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
             "n": len(latencies),
         }
         total = model_status()["n_vectors"]
@@ -225,11 +201,11 @@ def run(args: argparse.Namespace) -> int:
         full = [t * 1000 for t, _ in timed]
         knn_server = [timings["knn_ms"] for _, timings in timed]
         featurise = [timings["featurise_ms"] for _, timings in timed]
-        results["query_ms"] = {"p50": _percentile(full, 50), "p99": _percentile(full, 99)}
-        results["query_featurise_ms"] = {"p50": _percentile(featurise, 50)}
+        results["query_ms"] = {"p50": percentile(full, 50), "p99": percentile(full, 99)}
+        results["query_featurise_ms"] = {"p50": percentile(featurise, 50)}
         results["knn_server_ms"] = {
-            "p50": _percentile(knn_server, 50),
-            "p99": _percentile(knn_server, 99),
+            "p50": percentile(knn_server, 50),
+            "p99": percentile(knn_server, 99),
             "n_vectors": total,
         }
         done = 0
@@ -275,7 +251,7 @@ def _knn_in_process(cluster) -> dict[str, float]:
         started = time.perf_counter()
         index.search(vectors[i % len(vectors)], 10)
         times.append((time.perf_counter() - started) * 1000)
-    return {"p50": _percentile(times, 50), "p99": _percentile(times, 99), "n_vectors": len(index)}
+    return {"p50": percentile(times, 50), "p99": percentile(times, 99), "n_vectors": len(index)}
 
 
 def _report(results: dict, out: Path) -> None:
