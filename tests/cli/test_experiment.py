@@ -70,3 +70,18 @@ def test_fold_file_maps_index_to_fold(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="header"):
         read_fold_file(tmp_path / "bad.csv", np.array([1]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--conditions", "non-secure,42"],
+        ["--key-modes", "sometimes"],
+        ["--dict-sizes", "0"],
+    ],
+)
+def test_cli_rejects_bad_selections_before_any_work(argv, capsys):
+    from pecbir.cli import main
+
+    assert main(["experiment", *argv]) == 2
+    assert "error" in capsys.readouterr().err
