@@ -70,3 +70,29 @@ def test_fold_file_maps_index_to_fold(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="header"):
         read_fold_file(tmp_path / "bad.csv", np.array([1]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--conditions", "non-secure,42"],
+        ["--key-modes", "sometimes"],
+        ["--dict-sizes", "0"],
+    ],
+)
+def test_cli_rejects_bad_selections_before_any_work(argv, capsys):
+    from pecbir.cli import main
+
+    assert main(["experiment", *argv]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_same_key_cipher_stack_equals_direct_encryption(tmp_path):
+    from pecore.cipher import encrypt
+    from pecore.keys import SSLMKey, key_stream
+
+    data = make_synthetic(n_images=8, size=40, seed=2)
+    stacks = cipher_images(data.images, data.index, [Condition("27", "same")], 0, tmp_path)
+    stream = key_stream(SSLMKey(), 40 * 40)
+    for image, cipher in zip(data.images, stacks["27/same"], strict=True):
+        np.testing.assert_array_equal(cipher, encrypt(image, stream, "27"))

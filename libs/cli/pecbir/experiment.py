@@ -227,12 +227,15 @@ def cipher_images(
     for mode, group in todo.items():
         paths = {c.name: _cipher_path(cache_dir, c, key_seed, ids) for c in group}
         next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
-        outs = {
-            name: np.lib.format.open_memmap(
-                path.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8, shape=images.shape
+        # Stream the stacks to disk in image order with plain writes: a writable memmap would
+        # keep every written page resident (and counted in this process's peak memory).
+        outs = {}
+        for name, path in paths.items():
+            fh = path.with_suffix(".tmp.npy").open("wb")
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": "|u1", "fortran_order": False, "shape": tuple(images.shape)}
             )
-            for name, path in paths.items()
-        }
+            outs[name] = fh
         master = MasterKey.from_seed(key_seed) if mode == "different" else None
         same_streams: dict[int, np.ndarray] = {}
         batch = 32
@@ -270,11 +273,11 @@ def cipher_images(
                 for i, stream in zip(rows, streams, strict=True):
                     image = np.ascontiguousarray(images[i])
                     for condition in group:
-                        outs[condition.name][i] = encrypt(image, stream, condition.scheme)
+                        cipher = encrypt(image, stream, condition.scheme)
+                        outs[condition.name].write(np.ascontiguousarray(cipher).tobytes())
                 bar.update(len(rows))
-        for name, out in outs.items():
-            out.flush()
-            del out
+        for name, fh in outs.items():
+            fh.close()
             paths[name].with_suffix(".tmp.npy").replace(paths[name])
             stacks[name] = np.load(paths[name], mmap_mode="r")
         outs.clear()

@@ -50,10 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--key-modes", type=_str_list, default=["same", "different"], help="same,different"
     )
     parser.add_argument(
-        "--fold", type=_int_list, default=[1, 2, 3, 4, 5], help="query folds to run"
+        "--query-folds",
+        type=_int_list,
+        default=[1, 2, 3, 4, 5],
+        help="which folds to run as query folds (default 1,2,3,4,5)",
     )
     parser.add_argument(
-        "--folds", dest="fold_file", default=None, help="CSV index,fold (default: reference split)"
+        "--folds",
+        dest="fold_file",
+        default=None,
+        help="CSV with columns index,fold (figshare file number -> fold); default: the "
+        "reference split",
     )
     parser.add_argument(
         "--quick", action="store_true", help="fold 1, D=16, non-secure and ours (both key modes)"
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     conditions = args.conditions
-    sizes, folds, modes = args.dict_sizes, args.fold, args.key_modes
+    sizes, folds, modes = args.dict_sizes, args.query_folds, args.key_modes
     if args.quick:
         conditions, sizes, folds = ["non-secure", "ours"], [16], [1]
     unknown = [c for c in conditions if c != "non-secure" and c not in SCHEMES]
