@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -164,3 +165,20 @@ def multipart_related(
         body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+# A pipeline small enough for 48×48 test images and a few seconds of training.
+SMALL_MODEL = {
+    "n_components": 4,
+    "n_regions": 2,
+    "patch_size": 5,
+    "radius": 2,
+    "n_train_patches": 2000,
+    "dim": 2,
+}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

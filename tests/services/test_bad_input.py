@@ -7,7 +7,6 @@ hand-picked bad inputs (dtypes, shapes, DICOM, bombs, path-like ids, tenants, to
 
 from __future__ import annotations
 
-import io
 import re
 import tempfile
 import time
@@ -39,6 +38,7 @@ from tests.services.helpers import (
     labelled_set,
     make_seg,
     metadata_json,
+    npy_bytes,
     png_claiming,
     upload_files,
 )
@@ -47,12 +47,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 FUZZ = settings(
     max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None
 )
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _cloud(root: Path):
@@ -157,43 +151,48 @@ def _encryptor_cases():
     dataset = make_dataset(image.astype(np.uint16), bits_stored=12)
     dicom = dicom_bytes(dataset)
     seg = dicom_bytes(make_seg(mask, dataset))
-    big = _npy(np.zeros((5000, 5000), np.uint8))
+    big = npy_bytes(np.zeros((5000, 5000), np.uint8))
     return {
-        "complex dtype": (_npy(image.astype(complex)), _npy(mask), 422, "dtype"),
-        "bool image": (_npy(mask), _npy(mask), 422, "dtype"),
+        "complex dtype": (npy_bytes(image.astype(complex)), npy_bytes(mask), 422, "dtype"),
+        "bool image": (npy_bytes(mask), npy_bytes(mask), 422, "dtype"),
         "structured dtype": (
-            _npy(np.zeros(image.shape, dtype=[("a", "u1"), ("b", "u1")])),
-            _npy(mask),
+            npy_bytes(np.zeros(image.shape, dtype=[("a", "u1"), ("b", "u1")])),
+            npy_bytes(mask),
             422,
             "dtype",
         ),
-        "NaN image": (_npy(np.full(image.shape, np.nan)), _npy(mask), 422, "NaN"),
-        "3-D image": (_npy(np.stack([image] * 3)), _npy(mask), 422, "2-D"),
-        "1-D image": (_npy(image.ravel()), _npy(mask), 422, "2-D"),
+        "NaN image": (npy_bytes(np.full(image.shape, np.nan)), npy_bytes(mask), 422, "NaN"),
+        "3-D image": (npy_bytes(np.stack([image] * 3)), npy_bytes(mask), 422, "2-D"),
+        "1-D image": (npy_bytes(image.ravel()), npy_bytes(mask), 422, "2-D"),
         "object npy": (
             b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, "
             b"'shape': (2, 2), }" + b" " * 60 + b"\n",
-            _npy(mask),
+            npy_bytes(mask),
             422,
             "npy",
         ),
-        "truncated npy": (_npy(image)[:100], _npy(mask), 422, "npy"),
-        "npy header claims 25M pixels": (big[:200], _npy(mask), 422, "exceeds"),
-        "truncated DICOM": (dicom[:400], _npy(mask), 422, "DICOM"),
-        "DICOM pixel data cut": (dicom[:-100], _npy(mask), 422, "pixel data"),
-        "corrupt DICOM": (dicom[:300] + bytes(200) + dicom[500:], _npy(mask), 422, "DICOM"),
-        "PNG bomb": (png_claiming(60_000, 60_000), _npy(mask), 422, "exceeds"),
-        "truncated PNG": (encode_png(image.astype(np.uint8))[:50], _npy(mask), 422, "PNG"),
-        "unknown format": (b"GIF89a" + bytes(100), _npy(mask), 422, "not DICOM, PNG or NPY"),
-        "empty image": (b"", _npy(mask), 422, "empty"),
-        "mask size differs": (_npy(image[:40]), _npy(mask), 422, "differs"),
-        "mask empty": (_npy(image), _npy(np.zeros_like(mask)), 422, "empty"),
-        "mask not binary": (_npy(image), _npy(mask.astype(np.uint8) + 1), 422, "binary"),
-        "mask NaN": (_npy(image), _npy(np.where(mask, np.nan, 0.0)), 422, "NaN"),
-        "mask 3-D": (_npy(image), _npy(np.stack([mask] * 2)), 422, "2-D"),
-        "mask DICOM not SEG": (_npy(image), dicom, 422, "Segmentation"),
+        "truncated npy": (npy_bytes(image)[:100], npy_bytes(mask), 422, "npy"),
+        "npy header claims 25M pixels": (big[:200], npy_bytes(mask), 422, "exceeds"),
+        "truncated DICOM": (dicom[:400], npy_bytes(mask), 422, "DICOM"),
+        "DICOM pixel data cut": (dicom[:-100], npy_bytes(mask), 422, "pixel data"),
+        "corrupt DICOM": (dicom[:300] + bytes(200) + dicom[500:], npy_bytes(mask), 422, "DICOM"),
+        "PNG bomb": (png_claiming(60_000, 60_000), npy_bytes(mask), 422, "exceeds"),
+        "truncated PNG": (encode_png(image.astype(np.uint8))[:50], npy_bytes(mask), 422, "PNG"),
+        "unknown format": (b"GIF89a" + bytes(100), npy_bytes(mask), 422, "not DICOM, PNG or NPY"),
+        "empty image": (b"", npy_bytes(mask), 422, "empty"),
+        "mask size differs": (npy_bytes(image[:40]), npy_bytes(mask), 422, "differs"),
+        "mask empty": (npy_bytes(image), npy_bytes(np.zeros_like(mask)), 422, "empty"),
+        "mask not binary": (npy_bytes(image), npy_bytes(mask.astype(np.uint8) + 1), 422, "binary"),
+        "mask NaN": (npy_bytes(image), npy_bytes(np.where(mask, np.nan, 0.0)), 422, "NaN"),
+        "mask 3-D": (npy_bytes(image), npy_bytes(np.stack([mask] * 2)), 422, "2-D"),
+        "mask DICOM not SEG": (npy_bytes(image), dicom, 422, "Segmentation"),
         "SEG truncated": (dicom, seg[:-50], 422, "SEG"),
-        "image over the byte limit": (b"\x93NUMPY" + bytes(70 * 2**20), _npy(mask), 413, "larger"),
+        "image over the byte limit": (
+            b"\x93NUMPY" + bytes(70 * 2**20),
+            npy_bytes(mask),
+            413,
+            "larger",
+        ),
     }
 
 

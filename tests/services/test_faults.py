@@ -15,17 +15,10 @@ import numpy as np
 import pytest
 
 from pecbir_contracts.png import encode_png
-from tests.services.helpers import labelled_set
+from tests.services.helpers import SMALL_MODEL, labelled_set
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-SMALL_MODEL = {
-    "n_components": 4,
-    "n_regions": 2,
-    "patch_size": 5,
-    "radius": 2,
-    "n_train_patches": 2000,
-    "dim": 3,
-}
+MODEL = {**SMALL_MODEL, "dim": 3}
 
 
 def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.2):
@@ -91,9 +84,7 @@ def cluster(tmp_path_factory):
             answer = gateway.post("/v1/collections/brain/images", files=_files(seed))
             assert answer.status_code == 202, answer.text
             running.uploaded.append(answer.json()["image_id"])
-        assert (
-            gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL).status_code == 202
-        )
+        assert gateway.post("/v1/collections/brain/model/train", json=MODEL).status_code == 202
         _poll(lambda: _served(running) >= 12, "12 vectors served", timeout=120)
         yield running
 

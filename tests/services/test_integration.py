@@ -21,23 +21,10 @@ import pytest
 
 from pecore.cipher import to_uint8
 from tests.dicom_factory import make_dataset
-from tests.services.helpers import labelled_set, make_seg
+from tests.services.helpers import SMALL_MODEL, labelled_set, make_seg, npy_bytes
 
 pytestmark = pytest.mark.integration
-SMALL_MODEL = {
-    "n_components": 4,
-    "n_regions": 2,
-    "patch_size": 5,
-    "radius": 2,
-    "n_train_patches": 2000,
-    "dim": 3,
-}
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+MODEL = {**SMALL_MODEL, "dim": 3}
 
 
 def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
@@ -73,11 +60,11 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
     for image, mask, label in zip(images, masks, labels, strict=True):
         answer = encryptor.post(
             "/v1/collections/brain/images",
-            files={"image": ("x.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
+            files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
             data={"label": str(label)},
         )
         assert answer.status_code == 202, answer.text
-    trained = gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)
+    trained = gateway.post("/v1/collections/brain/model/train", json=MODEL)
     assert trained.status_code == 202, trained.text
 
     def served(n: int):
@@ -112,7 +99,7 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
     # A user searches with the same slice (encrypted under a fresh key) and finds it.
     answer = encryptor.post(
         "/v1/collections/brain/search",
-        files={"image": ("q.npy", _npy(pixels)), "mask": ("m.npy", _npy(mask))},
+        files={"image": ("q.npy", npy_bytes(pixels)), "mask": ("m.npy", npy_bytes(mask))},
         data={"k": "13"},
     )
     assert answer.status_code == 200, answer.text

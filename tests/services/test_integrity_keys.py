@@ -27,29 +27,14 @@ from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
 from pecore.cipher import to_uint8
 from pecore.envelope import image_key_for
 from pecore.keys import MasterKey
-from tests.services.helpers import labelled_set
-
-SMALL_MODEL = {
-    "n_components": 4,
-    "n_regions": 2,
-    "patch_size": 5,
-    "radius": 2,
-    "n_train_patches": 2000,
-    "dim": 2,
-}
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+from tests.services.helpers import SMALL_MODEL, labelled_set, npy_bytes
 
 
 def _upload(client, image, mask, label=None, collection="brain") -> dict:
     data = {"label": str(label)} if label is not None else {}
     answer = client.post(
         f"/v1/collections/{collection}/images",
-        files={"image": ("x.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
+        files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
         data=data,
     )
     assert answer.status_code == 202, answer.text
@@ -84,7 +69,10 @@ def run(tmp_path_factory):
             system.wait_searchable("brain", len(images))
             found = system.encryptor.post(
                 "/v1/collections/brain/search",
-                files={"image": ("q.npy", _npy(images[0])), "mask": ("m.npy", _npy(masks[0]))},
+                files={
+                    "image": ("q.npy", npy_bytes(images[0])),
+                    "mask": ("m.npy", npy_bytes(masks[0])),
+                },
                 data={"k": "3"},
             )
             assert found.status_code == 200, found.text

@@ -13,22 +13,14 @@ from pecbir_contracts.layout import CollectionLayout
 from pecore.cipher import to_uint8
 from pecore.keys import MasterKey
 from tests.dicom_factory import make_dataset
-from tests.services.helpers import dicom_bytes, labelled_set, make_seg, multipart_related
-
-SMALL_MODEL = {
-    "n_components": 4,
-    "n_regions": 2,
-    "patch_size": 5,
-    "radius": 2,
-    "n_train_patches": 2000,
-    "dim": 2,
-}
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+from tests.services.helpers import (
+    SMALL_MODEL,
+    dicom_bytes,
+    labelled_set,
+    make_seg,
+    multipart_related,
+    npy_bytes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +37,7 @@ def loaded(system):
     for image, mask, label in zip(images, masks, labels, strict=True):
         answer = system.encryptor.post(
             "/v1/collections/brain/images",
-            files={"image": ("x.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
+            files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
             data={"label": str(label)},
         )
         assert answer.status_code == 202, answer.text
@@ -87,7 +79,7 @@ def test_search_through_the_encryptor_decrypts_bit_exactly(system, loaded):
     images, masks, _, uploads = loaded
     answer = system.encryptor.post(
         "/v1/collections/brain/search",
-        files={"image": ("q.npy", _npy(images[3])), "mask": ("m.npy", _npy(masks[3]))},
+        files={"image": ("q.npy", npy_bytes(images[3])), "mask": ("m.npy", npy_bytes(masks[3]))},
         data={"k": "5"},
     )
     assert answer.status_code == 200, answer.text
@@ -164,12 +156,12 @@ def test_key_release_is_authorised_and_audited(system, loaded):
 
 def test_ingest_refuses_images_without_a_usable_mask(system):
     images, masks, _ = labelled_set(1)
-    files = {"image": ("x.npy", _npy(images[0]))}
+    files = {"image": ("x.npy", npy_bytes(images[0]))}
     missing = system.encryptor.post("/v1/collections/brain/images", files=files)
     assert missing.status_code == 422
     empty = system.encryptor.post(
         "/v1/collections/brain/images",
-        files=files | {"mask": ("m.npy", _npy(np.zeros_like(masks[0])))},
+        files=files | {"mask": ("m.npy", npy_bytes(np.zeros_like(masks[0])))},
     )
     assert empty.status_code == 422 and "empty" in empty.json()["detail"]
 
