@@ -119,6 +119,8 @@ def run_cipher(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "processor": platform.processor() or platform.machine(),
+            # Other jobs on the same cores inflate every figure; read them with this.
+            "load_average_1m_at_end": os.getloadavg()[0],
         },
         "schemes": rows,
         "key_stream_ms": {
@@ -134,6 +136,7 @@ def run_cipher(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\ncipher benchmark: {len(images)} × 512² images from {source}, cached key stream")
+    print(f"load average (1 min) on {os.cpu_count()} CPUs: {os.getloadavg()[0]:.2f}")
     header = ("scheme", "encrypt ms", "decrypt ms", "paper enc", "paper dec")
     print(f"{header[0]:<8}{header[1]:>12}{header[2]:>12}{header[3]:>11}{header[4]:>11}  exact")
     for scheme, row in rows.items():
