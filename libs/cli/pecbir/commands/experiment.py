@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--conditions",
         type=_str_list,
         default=["non-secure", "25", "26", "27", "ours"],
-        help="any of non-secure,25,26,27,ours (default all)",
+        help="any of non-secure,25,26,27,ours and tile-scrambled variants <inner>-bs<b>, "
+        "e.g. ours-bs32,ours-bs64 (default: non-secure and the four standard schemes)",
     )
     parser.add_argument(
         "--key-modes", type=_str_list, default=["same", "different"], help="same,different"
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         SCHEMES,
         ExperimentConfig,
         all_conditions,
+        is_variant_scheme,
         markdown_tables,
         run_experiment,
         write_outputs,
@@ -89,11 +91,15 @@ def run(args: argparse.Namespace) -> int:
     sizes, folds, modes = args.dict_sizes, args.query_folds, args.key_modes
     if args.quick:
         conditions, sizes, folds = ["non-secure", "ours"], [16], [1]
-    unknown = [c for c in conditions if c != "non-secure" and c not in SCHEMES]
+    unknown = [
+        c for c in conditions if c != "non-secure" and c not in SCHEMES and not is_variant_scheme(c)
+    ]
     if unknown:
         raise ValueError(
-            f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)}"
+            f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)} "
+            "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
         )
+    variants = list(dict.fromkeys(c for c in conditions if is_variant_scheme(c)))
     bad_modes = [m for m in modes if m not in KEY_MODES]
     if bad_modes:
         raise ValueError(f"unknown key mode(s) {bad_modes}; choose from {', '.join(KEY_MODES)}")
@@ -105,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         dictionary_sizes=tuple(sorted(set(sizes))),
         conditions=tuple(
             all_conditions(
-                [c for c in SCHEMES if c in conditions], modes, "non-secure" in conditions
+                [c for c in SCHEMES if c in conditions] + variants,
+                modes,
+                "non-secure" in conditions,
             )
         ),
         folds=tuple(folds),
