@@ -140,3 +140,23 @@ def test_tile_scrambled_variant_runs_end_to_end_with_its_own_masks(tmp_path):
         stacks["ours-bs16/different"], moved, data.labels, data.folds, 1, [2], config, [0, 1, 2]
     )[2]
     assert result["by_dim"]["1"]["mAP"] > 0.5  # chance is about 1/3
+
+
+def test_variant_roi_dilated_by_the_owner_is_the_scrambled_plain_roi(tmp_path):
+    from pecbir.experiment import condition_masks
+    from pecore.cipher_variants import scramble_mask
+    from pecore.keys import SSLMKey, key_stream
+    from pecore.roi import dilate_mask
+
+    data = make_synthetic(n_images=6, size=48, seed=3)
+    variant = Condition("ours-bs16", "same")
+    cipher_images(data.images, data.index, [variant], 0, tmp_path, data.masks, dilate=3)
+    with pytest.raises(FileNotFoundError, match="no scrambled masks"):
+        condition_masks(data.masks, data.index, [variant], 0, tmp_path)  # other dilation
+    rois = condition_masks(data.masks, data.index, [variant], 0, tmp_path, 3)[variant.name]
+    stream = key_stream(SSLMKey(), 48 * 48)
+    for i in range(len(data.images)):
+        expected = scramble_mask(
+            dilate_mask(data.masks[i], 3), stream, "ours-bs16", nonce=str(int(data.index[i]))
+        )
+        np.testing.assert_array_equal(rois[i], expected)

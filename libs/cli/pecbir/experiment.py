@@ -20,7 +20,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +163,9 @@ class ExperimentConfig:
     metric_lambda: float = 1.5e-4
     seed: int = 0
     key_seed: int = 2025
+    #: Variant conditions only: "cloud" = the cloud dilates the scrambled tumour mask by `radius`;
+    #: "owner" = the owner scrambles the already dilated ROI and the cloud uses it as it is.
+    variant_roi: str = "cloud"
     n_jobs: int = 2
     data_path: str | None = None
     cache_dir: str = "cache"
@@ -211,9 +214,15 @@ def _cipher_path(cache_dir: Path, condition: Condition, key_seed: int, ids: np.n
     return cache_dir / "ciphers" / f"{condition.slug}{seed_part}-{digest}.npy"
 
 
-def _mask_path(cache_dir: Path, condition: Condition, key_seed: int, ids: np.ndarray) -> Path:
+def _mask_path(
+    cache_dir: Path,
+    condition: Condition,
+    key_seed: int,
+    ids: np.ndarray,
+    dilate: int | None = None,
+) -> Path:
     path = _cipher_path(cache_dir, condition, key_seed, ids)
-    return path.with_name(path.stem + "-masks.npy")
+    return path.with_name(path.stem + ("-masks.npy" if dilate is None else f"-roi{dilate}.npy"))
 
 
 def _load_stack(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -229,6 +238,7 @@ def condition_masks(
     conditions: Sequence[Condition],
     key_seed: int,
     cache_dir: Path,
+    dilate: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The ROI masks each condition's features are extracted in (name -> stack).
 
@@ -240,11 +250,12 @@ def condition_masks(
         if not condition.is_variant:
             out[condition.name] = masks
             continue
-        stack = _load_stack(_mask_path(cache_dir, condition, key_seed, ids), tuple(masks.shape))
+        path = _mask_path(cache_dir, condition, key_seed, ids, dilate)
+        stack = _load_stack(path, tuple(masks.shape))
         if stack is None:
             raise FileNotFoundError(
                 f"no scrambled masks for {condition.name} in {cache_dir}; "
-                "build them with cipher_images(..., masks=masks)"
+                "build them with cipher_images(..., masks=masks, dilate=dilate)"
             )
         out[condition.name] = stack
     return out
@@ -257,13 +268,15 @@ def cipher_images(
     key_seed: int,
     cache_dir: Path,
     masks: np.ndarray | None = None,
+    dilate: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Cipher image stacks of `conditions` (name -> stack), memory-mapped from `cache_dir`.
 
     A tile-scrambled variant ("<inner>-bs<b>") encrypts with `encrypt_variant` and nonce
     str(index) (the string its key is derived from), and needs `masks`: the masks moved with
     the tiles (`scramble_mask`, same stream and nonce) are cached beside the cipher stack, for
-    `condition_masks`.
+    `condition_masks`.  With `dilate`, the masks are dilated by that radius before scrambling
+    (the owner ships the ROI itself).
 
     Missing stacks are built in one pass over the images, so that each per-image key stream is
     made once for all schemes. Same key: every image uses the paper's key θ* (SSLMKey()).
@@ -283,6 +296,7 @@ def cipher_images(
         key_streams,
         stream_check,
     )
+    from pecore.roi import dilate_mask
 
     stacks: dict[str, np.ndarray] = {}
     todo: dict[str, list[Condition]] = {}
@@ -294,7 +308,9 @@ def cipher_images(
         stack = _load_stack(path, tuple(images.shape))
         if stack is not None and (
             not condition.is_variant
-            or _load_stack(_mask_path(cache_dir, condition, key_seed, ids), tuple(images.shape))
+            or _load_stack(
+                _mask_path(cache_dir, condition, key_seed, ids, dilate), tuple(images.shape)
+            )
             is not None
         ):
             stacks[condition.name] = stack
@@ -309,7 +325,9 @@ def cipher_images(
         # keep every written page resident (and counted in this process's peak memory).
         for condition in group:
             if condition.is_variant:
-                paths[condition.name + "#masks"] = _mask_path(cache_dir, condition, key_seed, ids)
+                paths[condition.name + "#masks"] = _mask_path(
+                    cache_dir, condition, key_seed, ids, dilate
+                )
         outs = {}
         for name, path in paths.items():
             fh = path.with_suffix(".tmp.npy").open("wb")
@@ -358,7 +376,10 @@ def cipher_images(
                         if condition.is_variant:
                             nonce = str(int(ids[i]))
                             cipher = encrypt_variant(image, stream, condition.scheme, nonce=nonce)
-                            moved = scramble_mask(masks[i], stream, condition.scheme, nonce=nonce)
+                            roi = np.asarray(masks[i], dtype=bool)
+                            if dilate is not None:
+                                roi = dilate_mask(roi, dilate)
+                            moved = scramble_mask(roi, stream, condition.scheme, nonce=nonce)
                             mask_bytes = np.ascontiguousarray(moved, dtype=bool).tobytes()
                             outs[condition.name + "#masks"].write(mask_bytes)
                         else:
@@ -388,6 +409,8 @@ def _unit_key(
     }
     if condition.is_variant:  # only here, so that the standard conditions' keys stay as they were
         fields["masks"] = VARIANT_MASKS
+        if config.variant_roi != "cloud":
+            fields["masks"] += f", ROI dilated by the owner (radius {config.radius})"
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -514,6 +537,9 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
             fold_results[condition.name] = {}
             images = None  # built or mapped only if some fold result is missing
             masks = data.masks
+            owner_roi = condition.is_variant and config.variant_roi == "owner"
+            dilate = config.radius if owner_roi else None
+            fold_config = replace(config, radius=0) if owner_roi else config
             for fold in config.folds:
                 keys = {
                     s: _unit_key(config, condition, fold, s, folds_digest)
@@ -534,14 +560,15 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                             config.key_seed,
                             cache_dir,
                             masks=data.masks,
+                            dilate=dilate,
                         )[condition.name]
                         masks = condition_masks(
-                            data.masks, data.index, [condition], config.key_seed, cache_dir
+                            data.masks, data.index, [condition], config.key_seed, cache_dir, dilate
                         )[condition.name]
                     bar.set_postfix_str(f"{condition.name} fold {fold} D={missing}")
                     seed_words = [config.seed, fold, zlib.crc32(condition.name.encode())]
                     fresh = run_fold(
-                        images, masks, data.labels, folds, fold, missing, config, seed_words
+                        images, masks, data.labels, folds, fold, missing, fold_config, seed_words
                     )
                     for size, result in fresh.items():
                         file = units_dir / f"{condition.slug}_f{fold}_D{size}_{keys[size]}.json"
@@ -615,6 +642,7 @@ def summarise(
             "fold_file": config.fold_file,
             "folds_digest": folds_digest,
             "n_jobs": config.n_jobs,
+            "variant_roi": config.variant_roi,
             "data": config.extra.get("data_id"),
             "headline_dim": HEADLINE_DIM,
             "different_keys": "derive_image_key(MasterKey.from_seed(key_seed), str(index))",

@@ -72,6 +72,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--key-seed", type=int, default=2025, help="master seed, different keys")
     parser.add_argument("--jobs", type=int, default=2, help="encoding threads")
     parser.add_argument("--n-train-patches", type=int, default=300_000)
+    parser.add_argument(
+        "--variant-roi",
+        choices=("cloud", "owner"),
+        default="cloud",
+        help="tile-scrambled variants: 'cloud' dilates the scrambled tumour mask (default); "
+        "'owner' scrambles the ROI dilated on the plain image and uses it as it is",
+    )
     parser.set_defaults(func=run)
 
 
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         key_seed=args.key_seed,
         n_jobs=args.jobs,
+        variant_roi=args.variant_roi,
         data_path=args.data,
         cache_dir=str(args.cache),
         out_dir=str(out_dir),
