@@ -532,13 +532,14 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     n_units = len(config.conditions) * len(config.folds)
     # Build every missing cipher stack of a key mode in one pass (one key stream per image).
     pending = list(config.conditions)
+    # the ROI radius variant masks are dilated by before scrambling (None: the cloud dilates)
+    dilate = config.radius if config.variant_roi == "owner" else None
     with tqdm(total=n_units, desc="condition×fold", unit="unit") as bar:
         for condition in config.conditions:
             fold_results[condition.name] = {}
             images = None  # built or mapped only if some fold result is missing
             masks = data.masks
             owner_roi = condition.is_variant and config.variant_roi == "owner"
-            dilate = config.radius if owner_roi else None
             fold_config = replace(config, radius=0) if owner_roi else config
             for fold in config.folds:
                 keys = {
