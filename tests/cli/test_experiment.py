@@ -96,3 +96,67 @@ def test_same_key_cipher_stack_equals_direct_encryption(tmp_path):
     stream = key_stream(SSLMKey(), 40 * 40)
     for image, cipher in zip(data.images, stacks["27/same"], strict=True):
         np.testing.assert_array_equal(cipher, encrypt(image, stream, "27"))
+
+
+def test_tile_scrambled_variant_runs_end_to_end_with_its_own_masks(tmp_path):
+    from pecbir.experiment import _unit_key, condition_masks
+    from pecore.cipher_variants import encrypt_variant, scramble_mask
+    from pecore.keys import MasterKey, derive_image_key, key_stream
+
+    data = make_synthetic(n_images=60, size=48, seed=5)
+    variant = Condition("ours-bs16", "different")
+    plain = Condition("ours", "different")
+    assert variant.is_variant and not plain.is_variant
+    config = ExperimentConfig(
+        dictionary_sizes=(2,), conditions=(plain, variant), radius=3, n_train_patches=5000
+    )
+    with pytest.raises(ValueError, match="masks"):
+        cipher_images(data.images, data.index, [variant], 11, tmp_path)
+    stacks = cipher_images(data.images, data.index, [plain, variant], 11, tmp_path, data.masks)
+    masks = condition_masks(data.masks, data.index, [plain, variant], 11, tmp_path)
+    assert masks["ours/different"] is data.masks
+    moved = masks["ours-bs16/different"]
+    assert moved.dtype == bool and not np.array_equal(moved, data.masks)
+    # the cached stacks are what the owner would upload: cipher and mask moved together
+    for i in (0, 7):
+        key = derive_image_key(MasterKey.from_seed(11), str(int(data.index[i])), 48 * 48)
+        stream = key_stream(key.sslm, 48 * 48)
+        nonce = str(int(data.index[i]))
+        np.testing.assert_array_equal(
+            stacks["ours-bs16/different"][i],
+            encrypt_variant(data.images[i], stream, "ours-bs16", nonce=nonce),
+        )
+        np.testing.assert_array_equal(
+            moved[i], scramble_mask(data.masks[i], stream, "ours-bs16", nonce=nonce)
+        )
+    # the standard scheme's stack is unchanged by the variant built in the same pass
+    np.testing.assert_array_equal(
+        stacks["ours/different"],
+        cipher_images(data.images, data.index, [plain], 11, tmp_path / "alone")["ours/different"],
+    )
+    # variant units are cached under their own key; standard keys carry no mask tag
+    assert _unit_key(config, variant, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")
+    result = run_fold(
+        stacks["ours-bs16/different"], moved, data.labels, data.folds, 1, [2], config, [0, 1, 2]
+    )[2]
+    assert result["by_dim"]["1"]["mAP"] > 0.5  # chance is about 1/3
+
+
+def test_variant_roi_dilated_by_the_owner_is_the_scrambled_plain_roi(tmp_path):
+    from pecbir.experiment import condition_masks
+    from pecore.cipher_variants import scramble_mask
+    from pecore.keys import SSLMKey, key_stream
+    from pecore.roi import dilate_mask
+
+    data = make_synthetic(n_images=6, size=48, seed=3)
+    variant = Condition("ours-bs16", "same")
+    cipher_images(data.images, data.index, [variant], 0, tmp_path, data.masks, dilate=3)
+    with pytest.raises(FileNotFoundError, match="no scrambled masks"):
+        condition_masks(data.masks, data.index, [variant], 0, tmp_path)  # other dilation
+    rois = condition_masks(data.masks, data.index, [variant], 0, tmp_path, 3)[variant.name]
+    stream = key_stream(SSLMKey(), 48 * 48)
+    for i in range(len(data.images)):
+        expected = scramble_mask(
+            dilate_mask(data.masks[i], 3), stream, "ours-bs16", nonce=str(int(data.index[i]))
+        )
+        np.testing.assert_array_equal(rois[i], expected)

@@ -20,7 +20,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 ALGORITHM_VERSION = 2
 
 SCHEMES = ("25", "26", "27", "ours")
+#: Tag of the mask handling of "<inner>-bs<b>" conditions (part of their unit cache key only).
+VARIANT_MASKS = "scramble_mask(mask, stream, scheme, nonce=str(index)), pecbir/block-scramble/v1"
 KEY_MODES = ("same", "different")
 DICTIONARY_SIZES = (16, 32, 64)
 DIMS = tuple(range(1, 11))
@@ -96,6 +98,11 @@ class Condition:
     key_mode: str | None = None
 
     @property
+    def is_variant(self) -> bool:
+        """A tile-scrambled scheme of `pecore.cipher_variants` ("<inner>-bs<b>")."""
+        return is_variant_scheme(self.scheme)
+
+    @property
     def name(self) -> str:
         return "non-secure" if self.scheme is None else f"{self.scheme}/{self.key_mode}"
 
@@ -107,9 +114,29 @@ class Condition:
     def label(self) -> str:
         if self.scheme is None:
             return "Non-secure [3]"
-        scheme = "Ours" if self.scheme == "ours" else f"[{self.scheme}]"
+        if self.is_variant:
+            from pecore.cipher_variants import parse_variant
+
+            inner, block = parse_variant(self.scheme)
+            scheme = "Ours" if inner == "ours" else f"[{inner}]"
+            scheme += f" + {block}×{block} tile scramble"
+        else:
+            scheme = "Ours" if self.scheme == "ours" else f"[{self.scheme}]"
         keys = "same key" if self.key_mode == "same" else "diff. keys"
         return f"{keys} {scheme}"
+
+
+def is_variant_scheme(scheme: str | None) -> bool:
+    """True for "<inner>-bs<b>" names that `pecore.cipher_variants.parse_variant` accepts."""
+    if scheme is None or scheme in SCHEMES:
+        return False
+    from pecore.cipher_variants import parse_variant
+
+    try:
+        parse_variant(scheme)
+    except ValueError:
+        return False
+    return True
 
 
 def all_conditions(
@@ -136,6 +163,9 @@ class ExperimentConfig:
     metric_lambda: float = 1.5e-4
     seed: int = 0
     key_seed: int = 2025
+    #: Variant conditions only: "cloud" = the cloud dilates the scrambled tumour mask by `radius`;
+    #: "owner" = the owner scrambles the already dilated ROI and the cloud uses it as it is.
+    variant_roi: str = "cloud"
     n_jobs: int = 2
     data_path: str | None = None
     cache_dir: str = "cache"
@@ -184,14 +214,69 @@ def _cipher_path(cache_dir: Path, condition: Condition, key_seed: int, ids: np.n
     return cache_dir / "ciphers" / f"{condition.slug}{seed_part}-{digest}.npy"
 
 
+def _mask_path(
+    cache_dir: Path,
+    condition: Condition,
+    key_seed: int,
+    ids: np.ndarray,
+    dilate: int | None = None,
+) -> Path:
+    path = _cipher_path(cache_dir, condition, key_seed, ids)
+    return path.with_name(path.stem + ("-masks.npy" if dilate is None else f"-roi{dilate}.npy"))
+
+
+def _load_stack(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    stack = np.load(path, mmap_mode="r")
+    return stack if stack.shape == shape else None
+
+
+def condition_masks(
+    masks: np.ndarray,
+    ids: np.ndarray,
+    conditions: Sequence[Condition],
+    key_seed: int,
+    cache_dir: Path,
+    dilate: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The ROI masks each condition's features are extracted in (name -> stack).
+
+    Plain and standard-scheme conditions use `masks` as they are; a tile-scrambled variant uses
+    the masks moved with its tiles, written by `cipher_images(..., masks=masks)`.
+    """
+    out: dict[str, np.ndarray] = {}
+    for condition in conditions:
+        if not condition.is_variant:
+            out[condition.name] = masks
+            continue
+        path = _mask_path(cache_dir, condition, key_seed, ids, dilate)
+        stack = _load_stack(path, tuple(masks.shape))
+        if stack is None:
+            raise FileNotFoundError(
+                f"no scrambled masks for {condition.name} in {cache_dir}; "
+                "build them with cipher_images(..., masks=masks, dilate=dilate)"
+            )
+        out[condition.name] = stack
+    return out
+
+
 def cipher_images(
     images: np.ndarray,
     ids: np.ndarray,
     conditions: Sequence[Condition],
     key_seed: int,
     cache_dir: Path,
+    masks: np.ndarray | None = None,
+    dilate: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Cipher image stacks of `conditions` (name -> stack), memory-mapped from `cache_dir`.
+
+    A tile-scrambled variant ("<inner>-bs<b>") encrypts with `encrypt_variant` and nonce
+    str(index) (the string its key is derived from), and needs `masks`: the masks moved with
+    the tiles (`scramble_mask`, same stream and nonce) are cached beside the cipher stack, for
+    `condition_masks`.  With `dilate`, the masks are dilated by that radius before scrambling
+    (the owner ships the ROI itself).
 
     Missing stacks are built in one pass over the images, so that each per-image key stream is
     made once for all schemes. Same key: every image uses the paper's key θ* (SSLMKey()).
@@ -202,6 +287,7 @@ def cipher_images(
     from tqdm import tqdm
 
     from pecore.cipher import encrypt
+    from pecore.cipher_variants import encrypt_variant, scramble_mask
     from pecore.keys import (
         MasterKey,
         SSLMKey,
@@ -210,6 +296,7 @@ def cipher_images(
         key_streams,
         stream_check,
     )
+    from pecore.roi import dilate_mask
 
     stacks: dict[str, np.ndarray] = {}
     todo: dict[str, list[Condition]] = {}
@@ -218,22 +305,35 @@ def cipher_images(
             stacks[condition.name] = images
             continue
         path = _cipher_path(cache_dir, condition, key_seed, ids)
-        if path.is_file():
-            stack = np.load(path, mmap_mode="r")
-            if stack.shape == images.shape:
-                stacks[condition.name] = stack
-                continue
+        stack = _load_stack(path, tuple(images.shape))
+        if stack is not None and (
+            not condition.is_variant
+            or _load_stack(
+                _mask_path(cache_dir, condition, key_seed, ids, dilate), tuple(images.shape)
+            )
+            is not None
+        ):
+            stacks[condition.name] = stack
+            continue
+        if condition.is_variant and masks is None:
+            raise ValueError(f"{condition.name} needs the ROI masks to scramble (masks=...)")
         todo.setdefault(str(condition.key_mode), []).append(condition)
     for mode, group in todo.items():
         paths = {c.name: _cipher_path(cache_dir, c, key_seed, ids) for c in group}
         next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
         # Stream the stacks to disk in image order with plain writes: a writable memmap would
         # keep every written page resident (and counted in this process's peak memory).
+        for condition in group:
+            if condition.is_variant:
+                paths[condition.name + "#masks"] = _mask_path(
+                    cache_dir, condition, key_seed, ids, dilate
+                )
         outs = {}
         for name, path in paths.items():
             fh = path.with_suffix(".tmp.npy").open("wb")
+            descr = "|b1" if name.endswith("#masks") else "|u1"
             np.lib.format.write_array_header_1_0(
-                fh, {"descr": "|u1", "fortran_order": False, "shape": tuple(images.shape)}
+                fh, {"descr": descr, "fortran_order": False, "shape": tuple(images.shape)}
             )
             outs[name] = fh
         master = MasterKey.from_seed(key_seed) if mode == "different" else None
@@ -273,13 +373,24 @@ def cipher_images(
                 for i, stream in zip(rows, streams, strict=True):
                     image = np.ascontiguousarray(images[i])
                     for condition in group:
-                        cipher = encrypt(image, stream, condition.scheme)
+                        if condition.is_variant:
+                            nonce = str(int(ids[i]))
+                            cipher = encrypt_variant(image, stream, condition.scheme, nonce=nonce)
+                            roi = np.asarray(masks[i], dtype=bool)
+                            if dilate is not None:
+                                roi = dilate_mask(roi, dilate)
+                            moved = scramble_mask(roi, stream, condition.scheme, nonce=nonce)
+                            mask_bytes = np.ascontiguousarray(moved, dtype=bool).tobytes()
+                            outs[condition.name + "#masks"].write(mask_bytes)
+                        else:
+                            cipher = encrypt(image, stream, condition.scheme)
                         outs[condition.name].write(np.ascontiguousarray(cipher).tobytes())
                 bar.update(len(rows))
         for name, fh in outs.items():
             fh.close()
             paths[name].with_suffix(".tmp.npy").replace(paths[name])
-            stacks[name] = np.load(paths[name], mmap_mode="r")
+            if not name.endswith("#masks"):
+                stacks[name] = np.load(paths[name], mmap_mode="r")
         outs.clear()
     return stacks
 
@@ -288,17 +399,19 @@ def cipher_images(
 def _unit_key(
     config: ExperimentConfig, condition: Condition, fold: int, size: int, folds_digest: str
 ) -> str:
-    payload = json.dumps(
-        {
-            "params": config.model_params(),
-            "condition": condition.name,
-            "fold": fold,
-            "D": size,
-            "folds": folds_digest,
-            "data": config.extra.get("data_id"),
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "params": config.model_params(),
+        "condition": condition.name,
+        "fold": fold,
+        "D": size,
+        "folds": folds_digest,
+        "data": config.extra.get("data_id"),
+    }
+    if condition.is_variant:  # only here, so that the standard conditions' keys stay as they were
+        fields["masks"] = VARIANT_MASKS
+        if config.variant_roi != "cloud":
+            fields["masks"] += f", ROI dilated by the owner (radius {config.radius})"
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -419,10 +532,15 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     n_units = len(config.conditions) * len(config.folds)
     # Build every missing cipher stack of a key mode in one pass (one key stream per image).
     pending = list(config.conditions)
+    # the ROI radius variant masks are dilated by before scrambling (None: the cloud dilates)
+    dilate = config.radius if config.variant_roi == "owner" else None
     with tqdm(total=n_units, desc="condition×fold", unit="unit") as bar:
         for condition in config.conditions:
             fold_results[condition.name] = {}
             images = None  # built or mapped only if some fold result is missing
+            masks = data.masks
+            owner_roi = condition.is_variant and config.variant_roi == "owner"
+            fold_config = replace(config, radius=0) if owner_roi else config
             for fold in config.folds:
                 keys = {
                     s: _unit_key(config, condition, fold, s, folds_digest)
@@ -437,12 +555,21 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                 if missing:
                     if images is None:
                         images = cipher_images(
-                            data.images, data.index, pending, config.key_seed, cache_dir
+                            data.images,
+                            data.index,
+                            pending,
+                            config.key_seed,
+                            cache_dir,
+                            masks=data.masks,
+                            dilate=dilate,
+                        )[condition.name]
+                        masks = condition_masks(
+                            data.masks, data.index, [condition], config.key_seed, cache_dir, dilate
                         )[condition.name]
                     bar.set_postfix_str(f"{condition.name} fold {fold} D={missing}")
                     seed_words = [config.seed, fold, zlib.crc32(condition.name.encode())]
                     fresh = run_fold(
-                        images, data.masks, data.labels, folds, fold, missing, config, seed_words
+                        images, masks, data.labels, folds, fold, missing, fold_config, seed_words
                     )
                     for size, result in fresh.items():
                         file = units_dir / f"{condition.slug}_f{fold}_D{size}_{keys[size]}.json"
@@ -516,6 +643,7 @@ def summarise(
             "fold_file": config.fold_file,
             "folds_digest": folds_digest,
             "n_jobs": config.n_jobs,
+            "variant_roi": config.variant_roi,
             "data": config.extra.get("data_id"),
             "headline_dim": HEADLINE_DIM,
             "different_keys": "derive_image_key(MasterKey.from_seed(key_seed), str(index))",

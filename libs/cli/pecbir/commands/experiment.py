@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--conditions",
         type=_str_list,
         default=["non-secure", "25", "26", "27", "ours"],
-        help="any of non-secure,25,26,27,ours (default all)",
+        help="any of non-secure,25,26,27,ours and tile-scrambled variants <inner>-bs<b>, "
+        "e.g. ours-bs32,ours-bs64 (default: non-secure and the four standard schemes)",
     )
     parser.add_argument(
         "--key-modes", type=_str_list, default=["same", "different"], help="same,different"
@@ -71,6 +72,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--key-seed", type=int, default=2025, help="master seed, different keys")
     parser.add_argument("--jobs", type=int, default=2, help="encoding threads")
     parser.add_argument("--n-train-patches", type=int, default=300_000)
+    parser.add_argument(
+        "--variant-roi",
+        choices=("cloud", "owner"),
+        default="cloud",
+        help="tile-scrambled variants: 'cloud' dilates the scrambled tumour mask (default); "
+        "'owner' scrambles the ROI dilated on the plain image and uses it as it is",
+    )
     parser.set_defaults(func=run)
 
 
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         SCHEMES,
         ExperimentConfig,
         all_conditions,
+        is_variant_scheme,
         markdown_tables,
         run_experiment,
         write_outputs,
@@ -89,11 +98,15 @@ def run(args: argparse.Namespace) -> int:
     sizes, folds, modes = args.dict_sizes, args.query_folds, args.key_modes
     if args.quick:
         conditions, sizes, folds = ["non-secure", "ours"], [16], [1]
-    unknown = [c for c in conditions if c != "non-secure" and c not in SCHEMES]
+    unknown = [
+        c for c in conditions if c != "non-secure" and c not in SCHEMES and not is_variant_scheme(c)
+    ]
     if unknown:
         raise ValueError(
-            f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)}"
+            f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)} "
+            "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
         )
+    variants = list(dict.fromkeys(c for c in conditions if is_variant_scheme(c)))
     bad_modes = [m for m in modes if m not in KEY_MODES]
     if bad_modes:
         raise ValueError(f"unknown key mode(s) {bad_modes}; choose from {', '.join(KEY_MODES)}")
@@ -105,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         dictionary_sizes=tuple(sorted(set(sizes))),
         conditions=tuple(
             all_conditions(
-                [c for c in SCHEMES if c in conditions], modes, "non-secure" in conditions
+                [c for c in SCHEMES if c in conditions] + variants,
+                modes,
+                "non-secure" in conditions,
             )
         ),
         folds=tuple(folds),
@@ -114,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         key_seed=args.key_seed,
         n_jobs=args.jobs,
+        variant_roi=args.variant_roi,
         data_path=args.data,
         cache_dir=str(args.cache),
         out_dir=str(out_dir),
