@@ -82,6 +82,18 @@ def _load(args: argparse.Namespace):
     return make_synthetic(n_images=max(args.images, 60), size=128, seed=args.seed), "synthetic"
 
 
+NOISY_LOGGERS = (
+    "httpx",
+    "celery",
+    "kombu",
+    "pecbir.access",
+    "pecbir_encryptor",
+    "pecbir_gateway",
+    "pecbir_indexer",
+    "pecbir_search",
+)
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
@@ -91,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from pecore.evaluate import average_precision, precision_at
 
     # One log line per in-process request or eager task would bury the progress bars.
-    for noisy in ("httpx", "celery", "kombu", "pecbir_search", "pecbir_indexer", "pecbir_gateway"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     dataset, source = _load(args)
