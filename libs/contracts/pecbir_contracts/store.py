@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from pecbir_contracts.layout import DEFAULT_BUCKET
 
 T = TypeVar("T")
@@ -298,3 +301,31 @@ def store_from_url(url: str, **s3: str) -> ObjectStore:
     if "://" in url:
         raise ValueError(f"unsupported object store URL {url!r} (use file://, http(s):// or s3://)")
     return FilesystemStore(url)
+
+
+class StoreSettings(BaseSettings):
+    """Where a cloud service finds the object store (environment, prefix PECBIR_).
+
+    The gateway, indexer and search settings inherit these fields, so the variable names and
+    the way a store is opened are defined once.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PECBIR_", extra="ignore")
+
+    store_url: str = Field(
+        default="file://./var/store",
+        description="file:///path (embedded) or http(s)://host:port of an S3/MinIO endpoint",
+    )
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_bucket: str = DEFAULT_BUCKET
+    s3_region: str = "us-east-1"
+
+    def open_store(self) -> ObjectStore:
+        return store_from_url(
+            self.store_url,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key.get_secret_value(),
+            bucket=self.s3_bucket,
+            region=self.s3_region,
+        )

@@ -6,7 +6,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError, store_from_url
+from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError
 from pecbir_gateway import images, models, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
@@ -22,13 +22,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or GatewaySettings()  # type: ignore[call-arg]
     if store is None:
-        store = store_from_url(
-            settings.store_url,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key.get_secret_value(),
-            bucket=settings.s3_bucket,
-            region=settings.s3_region,
-        )
+        store = settings.open_store()
     context = GatewayContext(
         settings=settings,
         store=store,

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from pecbir_contracts.store import StoreSettings
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(StoreSettings):
     model_config = SettingsConfigDict(env_prefix="PECBIR_", extra="ignore")
 
-    store_url: str = Field(
-        default="file://./var/store",
-        description="file:///path (embedded) or http(s)://host:port of an S3/MinIO endpoint",
-    )
-    s3_access_key: str = ""
-    s3_secret_key: SecretStr = SecretStr("")
-    s3_bucket: str = "pecbir"
-    s3_region: str = "us-east-1"
     token_secret: SecretStr = Field(description="HMAC secret of the cloud's bearer tokens")
     search_url: str = "http://127.0.0.1:8002"
     broker_url: str = "redis://127.0.0.1:6379/0"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pecbir_contracts.events import EventBus, bus_from_url
 from pecbir_contracts.layout import CollectionLayout
-from pecbir_contracts.store import ObjectStore, store_from_url
+from pecbir_contracts.store import ObjectStore
 from pecbir_indexer.settings import IndexerSettings
 
 
@@ -49,13 +49,7 @@ def get_runtime() -> Runtime:
     with _runtime_lock:
         if _runtime is None:
             settings = IndexerSettings()
-            store = store_from_url(
-                settings.store_url,
-                access_key=settings.s3_access_key,
-                secret_key=settings.s3_secret_key.get_secret_value(),
-                bucket=settings.s3_bucket,
-                region=settings.s3_region,
-            )
+            store = settings.open_store()
             _runtime = Runtime(
                 settings, store, bus_from_url(settings.events_url or settings.broker_url)
             )

@@ -20,7 +20,7 @@ from pecbir_contracts.png import (
     decode_mask_png,
 )
 from pecbir_contracts.schemas import MAX_K, IndexStatus, SearchHit, SearchResponse, SearchTimings
-from pecbir_contracts.store import ObjectStore, store_from_url
+from pecbir_contracts.store import ObjectStore
 from pecbir_search import metrics
 from pecbir_search.engine import CollectionState, SearchEngine
 from pecbir_search.settings import SearchSettings
@@ -40,13 +40,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or SearchSettings()  # type: ignore[call-arg]
     if store is None:
-        store = store_from_url(
-            settings.store_url,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key.get_secret_value(),
-            bucket=settings.s3_bucket,
-            region=settings.s3_region,
-        )
+        store = settings.open_store()
     if bus is None and settings.follow:
         bus = bus_from_url(settings.events_url or settings.broker_url)
     engine = SearchEngine(store, bus if settings.follow else None, settings.encode_threads)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from pecbir_contracts.store import StoreSettings
 
 
-class SearchSettings(BaseSettings):
+class SearchSettings(StoreSettings):
     model_config = SettingsConfigDict(env_prefix="PECBIR_", extra="ignore")
 
-    store_url: str = "file://./var/store"
-    s3_access_key: str = ""
-    s3_secret_key: SecretStr = SecretStr("")
-    s3_bucket: str = "pecbir"
-    s3_region: str = "us-east-1"
     token_secret: SecretStr = Field(description="HMAC secret of the cloud's bearer tokens")
     events_url: str | None = None
     broker_url: str = "redis://127.0.0.1:6379/0"
