@@ -44,7 +44,7 @@ def _bench_images(n: int) -> tuple[list[np.ndarray], str]:
     from pecore.datasets import load_figshare, make_synthetic
 
     try:
-        dataset = load_figshare()
+        dataset = load_figshare(limit=n)  # decode only the rows timed, not all 3064
         source = "figshare brain-tumour dataset"
     except FileNotFoundError:
         dataset = make_synthetic(n_images=n, size=512, seed=0)
