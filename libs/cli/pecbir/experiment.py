@@ -28,7 +28,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: Bump when anything changes the numbers, so that cached fold results are not reused.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 
 SCHEMES = ("25", "26", "27", "ours")
 #: Tag of the mask handling of "<inner>-bs<b>" conditions (part of their unit cache key only).
@@ -424,8 +424,12 @@ def run_fold(
     sizes: Sequence[int],
     config: ExperimentConfig,
     seed_words: Sequence[int],
+    rois: Sequence[np.ndarray] | None = None,
 ) -> dict[int, dict[str, object]]:
-    """Learn on the database folds, evaluate the queries of `fold`, for every D in `sizes`."""
+    """Learn on the database folds, evaluate the queries of `fold`, for every D in `sizes`.
+
+    `rois`: the masks already dilated by `config.radius` (shared across folds and conditions).
+    """
     from tqdm import tqdm
 
     from pecore.evaluate import retrieval_metrics
@@ -447,6 +451,7 @@ def run_fold(
         pca_energy=config.pca_energy,
         n_train_patches=config.n_train_patches,
         random_state=seed,
+        rois=None if rois is None else [rois[i] for i in train],
     )
     timings["pca_gmm_s"] = time.perf_counter() - start
     encoders = [FisherVectorEncoder(model.gmms[s], config.n_regions) for s in sizes]
@@ -459,6 +464,7 @@ def run_fold(
             encoders,
             patch_size=config.patch_size,
             radius=config.radius,
+            rois=rois,
             n_jobs=config.n_jobs,
             progress=bar.update,
         )
@@ -505,6 +511,12 @@ def run_fold(
 
 
 # ------------------------------------------------------------------------------ the run
+def _dilate_all(masks: np.ndarray, radius: int) -> list[np.ndarray]:
+    from pecore.roi import dilate_mask
+
+    return [dilate_mask(np.asarray(m, dtype=bool), radius) for m in masks]
+
+
 def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -532,6 +544,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     n_units = len(config.conditions) * len(config.folds)
     # Build every missing cipher stack of a key mode in one pass (one key stream per image).
     pending = list(config.conditions)
+    dilated: tuple[np.ndarray, list[np.ndarray]] | None = None  # (mask stack, its ROIs)
     # the ROI radius variant masks are dilated by before scrambling (None: the cloud dilates)
     dilate = config.radius if config.variant_roi == "owner" else None
     with tqdm(total=n_units, desc="condition×fold", unit="unit") as bar:
@@ -568,8 +581,19 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                         )[condition.name]
                     bar.set_postfix_str(f"{condition.name} fold {fold} D={missing}")
                     seed_words = [config.seed, fold, zlib.crc32(condition.name.encode())]
+                    if dilated is None or dilated[0] is not masks:
+                        # one stack at a time (3064 × 512² bool = 0.8 GB), reused across folds
+                        dilated = (masks, _dilate_all(masks, fold_config.radius))
                     fresh = run_fold(
-                        images, masks, data.labels, folds, fold, missing, fold_config, seed_words
+                        images,
+                        masks,
+                        data.labels,
+                        folds,
+                        fold,
+                        missing,
+                        fold_config,
+                        seed_words,
+                        rois=dilated[1],
                     )
                     for size, result in fresh.items():
                         file = units_dir / f"{condition.slug}_f{fold}_D{size}_{keys[size]}.json"

@@ -21,7 +21,13 @@ from typing import IO
 
 import numpy as np
 
-from pecore.features import PatchPCA, roi_patches, training_sample
+from pecore.features import (
+    PatchPCA,
+    extract_patches,
+    minmax_normalise,
+    roi_patches,
+    training_sample,
+)
 from pecore.fisher import DiagonalGMM, FisherVectorEncoder, moments
 from pecore.metric import CFML
 from pecore.roi import dilate_mask
@@ -73,8 +79,10 @@ def fit_patch_model(
     parts = []
     for image, roi, positions in zip(images, rois, chosen, strict=True):
         if positions.size:
-            # region split is irrelevant here; n_regions=1 keeps the raster order of the ROI
-            parts.append(roi_patches(image, roi, patch_size, radius, 1, roi=roi).patches[positions])
+            # positions index the ROI pixels in raster order; only the chosen patches are cut
+            rows, cols = np.nonzero(roi)
+            normalised = minmax_normalise(image)
+            parts.append(extract_patches(normalised, rows[positions], cols[positions], patch_size))
     sample = np.concatenate(parts)
     pca = PatchPCA(pca_energy).fit(sample)
     projected = pca.transform(sample)
