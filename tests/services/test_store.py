@@ -21,6 +21,7 @@ from pecbir_contracts.store import (
     check_put_if_absent,
     store_from_url,
 )
+from tests.services.helpers import OverwritingStore
 
 RACERS, ROUNDS = 8, 5
 
@@ -86,14 +87,6 @@ def _race(open_store: Callable[[], ObjectStore]) -> None:
         winners = [racer for racer, won in outcome.items() if won[round_]]
         assert len(winners) == 1, f"round {round_}: racers {winners} all created the key"
         assert store.get(f"race/{round_}.json") == f"racer {winners[0]}".encode()
-
-
-class OverwritingStore(FilesystemStore):
-    """What a store that ignores `If-None-Match: *` amounts to."""
-
-    def put_if_absent(self, key: str, data: bytes, content_type: str = "") -> bool:
-        self.put(key, data)
-        return True
 
 
 def test_filesystem_store(tmp_path):
