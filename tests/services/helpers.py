@@ -10,6 +10,7 @@ import numpy as np
 
 from pecbir_contracts.auth import mint_token
 from pecbir_contracts.png import encode_png
+from pecbir_contracts.store import FilesystemStore
 
 TOKEN_SECRET = b"test-token-secret-0123456789abcdef"
 
@@ -24,6 +25,14 @@ def auth(
     tenant: str = "hosp-a", scopes: tuple[str, ...] = ("upload", "search", "read", "train"), **kw
 ) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(tenant, scopes, **kw)}"}
+
+
+class OverwritingStore(FilesystemStore):
+    """What a store that ignores `If-None-Match: *` amounts to: put_if_absent overwrites."""
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "") -> bool:
+        self.put(key, data)
+        return True
 
 
 def blob_image(seed: int = 0, shape: tuple[int, int] = (48, 48)) -> tuple[np.ndarray, np.ndarray]:

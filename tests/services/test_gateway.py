@@ -11,12 +11,14 @@ from fastapi.testclient import TestClient
 
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import encode_png
+from pecbir_contracts.store import UnsupportedStore
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_TRAIN_MODEL
 from pecbir_gateway.app import create_app
 from pecbir_gateway.settings import GatewaySettings
 from tests.services.conftest import RecordingDispatcher
 from tests.services.helpers import (
     TOKEN_SECRET,
+    OverwritingStore,
     auth,
     blob_image,
     metadata_json,
@@ -259,6 +261,12 @@ def test_train_allocates_versions_and_queues_ids_only(client, store, dispatcher)
     assert bad.status_code == 422
     status = client.get("/v1/collections/brain/model", headers=auth()).json()
     assert status["indexing_version"] is None and status["n_vectors"] == 0
+
+
+def test_gateway_refuses_to_start_on_a_store_without_conditional_writes(tmp_path):
+    settings = GatewaySettings(token_secret=TOKEN_SECRET.decode())
+    with pytest.raises(UnsupportedStore, match="If-None-Match"):
+        create_app(settings, store=OverwritingStore(tmp_path), dispatcher=RecordingDispatcher())
 
 
 def test_openapi_contract_is_under_v1(client):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,13 +20,17 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pecbir_contracts.layout import DEFAULT_BUCKET
+from pecbir_contracts.layout import DEFAULT_BUCKET, probe_key
 
 T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
     """The store could not complete an operation (network, disk, permissions): retryable."""
+
+
+class UnsupportedStore(RuntimeError):
+    """The store lacks a guarantee the services rely on: configuration, not transient."""
 
 
 class ObjectNotFound(KeyError):
@@ -45,7 +48,11 @@ class ObjectStore(Protocol):
     def put_if_absent(
         self, key: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> bool:
-        """Store unless the key exists; True if this call created it."""
+        """Store unless the key exists; True if this call created it.
+
+        Atomic across processes and hosts: of concurrent calls on one key exactly one
+        returns True. After a StorageError the key may or may not have been created.
+        """
 
     def get(self, key: str) -> bytes: ...
 
@@ -70,12 +77,15 @@ def _check_key(key: str) -> str:
 
 
 class FilesystemStore:
-    """Objects as files under `root`; writes are atomic (tmp + fsync + rename + dir fsync)."""
+    """Objects as files under `root`; writes are atomic (tmp + fsync + rename + dir fsync).
+
+    `put_if_absent` links the fsync'd temporary file to the key (tmp + fsync + link + dir
+    fsync): atomic across processes sharing the directory, on a file system with hard links.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"FilesystemStore({str(self.root)!r})"
@@ -83,36 +93,62 @@ class FilesystemStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _write(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    @staticmethod
+    def _durable_temp(folder: Path, data: bytes) -> str:
+        """`data` in a new fsync'd temporary file in `folder` (the caller renames or links it)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
+        except OSError:
             Path(tmp).unlink(missing_ok=True)
-            raise StorageError(f"cannot write {path}: {exc}") from exc
+            raise
+        return tmp
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self._write(self._path(key), bytes(data))
+        path = self._path(key)
+        tmp = None
+        try:
+            tmp = self._durable_temp(path.parent, bytes(data))
+            os.replace(tmp, path)
+            self._fsync_dir(path.parent)
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {exc}") from exc
 
     def put_if_absent(
         self, key: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> bool:
+        # link(2) creates the name only if it does not exist, atomically for every process
+        # sharing the directory; the linked file is already complete and fsync'd, so a reader
+        # never sees a partial object under the key.
         path = self._path(key)
-        with self._lock:
-            if path.exists():
+        tmp = None
+        try:
+            tmp = self._durable_temp(path.parent, bytes(data))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
                 return False
-            self._write(path, bytes(data))
+            self._fsync_dir(path.parent)
             return True
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -176,19 +212,31 @@ class MinioStore:
         region: str | None = "us-east-1",
         create_bucket: bool = True,
     ) -> None:
+        import certifi
+        import urllib3
         from minio import Minio
 
         parsed = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         self.endpoint = parsed.netloc
         self.bucket = bucket
-        self._client = Minio(
-            parsed.netloc,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=(parsed.scheme == "https") if secure is None else secure,
-            region=region,
+        client_args: dict[str, Any] = {
+            "access_key": access_key,
+            "secret_key": secret_key,
+            "secure": (parsed.scheme == "https") if secure is None else secure,
+            "region": region,
+        }
+        self._client = Minio(parsed.netloc, **client_args)
+        # A conditional PUT is not idempotent: a retry after a lost response would meet our
+        # own object (412) and report the key as taken. So this client retries only failed
+        # connections (nothing was sent); any other failure is a StorageError. Timeouts and
+        # certificates as the minio client's default pool.
+        no_resend = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=300, read=300),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=3, connect=3, read=0, status=0, other=0),
         )
-        self._lock = threading.Lock()
+        self._conditional = Minio(parsed.netloc, http_client=no_resend, **client_args)
         if create_bucket:
             self._guard(bucket, self._ensure_bucket)
 
@@ -228,13 +276,25 @@ class MinioStore:
     def put_if_absent(
         self, key: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> bool:
-        # Not atomic across processes (S3 conditional writes are not universally supported);
-        # the lock makes it atomic within one gateway process.
-        with self._lock:
-            if self.exists(key):
-                return False
-            self.put(key, data, content_type)
+        # An S3 conditional write: the store itself refuses the PUT with 412 if the key
+        # exists, so this is atomic across gateway replicas (check_put_if_absent verifies
+        # that the store honours it). `put_object` would turn If-None-Match into user
+        # metadata (x-amz-meta-if-none-match), hence the client's single-PUT call.
+        from minio.error import S3Error
+
+        data = bytes(data)
+        headers = {"Content-Type": content_type, "If-None-Match": "*"}
+
+        def create() -> bool:
+            try:
+                self._conditional._put_object(self.bucket, _check_key(key), data, headers)
+            except S3Error as exc:
+                if exc.code == "PreconditionFailed":
+                    return False
+                raise
             return True
+
+        return self._guard(key, create)
 
     def get(self, key: str) -> bytes:
         def read() -> bytes:
@@ -279,6 +339,28 @@ class MinioStore:
     def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
         return self._guard(
             key, self._client.presigned_get_object, self.bucket, _check_key(key), expires=expires
+        )
+
+
+def check_put_if_absent(store: ObjectStore) -> None:
+    """Refuse a store on which `put_if_absent` overwrites an existing key.
+
+    An S3-compatible store that ignores `If-None-Match: *` accepts the second conditional
+    PUT; gateway replicas on it could accept one idempotency key for two bodies and hand out
+    one model version twice. Costs two writes and a delete on a fresh key.
+    """
+    key = probe_key()
+    try:
+        created = store.put_if_absent(key, b"first", "text/plain")
+        refused = not store.put_if_absent(key, b"second", "text/plain")
+        kept = store.get(key) == b"first"
+    finally:
+        store.delete(key)
+    if not (created and refused and kept):
+        raise UnsupportedStore(
+            f"{store!r} overwrote an existing object on a conditional write (PUT with "
+            "If-None-Match: *); the gateway needs a store that refuses it with 412 "
+            "Precondition Failed (see docs/operations.md, 'Object store requirements')"
         )
 
 

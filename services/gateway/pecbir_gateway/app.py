@@ -6,7 +6,12 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError
+from pecbir_contracts.store import (
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    check_put_if_absent,
+)
 from pecbir_gateway import images, models, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
@@ -23,6 +28,9 @@ def create_app(
     settings = settings or GatewaySettings()  # type: ignore[call-arg]
     if store is None:
         store = settings.open_store()
+    # Idempotency records and model version numbers rely on it across replicas: refuse to
+    # start rather than hand out one version twice.
+    check_put_if_absent(store)
     context = GatewayContext(
         settings=settings,
         store=store,
