@@ -99,3 +99,44 @@ def test_gmm_is_deterministic_for_a_seed_and_caps_iterations():
     assert a.n_iter_ <= 7
     with pytest.raises(ValueError):
         DiagonalGMM(10).fit(X[:5])
+
+
+def test_softmax_kernel_matches_numpy_and_zeroes_small_posteriors():
+    from pecore.fisher import _softmax_rows
+
+    rng = np.random.default_rng(4)
+    log_lik = (rng.standard_normal((50, 7)) * 6).astype(np.float32)
+    log_lik[3, 2] = -np.inf  # a skipped component (prior below 1e-6)
+    want = np.exp(log_lik - log_lik.max(axis=1, keepdims=True))
+    lse = np.log(want.sum(axis=1)) + log_lik.max(axis=1)
+    want /= want.sum(axis=1, keepdims=True)
+    got = log_lik.copy()
+    np.testing.assert_allclose(_softmax_rows(got, 1e-3), lse, rtol=1e-6)
+    np.testing.assert_allclose(got, np.where(want >= 1e-3, want, 0), rtol=1e-5, atol=1e-7)
+    assert got[3, 2] == 0 and (got[want < 1e-3] == 0).all()
+
+
+def test_kmeans_plusplus_seeds_distinct_data_points_spread_over_clusters():
+    from pecore.fisher import _kmeans_plusplus
+
+    rng = np.random.default_rng(5)
+    centres = np.array([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [50.0, 50.0]])
+    X = np.concatenate([c + rng.standard_normal((500, 2)) for c in centres]).astype(np.float32)
+    seeds = _kmeans_plusplus(X, 4, np.random.default_rng(0))
+    # every seed is a data point, and D² sampling puts one in each far-apart cluster
+    assert all((np.abs(X - s).sum(axis=1) == 0).any() for s in seeds)
+    nearest = np.argmin(((seeds[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+    assert sorted(nearest) == [0, 1, 2, 3]
+    # fewer distinct points than seeds: no division by zero, still k seeds
+    assert _kmeans_plusplus(np.zeros((10, 2), np.float32), 3, np.random.default_rng(0)).shape == (
+        3,
+        2,
+    )
+
+
+def test_gmm_fit_does_not_depend_on_the_number_of_threads():
+    X = np.random.default_rng(6).standard_normal((20000, 3)).astype(np.float32)
+    one = DiagonalGMM(4, max_iter=15, random_state=2, n_jobs=1).fit(X)
+    two = DiagonalGMM(4, max_iter=15, random_state=2, n_jobs=2).fit(X)
+    np.testing.assert_array_equal(one.means_, two.means_)
+    np.testing.assert_array_equal(one.variances_, two.variances_)

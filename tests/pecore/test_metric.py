@@ -70,3 +70,18 @@ def test_transform_keeps_leading_dimensions_and_separates_classes():
     spread = max(Z[y == c].std(axis=0).max() for c in range(3))
     gaps = [np.linalg.norm(a - b) for a, b in itertools.combinations(centroids, 2)]
     assert min(gaps) > 3 * spread
+
+
+def test_float32_features_give_the_float64_metric():
+    # Fisher vectors are float32: the centred copy and the Gram product stay in float32
+    X, y = _data(80, 400, 3)
+    exact = CFML(n_components=2).fit(X, y)
+    fast = CFML(n_components=2).fit(X.astype(np.float32), y)
+    np.testing.assert_allclose(fast.eigenvalues_, exact.eigenvalues_, rtol=1e-3)
+    signs = np.sign(np.sum(fast.components_ * exact.components_, axis=0))
+    np.testing.assert_allclose(
+        fast.transform(X) * signs,
+        exact.transform(X),
+        rtol=1e-3,
+        atol=1e-3 * np.abs(exact.transform(X)).max(),
+    )

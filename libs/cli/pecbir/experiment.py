@@ -281,8 +281,7 @@ def cipher_images(
     Missing stacks are built in one pass over the images, so that each per-image key stream is
     made once for all schemes. Same key: every image uses the paper's key θ* (SSLMKey()).
     Different keys: image i uses derive_image_key(MasterKey.from_seed(key_seed), str(index_i)),
-    one validated key per image; its batch-computed stream is checked against the key's check
-    value before use.
+    one validated key per image, with the stream its validation computed.
     """
     from tqdm import tqdm
 
@@ -291,10 +290,8 @@ def cipher_images(
     from pecore.keys import (
         MasterKey,
         SSLMKey,
-        derive_image_key,
+        derive_image_key_and_stream,
         key_stream,
-        key_streams,
-        stream_check,
     )
     from pecore.roi import dilate_mask
 
@@ -354,22 +351,14 @@ def cipher_images(
                             same_streams[size] = key_stream(SSLMKey(), size)
                         streams.append(same_streams[size])
                 else:
-                    # derive_image_key validates its stream in numba code that releases the GIL
-                    keys = list(
-                        pool.map(
-                            derive_image_key,
-                            [master] * len(rows),
-                            [str(int(ids[i])) for i in rows],
-                            [images[i].size for i in rows],
-                        )
+                    # the derivation validates each stream in numba code that releases the GIL
+                    derived = pool.map(
+                        derive_image_key_and_stream,
+                        [master] * len(rows),
+                        [str(int(ids[i])) for i in rows],
+                        [images[i].size for i in rows],
                     )
-                    if len({images[i].size for i in rows}) == 1:  # parallel batch
-                        streams = list(key_streams([k.sslm for k in keys], images[rows[0]].size))
-                    else:
-                        streams = [key_stream(k.sslm, k.n_pixels) for k in keys]
-                    for i, key, stream in zip(rows, keys, streams, strict=True):
-                        if stream_check(stream) != key.check:
-                            raise RuntimeError(f"key stream of image {ids[i]} fails its check")
+                    streams = [stream for _key, stream in derived]
                 for i, stream in zip(rows, streams, strict=True):
                     image = np.ascontiguousarray(images[i])
                     for condition in group:

@@ -358,17 +358,25 @@ def derive_image_key(
     θ_i = HMAC(master, image_id ‖ counter) → x0 ∈ (0.05, 0.95), r_j = paper r_j + [0, 1e-6);
     a stream that fails `stream_defects` is re-derived with the next counter.
     """
+    return derive_image_key_and_stream(master, image_id, n_pixels, max_attempts)[0]
+
+
+def derive_image_key_and_stream(
+    master: MasterKey, image_id: str, n_pixels: int, max_attempts: int = 32
+) -> tuple[ImageKey, np.ndarray]:
+    """`derive_image_key` plus the key stream it validated (saves computing it twice)."""
     if not image_id:
         raise ValueError("image_id must be a non-empty string")
     for counter in range(max_attempts):
         sslm = _derive_sslm(master, image_id, counter)
         stream = key_stream(sslm, n_pixels)
         if not stream_defects(stream):
-            return ImageKey(
+            key = ImageKey(
                 image_id=image_id,
                 sslm=sslm,
                 n_pixels=n_pixels,
                 counter=counter,
                 check=stream_check(stream),
             )
+            return key, stream
     raise RuntimeError(f"no valid key stream for {image_id!r} after {max_attempts} attempts")
