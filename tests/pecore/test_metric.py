@@ -85,3 +85,14 @@ def test_float32_features_give_the_float64_metric():
         rtol=1e-3,
         atol=1e-3 * np.abs(exact.transform(X)).max(),
     )
+
+
+def test_copy_false_centres_in_place_and_gives_the_same_metric():
+    X, y = _data(30, 20, 4)
+    X = X.astype(np.float32)
+    kept = X.copy()
+    a = CFML(n_components=2).fit(X, y)
+    np.testing.assert_array_equal(X, kept)  # the default never touches the caller's array
+    b = CFML(n_components=2, copy=False).fit(X, y)
+    np.testing.assert_allclose(X.mean(axis=0), 0, atol=1e-6)  # centred in place
+    np.testing.assert_array_equal(a.components_, b.components_)
