@@ -140,3 +140,16 @@ def test_gmm_fit_does_not_depend_on_the_number_of_threads():
     two = DiagonalGMM(4, max_iter=15, random_state=2, n_jobs=2).fit(X)
     np.testing.assert_array_equal(one.means_, two.means_)
     np.testing.assert_array_equal(one.variances_, two.variances_)
+
+
+def test_gmm_restarts_a_component_that_holds_only_an_outlier():
+    # D² seeding all but surely puts a centre on the far outlier; that component then holds one
+    # point, below VLFeat's 1e-2·n/K, and is restarted by splitting the heaviest one
+    rng = np.random.default_rng(7)
+    X = np.concatenate([rng.standard_normal((2000, 2)), [[1e4, 1e4]]]).astype(np.float32)
+    # tol=0: no early stop, so EM reaches the restart check (from the third iteration on)
+    gmm = DiagonalGMM(3, max_iter=20, tol=0.0, random_state=0).fit(X)
+    assert gmm.n_restarts_ >= 1
+    assert np.isfinite(gmm.means_).all() and np.isfinite(gmm.variances_).all()
+    np.testing.assert_allclose(gmm.weights_.sum(), 1.0)
+    assert (gmm.weights_ > 0.05).all()  # the restarted component took real data
