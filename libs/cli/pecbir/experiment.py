@@ -501,12 +501,6 @@ def run_fold(
 
 
 # ------------------------------------------------------------------------------ the run
-def _dilate_all(masks: np.ndarray, radius: int) -> list[np.ndarray]:
-    from pecore.roi import dilate_mask
-
-    return [dilate_mask(np.asarray(m, dtype=bool), radius) for m in masks]
-
-
 def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -515,6 +509,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     from tqdm import tqdm
 
     from pecore.datasets import default_data_path, load_figshare
+    from pecore.pipeline import dilated_rois
 
     wall_start = time.perf_counter()
     cache_dir = Path(config.cache_dir)
@@ -573,7 +568,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                     seed_words = [config.seed, fold, zlib.crc32(condition.name.encode())]
                     if dilated is None or dilated[0] is not masks:
                         # one stack at a time (3064 × 512² bool = 0.8 GB), reused across folds
-                        dilated = (masks, _dilate_all(masks, fold_config.radius))
+                        dilated = (masks, dilated_rois(masks, fold_config.radius))
                     fresh = run_fold(
                         images,
                         masks,

@@ -32,7 +32,7 @@ from pecore.fisher import DiagonalGMM, FisherVectorEncoder, moments
 from pecore.metric import CFML
 from pecore.roi import dilate_mask
 
-__all__ = ["CBIRPipeline", "PatchModel", "encode_images", "fit_patch_model"]
+__all__ = ["CBIRPipeline", "PatchModel", "dilated_rois", "encode_images", "fit_patch_model"]
 
 FORMAT_VERSION = 1
 
@@ -50,7 +50,8 @@ def _default_jobs(n_jobs: int | None) -> int:
     return max(1, n_jobs if n_jobs is not None else min(2, os.cpu_count() or 1))
 
 
-def _rois(masks: Sequence[np.ndarray], radius: int) -> list[np.ndarray]:
+def dilated_rois(masks: Sequence[np.ndarray], radius: int) -> list[np.ndarray]:
+    """Each tumour mask dilated by a disk of `radius` (the ROIs patches are taken from)."""
     return [dilate_mask(np.asarray(m, dtype=bool), radius) for m in masks]
 
 
@@ -73,7 +74,7 @@ def fit_patch_model(
         raise ValueError("no training images")
     rng = np.random.default_rng(random_state)
     if rois is None:
-        rois = _rois(masks, radius)
+        rois = dilated_rois(masks, radius)
     counts = np.array([int(np.count_nonzero(r)) for r in rois])
     chosen = training_sample(counts, n_train_patches, rng)
     parts = []
@@ -199,7 +200,7 @@ class CBIRPipeline:
             raise ValueError(
                 f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
             )
-        rois = _rois(masks, self.radius)
+        rois = dilated_rois(masks, self.radius)
         model = fit_patch_model(
             images,
             masks,
