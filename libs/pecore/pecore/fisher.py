@@ -87,7 +87,12 @@ def _kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 
 class DiagonalGMM:
-    """Gaussian mixture with diagonal covariances fitted by EM (see module docstring)."""
+    """Gaussian mixture with diagonal covariances fitted by EM (see module docstring).
+
+    EM stops early when the log-likelihood improves by less than `tol` relative, but never
+    while a component is near-empty (that one is restarted first); `tol <= 0` runs all
+    `max_iter` iterations.
+    """
 
     def __init__(
         self,
@@ -180,11 +185,20 @@ class DiagonalGMM:
                 log_lik = math.fsum(p[0] for p in parts)
                 mass = np.sum([p[1] for p in parts], axis=0)
                 self.n_iter_ = iteration + 1
-                if iteration > 0 and log_lik - previous < self.tol * abs(previous):
+                starving = iteration > 1 and bool(np.any(mass < 1e-2 * max(1.0, n / k)))
+                # a fit holding a near-empty component has not converged, whatever the
+                # likelihood says; tol <= 0 turns the early stop off (an EM step can lose
+                # a few ulps of likelihood to rounding, so "improved by < 0" is no test)
+                if (
+                    self.tol > 0
+                    and iteration > 0
+                    and not starving
+                    and log_lik - previous < self.tol * abs(previous)
+                ):
                     self.converged_ = True
                     break
                 previous = log_lik
-                if iteration > 1 and np.any(mass < 1e-2 * max(1.0, n / k)):
+                if starving:
                     # rare: a component ran empty; split a heavy one (needs every posterior)
                     resp = self._full_posteriors(x_moments)
                     self.n_restarts_ += self._restart_empty(resp, X)
