@@ -20,10 +20,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pecbir_contracts.events import InMemoryBus
-from pecbir_contracts.observability import ObservabilitySettings, ops_wsgi_app
-from pecbir_contracts.store import FilesystemStore
 from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
+from pecbir_platform.bus import InMemoryBus
+from pecbir_platform.observability import ObservabilitySettings, ops_wsgi_app
+from pecbir_platform.store import FilesystemStore
 from tests.deploy import k8s_tools as kt
 from tests.deploy.keda_schemas import SCHEMAS as KEDA_SCHEMAS
 

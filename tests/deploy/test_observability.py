@@ -14,9 +14,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from pecbir_contracts.events import InMemoryBus, VectorEvent, decode_event, encode_event
+from pecbir_contracts.events import VectorEvent, decode_event, encode_event
 from pecbir_contracts.layout import CollectionLayout
-from pecbir_contracts.observability import (
+from pecbir_contracts.tasks import QUEUE_INDEX, QUEUE_TRAIN, TASK_INDEX_IMAGE
+from pecbir_gateway.app import create_app as create_gateway
+from pecbir_gateway.dispatch import CeleryDispatcher
+from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.bus import InMemoryBus
+from pecbir_platform.observability import (
     REQUEST_ID_FIELD,
     REQUEST_ID_HEADER,
     JsonFormatter,
@@ -28,11 +33,7 @@ from pecbir_contracts.observability import (
     request_context,
     start_ops_server,
 )
-from pecbir_contracts.store import FilesystemStore
-from pecbir_contracts.tasks import QUEUE_INDEX, QUEUE_TRAIN, TASK_INDEX_IMAGE
-from pecbir_gateway.app import create_app as create_gateway
-from pecbir_gateway.dispatch import CeleryDispatcher
-from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.store import FilesystemStore
 from pecbir_search.app import create_app as create_search
 from pecbir_search.engine import CollectionState, Version
 from pecbir_search.index import VectorIndex
@@ -317,11 +318,11 @@ def test_queue_depth_and_request_id_header_on_a_real_redis_broker(monkeypatch, t
 
     import redis
 
-    from pecbir.procs import redis_server
+    from pecbir_harness.procs import redis_server
 
     if shutil.which("redis-server") is None:
         pytest.skip("needs the redis-server binary (a private broker, not the shared one)")
-    monkeypatch.setenv("PECBIR_TEST_OWN_REDIS", "1")
+    monkeypatch.delenv("PECBIR_TEST_REDIS_URL", raising=False)
     with redis_server(tmp_path) as url:
         client = redis.Redis.from_url(url)
         dispatcher = CeleryDispatcher(url)

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from pecbir_contracts.store import FilesystemStore
+from pecbir_platform.store import FilesystemStore
 from tests.services.helpers import TOKEN_SECRET
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from pecbir_contracts.auth import mint_token
 from pecbir_contracts.png import encode_png
-from pecbir_contracts.store import FilesystemStore
+from pecbir_platform.store import FilesystemStore
 
 TOKEN_SECRET = b"test-token-secret-0123456789abcdef"
 

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from pecbir.embedded import EmbeddedSystem
 from pecbir_contracts.png import encode_png
-from pecbir_contracts.store import FilesystemStore
 from pecbir_gateway.app import create_app
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_harness.embedded import EmbeddedSystem
+from pecbir_platform.store import FilesystemStore
 from pecbir_search.app import create_app as search_app
 from pecbir_search.settings import SearchSettings
 from pecore.keys import MasterKey

@@ -57,7 +57,7 @@ def _files(seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from pecbir.procs import Cluster
+    from pecbir_harness.procs import Cluster
 
     tmp = tmp_path_factory.mktemp("faults")
     delay = tmp / "index-delay"
@@ -99,7 +99,7 @@ def _served(cluster) -> int:
 
 
 def _store(cluster):
-    from pecbir_contracts.store import MinioStore
+    from pecbir_platform.store import MinioStore
 
     return MinioStore(cluster.moto_url, "test-access", "test-secret", "pecbir")
 

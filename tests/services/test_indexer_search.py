@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pecbir_contracts.events import InMemoryBus, ModelEvent, VectorEvent
+from pecbir_contracts.events import ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout, new_image_id
 from pecbir_contracts.png import encode_png
 from pecbir_contracts.records import FeatureRecord, read_current_version
@@ -13,6 +13,7 @@ from pecbir_contracts.schemas import ImageMetadata, TrainRequest
 from pecbir_indexer import work
 from pecbir_indexer.runtime import Runtime
 from pecbir_indexer.settings import IndexerSettings
+from pecbir_platform.bus import InMemoryBus
 from pecbir_search.engine import SearchEngine
 from pecbir_search.index import VectorIndex
 from tests.services.helpers import labelled_set

@@ -39,7 +39,7 @@ def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from pecbir.procs import Cluster
+    from pecbir_harness.procs import Cluster
 
     with Cluster(tmp_path_factory.mktemp("cluster")) as running:
         yield running
@@ -123,8 +123,8 @@ def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
     import redis
 
     from pecbir_contracts.layout import CollectionLayout
-    from pecbir_contracts.store import MinioStore
     from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, TASK_INDEX_IMAGE
+    from pecbir_platform.store import MinioStore
 
     gateway = httpx.Client(
         base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}

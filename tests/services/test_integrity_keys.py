@@ -20,10 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pecbir.embedded import EmbeddedSystem
 from pecbir_contracts.auth import mint_token
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
+from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.envelope import image_key_for
 from pecore.keys import MasterKey

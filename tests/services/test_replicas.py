@@ -19,7 +19,7 @@ import pytest
 
 from pecbir_contracts.layout import CollectionLayout, idempotency_record_key, version_name
 from pecbir_contracts.png import encode_png
-from pecbir_contracts.store import MinioStore
+from pecbir_platform.store import MinioStore
 from tests.services.helpers import TOKEN_SECRET, auth, blob_image, metadata_json, upload_files
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory) -> Iterator[Replicas]:
-    from pecbir.procs import moto_s3, redis_server, uvicorn_app
+    from pecbir_harness.procs import moto_s3, redis_server, uvicorn_app
 
     tmp: Path = tmp_path_factory.mktemp("replicas")
     with contextlib.ExitStack() as stack:

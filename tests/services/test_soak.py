@@ -8,7 +8,15 @@ import shutil
 
 import pytest
 
-from pecbir.soak import MiB, SoakConfig, checks, memory_report, run_soak, schedule, soak_cluster
+from pecbir_harness.soak import (
+    MiB,
+    SoakConfig,
+    checks,
+    memory_report,
+    run_soak,
+    schedule,
+    soak_cluster,
+)
 
 
 @pytest.mark.integration

@@ -12,15 +12,8 @@ from functools import partial
 import httpx
 import pytest
 
-from pecbir_contracts.store import (
-    FilesystemStore,
-    MinioStore,
-    ObjectNotFound,
-    ObjectStore,
-    UnsupportedStore,
-    check_put_if_absent,
-    store_from_url,
-)
+from pecbir_contracts.store import ObjectNotFound, ObjectStore, UnsupportedStore
+from pecbir_platform.store import FilesystemStore, MinioStore, check_put_if_absent, store_from_url
 from tests.services.helpers import OverwritingStore
 
 RACERS, ROUNDS = 8, 5
@@ -112,7 +105,7 @@ def test_start_up_check_refuses_a_store_that_overwrites(tmp_path):
 
 @pytest.mark.integration
 def test_minio_client_against_moto_server(tmp_path):
-    from pecbir.procs import moto_s3
+    from pecbir_harness.procs import moto_s3
 
     with moto_s3() as endpoint:
         store = MinioStore(endpoint, access_key="test", secret_key="test-secret", bucket="pecbir")
@@ -139,7 +132,7 @@ class MetadataConditionStore(MinioStore):
 
 @pytest.mark.integration
 def test_minio_conditional_write_is_honoured_and_atomic_across_processes():
-    from pecbir.procs import moto_s3
+    from pecbir_harness.procs import moto_s3
 
     with moto_s3() as endpoint:
         open_store = partial(MinioStore, endpoint, "test", "test-secret", "pecbir")

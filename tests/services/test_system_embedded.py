@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pecbir.embedded import EmbeddedSystem
 from pecbir_contracts.layout import CollectionLayout
+from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.keys import MasterKey
 from tests.dicom_factory import make_dataset

@@ -10,8 +10,8 @@ import os
 
 from fastapi import FastAPI
 
-from pecbir_contracts.observability import Check, httpx_request_id_hook, instrument_app
 from pecbir_encryptor.core import Encryptor
+from pecbir_platform.observability import Check, httpx_request_id_hook, instrument_app
 
 
 def readiness_checks(encryptor: Encryptor) -> dict[str, Check]:

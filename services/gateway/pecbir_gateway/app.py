@@ -6,16 +6,12 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pecbir_contracts.store import (
-    ObjectNotFound,
-    ObjectStore,
-    StorageError,
-    check_put_if_absent,
-)
+from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError
 from pecbir_gateway import images, models, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.store import check_put_if_absent
 
 
 def create_app(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from pecbir_contracts.observability import (
+from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
+from pecbir_gateway.deps import GatewayContext
+from pecbir_gateway.dispatch import CeleryDispatcher
+from pecbir_platform.observability import (
     Check,
     QueueDepthCollector,
     broker_check,
@@ -13,9 +16,6 @@ from pecbir_contracts.observability import (
     register_collector,
     store_check,
 )
-from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
-from pecbir_gateway.deps import GatewayContext
-from pecbir_gateway.dispatch import CeleryDispatcher
 
 
 def readiness_checks(context: GatewayContext) -> dict[str, Check]:

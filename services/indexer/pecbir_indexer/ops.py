@@ -16,15 +16,15 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pecbir_contracts.layout import version_number
-from pecbir_contracts.observability import (
+from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
+from pecbir_indexer.runtime import get_runtime
+from pecbir_indexer.settings import IndexerSettings
+from pecbir_platform.observability import (
     Check,
     broker_check,
     instrument_celery,
     register_collector,
 )
-from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
-from pecbir_indexer.runtime import get_runtime
-from pecbir_indexer.settings import IndexerSettings
 
 
 class WorkerOpsSettings(BaseSettings):

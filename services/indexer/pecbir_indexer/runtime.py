@@ -7,10 +7,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pecbir_contracts.events import EventBus, bus_from_url
+from pecbir_contracts.events import EventBus
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.store import ObjectStore
 from pecbir_indexer.settings import IndexerSettings
+from pecbir_platform.bus import bus_from_url
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
-from pecbir_contracts.store import StoreSettings
+from pecbir_platform.store import StoreSettings
 
 
 class IndexerSettings(StoreSettings):

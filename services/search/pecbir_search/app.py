@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Uploa
 from pydantic import BaseModel, Field
 
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
-from pecbir_contracts.events import EventBus, bus_from_url
+from pecbir_contracts.events import EventBus
 from pecbir_contracts.layout import check_name
 from pecbir_contracts.png import (
     ImageTooLarge,
@@ -21,6 +21,7 @@ from pecbir_contracts.png import (
 )
 from pecbir_contracts.schemas import MAX_K, IndexStatus, SearchHit, SearchResponse, SearchTimings
 from pecbir_contracts.store import ObjectStore
+from pecbir_platform.bus import bus_from_url
 from pecbir_search import metrics
 from pecbir_search.engine import CollectionState, SearchEngine
 from pecbir_search.settings import SearchSettings

@@ -18,10 +18,10 @@ import numpy as np
 
 from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout, version_number
-from pecbir_contracts.observability import request_context
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
+from pecbir_platform.observability import request_context
 from pecbir_search.index import VectorIndex, compile_kernels
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 
 from pecbir_contracts.layout import version_number
-from pecbir_contracts.observability import (
+from pecbir_platform.observability import (
     Check,
     instrument_app,
     register_collector,

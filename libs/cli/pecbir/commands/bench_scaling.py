@@ -444,8 +444,8 @@ def _prepare_store(root: Path, n_images: int, fit_images: int, n_components: int
     from pecbir_contracts.layout import CollectionLayout, new_image_id
     from pecbir_contracts.png import encode_png
     from pecbir_contracts.records import write_current_version
-    from pecbir_contracts.store import FilesystemStore
     from pecbir_encryptor.core import Encryptor
+    from pecbir_platform.store import FilesystemStore
     from pecore.datasets import load_figshare
     from pecore.keys import MasterKey
     from pecore.pipeline import CBIRPipeline
@@ -486,10 +486,10 @@ def _prepare_store(root: Path, n_images: int, fit_images: int, n_components: int
 
 
 def _runtime(root: Path):
-    from pecbir_contracts.events import InMemoryBus
-    from pecbir_contracts.store import FilesystemStore
     from pecbir_indexer.runtime import configure_runtime
     from pecbir_indexer.settings import IndexerSettings
+    from pecbir_platform.bus import InMemoryBus
+    from pecbir_platform.store import FilesystemStore
 
     settings = IndexerSettings(store_url=f"file://{root}", encode_threads=1)
     return configure_runtime(FilesystemStore(root), InMemoryBus(), settings)
@@ -617,7 +617,7 @@ def run_indexing(args: argparse.Namespace) -> int:
 
 
 def _list_features(root: Path, layout) -> list[str]:
-    from pecbir_contracts.store import FilesystemStore
+    from pecbir_platform.store import FilesystemStore
 
     return FilesystemStore(root).list(layout.root + "features/")
 

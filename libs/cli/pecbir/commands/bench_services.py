@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pecbir.workload import percentile
+from pecbir_harness.workload import percentile
 
 TARGETS = {"query_p50_ms": 200.0, "knn_p99_ms": 2.0, "upload_to_searchable_p50_s": 1.5}
 
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
-    from pecbir.procs import Cluster
-    from pecbir.workload import seal_for_upload
+    from pecbir_harness.procs import Cluster
+    from pecbir_harness.workload import seal_for_upload
     from pecore.keys import MasterKey
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -232,7 +232,7 @@ def _knn_in_process(cluster) -> dict[str, float]:
     """The same VectorIndex the search service uses, loaded with the stored vectors."""
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_contracts.records import FeatureRecord, read_current_version
-    from pecbir_contracts.store import MinioStore
+    from pecbir_platform.store import MinioStore
     from pecbir_search.index import VectorIndex
 
     store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")

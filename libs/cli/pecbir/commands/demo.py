@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pecbir.embedded import EmbeddedSystem
+    from pecbir_harness.embedded import EmbeddedSystem
     from pecore.evaluate import average_precision, precision_at
 
     # One log line per in-process request or eager task would bury the progress bars.

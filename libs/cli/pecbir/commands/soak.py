@@ -2,10 +2,10 @@
 
 Starts a private Redis (append-only, fsync always; the machine's Redis if there is no
 redis-server binary), moto S3, one Celery worker and uvicorn gateway + search on loopback
-(`pecbir.procs.Cluster`), trains a model on a labelled seed batch, then interleaves uploads
+(`pecbir_harness.procs.Cluster`), trains a model on a labelled seed batch, then interleaves uploads
 (own idempotency keys, some replayed, some reused with another body) and searches at a client
 concurrency that changes every round, sampling the RSS of every service process. Ends with
-the checks of `pecbir.soak`: every acknowledged upload searchable, zero 5xx, memory flat.
+the checks of `pecbir_harness.soak`: every acknowledged upload searchable, zero 5xx, memory flat.
 Prints a table and writes soak.json, soak.md and soak.png under --out; exit code 1 if a check
 fails.
 """
@@ -47,14 +47,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--sample-interval", type=float, default=0.5, help="RSS sampling (s)")
     parser.add_argument("--drain-timeout", type=float, default=300.0)
-    parser.add_argument("--shared-redis", action="store_true", help="use 127.0.0.1:6379")
+    parser.add_argument(
+        "--shared-redis",
+        action="store_true",
+        help="use the Redis named by $PECBIR_TEST_REDIS_URL (never flushed) "
+        "instead of a private redis-server with an append-only file",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/soak"))
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pecbir.soak import SoakConfig, run_soak, soak_cluster
+    from pecbir_harness.soak import SoakConfig, run_soak, soak_cluster
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = SoakConfig(

@@ -15,7 +15,7 @@ is sampled. Afterwards three properties are checked:
 A fourth check keeps the load honest: uploads answer 202, a replay with the same key and body
 answers the original image id, a reused key with another body answers 409, searches answer 200.
 
-`run_soak` drives an already started `pecbir.procs.Cluster`; the CLI (`pecbir soak`) and the
+`run_soak` drives an already started `pecbir_harness.procs.Cluster`; the CLI (`pecbir soak`) and the
 integration test only size it differently.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pecbir.workload import percentile, seal_for_upload
+from pecbir_harness.workload import percentile, seal_for_upload
 
 MiB = 1024 * 1024
 # Model for 64×64 synthetic slices (ROI radius ≤ size/8 keeps patches inside the image).
@@ -720,7 +720,7 @@ def soak_cluster(tmp: Path, own_redis: bool | None = None) -> Iterator[object]:
     (its memory can then be sampled too), else the helpers' shared-Redis convention."""
     import shutil
 
-    from pecbir.procs import Cluster
+    from pecbir_harness.procs import Cluster
 
     if own_redis is None:
         own_redis = shutil.which("redis-server") is not None

@@ -16,8 +16,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from pecbir_contracts.auth import mint_token
-from pecbir_contracts.events import InMemoryBus
-from pecbir_contracts.store import FilesystemStore
+from pecbir_platform.bus import InMemoryBus
+from pecbir_platform.store import FilesystemStore
 from pecore.keys import MasterKey
 
 USER_SCOPES = ("upload", "search", "read", "train", "decrypt", "key-release")

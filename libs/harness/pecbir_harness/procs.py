@@ -90,26 +90,23 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def redis_server(tmp: Path) -> Iterator[str]:
-    """An empty database on the machine's Redis (127.0.0.1:6379) if it answers, else a
-    private redis-server on a free port. The database is flushed afterwards."""
+    """A private redis-server on a free loopback port (data under `tmp`, nothing saved), or
+    the external Redis named by $PECBIR_TEST_REDIS_URL when that is set. An external Redis is
+    used as it is and never flushed: a test run must not delete data it did not create, so
+    the tests that share it write only under keys they made."""
     import redis
 
-    if os.environ.get("PECBIR_TEST_OWN_REDIS") != "1":
-        shared = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=0.5)
-        with contextlib.suppress(Exception):
-            shared.ping()
-            for db in range(15, 0, -1):
-                client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-                # Claim an unused database: SETNX of a marker in an empty one.
-                if client.dbsize() == 0 and client.set("pecbir:claimed", os.getpid(), nx=True):
-                    try:
-                        yield f"redis://127.0.0.1:6379/{db}"
-                    finally:
-                        client.flushdb()
-                    return
+    external = os.environ.get("PECBIR_TEST_REDIS_URL")
+    if external:
+        redis.Redis.from_url(external, socket_timeout=2).ping()
+        yield external
+        return
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("no Redis on 127.0.0.1:6379 and no redis-server binary")
+        raise RuntimeError(
+            "no redis-server binary (install Debian's redis-server, or set "
+            "PECBIR_TEST_REDIS_URL to a Redis the tests may use)"
+        )
     port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     args += ["--dir", str(tmp)]

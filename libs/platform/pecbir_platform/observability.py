@@ -26,9 +26,7 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextvars import ContextVar
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -44,12 +42,16 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REQUEST_ID_HEADER = "X-Request-ID"
-# Celery message header and event field that carry the id between processes.
-REQUEST_ID_FIELD = "pecbir_request_id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
-
-_request_id: ContextVar[str | None] = ContextVar("pecbir_request_id", default=None)
+from pecbir_contracts.request_ids import (
+    REQUEST_ID_FIELD,
+    REQUEST_ID_HEADER,
+    clean_request_id,
+    current_request_id,
+    new_request_id,
+    request_context,
+    reset_request_id,
+    set_request_id,
+)
 
 
 class ObservabilitySettings(BaseSettings):
@@ -64,33 +66,7 @@ class ObservabilitySettings(BaseSettings):
     ops_port: int = 0
 
 
-# -- request ids -----------------------------------------------------------------------------
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def clean_request_id(value: str | None) -> str | None:
-    """A caller-supplied id if it looks like one (bounded, no control characters), else None."""
-    if value and _REQUEST_ID.fullmatch(value):
-        return value
-    return None
-
-
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
-@contextlib.contextmanager
-def request_context(request_id: str | None) -> Iterator[str]:
-    """Run a block under `request_id` (a fresh one if None or malformed)."""
-    rid = clean_request_id(request_id) or new_request_id()
-    token = _request_id.set(rid)
-    try:
-        yield rid
-    finally:
-        _request_id.reset(token)
+# -- request ids (the convention itself is in pecbir_contracts.request_ids) ---------------------
 
 
 def httpx_request_id_hook(request: Any) -> None:
@@ -476,7 +452,7 @@ def _task_prerun(task_id: str | None = None, task: Any = None, **_kw: Any) -> No
     if rid is None and task is not None:
         headers = getattr(task.request, "headers", None) or {}
         rid = clean_request_id(headers.get(REQUEST_ID_FIELD))
-    token = _request_id.set(rid or new_request_id())
+    token = set_request_id(rid or new_request_id())
     if task is not None:
         task.request._pecbir_rid_token = token
     if task_id:
@@ -493,7 +469,7 @@ def _task_postrun(
     token = getattr(task.request, "_pecbir_rid_token", None) if task is not None else None
     if token is not None:
         with contextlib.suppress(ValueError):
-            _request_id.reset(token)
+            reset_request_id(token)
 
 
 def _task_failure(sender: Any = None, exception: BaseException | None = None, **_kw: Any) -> None:

@@ -1,0 +1,9 @@
+"""pecbir_harness: running the services as processes or in one process, for tests, demos,
+soaks and benchmarks. Not part of any service image.
+
+- `procs`     free ports, child processes, private Redis, moto S3, uvicorn apps, Celery
+              workers, and `Cluster` (the whole cloud side on loopback)
+- `embedded`  `EmbeddedSystem`: every service in one process (the demo's mode)
+- `workload`  sealing images for upload, percentiles
+- `soak`      the bounded soak run behind `pecbir soak`
+"""

@@ -1,0 +1,6 @@
+"""pecbir_platform: the back ends behind the contracts, shared by every cloud service.
+
+- `store`          object-store back ends (filesystem default, S3/MinIO through `minio`)
+- `bus`            event-bus back ends (Redis stream, in-process list)
+- `observability`  JSON logs with request ids, Prometheus metrics, health/readiness checks
+"""

@@ -1,0 +1,367 @@
+"""Object-store back ends behind `pecbir_contracts.store.ObjectStore`.
+
+`FilesystemStore` is the embedded default (atomic, fsync'd writes: a `put` that returned is on
+disk). `MinioStore` speaks the S3 API through the `minio` client (MinIO, AWS S3, moto_server).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pecbir_contracts.layout import DEFAULT_BUCKET, probe_key
+from pecbir_contracts.store import (
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    UnsupportedStore,
+    check_key,
+)
+
+T = TypeVar("T")
+
+
+class FilesystemStore:
+    """Objects as files under `root`; writes are atomic (tmp + fsync + rename + dir fsync).
+
+    `put_if_absent` links the fsync'd temporary file to the key (tmp + fsync + link + dir
+    fsync): atomic across processes sharing the directory, on a file system with hard links.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"FilesystemStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @staticmethod
+    def _durable_temp(folder: Path, data: bytes) -> str:
+        """`data` in a new fsync'd temporary file in `folder` (the caller renames or links it)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        tmp = None
+        try:
+            tmp = self._durable_temp(path.parent, bytes(data))
+            os.replace(tmp, path)
+            self._fsync_dir(path.parent)
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+
+    def put_if_absent(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        # link(2) creates the name only if it does not exist, atomically for every process
+        # sharing the directory; the linked file is already complete and fsync'd, so a reader
+        # never sees a partial object under the key.
+        path = self._path(key)
+        tmp = None
+        try:
+            tmp = self._durable_temp(path.parent, bytes(data))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            self._fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc}") from exc
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        return _file_chunks(handle, chunk_size)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        search_root = base if base.is_dir() else base.parent
+        if not search_root.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(search_root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
+        return None
+
+
+def _file_chunks(handle: io.BufferedReader, chunk_size: int) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(chunk_size):
+            yield chunk
+
+
+class MinioStore:
+    """S3 / MinIO through the `minio` client (one bucket, created on first use)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str = DEFAULT_BUCKET,
+        *,
+        secure: bool | None = None,
+        region: str | None = "us-east-1",
+        create_bucket: bool = True,
+    ) -> None:
+        import certifi
+        import urllib3
+        from minio import Minio
+
+        parsed = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        self.endpoint = parsed.netloc
+        self.bucket = bucket
+        client_args: dict[str, Any] = {
+            "access_key": access_key,
+            "secret_key": secret_key,
+            "secure": (parsed.scheme == "https") if secure is None else secure,
+            "region": region,
+        }
+        self._client = Minio(parsed.netloc, **client_args)
+        # A conditional PUT is not idempotent: a retry after a lost response would meet our
+        # own object (412) and report the key as taken. So this client retries only failed
+        # connections (nothing was sent); any other failure is a StorageError. Timeouts and
+        # certificates as the minio client's default pool.
+        no_resend = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=300, read=300),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=3, connect=3, read=0, status=0, other=0),
+        )
+        self._conditional = Minio(parsed.netloc, http_client=no_resend, **client_args)
+        if create_bucket:
+            self._guard(bucket, self._ensure_bucket)
+
+    def __repr__(self) -> str:
+        return f"MinioStore({self.endpoint!r}, bucket={self.bucket!r})"
+
+    def _ensure_bucket(self) -> None:
+        if not self._client.bucket_exists(self.bucket):
+            self._client.make_bucket(self.bucket)
+
+    def _guard(self, key: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one client call, mapping errors to ObjectNotFound / StorageError."""
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return func(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"S3 error {exc.code} on {key!r}: {exc.message}") from exc
+        except (HTTPError, OSError) as exc:
+            raise StorageError(f"S3 endpoint {self.endpoint} unreachable: {exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        data = bytes(data)
+        self._guard(
+            key,
+            self._client.put_object,
+            self.bucket,
+            check_key(key),
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+        )
+
+    def put_if_absent(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        # An S3 conditional write: the store itself refuses the PUT with 412 if the key
+        # exists, so this is atomic across gateway replicas (check_put_if_absent verifies
+        # that the store honours it). `put_object` would turn If-None-Match into user
+        # metadata (x-amz-meta-if-none-match), hence the client's single-PUT call.
+        from minio.error import S3Error
+
+        data = bytes(data)
+        headers = {"Content-Type": content_type, "If-None-Match": "*"}
+
+        def create() -> bool:
+            try:
+                self._conditional._put_object(self.bucket, check_key(key), data, headers)
+            except S3Error as exc:
+                if exc.code == "PreconditionFailed":
+                    return False
+                raise
+            return True
+
+        return self._guard(key, create)
+
+    def get(self, key: str) -> bytes:
+        def read() -> bytes:
+            response = self._client.get_object(self.bucket, check_key(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._guard(key, read)
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        response = self._guard(key, self._client.get_object, self.bucket, check_key(key))
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.stream(chunk_size)
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._guard(key, self._client.stat_object, self.bucket, check_key(key))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        self._guard(key, self._client.remove_object, self.bucket, check_key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        def collect() -> list[str]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return sorted(obj.object_name for obj in objects)
+
+        return self._guard(prefix, collect)
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
+        return self._guard(
+            key, self._client.presigned_get_object, self.bucket, check_key(key), expires=expires
+        )
+
+
+def check_put_if_absent(store: ObjectStore) -> None:
+    """Refuse a store on which `put_if_absent` overwrites an existing key.
+
+    An S3-compatible store that ignores `If-None-Match: *` accepts the second conditional
+    PUT; gateway replicas on it could accept one idempotency key for two bodies and hand out
+    one model version twice. Costs two writes and a delete on a fresh key.
+    """
+    key = probe_key()
+    try:
+        created = store.put_if_absent(key, b"first", "text/plain")
+        refused = not store.put_if_absent(key, b"second", "text/plain")
+        kept = store.get(key) == b"first"
+    finally:
+        store.delete(key)
+    if not (created and refused and kept):
+        raise UnsupportedStore(
+            f"{store!r} overwrote an existing object on a conditional write (PUT with "
+            "If-None-Match: *); the gateway needs a store that refuses it with 412 "
+            "Precondition Failed (see docs/operations.md, 'Object store requirements')"
+        )
+
+
+def store_from_url(url: str, **s3: str) -> ObjectStore:
+    """`file:///path` (or a bare path) → FilesystemStore; `s3://` / `http(s)://` → MinioStore.
+
+    For S3 the credentials come from `s3` (access_key, secret_key, bucket, region).
+    """
+    if url.startswith("file://"):
+        return FilesystemStore(url[len("file://") :])
+    if url.startswith(("http://", "https://", "s3://")):
+        endpoint = "http://" + url[len("s3://") :] if url.startswith("s3://") else url
+        return MinioStore(
+            endpoint,
+            access_key=s3.get("access_key", ""),
+            secret_key=s3.get("secret_key", ""),
+            bucket=s3.get("bucket") or DEFAULT_BUCKET,
+            region=s3.get("region") or "us-east-1",
+        )
+    if "://" in url:
+        raise ValueError(f"unsupported object store URL {url!r} (use file://, http(s):// or s3://)")
+    return FilesystemStore(url)
+
+
+class StoreSettings(BaseSettings):
+    """Where a cloud service finds the object store (environment, prefix PECBIR_).
+
+    The gateway, indexer and search settings inherit these fields, so the variable names and
+    the way a store is opened are defined once.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PECBIR_", extra="ignore")
+
+    store_url: str = Field(
+        default="file://./var/store",
+        description="file:///path (embedded) or http(s)://host:port of an S3/MinIO endpoint",
+    )
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_bucket: str = DEFAULT_BUCKET
+    s3_region: str = "us-east-1"
+
+    def open_store(self) -> ObjectStore:
+        return store_from_url(
+            self.store_url,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key.get_secret_value(),
+            bucket=self.s3_bucket,
+            region=self.s3_region,
+        )
