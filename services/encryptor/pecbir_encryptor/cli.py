@@ -19,22 +19,10 @@ from pathlib import Path
 
 
 def _encryptor():
-    import httpx
-
-    from pecbir_encryptor.core import Encryptor
-    from pecbir_encryptor.keyring import Keyring
+    from pecbir_encryptor.deps import build_encryptor
     from pecbir_encryptor.settings import EncryptorSettings
 
-    settings = EncryptorSettings()  # type: ignore[call-arg]
-    gateway = httpx.Client(base_url=settings.gateway_url, timeout=settings.gateway_timeout_s)
-    gateway.headers["authorization"] = f"Bearer {settings.gateway_token.get_secret_value()}"
-    return Encryptor(
-        Keyring.load(settings.master_key, settings.keyring_dir),
-        gateway,
-        scheme=settings.scheme,
-        key_mode=settings.key_mode,
-        audit_log=settings.audit_log,
-    )
+    return build_encryptor(EncryptorSettings())  # type: ignore[call-arg]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -67,12 +55,12 @@ def _fetch(args: argparse.Namespace) -> int:
     try:
         plain, _mask, metadata = encryptor.fetch_plain(args.collection, args.image_id)
     except IntegrityError as exc:
-        encryptor.audit(
+        encryptor.audit.write(
             action="decrypt", sub="cli", image_id=args.image_id, outcome="refused", reason=str(exc)
         )
         raise
     write_image(args.out, plain)
-    encryptor.audit(action="decrypt", sub="cli", image_id=args.image_id, outcome="ok")
+    encryptor.audit.write(action="decrypt", sub="cli", image_id=args.image_id, outcome="ok")
     print(f"verified and decrypted {args.image_id} (opaque id {metadata.opaque_id}) to {args.out}")
     return 0
 

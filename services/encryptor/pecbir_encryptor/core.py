@@ -1,14 +1,13 @@
-"""Owner-side operations: protect (8-bit + encrypt + tag), upload, fetch-verify-decrypt."""
+"""Owner-side operations: protect (8-bit + encrypt + tag), upload, fetch-verify-decrypt.
+
+The HTTP calls go through `gateway_client`, the audit trail through `audit`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
-import os
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
 from pecbir_contracts.schemas import ImageMetadata, KeyInfo, RescaleInfo, SearchResponse
+from pecbir_encryptor.audit import AuditLog
+from pecbir_encryptor.gateway_client import GatewayClient
 from pecbir_encryptor.integrity import IntegrityError, sign, verify
 from pecbir_encryptor.keyring import Keyring, UnknownKey
 from pecore.cipher import IntensityRescale
@@ -25,13 +26,6 @@ from pecore.envelope import CipherMetadata, image_key_for, seal, unseal
 from pecore.keys import ImageKey, MasterKey
 
 log = logging.getLogger(__name__)
-
-
-class GatewayError(RuntimeError):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"gateway answered {status}: {detail}")
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -71,11 +65,10 @@ class Encryptor:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
         self.master = self.keyring.active
-        self.gateway = gateway
+        self.gateway = GatewayClient(gateway)
         self.scheme = scheme
         self.key_mode = key_mode
-        self.audit_log = audit_log
-        self._audit_lock = threading.Lock()
+        self.audit = AuditLog(audit_log)
 
     # -- ids -----------------------------------------------------------------------------------
     def opaque_id_for(self, source_uid: str | None) -> str:
@@ -120,19 +113,13 @@ class Encryptor:
         return Protected(cipher, mask, sign(self.master, cipher, mask, metadata))
 
     def upload(self, collection: str, protected: Protected, idempotency_key: str | None) -> dict:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        answer = self.gateway.post(
-            f"/v1/collections/{collection}/images",
-            files={
-                "cipher": ("cipher.png", encode_png(protected.cipher), "image/png"),
-                "mask": ("mask.png", encode_png(protected.mask), "image/png"),
-                "metadata": (None, protected.metadata.model_dump_json()),
-            },
-            headers=headers,
+        return self.gateway.upload(
+            collection,
+            cipher_png=encode_png(protected.cipher),
+            mask_png=encode_png(protected.mask),
+            metadata_json=protected.metadata.model_dump_json(),
+            idempotency_key=idempotency_key,
         )
-        if answer.status_code != 202:
-            raise GatewayError(answer.status_code, _detail(answer))
-        return answer.json()
 
     def decrypt_metadata(self, metadata: ImageMetadata) -> CipherMetadata:
         if metadata.rescale is None:
@@ -179,24 +166,16 @@ class Encryptor:
 
     # -- via the gateway -----------------------------------------------------------------------
     def fetch(self, collection: str, image_id: str, owner: str | None = None):
-        params = {"owner": owner} if owner else {}
-        base = f"/v1/collections/{collection}/images/{image_id}"
-        meta_answer = self.gateway.get(base, params=params)
-        if meta_answer.status_code != 200:
-            raise GatewayError(meta_answer.status_code, _detail(meta_answer))
+        stored = self.gateway.metadata(collection, image_id, owner=owner)
         try:
-            metadata = ImageMetadata.model_validate_json(meta_answer.content)
+            metadata = ImageMetadata.model_validate_json(stored)
         except ValueError as exc:
             raise IntegrityError(f"stored metadata of {image_id} is unreadable: {exc}") from None
-        images = []
-        for kind in ("cipher", "mask"):
-            answer = self.gateway.get(f"{base}/{kind}", params=params)
-            if answer.status_code != 200:
-                raise GatewayError(answer.status_code, _detail(answer))
-            images.append(answer.content)
+        cipher_png = self.gateway.cipher(collection, image_id, owner=owner)
+        mask_png = self.gateway.mask(collection, image_id, owner=owner)
         try:
-            cipher = decode_image_png(images[0], "stored cipher")
-            mask = decode_mask_png(images[1], "stored mask")
+            cipher = decode_image_png(cipher_png, "stored cipher")
+            mask = decode_mask_png(mask_png, "stored mask")
         except ValueError as exc:
             raise IntegrityError(f"stored image {image_id} is unreadable: {exc}") from None
         return cipher, mask, metadata
@@ -210,19 +189,13 @@ class Encryptor:
     ) -> SearchResponse:
         """Encrypt the query under a fresh key of its own, search, return the hits."""
         query = self.protect(pixels, mask, opaque_id=self.opaque_id_for(None), role="query")
-        params = {"owner": owner} if owner else {}
-        answer = self.gateway.post(
-            f"/v1/collections/{collection}/search",
-            params=params,
-            files={
-                "cipher": ("query.png", encode_png(query.cipher), "image/png"),
-                "mask": ("mask.png", encode_png(query.mask), "image/png"),
-            },
-            data={"k": str(k)},
+        return self.gateway.search(
+            collection,
+            cipher_png=encode_png(query.cipher),
+            mask_png=encode_png(query.mask),
+            k=k,
+            owner=owner,
         )
-        if answer.status_code != 200:
-            raise GatewayError(answer.status_code, _detail(answer))
-        return SearchResponse.model_validate_json(answer.content)
 
     def release_key(
         self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata
@@ -235,24 +208,3 @@ class Encryptor:
         if key.counter != metadata.key.counter or key.check != metadata.key.check:
             raise IntegrityError(f"stored key facts of {metadata.opaque_id} do not match")
         return key
-
-    # -- audit ---------------------------------------------------------------------------------
-    def audit(self, **record: object) -> None:
-        if self.audit_log is None:
-            return
-        line = json.dumps({"at": time.time(), **record}, default=str, sort_keys=True)
-        with self._audit_lock:
-            self.audit_log.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, (line + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _detail(answer: httpx.Response) -> str:
-    try:
-        return str(answer.json().get("detail", answer.text))
-    except ValueError:
-        return answer.text[:300]

@@ -19,9 +19,9 @@ def readiness_checks(encryptor: Encryptor) -> dict[str, Check]:
         return bool(encryptor.master.key_id)
 
     def audit_log() -> bool:
-        if encryptor.audit_log is None:
+        if encryptor.audit.path is None:
             return True
-        folder = encryptor.audit_log.parent
+        folder = encryptor.audit.path.parent
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"audit log folder {folder} is not writable")
@@ -31,9 +31,10 @@ def readiness_checks(encryptor: Encryptor) -> dict[str, Check]:
 
 
 def instrument(app: FastAPI, encryptor: Encryptor) -> None:
-    hooks = encryptor.gateway.event_hooks
+    http = encryptor.gateway.http
+    hooks = http.event_hooks
     if httpx_request_id_hook not in hooks.get("request", []):
-        encryptor.gateway.event_hooks = {
+        http.event_hooks = {
             **hooks,
             "request": [*hooks.get("request", []), httpx_request_id_hook],
         }

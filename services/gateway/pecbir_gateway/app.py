@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from pecbir_contracts.store import ObjectNotFound, ObjectStore, StorageError
-from pecbir_gateway import images, models, ops, search
+from pecbir_contracts.routes import HEALTHZ
+from pecbir_contracts.store import ObjectStore
+from pecbir_gateway import images, model_versions, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
 from pecbir_platform.store import check_put_if_absent
+from pecbir_platform.web import add_store_error_handlers
 
 
 def create_app(
@@ -43,21 +44,10 @@ def create_app(
     app.state.context = context
     app.include_router(images.router)
     app.include_router(search.router)
-    app.include_router(models.router)
+    app.include_router(model_versions.router)
+    add_store_error_handlers(app)
 
-    @app.exception_handler(StorageError)
-    def storage_failed(_request: Request, exc: StorageError) -> JSONResponse:
-        return JSONResponse(
-            status_code=503,
-            content={"detail": f"object store unavailable: {exc}"},
-            headers={"Retry-After": "5"},
-        )
-
-    @app.exception_handler(ObjectNotFound)
-    def not_found(_request: Request, exc: ObjectNotFound) -> JSONResponse:
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
-
-    @app.get("/healthz", tags=["ops"])
+    @app.get(HEALTHZ, tags=["ops"])
     def healthz() -> dict[str, str]:
         return {"status": "ok", "store": repr(context.store)}
 

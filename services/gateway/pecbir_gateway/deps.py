@@ -13,11 +13,12 @@ from typing import Annotated
 import httpx
 from fastapi import Depends, HTTPException, Query, Request
 
-from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, mint_token, verify_token
+from pecbir_contracts.auth import Claims, Forbidden, mint_token
 from pecbir_contracts.layout import CollectionLayout, check_name
 from pecbir_contracts.store import ObjectStore
 from pecbir_gateway.dispatch import TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.web import bearer_claims
 
 
 @dataclass
@@ -71,10 +72,7 @@ def context(request: Request) -> GatewayContext:
 
 
 def caller(request: Request, ctx: Annotated[GatewayContext, Depends(context)]) -> Claims:
-    try:
-        return verify_token(ctx.token_secret, bearer(request.headers.get("authorization")))
-    except AuthError as exc:
-        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    return bearer_claims(request, secret=ctx.token_secret)
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,7 @@ import logging
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import (
-    APIRouter,
-    Depends,
-    File,
-    Form,
-    Header,
-    HTTPException,
-    Query,
-    UploadFile,
-)
+from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
@@ -35,6 +26,15 @@ from pecbir_contracts.png import (
     decode_mask_png,
 )
 from pecbir_contracts.records import read_current_version
+from pecbir_contracts.routes import (
+    GATEWAY_BLOB,
+    GATEWAY_IMAGE,
+    GATEWAY_IMAGE_CIPHER,
+    GATEWAY_IMAGE_MASK,
+    GATEWAY_IMAGE_STATUS,
+    GATEWAY_IMAGES,
+    SEARCH_IMAGE,
+)
 from pecbir_contracts.schemas import ImageMetadata, UploadAccepted, UploadStatus
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE
@@ -47,9 +47,10 @@ from pecbir_gateway.deps import (
     authorise,
 )
 from pecbir_gateway.dispatch import DispatchError
+from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["images"])
+router = APIRouter(tags=["images"])
 
 IdempotencyKey = Annotated[
     str | None,
@@ -60,15 +61,6 @@ IdempotencyKey = Annotated[
         description="Same key + same body → the original answer; same key + other body → 409",
     ),
 ]
-
-
-def read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
-    data = upload.file.read(limit + 1)
-    if len(data) > limit:
-        raise HTTPException(413, f"{what}: larger than the limit of {limit} bytes")
-    if not data:
-        raise HTTPException(422, f"{what}: empty file")
-    return data
 
 
 def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[int, int]:
@@ -84,7 +76,8 @@ def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[int,
 
 
 def _status_url(layout: CollectionLayout, image_id: str) -> str:
-    return f"/v1/collections/{layout.collection}/images/{image_id}/status?owner={layout.tenant}"
+    path = GATEWAY_IMAGE_STATUS.format(collection=layout.collection, image_id=image_id)
+    return f"{path}?owner={layout.tenant}"
 
 
 def _image_access(collection: str, claims: Caller, ctx: Ctx, owner: Owner = None) -> Access:
@@ -96,7 +89,7 @@ Presign = Annotated[bool, Query(description="answer with a time-limited URL inst
 
 
 @router.post(
-    "/collections/{collection}/images",
+    GATEWAY_IMAGES,
     status_code=202,
     response_model=UploadAccepted,
     responses={409: {"description": "Idempotency key reused with another body"}},
@@ -113,8 +106,8 @@ def upload_image(
     access = authorise(ctx, claims, collection, None, "upload")
     layout = access.layout
     limit = ctx.settings.max_upload_bytes
-    cipher_bytes = read_limited(cipher, limit, "cipher")
-    mask_bytes = read_limited(mask, limit, "mask")
+    cipher_bytes = read_limited(cipher, limit=limit, what="cipher")
+    mask_bytes = read_limited(mask, limit=limit, what="mask")
     try:
         meta = ImageMetadata.model_validate_json(metadata)
     except ValidationError as exc:
@@ -221,7 +214,7 @@ def _checked_image(access: Access, ctx: GatewayContext, image_id: str) -> str:
     return image_id
 
 
-@router.get("/collections/{collection}/images/{image_id}/status", response_model=UploadStatus)
+@router.get(GATEWAY_IMAGE_STATUS, response_model=UploadStatus)
 def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     layout = access.layout
     _checked_image(access, ctx, image_id)
@@ -238,7 +231,7 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
         return UploadStatus(**base, state="stored", model_version=version)
     try:
         held = ctx.search.get(
-            f"/v1/collections/{layout.collection}/images/{image_id}",
+            SEARCH_IMAGE.format(collection=layout.collection, image_id=image_id),
             params={"owner": layout.tenant},
             headers=ctx.search_headers(access),
         )
@@ -251,7 +244,7 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     )
 
 
-@router.get("/collections/{collection}/images/{image_id}", response_model=ImageMetadata)
+@router.get(GATEWAY_IMAGE, response_model=ImageMetadata)
 def image_metadata(image_id: str, access: ImageAccess, ctx: Ctx) -> object:
     _checked_image(access, ctx, image_id)
     stored = ctx.store.get(access.layout.meta(image_id))
@@ -275,13 +268,13 @@ def _download(
         ttl = ctx.settings.presign_ttl_s
         url = ctx.store.presigned_get_url(key, timedelta(seconds=ttl))
         if url is None:
-            url = f"/v1/blobs/{ctx.sign_blob(key, ttl)}"
+            url = GATEWAY_BLOB.format(token=ctx.sign_blob(key, ttl))
         return JSONResponse({"url": url, "expires_in": ttl})
     return StreamingResponse(ctx.store.iter_chunks(key), media_type="image/png")
 
 
 @router.get(
-    "/collections/{collection}/images/{image_id}/cipher",
+    GATEWAY_IMAGE_CIPHER,
     responses={200: {"content": {"image/png": {}}}},
 )
 def download_cipher(
@@ -294,7 +287,7 @@ def download_cipher(
 
 
 @router.get(
-    "/collections/{collection}/images/{image_id}/mask",
+    GATEWAY_IMAGE_MASK,
     responses={200: {"content": {"image/png": {}}}},
 )
 def download_mask(
@@ -306,7 +299,7 @@ def download_mask(
     return _download("mask", image_id, presign, access, ctx)
 
 
-@router.get("/blobs/{token}", responses={200: {"content": {"image/png": {}}}}, tags=["images"])
+@router.get(GATEWAY_BLOB, responses={200: {"content": {"image/png": {}}}}, tags=["images"])
 def download_blob(token: str, ctx: Ctx) -> StreamingResponse:
     """Capability URL made by `?presign=true` on the filesystem store (no bearer token)."""
     key = ctx.open_blob(token)

@@ -7,14 +7,16 @@ from typing import Annotated
 import httpx
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
+from pecbir_contracts.routes import GATEWAY_IMAGE_CIPHER, GATEWAY_SEARCH, SEARCH_SEARCH
 from pecbir_contracts.schemas import MAX_K, SearchResponse
 from pecbir_gateway.deps import Caller, Ctx, Owner, authorise
-from pecbir_gateway.images import read_limited, validate_pair
+from pecbir_gateway.images import validate_pair
+from pecbir_platform.web import read_limited
 
-router = APIRouter(prefix="/v1", tags=["search"])
+router = APIRouter(tags=["search"])
 
 
-@router.post("/collections/{collection}/search", response_model=SearchResponse)
+@router.post(GATEWAY_SEARCH, response_model=SearchResponse)
 def search(
     collection: str,
     cipher: Annotated[UploadFile, File(description="cipher query image, 8-bit grey PNG")],
@@ -26,12 +28,12 @@ def search(
 ) -> SearchResponse:
     access = authorise(ctx, claims, collection, owner, "search")
     limit = ctx.settings.max_upload_bytes
-    cipher_bytes = read_limited(cipher, limit, "cipher")
-    mask_bytes = read_limited(mask, limit, "mask")
+    cipher_bytes = read_limited(cipher, limit=limit, what="cipher")
+    mask_bytes = read_limited(mask, limit=limit, what="mask")
     validate_pair(ctx, cipher_bytes, mask_bytes)
     try:
         answer = ctx.search.post(
-            f"/v1/collections/{collection}/search",
+            SEARCH_SEARCH.format(collection=collection),
             params={"owner": access.owner, "k": k},
             files={
                 "cipher": ("query.png", cipher_bytes, "image/png"),
@@ -47,7 +49,6 @@ def search(
         raise HTTPException(status, f"search service: {detail}")
     result = SearchResponse.model_validate_json(answer.content)
     for hit in result.hits:
-        hit.cipher_url = (
-            f"/v1/collections/{collection}/images/{hit.image_id}/cipher?owner={access.owner}"
-        )
+        path = GATEWAY_IMAGE_CIPHER.format(collection=collection, image_id=hit.image_id)
+        hit.cipher_url = f"{path}?owner={access.owner}"
     return result

@@ -10,6 +10,12 @@ from fastapi import APIRouter, Body, HTTPException
 from fastapi.responses import JSONResponse
 
 from pecbir_contracts.layout import CollectionLayout, version_name, version_number
+from pecbir_contracts.routes import (
+    GATEWAY_MODEL,
+    GATEWAY_MODEL_TRAIN,
+    GATEWAY_MODEL_VERSION,
+    SEARCH_STATUS,
+)
 from pecbir_contracts.schemas import ModelManifest, ModelStatus, TrainAccepted, TrainRequest
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_TRAIN_MODEL
@@ -17,7 +23,7 @@ from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.dispatch import DispatchError
 from pecbir_gateway.images import current_version
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(tags=["models"])
 
 
 def _versions(ctx: GatewayContext, layout: CollectionLayout) -> list[str]:
@@ -25,7 +31,7 @@ def _versions(ctx: GatewayContext, layout: CollectionLayout) -> list[str]:
     return sorted((v for v in found if v), key=version_number)
 
 
-@router.post("/collections/{collection}/model/train", status_code=202, response_model=TrainAccepted)
+@router.post(GATEWAY_MODEL_TRAIN, status_code=202, response_model=TrainAccepted)
 def train(
     collection: str,
     claims: Caller,
@@ -51,12 +57,12 @@ def train(
     answer = TrainAccepted(
         version=version,
         collection=collection,
-        status_url=f"/v1/collections/{collection}/model/{version}",
+        status_url=GATEWAY_MODEL_VERSION.format(collection=collection, version=version),
     )
     return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
 
 
-@router.get("/collections/{collection}/model/{version}")
+@router.get(GATEWAY_MODEL_VERSION)
 def model_version(
     collection: str,
     version: str,
@@ -80,7 +86,7 @@ def model_version(
     return state
 
 
-@router.get("/collections/{collection}/model", response_model=ModelStatus)
+@router.get(GATEWAY_MODEL, response_model=ModelStatus)
 def model_status(
     collection: str,
     claims: Caller,
@@ -94,7 +100,7 @@ def model_status(
     )
     try:
         held = ctx.search.get(
-            f"/v1/collections/{collection}/status",
+            SEARCH_STATUS.format(collection=collection),
             params={"owner": access.owner},
             headers=ctx.search_headers(access),
         )

@@ -1,0 +1,43 @@
+"""HTTP path templates of the pe-cbir APIs: the one place a URL path is spelled.
+
+The servers' route decorators use these constants as they are; clients fill them in with
+`str.format` (``GATEWAY_IMAGE.format(collection=name, image_id=image_id)``). Path parameters
+are names and ids the services validate (`pecbir_contracts.layout.check_name`, 32-hex image
+ids), so they need no URL quoting.
+
+Each service has its own prefix of names: ``GATEWAY_*`` (the cloud's public API),
+``SEARCH_*`` (the search service, called by the gateway only) and ``ENCRYPTOR_*`` (the
+owner-side encryptor at the hospital). Several paths are spelled the same on two services
+(the encryptor mirrors the gateway's upload and search paths); they are still separate
+constants, because each belongs to its own API and may evolve on its own.
+"""
+
+from __future__ import annotations
+
+HEALTHZ = "/healthz"
+
+# -- gateway (the cloud's public API) ----------------------------------------------------------
+GATEWAY_IMAGES = "/v1/collections/{collection}/images"
+GATEWAY_IMAGE = "/v1/collections/{collection}/images/{image_id}"
+GATEWAY_IMAGE_STATUS = "/v1/collections/{collection}/images/{image_id}/status"
+GATEWAY_IMAGE_CIPHER = "/v1/collections/{collection}/images/{image_id}/cipher"
+GATEWAY_IMAGE_MASK = "/v1/collections/{collection}/images/{image_id}/mask"
+GATEWAY_BLOB = "/v1/blobs/{token}"
+GATEWAY_SEARCH = "/v1/collections/{collection}/search"
+GATEWAY_MODEL = "/v1/collections/{collection}/model"
+GATEWAY_MODEL_TRAIN = "/v1/collections/{collection}/model/train"
+GATEWAY_MODEL_VERSION = "/v1/collections/{collection}/model/{version}"
+
+# -- search service (behind the gateway) -------------------------------------------------------
+SEARCH_SEARCH = "/v1/collections/{collection}/search"
+SEARCH_KNN = "/v1/collections/{collection}/knn"
+SEARCH_STATUS = "/v1/collections/{collection}/status"
+SEARCH_IMAGE = "/v1/collections/{collection}/images/{image_id}"
+
+# -- encryptor (owner side) --------------------------------------------------------------------
+ENCRYPTOR_IMAGES = "/v1/collections/{collection}/images"
+ENCRYPTOR_SEARCH = "/v1/collections/{collection}/search"
+ENCRYPTOR_PLAIN_IMAGE = "/v1/collections/{collection}/images/{image_id}/plain"
+ENCRYPTOR_STOW_STUDIES = "/dicomweb/{collection}/studies"
+ENCRYPTOR_STOW_STUDY = "/dicomweb/{collection}/studies/{study}"
+ENCRYPTOR_KEY_RELEASE = "/v1/keys/release"

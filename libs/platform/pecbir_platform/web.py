@@ -1,0 +1,132 @@
+"""Web helpers every HTTP service shares: bearer claims, capped body reads, error handlers.
+
+The services differ in whose tokens they accept (the cloud's or the hospital's) and in what
+they check on top (tenancy, audit), so each keeps its own `deps.caller`; what is the same
+everywhere (401 with ``WWW-Authenticate``, 403 for a missing scope, 413/422 for an upload,
+503 with ``Retry-After`` when the object store is down) is defined here, once.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
+from pecbir_contracts.store import ObjectNotFound, StorageError
+
+__all__ = [
+    "STORE_RETRY_AFTER_S",
+    "add_store_error_handlers",
+    "bearer_claims",
+    "read_limited",
+    "require_scope",
+]
+
+# Seconds a client is told to wait after the object store failed (a restart, a failover).
+STORE_RETRY_AFTER_S = 5
+
+
+def bearer_claims(request: Request, *, secret: bytes) -> Claims:
+    """The verified claims of the request's bearer token.
+
+    Parameters
+    ----------
+    request
+        The incoming request; its ``Authorization: Bearer <token>`` header is read.
+    secret
+        HMAC secret the token must be signed with.
+
+    Returns
+    -------
+    Claims
+        The token's claims (signature and expiry checked).
+
+    Raises
+    ------
+    HTTPException
+        401 with ``WWW-Authenticate: Bearer`` when the token is missing, malformed, badly
+        signed or expired; the detail is the reason.
+    """
+    try:
+        return verify_token(secret, bearer(request.headers.get("authorization")))
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def require_scope(claims: Claims, scope: str) -> None:
+    """Raise HTTP 403 unless `claims` grant `scope` (or ``admin``).
+
+    Parameters
+    ----------
+    claims
+        The caller's verified claims.
+    scope
+        The scope the operation needs (one of `pecbir_contracts.auth.SCOPES`).
+
+    Raises
+    ------
+    HTTPException
+        403, with the reason, when the scope is missing.
+    """
+    try:
+        claims.require(scope)
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+
+
+def read_limited(upload: UploadFile, *, limit: int, what: str, refuse_empty: bool = True) -> bytes:
+    """The bytes of an uploaded file, read with a size cap (never more than `limit` + 1).
+
+    Parameters
+    ----------
+    upload
+        The multipart file part.
+    limit
+        Largest accepted size in bytes.
+    what
+        Name of the part, for the error message (``"cipher"``, ``"mask"``, ``"image"``).
+    refuse_empty
+        Answer 422 for an empty part. Off where the parser that follows gives the better
+        message for empty input (the encryptor's image readers).
+
+    Returns
+    -------
+    bytes
+        The whole part.
+
+    Raises
+    ------
+    HTTPException
+        413 when the part is larger than `limit`; 422 when it is empty and `refuse_empty`.
+    """
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"{what}: larger than the limit of {limit} bytes")
+    if refuse_empty and not data:
+        raise HTTPException(422, f"{what}: empty file")
+    return data
+
+
+def _storage_failed(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        status_code=503,
+        content={"detail": f"object store unavailable: {exc}"},
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+    )
+
+
+def _not_found(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+
+def add_store_error_handlers(app: FastAPI) -> None:
+    """Answer object-store errors that escape a route: 503 + ``Retry-After``, or 404.
+
+    Parameters
+    ----------
+    app
+        The application to install the handlers on. `StorageError` (store unreachable,
+        transient) becomes 503 with ``Retry-After``; `ObjectNotFound` becomes 404.
+    """
+    app.add_exception_handler(StorageError, _storage_failed)
+    app.add_exception_handler(ObjectNotFound, _not_found)

@@ -1,0 +1,166 @@
+"""The encryptor's HTTP client of the cloud gateway: uploads, downloads and searches.
+
+Only bytes and the cloud's wire models cross this boundary; encryption, the integrity tag and
+the decoding of what the cloud hands back stay in `pecbir_encryptor.core`.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from pecbir_contracts.routes import (
+    GATEWAY_IMAGE,
+    GATEWAY_IMAGE_CIPHER,
+    GATEWAY_IMAGE_MASK,
+    GATEWAY_IMAGES,
+    GATEWAY_SEARCH,
+)
+from pecbir_contracts.schemas import SearchResponse
+from pecbir_encryptor.settings import EncryptorSettings
+
+__all__ = ["GatewayClient", "GatewayError", "gateway_http_client"]
+
+
+class GatewayError(RuntimeError):
+    """The gateway answered with an unexpected status.
+
+    Attributes
+    ----------
+    status
+        The HTTP status code of the gateway's answer.
+    detail
+        The gateway's ``detail`` message (or the start of its body).
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"gateway answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def gateway_http_client(
+    settings: EncryptorSettings, *, client: httpx.Client | None = None
+) -> httpx.Client:
+    """An HTTP client of the gateway that carries this tenant's bearer token.
+
+    Parameters
+    ----------
+    settings
+        The encryptor's settings (gateway URL, timeout and token).
+    client
+        A client to use (tests, the embedded demo) instead of a new one for
+        ``settings.gateway_url``.
+
+    Returns
+    -------
+    httpx.Client
+        `client` or a new client; its requests carry ``Authorization: Bearer <token>``.
+    """
+    if client is None:
+        client = httpx.Client(base_url=settings.gateway_url, timeout=settings.gateway_timeout_s)
+    client.headers["authorization"] = f"Bearer {settings.gateway_token.get_secret_value()}"
+    return client
+
+
+def _owner_params(owner: str | None) -> dict[str, str]:
+    return {"owner": owner} if owner else {}
+
+
+def _detail(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json().get("detail", answer.text))
+    except ValueError:
+        return answer.text[:300]
+
+
+class GatewayClient:
+    """Calls of the gateway's public API that the encryptor makes.
+
+    Parameters
+    ----------
+    http
+        An HTTP client with the gateway's base URL and the tenant's bearer token
+        (see `gateway_http_client`).
+    """
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def upload(
+        self,
+        collection: str,
+        *,
+        cipher_png: bytes,
+        mask_png: bytes,
+        metadata_json: str,
+        idempotency_key: str | None,
+    ) -> dict:
+        """Upload one protected image; the gateway's 202 answer (UploadAccepted as a dict).
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 202.
+        """
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        answer = self.http.post(
+            GATEWAY_IMAGES.format(collection=collection),
+            files={
+                "cipher": ("cipher.png", cipher_png, "image/png"),
+                "mask": ("mask.png", mask_png, "image/png"),
+                "metadata": (None, metadata_json),
+            },
+            headers=headers,
+        )
+        if answer.status_code != 202:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return answer.json()
+
+    def _get(self, template: str, collection: str, image_id: str, owner: str | None) -> bytes:
+        answer = self.http.get(
+            template.format(collection=collection, image_id=image_id), params=_owner_params(owner)
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return answer.content
+
+    def metadata(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
+        """The stored ImageMetadata record of an image, as JSON bytes (not yet validated).
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 200.
+        """
+        return self._get(GATEWAY_IMAGE, collection, image_id, owner)
+
+    def cipher(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
+        """The stored cipher image (PNG bytes, not yet decoded). GatewayError unless 200."""
+        return self._get(GATEWAY_IMAGE_CIPHER, collection, image_id, owner)
+
+    def mask(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
+        """The stored tumour mask (PNG bytes, not yet decoded). GatewayError unless 200."""
+        return self._get(GATEWAY_IMAGE_MASK, collection, image_id, owner)
+
+    def search(
+        self, collection: str, *, cipher_png: bytes, mask_png: bytes, k: int, owner: str | None
+    ) -> SearchResponse:
+        """k-NN search with a cipher query image and its mask.
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 200.
+        """
+        answer = self.http.post(
+            GATEWAY_SEARCH.format(collection=collection),
+            params=_owner_params(owner),
+            files={
+                "cipher": ("query.png", cipher_png, "image/png"),
+                "mask": ("mask.png", mask_png, "image/png"),
+            },
+            data={"k": str(k)},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return SearchResponse.model_validate_json(answer.content)

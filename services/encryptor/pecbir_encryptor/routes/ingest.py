@@ -1,0 +1,56 @@
+"""Research / PNG / NPY / single-DICOM ingest: one plain image and its mask per request."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+
+from pecbir_contracts.routes import ENCRYPTOR_IMAGES
+from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
+from pecbir_encryptor.gateway_client import GatewayError
+from pecbir_encryptor.inputs import read_mask, read_pixels
+from pecbir_platform.web import read_limited, require_scope
+
+router = APIRouter()
+
+
+@router.post(ENCRYPTOR_IMAGES, status_code=202, tags=["ingest"])
+def ingest(
+    collection: str,
+    claims: Caller,
+    ctx: Ctx,
+    image: Annotated[UploadFile, File(description="DICOM, PNG or NPY plain image")],
+    mask: Annotated[UploadFile, File(description="tumour mask: PNG, NPY or DICOM SEG")],
+    label: Annotated[int | None, Form(ge=0, le=255)] = None,
+    role: Annotated[str, Form(pattern="^(template|query)$")] = "template",
+) -> dict[str, object]:
+    require_scope(claims, "upload")
+    collection = collection_name(collection)
+    encryptor = ctx.encryptor
+    limit = ctx.settings.max_upload_bytes
+    try:
+        # Empty parts go on to the readers: their message says what is wrong with the file.
+        image_bytes = read_limited(image, limit=limit, what="image", refuse_empty=False)
+        mask_bytes = read_limited(mask, limit=limit, what="mask", refuse_empty=False)
+        pixels, source_uid = read_pixels(image_bytes, "image")
+        plain_mask, seg_label = read_mask(mask_bytes)
+        # DICOM: keyed pseudonym of the SOP Instance UID; files: of their content. Either
+        # way a repeated upload maps to the same id and so to the same cloud object.
+        content = hashlib.sha256(image_bytes + b"\x00" + mask_bytes).hexdigest()
+        opaque_id = encryptor.opaque_id_for(source_uid or f"content:{content}")
+        protected = encryptor.protect(
+            pixels,
+            plain_mask,
+            opaque_id=opaque_id,
+            label=label if label is not None else seg_label,
+            role=role,
+        )
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    try:
+        answer = encryptor.upload(collection, protected, f"owner-{opaque_id}")
+    except GatewayError as exc:
+        raise gateway_failed(exc) from None
+    return {"opaque_id": opaque_id, "upload": answer}

@@ -1,0 +1,51 @@
+"""Key release: the key of one stored image, for an authorised image user (always audited)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel
+
+from pecbir_contracts.auth import Forbidden
+from pecbir_contracts.layout import check_image_id
+from pecbir_contracts.routes import ENCRYPTOR_KEY_RELEASE
+from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
+from pecbir_encryptor.gateway_client import GatewayError
+from pecbir_encryptor.integrity import IntegrityError
+
+router = APIRouter(tags=["keys"])
+
+
+# No docstring: it would become the schema's description and change the OpenAPI document.
+class KeyReleaseRequest(BaseModel):
+    collection: str  # the collection the image was uploaded to
+    image_id: str  # the cloud's image id
+
+
+@router.post(ENCRYPTOR_KEY_RELEASE)
+def release_key(request: KeyReleaseRequest, claims: Caller, ctx: Ctx) -> dict[str, object]:
+    """The key of one image, for an authorised image user (audited, allowed or not)."""
+    encryptor = ctx.encryptor
+    record = {"action": "key-release", "sub": claims.sub, "image_id": request.image_id}
+    try:
+        claims.require("key-release")
+    except Forbidden as exc:
+        # Not `require_scope`: a refused key release is audited too.
+        encryptor.audit.write(**record, outcome="denied", reason=str(exc))
+        raise HTTPException(403, str(exc)) from None
+    collection = collection_name(request.collection)
+    try:
+        check_image_id(request.image_id)
+        cipher, mask, metadata = encryptor.fetch(collection, request.image_id)
+        key = encryptor.release_key(cipher, mask, metadata)
+    except (IntegrityError, ValueError) as exc:
+        encryptor.audit.write(**record, outcome="refused", reason=str(exc))
+        raise HTTPException(422, str(exc)) from None
+    except GatewayError as exc:
+        encryptor.audit.write(**record, outcome="refused", reason=exc.detail)
+        raise gateway_failed(exc) from None
+    encryptor.audit.write(**record, opaque_id=metadata.opaque_id, outcome="released")
+    return {
+        "image_id": request.image_id,
+        "scheme": metadata.key.scheme,
+        "key": key.model_dump(mode="json"),
+    }

@@ -1,0 +1,93 @@
+"""Search with a plain query image, and bit-exact decryption of the hits for key holders."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import Response
+
+from pecbir_contracts.layout import check_image_id
+from pecbir_contracts.png import encode_png
+from pecbir_contracts.routes import ENCRYPTOR_PLAIN_IMAGE, ENCRYPTOR_SEARCH
+from pecbir_contracts.schemas import MAX_K
+from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
+from pecbir_encryptor.gateway_client import GatewayError
+from pecbir_encryptor.inputs import read_mask, read_pixels
+from pecbir_encryptor.integrity import IntegrityError
+from pecbir_platform.web import read_limited, require_scope
+
+router = APIRouter(tags=["search"])
+
+
+@router.post(ENCRYPTOR_SEARCH)
+def search(
+    collection: str,
+    claims: Caller,
+    ctx: Ctx,
+    image: Annotated[UploadFile, File(description="plain query image: DICOM, PNG or NPY")],
+    mask: Annotated[UploadFile, File(description="its tumour mask: PNG, NPY or DICOM SEG")],
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+    owner: Annotated[str | None, Query()] = None,
+) -> dict[str, object]:
+    require_scope(claims, "search")
+    collection = collection_name(collection)
+    limit = ctx.settings.max_upload_bytes
+    try:
+        image_bytes = read_limited(image, limit=limit, what="image", refuse_empty=False)
+        pixels, _ = read_pixels(image_bytes, "image")
+        mask_bytes = read_limited(mask, limit=limit, what="mask", refuse_empty=False)
+        plain_mask, _ = read_mask(mask_bytes)
+        result = ctx.encryptor.search(collection, pixels, plain_mask, k, owner)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except GatewayError as exc:
+        raise gateway_failed(exc) from None
+    body = result.model_dump(mode="json")
+    for hit in body["hits"]:
+        hit["plain_url"] = ENCRYPTOR_PLAIN_IMAGE.format(
+            collection=collection, image_id=hit["image_id"]
+        )
+    return body
+
+
+@router.get(
+    ENCRYPTOR_PLAIN_IMAGE,
+    responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
+)
+def plain_image(
+    collection: str,
+    image_id: str,
+    claims: Caller,
+    ctx: Ctx,
+    format: Annotated[str, Query(pattern="^(png|npy)$")] = "png",
+) -> Response:
+    """Fetch a cipher image from the cloud, verify the owner's tag, decrypt bit-exactly."""
+    require_scope(claims, "decrypt")
+    collection = collection_name(collection)
+    audit = ctx.encryptor.audit
+    try:
+        check_image_id(image_id)
+        plain, _mask, metadata = ctx.encryptor.fetch_plain(collection, image_id)
+    except IntegrityError as exc:
+        audit.write(
+            action="decrypt",
+            sub=claims.sub,
+            image_id=image_id,
+            outcome="refused",
+            reason=str(exc),
+        )
+        raise HTTPException(502, str(exc)) from None
+    except GatewayError as exc:
+        raise gateway_failed(exc) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    audit.write(action="decrypt", sub=claims.sub, image_id=image_id, outcome="ok")
+    headers = {"X-Opaque-Id": metadata.opaque_id}
+    if format == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, plain, allow_pickle=False)
+        return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
+    return Response(encode_png(plain), media_type="image/png", headers=headers)
