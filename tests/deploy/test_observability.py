@@ -36,7 +36,7 @@ from pecbir_platform.observability import (
 from pecbir_platform.store import FilesystemStore
 from pecbir_search.app import create_app as create_search
 from pecbir_search.engine import CollectionState, Version
-from pecbir_search.index import VectorIndex
+from pecbir_search.index import ExactVectorIndex as VectorIndex
 from pecbir_search.settings import SearchSettings
 from tests.services.conftest import RecordingDispatcher
 from tests.services.helpers import TOKEN_SECRET, auth, blob_image, upload_files

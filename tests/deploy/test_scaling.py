@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pecbir.commands.bench_scaling import BlasExpansionKnn, measure_search
-from pecbir_search.index import VectorIndex
+from pecbir_search.index import ExactVectorIndex as VectorIndex
 
 
 def test_blas_alternative_returns_the_index_answer_including_ties():

@@ -15,7 +15,7 @@ from pecbir_indexer.runtime import Runtime
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.bus import InMemoryBus
 from pecbir_search.engine import SearchEngine
-from pecbir_search.index import VectorIndex
+from pecbir_search.index import ExactVectorIndex as VectorIndex
 from tests.services.helpers import labelled_set
 
 LAYOUT = CollectionLayout("hosp-a", "brain")

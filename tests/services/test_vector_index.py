@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from pecbir_search.index import VectorIndex, compile_kernels
+from pecbir_search.index import ExactVectorIndex as VectorIndex
+from pecbir_search.index import compile_kernels
 
 
 def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:

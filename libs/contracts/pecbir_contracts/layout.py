@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 
 DEFAULT_BUCKET = "pecbir"
+# Every tenant's objects live under this prefix (what a service lists to find all collections).
+TENANTS_PREFIX = "tenants/"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -77,7 +79,7 @@ def probe_key() -> str:
 
 def idempotency_record_key(tenant: str, idempotency_key: str) -> str:
     digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
-    return f"tenants/{check_name(tenant, 'tenant')}/idempotency/{digest}.json"
+    return f"{TENANTS_PREFIX}{check_name(tenant, 'tenant')}/idempotency/{digest}.json"
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class CollectionLayout:
 
     @property
     def root(self) -> str:
-        return f"tenants/{self.tenant}/collections/{self.collection}/"
+        return f"{TENANTS_PREFIX}{self.tenant}/collections/{self.collection}/"
 
     @property
     def images_prefix(self) -> str:
@@ -159,3 +161,36 @@ class CollectionLayout:
             return None
         candidate = key[len(self.models_prefix) : -len("/request.json")]
         return candidate if _VERSION.fullmatch(candidate) else None
+
+
+_CURRENT_MODEL_KEY = re.compile(
+    rf"^{TENANTS_PREFIX}(?P<tenant>[^/]+)/collections/(?P<collection>[^/]+)/models/current\.json$"
+)
+
+
+def collection_of_current_model_key(key: str) -> CollectionLayout | None:
+    """The collection whose ``models/current.json`` pointer `key` is, else None.
+
+    The inverse of `CollectionLayout.current_model`: a service lists `TENANTS_PREFIX` and
+    finds with this every collection that has a model (the search service's start-up).
+
+    Parameters
+    ----------
+    key
+        An object key of the store.
+
+    Returns
+    -------
+    CollectionLayout or None
+        The collection's layout; None for any other key.
+
+    Raises
+    ------
+    ValueError
+        When the key has the pointer's shape but invalid tenant or collection names (a store
+        written by something else than the gateway).
+    """
+    match = _CURRENT_MODEL_KEY.fullmatch(key)
+    if match is None:
+        return None
+    return CollectionLayout(match["tenant"], match["collection"])

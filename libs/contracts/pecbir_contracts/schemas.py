@@ -168,3 +168,10 @@ class IndexStatus(BaseModel):
 
 # Largest k a search may ask for (a full ranking of a few thousand images, for evaluation).
 MAX_K = 5000
+
+
+# k-NN for an already projected vector (the search service's diagnostics endpoint). No
+# docstring: it would become the schema's description in the OpenAPI document.
+class VectorQuery(BaseModel):
+    vector: list[float]
+    k: int = Field(default=10, ge=1, le=MAX_K)

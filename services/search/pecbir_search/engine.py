@@ -12,17 +12,23 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
-from pecbir_contracts.layout import CollectionLayout, version_number
+from pecbir_contracts.layout import (
+    TENANTS_PREFIX,
+    CollectionLayout,
+    collection_of_current_model_key,
+    version_number,
+)
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
 from pecbir_platform.observability import request_context
-from pecbir_search.index import VectorIndex, compile_kernels
+from pecbir_search.index import ExactVectorIndex, VectorIndex, compile_kernels
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +72,33 @@ class CollectionState:
 
 
 class SearchEngine:
-    def __init__(self, store: ObjectStore, bus: EventBus | None, encode_threads: int | None = 1):
+    """Every collection's serving/pending versions, loaded from the store, kept up to date.
+
+    Parameters
+    ----------
+    store
+        The object store the indexer writes models and feature records to.
+    bus
+        The event stream to follow (None: catch-up from the store only).
+    encode_threads
+        Threads of a loaded pipeline for featurising queries.
+    index_factory
+        Makes the empty index of a version from ``(version, dim)``: any `VectorIndex`
+        (default: the exact in-memory index).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        bus: EventBus | None,
+        encode_threads: int | None = 1,
+        *,
+        index_factory: Callable[[str, int], VectorIndex] = ExactVectorIndex,
+    ) -> None:
         self.store = store
         self.bus = bus
         self.encode_threads = encode_threads
+        self.index_factory = index_factory
         self._collections: dict[tuple[str, str], CollectionState] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,10 +121,10 @@ class SearchEngine:
                 continue
             record = FeatureRecord.from_bytes(self.store.get(key), with_fisher_vector=False)
             if index is None:
-                index = VectorIndex(version, record.vector.shape[0])
+                index = self.index_factory(version, record.vector.shape[0])
             index.upsert(image_id, record.vector, record.label)
         if index is None:
-            index = VectorIndex(version, int(pipeline.dim))
+            index = self.index_factory(version, int(pipeline.dim))
         return Version(version, pipeline, index)
 
     def collection(self, tenant: str, collection: str) -> CollectionState:
@@ -139,10 +168,10 @@ class SearchEngine:
     def catch_up_all(self) -> int:
         """Load every collection that has a current model (service start)."""
         count = 0
-        for key in self.store.list("tenants/"):
-            if key.endswith("/models/current.json"):
-                parts = key.split("/")
-                self.collection(parts[1], parts[3])
+        for key in self.store.list(TENANTS_PREFIX):
+            layout = collection_of_current_model_key(key)
+            if layout is not None:
+                self.collection(layout.tenant, layout.collection)
                 count += 1
         return count
 

@@ -1,5 +1,9 @@
 """In-memory exact k-NN over projected vectors: one float32 matrix per collection and model version.
 
+`VectorIndex` is what the search engine needs of an index (a faiss or GPU index can plug in
+through `SearchEngine(index_factory=...)`); `ExactVectorIndex` is the implementation the
+service runs.
+
 Layout and concurrency
 ----------------------
 Vectors are stored column-wise, a `(dim, capacity)` float32 matrix, so that the distance kernel
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numba
 import numpy as np
@@ -83,6 +88,42 @@ def compile_kernels() -> None:
     _top_k(np.zeros((1, 1), np.float32), 1, np.zeros(1, np.float32), 1)
 
 
+@runtime_checkable
+class VectorIndex(Protocol):
+    """The vectors of one model version, searchable by k-NN; what the search engine needs.
+
+    Implementations must let `search` run concurrently with `upsert` (queries never wait for
+    indexing) and return ties in insertion order, so that results are reproducible.
+
+    Attributes
+    ----------
+    version
+        The model version the vectors were projected with.
+    dim
+        Dimension of the vectors.
+    nbytes
+        Bytes the index holds (reported as a metric).
+    """
+
+    version: str
+    dim: int
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, image_id: str) -> bool: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def upsert(self, image_id: str, vector: np.ndarray, label: int | None) -> None:
+        """Add the vector of `image_id`, or replace it (re-delivery), with its label."""
+        ...
+
+    def search(self, query: np.ndarray, k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, squared distances, labels with -1 for none) of the k nearest, nearest first."""
+        ...
+
+
 @dataclass(frozen=True)
 class _View:
     """An immutable snapshot readers use; writers publish a new one."""
@@ -93,8 +134,18 @@ class _View:
     n: int
 
 
-class VectorIndex:
-    """Exact top-k by squared Euclidean distance; ties keep insertion order (stable)."""
+class ExactVectorIndex:
+    """Exact top-k by squared Euclidean distance; ties keep insertion order (stable).
+
+    Parameters
+    ----------
+    version
+        The model version the vectors belong to.
+    dim
+        Dimension of the vectors.
+    capacity
+        Rows allocated up front (doubled whenever full).
+    """
 
     def __init__(self, version: str, dim: int, capacity: int = 1024) -> None:
         self.version = version

@@ -79,7 +79,7 @@ def _fill_by_upserts(vectors: np.ndarray, ids: list[str]):
     Only the index side of a rebuild: the replica also reads one feature record per image from
     the object store.
     """
-    from pecbir_search.index import VectorIndex
+    from pecbir_search.index import ExactVectorIndex as VectorIndex
 
     index = VectorIndex("v0001", vectors.shape[1])
     started = time.perf_counter()
@@ -286,7 +286,7 @@ def search_bytes_per_vector(n: int, dim: int) -> dict[str, float]:
     """Python-heap bytes one vector costs in `VectorIndex` (filled by real upserts)."""
     import tracemalloc
 
-    from pecbir_search.index import VectorIndex
+    from pecbir_search.index import ExactVectorIndex as VectorIndex
 
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((n, dim)).astype(np.float32)

@@ -233,7 +233,7 @@ def _knn_in_process(cluster) -> dict[str, float]:
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_contracts.records import FeatureRecord, read_current_version
     from pecbir_platform.store import MinioStore
-    from pecbir_search.index import VectorIndex
+    from pecbir_search.index import ExactVectorIndex as VectorIndex
 
     store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
     layout = CollectionLayout(cluster.tenant, "bench")
