@@ -300,7 +300,7 @@ def test_worker_ops_server_serves_metrics_health_and_readiness():
 
 def test_indexer_worker_registers_its_probes_and_soft_shutdown(monkeypatch):
     from pecbir_indexer import ops
-    from pecbir_indexer.app import celery_app
+    from pecbir_indexer.celery import app as celery_app
     from pecbir_indexer.settings import IndexerSettings
 
     monkeypatch.setenv("PECBIR_SOFT_SHUTDOWN_S", "45")

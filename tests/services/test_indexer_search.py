@@ -99,8 +99,8 @@ def test_celery_task_dead_letters_poison_and_retries_storage_errors(runtime, tra
     import json
 
     from pecbir_contracts.store import StorageError
-    from pecbir_indexer import app as indexer_app
     from pecbir_indexer import runtime as runtime_module
+    from pecbir_indexer import tasks as indexer_app
 
     monkeypatch.setattr(runtime_module, "_runtime", runtime)
     indexer_app.use_eager_mode()

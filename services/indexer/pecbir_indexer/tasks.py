@@ -1,0 +1,171 @@
+"""The indexer's Celery tasks: thin wrappers of `pecbir_indexer.work`, with retries and DLQ.
+
+The app and its configuration are in `pecbir_indexer.celery`; why the settings are what they
+are is said there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
+
+from pecbir_contracts.layout import CollectionLayout
+from pecbir_contracts.records import write_failure
+from pecbir_contracts.store import StorageError
+from pecbir_contracts.tasks import (
+    QUEUE_DEAD_LETTER,
+    TASK_DEAD_LETTER,
+    TASK_INDEX_CHUNK,
+    TASK_INDEX_IMAGE,
+    TASK_REINDEX_COLLECTION,
+    TASK_TRAIN_MODEL,
+)
+from pecbir_indexer import work
+from pecbir_indexer.celery import app, settings
+from pecbir_indexer.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+# Errors that mean "Redis is unreachable", not "this task is bad".
+BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
+
+
+def dead_letter(task_name: str, task_id: str, args: list[Any], reason: str) -> None:
+    """Record a poison message in the store and park it on the dead-letter queue."""
+    rt = get_runtime()
+    try:
+        if task_name in (TASK_INDEX_IMAGE,) and len(args) >= 3:
+            layout = CollectionLayout(args[0], args[1])
+            write_failure(rt.store, layout.failure(args[2]), reason, task=task_name)
+        elif task_name == TASK_TRAIN_MODEL and len(args) >= 3:
+            layout = CollectionLayout(args[0], args[1])
+            write_failure(rt.store, layout.model_failure(args[2]), reason, task=task_name)
+        elif task_name == TASK_INDEX_CHUNK and len(args) >= 4:
+            layout = CollectionLayout(args[0], args[1])
+            for image_id in args[3]:
+                write_failure(rt.store, layout.failure(image_id), reason, task=task_name)
+    except Exception as exc:  # the DLQ copy below must still happen
+        log.error("could not record failure of %s in the store: %s", task_id, exc)
+    try:
+        app.send_task(
+            TASK_DEAD_LETTER,
+            args=[task_name, task_id, list(args), reason],
+            queue=QUEUE_DEAD_LETTER,
+            retry=False,
+        )
+    except Exception as exc:
+        log.error("could not dead-letter %s: %s", task_id, exc)
+    log.error("dead-lettered %s %s: %s", task_name, task_id, reason)
+
+
+class IndexerTask(Task):
+    """Retry storage errors with backoff; dead-letter everything that fails for good."""
+
+    autoretry_for = (StorageError,)
+    retry_backoff = 1
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = settings.max_retries
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._run_counted(*args, **kwargs)
+        except BROKER_DOWN as exc:
+            # Redis (broker and event stream) went away mid-task: not the message's fault, so
+            # no dead letter. Hand it back: requeued if Redis is back by now, else it stays
+            # unacknowledged in Redis and is redelivered after the visibility timeout.
+            log.warning("broker/event stream lost during %s: %s; handing it back", self.name, exc)
+            raise Reject(exc, requeue=True) from exc
+
+    def _run_counted(self, *args: Any, **kwargs: Any) -> Any:
+        task_id = self.request.id
+        if task_id and not self.request.is_eager:
+            deliveries = get_runtime().bus.incr_attempts(task_id)
+            if deliveries > settings.max_deliveries:
+                dead_letter(self.name, task_id, list(args), f"delivered {deliveries} times")
+                return None
+        result = super().__call__(*args, **kwargs)
+        if task_id and not self.request.is_eager:
+            get_runtime().bus.clear_attempts(task_id)
+        return result
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def]
+        dead_letter(self.name, task_id, list(args), f"{type(exc).__name__}: {exc}")
+
+
+def _test_delay() -> None:
+    """The fault-injection hook (see IndexerSettings.test_index_delay_file)."""
+    if settings.test_index_delay_file:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            seconds = float(Path(settings.test_index_delay_file).read_text())
+            log.warning("test hook: index_image sleeps %.1f s", seconds)
+            time.sleep(seconds)
+
+
+@app.task(base=IndexerTask, name=TASK_INDEX_IMAGE, throws=(work.PoisonMessage,))
+def index_image(tenant: str, collection: str, image_id: str) -> str:
+    _test_delay()
+    return work.index_image(get_runtime(), tenant, collection, image_id).state
+
+
+@app.task(base=IndexerTask, name=TASK_INDEX_CHUNK, throws=(work.PoisonMessage,))
+def index_chunk(tenant: str, collection: str, version: str, image_ids: list[str]) -> int:
+    rt = get_runtime()
+    failed = 0
+    for image_id in image_ids:
+        try:
+            work.index_image(rt, tenant, collection, image_id, version)
+        except work.PoisonMessage as exc:
+            # One bad image must not block its chunk: record it, go on.
+            failed += 1
+            dead_letter(
+                TASK_INDEX_IMAGE, f"chunk:{image_id}", [tenant, collection, image_id], str(exc)
+            )
+    return len(image_ids) - failed
+
+
+@app.task(base=IndexerTask, name=TASK_TRAIN_MODEL, throws=(work.PoisonMessage,))
+def train_model(tenant: str, collection: str, version: str) -> str:
+    manifest = work.train_model(get_runtime(), tenant, collection, version)
+    reindex_collection.apply_async(args=[tenant, collection, version])
+    return manifest.version
+
+
+@app.task(base=IndexerTask, name=TASK_REINDEX_COLLECTION)
+def reindex_collection(tenant: str, collection: str, version: str) -> int:
+    """Fan out: one `index_chunk` task per chunk of images still lacking `version` features."""
+    chunks = work.reindex_plan(get_runtime(), tenant, collection, version)
+    for chunk in chunks:
+        index_chunk.apply_async(args=[tenant, collection, version, chunk])
+    return len(chunks)
+
+
+TASKS = {
+    TASK_INDEX_IMAGE: index_image,
+    TASK_INDEX_CHUNK: index_chunk,
+    TASK_TRAIN_MODEL: train_model,
+    TASK_REINDEX_COLLECTION: reindex_collection,
+}
+
+
+def use_eager_mode() -> None:
+    """Embedded mode: every task runs in the calling process, at once (Celery eager mode).
+
+    Only for the single-process demo and unit tests: no broker, so no acks, redelivery or
+    parallel workers; the dead-letter copy goes to Celery's in-memory transport.
+    """
+    app.conf.update(task_always_eager=True, task_eager_propagates=False, broker_url="memory://")
+
+
+def run_eagerly(task_name: str, args: list[Any]) -> None:
+    """Execute a task by name in this process (after `use_eager_mode`)."""
+    TASKS[task_name].apply(args=list(args), throw=False)
