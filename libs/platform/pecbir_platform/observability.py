@@ -3,7 +3,7 @@
 - Prometheus metrics (`prometheus_client`): HTTP request counts and latency per *route template*
   (never the raw path, which holds image ids), task durations and failures, queue depth (read
   from the broker at scrape time). Vectors held and model versions in use are collected by
-  the services themselves (`pecbir_search.metrics`, `pecbir_indexer.metrics`).
+  the services themselves (`pecbir_search.ops`, `pecbir_indexer.ops`).
 - JSON logs, one object per line, carrying a request id. The id arrives in (or is minted for)
   an HTTP request (`X-Request-ID`), travels with a Celery task in a message header and with an
   event on the stream, so one upload can be followed gateway → indexer → search.

@@ -70,20 +70,10 @@ class StowPlan:
     segs: list[Instance]
 
 
-def pair_instances(instances: Sequence[Instance]) -> StowPlan:
-    """Pair the images of a STOW request with the SEGs that reference them.
-
-    Parameters
-    ----------
-    instances
-        The request's parts, as read by `pecbir_encryptor.dicom.read_instance`.
-
-    Returns
-    -------
-    StowPlan
-        The refused parts, each image's pairing or failure, and the SEGs in use. When two
-        SEGs reference the same image, the later one masks it.
-    """
+def _sort_parts(
+    instances: Sequence[Instance],
+) -> tuple[list[Failed], dict[str, tuple[SegMask, Instance]], list[Instance]]:
+    """(refused parts, SEG of each referenced image UID, image parts), in request order."""
     refused: list[Failed] = []
     masks: dict[str, tuple[SegMask, Instance]] = {}
     image_parts: list[Instance] = []
@@ -111,6 +101,24 @@ def pair_instances(instances: Sequence[Instance]) -> StowPlan:
                 )
         else:
             image_parts.append(instance)
+    return refused, masks, image_parts
+
+
+def pair_instances(instances: Sequence[Instance]) -> StowPlan:
+    """Pair the images of a STOW request with the SEGs that reference them.
+
+    Parameters
+    ----------
+    instances
+        The request's parts, as read by `pecbir_encryptor.dicom.read_instance`.
+
+    Returns
+    -------
+    StowPlan
+        The refused parts, each image's pairing or failure, and the SEGs in use. When two
+        SEGs reference the same image, the later one masks it.
+    """
+    refused, masks, image_parts = _sort_parts(instances)
     images: list[Pairing | Failed] = []
     for instance in image_parts:
         uid = instance.sop_instance

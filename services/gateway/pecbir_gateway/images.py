@@ -118,23 +118,15 @@ def upload_image(
             422, f"metadata says {meta.height}x{meta.width}, the cipher image is {height}x{width}"
         )
     meta_bytes = meta.model_dump_json().encode()
-    body_hash = hashlib.sha256()
-    for part in (layout.root.encode(), cipher_bytes, mask_bytes, meta_bytes):
-        body_hash.update(hashlib.sha256(part).digest())
-    fingerprint = body_hash.hexdigest()
-
+    fingerprint = _fingerprint(layout, cipher_bytes, mask_bytes, meta_bytes)
     record_key = idempotency_record_key(layout.tenant, idempotency_key) if idempotency_key else None
     if record_key:
         replay = _replay(ctx, record_key, fingerprint)
         if replay is not None:
             return replay
 
-    image_id = new_image_id()
+    image_id = _store_image(ctx, layout, cipher_bytes, mask_bytes, meta_bytes)
     store = ctx.store
-    store.put(layout.cipher(image_id), cipher_bytes, "image/png")
-    store.put(layout.mask(image_id), mask_bytes, "image/png")
-    # meta.json last: it marks the image as complete for listings.
-    store.put(layout.meta(image_id), meta_bytes, "application/json")
     answer = UploadAccepted(
         image_id=image_id,
         collection=layout.collection,
@@ -157,6 +149,26 @@ def upload_image(
             if replay is not None:
                 return replay
     return _queue_indexing(ctx, layout, image_id, answer)
+
+
+def _fingerprint(layout: CollectionLayout, cipher: bytes, mask: bytes, meta: bytes) -> str:
+    """What an Idempotency-Key is bound to: the target collection and the three parts."""
+    body_hash = hashlib.sha256()
+    for part in (layout.root.encode(), cipher, mask, meta):
+        body_hash.update(hashlib.sha256(part).digest())
+    return body_hash.hexdigest()
+
+
+def _store_image(
+    ctx: GatewayContext, layout: CollectionLayout, cipher: bytes, mask: bytes, meta: bytes
+) -> str:
+    """Write a new image's objects; its new id."""
+    image_id = new_image_id()
+    ctx.store.put(layout.cipher(image_id), cipher, "image/png")
+    ctx.store.put(layout.mask(image_id), mask, "image/png")
+    # meta.json last: it marks the image as complete for listings.
+    ctx.store.put(layout.meta(image_id), meta, "application/json")
+    return image_id
 
 
 def _queue_indexing(

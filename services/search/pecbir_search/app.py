@@ -16,7 +16,7 @@ from pecbir_contracts.events import EventBus
 from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
-from pecbir_search import metrics, routes
+from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
 from pecbir_search.settings import SearchSettings
 
@@ -71,5 +71,5 @@ def create_app(
     def healthz() -> dict[str, object]:
         return {"status": "ok", "events_applied": engine.events_applied}
 
-    metrics.instrument(app, engine, following=settings.follow)
+    ops.instrument(app, engine, following=settings.follow)
     return app

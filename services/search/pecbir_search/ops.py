@@ -1,4 +1,4 @@
-"""Search-specific metrics and readiness checks (hooked in by `pecbir_search.app`)."""
+"""Operations hooks of the search service: its metrics and readiness checks (used by `app`)."""
 
 from __future__ import annotations
 
