@@ -188,3 +188,22 @@ def test_engine_catches_up_after_restart_and_swaps_versions_atomically(runtime, 
         )
     )
     assert state.status().serving_version == "v0002"
+
+
+def test_engine_builds_its_indexes_with_the_factory_it_is_given(runtime, trained):
+    from pecbir_search.index import ExactVectorIndex
+
+    ids, manifest = trained
+    for image_id in ids:
+        work.index_image(runtime, "hosp-a", "brain", image_id)
+    made: list[tuple[str, int]] = []
+
+    def factory(version: str, dim: int) -> ExactVectorIndex:
+        made.append((version, dim))
+        return ExactVectorIndex(version, dim)
+
+    engine = SearchEngine(runtime.store, None, index_factory=factory)
+    assert engine.catch_up_all() == 1
+    state = engine.collection("hosp-a", "brain")
+    assert made == [("v0001", manifest.projected_dim)]
+    assert len(state.serving.index) == len(ids)
