@@ -1,7 +1,4 @@
-"""Owner-side operations: protect (8-bit + encrypt + tag), upload, fetch-verify-decrypt.
-
-The HTTP calls go through `gateway_client`, the audit trail through `audit`.
-"""
+"""Owner-side operations: protect (8-bit + encrypt + tag), upload, fetch-verify-decrypt."""
 
 from __future__ import annotations
 
