@@ -106,3 +106,42 @@ def test_unseal_refuses_wrong_master_and_tampered_metadata():
         unseal(cipher, tampered, master)
     with pytest.raises(ValueError, match="shape"):
         unseal(cipher[:8], metadata, master)
+
+
+# -- integrity tag known answers ------------------------------------------------------------------
+# Frozen with the code of commit 33cc527 (before the v2 tag): records stored by it must verify.
+KAT_MASTER_SEED = 7
+KAT_IMAGE = np.array(
+    [
+        [2426, 2648, 3435, 1559, 53, 1312],
+        [1393, 2964, 3240, 1420, 4094, 1319],
+        [2448, 125, 3756, 3953, 231, 3453],
+        [1462, 3032, 893, 2411, 1899, 1876],
+        [3969, 1693, 595, 850, 3282, 2538],
+    ],
+    dtype=np.uint16,
+)
+KAT_SIDECAR_V1_CIPHER = "85a4415f2b442d6f4214eb79971ef40c0b1c59652c95ef7384032210cc9d"
+KAT_SIDECAR_V1_JSON = (
+    '{"format":"pecbir-cipher-v1","image_id":"kat-sidecar-v1","scheme":"ours",'
+    '"key_mode":"per-image","key_id":"bbfefafbdefe2cd6","key_counter":0,'
+    '"key_check":"sha256:e9bef17ee7a5de2a","shape":[5,6],"rescale":{"rule":"minmax-v1",'
+    '"min":53.0,"max":4094.0,"source_dtype":"uint16"},'
+    '"integrity_tag":"d064a134c8decacfa2e03d08c7ad222ed68edfe34535215ccd2a4d5786c92d44"}'
+)
+
+
+def _kat_cipher(hex_pixels: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(hex_pixels), dtype=np.uint8).reshape(KAT_IMAGE.shape)
+
+
+def test_sidecar_v1_known_answer_still_verifies_and_decrypts():
+    from pecore.envelope import verify_tag
+
+    master = MasterKey.from_seed(KAT_MASTER_SEED)
+    cipher = _kat_cipher(KAT_SIDECAR_V1_CIPHER)
+    metadata = CipherMetadata.model_validate_json(KAT_SIDECAR_V1_JSON)
+    verify_tag(cipher, metadata, master)
+    assert np.array_equal(unseal(cipher, metadata, master), to_uint8(KAT_IMAGE)[0])
+    resealed, _ = seal(KAT_IMAGE, master, "kat-sidecar-v1")
+    assert np.array_equal(resealed, cipher)

@@ -429,3 +429,62 @@ def test_rotation_keeps_old_images_decryptable_and_re_encrypts_nothing(run):
         f"/v1/collections/brain/images/{fresh['upload']['image_id']}/plain"
     )
     assert stale.status_code == 502
+
+
+# -- stored records of earlier versions -----------------------------------------------------------
+# A meta.json the encryptor of commit 33cc527 stored (integrity label pecbir/integrity/v1), with
+# its cipher and mask: it must keep parsing, verifying and decrypting bit-exactly.
+KAT_SERVICE_V1_IMAGE = np.array(
+    [
+        [2426, 2648, 3435, 1559, 53, 1312],
+        [1393, 2964, 3240, 1420, 4094, 1319],
+        [2448, 125, 3756, 3953, 231, 3453],
+        [1462, 3032, 893, 2411, 1899, 1876],
+        [3969, 1693, 595, 850, 3282, 2538],
+    ],
+    dtype=np.uint16,
+)
+KAT_SERVICE_V1_CIPHER = "3bffd55f004f55b87129d6749702eaf60bd759bcf52ca42fd8bf22688419"
+KAT_SERVICE_V1_MASK = "000000000000000001010100000001010100000001010100000000000000"
+KAT_SERVICE_V1_META = (
+    '{"opaque_id":"kat-service-v1","role":"template","label":2,"height":5,"width":6,'
+    '"rescale":{"rule":"minmax-v1","min":53.0,"max":4094.0,"source_dtype":"uint16"},'
+    '"key":{"scheme":"ours","mode":"per-image","key_id":"bbfefafbdefe2cd6","counter":0,'
+    '"check":"sha256:f0165799675abcfe"},"integrity":{"alg":"hmac-sha256",'
+    '"key_id":"bbfefafbdefe2cd6",'
+    '"tag":"7d2ac2afb4008bb924be3e07f3bc35967ece73b87a6069242076617a0f190c86"}}'
+)
+
+
+def _kat_service_v1():
+    from pecbir_contracts.schemas import ImageMetadata
+
+    shape = KAT_SERVICE_V1_IMAGE.shape
+    cipher = np.frombuffer(bytes.fromhex(KAT_SERVICE_V1_CIPHER), np.uint8).reshape(shape)
+    mask = np.frombuffer(bytes.fromhex(KAT_SERVICE_V1_MASK), np.uint8).reshape(shape) > 0
+    return cipher, mask, ImageMetadata.model_validate_json(KAT_SERVICE_V1_META)
+
+
+def test_a_stored_v1_record_still_verifies_and_decrypts():
+    from pecbir_encryptor.core import Encryptor
+
+    encryptor = Encryptor(MasterKey.from_seed(7), gateway=None)
+    cipher, mask, metadata = _kat_service_v1()
+    plain = encryptor.open(cipher, mask, metadata)
+    np.testing.assert_array_equal(plain, to_uint8(KAT_SERVICE_V1_IMAGE)[0])
+    assert encryptor.release_key(cipher, mask, metadata).check == metadata.key.check
+
+
+def test_a_stored_v1_record_with_one_field_changed_is_refused():
+    from pecbir_encryptor.core import Encryptor
+    from pecbir_encryptor.integrity import IntegrityError
+
+    encryptor = Encryptor(MasterKey.from_seed(7), gateway=None)
+    cipher, mask, metadata = _kat_service_v1()
+    relabelled = metadata.model_copy(update={"label": 1})
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encryptor.open(cipher, mask, relabelled)
+    flipped = mask.copy()
+    flipped[0, 0] = True
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encryptor.open(cipher, flipped, metadata)
