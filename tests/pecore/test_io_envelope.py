@@ -130,6 +130,16 @@ KAT_SIDECAR_V1_JSON = (
     '"integrity_tag":"d064a134c8decacfa2e03d08c7ad222ed68edfe34535215ccd2a4d5786c92d44"}'
 )
 
+# Key mode "same", scheme 26, a float32 source (rescale bounds that are not whole numbers).
+KAT_SIDECAR_V1_SAME_CIPHER = "9670d571074f55b8446dc5503c18e0f60bd902101e950789f7672232d19d"
+KAT_SIDECAR_V1_SAME_JSON = (
+    '{"format":"pecbir-cipher-v1","image_id":"kat-sidecar-same","scheme":"26",'
+    '"key_mode":"same","key_id":"bbfefafbdefe2cd6","key_counter":0,'
+    '"key_check":"sha256:4f72a3135ec7f91e","shape":[5,6],"rescale":{"rule":"minmax-v1",'
+    '"min":7.5714287757873535,"max":584.8571166992188,"source_dtype":"float32"},'
+    '"integrity_tag":"fb4a804de286a2a4bb227177c856dc8783cf2b3c7f692e6b358d75ce61d4a7a0"}'
+)
+
 
 def _kat_cipher(hex_pixels: str) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(hex_pixels), dtype=np.uint8).reshape(KAT_IMAGE.shape)
@@ -145,3 +155,14 @@ def test_sidecar_v1_known_answer_still_verifies_and_decrypts():
     assert np.array_equal(unseal(cipher, metadata, master), to_uint8(KAT_IMAGE)[0])
     resealed, _ = seal(KAT_IMAGE, master, "kat-sidecar-v1")
     assert np.array_equal(resealed, cipher)
+
+
+def test_sidecar_v1_known_answer_of_the_shared_key_mode_still_verifies():
+    from pecore.envelope import verify_tag
+
+    master = MasterKey.from_seed(KAT_MASTER_SEED)
+    cipher = _kat_cipher(KAT_SIDECAR_V1_SAME_CIPHER)
+    metadata = CipherMetadata.model_validate_json(KAT_SIDECAR_V1_SAME_JSON)
+    verify_tag(cipher, metadata, master)
+    source = KAT_IMAGE.astype(np.float32) / 7
+    assert np.array_equal(unseal(cipher, metadata, master), to_uint8(source)[0])

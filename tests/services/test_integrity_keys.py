@@ -455,14 +455,25 @@ KAT_SERVICE_V1_META = (
     '"tag":"7d2ac2afb4008bb924be3e07f3bc35967ece73b87a6069242076617a0f190c86"}}'
 )
 
+# A query record (no label) under the shared key derived from the master key, scheme 27.
+KAT_SERVICE_V1_QUERY_CIPHER = "0b4f9a050b4411a978d02f7f98ad47b1ba5d00bcf5601a996e092b19f76a"
+KAT_SERVICE_V1_QUERY_META = (
+    '{"opaque_id":"kat-query-v1","role":"query","label":null,"height":5,"width":6,'
+    '"rescale":{"rule":"minmax-v1","min":53.0,"max":4094.0,"source_dtype":"uint16"},'
+    '"key":{"scheme":"27","mode":"same","key_id":"bbfefafbdefe2cd6","counter":0,'
+    '"check":"sha256:4f72a3135ec7f91e"},"integrity":{"alg":"hmac-sha256",'
+    '"key_id":"bbfefafbdefe2cd6",'
+    '"tag":"d4e377cc7daac473a541fe06b979367b4d63a3e5b5ea2ef8c4e92e5a1008d67b"}}'
+)
 
-def _kat_service_v1():
+
+def _kat_service_v1(cipher_hex: str = KAT_SERVICE_V1_CIPHER, meta: str = KAT_SERVICE_V1_META):
     from pecbir_contracts.schemas import ImageMetadata
 
     shape = KAT_SERVICE_V1_IMAGE.shape
-    cipher = np.frombuffer(bytes.fromhex(KAT_SERVICE_V1_CIPHER), np.uint8).reshape(shape)
+    cipher = np.frombuffer(bytes.fromhex(cipher_hex), np.uint8).reshape(shape)
     mask = np.frombuffer(bytes.fromhex(KAT_SERVICE_V1_MASK), np.uint8).reshape(shape) > 0
-    return cipher, mask, ImageMetadata.model_validate_json(KAT_SERVICE_V1_META)
+    return cipher, mask, ImageMetadata.model_validate_json(meta)
 
 
 def test_a_stored_v1_record_still_verifies_and_decrypts():
@@ -473,6 +484,10 @@ def test_a_stored_v1_record_still_verifies_and_decrypts():
     plain = encryptor.open(cipher, mask, metadata)
     np.testing.assert_array_equal(plain, to_uint8(KAT_SERVICE_V1_IMAGE)[0])
     assert encryptor.release_key(cipher, mask, metadata).check == metadata.key.check
+    cipher, mask, query = _kat_service_v1(KAT_SERVICE_V1_QUERY_CIPHER, KAT_SERVICE_V1_QUERY_META)
+    np.testing.assert_array_equal(
+        encryptor.open(cipher, mask, query), to_uint8(KAT_SERVICE_V1_IMAGE)[0]
+    )
 
 
 def test_a_stored_v1_record_with_one_field_changed_is_refused():
