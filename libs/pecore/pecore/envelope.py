@@ -27,6 +27,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pecore.cipher import IntensityRescale, Scheme, decrypt, encrypt, to_uint8
 from pecore.keys import ImageKey, MasterKey, derive_image_key
 
+__all__ = [
+    "KEY_MODES",
+    "SHARED_KEY_LABEL",
+    "TAG_V1_SERVICE",
+    "TAG_V1_SIDECAR",
+    "TAG_V2",
+    "CipherMetadata",
+    "KeyMode",
+    "Role",
+    "TagFormat",
+    "TamperedError",
+    "image_key_for",
+    "integrity_tag",
+    "seal",
+    "tag",
+    "unseal",
+    "verify_tag",
+]
+
 # How an image's key is chosen.  "per-image": derived from the master key under the image's own
 # id (k_i ≠ k_j, the paper's "different keys").  "same": every image of the owner uses the one
 # shared key derived from the master key under `SHARED_KEY_LABEL` (one key stream per image

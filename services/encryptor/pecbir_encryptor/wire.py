@@ -14,6 +14,8 @@ from pecbir_encryptor.integrity import IntegrityError
 from pecore.cipher import IntensityRescale
 from pecore.envelope import TAG_V1_SERVICE, TAG_V1_SIDECAR, TAG_V2, CipherMetadata, TagFormat
 
+__all__ = ["from_wire", "to_wire"]
+
 # `Integrity.version` on the wire ↔ pecore's tag format.  A v1 sidecar tag covers no mask and
 # none of the wire's own fields, so it never travels.
 _TAG_FORMAT_OF_VERSION: dict[int, TagFormat] = {1: TAG_V1_SERVICE, 2: TAG_V2}
