@@ -429,3 +429,163 @@ def test_rotation_keeps_old_images_decryptable_and_re_encrypts_nothing(run):
         f"/v1/collections/brain/images/{fresh['upload']['image_id']}/plain"
     )
     assert stale.status_code == 502
+
+
+# -- stored records of earlier versions -----------------------------------------------------------
+# A meta.json the encryptor of commit 33cc527 stored (integrity label pecbir/integrity/v1), with
+# its cipher and mask: it must keep parsing, verifying and decrypting bit-exactly.
+KAT_SERVICE_V1_IMAGE = np.array(
+    [
+        [2426, 2648, 3435, 1559, 53, 1312],
+        [1393, 2964, 3240, 1420, 4094, 1319],
+        [2448, 125, 3756, 3953, 231, 3453],
+        [1462, 3032, 893, 2411, 1899, 1876],
+        [3969, 1693, 595, 850, 3282, 2538],
+    ],
+    dtype=np.uint16,
+)
+KAT_SERVICE_V1_CIPHER = "3bffd55f004f55b87129d6749702eaf60bd759bcf52ca42fd8bf22688419"
+KAT_SERVICE_V1_MASK = "000000000000000001010100000001010100000001010100000000000000"
+KAT_SERVICE_V1_META = (
+    '{"opaque_id":"kat-service-v1","role":"template","label":2,"height":5,"width":6,'
+    '"rescale":{"rule":"minmax-v1","min":53.0,"max":4094.0,"source_dtype":"uint16"},'
+    '"key":{"scheme":"ours","mode":"per-image","key_id":"bbfefafbdefe2cd6","counter":0,'
+    '"check":"sha256:f0165799675abcfe"},"integrity":{"alg":"hmac-sha256",'
+    '"key_id":"bbfefafbdefe2cd6",'
+    '"tag":"7d2ac2afb4008bb924be3e07f3bc35967ece73b87a6069242076617a0f190c86"}}'
+)
+
+# A query record (no label) under the shared key derived from the master key, scheme 27.
+KAT_SERVICE_V1_QUERY_CIPHER = "0b4f9a050b4411a978d02f7f98ad47b1ba5d00bcf5601a996e092b19f76a"
+KAT_SERVICE_V1_QUERY_META = (
+    '{"opaque_id":"kat-query-v1","role":"query","label":null,"height":5,"width":6,'
+    '"rescale":{"rule":"minmax-v1","min":53.0,"max":4094.0,"source_dtype":"uint16"},'
+    '"key":{"scheme":"27","mode":"same","key_id":"bbfefafbdefe2cd6","counter":0,'
+    '"check":"sha256:4f72a3135ec7f91e"},"integrity":{"alg":"hmac-sha256",'
+    '"key_id":"bbfefafbdefe2cd6",'
+    '"tag":"d4e377cc7daac473a541fe06b979367b4d63a3e5b5ea2ef8c4e92e5a1008d67b"}}'
+)
+
+
+def _kat_service_v1(cipher_hex: str = KAT_SERVICE_V1_CIPHER, meta: str = KAT_SERVICE_V1_META):
+    from pecbir_contracts.schemas import ImageMetadata
+
+    shape = KAT_SERVICE_V1_IMAGE.shape
+    cipher = np.frombuffer(bytes.fromhex(cipher_hex), np.uint8).reshape(shape)
+    mask = np.frombuffer(bytes.fromhex(KAT_SERVICE_V1_MASK), np.uint8).reshape(shape) > 0
+    return cipher, mask, ImageMetadata.model_validate_json(meta)
+
+
+def test_a_stored_v1_record_still_verifies_and_decrypts():
+    from pecbir_encryptor.core import Encryptor
+
+    encryptor = Encryptor(MasterKey.from_seed(7), gateway=None)
+    cipher, mask, metadata = _kat_service_v1()
+    plain = encryptor.open(cipher, mask, metadata)
+    np.testing.assert_array_equal(plain, to_uint8(KAT_SERVICE_V1_IMAGE)[0])
+    assert encryptor.release_key(cipher, mask, metadata).check == metadata.key.check
+    cipher, mask, query = _kat_service_v1(KAT_SERVICE_V1_QUERY_CIPHER, KAT_SERVICE_V1_QUERY_META)
+    np.testing.assert_array_equal(
+        encryptor.open(cipher, mask, query), to_uint8(KAT_SERVICE_V1_IMAGE)[0]
+    )
+
+
+def test_a_stored_v1_record_with_one_field_changed_is_refused():
+    from pecbir_encryptor.core import Encryptor
+    from pecbir_encryptor.integrity import IntegrityError
+
+    encryptor = Encryptor(MasterKey.from_seed(7), gateway=None)
+    cipher, mask, metadata = _kat_service_v1()
+    relabelled = metadata.model_copy(update={"label": 1})
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encryptor.open(cipher, mask, relabelled)
+    flipped = mask.copy()
+    flipped[0, 0] = True
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encryptor.open(cipher, flipped, metadata)
+
+
+# A meta.json of the v2 envelope tag (integrity.version 2), frozen when v2 was introduced.
+KAT_SERVICE_V2_CIPHER = "8b4d9807004f55e9c956a9c92eb75df6c51259bc35ac74fff867cb32e07d"
+KAT_SERVICE_V2_META = (
+    '{"opaque_id":"kat-service-v2","role":"template","label":2,"height":5,"width":6,'
+    '"rescale":{"rule":"minmax-v1","min":53.0,"max":4094.0,"source_dtype":"uint16"},'
+    '"key":{"scheme":"ours","mode":"per-image","key_id":"bbfefafbdefe2cd6","counter":0,'
+    '"check":"sha256:d2e95f224d43d595"},"integrity":{"alg":"hmac-sha256",'
+    '"key_id":"bbfefafbdefe2cd6",'
+    '"tag":"d75c2578ef04f845f58d1cd623520a06683709f0691dfb6a5f426c274964e6ac","version":2}}'
+)
+
+
+def test_new_records_get_the_v2_tag_and_match_its_known_answer():
+    from pecbir_encryptor.core import Encryptor, protect_image
+
+    master = MasterKey.from_seed(7)
+    cipher, mask, stored = _kat_service_v1(KAT_SERVICE_V2_CIPHER, KAT_SERVICE_V2_META)
+    protected = protect_image(
+        KAT_SERVICE_V1_IMAGE, mask, master=master, opaque_id="kat-service-v2", label=2
+    )
+    np.testing.assert_array_equal(protected.cipher, cipher)
+    assert protected.metadata == stored
+    assert protected.metadata.model_dump_json() == KAT_SERVICE_V2_META
+    plain = Encryptor(master, gateway=None).open(cipher, mask, stored)
+    np.testing.assert_array_equal(plain, to_uint8(KAT_SERVICE_V1_IMAGE)[0])
+
+
+def test_the_one_translation_is_lossless_both_ways():
+    from pecbir_encryptor.wire import from_wire, to_wire
+
+    for cipher_hex, meta in [
+        (KAT_SERVICE_V1_CIPHER, KAT_SERVICE_V1_META),
+        (KAT_SERVICE_V1_QUERY_CIPHER, KAT_SERVICE_V1_QUERY_META),
+        (KAT_SERVICE_V2_CIPHER, KAT_SERVICE_V2_META),
+    ]:
+        _cipher, _mask, stored = _kat_service_v1(cipher_hex, meta)
+        record = from_wire(stored)
+        assert to_wire(record) == stored
+        assert from_wire(to_wire(record)) == record
+    untagged = from_wire(stored.model_copy(update={"integrity": None}))
+    assert untagged.integrity_tag is None and to_wire(untagged).integrity is None
+
+
+def test_the_translation_refuses_records_the_owner_cannot_have_made():
+    from pecbir_encryptor.integrity import IntegrityError
+    from pecbir_encryptor.wire import from_wire, to_wire
+    from pecore.envelope import CipherMetadata
+
+    _cipher, _mask, stored = _kat_service_v1()
+    with pytest.raises(IntegrityError, match="8-bit conversion record"):
+        from_wire(stored.model_copy(update={"rescale": None}))
+    other_key = stored.integrity.model_copy(update={"key_id": "0" * 16})
+    with pytest.raises(IntegrityError, match="tagged under"):
+        from_wire(stored.model_copy(update={"integrity": other_key}))
+    # A v1 sidecar tag covers no mask: it never goes to the cloud.
+    sidecar = CipherMetadata.model_validate(
+        {**from_wire(stored).model_dump(), "tag_format": None, "label": None}
+    )
+    with pytest.raises(ValueError, match="covers no mask"):
+        to_wire(sidecar)
+
+
+def test_benchmark_and_soak_uploads_carry_the_owner_tag():
+    from pecbir_contracts.schemas import ImageMetadata
+    from pecbir_encryptor.core import Encryptor
+    from pecbir_harness.workload import seal_for_upload
+
+    master = MasterKey.from_seed(7)
+    images, masks, labels = labelled_set(1, seed=9)
+    job = (master.secret.get_secret_value(), images[0], masks[0], "bench-00001", int(labels[0]))
+    cipher_png, mask_png, meta_json, seconds = seal_for_upload(job)
+    metadata = ImageMetadata.model_validate_json(meta_json)
+    assert metadata.integrity is not None and metadata.integrity.version == 2
+    assert metadata.label == int(labels[0]) and seconds > 0
+    cipher, mask = decode_image_png(cipher_png), decode_mask_png(mask_png)
+    plain = Encryptor(master, gateway=None).open(cipher, mask, metadata)
+    np.testing.assert_array_equal(plain, to_uint8(images[0])[0])
+
+
+def test_uploads_through_the_encryptor_are_stored_with_the_v2_tag(run):
+    system = run["system"]
+    image_id = run["uploads"][0]["upload"]["image_id"]
+    stored = system.gateway.get(f"/v1/collections/brain/images/{image_id}").json()
+    assert stored["integrity"]["version"] == 2

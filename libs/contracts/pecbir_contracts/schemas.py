@@ -25,7 +25,11 @@ class RescaleInfo(_Strict):
 
 
 class KeyInfo(_Strict):
-    """Public facts about the image key: enough for the owner to re-derive it, nothing more."""
+    """Public facts about the image key: enough for the owner to re-derive it, nothing more.
+
+    `mode` "per-image": the image's own key; "same": the shared key derived from the owner's
+    master key (pecore.envelope.KeyMode).
+    """
 
     scheme: Scheme = "ours"
     mode: Literal["per-image", "same"] = "per-image"
@@ -35,15 +39,25 @@ class KeyInfo(_Strict):
 
 
 class Integrity(_Strict):
-    """Owner's HMAC over cipher pixels, mask and the rest of the metadata."""
+    """Owner's HMAC over cipher pixels, mask and the rest of the metadata.
+
+    `version` names the tag's format, which only the owner (the encryptor, with pecore's
+    envelope) computes and checks: 1 for records stored before the v2 envelope tag (the field
+    is absent in them), 2 for every new one.
+    """
 
     alg: Literal["hmac-sha256"] = "hmac-sha256"
     key_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     tag: HexTag
+    version: Literal[1, 2] = 1
 
 
 class ImageMetadata(_Strict):
-    """Everything the cloud stores next to a cipher image; no patient-identifying data."""
+    """Everything the cloud stores next to a cipher image; no patient-identifying data.
+
+    The owner-side record (pecore.envelope.CipherMetadata) in the wire's field names; the one
+    translation is the encryptor's `wire` module.
+    """
 
     opaque_id: OpaqueId
     role: Literal["template", "query"] = "template"
@@ -59,10 +73,6 @@ class ImageMetadata(_Strict):
         if self.role == "query" and self.label is not None:
             raise ValueError("query images carry no label")
         return self
-
-    def signed_part(self) -> dict[str, object]:
-        """The fields the integrity tag covers (everything but the tag itself)."""
-        return self.model_dump(mode="json", exclude={"integrity"})
 
 
 UploadState = Literal["stored", "awaiting_model", "indexed", "searchable", "failed"]

@@ -191,7 +191,7 @@ def load_images(cfg: SoakConfig, n: int):
 
 
 def seal_pool(cfg: SoakConfig, n: int) -> tuple[list[Sealed], str, float]:
-    """Encrypt n images owner-side (one key each); returns the upload bodies."""
+    """Protect n images owner-side as the encryptor does (one key each, tagged); the bodies."""
     from tqdm import tqdm
 
     from pecore.keys import MasterKey

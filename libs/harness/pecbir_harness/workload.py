@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -11,36 +10,38 @@ SealJob = tuple[bytes, np.ndarray, np.ndarray, str, int | None]
 
 
 def seal_for_upload(job: SealJob) -> tuple[bytes, bytes, str, float]:
-    """Encrypt one image with its own key as the encryptor would and build the upload parts.
+    """Protect one image exactly as the encryptor does and build the upload parts.
 
-    `job` is (master secret, image, mask, opaque id, label); returns (cipher PNG, mask PNG,
-    metadata JSON, seconds spent encrypting). Top-level so a process pool can run it.
+    Its own key, the 8-bit rule, the cipher and the owner's integrity tag over cipher, mask and
+    metadata (`pecbir_encryptor.core.protect_image`), so benchmark and soak uploads are real
+    owner records that the encryptor can open. Top-level so a process pool can run it.
+
+    Parameters
+    ----------
+    job : SealJob
+        (master secret, image, mask, opaque id, label); a tuple so a process pool can ship it.
+
+    Returns
+    -------
+    tuple
+        (cipher PNG, mask PNG, metadata JSON, seconds spent on the owner side: 8-bit rule,
+        encryption and tag).
     """
     from pecbir_contracts.png import encode_png
-    from pecore.envelope import seal
+    from pecbir_encryptor.core import protect_image
     from pecore.keys import MasterKey
 
     secret, image, mask, opaque_id, label = job
     master = MasterKey(secret=secret)
     started = time.perf_counter()
-    cipher, sealed = seal(image, master, opaque_id)
+    protected = protect_image(image, mask, master=master, opaque_id=opaque_id, label=label)
     seconds = time.perf_counter() - started
-    meta = {
-        "opaque_id": opaque_id,
-        "role": "template",
-        "label": label,
-        "height": cipher.shape[0],
-        "width": cipher.shape[1],
-        "rescale": sealed.rescale.model_dump(),
-        "key": {
-            "scheme": sealed.scheme,
-            "mode": sealed.key_mode,
-            "key_id": sealed.key_id,
-            "counter": sealed.key_counter,
-            "check": sealed.key_check,
-        },
-    }
-    return encode_png(cipher), encode_png(mask), json.dumps(meta), seconds
+    return (
+        encode_png(protected.cipher),
+        encode_png(protected.mask),
+        protected.metadata.model_dump_json(),
+        seconds,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:

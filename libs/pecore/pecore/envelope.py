@@ -1,10 +1,17 @@
-"""Owner-side encryption of one image: 8-bit rule + key derivation + cipher + metadata.
+"""Owner-side encryption of one image: 8-bit rule + key derivation + cipher + metadata + tag.
 
 `seal` turns a plain 2-D image (any integer or float depth) into a uint8 cipher image and a
 `CipherMetadata` record that can travel with it: it names the scheme, the key mode, the
-master key's public fingerprint and the key's check value, and the 8-bit conversion rule,
-but holds no key material and nothing from a DICOM header.  `unseal` re-derives the key from
-the master key and inverts it bit-exactly.
+master key's public fingerprint and the key's check value, the 8-bit conversion rule and the
+image's role (and class label, for a retrieval template), but holds no key material and
+nothing from a DICOM header.  `tag` adds the owner's integrity tag over the cipher pixels, the
+tumour mask (when there is one) and every field of the record; `verify_tag` checks it before
+anything is decrypted; `unseal` re-derives the key from the master key and inverts it
+bit-exactly.
+
+This record and its tag are the only owner-side envelope: the `pecbir encrypt` sidecar is the
+record as JSON, and the cloud's `ImageMetadata` is the same record in the wire's field names
+(translated in one place, the encryptor's `wire` module, since pecore knows no wire models).
 """
 
 from __future__ import annotations
@@ -12,28 +19,113 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pecore.cipher import IntensityRescale, Scheme, decrypt, encrypt, to_uint8
 from pecore.keys import ImageKey, MasterKey, derive_image_key
 
+__all__ = [
+    "KEY_MODES",
+    "SHARED_KEY_LABEL",
+    "TAG_V1_SERVICE",
+    "TAG_V1_SIDECAR",
+    "TAG_V2",
+    "CipherMetadata",
+    "KeyMode",
+    "Role",
+    "TagFormat",
+    "TamperedError",
+    "image_key_for",
+    "integrity_tag",
+    "seal",
+    "tag",
+    "unseal",
+    "verify_tag",
+]
+
+# How an image's key is chosen.  "per-image": derived from the master key under the image's own
+# id (k_i ≠ k_j, the paper's "different keys").  "same": every image of the owner uses the one
+# shared key derived from the master key under `SHARED_KEY_LABEL` (one key stream per image
+# size), the paper's k_i = k_j scenario.  That shared key is a child of the owner's master key;
+# it is not the paper's published parameter set θ* (pecore.keys names that one).
 KeyMode = Literal["same", "per-image"]
 KEY_MODES: tuple[str, ...] = ("same", "per-image")
-# In "same" mode every image of the owner uses the key derived under this label
-# (one key stream per image size), as in the paper's k_i = k_j scenario.
+# Derivation label of the shared key derived from the master key (key mode "same").
 SHARED_KEY_LABEL = "__shared__"
+
+Role = Literal["template", "query"]
+
+# Labels of the integrity-tag formats; each is both the HMAC key's derivation label and the
+# first bytes of the tagged message, so a tag of one format never verifies as another.
+# v1 sidecar: `pecbir encrypt` before v2 (cipher + the record's v1 fields, no mask).
+TAG_V1_SIDECAR: Final = "pecbir/sidecar-integrity/v1"
+# v1 service: the encryptor before v2 (cipher + mask + the wire's v1 field layout).
+TAG_V1_SERVICE: Final = "pecbir/integrity/v1"
+# v2: the one envelope tag (cipher + mask, if any + every field of this record).
+TAG_V2: Final = "pecbir/envelope/v2"
+TagFormat = Literal["pecbir/sidecar-integrity/v1", "pecbir/integrity/v1", "pecbir/envelope/v2"]
+
+# Fields that are not themselves signed: the tag, and the name of its format (which is signed
+# anyway, as the label inside the message).
+_UNSIGNED_FIELDS: Final = frozenset({"integrity_tag", "tag_format"})
+# The whole record as it was before v2: what a v1 sidecar tag covers (frozen).
+_V1_SIDECAR_FIELDS: Final = frozenset(
+    {
+        "format",
+        "image_id",
+        "scheme",
+        "key_mode",
+        "key_id",
+        "key_counter",
+        "key_check",
+        "shape",
+        "rescale",
+    }
+)
 
 
 class CipherMetadata(BaseModel):
-    """Everything a key holder needs, besides the master key, to decrypt a cipher image."""
+    """Everything a key holder needs, besides the master key, to check and decrypt a cipher image.
+
+    Attributes
+    ----------
+    format : str
+        Record format name.
+    image_id : str
+        Opaque id of the image; with key mode "per-image" it selects the image's key.
+    role : {"template", "query"}
+        A retrieval template (stored, may carry a class label) or a query image (never labelled).
+    label : int or None
+        Class label of a template (0..255), None when unknown or for queries.
+    scheme : str
+        Cipher scheme (pecore.cipher).
+    key_mode : {"per-image", "same"}
+        How the key was chosen (see `KeyMode`).
+    key_id : str
+        Public fingerprint of the master key the image was encrypted under.
+    key_counter, key_check : int, str
+        Derivation counter and check value of the image key (no key material).
+    shape : tuple of int
+        (height, width) of the cipher image.
+    rescale : IntensityRescale
+        The 8-bit conversion rule and its parameters.
+    integrity_tag : str or None
+        Owner's HMAC-SHA256 (hex) over the cipher pixels, the mask and the signed fields; set
+        by `tag`, checked by `verify_tag` before anything is decrypted.
+    tag_format : str or None
+        Format (label) of `integrity_tag`; None on records written before v2, whose tag is in
+        the v1 sidecar format.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     format: Literal["pecbir-cipher-v1"] = "pecbir-cipher-v1"
     image_id: str = Field(min_length=1, max_length=128)
+    role: Role = "template"
+    label: int | None = Field(default=None, ge=0, le=255)
     scheme: Scheme
     key_mode: KeyMode
     key_id: str
@@ -41,12 +133,18 @@ class CipherMetadata(BaseModel):
     key_check: str
     shape: tuple[int, int]
     rescale: IntensityRescale
-    # Owner's HMAC over the cipher pixels and every other field (see `integrity_tag`); set by
-    # `tag`, checked by `verify_tag` before anything is decrypted.
     integrity_tag: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    tag_format: TagFormat | None = None
+
+    @model_validator(mode="after")
+    def _label_only_for_templates(self) -> CipherMetadata:
+        if self.role == "query" and self.label is not None:
+            raise ValueError("query images carry no label")
+        return self
 
 
 def image_key_for(master: MasterKey, image_id: str, key_mode: KeyMode, n_pixels: int) -> ImageKey:
+    """The image key of `image_id`: its own ("per-image") or the master's shared one ("same")."""
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key mode {key_mode!r}; expected one of {', '.join(KEY_MODES)}")
     label = SHARED_KEY_LABEL if key_mode == "same" else image_id
@@ -59,13 +157,43 @@ def seal(
     image_id: str,
     scheme: Scheme = "ours",
     key_mode: KeyMode = "per-image",
+    *,
+    role: Role = "template",
+    label: int | None = None,
 ) -> tuple[np.ndarray, CipherMetadata]:
-    """Encrypt a plain image for the cloud; returns (uint8 cipher image, metadata)."""
+    """Encrypt a plain image for the cloud; returns (uint8 cipher image, untagged metadata).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Plain 2-D grey image, any integer or float depth (brought to 8 bits by min–max).
+    master : MasterKey
+        The owner's master key; the image key is derived from it.
+    image_id : str
+        Opaque id of the image (selects its key in key mode "per-image").
+    scheme : str
+        Cipher scheme.
+    key_mode : {"per-image", "same"}
+        The image's own key, or the shared key derived from the master key.
+    role : {"template", "query"}
+        Recorded in the metadata (and covered by the tag).
+    label : int or None
+        Class label of a template, recorded in the metadata (and covered by the tag).
+
+    Returns
+    -------
+    cipher : numpy.ndarray
+        uint8 cipher image of the image's shape.
+    metadata : CipherMetadata
+        The record, without a tag yet (see `tag`).
+    """
     plain, rescale = to_uint8(image)
     key = image_key_for(master, image_id, key_mode, plain.size)
     cipher = encrypt(plain, key.stream(), scheme)
     metadata = CipherMetadata(
         image_id=image_id,
+        role=role,
+        label=label,
         scheme=scheme,
         key_mode=key_mode,
         key_id=master.key_id,
@@ -77,36 +205,185 @@ def seal(
     return cipher, metadata
 
 
-_TAG_LABEL = b"pecbir/sidecar-integrity/v1"
-
-
 class TamperedError(ValueError):
-    """A cipher image or its metadata changed since the owner tagged them: do not decrypt."""
+    """A cipher image, its mask or its metadata does not match the owner's tag: do not decrypt."""
 
 
-def integrity_tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> str:
-    """HMAC-SHA256 (key derived from the master key) over cipher pixels + metadata fields."""
+def _canonical_json(fields: dict[str, object]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _array_digest(array: np.ndarray) -> bytes:
+    """SHA-256 over dtype, shape and bytes: equal digests mean equal arrays."""
+    array = np.ascontiguousarray(array)
+    header = f"{array.dtype.str}:{array.shape}".encode()
+    return hashlib.sha256(header + b"\x00" + array.tobytes()).digest()
+
+
+def _v1_sidecar_message(cipher: np.ndarray, metadata: CipherMetadata) -> bytes:
+    if metadata.role != "template" or metadata.label is not None:
+        # A v1 sidecar tag does not cover these fields, so a v1 sidecar never had them.
+        raise TamperedError(
+            f"image {metadata.image_id!r}: a v1 sidecar record carries no role or label"
+        )
     pixels = np.ascontiguousarray(cipher, dtype=np.uint8)
-    fields = metadata.model_dump(mode="json", exclude={"integrity_tag"})
-    message = b"\x00".join(
+    fields = metadata.model_dump(mode="json", include=_V1_SIDECAR_FIELDS)
+    return b"\x00".join(
         [
-            _TAG_LABEL,
+            TAG_V1_SIDECAR.encode(),
             f"{pixels.shape}".encode(),
             hashlib.sha256(pixels.tobytes()).digest(),
-            json.dumps(fields, sort_keys=True, separators=(",", ":")).encode(),
+            _canonical_json(fields),
         ]
     )
-    key = hmac.new(master.secret.get_secret_value(), _TAG_LABEL, hashlib.sha256).digest()
+
+
+def _v1_service_message(
+    cipher: np.ndarray, mask: np.ndarray | None, metadata: CipherMetadata
+) -> bytes:
+    if mask is None:
+        raise TamperedError(f"image {metadata.image_id!r}: a v1 service tag covers a mask")
+    # The field layout the encryptor signed before v2 (its wire record minus the tag), frozen.
+    height, width = metadata.shape
+    fields = {
+        "opaque_id": metadata.image_id,
+        "role": metadata.role,
+        "label": metadata.label,
+        "height": height,
+        "width": width,
+        "rescale": metadata.rescale.model_dump(mode="json"),
+        "key": {
+            "scheme": metadata.scheme,
+            "mode": metadata.key_mode,
+            "key_id": metadata.key_id,
+            "counter": metadata.key_counter,
+            "check": metadata.key_check,
+        },
+    }
+    return b"".join(
+        [
+            TAG_V1_SERVICE.encode(),
+            _array_digest(cipher.astype(np.uint8)),
+            _array_digest(mask.astype(bool)),
+            _canonical_json(fields),
+        ]
+    )
+
+
+def _v2_message(cipher: np.ndarray, mask: np.ndarray | None, metadata: CipherMetadata) -> bytes:
+    # One flag byte says whether a mask digest follows, so "no mask" is not any mask's digest.
+    mask_part = b"\x00" if mask is None else b"\x01" + _array_digest(mask.astype(bool))
+    fields = metadata.model_dump(mode="json", exclude=_UNSIGNED_FIELDS)
+    return b"".join(
+        [
+            TAG_V2.encode(),
+            b"\x00",
+            _array_digest(cipher.astype(np.uint8)),
+            mask_part,
+            _canonical_json(fields),
+        ]
+    )
+
+
+def integrity_tag(
+    cipher: np.ndarray,
+    metadata: CipherMetadata,
+    master: MasterKey,
+    *,
+    mask: np.ndarray | None = None,
+    tag_format: TagFormat = TAG_V2,
+) -> str:
+    """HMAC-SHA256 (key derived from the master key) over cipher pixels, mask and metadata.
+
+    Parameters
+    ----------
+    cipher : numpy.ndarray
+        The uint8 cipher image.
+    metadata : CipherMetadata
+        Its record; every field but the tag itself is covered (v2).
+    master : MasterKey
+        The owner's master key (the HMAC key is derived from it under the format's label).
+    mask : numpy.ndarray or None
+        Tumour mask stored with the image (covered as booleans), None for a sidecar.
+    tag_format : str
+        `TAG_V2` for new tags; the v1 formats only to check records made before v2.
+
+    Returns
+    -------
+    str
+        The tag, 64 hex digits.
+    """
+    if tag_format == TAG_V2:
+        message = _v2_message(cipher, mask, metadata)
+    elif tag_format == TAG_V1_SERVICE:
+        message = _v1_service_message(cipher, mask, metadata)
+    elif tag_format == TAG_V1_SIDECAR:
+        if mask is not None:
+            raise TamperedError(f"image {metadata.image_id!r}: a v1 sidecar tag covers no mask")
+        message = _v1_sidecar_message(cipher, metadata)
+    else:
+        raise ValueError(f"unknown integrity tag format {tag_format!r}")
+    key = hmac.new(master.secret.get_secret_value(), tag_format.encode(), hashlib.sha256).digest()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> CipherMetadata:
-    """`metadata` with the owner's integrity tag over it and `cipher`."""
-    return metadata.model_copy(update={"integrity_tag": integrity_tag(cipher, metadata, master)})
+def tag(
+    cipher: np.ndarray,
+    metadata: CipherMetadata,
+    master: MasterKey,
+    *,
+    mask: np.ndarray | None = None,
+) -> CipherMetadata:
+    """`metadata` with the owner's (v2) integrity tag over it, `cipher` and `mask`.
+
+    Parameters
+    ----------
+    cipher : numpy.ndarray
+        The uint8 cipher image.
+    metadata : CipherMetadata
+        Its record (from `seal`).
+    master : MasterKey
+        The owner's master key.
+    mask : numpy.ndarray or None
+        Tumour mask that travels with the image, None when there is none (a sidecar).
+
+    Returns
+    -------
+    CipherMetadata
+        The record with `integrity_tag` and `tag_format` set.
+    """
+    value = integrity_tag(cipher, metadata, master, mask=mask, tag_format=TAG_V2)
+    return metadata.model_copy(update={"integrity_tag": value, "tag_format": TAG_V2})
 
 
-def verify_tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> None:
-    """TamperedError unless `metadata` carries a tag that matches `cipher` and its fields."""
+def verify_tag(
+    cipher: np.ndarray,
+    metadata: CipherMetadata,
+    master: MasterKey,
+    *,
+    mask: np.ndarray | None = None,
+) -> None:
+    """TamperedError unless `metadata` carries a tag that matches `cipher`, `mask` and its fields.
+
+    Tags of every format are accepted (v2 and both v1 formats), each checked by its own rule, so
+    records stored before v2 keep verifying.
+
+    Parameters
+    ----------
+    cipher : numpy.ndarray
+        The cipher image as stored.
+    metadata : CipherMetadata
+        Its record as stored.
+    master : MasterKey
+        The master key the record names.
+    mask : numpy.ndarray or None
+        The tumour mask stored with it (None for a sidecar).
+
+    Raises
+    ------
+    TamperedError
+        No tag, another master key, or anything changed since the owner tagged it.
+    """
     if metadata.integrity_tag is None:
         raise TamperedError(
             f"image {metadata.image_id!r}: metadata carries no integrity tag; refusing to decrypt"
@@ -116,12 +393,18 @@ def verify_tag(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) 
             f"image {metadata.image_id!r} was encrypted under master key {metadata.key_id}, "
             f"not {master.key_id}"
         )
-    if tuple(np.shape(cipher)) != tuple(metadata.shape) or not hmac.compare_digest(
-        integrity_tag(cipher, metadata, master), metadata.integrity_tag
+    tag_format = metadata.tag_format or TAG_V1_SIDECAR
+    if (
+        tuple(np.shape(cipher)) != tuple(metadata.shape)
+        or (mask is not None and tuple(np.shape(mask)) != tuple(metadata.shape))
+        or not hmac.compare_digest(
+            integrity_tag(cipher, metadata, master, mask=mask, tag_format=tag_format),
+            metadata.integrity_tag,
+        )
     ):
         raise TamperedError(
-            f"integrity check failed for image {metadata.image_id!r}: the cipher image or its "
-            "metadata changed since encryption; refusing to decrypt"
+            f"integrity check failed for image {metadata.image_id!r}: the cipher image, its mask "
+            "or its metadata changed since the owner tagged them; refusing to decrypt"
         )
 
 

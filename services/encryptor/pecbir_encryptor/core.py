@@ -13,13 +13,13 @@ import httpx
 import numpy as np
 
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
-from pecbir_contracts.schemas import ImageMetadata, KeyInfo, RescaleInfo, SearchResponse
+from pecbir_contracts.schemas import ImageMetadata, SearchResponse
 from pecbir_encryptor.audit import AuditLog
 from pecbir_encryptor.gateway_client import GatewayClient
-from pecbir_encryptor.integrity import IntegrityError, sign, verify
+from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
-from pecore.cipher import IntensityRescale
-from pecore.envelope import CipherMetadata, image_key_for, seal, unseal
+from pecbir_encryptor.wire import from_wire, to_wire
+from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,57 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if not mask.any():
         raise ValueError("tumour mask is empty: the retrieval needs the tumour region")
     return mask
+
+
+def protect_image(
+    pixels: np.ndarray,
+    mask: np.ndarray,
+    *,
+    master: MasterKey,
+    opaque_id: str,
+    scheme: str = "ours",
+    key_mode: str = "per-image",
+    label: int | None = None,
+    role: str = "template",
+) -> Protected:
+    """8-bit rule + encryption with the image's key + the owner's tag; nothing identifying.
+
+    What the encryptor uploads, and what the benchmark/soak helpers upload in its place.
+
+    Parameters
+    ----------
+    pixels : numpy.ndarray
+        Plain 2-D grey image (any integer or float depth).
+    mask : numpy.ndarray
+        Binary, non-empty tumour mask of the same shape.
+    master : MasterKey
+        The owner's (active) master key.
+    opaque_id : str
+        Pseudonym of the image in the cloud.
+    scheme, key_mode : str
+        Cipher scheme; "per-image" key or the shared key derived from the master key ("same").
+    label : int or None
+        Class label of a template (dropped for a query).
+    role : {"template", "query"}
+        What the cloud does with the image.
+
+    Returns
+    -------
+    Protected
+        Cipher image, the checked mask and the tagged `ImageMetadata`.
+    """
+    mask = _check_mask(mask, pixels.shape)
+    cipher, record = seal(
+        pixels,
+        master,
+        opaque_id,
+        scheme,
+        key_mode,
+        role=role,
+        label=label if role == "template" else None,
+    )
+    record = tag(cipher, record, master, mask=mask)
+    return Protected(cipher, mask, to_wire(record))
 
 
 class Encryptor:
@@ -89,25 +140,17 @@ class Encryptor:
         label: int | None = None,
         role: str = "template",
     ) -> Protected:
-        """8-bit rule + encryption with the image's key + integrity tag; nothing identifying."""
-        mask = _check_mask(mask, pixels.shape)
-        cipher, sealed = seal(pixels, self.master, opaque_id, self.scheme, self.key_mode)
-        metadata = ImageMetadata(
+        """`protect_image` with this encryptor's active key, scheme and key mode."""
+        return protect_image(
+            pixels,
+            mask,
+            master=self.master,
             opaque_id=opaque_id,
+            scheme=self.scheme,
+            key_mode=self.key_mode,
+            label=label,
             role=role,
-            label=label if role == "template" else None,
-            height=cipher.shape[0],
-            width=cipher.shape[1],
-            rescale=RescaleInfo(**sealed.rescale.model_dump()),
-            key=KeyInfo(
-                scheme=sealed.scheme,
-                mode=sealed.key_mode,
-                key_id=sealed.key_id,
-                counter=sealed.key_counter,
-                check=sealed.key_check,
-            ),
         )
-        return Protected(cipher, mask, sign(self.master, cipher, mask, metadata))
 
     def upload(self, collection: str, protected: Protected, idempotency_key: str | None) -> dict:
         return self.gateway.upload(
@@ -118,25 +161,11 @@ class Encryptor:
             idempotency_key=idempotency_key,
         )
 
-    def decrypt_metadata(self, metadata: ImageMetadata) -> CipherMetadata:
-        if metadata.rescale is None:
-            raise IntegrityError(f"image {metadata.opaque_id} lacks its 8-bit conversion record")
-        return CipherMetadata(
-            image_id=metadata.opaque_id,
-            scheme=metadata.key.scheme,
-            key_mode=metadata.key.mode,
-            key_id=metadata.key.key_id,
-            key_counter=metadata.key.counter,
-            key_check=metadata.key.check,
-            shape=(metadata.height, metadata.width),
-            rescale=IntensityRescale(**metadata.rescale.model_dump()),
-        )
-
     def master_of(self, metadata: ImageMetadata) -> MasterKey:
         """The keyring's master key that tagged `metadata` (IntegrityError if none or unknown).
 
-        Only the tag's key id selects the key; after `verify` the (signed) key facts must name
-        the same key, so a stored record cannot mix keys.
+        Only the tag's key id selects the key; `from_wire` and `verify_tag` then hold the
+        (signed) key facts to the same key, so a stored record cannot mix keys.
         """
         if metadata.integrity is None:
             raise IntegrityError(f"image {metadata.opaque_id} carries no integrity tag")
@@ -145,21 +174,19 @@ class Encryptor:
         except UnknownKey as exc:
             raise IntegrityError(str(exc)) from None
 
-    def verified(self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata) -> MasterKey:
-        """Check the owner's tag over cipher, mask and metadata; the master key to use."""
+    def verified(
+        self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata
+    ) -> tuple[MasterKey, CipherMetadata]:
+        """Check the owner's tag over cipher, mask and metadata; the master key and record."""
         master = self.master_of(metadata)
-        verify(master, cipher, mask, metadata)
-        if metadata.key.key_id != master.key_id:
-            raise IntegrityError(
-                f"image {metadata.opaque_id}: encrypted under key {metadata.key.key_id} but "
-                f"tagged under {master.key_id}; refusing to decrypt"
-            )
-        return master
+        record = from_wire(metadata)
+        verify_tag(cipher, record, master, mask=mask)
+        return master, record
 
     def open(self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata) -> np.ndarray:
         """Verify the owner's tag, then decrypt bit-exactly; IntegrityError if tampered."""
-        master = self.verified(cipher, mask, metadata)
-        return unseal(cipher, self.decrypt_metadata(metadata), master)
+        master, record = self.verified(cipher, mask, metadata)
+        return unseal(cipher, record, master)
 
     # -- via the gateway -----------------------------------------------------------------------
     def fetch(self, collection: str, image_id: str, owner: str | None = None):
@@ -198,10 +225,9 @@ class Encryptor:
         self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata
     ) -> ImageKey:
         """The key of a stored image, only after its owner's tag checked out (as for decrypt)."""
-        master = self.verified(cipher, mask, metadata)
-        key = image_key_for(
-            master, metadata.opaque_id, metadata.key.mode, metadata.height * metadata.width
-        )
-        if key.counter != metadata.key.counter or key.check != metadata.key.check:
+        master, record = self.verified(cipher, mask, metadata)
+        height, width = record.shape
+        key = image_key_for(master, record.image_id, record.key_mode, height * width)
+        if key.counter != record.key_counter or key.check != record.key_check:
             raise IntegrityError(f"stored key facts of {metadata.opaque_id} do not match")
         return key
