@@ -242,49 +242,113 @@ def connection_allowed(policies: list[dict], source: Endpoint, dest: Endpoint, p
 
 # -- Dockerfiles -----------------------------------------------------------------------------
 
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+
 
 @dataclass
 class Dockerfile:
+    """What a build of one Dockerfile target makes (the stages it needs, nothing else)."""
+
     path: Path
     args: dict[str, str]
-    stages: list[str]
+    stages: list[str]  # external base images
     copies: list[list[str]]
+    runs: list[str]
     user: str | None
     expose: list[int]
     cmd: list[str]
 
 
-def parse_dockerfile(path: Path) -> Dockerfile:
+@dataclass(eq=False)  # a stage is itself, not its fields
+class _Stage:
+    name: str | None
+    base: str
+    copies: list[list[str]] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+    user: str | None = None
+    expose: list[int] = field(default_factory=list)
+    cmd: list[str] | None = None
+
+
+def dockerfile_stage_names(path: Path = DOCKERFILE) -> list[str]:
+    """The named stages of a Dockerfile, in file order."""
+    return [stage.name for stage in _parse_stages(path, {})[1] if stage.name]
+
+
+def parse_dockerfile(
+    path: Path = DOCKERFILE, *, build_args: dict[str, str] | None = None
+) -> Dockerfile:
+    """The image that `docker build --build-arg K=V …` makes of the last stage: the stages it
+    is built FROM and COPYs --from, with USER and CMD inherited along its FROM chain."""
+    args, stages = _parse_stages(path, build_args or {})
+    by_name = {stage.name: stage for stage in stages if stage.name}
+
+    def chain(stage: _Stage) -> list[_Stage]:  # base first
+        found = [stage]
+        while found[0].base in by_name:
+            found.insert(0, by_name[found[0].base])
+        return found
+
+    target = chain(stages[-1])
+    needed: list[_Stage] = []
+    todo = list(target)
+    while todo:
+        stage = todo.pop(0)
+        if stage in needed:
+            continue
+        needed.append(stage)
+        for copy in stage.copies:
+            source = next((a.split("=", 1)[1] for a in copy if a.startswith("--from=")), None)
+            if source in by_name:
+                todo += chain(by_name[source])
+    needed.sort(key=stages.index)
+    if any(not stage.base for stage in needed):
+        raise ValueError(f"{path}: a FROM of the target is blank (a build argument unset)")
+    user = next((s.user for s in reversed(target) if s.user), None)
+    cmd = next((s.cmd for s in reversed(target) if s.cmd is not None), [])
+    return Dockerfile(
+        path,
+        args,
+        [s.base for s in needed if s.base not in by_name],
+        [c for s in needed for c in s.copies],
+        [r for s in needed for r in s.runs],
+        user,
+        [port for s in target for port in s.expose],
+        cmd,
+    )
+
+
+def _parse_stages(path: Path, build_args: dict[str, str]) -> tuple[dict[str, str], list[_Stage]]:
     import json
 
     text = re.sub(r"\\\n", " ", path.read_text())
-    args: dict[str, str] = {}
-    stages: list[str] = []
-    copies: list[list[str]] = []
-    user = None
-    expose: list[int] = []
-    cmd: list[str] = []
+    args: dict[str, str] = {}  # the global ARGs (before the first FROM), as FROM sees them
+    stages: list[_Stage] = []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         instruction, _, rest = line.partition(" ")
         instruction = instruction.upper()
-        if instruction == "ARG" and "=" in rest:
-            name, _, value = rest.partition("=")
-            args[name.strip()] = value.strip()
+        if instruction == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name.strip()] = build_args.get(name.strip(), default.strip())
         elif instruction == "FROM":
-            image = rest.split()[0]
-            stages.append(_REF_ARG.sub(lambda m: args.get(m.group(1), m.group(0)), image))
+            words = rest.split()
+            image = _REF_ARG.sub(lambda m: args.get(m.group(1), ""), words[0])
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(_Stage(name, image))
         elif instruction == "COPY":
-            copies.append(rest.split())
+            stages[-1].copies.append(rest.split())
+        elif instruction == "RUN":
+            stages[-1].runs.append(rest)
         elif instruction == "USER":
-            user = rest.strip()
+            stages[-1].user = rest.strip()
         elif instruction == "EXPOSE":
-            expose += [int(p.split("/")[0]) for p in rest.split()]
+            stages[-1].expose += [int(p.split("/")[0]) for p in rest.split()]
         elif instruction in ("CMD", "ENTRYPOINT"):
-            cmd = json.loads(rest)
-    return Dockerfile(path, args, stages, copies, user, expose, cmd)
+            stages[-1].cmd = json.loads(rest)
+    return args, stages
 
 
 _REF_ARG = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

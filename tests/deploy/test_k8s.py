@@ -400,6 +400,82 @@ def _workers(objects: list[dict]) -> dict[str, tuple[dict, dict]]:
     }
 
 
+# -- the table of services (pecbir_harness.services) -----------------------------------------
+
+
+def test_the_service_table_names_the_deployed_images_settings_and_apps():
+    from pecbir_harness.services import SERVICES
+
+    assert {spec.image: name for name, spec in SERVICES.items()} == SERVICE_OF_IMAGE
+    for name, spec in SERVICES.items():
+        settings = spec.load_settings()
+        assert settings is _settings_classes(name)[0], name
+        assert settings.model_config["env_prefix"] == spec.env_prefix, name
+        loaded = spec.load()
+        if spec.kind == "http":
+            assert callable(loaded), name  # an app factory
+        else:
+            from celery import Celery
+
+            assert isinstance(loaded, Celery), name
+        assert spec.package == spec.entry.partition(".")[0], name
+
+
+def test_manifests_start_each_service_as_the_table_says(everything):
+    """Same app path, port, probes and queues in deploy/k8s as in `pecbir serve` and tests."""
+    from pecbir_harness.services import SERVICES
+
+    consumed: dict[str, list[str]] = {}
+    for name, _workload, container, service in _service_containers(everything):
+        spec = SERVICES[service]
+        command = container["command"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if spec.kind == "http":
+            assert command[: len(spec.command(host="0.0.0.0"))] == spec.command(host="0.0.0.0")
+            assert ports == {"http": spec.port}, name
+        else:
+            assert command[:4] == spec.command()[:4], name  # celery -A <app> worker
+            consumed.setdefault(service, []).extend(kt.option(command, "--queues", "-Q").split(","))
+            assert ports == {"ops": spec.port}, name
+        for probe, path in (
+            ("livenessProbe", spec.health_path),
+            ("startupProbe", spec.health_path),
+            ("readinessProbe", spec.ready_path),
+        ):
+            if probe in container:
+                assert container[probe]["httpGet"]["path"] == path, (name, probe)
+                assert ports[container[probe]["httpGet"]["port"]] == spec.port, (name, probe)
+    for service, queues in consumed.items():
+        assert sorted(queues) == sorted(SERVICES[service].queues), service
+
+
+def test_dockerfile_starts_each_service_as_the_table_says():
+    from pecbir_harness.services import SERVICES
+
+    for service, docker in _dockerfiles().items():
+        spec = SERVICES[service]
+        assert docker.expose == [spec.port], service
+        if spec.kind == "http":
+            assert docker.cmd[: len(spec.command(host="0.0.0.0"))] == spec.command(host="0.0.0.0")
+        else:
+            assert docker.cmd[:4] == spec.command()[:4], service
+            assert set(kt.option(docker.cmd, "--queues", "-Q").split(",")) <= set(spec.queues)
+
+
+def test_pecbir_serve_takes_its_ports_from_the_table():
+    import argparse
+
+    from pecbir.commands import serve
+    from pecbir_harness.services import SERVICES
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve"])
+    for spec in SERVICES.values():
+        if spec.kind == "http":
+            assert getattr(args, f"{spec.name}_port") == spec.port, spec.name
+
+
 def test_celery_workers_consume_every_queue_but_the_dead_letters(cloud):
     from celery import Celery
 
@@ -549,10 +625,28 @@ def test_network_policies_from_other_namespaces(cloud, namespace, dest, port, al
 
 
 def _dockerfiles() -> dict[str, kt.Dockerfile]:
+    """The one Dockerfile, as built for each service (`--build-arg SERVICE=<name>`)."""
     return {
-        service: kt.parse_dockerfile(kt.ROOT / "services" / service / "Dockerfile")
+        service: kt.parse_dockerfile(kt.DOCKERFILE, build_args={"SERVICE": service})
         for service in SERVICE_OF_IMAGE.values()
     }
+
+
+def test_one_dockerfile_builds_each_service_with_only_its_extra():
+    import tomllib
+
+    assert not list((kt.ROOT / "services").glob("*/Dockerfile")), "one Dockerfile, not four"
+    stages = kt.dockerfile_stage_names()
+    assert set(stages) - {"build", "runtime"} == set(SERVICE_OF_IMAGE.values())
+    with pytest.raises(ValueError, match="blank"):  # no default service
+        kt.parse_dockerfile(kt.DOCKERFILE)
+    extras = tomllib.loads((kt.ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for service, docker in _dockerfiles().items():
+        assert service in extras, f"pyproject has no [{service}] extra"
+        installs = [r for r in docker.runs if "pip install" in r]
+        assert len(installs) == 1 and '".[${SERVICE}]"' in installs[0], installs
 
 
 def test_dockerfiles_are_pinned_non_root_and_copy_what_exists():

@@ -35,7 +35,7 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory) -> Iterator[Replicas]:
-    from pecbir_harness.procs import moto_s3, redis_server, uvicorn_app
+    from pecbir_harness.procs import moto_s3, redis_server, service_app
 
     tmp: Path = tmp_path_factory.mktemp("replicas")
     with contextlib.ExitStack() as stack:
@@ -49,9 +49,7 @@ def replicas(tmp_path_factory) -> Iterator[Replicas]:
             "PECBIR_TOKEN_SECRET": TOKEN_SECRET.decode(),
         }
         urls = [
-            stack.enter_context(
-                uvicorn_app("pecbir_gateway.app:create_app", env, tmp / f"gateway-{i}.log")
-            )
+            stack.enter_context(service_app("gateway", env, tmp / f"gateway-{i}.log"))
             for i in range(2)
         ]
         yield Replicas(urls, MinioStore(s3_url, "test-access", "test-secret", "pecbir"))

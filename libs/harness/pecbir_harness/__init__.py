@@ -1,6 +1,8 @@
 """pecbir_harness: running the services as processes or in one process, for tests, demos,
 soaks and benchmarks. Not part of any service image.
 
+- `services`  the table of services (app factory or Celery app, port, env prefix, queues,
+              probe paths) that `pecbir serve`, `Cluster` and `EmbeddedSystem` start from
 - `procs`     free ports, child processes, private Redis, moto S3, uvicorn apps, Celery
               workers, and `Cluster` (the whole cloud side on loopback)
 - `embedded`  `EmbeddedSystem`: every service in one process (the demo's mode)

@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from pecbir_contracts.auth import mint_token
+from pecbir_harness.services import SERVICES
 from pecbir_platform.bus import InMemoryBus
 from pecbir_platform.store import FilesystemStore
 from pecore.keys import MasterKey
@@ -33,16 +34,14 @@ class EmbeddedSystem:
         encode_threads: int | None = None,
         reindex_chunk: int = 32,
     ) -> None:
-        from pecbir_encryptor.app import create_app as encryptor_app
-        from pecbir_encryptor.settings import EncryptorSettings
-        from pecbir_gateway.app import create_app as gateway_app
         from pecbir_gateway.dispatch import CallableDispatcher
-        from pecbir_gateway.settings import GatewaySettings
-        from pecbir_indexer.app import run_eagerly, use_eager_mode
         from pecbir_indexer.runtime import configure_runtime
-        from pecbir_indexer.settings import IndexerSettings
-        from pecbir_search.app import create_app as search_app
-        from pecbir_search.settings import SearchSettings
+        from pecbir_indexer.tasks import run_eagerly, use_eager_mode
+
+        # Apps and settings as the table names them; only the transports are in-process.
+        encryptor, gateway, indexer, search = (
+            SERVICES[name] for name in ("encryptor", "gateway", "indexer", "search")
+        )
 
         self.root = Path(root)
         self.tenant = tenant
@@ -57,25 +56,25 @@ class EmbeddedSystem:
         configure_runtime(
             self.store,
             self.bus,
-            IndexerSettings(encode_threads=encode_threads, reindex_chunk=reindex_chunk),
+            indexer.load_settings()(encode_threads=encode_threads, reindex_chunk=reindex_chunk),
         )
         cloud = self.cloud_secret.hex()
-        self.search_app = search_app(
-            SearchSettings(token_secret=cloud, encode_threads=encode_threads),
+        self.search_app = search.load()(
+            search.load_settings()(token_secret=cloud, encode_threads=encode_threads),
             store=self.store,
             bus=self.bus,
         )
         self.search = self._stack.enter_context(TestClient(self.search_app))
-        self.gateway_app = gateway_app(
-            GatewaySettings(token_secret=cloud),
+        self.gateway_app = gateway.load()(
+            gateway.load_settings()(token_secret=cloud),
             store=self.store,
             dispatcher=CallableDispatcher(run_eagerly),
             search_client=self.search,
         )
         self.gateway = self._stack.enter_context(TestClient(self.gateway_app))
         gateway_for_encryptor = self._stack.enter_context(TestClient(self.gateway_app))
-        self.encryptor_app = encryptor_app(
-            EncryptorSettings(
+        self.encryptor_app = encryptor.load()(
+            encryptor.load_settings()(
                 tenant=tenant,
                 master_key=self.root / "unused.key",
                 gateway_token=self.cloud_token(),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from pecbir_harness.services import SERVICES
+
 BIN = Path(sys.executable).parent
 
 
@@ -240,29 +242,31 @@ def moto_s3(log: Path | None = None, on_start: Started = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def uvicorn_app(
-    factory: str,
+def service_app(
+    name: str,
     env: dict[str, str],
     log: Path | None = None,
     timeout: float = 60.0,
     port: int | None = None,
     on_start: Started = None,
 ) -> Iterator[str]:
+    """The HTTP service `name` of the table under uvicorn on loopback (a free port unless
+    `port`); yields its base URL once its health path answers."""
+    spec = SERVICES[name]
     port = port or free_port()
-    args = [str(BIN / "uvicorn"), "--factory", factory, "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--log-level", "warning"]
-    with process(args, factory, env=env, log=log, on_start=on_start) as proc:
+    args = [*spec.command(host="127.0.0.1", port=port, bin_dir=BIN), "--log-level", "warning"]
+    with process(args, spec.entry, env=env, log=log, on_start=on_start) as proc:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, factory, timeout, proc)
+        wait_for(
+            lambda: httpx.get(url + spec.health_path).status_code == 200, spec.entry, timeout, proc
+        )
         yield url
 
 
 @contextlib.contextmanager
 def celery_worker(env: dict[str, str], log: Path | None = None) -> Iterator[subprocess.Popen]:
-    from pecbir_contracts.tasks import WORKER_QUEUES
-
-    args = [str(BIN / "celery"), "-A", "pecbir_indexer.app:celery_app", "worker"]
-    args += ["-Q", ",".join(WORKER_QUEUES)]
+    """One solo-pool indexer worker on every queue of the table's indexer."""
+    args = SERVICES["indexer"].command(bin_dir=BIN)
     args += ["--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     args += ["--without-heartbeat", "-n", f"test-{os.getpid()}-{free_port()}@localhost"]
     with process(args, "celery worker", env=env, log=log) as proc:
@@ -356,8 +360,8 @@ class Cluster:
         self.start_search()
         self.env["PECBIR_SEARCH_URL"] = self.search_url
         self.gateway_url = stack.enter_context(
-            uvicorn_app(
-                "pecbir_gateway.app:create_app",
+            service_app(
+                "gateway",
                 self.env,
                 self.logs / "gateway.log",
                 on_start=self._track("gateway"),
@@ -369,17 +373,21 @@ class Cluster:
             key_path = self.tmp / "master.key"
             if not key_path.exists():
                 MasterKey.generate().save(key_path)
+            encryptor = SERVICES["encryptor"]
             encryptor_env = {
-                "PECBIR_ENCRYPTOR_TENANT": self.tenant,
-                "PECBIR_ENCRYPTOR_MASTER_KEY": str(key_path),
-                "PECBIR_ENCRYPTOR_GATEWAY_URL": self.gateway_url,
-                "PECBIR_ENCRYPTOR_GATEWAY_TOKEN": self.token(),
-                "PECBIR_ENCRYPTOR_USER_TOKEN_SECRET": self.user_secret,
-                "PECBIR_ENCRYPTOR_AUDIT_LOG": str(self.tmp / "audit.jsonl"),
+                encryptor.env_name(field): value
+                for field, value in {
+                    "tenant": self.tenant,
+                    "master_key": str(key_path),
+                    "gateway_url": self.gateway_url,
+                    "gateway_token": self.token(),
+                    "user_token_secret": self.user_secret,
+                    "audit_log": str(self.tmp / "audit.jsonl"),
+                }.items()
             }
             self.encryptor_url = stack.enter_context(
-                uvicorn_app(
-                    "pecbir_encryptor.app:create_app",
+                service_app(
+                    "encryptor",
                     encryptor_env,
                     self.logs / "encryptor.log",
                     on_start=self._track("encryptor"),
@@ -416,8 +424,8 @@ class Cluster:
 
     def start_search(self) -> None:
         self._search_port = getattr(self, "_search_port", None) or free_port()
-        self._search_cm = uvicorn_app(
-            "pecbir_search.app:create_app",
+        self._search_cm = service_app(
+            "search",
             self.env,
             self.logs / "search.log",
             port=self._search_port,

@@ -18,11 +18,13 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from pecbir_harness.services import SERVICES
+
     parser = subparsers.add_parser("serve", help="run gateway, search and indexer workers")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--gateway-port", type=int, default=8001)
-    parser.add_argument("--search-port", type=int, default=8002)
-    parser.add_argument("--encryptor-port", type=int, default=8003)
+    for spec in SERVICES.values():
+        if spec.kind == "http":
+            parser.add_argument(f"--{spec.name}-port", type=int, default=spec.port)
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
     parser.add_argument("--encryptor", action="store_true", help="also run the encryptor")
     parser.set_defaults(func=run)
@@ -35,7 +37,7 @@ def _require(names: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pecbir_contracts.tasks import WORKER_QUEUES
+    from pecbir_harness.services import SERVICES, cloud_services
 
     _require(["PECBIR_TOKEN_SECRET", "PECBIR_STORE_URL", "PECBIR_BROKER_URL"])
     bin_dir = Path(sys.executable).parent
@@ -46,30 +48,20 @@ def run(args: argparse.Namespace) -> int:
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, "1")
 
-    def uvicorn(factory: str, port: int) -> list[str]:
-        return [
-            str(bin_dir / "uvicorn"),
-            "--factory",
-            factory,
-            "--host",
-            args.host,
-            "--port",
-            str(port),
-        ]
-
-    commands = {
-        "search": uvicorn("pecbir_search.app:create_app", args.search_port),
-        "gateway": uvicorn("pecbir_gateway.app:create_app", args.gateway_port),
-        "indexer": [
-            str(bin_dir / "celery"), "-A", "pecbir_indexer.app:celery_app", "worker",
-            "-Q", ",".join(WORKER_QUEUES), "--concurrency", str(args.workers),
-            "--loglevel", "INFO",
-        ],
-    }  # fmt: skip
+    specs = cloud_services()
     if args.encryptor:
-        _require(["PECBIR_ENCRYPTOR_TENANT", "PECBIR_ENCRYPTOR_MASTER_KEY"])
-        env.setdefault("PECBIR_ENCRYPTOR_GATEWAY_URL", f"http://{args.host}:{args.gateway_port}")
-        commands["encryptor"] = uvicorn("pecbir_encryptor.app:create_app", args.encryptor_port)
+        encryptor = SERVICES["encryptor"]
+        _require([encryptor.env_name("tenant"), encryptor.env_name("master_key")])
+        env.setdefault(encryptor.env_name("gateway_url"), f"http://{args.host}:{args.gateway_port}")
+        specs.append(encryptor)
+    commands: dict[str, list[str]] = {}
+    for spec in specs:
+        command = spec.command(
+            host=args.host, port=getattr(args, f"{spec.name}_port", None), bin_dir=bin_dir
+        )
+        if spec.kind == "worker":
+            command += ["--concurrency", str(args.workers), "--loglevel", "INFO"]
+        commands[spec.name] = command
     processes = {
         name: subprocess.Popen(command, env=env, start_new_session=True)
         for name, command in commands.items()
