@@ -142,7 +142,7 @@ class DiagonalGMM(BaseEstimator):
     n_restarts_ : int
         Near-empty components restarted by splitting a heavy one.
     lower_bound_ : float
-        Mean log-likelihood per sample at the last completed iteration.
+        Mean log-likelihood per sample before the last parameter update (−inf if none ran).
 
     Examples
     --------

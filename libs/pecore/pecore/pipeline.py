@@ -179,7 +179,7 @@ def encode_images(
 
     Patches and their PCA projection are computed once per image and shared by all encoders.
     Images are processed by `n_jobs` threads (numpy releases the GIL; BLAS is held to one
-    thread per worker meanwhile); each image's row is the same whatever the thread count.
+    thread per worker meanwhile).
 
     Parameters
     ----------
@@ -271,7 +271,7 @@ class CBIRPipeline(BaseEstimator):
     random_state : int, default=0
         Seed of the patch sample and the GMM.
     n_jobs : int or None, default=None
-        Threads used to encode images (None: up to 2); results do not depend on it.
+        Threads used to encode images (None: up to 2).
 
     Attributes
     ----------
