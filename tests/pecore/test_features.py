@@ -70,9 +70,9 @@ def test_pca_keeps_fewest_components_reaching_the_energy():
     basis, _ = np.linalg.qr(rng.standard_normal((5, 5)))
     X = (rng.standard_normal((20_000, 5)) * scales) @ basis.T + 3.0
     variances = scales**2 / (scales**2).sum()  # ≈ [.794, .198, .0079, ...]
-    assert PatchPCA(0.99).fit(X).n_components_ == 2
-    assert PatchPCA(0.999).fit(X).n_components_ == 3
-    pca = PatchPCA(0.99995).fit(X)
+    assert PatchPCA(energy=0.99).fit(X).n_components_ == 2
+    assert PatchPCA(energy=0.999).fit(X).n_components_ == 3
+    pca = PatchPCA(energy=0.99995).fit(X)
     assert pca.n_components_ == 4
     np.testing.assert_allclose(pca.explained_variance_ratio_, variances[:4], rtol=0.05)
     y = pca.transform(X)

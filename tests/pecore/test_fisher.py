@@ -93,12 +93,12 @@ def test_gmm_recovers_separated_clusters_and_clamps_variances():
 
 def test_gmm_is_deterministic_for_a_seed_and_caps_iterations():
     X = np.random.default_rng(3).standard_normal((2000, 4))
-    a = DiagonalGMM(5, max_iter=7, random_state=11).fit(X)
-    b = DiagonalGMM(5, max_iter=7, random_state=11).fit(X)
+    a = DiagonalGMM(n_components=5, max_iter=7, random_state=11).fit(X)
+    b = DiagonalGMM(n_components=5, max_iter=7, random_state=11).fit(X)
     np.testing.assert_array_equal(a.means_, b.means_)
     assert a.n_iter_ <= 7
     with pytest.raises(ValueError):
-        DiagonalGMM(10).fit(X[:5])
+        DiagonalGMM(n_components=10).fit(X[:5])
 
 
 def test_softmax_kernel_matches_numpy_and_zeroes_small_posteriors():
@@ -136,8 +136,8 @@ def test_kmeans_plusplus_seeds_distinct_data_points_spread_over_clusters():
 
 def test_gmm_fit_does_not_depend_on_the_number_of_threads():
     X = np.random.default_rng(6).standard_normal((20000, 3)).astype(np.float32)
-    one = DiagonalGMM(4, max_iter=15, random_state=2, n_jobs=1).fit(X)
-    two = DiagonalGMM(4, max_iter=15, random_state=2, n_jobs=2).fit(X)
+    one = DiagonalGMM(n_components=4, max_iter=15, random_state=2, n_jobs=1).fit(X)
+    two = DiagonalGMM(n_components=4, max_iter=15, random_state=2, n_jobs=2).fit(X)
     np.testing.assert_array_equal(one.means_, two.means_)
     np.testing.assert_array_equal(one.variances_, two.variances_)
 
@@ -148,7 +148,7 @@ def test_gmm_restarts_a_component_that_holds_only_an_outlier():
     rng = np.random.default_rng(7)
     X = np.concatenate([rng.standard_normal((2000, 2)), [[1e4, 1e4]]]).astype(np.float32)
     # tol=0: no early stop, so EM reaches the restart check (from the third iteration on)
-    gmm = DiagonalGMM(3, max_iter=20, tol=0.0, random_state=0).fit(X)
+    gmm = DiagonalGMM(n_components=3, max_iter=20, tol=0.0, random_state=0).fit(X)
     assert gmm.n_restarts_ >= 1
     assert np.isfinite(gmm.means_).all() and np.isfinite(gmm.variances_).all()
     np.testing.assert_allclose(gmm.weights_.sum(), 1.0)

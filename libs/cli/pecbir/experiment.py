@@ -443,7 +443,7 @@ def run_fold(
         rois=None if rois is None else [rois[i] for i in train],
     )
     timings["pca_gmm_s"] = time.perf_counter() - start
-    encoders = [FisherVectorEncoder(model.gmms[s], config.n_regions) for s in sizes]
+    encoders = [FisherVectorEncoder(model.gmms[s], n_regions=config.n_regions) for s in sizes]
     start = time.perf_counter()
     with tqdm(total=len(images), desc="  Fisher vectors", unit="img", leave=False) as bar:
         fvs = encode_images(

@@ -22,6 +22,33 @@ def rank_database(queries: np.ndarray, database: np.ndarray, chunk: int = 256) -
 
     Distances are formed directly from differences (not ‖q‖² + ‖b‖² − 2q·b) in float64, so equal
     points get exactly equal distances.
+
+    Parameters
+    ----------
+    queries : array_like of shape (n_queries, n_features)
+        Query vectors.
+    database : array_like of shape (n_database, n_features)
+        Database vectors.
+    chunk : int, default=256
+        Queries per block (bounds the n_queries × n_database × n_features difference array).
+
+    Returns
+    -------
+    ndarray of int64, shape (n_queries, n_database)
+        Row q is the database ranked for query q, nearest first.
+
+    Raises
+    ------
+    ValueError
+        If the arrays are not 2-D with the same number of features.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> database = np.array([[9.0], [1.0], [0.5], [11.0]])
+    >>> rank_database(np.array([[0.0], [10.0]]), database)
+    array([[2, 1, 0, 3],
+           [0, 3, 1, 2]])
     """
     queries = np.asarray(queries, dtype=np.float64)
     database = np.asarray(database, dtype=np.float64)
@@ -39,6 +66,22 @@ def average_precision(relevant: np.ndarray) -> np.ndarray:
     """AP of each row of a boolean relevance matrix (rows = queries, ranked list order).
 
     AP = (1 / #relevant) Σ_k rel_k · P@k over the whole list; 0 when nothing is relevant.
+
+    Parameters
+    ----------
+    relevant : array_like of bool, shape (n_queries, n_ranked) or (n_ranked,)
+        Whether the item at each rank is relevant to the query.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_queries,)
+        The average precision of each query.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> average_precision(np.array([[True, False, True, False], [False] * 4])).round(3)
+    array([0.833, 0.   ])
     """
     relevant = np.atleast_2d(np.asarray(relevant, dtype=bool))
     hits = np.cumsum(relevant, axis=1, dtype=np.float64)
@@ -49,7 +92,31 @@ def average_precision(relevant: np.ndarray) -> np.ndarray:
 
 
 def precision_at(relevant: np.ndarray, k: int) -> np.ndarray:
-    """P@k of each row: fraction of relevant items among the first k."""
+    """P@k of each row: fraction of relevant items among the first k.
+
+    Parameters
+    ----------
+    relevant : array_like of bool, shape (n_queries, n_ranked) or (n_ranked,)
+        Whether the item at each rank is relevant to the query.
+    k : int
+        Cut-off rank, 1 ≤ k ≤ n_ranked.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_queries,)
+        The precision at k of each query.
+
+    Raises
+    ------
+    ValueError
+        If k is outside 1..n_ranked.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> precision_at(np.array([[True, False, True, False]]), 2)
+    array([0.5])
+    """
     relevant = np.atleast_2d(np.asarray(relevant, dtype=bool))
     if not 1 <= k <= relevant.shape[1]:
         raise ValueError(f"k={k} outside 1..{relevant.shape[1]}")
@@ -65,8 +132,39 @@ def retrieval_metrics(
 ) -> dict[str, object]:
     """mAP and P@k for one fold: overall and per query class.
 
-    Returns {"mAP": float, "P@5": float, ..., "per_class": {label: {"mAP": ..., "P@5": ...,
-    "n_queries": int}}, "ap": per-query AP array}.
+    The whole database is ranked for every query (`rank_database`); an item is relevant when
+    its label equals the query's.
+
+    Parameters
+    ----------
+    query_features : array_like of shape (n_queries, n_features)
+        Query vectors.
+    query_labels : array_like of int, shape (n_queries,)
+        Query classes.
+    database_features : array_like of shape (n_database, n_features)
+        Database vectors.
+    database_labels : array_like of int, shape (n_database,)
+        Database classes.
+    ks : sequence of int, default=(5, 10)
+        Cut-offs of the reported P@k.
+
+    Returns
+    -------
+    dict
+        {"mAP": float, "P@5": float, ..., "per_class": {label: {"mAP": ..., "P@5": ...,
+        "n_queries": int}}, "ap": per-query AP array}.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> database = np.array([[9.0], [1.0], [0.5], [11.0]])
+    >>> scores = retrieval_metrics(
+    ...     np.array([[0.0], [10.0]]), np.array([0, 0]), database, np.array([1, 0, 0, 1]), ks=(1,)
+    ... )
+    >>> round(scores["mAP"], 3), scores["P@1"]  # query 2 finds its class at ranks 3 and 4
+    (0.708, 0.5)
+    >>> scores["per_class"][0]["n_queries"]
+    2
     """
     query_labels = np.asarray(query_labels)
     database_labels = np.asarray(database_labels)
@@ -88,7 +186,29 @@ def retrieval_metrics(
 
 
 def summarise_folds(values: Iterable[float] | Mapping[object, float]) -> dict[str, float]:
-    """Mean and population std (divide by the number of folds, as MATLAB `std(x, 1)`)."""
+    """Mean and population std (divide by the number of folds, as MATLAB `std(x, 1)`).
+
+    Parameters
+    ----------
+    values : iterable of float or mapping to float
+        One score per fold (a mapping's values are used).
+
+    Returns
+    -------
+    dict
+        {"mean": float, "std": float, "n": int}.
+
+    Raises
+    ------
+    ValueError
+        If there are no values.
+
+    Examples
+    --------
+    >>> summary = summarise_folds({1: 0.8, 2: 0.9, 3: 1.0})
+    >>> round(summary["mean"], 3), round(summary["std"], 3), summary["n"]
+    (0.9, 0.082, 3)
+    """
     if isinstance(values, Mapping):
         values = values.values()
     arr = np.asarray(list(values), dtype=np.float64)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from pecore.roi import dilate_mask, intensity_regions
 
@@ -22,7 +23,30 @@ __all__ = [
 
 
 def minmax_normalise(image: np.ndarray) -> np.ndarray:
-    """Per-image min–max normalisation to [0, 1] in float32 over the whole image (§1.2)."""
+    """Per-image min–max normalisation to [0, 1] in float32 over the whole image (§1.2).
+
+    Parameters
+    ----------
+    image : array_like of shape (height, width)
+        A plain or cipher image, any numeric dtype.
+
+    Returns
+    -------
+    ndarray of float32, shape (height, width)
+        (image − min) / (max − min); all zeros for a constant image.
+
+    Raises
+    ------
+    ValueError
+        If `image` is not 2-D.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> minmax_normalise(np.array([[10, 20], [30, 50]], dtype=np.uint8))
+    array([[0.  , 0.25],
+           [0.5 , 1.  ]], dtype=float32)
+    """
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {image.shape}")
@@ -40,6 +64,32 @@ def extract_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size:
 
     Patches that would leave the image use reflect padding (never the case for the figshare data
     with radius 24 and P = 9, where Cheng's code does no bounds check; spec §1.4).
+
+    Parameters
+    ----------
+    image : ndarray of shape (height, width)
+        The (normalised) image to cut from.
+    rows, cols : ndarray of int, shape (n_patches,)
+        Patch centres.
+    size : int
+        Patch side P (odd, positive).
+
+    Returns
+    -------
+    ndarray of shape (n_patches, size * size), dtype of `image`
+        One flattened patch per row (a view into `image` where no padding was needed).
+
+    Raises
+    ------
+    ValueError
+        If `size` is even or not positive.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.arange(25).reshape(5, 5)
+    >>> extract_patches(image, np.array([2]), np.array([2]), 3)
+    array([[ 6,  7,  8, 11, 12, 13, 16, 17, 18]])
     """
     if size < 1 or size % 2 == 0:
         raise ValueError(f"patch size must be odd and positive, got {size}")
@@ -59,6 +109,13 @@ class ImagePatches:
     """The ROI patches of one image, **sorted by subregion** (stable, so raster order within).
 
     `patches[bounds[r]:bounds[r + 1]]` are the patches of subregion r (0-based).
+
+    Attributes
+    ----------
+    patches : ndarray of float32, shape (n_patches, patch_size ** 2)
+        Normalised intensities, one flattened patch per ROI pixel.
+    bounds : ndarray of int64, shape (n_regions + 1,)
+        Row offsets of the subregions in `patches`.
     """
 
     patches: np.ndarray  # float32 (T, P²), normalised intensities
@@ -66,6 +123,7 @@ class ImagePatches:
 
     @property
     def n_regions(self) -> int:
+        """Number of subregions R."""
         return self.bounds.size - 1
 
 
@@ -82,6 +140,43 @@ def roi_patches(
     `mask` is the plain tumour mask; it is dilated by `radius` unless the dilated ROI is passed
     as `roi` (to reuse it across conditions). Region cut points come from the normalised
     intensities of this image at the ROI pixels, so a cipher image gets its own regions.
+
+    Parameters
+    ----------
+    image : array_like of shape (height, width)
+        The plain or cipher image.
+    mask : array_like of shape (height, width)
+        The plain tumour mask (ignored when `roi` is given).
+    patch_size : int, default=9
+        Patch side P (odd).
+    radius : int, default=24
+        Dilation radius of the mask (spec §1.3).
+    n_regions : int, default=8
+        Number of intensity-order subregions R.
+    roi : ndarray of bool, shape (height, width), optional
+        The already dilated mask, to skip the dilation.
+
+    Returns
+    -------
+    ImagePatches
+        The patches sorted by subregion, with the subregion bounds.
+
+    Raises
+    ------
+    ValueError
+        If the ROI and the image differ in shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    >>> mask = np.zeros((16, 16), dtype=bool)
+    >>> mask[6:10, 6:10] = True
+    >>> result = roi_patches(image, mask, patch_size=3, radius=1, n_regions=2)
+    >>> result.patches.shape, result.patches.dtype
+    ((32, 9), dtype('float32'))
+    >>> result.bounds.tolist()
+    [0, 16, 32]
     """
     image = np.asarray(image)
     if roi is None:
@@ -111,8 +206,34 @@ def training_sample(
 
     Each image contributes a random `round(m_i/5)` of its m_i patches (without replacement); the
     pooled set is then subsampled uniformly to `n_samples` (without replacement; all of it if
-    smaller). Only indices are drawn, so the pool is never materialised. Returns, for each image,
-    the sorted positions (into that image's patch array) that were selected.
+    smaller). Only indices are drawn, so the pool is never materialised.
+
+    Parameters
+    ----------
+    counts : sequence of int
+        Number of ROI patches m_i of each training image.
+    n_samples : int
+        Size cap of the pooled sample (300 000 in the spec).
+    rng : numpy.random.Generator
+        Source of the draws (the only randomness).
+    per_image_fraction : float, default=0.2
+        Fraction of each image's patches entering the pool (rounded half up, as MATLAB).
+
+    Returns
+    -------
+    list of ndarray of int64
+        For each image, the sorted positions (into that image's patch array) that were
+        selected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> picked = training_sample([10, 20], n_samples=100, rng=np.random.default_rng(0))
+    >>> [positions.size for positions in picked]
+    [2, 4]
+    >>> capped = training_sample([10, 20], n_samples=4, rng=np.random.default_rng(0))
+    >>> sum(positions.size for positions in capped)
+    4
     """
     counts = np.asarray(counts, dtype=np.int64)
     per_image = [
@@ -132,13 +253,66 @@ def training_sample(
     return [per_image[i][chosen[cuts[i] : cuts[i + 1]] - offsets[i]] for i in range(len(per_image))]
 
 
-class PatchPCA:
-    """PCA keeping the fewest leading components whose cumulative energy is ≥ `energy` (§3.3)."""
+class PatchPCA(BaseEstimator):
+    """PCA keeping the fewest leading components whose cumulative energy is ≥ `energy` (§3.3).
 
-    def __init__(self, energy: float = 0.99) -> None:
+    The covariance is the unbiased sample covariance (MATLAB `pca`); each axis has its sign
+    fixed so that its largest-magnitude loading is positive, so fits are reproducible.
+
+    Parameters
+    ----------
+    energy : float, default=0.99
+        Fraction of the total variance the kept components must reach, in (0, 1].
+
+    Attributes
+    ----------
+    mean_ : ndarray of float64, shape (n_features,)
+        Per-feature mean of the training sample.
+    components_ : ndarray of float64, shape (n_components_, n_features)
+        Principal axes, in order of decreasing variance.
+    explained_variance_ : ndarray of float64, shape (n_components_,)
+        Variance along each kept axis.
+    explained_variance_ratio_ : ndarray of float64, shape (n_components_,)
+        That variance as a fraction of the total.
+    n_components_ : int
+        Number of kept components Dp.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((500, 4)) * [10.0, 5.0, 0.1, 0.1]
+    >>> pca = PatchPCA(energy=0.9).fit(X)
+    >>> pca
+    PatchPCA(energy=0.9)
+    >>> pca.n_components_
+    2
+    >>> y = pca.transform(X)
+    >>> y.shape, y.dtype
+    ((500, 2), dtype('float32'))
+    """
+
+    def __init__(self, *, energy: float = 0.99) -> None:
         self.energy = energy
 
     def fit(self, X: np.ndarray) -> PatchPCA:
+        """Learn the mean and the kept principal axes.
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            Training patches (at least 2 rows); computed in float64.
+
+        Returns
+        -------
+        PatchPCA
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If `energy` is outside (0, 1] or `X` is not a 2-D sample of at least 2 rows.
+        """
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         X = np.asarray(X, dtype=np.float64)
@@ -166,12 +340,30 @@ class PatchPCA:
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        """y = Wᵀ(x − m), float32 (T, Dp)."""
+        """Project patches: y = Wᵀ(x − m), computed in float32.
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            Patches to project.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_samples, n_components_)
+            The projected patches.
+        """
         out = np.asarray(X, dtype=np.float32) @ self._projection
         out -= self._offset
         return out
 
     def get_state(self) -> dict[str, np.ndarray]:
+        """The fitted arrays by name (for saving without pickle; see `from_state`).
+
+        Returns
+        -------
+        dict of str to ndarray
+            "mean", "components", "variance" and "ratio".
+        """
         return {
             "mean": self.mean_,
             "components": self.components_,
@@ -180,8 +372,22 @@ class PatchPCA:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], energy: float) -> PatchPCA:
-        pca = cls(energy)
+    def from_state(cls, state: dict[str, np.ndarray], *, energy: float) -> PatchPCA:
+        """A fitted PatchPCA from `get_state()`'s arrays and the `energy` it was fitted with.
+
+        Parameters
+        ----------
+        state : dict of str to ndarray
+            The arrays "mean", "components", "variance" and "ratio".
+        energy : float
+            The constructor parameter the state was fitted with.
+
+        Returns
+        -------
+        PatchPCA
+            A fitted estimator equal to the one that was saved.
+        """
+        pca = cls(energy=energy)
         pca.mean_ = np.asarray(state["mean"], dtype=np.float64)
         pca.components_ = np.asarray(state["components"], dtype=np.float64)
         pca.explained_variance_ = np.asarray(state["variance"], dtype=np.float64)

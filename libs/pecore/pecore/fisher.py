@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+from sklearn.base import BaseEstimator
 
 __all__ = ["DiagonalGMM", "FisherVectorEncoder", "moments"]
 
@@ -32,7 +33,25 @@ _CHUNK_ROWS = 8192  # 8192 × 2·81 float32 ≈ 5 MB: one chunk's products stay 
 
 
 def moments(y: np.ndarray) -> np.ndarray:
-    """[y, y²] side by side, float32 (T, 2·Dp): one matrix product then gives both FV sums."""
+    """[y, y²] side by side, float32 (T, 2·Dp): one matrix product then gives both FV sums.
+
+    Parameters
+    ----------
+    y : array_like of shape (n_samples, n_features)
+        Projected patches.
+
+    Returns
+    -------
+    ndarray of float32, shape (n_samples, 2 * n_features)
+        The first moments then the second moments of each row.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> moments(np.array([[1.0, 2.0], [3.0, -1.0]]))
+    array([[ 1.,  2.,  1.,  4.],
+           [ 3., -1.,  9.,  1.]], dtype=float32)
+    """
     y = np.asarray(y, dtype=np.float32)
     return np.concatenate([y, y * y], axis=1)
 
@@ -86,16 +105,64 @@ def _kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return centres
 
 
-class DiagonalGMM:
+class DiagonalGMM(BaseEstimator):
     """Gaussian mixture with diagonal covariances fitted by EM (see module docstring).
 
     EM stops early when the log-likelihood improves by less than `tol` relative, but never
     while a component is near-empty (that one is restarted first); `tol <= 0` runs all
     `max_iter` iterations.
+
+    Parameters
+    ----------
+    n_components : int, default=64
+        Number of Gaussians K (the dictionary size D of the paper).
+    max_iter : int, default=100
+        Most EM iterations.
+    tol : float, default=1e-5
+        Relative log-likelihood improvement below which EM stops; <= 0 never stops early.
+    var_floor : float, default=1e-4
+        Absolute lower bound the variances are clamped to (VLFeat's floor).
+    random_state : int or None, default=0
+        Seed of the k-means++ seeding (the only randomness).
+    n_jobs : int or None, default=None
+        Threads for the E-/M-step chunks; None uses up to 2. The fit does not depend on it.
+
+    Attributes
+    ----------
+    weights_ : ndarray of float64, shape (n_components,)
+        Mixture priors.
+    means_ : ndarray of float64, shape (n_components, n_features)
+        Component means.
+    variances_ : ndarray of float64, shape (n_components, n_features)
+        Diagonal variances (each ≥ `var_floor`).
+    converged_ : bool
+        Whether EM stopped on `tol` before `max_iter`.
+    n_iter_ : int
+        EM iterations run.
+    n_restarts_ : int
+        Near-empty components restarted by splitting a heavy one.
+    lower_bound_ : float
+        Mean log-likelihood per sample before the last parameter update (−inf if none ran).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.concatenate([rng.normal(-5, 1, (200, 2)), rng.normal(5, 1, (200, 2))])
+    >>> gmm = DiagonalGMM(n_components=2, random_state=0).fit(X)
+    >>> gmm
+    DiagonalGMM(n_components=2)
+    >>> np.sort(gmm.means_[:, 0]).round()
+    array([-5.,  5.])
+    >>> gmm.weights_.round(1)
+    array([0.5, 0.5])
+    >>> gmm.predict_proba(X).shape
+    (400, 2)
     """
 
     def __init__(
         self,
+        *,
         n_components: int = 64,
         max_iter: int = 100,
         tol: float = 1e-5,
@@ -111,7 +178,7 @@ class DiagonalGMM:
         self.n_jobs = n_jobs
 
     # -- parameters -> linear log-likelihood form ------------------------------------------
-    def _set_params(self, weights: np.ndarray, means: np.ndarray, variances: np.ndarray) -> None:
+    def _set_mixture(self, weights: np.ndarray, means: np.ndarray, variances: np.ndarray) -> None:
         self.weights_ = np.asarray(weights, dtype=np.float64)
         self.means_ = np.asarray(means, dtype=np.float64)
         self.variances_ = np.asarray(variances, dtype=np.float64)
@@ -130,18 +197,52 @@ class DiagonalGMM:
         ).astype(np.float32)
 
     def log_likelihoods(self, y_moments: np.ndarray) -> np.ndarray:
-        """log π_k + log N(y_t; μ_k, σ²_k), float32 (T, K), from `moments(y)`."""
+        """log π_k + log N(y_t; μ_k, σ²_k) of every sample and component.
+
+        Parameters
+        ----------
+        y_moments : ndarray of float32, shape (n_samples, 2 * n_features)
+            `moments(y)` of the samples y.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_samples, n_components)
+            The weighted log-likelihoods (−inf for components with a negligible prior).
+        """
         out = y_moments @ self._coef
         out += self._bias
         return out
 
     def predict_proba(self, y: np.ndarray) -> np.ndarray:
+        """Posterior probability of each component for each sample.
+
+        Parameters
+        ----------
+        y : array_like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_samples, n_components)
+            Rows sum to 1.
+        """
         resp = self.log_likelihoods(moments(y))
         _softmax_rows(resp, 0.0)
         return resp
 
     def score(self, y: np.ndarray) -> float:
-        """Mean log-likelihood per sample."""
+        """Mean log-likelihood per sample.
+
+        Parameters
+        ----------
+        y : array_like of shape (n_samples, n_features)
+            Samples.
+
+        Returns
+        -------
+        float
+            The mean over samples of log Σ_k π_k N(y; μ_k, σ²_k).
+        """
         resp = self.log_likelihoods(moments(y))
         return float(_softmax_rows(resp, 0.0).mean())
 
@@ -161,6 +262,23 @@ class DiagonalGMM:
         return resp
 
     def fit(self, X: np.ndarray) -> DiagonalGMM:
+        """Fit the mixture by EM from a k-means++ start.
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            Training samples (computed in float32; at least `n_components` rows).
+
+        Returns
+        -------
+        DiagonalGMM
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If there are fewer samples than components.
+        """
         from threadpoolctl import threadpool_limits
 
         X = np.asarray(X, dtype=np.float32)
@@ -171,7 +289,7 @@ class DiagonalGMM:
         rng = np.random.default_rng(self.random_state)
         centres = _kmeans_plusplus(X, k, rng)
         global_var = np.maximum(X.astype(np.float64).var(axis=0, ddof=1), self.var_floor)
-        self._set_params(np.full(k, 1.0 / k), centres, np.tile(global_var, (k, 1)))
+        self._set_mixture(np.full(k, 1.0 / k), centres, np.tile(global_var, (k, 1)))
         x_moments = moments(X)
         starts = range(0, n, _CHUNK_ROWS)
         jobs = max(1, self.n_jobs if self.n_jobs is not None else min(2, os.cpu_count() or 1))
@@ -215,7 +333,7 @@ class DiagonalGMM:
                 empty = mass <= 0
                 means[empty] = self.means_[empty]
                 variances[empty] = self.variances_[empty]
-                self._set_params(mass / mass.sum(), means, variances)
+                self._set_mixture(mass / mass.sum(), means, variances)
         self.lower_bound_ = previous / n
         return self
 
@@ -241,38 +359,109 @@ class DiagonalGMM:
 
     # -- persistence -------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
+        """The fitted mixture by name (for saving without pickle; see `from_state`).
+
+        Returns
+        -------
+        dict of str to ndarray
+            "weights", "means" and "variances".
+        """
         return {"weights": self.weights_, "means": self.means_, "variances": self.variances_}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], **params: object) -> DiagonalGMM:
+        """A fitted mixture from `get_state()`'s arrays; `n_components` comes from the state.
+
+        Parameters
+        ----------
+        state : dict of str to ndarray
+            The arrays "weights", "means" and "variances".
+        **params
+            Other constructor parameters.
+
+        Returns
+        -------
+        DiagonalGMM
+            An estimator that evaluates the saved mixture (no fit diagnostics).
+        """
         gmm = cls(n_components=int(np.asarray(state["weights"]).size), **params)  # type: ignore[arg-type]
-        gmm._set_params(state["weights"], state["means"], state["variances"])
+        gmm._set_mixture(state["weights"], state["means"], state["variances"])
         return gmm
 
 
-class FisherVectorEncoder:
+class FisherVectorEncoder(BaseEstimator):
     """Improved Fisher vectors (VLFeat `vl_fisher(..., 'Improved')`) pooled per subregion.
 
     Per subregion: mean and variance gradients laid out [u_1..u_K, v_1..v_K] (each Dp long),
     signed square root, L2 normalisation; an empty subregion gives zeros. The R blocks are
-    concatenated in region order without re-normalisation: F = R · 2 · K · Dp.
+    concatenated in region order without re-normalisation: F = R · 2 · K · Dp. Nothing is
+    learned here: the encoder is ready once its GMM is fitted.
+
+    Parameters
+    ----------
+    gmm : DiagonalGMM
+        The fitted mixture (the visual dictionary).
+    n_regions : int, default=8
+        Number of intensity-order subregions R pooled separately.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gmm = DiagonalGMM.from_state(
+    ...     {
+    ...         "weights": np.array([0.5, 0.5]),
+    ...         "means": np.array([[-1.0, 0.0], [1.0, 0.0]]),
+    ...         "variances": np.ones((2, 2)),
+    ...     }
+    ... )
+    >>> encoder = FisherVectorEncoder(gmm, n_regions=2)
+    >>> encoder.n_features
+    16
+    >>> y = np.random.default_rng(0).standard_normal((5, 2))
+    >>> fv = encoder.encode(y, np.array([0, 3, 5]))  # rows 0-2 region 0, rows 3-4 region 1
+    >>> fv.shape, fv.dtype
+    ((16,), dtype('float32'))
+    >>> np.linalg.norm(fv.reshape(2, -1), axis=1).round(3)  # each region L2-normalised
+    array([1., 1.], dtype=float32)
+    >>> empty = encoder.encode(y, np.array([0, 5, 5]))  # region 1 has no patches: zeros
+    >>> np.linalg.norm(empty.reshape(2, -1), axis=1).round(3)
+    array([1., 0.], dtype=float32)
     """
 
-    def __init__(self, gmm: DiagonalGMM, n_regions: int = 8) -> None:
+    def __init__(self, gmm: DiagonalGMM, *, n_regions: int = 8) -> None:
         self.gmm = gmm
         self.n_regions = n_regions
 
     @property
     def n_features(self) -> int:
+        """Length F = n_regions · 2 · K · Dp of one Fisher vector."""
         k, d = self.gmm.means_.shape
         return self.n_regions * 2 * k * d
 
     def encode(
         self, y: np.ndarray, bounds: np.ndarray, y_moments: np.ndarray | None = None
     ) -> np.ndarray:
-        """FV (float32, F) of one image from its projected patches `y` sorted by region, with
-        region r at rows bounds[r]:bounds[r+1]. Pass `y_moments = moments(y)` to share it
-        between encoders."""
+        """The Fisher vector of one image from its projected patches sorted by region.
+
+        Parameters
+        ----------
+        y : array_like of shape (n_patches, Dp)
+            Projected patches, region r at rows ``bounds[r]:bounds[r + 1]``.
+        bounds : array_like of int, shape (n_regions + 1,)
+            Region offsets into `y`.
+        y_moments : ndarray of float32, shape (n_patches, 2 * Dp), optional
+            `moments(y)`, to share it between encoders of several dictionary sizes.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_features,)
+            The R normalised blocks concatenated in region order.
+
+        Raises
+        ------
+        ValueError
+            If `bounds` does not have ``n_regions + 1`` entries.
+        """
         gmm = self.gmm
         k, d = gmm.means_.shape
         if len(bounds) != self.n_regions + 1:

@@ -13,12 +13,41 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+from sklearn.base import BaseEstimator
 
 __all__ = ["CFML", "pair_scatter"]
 
 
 def pair_scatter(Z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(M_S, M_D) for samples in the rows of Z, over ordered pairs i ≠ j (spec §5.1 step 1)."""
+    """(M_S, M_D) for samples in the rows of Z, over ordered pairs i ≠ j (spec §5.1 step 1).
+
+    M_S (M_D) is the mean of (z_i − z_j)(z_i − z_j)ᵀ over the ordered pairs of same-class
+    (different-class) samples, formed from per-class sums without enumerating the pairs.
+
+    Parameters
+    ----------
+    Z : array_like of shape (n_samples, n_features)
+        Samples (computed in float64).
+    labels : array_like of shape (n_samples,)
+        Class of each sample.
+
+    Returns
+    -------
+    m_same, m_diff : ndarray of float64, shape (n_features, n_features)
+        The same-class and different-class scatter matrices.
+
+    Raises
+    ------
+    ValueError
+        If there are no same-class pairs or no different-class pairs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m_same, m_diff = pair_scatter(np.array([[0.0], [1.0], [3.0]]), np.array([0, 0, 1]))
+    >>> m_same, m_diff  # same: (0-1)²; different: the mean of 3², 3², 2², 2²
+    (array([[1.]]), array([[6.5]]))
+    """
     Z = np.asarray(Z, dtype=np.float64)
     labels = np.asarray(labels)
     n = Z.shape[0]
@@ -38,17 +67,49 @@ def pair_scatter(Z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     return same / n_same, (all_pairs - same) / n_diff
 
 
-class CFML:
+class CFML(BaseEstimator):
     """Closed-form metric learning; `transform(X)` gives z = Wᵀx with W (F × n_components).
 
-    Parameters: `reg` = λ (1.5e-4 in Cheng's code), `n_components` = output dimension `dim`
-    (the first columns of the √γ-scaled eigenvector matrix), `rtol` = relative cut-off on the
-    singular values of the centred data when building the basis of its span, `copy` = False
-    lets `fit` centre a float32/float64 X in place (saves one n×F copy).
+    Parameters
+    ----------
+    reg : float, default=1.5e-4
+        The ridge λ added to M_S (Cheng's value).
+    n_components : int, default=10
+        Output dimension `dim`: the first columns of the √γ-scaled eigenvector matrix.
+    rtol : float, default=1e-10
+        Relative cut-off on the (squared) singular values of the centred data when building
+        the basis of its span.
+    copy : bool, default=True
+        False lets `fit` centre a float32/float64 X in place (saves one n×F copy).
+
+    Attributes
+    ----------
+    components_ : ndarray of float64, shape (n_features, m)
+        W: the learned projection, m = number of positive eigenvalues kept
+        (≤ `n_components`).
+    eigenvalues_ : ndarray of float64, shape (m,)
+        The leading positive generalised eigenvalues γ, in descending order.
+    rank_ : int
+        Dimension r of the span of the centred training data the problem is solved in.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> labels = np.repeat([0, 1, 2], 10)
+    >>> X = rng.standard_normal((30, 6)) + 3.0 * np.eye(6)[labels]
+    >>> metric = CFML(n_components=2).fit(X, labels)
+    >>> metric
+    CFML(n_components=2)
+    >>> metric.rank_, metric.components_.shape
+    (6, (6, 2))
+    >>> metric.transform(X).shape
+    (30, 2)
     """
 
     def __init__(
         self,
+        *,
         reg: float = 1.5e-4,
         n_components: int = 10,
         rtol: float = 1e-10,
@@ -60,6 +121,26 @@ class CFML:
         self.copy = copy
 
     def fit(self, X: np.ndarray, labels: np.ndarray) -> CFML:
+        """Learn W from labelled training vectors.
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            Training vectors (Fisher vectors); float32 input keeps the n×F work in float32.
+        labels : array_like of shape (n_samples,)
+            Class of each training vector (at least two classes, one with two samples).
+
+        Returns
+        -------
+        CFML
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If X and labels do not match, `n_components` is below 1, or the classes give no
+            same- or different-class pairs.
+        """
         X = np.asarray(X)
         labels = np.asarray(labels)
         if X.ndim != 2 or X.shape[0] != labels.shape[0]:
@@ -103,7 +184,20 @@ class CFML:
         return self
 
     def transform(self, X: np.ndarray, n_components: int | None = None) -> np.ndarray:
-        """Project the rows of X: float64 (n, m) with m = min(n_components, learned)."""
+        """Project the rows of X with the first columns of W.
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            Vectors to project (converted to float64 in blocks of 512 rows).
+        n_components : int, optional
+            How many learned dimensions to use; all of them by default.
+
+        Returns
+        -------
+        ndarray of float64, shape (n_samples, m)
+            The projections, m = min(n_components, learned).
+        """
         m = self.components_.shape[1] if n_components is None else n_components
         W = self.components_[:, :m]
         X = np.asarray(X)

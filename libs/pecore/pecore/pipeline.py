@@ -11,6 +11,7 @@ runner can share patch extraction and PCA across several dictionary sizes.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from pecore.features import (
     PatchPCA,
@@ -34,12 +36,22 @@ from pecore.roi import dilate_mask
 
 __all__ = ["CBIRPipeline", "PatchModel", "dilated_rois", "encode_images", "fit_patch_model"]
 
-FORMAT_VERSION = 1
+_FORMAT_VERSION = 1  # of the saved npz; `load` refuses any other
 
 
 @dataclass
 class PatchModel:
-    """PCA of the local patches plus one GMM per dictionary size, learned on one training set."""
+    """PCA of the local patches plus one GMM per dictionary size, learned on one training set.
+
+    Attributes
+    ----------
+    pca : PatchPCA
+        The fitted patch PCA.
+    gmms : dict of int to DiagonalGMM
+        The fitted mixture of each dictionary size.
+    n_training_patches : int
+        Size of the patch sample both were fitted on.
+    """
 
     pca: PatchPCA
     gmms: dict[int, DiagonalGMM]
@@ -51,7 +63,28 @@ def _default_jobs(n_jobs: int | None) -> int:
 
 
 def dilated_rois(masks: Sequence[np.ndarray], radius: int) -> list[np.ndarray]:
-    """Each tumour mask dilated by a disk of `radius` (the ROIs patches are taken from)."""
+    """Each tumour mask dilated by a disk of `radius` (the ROIs patches are taken from).
+
+    Parameters
+    ----------
+    masks : sequence of array_like of shape (height, width)
+        Tumour masks.
+    radius : int
+        Dilation radius in pixels.
+
+    Returns
+    -------
+    list of ndarray of bool
+        The ROI of each mask (see `pecore.roi.dilate_mask`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mask = np.zeros((5, 5), dtype=bool)
+    >>> mask[2, 2] = True
+    >>> [int(roi.sum()) for roi in dilated_rois([mask, mask], radius=1)]
+    [5, 5]
+    """
     return [dilate_mask(np.asarray(m, dtype=bool), radius) for m in masks]
 
 
@@ -67,7 +100,42 @@ def fit_patch_model(
     random_state: int = 0,
     rois: Sequence[np.ndarray] | None = None,
 ) -> PatchModel:
-    """Sample training patches (1/5 per image, then `n_train_patches`), fit PCA and the GMMs."""
+    """Sample training patches (1/5 per image, then `n_train_patches`), fit PCA and the GMMs.
+
+    Each dictionary size gets its own GMM seed, derived from `random_state` and the size, so
+    a size's model does not depend on which other sizes are fitted alongside.
+
+    Parameters
+    ----------
+    images : sequence of array_like of shape (height, width)
+        Training images (plain or cipher).
+    masks : sequence of array_like of shape (height, width)
+        Their plain tumour masks.
+    dictionary_sizes : sequence of int
+        The GMM sizes K to fit.
+    patch_size : int, default=9
+        Patch side P.
+    radius : int, default=24
+        Dilation radius of the masks.
+    pca_energy : float, default=0.99
+        Energy the PCA keeps.
+    n_train_patches : int, default=300_000
+        Size cap of the pooled training sample.
+    random_state : int, default=0
+        Seed of the patch sample and of the GMMs.
+    rois : sequence of ndarray of bool, optional
+        The masks already dilated by `radius`.
+
+    Returns
+    -------
+    PatchModel
+        The fitted PCA and GMMs.
+
+    Raises
+    ------
+    ValueError
+        If there are no images or images and masks differ in number.
+    """
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     if len(images) == 0:
@@ -85,7 +153,7 @@ def fit_patch_model(
             normalised = minmax_normalise(image)
             parts.append(extract_patches(normalised, rows[positions], cols[positions], patch_size))
     sample = np.concatenate(parts)
-    pca = PatchPCA(pca_energy).fit(sample)
+    pca = PatchPCA(energy=pca_energy).fit(sample)
     projected = pca.transform(sample)
     gmms = {}
     for size in dictionary_sizes:
@@ -111,7 +179,38 @@ def encode_images(
 
     Patches and their PCA projection are computed once per image and shared by all encoders.
     Images are processed by `n_jobs` threads (numpy releases the GIL; BLAS is held to one
-    thread per worker meanwhile). `progress(n_done)` is called after each image.
+    thread per worker meanwhile).
+
+    Parameters
+    ----------
+    images : sequence of array_like of shape (height, width)
+        Images to encode (plain or cipher).
+    masks : sequence of array_like of shape (height, width)
+        Their plain tumour masks.
+    pca : PatchPCA
+        The fitted patch PCA.
+    encoders : sequence of FisherVectorEncoder
+        One encoder per dictionary size; all with the same `n_regions`.
+    patch_size : int, default=9
+        Patch side P.
+    radius : int, default=24
+        Dilation radius of the masks.
+    rois : sequence of ndarray of bool, optional
+        The masks already dilated by `radius`.
+    n_jobs : int, optional
+        Worker threads; None uses up to 2.
+    progress : callable, optional
+        Called with 1 after each image (e.g. ``tqdm.update``).
+
+    Returns
+    -------
+    list of ndarray of float32, shape (n_images, encoder.n_features)
+        The Fisher vectors of each encoder, in `encoders` order.
+
+    Raises
+    ------
+    ValueError
+        If images and masks differ in number or there are no encoders.
     """
     from threadpoolctl import threadpool_limits
 
@@ -146,15 +245,75 @@ def encode_images(
     return outputs
 
 
-class CBIRPipeline:
+class CBIRPipeline(BaseEstimator):
     """Dilated ROI → intensity-order subregions → raw patches → PCA → GMM Fisher vectors → CFML.
 
-    Parameters follow the method spec defaults. `n_jobs` (extra, optional) is the number of
-    threads used to encode images (default: up to 2).
+    Parameters follow the method spec defaults.
+
+    Parameters
+    ----------
+    n_components : int, default=64
+        GMM size K (the dictionary size D of the paper).
+    n_regions : int, default=8
+        Intensity-order subregions R.
+    patch_size : int, default=9
+        Patch side P.
+    radius : int, default=24
+        Dilation radius of the tumour mask.
+    pca_energy : float, default=0.99
+        Energy the patch PCA keeps.
+    n_train_patches : int, default=300_000
+        Size cap of the PCA/GMM training sample.
+    metric_lambda : float, default=1.5e-4
+        CFML's ridge λ.
+    dim : int, default=10
+        Output dimension of the learned metric.
+    random_state : int, default=0
+        Seed of the patch sample and the GMM.
+    n_jobs : int or None, default=None
+        Threads used to encode images (None: up to 2).
+
+    Attributes
+    ----------
+    pca_ : PatchPCA
+        The fitted patch PCA.
+    gmm_ : DiagonalGMM
+        The fitted visual dictionary.
+    encoder_ : FisherVectorEncoder
+        The Fisher-vector encoder over `gmm_`.
+    metric_ : CFML
+        The learned metric.
+
+    Examples
+    --------
+    >>> import io
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> labels = np.repeat([1, 2, 3], 4)
+    >>> images = rng.integers(0, 200, (12, 32, 32)).astype(np.uint8)
+    >>> for image, label in zip(images, labels):
+    ...     image[12:20, 12:20] += np.uint8(15 * label)  # a class-dependent brighter square
+    >>> masks = np.zeros((12, 32, 32), dtype=bool)
+    >>> masks[:, 14:18, 14:18] = True
+    >>> pipe = CBIRPipeline(
+    ...     n_components=2, n_regions=2, patch_size=3, radius=2, n_train_patches=200, dim=2
+    ... ).fit(images, masks, labels)
+    >>> pipe
+    CBIRPipeline(dim=2, n_components=2, n_regions=2, n_train_patches=200,
+                 patch_size=3, radius=2)
+    >>> pipe.transform(images, masks).shape
+    (12, 2)
+    >>> saved = io.BytesIO()
+    >>> pipe.save(saved)
+    >>> _ = saved.seek(0)
+    >>> restored = CBIRPipeline.load(saved)
+    >>> bool(np.array_equal(restored.transform(images, masks), pipe.transform(images, masks)))
+    True
     """
 
     def __init__(
         self,
+        *,
         n_components: int = 64,
         n_regions: int = 8,
         patch_size: int = 9,
@@ -177,24 +336,31 @@ class CBIRPipeline:
         self.random_state = random_state
         self.n_jobs = n_jobs
 
-    def get_params(self) -> dict[str, object]:
-        return {
-            "n_components": self.n_components,
-            "n_regions": self.n_regions,
-            "patch_size": self.patch_size,
-            "radius": self.radius,
-            "pca_energy": self.pca_energy,
-            "n_train_patches": self.n_train_patches,
-            "metric_lambda": self.metric_lambda,
-            "dim": self.dim,
-            "random_state": self.random_state,
-            "n_jobs": self.n_jobs,
-        }
-
     # -- learning ----------------------------------------------------------------------------
     def fit(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], labels: np.ndarray
     ) -> CBIRPipeline:
+        """Learn PCA, GMM and CFML from database images.
+
+        Parameters
+        ----------
+        images : sequence of array_like of shape (height, width)
+            Training images (plain or cipher).
+        masks : sequence of array_like of shape (height, width)
+            Their plain tumour masks.
+        labels : array_like of shape (n_images,)
+            Their classes.
+
+        Returns
+        -------
+        CBIRPipeline
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If images, masks and labels differ in number.
+        """
         labels = np.asarray(labels)
         if not (len(images) == len(masks) == labels.shape[0]):
             raise ValueError(
@@ -214,7 +380,7 @@ class CBIRPipeline:
         )
         self.pca_ = model.pca
         self.gmm_ = model.gmms[self.n_components]
-        self.encoder_ = FisherVectorEncoder(self.gmm_, self.n_regions)
+        self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
         (train_fv,) = encode_images(
             images,
             masks,
@@ -236,7 +402,25 @@ class CBIRPipeline:
     def fisher_vectors(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
     ) -> np.ndarray:
-        """float32 (n, F) Fisher vectors, F = n_regions · 2 · n_components · Dp."""
+        """The Fisher vectors of images, before the metric.
+
+        Parameters
+        ----------
+        images : sequence of array_like of shape (height, width)
+            Images (plain or cipher).
+        masks : sequence of array_like of shape (height, width)
+            Their plain tumour masks.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_images, F)
+            F = n_regions · 2 · n_components · Dp.
+
+        Raises
+        ------
+        RuntimeError
+            If the pipeline is not fitted.
+        """
         self._check_fitted()
         (fv,) = encode_images(
             images,
@@ -250,7 +434,25 @@ class CBIRPipeline:
         return fv
 
     def project(self, fisher_vectors: np.ndarray) -> np.ndarray:
-        """float32 (n, dim) vectors in the learned metric space."""
+        """Map Fisher vectors into the learned metric space.
+
+        Parameters
+        ----------
+        fisher_vectors : array_like of shape (n_images, F) or (F,)
+            Output of `fisher_vectors`.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_images, dim)
+            The retrieval vectors (fewer columns if CFML learned fewer than `dim`).
+
+        Raises
+        ------
+        RuntimeError
+            If the pipeline is not fitted.
+        ValueError
+            If the vectors do not have F features.
+        """
         self._check_fitted()
         fisher_vectors = np.atleast_2d(np.asarray(fisher_vectors))
         expected = self.metric_.components_.shape[0]
@@ -261,12 +463,44 @@ class CBIRPipeline:
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
 
     def transform(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+        """Retrieval vectors of images: ``project(fisher_vectors(images, masks))``.
+
+        Their squared Euclidean distances rank the database (`pecore.evaluate`).
+
+        Parameters
+        ----------
+        images : sequence of array_like of shape (height, width)
+            Images (plain or cipher).
+        masks : sequence of array_like of shape (height, width)
+            Their plain tumour masks.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_images, dim)
+            The retrieval vectors.
+        """
         return self.project(self.fisher_vectors(images, masks))
 
     # -- persistence (npz arrays + JSON parameters; no pickle) -------------------------------
     def save(self, path_or_file: str | os.PathLike[str] | IO[bytes]) -> None:
+        """Write the fitted model as an npz of arrays plus JSON parameters (no pickle).
+
+        Parameters
+        ----------
+        path_or_file : str, path-like or binary file
+            Where to write.
+
+        Raises
+        ------
+        RuntimeError
+            If the pipeline is not fitted.
+        """
         self._check_fitted()
-        meta = {"format_version": FORMAT_VERSION, "params": self.get_params()}
+        params = self.get_params(deep=False)
+        # in __init__ order, as files were written before get_params came from BaseEstimator
+        # (which sorts the names): a model saved now is byte-identical to one saved then
+        ordered = {name: params[name] for name in inspect.signature(type(self)).parameters}
+        meta = {"format_version": _FORMAT_VERSION, "params": ordered}
         arrays = {
             "meta_json": np.array(json.dumps(meta)),
             "pca_mean": self.pca_.mean_,
@@ -287,6 +521,23 @@ class CBIRPipeline:
 
     @classmethod
     def load(cls, path_or_file: str | os.PathLike[str] | IO[bytes]) -> CBIRPipeline:
+        """Read a model written by `save`.
+
+        Parameters
+        ----------
+        path_or_file : str, path-like or binary file
+            Where to read from.
+
+        Returns
+        -------
+        CBIRPipeline
+            The fitted pipeline, equal in every array to the saved one.
+
+        Raises
+        ------
+        ValueError
+            If the file is not a CBIRPipeline model of this format version.
+        """
         if isinstance(path_or_file, (str, os.PathLike)):
             with open(path_or_file, "rb") as fh:
                 data = dict(np.load(io.BytesIO(fh.read()), allow_pickle=False))
@@ -296,7 +547,7 @@ class CBIRPipeline:
             meta = json.loads(str(data["meta_json"]))
         except KeyError as exc:
             raise ValueError("not a CBIRPipeline file (no meta_json)") from exc
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"unsupported CBIRPipeline format {meta.get('format_version')}")
         pipe = cls(**meta["params"])
         pipe.pca_ = PatchPCA.from_state(
@@ -306,7 +557,7 @@ class CBIRPipeline:
                 "variance": data["pca_variance"],
                 "ratio": data["pca_ratio"],
             },
-            pipe.pca_energy,
+            energy=pipe.pca_energy,
         )
         pipe.gmm_ = DiagonalGMM.from_state(
             {
@@ -315,7 +566,7 @@ class CBIRPipeline:
                 "variances": data["gmm_variances"],
             }
         )
-        pipe.encoder_ = FisherVectorEncoder(pipe.gmm_, pipe.n_regions)
+        pipe.encoder_ = FisherVectorEncoder(pipe.gmm_, n_regions=pipe.n_regions)
         metric = CFML(reg=pipe.metric_lambda, n_components=pipe.dim)
         metric.components_ = np.asarray(data["metric_components"], dtype=np.float64)
         metric.eigenvalues_ = np.asarray(data["metric_eigenvalues"], dtype=np.float64)

@@ -18,6 +18,35 @@ def dilate_mask(mask: np.ndarray, radius: int = 24) -> np.ndarray:
     (fast for radius 24, where a direct dilation with a 49×49 element is slow). A pixel is in the
     result iff some mask pixel lies within Euclidean distance `radius`; sqrt of an integer ≤ r² is
     ≤ r exactly when the integer is ≤ r², so the float comparison is exact.
+
+    Parameters
+    ----------
+    mask : array_like of shape (height, width)
+        The tumour mask; any dtype, non-zero means inside.
+    radius : int, default=24
+        Radius of the disk in pixels (spec §1.3); 0 returns a copy of the mask.
+
+    Returns
+    -------
+    ndarray of bool, shape (height, width)
+        The dilated mask (the ROI the patches are taken from).
+
+    Raises
+    ------
+    ValueError
+        If `mask` is not 2-D or `radius` is negative.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mask = np.zeros((5, 5), dtype=bool)
+    >>> mask[2, 2] = True
+    >>> dilate_mask(mask, radius=1).astype(int)
+    array([[0, 0, 0, 0, 0],
+           [0, 0, 1, 0, 0],
+           [0, 1, 1, 1, 0],
+           [0, 0, 1, 0, 0],
+           [0, 0, 0, 0, 0]])
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -37,7 +66,30 @@ def dilate_mask(mask: np.ndarray, radius: int = 24) -> np.ndarray:
 
 
 def hazen_quantiles(values: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """MATLAB's default `quantile`: sorted x₍ᵢ₎ sits at (i − 0.5)/m, linear in between, clamped."""
+    """MATLAB's default `quantile`: sorted x₍ᵢ₎ sits at (i − 0.5)/m, linear in between, clamped.
+
+    Parameters
+    ----------
+    values : array_like
+        The sample (flattened; at least one value).
+    probabilities : array_like of float
+        Probabilities in [0, 1] to evaluate the quantile function at.
+
+    Returns
+    -------
+    ndarray of float64, shape like `probabilities`
+        The quantiles.
+
+    Raises
+    ------
+    ValueError
+        If `values` is empty.
+
+    Examples
+    --------
+    >>> hazen_quantiles([1, 2, 3, 4], [0.0, 0.5, 1.0])
+    array([1. , 2.5, 4. ])
+    """
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
         raise ValueError("quantiles of an empty set")
@@ -49,6 +101,29 @@ def intensity_regions(values: np.ndarray, n_regions: int = 8) -> np.ndarray:
 
     Cut points are the j/R Hazen quantiles; a value equal to a cut point goes to the *higher*
     region (MATLAB's loop overwrites earlier regions), so ties can leave regions empty.
+
+    Parameters
+    ----------
+    values : array_like
+        Intensities of the ROI pixels (flattened).
+    n_regions : int, default=8
+        Number of subregions R (at least 1).
+
+    Returns
+    -------
+    ndarray of int64, shape (n_values,)
+        The subregion of each value.
+
+    Raises
+    ------
+    ValueError
+        If `n_regions` is below 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> intensity_regions(np.arange(8), n_regions=4)
+    array([0, 0, 1, 1, 2, 2, 3, 3])
     """
     if n_regions < 1:
         raise ValueError(f"n_regions must be >= 1, got {n_regions}")
