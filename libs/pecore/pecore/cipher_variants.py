@@ -135,3 +135,36 @@ def scramble_mask(
     _, block = parse_variant(scheme)
     mask = np.asarray(mask)
     return scramble(mask, _permutation_for(mask.shape, stream, nonce, block), block)
+
+
+# --------------------------------------------------------------------------- any scheme
+def is_variant_scheme(scheme: str | None) -> bool:
+    """True for "<inner>-bs<b>" names that `parse_variant` accepts."""
+    if scheme is None or scheme in SCHEMES:
+        return False
+    try:
+        parse_variant(scheme)
+    except ValueError:
+        return False
+    return True
+
+
+def inner_scheme(scheme: str) -> tuple[str, int | None]:
+    """(inner scheme, tile size) of any scheme name; tile None for the schemes of pecore.cipher."""
+    if scheme in SCHEMES:
+        return scheme, None
+    return parse_variant(scheme)
+
+
+def encrypt_any(image: np.ndarray, stream: np.ndarray, scheme: str, nonce: str) -> np.ndarray:
+    """`encrypt` for a scheme of pecore.cipher, `encrypt_variant` (with `nonce`) otherwise."""
+    if scheme in SCHEMES:
+        return encrypt(image, stream, scheme)
+    return encrypt_variant(image, stream, scheme, nonce)
+
+
+def decrypt_any(cipher: np.ndarray, stream: np.ndarray, scheme: str, nonce: str) -> np.ndarray:
+    """Exact inverse of `encrypt_any` for the same stream, scheme and nonce."""
+    if scheme in SCHEMES:
+        return decrypt(cipher, stream, scheme)
+    return decrypt_variant(cipher, stream, scheme, nonce)

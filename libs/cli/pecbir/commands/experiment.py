@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "e.g. ours-bs32,ours-bs64 (default: non-secure and the four standard schemes)",
     )
     parser.add_argument(
-        "--key-modes", type=_str_list, default=["same", "different"], help="same,different"
+        "--key-modes",
+        type=_str_list,
+        default=["same", "per-image"],
+        help="same (the paper's key θ* for every image), per-image (keys derived from "
+        "--key-seed; old spelling: different); default both",
     )
     parser.add_argument(
         "--query-folds",
@@ -69,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache directory")
     parser.add_argument("--seed", type=int, default=0, help="sampling / GMM seed")
-    parser.add_argument("--key-seed", type=int, default=2025, help="master seed, different keys")
+    parser.add_argument("--key-seed", type=int, default=2025, help="master seed, per-image keys")
     parser.add_argument("--jobs", type=int, default=2, help="encoding threads")
     parser.add_argument("--n-train-patches", type=int, default=300_000)
     parser.add_argument(
@@ -84,15 +88,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pecbir.experiment import (
-        KEY_MODES,
         SCHEMES,
         ExperimentConfig,
         all_conditions,
-        is_variant_scheme,
         markdown_tables,
         run_experiment,
         write_outputs,
     )
+    from pecore.cipher_variants import is_variant_scheme
+    from pecore.envelope import canonical_key_mode
 
     conditions = args.conditions
     sizes, folds, modes = args.dict_sizes, args.query_folds, args.key_modes
@@ -107,9 +111,7 @@ def run(args: argparse.Namespace) -> int:
             "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
         )
     variants = list(dict.fromkeys(c for c in conditions if is_variant_scheme(c)))
-    bad_modes = [m for m in modes if m not in KEY_MODES]
-    if bad_modes:
-        raise ValueError(f"unknown key mode(s) {bad_modes}; choose from {', '.join(KEY_MODES)}")
+    modes = list(dict.fromkeys(canonical_key_mode(m) for m in modes))
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"bad dictionary sizes {sizes}")
     run_name = args.run or ("quick" if args.quick else "experiment")
