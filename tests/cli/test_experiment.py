@@ -97,7 +97,7 @@ def test_same_key_cipher_stack_equals_direct_encryption(tmp_path):
     data = make_synthetic(n_images=8, size=40, seed=2)
     stacks = cipher_images(data.images, data.index, [Condition("27", "same")], 0, tmp_path)
     stream = key_stream(SSLMKey(), 40 * 40)
-    for image, cipher in zip(data.images, stacks["27/same"], strict=True):
+    for image, cipher in zip(data.images, stacks["chained/same"], strict=True):
         np.testing.assert_array_equal(cipher, encrypt(image, stream, "27"))
 
 
@@ -221,8 +221,8 @@ def test_headline_map_reads_old_and_new_spellings_at_the_largest_d(tmp_path):
     assert found == {
         ("plain", "same"): 94.0,
         ("ours", "same"): 85.0,
-        ("27", "per-image"): 60.0,
-        ("26", "per-image"): 70.0,
+        ("chained", "per-image"): 60.0,  # old names are read as the registry's
+        ("xor", "per-image"): 70.0,
     }
     assert "dim 10" in reason
 

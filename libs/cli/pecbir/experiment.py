@@ -1,6 +1,7 @@
 """The retrieval experiment of Ahmad et al. 2025, Tables 1–2 (method spec §0.1, §6, §7.2).
 
-For every condition (non-secure, or scheme [25]/[26]/[27]/ours under the paper's key θ* for
+For every condition (non-secure, or a scheme of `pecore.cipher.SCHEMES` ([25] np, [26] xor,
+[27] chained, ours) or a tile-scrambled variant, under the paper's key θ* for
 every image ("same") or one key per image ("per-image")), every query fold and every
 dictionary size D: `pecore.model_selection.evaluate_fold` learns PCA + GMM(D) + CFML on the
 database folds of the (cipher) images and scores the queries.  This module keeps the
@@ -26,7 +27,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pecore.cipher_variants import is_variant_scheme
+from pecore.cipher_variants import any_scheme, is_variant_scheme
 from pecore.envelope import KEY_MODE_ALIASES, KEY_MODES, canonical_key_mode
 from pecore.model_selection import CFML_DIMS, METRICS, paper_tables
 
@@ -35,13 +36,13 @@ log = logging.getLogger(__name__)
 #: Bump when anything changes the numbers, so that cached fold results are not reused.
 ALGORITHM_VERSION = 3
 
-SCHEMES = ("25", "26", "27", "ours")
 #: Tag of the mask handling of "<inner>-bs<b>" conditions (part of their unit cache key only).
 VARIANT_MASKS = "scramble_mask(mask, stream, scheme, nonce=str(index)), pecbir/block-scramble/v1"
 DICTIONARY_SIZES = (16, 32, 64)
 HEADLINE_DIM = CFML_DIMS[-1]
 #: Key-mode spellings the seeds and cache keys were derived from before the rename to
-#: "per-image": kept there, so that the numbers and existing caches stay valid.
+#: "per-image": kept there (as the schemes' `legacy_name`), so that the numbers and existing
+#: caches stay valid.
 _SEED_SPELLING = {mode: alias for alias, mode in KEY_MODE_ALIASES.items()}
 
 
@@ -50,13 +51,16 @@ class Condition:
     """`scheme` None = non-secure (plain uint8 images); `key_mode` is "same" or "per-image".
 
     "same" is the paper's key θ* (`pecore.keys.PAPER_KEY`) for every image, not the envelope's
-    master-derived shared key; the old spelling "different" is read as "per-image".
+    master-derived shared key.  Old spellings are read as the canonical ones: key mode
+    "different" as "per-image", scheme "25" as "np" (`pecore.cipher_variants.any_scheme`).
     """
 
     scheme: str | None
     key_mode: str | None = None
 
     def __post_init__(self) -> None:
+        if self.scheme is not None:
+            object.__setattr__(self, "scheme", any_scheme(self.scheme).name)
         if self.key_mode is not None:
             object.__setattr__(self, "key_mode", canonical_key_mode(self.key_mode))
 
@@ -71,10 +75,11 @@ class Condition:
 
     @property
     def seed_name(self) -> str:
-        """`name` as spelled when the seeds and cache keys were fixed ("ours/different")."""
+        """`name` as spelled when the seeds and cache keys were fixed ("25/different")."""
         if self.scheme is None:
             return self.name
-        return f"{self.scheme}/{_SEED_SPELLING.get(str(self.key_mode), self.key_mode)}"
+        scheme = any_scheme(self.scheme).legacy_name
+        return f"{scheme}/{_SEED_SPELLING.get(str(self.key_mode), self.key_mode)}"
 
     @property
     def scheme_and_mode(self) -> tuple[str, str]:
@@ -90,20 +95,12 @@ class Condition:
     def label(self) -> str:
         if self.scheme is None:
             return "Non-secure [3]"
-        if self.is_variant:
-            from pecore.cipher_variants import parse_variant
-
-            inner, block = parse_variant(self.scheme)
-            scheme = "Ours" if inner == "ours" else f"[{inner}]"
-            scheme += f" + {block}×{block} tile scramble"
-        else:
-            scheme = "Ours" if self.scheme == "ours" else f"[{self.scheme}]"
         keys = "same key" if self.key_mode == "same" else "diff. keys"
-        return f"{keys} {scheme}"
+        return f"{keys} {any_scheme(self.scheme).label}"
 
     @classmethod
     def from_name(cls, name: str) -> Condition:
-        """The condition named `name` in a results.json ("ours/per-image", old "ours/different")."""
+        """The condition named `name` in a results.json ("np/per-image", old "25/different")."""
         if name == "non-secure":
             return cls(None)
         scheme, mode = name.split("/")

@@ -23,7 +23,7 @@ from pecbir.experiment import read_headline_map
 from pecore import attacks
 from pecore.attack_suite import AttackImages, attack_scheme, cipher_statistics
 from pecore.cipher import SCHEMES
-from pecore.cipher_variants import VARIANT_SCHEMES, parse_variant
+from pecore.cipher_variants import VARIANT_SCHEMES, TileScrambled, any_scheme
 from pecore.datasets import decode_webp, default_data_path
 from pecore.envelope import KEY_MODES
 from pecore.keys import MasterKey
@@ -31,14 +31,14 @@ from pecore.keys import MasterKey
 #: The paper's display labels of the key modes ("same": θ* for every image, see
 #: `pecore.envelope.scenario_key_stream`).
 MODE_LABEL = {"same": "same key (k_i = k_j)", "per-image": "different keys (k_i ≠ k_j)"}
-SCHEME_LABEL = {"ours": "Ours", "25": "[25]", "26": "[26]", "27": "[27]"}
 
 
 def scheme_label(scheme: str) -> str:
-    if scheme in SCHEME_LABEL:
-        return SCHEME_LABEL[scheme]
-    inner, block = parse_variant(scheme)
-    return f"{SCHEME_LABEL[inner]} + {block}×{block} tile scramble ({scheme})"
+    """The registry's display label; a variant's also names the variant ("… (ours-bs64)")."""
+    resolved = any_scheme(scheme)
+    if isinstance(resolved, TileScrambled):
+        return f"{resolved.label} ({resolved.name})"
+    return resolved.label
 
 
 @dataclass
@@ -299,9 +299,7 @@ def run_report(config: ReportConfig) -> dict:
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    schemes = [*SCHEMES, *config.variants]
-    for variant in config.variants:
-        parse_variant(variant)
+    schemes = [*SCHEMES, *(any_scheme(v).name for v in config.variants)]
     images = load_image_set(config)
     natural = natural_image(config.natural_image)
     master = MasterKey.from_seed(config.seed)
