@@ -11,11 +11,25 @@ from pecbir.experiment import (
     cipher_images,
     markdown_tables,
     plot_map_vs_d,
-    read_fold_file,
-    run_fold,
+    read_headline_map,
     summarise,
 )
 from pecore.datasets import make_synthetic
+from pecore.model_selection import evaluate_fold, fold_seed
+
+
+def run_fold(images, masks, labels, folds, fold, sizes, config, seed_words):
+    """One fold as `run_experiment` runs it (the CLI's config spelled out as keywords)."""
+    return evaluate_fold(
+        images,
+        masks,
+        labels,
+        folds,
+        query_fold=fold,
+        dictionary_sizes=sizes,
+        **config.fold_params(),
+        random_state=fold_seed(seed_words),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +40,7 @@ def data():
 def test_fold_results_tables_and_plot(data, tmp_path):
     config = ExperimentConfig(
         dictionary_sizes=(2, 4),
-        conditions=(Condition(None), Condition("ours", "different")),
+        conditions=(Condition(None), Condition("ours", "per-image")),
         folds=(1, 2),
         radius=3,
         n_train_patches=5000,
@@ -34,9 +48,9 @@ def test_fold_results_tables_and_plot(data, tmp_path):
     )
     stacks = cipher_images(data.images, data.index, config.conditions, 11, tmp_path)
     assert stacks["non-secure"] is data.images
-    assert not np.array_equal(stacks["ours/different"], data.images)
+    assert not np.array_equal(stacks["ours/per-image"], data.images)
     again = cipher_images(data.images, data.index, config.conditions, 11, tmp_path)  # cached
-    np.testing.assert_array_equal(again["ours/different"], stacks["ours/different"])
+    np.testing.assert_array_equal(again["ours/per-image"], stacks["ours/per-image"])
     fold_results = {}
     for condition in config.conditions:
         images = stacks[condition.name]
@@ -61,17 +75,6 @@ def test_fold_results_tables_and_plot(data, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
-def test_fold_file_maps_index_to_fold(tmp_path):
-    path = tmp_path / "folds.csv"
-    path.write_text("index,fold\n1,2\n2,1\n3,2\n")
-    np.testing.assert_array_equal(read_fold_file(path, np.array([3, 1, 2])), [2, 2, 1])
-    with pytest.raises(ValueError, match="no fold"):
-        read_fold_file(path, np.array([1, 4]))
-    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="header"):
-        read_fold_file(tmp_path / "bad.csv", np.array([1]))
-
-
 @pytest.mark.parametrize(
     "argv",
     [
@@ -94,7 +97,7 @@ def test_same_key_cipher_stack_equals_direct_encryption(tmp_path):
     data = make_synthetic(n_images=8, size=40, seed=2)
     stacks = cipher_images(data.images, data.index, [Condition("27", "same")], 0, tmp_path)
     stream = key_stream(SSLMKey(), 40 * 40)
-    for image, cipher in zip(data.images, stacks["27/same"], strict=True):
+    for image, cipher in zip(data.images, stacks["chained/same"], strict=True):
         np.testing.assert_array_equal(cipher, encrypt(image, stream, "27"))
 
 
@@ -104,8 +107,8 @@ def test_tile_scrambled_variant_runs_end_to_end_with_its_own_masks(tmp_path):
     from pecore.keys import MasterKey, derive_image_key, key_stream
 
     data = make_synthetic(n_images=60, size=48, seed=5)
-    variant = Condition("ours-bs16", "different")
-    plain = Condition("ours", "different")
+    variant = Condition("ours-bs16", "per-image")
+    plain = Condition("ours", "per-image")
     assert variant.is_variant and not plain.is_variant
     config = ExperimentConfig(
         dictionary_sizes=(2,), conditions=(plain, variant), radius=3, n_train_patches=5000
@@ -114,8 +117,8 @@ def test_tile_scrambled_variant_runs_end_to_end_with_its_own_masks(tmp_path):
         cipher_images(data.images, data.index, [variant], 11, tmp_path)
     stacks = cipher_images(data.images, data.index, [plain, variant], 11, tmp_path, data.masks)
     masks = condition_masks(data.masks, data.index, [plain, variant], 11, tmp_path)
-    assert masks["ours/different"] is data.masks
-    moved = masks["ours-bs16/different"]
+    assert masks["ours/per-image"] is data.masks
+    moved = masks["ours-bs16/per-image"]
     assert moved.dtype == bool and not np.array_equal(moved, data.masks)
     # the cached stacks are what the owner would upload: cipher and mask moved together
     for i in (0, 7):
@@ -123,7 +126,7 @@ def test_tile_scrambled_variant_runs_end_to_end_with_its_own_masks(tmp_path):
         stream = key_stream(key.sslm, 48 * 48)
         nonce = str(int(data.index[i]))
         np.testing.assert_array_equal(
-            stacks["ours-bs16/different"][i],
+            stacks["ours-bs16/per-image"][i],
             encrypt_variant(data.images[i], stream, "ours-bs16", nonce=nonce),
         )
         np.testing.assert_array_equal(
@@ -131,13 +134,13 @@ def test_tile_scrambled_variant_runs_end_to_end_with_its_own_masks(tmp_path):
         )
     # the standard scheme's stack is unchanged by the variant built in the same pass
     np.testing.assert_array_equal(
-        stacks["ours/different"],
-        cipher_images(data.images, data.index, [plain], 11, tmp_path / "alone")["ours/different"],
+        stacks["ours/per-image"],
+        cipher_images(data.images, data.index, [plain], 11, tmp_path / "alone")["ours/per-image"],
     )
     # variant units are cached under their own key; standard keys carry no mask tag
     assert _unit_key(config, variant, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")
     result = run_fold(
-        stacks["ours-bs16/different"], moved, data.labels, data.folds, 1, [2], config, [0, 1, 2]
+        stacks["ours-bs16/per-image"], moved, data.labels, data.folds, 1, [2], config, [0, 1, 2]
     )[2]
     assert result["by_dim"]["1"]["mAP"] > 0.5  # chance is about 1/3
 
@@ -160,3 +163,75 @@ def test_variant_roi_dilated_by_the_owner_is_the_scrambled_plain_roi(tmp_path):
             dilate_mask(data.masks[i], 3), stream, "ours-bs16", nonce=str(int(data.index[i]))
         )
         np.testing.assert_array_equal(rois[i], expected)
+
+
+def test_old_key_mode_spelling_is_read_as_per_image_and_keeps_seeds_and_cache_names():
+    old, new = Condition("ours", "different"), Condition("ours", "per-image")
+    assert old == new and old.name == "ours/per-image"
+    # seeds and cache file names were derived from the old spelling: keeping it keeps the numbers
+    assert new.seed_name == "ours/different" and new.slug == "ours-different"
+    assert Condition("ours", "same").seed_name == "ours/same"
+    assert Condition.from_name("27/different") == Condition("27", "per-image")
+    with pytest.raises(ValueError, match="unknown key mode"):
+        Condition("ours", "sometimes")
+
+
+def test_cli_accepts_the_old_key_mode_spelling(monkeypatch):
+    import pecbir.experiment
+    from pecbir.cli import main
+
+    seen = {}
+
+    def fake_run(config):
+        seen["conditions"] = [c.name for c in config.conditions]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pecbir.experiment, "run_experiment", fake_run)
+    with pytest.raises(SystemExit):
+        main(["experiment", "--conditions", "ours", "--key-modes", "different,per-image"])
+    assert seen["conditions"] == ["ours/per-image"]
+
+
+def _results_document(names_to_map: dict[str, dict[str, float]]) -> dict:
+    def entry(value):
+        return {"mAP": {"mean": value, "std": 0.5, "n": 5}}
+
+    return {
+        "config": {"headline_dim": 10, "folds": [1, 2, 3, 4, 5]},
+        "summary": {
+            name: {size: {"10": entry(v)} for size, v in by_size.items()}
+            for name, by_size in names_to_map.items()
+        },
+    }
+
+
+def test_headline_map_reads_old_and_new_spellings_at_the_largest_d(tmp_path):
+    document = _results_document(
+        {
+            "non-secure": {"16": 89.9, "64": 94.0},
+            "ours/same": {"16": 80.0, "64": 85.0},
+            "27/different": {"16": 60.0},
+            "26/per-image": {"32": 70.0},
+        }
+    )
+    document["summary"]["ours/same"]["64"]["9"] = {"mAP": {"mean": 1.0}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    found, reason = read_headline_map(path)
+    assert found == {
+        ("plain", "same"): 94.0,
+        ("ours", "same"): 85.0,
+        ("chained", "per-image"): 60.0,  # old names are read as the registry's
+        ("xor", "per-image"): 70.0,
+    }
+    assert "dim 10" in reason
+
+
+def test_markdown_tables_of_an_old_results_file_show_the_paper_numbers():
+    document = _results_document({"ours/different": {"16": 80.0}})
+    for entry in document["summary"]["ours/different"]["16"].values():
+        entry.update({"P@5": entry["mAP"], "P@10": entry["mAP"], "per_class": {}})
+    document["config"].update({"dictionary_sizes": [16], "conditions": ["ours/different"]})
+    text = markdown_tables(document, dim=10)
+    assert "| 16 | diff. keys Ours | 80.00 ± 0.50 |" in text
+    assert "| 83.52 | -3.52 |" in text  # paper Table 1, D = 16, ours with per-image keys

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 
-from pecbir.security import best_ciphertext_only, read_retrieval_map
+from pecbir.security import best_ciphertext_only, read_headline_map
 
 
 def test_missing_results_mean_map_not_available(tmp_path):
-    found, reason = read_retrieval_map(None)
+    found, reason = read_headline_map(None)
     assert found == {} and "no experiment results" in reason
-    found, reason = read_retrieval_map(tmp_path / "absent.json")
+    found, reason = read_headline_map(tmp_path / "absent.json")
     assert found == {} and "does not exist" in reason
     (tmp_path / "bad.json").write_text("{not json")
-    assert read_retrieval_map(tmp_path / "bad.json")[0] == {}
+    assert read_headline_map(tmp_path / "bad.json")[0] == {}
     (tmp_path / "other.json").write_text(json.dumps({"something": [1, 2, 3]}))
-    assert read_retrieval_map(tmp_path / "other.json")[0] == {}
+    assert read_headline_map(tmp_path / "other.json")[0] == {}
 
 
 def test_reads_the_experiment_runner_summary_at_the_largest_d(tmp_path):
@@ -32,16 +32,23 @@ def test_reads_the_experiment_runner_summary_at_the_largest_d(tmp_path):
     }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(document))
-    found, reason = read_retrieval_map(path)
-    assert found == {("plain", "same"): 94.0, ("ours", "same"): 85.0, ("27", "different"): 60.0}
+    found, reason = read_headline_map(path)
+    assert found == {
+        ("plain", "same"): 94.0,
+        ("ours", "same"): 85.0,
+        ("chained", "per-image"): 60.0,  # "27/different", in the registry's names
+    }
     assert "dim 10" in reason
 
 
-def test_reads_a_flat_list_of_conditions(tmp_path):
+def test_a_file_of_another_layout_is_not_guessed_at(tmp_path):
+    # The old heuristic walker read any JSON with scheme/mode/mAP keys; the one reader now
+    # reads only what `pecbir experiment` writes and says so.
     document = {"runs": [{"scheme": "ours", "key_mode": "different", "mAP": 0.81}]}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(document))
-    assert read_retrieval_map(path)[0] == {("ours", "different"): 81.0}
+    found, reason = read_headline_map(path)
+    assert found == {} and "not a `pecbir experiment` results.json" in reason
 
 
 def test_best_attack_ignores_known_plaintext_and_the_raw_cipher():

@@ -73,7 +73,7 @@ def variant_case(draw):
     width = draw(st.integers(1, 20))
     image = draw(arrays(np.uint8, (height, width)))
     stream = draw(arrays(np.uint8, height * width, elements=st.sampled_from([0, 0, 3, 128, 255])))
-    inner = draw(st.sampled_from(SCHEMES))
+    inner = draw(st.sampled_from(list(SCHEMES)))
     nonce = draw(st.text(max_size=8))
     return image, stream, f"{inner}-bs{block}", nonce
 

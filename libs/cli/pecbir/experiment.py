@@ -1,16 +1,18 @@
 """The retrieval experiment of Ahmad et al. 2025, Tables 1–2 (method spec §0.1, §6, §7.2).
 
-For every condition (non-secure, or scheme [25]/[26]/[27]/ours under the same key or one key per
-image), every query fold and every dictionary size D: learn PCA + GMM(D) + CFML on the database
-folds of the (cipher) images, rank the database for each query, score mAP / P@5 / P@10 for
-CFML output dimensions 1..10. Work shared across D (cipher images, patches, PCA, one pass over
-the images per fold) is done once; cipher images and finished (condition, fold, D) results are
-cached under `cache/` so that a rerun or an extended run only computes what is missing.
+For every condition (non-secure, or a scheme of `pecore.cipher.SCHEMES` ([25] np, [26] xor,
+[27] chained, ours) or a tile-scrambled variant, under the paper's key θ* for
+every image ("same") or one key per image ("per-image")), every query fold and every
+dictionary size D: `pecore.model_selection.evaluate_fold` learns PCA + GMM(D) + CFML on the
+database folds of the (cipher) images and scores the queries.  This module keeps the
+bookkeeping: cipher images (`pecore.envelope.encrypt_stack`) and finished (condition, fold, D)
+results are cached under `cache/` so that a rerun or an extended run only computes what is
+missing; results.json, tables.md and the plot are written here and read back by
+`read_headline_map`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -19,83 +21,48 @@ import resource
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from pecore.cipher_variants import any_scheme, is_variant_scheme
+from pecore.envelope import KEY_MODE_ALIASES, KEY_MODES, canonical_key_mode
+from pecore.model_selection import CFML_DIMS, METRICS, paper_tables
 
 log = logging.getLogger(__name__)
 
 #: Bump when anything changes the numbers, so that cached fold results are not reused.
 ALGORITHM_VERSION = 3
 
-SCHEMES = ("25", "26", "27", "ours")
 #: Tag of the mask handling of "<inner>-bs<b>" conditions (part of their unit cache key only).
 VARIANT_MASKS = "scramble_mask(mask, stream, scheme, nonce=str(index)), pecbir/block-scramble/v1"
-KEY_MODES = ("same", "different")
 DICTIONARY_SIZES = (16, 32, 64)
-DIMS = tuple(range(1, 11))
-HEADLINE_DIM = 10
-METRICS = ("mAP", "P@5", "P@10")
-
-#: Ahmad et al. 2025, Table 1 (mean ± std % over 5 folds), for side-by-side comparison only.
-PAPER_TABLE1: dict[tuple[int, str], tuple[float, float, float]] = {
-    (16, "non-secure"): (89.89, 87.16, 87.16),
-    (16, "25/same"): (81.82, 80.26, 80.39),
-    (16, "26/same"): (86.66, 83.79, 83.95),
-    (16, "27/same"): (81.65, 77.51, 77.50),
-    (16, "ours/same"): (87.06, 83.89, 83.84),
-    (16, "25/different"): (74.57, 72.57, 72.79),
-    (16, "26/different"): (80.17, 75.98, 75.96),
-    (16, "27/different"): (77.96, 72.61, 72.64),
-    (16, "ours/different"): (83.52, 80.05, 80.19),
-    (32, "non-secure"): (92.49, 90.14, 90.10),
-    (32, "25/same"): (84.86, 82.37, 82.40),
-    (32, "26/same"): (88.84, 85.99, 85.88),
-    (32, "27/same"): (86.00, 81.47, 81.51),
-    (32, "ours/same"): (89.44, 86.40, 86.43),
-    (32, "25/different"): (77.55, 74.16, 74.06),
-    (32, "26/different"): (83.42, 78.38, 78.47),
-    (32, "27/different"): (80.38, 74.25, 74.30),
-    (32, "ours/different"): (86.32, 82.15, 82.22),
-    (64, "non-secure"): (94.02, 91.75, 91.80),
-    (64, "25/same"): (86.51, 83.44, 83.32),
-    (64, "26/same"): (90.72, 87.93, 87.97),
-    (64, "27/same"): (88.80, 85.03, 85.05),
-    (64, "ours/same"): (91.41, 88.38, 88.44),
-    (64, "25/different"): (79.71, 74.69, 74.63),
-    (64, "26/different"): (85.48, 81.21, 81.15),
-    (64, "27/different"): (84.26, 79.09, 79.11),
-    (64, "ours/different"): (88.56, 85.22, 85.17),
-}
-
-#: Ahmad et al. 2025, Table 2 (D = 64 block), per class: (mAP, P@5, P@10).
-PAPER_TABLE2: dict[tuple[str, int], tuple[float, float, float]] = {
-    ("non-secure", 1): (88.06, 86.05, 86.05),
-    ("non-secure", 2): (97.14, 94.91, 95.01),
-    ("non-secure", 3): (93.75, 91.24, 91.25),
-    ("26/same", 1): (82.29, 80.55, 80.61),
-    ("26/same", 2): (95.48, 91.60, 91.71),
-    ("26/same", 3): (90.21, 88.30, 88.24),
-    ("26/different", 1): (75.89, 72.89, 72.98),
-    ("26/different", 2): (92.34, 86.77, 86.92),
-    ("26/different", 3): (82.72, 79.47, 79.02),
-    ("ours/same", 1): (83.53, 81.91, 81.60),
-    ("ours/same", 2): (95.39, 91.59, 91.85),
-    ("ours/same", 3): (91.74, 85.22, 89.01),
-    ("ours/different", 1): (80.22, 77.90, 77.71),
-    ("ours/different", 2): (94.49, 90.65, 90.79),
-    ("ours/different", 3): (86.51, 83.38, 83.14),
-}
+HEADLINE_DIM = CFML_DIMS[-1]
+#: Key-mode spellings the seeds and cache keys were derived from before the rename to
+#: "per-image": kept there (as the schemes' `legacy_name`), so that the numbers and existing
+#: caches stay valid.
+_SEED_SPELLING = {mode: alias for alias, mode in KEY_MODE_ALIASES.items()}
 
 
 @dataclass(frozen=True)
 class Condition:
-    """`scheme` None = non-secure (plain uint8 images)."""
+    """`scheme` None = non-secure (plain uint8 images); `key_mode` is "same" or "per-image".
+
+    "same" is the paper's key θ* (`pecore.keys.PAPER_KEY`) for every image, not the envelope's
+    master-derived shared key.  Old spellings are read as the canonical ones: key mode
+    "different" as "per-image", scheme "25" as "np" (`pecore.cipher_variants.any_scheme`).
+    """
 
     scheme: str | None
     key_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme is not None:
+            object.__setattr__(self, "scheme", any_scheme(self.scheme).name)
+        if self.key_mode is not None:
+            object.__setattr__(self, "key_mode", canonical_key_mode(self.key_mode))
 
     @property
     def is_variant(self) -> bool:
@@ -107,36 +74,37 @@ class Condition:
         return "non-secure" if self.scheme is None else f"{self.scheme}/{self.key_mode}"
 
     @property
+    def seed_name(self) -> str:
+        """`name` as spelled when the seeds and cache keys were fixed ("25/different")."""
+        if self.scheme is None:
+            return self.name
+        scheme = any_scheme(self.scheme).legacy_name
+        return f"{scheme}/{_SEED_SPELLING.get(str(self.key_mode), self.key_mode)}"
+
+    @property
+    def scheme_and_mode(self) -> tuple[str, str]:
+        """(scheme, key mode) of a cipher condition."""
+        return str(self.scheme), str(self.key_mode)
+
+    @property
     def slug(self) -> str:
-        return self.name.replace("/", "-")
+        """File-name form of `seed_name` (cache files keep their names across the rename)."""
+        return self.seed_name.replace("/", "-")
 
     @property
     def label(self) -> str:
         if self.scheme is None:
             return "Non-secure [3]"
-        if self.is_variant:
-            from pecore.cipher_variants import parse_variant
-
-            inner, block = parse_variant(self.scheme)
-            scheme = "Ours" if inner == "ours" else f"[{inner}]"
-            scheme += f" + {block}×{block} tile scramble"
-        else:
-            scheme = "Ours" if self.scheme == "ours" else f"[{self.scheme}]"
         keys = "same key" if self.key_mode == "same" else "diff. keys"
-        return f"{keys} {scheme}"
+        return f"{keys} {any_scheme(self.scheme).label}"
 
-
-def is_variant_scheme(scheme: str | None) -> bool:
-    """True for "<inner>-bs<b>" names that `pecore.cipher_variants.parse_variant` accepts."""
-    if scheme is None or scheme in SCHEMES:
-        return False
-    from pecore.cipher_variants import parse_variant
-
-    try:
-        parse_variant(scheme)
-    except ValueError:
-        return False
-    return True
+    @classmethod
+    def from_name(cls, name: str) -> Condition:
+        """The condition named `name` in a results.json ("np/per-image", old "25/different")."""
+        if name == "non-secure":
+            return cls(None)
+        scheme, mode = name.split("/")
+        return cls(scheme, mode)
 
 
 def all_conditions(
@@ -162,6 +130,7 @@ class ExperimentConfig:
     n_train_patches: int = 300_000
     metric_lambda: float = 1.5e-4
     seed: int = 0
+    #: Master-key seed of the "per-image" keys (MasterKey.from_seed); "same" uses θ*.
     key_seed: int = 2025
     #: Variant conditions only: "cloud" = the cloud dilates the scrambled tumour mask by `radius`;
     #: "owner" = the owner scrambles the already dilated ROI and the cloud uses it as it is.
@@ -185,31 +154,22 @@ class ExperimentConfig:
             "algorithm_version": ALGORITHM_VERSION,
         }
 
+    def fold_params(self) -> dict[str, object]:
+        """The keyword parameters of `pecore.model_selection.evaluate_fold` this run uses."""
+        return {
+            "n_regions": self.n_regions,
+            "patch_size": self.patch_size,
+            "radius": self.radius,
+            "pca_energy": self.pca_energy,
+            "n_train_patches": self.n_train_patches,
+            "metric_lambda": self.metric_lambda,
+            "n_jobs": self.n_jobs,
+        }
+
 
 # ------------------------------------------------------------------------------ inputs
-def read_fold_file(path: str | Path, index: np.ndarray) -> np.ndarray:
-    """Folds from a CSV with columns `index,fold` (index = figshare file number, 1..3064)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"fold file not found: {path}")
-    mapping: dict[int, int] = {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"index", "fold"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a header with columns 'index' and 'fold'")
-        for line, row in enumerate(reader, start=2):
-            try:
-                mapping[int(row["index"])] = int(row["fold"])
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{line}: bad row {row}") from exc
-    missing = [int(i) for i in index if int(i) not in mapping]
-    if missing:
-        raise ValueError(f"{path}: no fold for {len(missing)} images, e.g. index {missing[:5]}")
-    return np.array([mapping[int(i)] for i in index], dtype=np.int64)
-
-
 def _cipher_path(cache_dir: Path, condition: Condition, key_seed: int, ids: np.ndarray) -> Path:
-    seed_part = f"-k{key_seed}" if condition.key_mode == "different" else ""
+    seed_part = f"-k{key_seed}" if condition.key_mode == "per-image" else ""
     digest = hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest()[:10]
     return cache_dir / "ciphers" / f"{condition.slug}{seed_part}-{digest}.npy"
 
@@ -272,28 +232,17 @@ def cipher_images(
 ) -> dict[str, np.ndarray]:
     """Cipher image stacks of `conditions` (name -> stack), memory-mapped from `cache_dir`.
 
-    A tile-scrambled variant ("<inner>-bs<b>") encrypts with `encrypt_variant` and nonce
-    str(index) (the string its key is derived from), and needs `masks`: the masks moved with
-    the tiles (`scramble_mask`, same stream and nonce) are cached beside the cipher stack, for
-    `condition_masks`.  With `dilate`, the masks are dilated by that radius before scrambling
-    (the owner ships the ROI itself).
-
-    Missing stacks are built in one pass over the images, so that each per-image key stream is
-    made once for all schemes. Same key: every image uses the paper's key θ* (SSLMKey()).
-    Different keys: image i uses derive_image_key(MasterKey.from_seed(key_seed), str(index_i)),
-    one validated key per image, with the stream its validation computed.
+    Missing stacks are built by `pecore.envelope.encrypt_stack`, in one pass over the images
+    per key mode (one key stream per image for all schemes): "same" = the paper's key θ* for
+    every image, "per-image" = derive_image_key(MasterKey.from_seed(key_seed), str(index_i)).
+    A tile-scrambled variant ("<inner>-bs<b>") uses nonce str(index) and needs `masks`: the
+    masks moved with its tiles are cached beside the cipher stack, for `condition_masks`.  With
+    `dilate`, the masks are dilated by that radius before scrambling (the owner ships the ROI).
     """
     from tqdm import tqdm
 
-    from pecore.cipher import encrypt
-    from pecore.cipher_variants import encrypt_variant, scramble_mask
-    from pecore.keys import (
-        MasterKey,
-        SSLMKey,
-        derive_image_key_and_stream,
-        key_stream,
-    )
-    from pecore.roi import dilate_mask
+    from pecore.envelope import encrypt_stack
+    from pecore.keys import MasterKey
 
     stacks: dict[str, np.ndarray] = {}
     todo: dict[str, list[Condition]] = {}
@@ -316,72 +265,51 @@ def cipher_images(
             raise ValueError(f"{condition.name} needs the ROI masks to scramble (masks=...)")
         todo.setdefault(str(condition.key_mode), []).append(condition)
     for mode, group in todo.items():
-        paths = {c.name: _cipher_path(cache_dir, c, key_seed, ids) for c in group}
+        paths = {c.scheme: _cipher_path(cache_dir, c, key_seed, ids) for c in group}
+        mask_paths = {
+            c.scheme: _mask_path(cache_dir, c, key_seed, ids, dilate) for c in group if c.is_variant
+        }
         next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
         # Stream the stacks to disk in image order with plain writes: a writable memmap would
         # keep every written page resident (and counted in this process's peak memory).
-        for condition in group:
-            if condition.is_variant:
-                paths[condition.name + "#masks"] = _mask_path(
-                    cache_dir, condition, key_seed, ids, dilate
-                )
-        outs = {}
-        for name, path in paths.items():
-            fh = path.with_suffix(".tmp.npy").open("wb")
-            descr = "|b1" if name.endswith("#masks") else "|u1"
-            np.lib.format.write_array_header_1_0(
-                fh, {"descr": descr, "fortran_order": False, "shape": tuple(images.shape)}
-            )
-            outs[name] = fh
-        master = MasterKey.from_seed(key_seed) if mode == "different" else None
-        same_streams: dict[int, np.ndarray] = {}
-        batch = 32
+        outs = {
+            (kind, scheme): _open_stack(path, descr, tuple(images.shape))
+            for kind, descr, chosen in (("cipher", "|u1", paths), ("mask", "|b1", mask_paths))
+            for scheme, path in chosen.items()
+        }
         names = ", ".join(c.name for c in group)
-        with (
-            tqdm(total=len(images), desc=f"encrypt {names}", unit="img", leave=False) as bar,
-            ThreadPoolExecutor(2) as pool,
-        ):
-            for start in range(0, len(images), batch):
-                rows = list(range(start, min(start + batch, len(images))))
-                if master is None:
-                    streams = []
-                    for i in rows:
-                        size = images[i].size
-                        if size not in same_streams:
-                            same_streams[size] = key_stream(SSLMKey(), size)
-                        streams.append(same_streams[size])
-                else:
-                    # the derivation validates each stream in numba code that releases the GIL
-                    derived = pool.map(
-                        derive_image_key_and_stream,
-                        [master] * len(rows),
-                        [str(int(ids[i])) for i in rows],
-                        [images[i].size for i in rows],
-                    )
-                    streams = [stream for _key, stream in derived]
-                for i, stream in zip(rows, streams, strict=True):
-                    image = np.ascontiguousarray(images[i])
-                    for condition in group:
-                        if condition.is_variant:
-                            nonce = str(int(ids[i]))
-                            cipher = encrypt_variant(image, stream, condition.scheme, nonce=nonce)
-                            roi = np.asarray(masks[i], dtype=bool)
-                            if dilate is not None:
-                                roi = dilate_mask(roi, dilate)
-                            moved = scramble_mask(roi, stream, condition.scheme, nonce=nonce)
-                            mask_bytes = np.ascontiguousarray(moved, dtype=bool).tobytes()
-                            outs[condition.name + "#masks"].write(mask_bytes)
-                        else:
-                            cipher = encrypt(image, stream, condition.scheme)
-                        outs[condition.name].write(np.ascontiguousarray(cipher).tobytes())
-                bar.update(len(rows))
-        for name, fh in outs.items():
+        encrypted = encrypt_stack(
+            images,
+            image_ids=[str(int(i)) for i in ids],
+            schemes=list(paths),
+            key_mode=mode,
+            master=MasterKey.from_seed(key_seed) if mode == "per-image" else None,
+            masks=masks if mask_paths else None,
+            dilate=dilate,
+        )
+        with tqdm(total=len(images), desc=f"encrypt {names}", unit="img", leave=False) as bar:
+            for ciphers, moved in encrypted:
+                for scheme, cipher in ciphers.items():
+                    outs["cipher", scheme].write(np.ascontiguousarray(cipher).tobytes())
+                for scheme, mask in moved.items():
+                    outs["mask", scheme].write(np.ascontiguousarray(mask, dtype=bool).tobytes())
+                bar.update(1)
+        for (kind, scheme), fh in outs.items():
             fh.close()
-            paths[name].with_suffix(".tmp.npy").replace(paths[name])
-            if not name.endswith("#masks"):
-                stacks[name] = np.load(paths[name], mmap_mode="r")
-        outs.clear()
+            path = (paths if kind == "cipher" else mask_paths)[scheme]
+            path.with_suffix(".tmp.npy").replace(path)
+        for condition in group:
+            stacks[condition.name] = np.load(paths[condition.scheme], mmap_mode="r")
     return stacks
+
+
+def _open_stack(path: Path, descr: str, shape: tuple[int, ...]) -> BinaryIO:
+    """A temporary .npy beside `path` with its header written, ready for the rows in order."""
+    fh = path.with_suffix(".tmp.npy").open("wb")
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return fh
 
 
 # ------------------------------------------------------------------------------ one fold
@@ -390,7 +318,7 @@ def _unit_key(
 ) -> str:
     fields = {
         "params": config.model_params(),
-        "condition": condition.name,
+        "condition": condition.seed_name,
         "fold": fold,
         "D": size,
         "folds": folds_digest,
@@ -404,102 +332,6 @@ def _unit_key(
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
-def run_fold(
-    images: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    folds: np.ndarray,
-    fold: int,
-    sizes: Sequence[int],
-    config: ExperimentConfig,
-    seed_words: Sequence[int],
-    rois: Sequence[np.ndarray] | None = None,
-) -> dict[int, dict[str, object]]:
-    """Learn on the database folds, evaluate the queries of `fold`, for every D in `sizes`.
-
-    `rois`: the masks already dilated by `config.radius` (shared across folds and conditions).
-    """
-    from tqdm import tqdm
-
-    from pecore.evaluate import retrieval_metrics
-    from pecore.fisher import FisherVectorEncoder
-    from pecore.metric import CFML
-    from pecore.pipeline import encode_images, fit_patch_model
-
-    train = np.flatnonzero(folds != fold)
-    query = np.flatnonzero(folds == fold)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    seed = int(np.random.SeedSequence(list(seed_words)).generate_state(1)[0])
-    model = fit_patch_model(
-        [images[i] for i in train],
-        [masks[i] for i in train],
-        sizes,
-        patch_size=config.patch_size,
-        radius=config.radius,
-        pca_energy=config.pca_energy,
-        n_train_patches=config.n_train_patches,
-        random_state=seed,
-        rois=None if rois is None else [rois[i] for i in train],
-    )
-    timings["pca_gmm_s"] = time.perf_counter() - start
-    encoders = [FisherVectorEncoder(model.gmms[s], n_regions=config.n_regions) for s in sizes]
-    start = time.perf_counter()
-    with tqdm(total=len(images), desc="  Fisher vectors", unit="img", leave=False) as bar:
-        fvs = encode_images(
-            images,
-            masks,
-            model.pca,
-            encoders,
-            patch_size=config.patch_size,
-            radius=config.radius,
-            rois=rois,
-            n_jobs=config.n_jobs,
-            progress=bar.update,
-        )
-    timings["encode_s"] = time.perf_counter() - start
-    out: dict[int, dict[str, object]] = {}
-    for size in sizes:
-        fv = fvs.pop(0)  # dropped after its metric: at D = 64 one FV matrix is 1 GB
-        start = time.perf_counter()
-        # fv[train] is a fresh copy already, so CFML may centre it in place
-        metric = CFML(reg=config.metric_lambda, n_components=max(DIMS), copy=False).fit(
-            fv[train], labels[train]
-        )
-        projected = metric.transform(fv)
-        cfml_s = time.perf_counter() - start
-        del fv
-        by_dim = {}
-        for dim in DIMS:
-            if dim > projected.shape[1]:
-                break
-            scores = retrieval_metrics(
-                projected[query, :dim], labels[query], projected[train, :dim], labels[train]
-            )
-            scores.pop("ap")
-            scores["per_class"] = {str(c): v for c, v in scores["per_class"].items()}
-            by_dim[str(dim)] = scores
-        gmm = model.gmms[size]
-        out[size] = {
-            "fold": fold,
-            "D": size,
-            "n_query": int(query.size),
-            "n_database": int(train.size),
-            "pca_dim": int(model.pca.n_components_),
-            "fv_dim": int(encoders[sizes.index(size)].n_features),
-            "n_training_patches": model.n_training_patches,
-            "gmm_iterations": int(gmm.n_iter_),
-            "gmm_converged": bool(gmm.converged_),
-            "gmm_restarts": int(gmm.n_restarts_),
-            "cfml_rank": int(metric.rank_),
-            "cfml_eigenvalues": metric.eigenvalues_.tolist(),
-            "seed": seed,
-            "timings_s": {**timings, "cfml_s": cfml_s},
-            "by_dim": by_dim,
-        }
-    return out
-
-
 # ------------------------------------------------------------------------------ the run
 def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -508,7 +340,8 @@ def peak_memory_bytes() -> int:
 def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     from tqdm import tqdm
 
-    from pecore.datasets import default_data_path, load_figshare
+    from pecore.datasets import default_data_path, load_figshare, read_fold_file
+    from pecore.model_selection import evaluate_fold, fold_seed
     from pecore.pipeline import dilated_rois
 
     wall_start = time.perf_counter()
@@ -565,21 +398,26 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                             data.masks, data.index, [condition], config.key_seed, cache_dir, dilate
                         )[condition.name]
                     bar.set_postfix_str(f"{condition.name} fold {fold} D={missing}")
-                    seed_words = [config.seed, fold, zlib.crc32(condition.name.encode())]
+                    # seeded by the condition's old spelling, so that the numbers stay put
+                    seed_words = [config.seed, fold, zlib.crc32(condition.seed_name.encode())]
                     if dilated is None or dilated[0] is not masks:
                         # one stack at a time (3064 × 512² bool = 0.8 GB), reused across folds
                         dilated = (masks, dilated_rois(masks, fold_config.radius))
-                    fresh = run_fold(
-                        images,
-                        masks,
-                        data.labels,
-                        folds,
-                        fold,
-                        missing,
-                        fold_config,
-                        seed_words,
-                        rois=dilated[1],
-                    )
+                    with tqdm(
+                        total=len(images), desc="  Fisher vectors", unit="img", leave=False
+                    ) as encoded:
+                        fresh = evaluate_fold(
+                            images,
+                            masks,
+                            data.labels,
+                            folds,
+                            query_fold=fold,
+                            dictionary_sizes=missing,
+                            **fold_config.fold_params(),
+                            random_state=fold_seed(seed_words),
+                            rois=dilated[1],
+                            progress=encoded.update,
+                        )
                     for size, result in fresh.items():
                         file = units_dir / f"{condition.slug}_f{fold}_D{size}_{keys[size]}.json"
                         text = json.dumps(result)
@@ -620,7 +458,7 @@ def summarise(
         summary[name] = {}
         for size in config.dictionary_sizes:
             summary[name][str(size)] = {}
-            for dim in DIMS:
+            for dim in CFML_DIMS:
                 entry: dict[str, object] = {}
                 rows = [by_fold[f][size]["by_dim"].get(str(dim)) for f in config.folds]
                 if any(r is None for r in rows):
@@ -655,8 +493,8 @@ def summarise(
             "variant_roi": config.variant_roi,
             "data": config.extra.get("data_id"),
             "headline_dim": HEADLINE_DIM,
-            "different_keys": "derive_image_key(MasterKey.from_seed(key_seed), str(index))",
-            "same_key": "SSLMKey() (paper key θ*)",
+            "per_image_keys": "derive_image_key(MasterKey.from_seed(key_seed), str(index))",
+            "same_key": "PAPER_KEY (the paper's θ*) for every image, not a master-derived key",
         },
         "summary": summary,
         "folds": {
@@ -693,8 +531,8 @@ def markdown_tables(results: dict[str, object], dim: int = HEADLINE_DIM) -> str:
             entry = summary.get(name, {}).get(str(size), {}).get(str(dim))
             if not entry:
                 continue
-            condition = _condition_from_name(name)
-            paper = PAPER_TABLE1.get((size, name))
+            condition = Condition.from_name(name)
+            paper = _paper_table1(size, condition)
             paper_cells = (
                 f"{paper[0]:.2f} | {entry['mAP']['mean'] - paper[0]:+.2f}" if paper else " | "
             )
@@ -715,19 +553,21 @@ def markdown_tables(results: dict[str, object], dim: int = HEADLINE_DIM) -> str:
         if not entry:
             continue
         for label, scores in entry["per_class"].items():
-            paper = PAPER_TABLE2.get((name, int(label))) if size2 == 64 else None
+            paper = _paper_table2(Condition.from_name(name), label) if size2 == 64 else None
             lines.append(
-                f"| {_condition_from_name(name).label} | T{label} | {_fmt(scores['mAP'])} | "
+                f"| {Condition.from_name(name).label} | T{label} | {_fmt(scores['mAP'])} | "
                 f"{_fmt(scores['P@5'])} | {_fmt(scores['P@10'])} | "
                 f"{f'{paper[0]:.2f}' if paper else ''} |"
             )
     lines += ["", f"## mAP against CFML output dimension (D = {size2})", ""]
-    lines.append("| Method | " + " | ".join(f"dim {d}" for d in DIMS) + " |")
-    lines.append("|---|" + "---|" * len(DIMS))
+    lines.append("| Method | " + " | ".join(f"dim {d}" for d in CFML_DIMS) + " |")
+    lines.append("|---|" + "---|" * len(CFML_DIMS))
     for name in config["conditions"]:
         by_dim = summary.get(name, {}).get(str(size2), {})
-        cells = [f"{by_dim[str(d)]['mAP']['mean']:.2f}" if str(d) in by_dim else "" for d in DIMS]
-        lines.append(f"| {_condition_from_name(name).label} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{by_dim[str(d)]['mAP']['mean']:.2f}" if str(d) in by_dim else "" for d in CFML_DIMS
+        ]
+        lines.append(f"| {Condition.from_name(name).label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Wall time {results.get('wall_time_s', 0) / 60:.1f} min, peak memory "
@@ -737,11 +577,14 @@ def markdown_tables(results: dict[str, object], dim: int = HEADLINE_DIM) -> str:
     return "\n".join(lines)
 
 
-def _condition_from_name(name: str) -> Condition:
-    if name == "non-secure":
-        return Condition(None)
-    scheme, mode = name.split("/")
-    return Condition(scheme, mode)
+def _paper_table1(size: int, condition: Condition) -> list[float] | None:
+    """The paper's (mAP, P@5, P@10) of `condition` at D = `size`, if it reports one."""
+    return paper_tables()["table1"]["rows"].get(str(size), {}).get(condition.name)
+
+
+def _paper_table2(condition: Condition, label: str) -> list[float] | None:
+    """The paper's per-class (mAP, P@5, P@10) of `condition` at D = 64, if it reports one."""
+    return paper_tables()["table2"]["rows"].get(condition.name, {}).get(str(label))
 
 
 def plot_map_vs_d(results: dict[str, object], path: Path, dim: int = HEADLINE_DIM) -> None:
@@ -754,9 +597,9 @@ def plot_map_vs_d(results: dict[str, object], path: Path, dim: int = HEADLINE_DI
     summary = results["summary"]
     sizes = config["dictionary_sizes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, mode in zip(axes, ("same", "different"), strict=True):
+    for ax, mode in zip(axes, KEY_MODES, strict=True):
         for name in config["conditions"]:
-            condition = _condition_from_name(name)
+            condition = Condition.from_name(name)
             if condition.scheme is not None and condition.key_mode != mode:
                 continue
             xs, ys, es = [], [], []
@@ -769,7 +612,7 @@ def plot_map_vs_d(results: dict[str, object], path: Path, dim: int = HEADLINE_DI
             if not xs:
                 continue
             line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=condition.label)
-            paper = [PAPER_TABLE1.get((s, name)) for s in xs]
+            paper = [_paper_table1(s, condition) for s in xs]
             if all(paper):
                 ax.plot(xs, [p[0] for p in paper], ls=":", marker="x", color=line[0].get_color())
         ax.set_xscale("log", base=2)
@@ -794,3 +637,41 @@ def write_outputs(results: dict[str, object], out_dir: Path) -> list[Path]:
     png_path = out_dir / "map_vs_d.png"
     plot_map_vs_d(results, png_path)
     return [json_path, md_path, png_path]
+
+
+# ------------------------------------------------------------------------------ reading back
+def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], str]:
+    """(scheme, key mode) → headline mAP (%) from a results.json that `write_outputs` wrote.
+
+    Reads summary[condition][D][headline dim]["mAP"]["mean"] at the largest D present for
+    each condition; "non-secure" is returned as ("plain", "same") and old files' "different"
+    as "per-image".  Returns ({}, reason) when there is no such file or it is not an
+    experiment's results.json: the caller then reports the mAP as not available.
+    """
+    if path is None:
+        return {}, "no experiment results file found (results/<run>/results.json)"
+    if not Path(path).is_file():
+        return {}, f"experiment results file {path} does not exist"
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return {}, f"could not read {path}: {exc}"
+    if not isinstance(document, dict) or not isinstance(document.get("summary"), dict):
+        return {}, f"{path} is not a `pecbir experiment` results.json (no summary)"
+    config = document.get("config", {})
+    dim = str(config.get("headline_dim", HEADLINE_DIM))
+    found: dict[tuple[str, str], float] = {}
+    sizes_used: set[str] = set()
+    for name, by_size in document["summary"].items():
+        condition = Condition.from_name(name)
+        key = ("plain", "same") if condition.scheme is None else condition.scheme_and_mode
+        sizes = sorted((s for s in by_size if dim in by_size[s]), key=int)
+        if sizes:
+            found[key] = float(by_size[sizes[-1]][dim]["mAP"]["mean"])
+            sizes_used.add(sizes[-1])
+    if not found:
+        return {}, f"{path} holds no condition with CFML dim {dim}"
+    return found, (
+        f"{path} (pecbir experiment summary: mAP in %, CFML dim {dim}, "
+        f"D = {', '.join(sorted(sizes_used, key=int))}, folds {config.get('folds')})"
+    )

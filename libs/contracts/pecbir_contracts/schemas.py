@@ -6,7 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Scheme = Literal["ours", "25", "26", "27"]
+#: A cipher scheme's name as the owner wrote it (pecore.cipher.SCHEMES or an alias): the cloud
+#: only stores and returns it, so it holds a bounded string, not the list of schemes.
+Scheme = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 OpaqueId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,128}$")]
 HexTag = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 

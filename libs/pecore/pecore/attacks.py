@@ -33,7 +33,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-from pecore.cipher import SCHEMES
+from pecore import cipher
+from pecore.cipher import CipherScheme, cipher_scheme
 
 LeadingBitVariant = Literal["A", "A'", "B"]
 
@@ -62,8 +63,16 @@ def fold(image: np.ndarray) -> np.ndarray:
 
 
 def substitute(p: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """t = ((k ⊕ p) + k) mod 256, the substitution of "ours" and [27] (uint8 arithmetic)."""
-    return (np.asarray(k, np.uint8) ^ np.asarray(p, np.uint8)) + np.asarray(k, np.uint8)
+    """`pecore.cipher.substitute` of "ours" and [27] on uint8 arrays: ((k ⊕ p) + k) mod 256."""
+    return cipher.substitute(np.asarray(p, np.uint8), np.asarray(k, np.uint8))
+
+
+def _clear_pixel_scheme(name: str) -> CipherScheme:
+    """The registered scheme `name`, if its k = 0 pixels are visible in c or in c ⊕ c(i−1)."""
+    scheme = cipher_scheme(name)
+    if not (scheme.clears_identity_pixels or scheme.chains_identity_pixels):
+        raise ValueError(f"scheme {scheme.name} leaves no pixel in the clear; nothing to inpaint")
+    return scheme
 
 
 def _reachable_table() -> np.ndarray:
@@ -337,14 +346,15 @@ class SharedMaskEstimator:
 
     def fit(self, ciphers: np.ndarray) -> SharedMaskEstimator:
         stack, _ = _as_stack(ciphers, "cipher")
-        if self.scheme == "25":
+        scheme = _clear_pixel_scheme(self.scheme)
+        if scheme.keyed_reveals == "negative":
             # [25] maps p to 255 − p, which local consistency cannot tell from an edge; but
             # scans are mostly dark, so a keyed position is bright (c > 127) in most images.
             # (A prior on the image class, which a cloud holding MRI slices has.)
             bright = (stack > 127).mean(axis=0)
             self.clear_mask_ = _threshold_lower_fraction(bright, self.clear_fraction, (0, 1))
             return self
-        view = dechain(stack) if self.scheme == "27" else stack
+        view = dechain(stack) if scheme.chains_identity_pixels else stack
         valid = np.ones(view.shape, dtype=bool)
         for _ in range(self.n_iter):
             mean_score = inconsistency(view, valid, self.size).mean(axis=0)
@@ -383,11 +393,10 @@ class ClearPixelAttack:
         self.tile = tile
 
     def transform(self, ciphers: np.ndarray) -> np.ndarray:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {self.scheme!r}")
+        scheme = _clear_pixel_scheme(self.scheme)
         stack, single = _as_stack(ciphers, "cipher")
         chained = dechain(stack)
-        view = chained if self.scheme == "27" else stack
+        view = chained if scheme.chains_identity_pixels else stack
         if self.tile is not None:
             if self.clear_mask is not None:
                 raise ValueError("tile-wise denoising estimates the clear mask itself")
@@ -432,7 +441,8 @@ class ClearPixelAttack:
         known_mask: bool,
     ) -> np.ndarray:
         guess = np.clip(np.rint(estimate), 0, 255).astype(np.uint8)
-        if self.project and self.scheme == "25":
+        reveals = cipher_scheme(self.scheme).keyed_reveals
+        if self.project and reveals == "negative":
             flipped = 255 - view
             if known_mask:
                 guess = flipped
@@ -441,36 +451,13 @@ class ClearPixelAttack:
                     view.astype(np.int16) - guess
                 )
                 guess = np.where(closer, flipped, view)
-        elif self.project and self.scheme in ("ours", "27"):
+        elif self.project and reveals == "substitution":
             guess = _NEAREST_SUBSTITUTED[chained, guess]
         return np.where(clear, view, guess).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- known plaintext
 _KEYS = np.arange(256, dtype=np.uint8)
-
-
-def _encrypt_pixels(scheme: str, p: np.ndarray, previous: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """c(i) for every (pixel, key candidate): p, previous (n, 1), k (1, 256) → (n, 256)."""
-    if scheme == "25":
-        return p ^ np.where(k > 0, 255, 0).astype(np.uint8)
-    if scheme == "26":
-        return p ^ k
-    chained = substitute(p, k) ^ previous
-    if scheme == "27":
-        return chained
-    return np.where(k > 0, chained, p)
-
-
-def _decrypt_pixels(scheme: str, c: np.ndarray, previous: np.ndarray, k: np.ndarray) -> np.ndarray:
-    if scheme == "25":
-        return c ^ np.where(k > 0, 255, 0).astype(np.uint8)
-    if scheme == "26":
-        return c ^ k
-    unchained = k ^ ((c ^ previous) - k)
-    if scheme == "27":
-        return unchained
-    return np.where(k > 0, unchained, c)
 
 
 def _key_prior() -> np.ndarray:
@@ -504,8 +491,7 @@ class KnownPlaintextAttack:
         self.chunk = chunk
 
     def fit(self, plains: np.ndarray, ciphers: np.ndarray) -> KnownPlaintextAttack:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {self.scheme!r}")
+        scheme = cipher_scheme(self.scheme)
         p_stack, _ = _as_stack(plains, "plain")
         c_stack, _ = _as_stack(ciphers, "cipher")
         if p_stack.shape != c_stack.shape:
@@ -519,9 +505,8 @@ class KnownPlaintextAttack:
             previous = np.concatenate((p[-1:], c[:-1]))  # c(−1) = p(N−1)
             for start in range(0, n, self.chunk):
                 part = slice(start, start + self.chunk)
-                produced = _encrypt_pixels(
-                    self.scheme, p[part, None], previous[part, None], _KEYS[None, :]
-                )
+                # the scheme's published equation, for every key byte at once
+                produced = scheme.encrypt_pixel(p[part, None], _KEYS[None, :], previous[part, None])
                 candidates[part] &= produced == c[part, None]
         self.candidates_ = candidates
         weighted = candidates * _key_prior()[None, :]
@@ -540,11 +525,10 @@ class KnownPlaintextAttack:
         best = np.empty(n, dtype=np.uint8)
         possible = np.zeros((n, 256), dtype=bool)
         prior = _key_prior()[None, :]
+        scheme = cipher_scheme(self.scheme)
         for start in range(0, n, self.chunk):
             part = slice(start, start + self.chunk)
-            values = _decrypt_pixels(
-                self.scheme, c[part, None], previous[part, None], _KEYS[None, :]
-            )
+            values = scheme.decrypt_pixel(c[part, None], _KEYS[None, :], previous[part, None])
             rows_here = slice(offset + start, offset + start + values.shape[0])
             weights = self.candidates_[rows_here] * prior
             rows = np.arange(values.shape[0])[:, None]

@@ -30,22 +30,31 @@ import re
 
 import numpy as np
 
-from pecore.cipher import SCHEMES, decrypt, encrypt
+from pecore.cipher import SCHEMES, CipherScheme, cipher_scheme, decrypt, encrypt
 
 VARIANT_SCHEMES = ("ours-bs32", "ours-bs64")
-_NAME = re.compile(r"^(?P<inner>ours|25|26|27)-bs(?P<block>[1-9][0-9]*)$")
+_NAME = re.compile(r"^(?P<inner>[a-z0-9]+)-bs(?P<block>[1-9][0-9]*)$")
 _LABEL = b"pecbir/block-scramble/v1"
 
 
 def parse_variant(scheme: str) -> tuple[str, int]:
-    """'ours-bs64' → ('ours', 64).  Any inner scheme of `pecore.cipher` and any tile size ≥ 2."""
+    """'ours-bs64' → ('ours', 64): any scheme of `pecore.cipher.SCHEMES` (or alias), tile ≥ 2.
+
+    The inner scheme is returned as spelled ("25-bs32" → ("25", 32)), so that names stored
+    before the registry keep their meaning and their nonces' permutations.
+    """
     match = _NAME.match(scheme)
-    if not match or int(match["block"]) < 2:
+    inner = None if match is None else match["inner"]
+    try:
+        cipher_scheme(str(inner))
+    except ValueError:
+        inner = None
+    if inner is None or int(match["block"]) < 2:
         raise ValueError(
             f"unknown variant scheme {scheme!r}; expected '<inner>-bs<tile>' with inner in "
-            f"{', '.join(SCHEMES)} and tile >= 2, e.g. {', '.join(VARIANT_SCHEMES)}"
+            f"{', '.join(SCHEMES)} (or an alias) and tile >= 2, e.g. {', '.join(VARIANT_SCHEMES)}"
         )
-    return match["inner"], int(match["block"])
+    return inner, int(match["block"])
 
 
 def _nonce_bytes(nonce: str | bytes) -> bytes:
@@ -135,3 +144,89 @@ def scramble_mask(
     _, block = parse_variant(scheme)
     mask = np.asarray(mask)
     return scramble(mask, _permutation_for(mask.shape, stream, nonce, block), block)
+
+
+# --------------------------------------------------------------------------- any scheme
+class TileScrambled:
+    """The "<inner>-bs<b>" variant of a registered scheme, with the interface of `CipherScheme`.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name ("ours-bs64"; "25-bs32" becomes "np-bs32").
+    legacy_name : str
+        The spelling results files and seeds used before the registry ("25-bs32").
+    inner : CipherScheme
+        The registered scheme applied after scrambling.
+    block : int
+        Tile side b.
+    label : str
+        Display label ("Ours + 64×64 tile scramble").
+    """
+
+    def __init__(self, name: str) -> None:
+        inner, self.block = parse_variant(name)
+        self.inner = cipher_scheme(inner)
+        # the tile permutation depends on the stream and nonce only, not on the spelling
+        self.name = f"{self.inner.name}-bs{self.block}"
+        self.legacy_name = f"{self.inner.legacy_name}-bs{self.block}"
+        self.label = f"{self.inner.label} + {self.block}×{self.block} tile scramble"
+
+    def __repr__(self) -> str:
+        return f"<tile-scrambled cipher scheme {self.name}>"
+
+    def encrypt(
+        self, image: np.ndarray, stream: np.ndarray, *, nonce: str | bytes = b""
+    ) -> np.ndarray:
+        """`encrypt_variant` with this scheme and `nonce`."""
+        return encrypt_variant(image, stream, self.name, nonce)
+
+    def decrypt(
+        self, cipher: np.ndarray, stream: np.ndarray, *, nonce: str | bytes = b""
+    ) -> np.ndarray:
+        """`decrypt_variant` with this scheme and `nonce`."""
+        return decrypt_variant(cipher, stream, self.name, nonce)
+
+
+def any_scheme(name: str) -> CipherScheme | TileScrambled:
+    """A registered scheme (by name or alias) or a tile-scrambled variant of one.
+
+    Raises
+    ------
+    ValueError
+        If `name` is neither.
+    """
+    try:
+        return cipher_scheme(name)
+    except ValueError:
+        if not isinstance(name, str) or "-bs" not in name:
+            raise
+    return TileScrambled(name)
+
+
+def is_variant_scheme(scheme: str | None) -> bool:
+    """True for "<inner>-bs<b>" names that `parse_variant` accepts."""
+    if scheme is None:
+        return False
+    try:
+        return isinstance(any_scheme(scheme), TileScrambled)
+    except ValueError:
+        return False
+
+
+def inner_scheme(scheme: str) -> tuple[str, int | None]:
+    """(inner scheme, tile size) of any scheme name; tile None for a registered scheme."""
+    resolved = any_scheme(scheme)
+    if isinstance(resolved, TileScrambled):
+        return resolved.inner.name, resolved.block
+    return resolved.name, None
+
+
+def encrypt_any(image: np.ndarray, stream: np.ndarray, scheme: str, nonce: str) -> np.ndarray:
+    """Encrypt with any scheme (`any_scheme`); `nonce` keys a variant's tile permutation."""
+    return any_scheme(scheme).encrypt(image, stream, nonce=nonce)
+
+
+def decrypt_any(cipher: np.ndarray, stream: np.ndarray, scheme: str, nonce: str) -> np.ndarray:
+    """Exact inverse of `encrypt_any` for the same stream, scheme and nonce."""
+    return any_scheme(scheme).decrypt(cipher, stream, nonce=nonce)

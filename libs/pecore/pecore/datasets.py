@@ -6,6 +6,7 @@ A `Dataset` holds plain numpy arrays only: images (uint8, N×H×W), tumour masks
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from collections.abc import Sequence
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "Dataset", "default_data_path", "load_figshare", "make_synthetic"]
+__all__ = [
+    "CLASS_NAMES",
+    "Dataset",
+    "default_data_path",
+    "load_figshare",
+    "make_synthetic",
+    "read_fold_file",
+]
 
 #: Label value -> class name (figshare labels are 1-based).
 CLASS_NAMES: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
@@ -209,3 +217,45 @@ def make_synthetic(
         folds=folds,
         index=np.arange(1, n_images + 1, dtype=np.int64),
     )
+
+
+def read_fold_file(path: str | os.PathLike[str], index: np.ndarray) -> np.ndarray:
+    """Folds of the images with file numbers `index`, from a CSV with columns ``index,fold``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        CSV file with a header naming the columns ``index`` (figshare file number, 1..3064)
+        and ``fold``; other columns are ignored.
+    index : numpy.ndarray
+        File numbers of the images, in dataset order (`Dataset.index`).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 fold of every image, aligned with `index`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If `path` is not a file.
+    ValueError
+        If the header lacks a column, a row does not parse, or an image has no fold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fold file not found: {path}")
+    mapping: dict[int, int] = {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"index", "fold"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected a header with columns 'index' and 'fold'")
+        for line, row in enumerate(reader, start=2):
+            try:
+                mapping[int(row["index"])] = int(row["fold"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{line}: bad row {row}") from exc
+    missing = [int(i) for i in index if int(i) not in mapping]
+    if missing:
+        raise ValueError(f"{path}: no fold for {len(missing)} images, e.g. index {missing[:5]}")
+    return np.array([mapping[int(i)] for i in index], dtype=np.int64)

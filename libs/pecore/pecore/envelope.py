@@ -19,16 +19,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Iterator, Sequence
 from typing import Final, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pecore.cipher import IntensityRescale, Scheme, decrypt, encrypt, to_uint8
-from pecore.keys import ImageKey, MasterKey, derive_image_key
+from pecore.keys import (
+    ImageKey,
+    MasterKey,
+    derive_image_key,
+    derive_image_key_and_stream,
+    paper_key_stream,
+)
 
 __all__ = [
     "KEY_MODES",
+    "KEY_MODE_ALIASES",
     "SHARED_KEY_LABEL",
     "TAG_V1_SERVICE",
     "TAG_V1_SIDECAR",
@@ -38,8 +46,11 @@ __all__ = [
     "Role",
     "TagFormat",
     "TamperedError",
+    "canonical_key_mode",
+    "encrypt_stack",
     "image_key_for",
     "integrity_tag",
+    "scenario_key_stream",
     "seal",
     "tag",
     "unseal",
@@ -424,3 +435,129 @@ def unseal(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> n
             "different SSLM implementation or corrupted metadata; refusing to decrypt"
         )
     return decrypt(cipher, key.stream(), metadata.scheme)
+
+
+# --------------------------------------------------------------------------- the paper's key modes
+#: Old spellings of key modes, accepted on input (CLI options, results files written before
+#: the rename) and mapped to the one spelling written now.
+KEY_MODE_ALIASES: dict[str, str] = {"different": "per-image"}
+
+
+def canonical_key_mode(key_mode: str) -> str:
+    """`key_mode` in the spelling of `KEY_MODES` ("different" → "per-image").
+
+    Raises
+    ------
+    ValueError
+        If `key_mode` is neither a key mode nor an alias of one.
+    """
+    mode = KEY_MODE_ALIASES.get(key_mode, key_mode)
+    if mode not in KEY_MODES:
+        raise ValueError(f"unknown key mode {key_mode!r}; expected one of {', '.join(KEY_MODES)}")
+    return mode
+
+
+def scenario_key_stream(
+    key_mode: str, *, master: MasterKey | None, image_id: str, n_pixels: int
+) -> np.ndarray:
+    """The key stream of one image in the paper's two scenarios (experiment, security report).
+
+    Parameters
+    ----------
+    key_mode : str
+        "same": the paper's published key θ* (`pecore.keys.PAPER_KEY`) for every image — *not*
+        the master-derived shared key of `image_key_for`'s "same" mode;
+        "per-image" (alias "different"): ``derive_image_key(master, image_id, n_pixels)``.
+    master : MasterKey or None
+        The owner's master key; only "per-image" needs it.
+    image_id : str
+        What the per-image key is derived from.
+    n_pixels : int
+        Pixels of the image.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 key stream of `n_pixels` values ("same": the cached, read-only paper stream).
+    """
+    if canonical_key_mode(key_mode) == "same":
+        return paper_key_stream(n_pixels)
+    if master is None:
+        raise ValueError("per-image keys are derived from a master key; got master=None")
+    return derive_image_key_and_stream(master, image_id, n_pixels)[1]
+
+
+def encrypt_stack(
+    images: np.ndarray,
+    *,
+    image_ids: Sequence[str],
+    schemes: Sequence[str],
+    key_mode: str,
+    master: MasterKey | None,
+    masks: np.ndarray | None = None,
+    dilate: int | None = None,
+    batch: int = 32,
+    n_threads: int = 2,
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Encrypt a stack of images under every scheme in `schemes`, one image at a time.
+
+    Each image's key stream (`scenario_key_stream`) is made once for all schemes.  Per-image
+    keys are derived `batch` images at a time on `n_threads` threads (the derivation validates
+    each stream in numba code that releases the GIL).  A tile-scrambled scheme ("<inner>-bs<b>")
+    uses the image id as its nonce and moves the image's ROI mask with its tiles
+    (`scramble_mask`); with `dilate`, the mask is dilated by that radius first (the owner ships
+    the ROI itself).
+
+    Parameters
+    ----------
+    images : array (N, H, W) uint8
+        Plain images.
+    image_ids : sequence of str
+        Per image: the per-image key's derivation input and the variants' nonce.
+    schemes : sequence of str
+        Schemes of `pecore.cipher` and tile-scrambled variants.
+    key_mode : str
+        "same" (paper key θ*) or "per-image" (alias "different"); see `scenario_key_stream`.
+    master : MasterKey or None
+        The master key of "per-image" mode.
+    masks : array (N, H, W) bool, optional
+        Tumour masks; required when `schemes` holds a tile-scrambled variant.
+    dilate : int, optional
+        Dilate each mask by this radius before scrambling it.
+    batch, n_threads : int
+        Images per key-derivation batch, and threads deriving them.
+
+    Yields
+    ------
+    tuple of (dict of str to numpy.ndarray, dict of str to numpy.ndarray)
+        In image order: cipher image by scheme, and the moved mask by variant scheme.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pecore.cipher_variants import encrypt_any, is_variant_scheme, scramble_mask
+    from pecore.roi import dilate_mask
+
+    variants = [s for s in schemes if is_variant_scheme(s)]
+    if variants and masks is None:
+        raise ValueError(f"{', '.join(variants)} need the ROI masks to scramble (masks=...)")
+    key_mode = canonical_key_mode(key_mode)
+
+    def stream_of(row: int) -> np.ndarray:
+        return scenario_key_stream(
+            key_mode, master=master, image_id=image_ids[row], n_pixels=images[row].size
+        )
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        for start in range(0, len(images), batch):
+            rows = range(start, min(start + batch, len(images)))
+            for row, stream in zip(rows, pool.map(stream_of, rows), strict=True):
+                image = np.ascontiguousarray(images[row])
+                nonce = image_ids[row]
+                ciphers = {s: encrypt_any(image, stream, s, nonce) for s in schemes}
+                moved = {}
+                for scheme in variants:
+                    roi = np.asarray(masks[row], dtype=bool)
+                    if dilate is not None:
+                        roi = dilate_mask(roi, dilate)
+                    moved[scheme] = scramble_mask(roi, stream, scheme, nonce=nonce)
+                yield ciphers, moved

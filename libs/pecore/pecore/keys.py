@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import hmac
 import json
@@ -163,6 +164,23 @@ class SSLMKey(BaseModel):
         if any(r <= 0 for r in self.r) or peak > 1.0:
             raise ValueError(f"r = {self.r} with mu = {self.mu} lets the SSLM leave [0, 1]")
         return self
+
+
+#: The paper's published key θ* (method-spec §8.6): the one key of every image in the
+#: experiment's and the security report's "same key (k_i = k_j)" condition.  Not the envelope's
+#: "same" key mode (`pecore.envelope`), which derives one shared key from the owner's master key.
+PAPER_KEY = SSLMKey()
+
+
+@functools.lru_cache(maxsize=8)
+def paper_key_stream(n_pixels: int) -> np.ndarray:
+    """The (read-only, cached) key stream of `PAPER_KEY` for an image of `n_pixels` pixels.
+
+    Cached because the experiment encrypts thousands of same-size images under θ*.
+    """
+    stream = key_stream(PAPER_KEY, n_pixels)
+    stream.flags.writeable = False
+    return stream
 
 
 def key_stream(key: SSLMKey, n_pixels: int) -> np.ndarray:

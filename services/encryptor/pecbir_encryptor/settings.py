@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pecore.cipher import Scheme
+
 
 class EncryptorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PECBIR_ENCRYPTOR_", extra="ignore")
@@ -21,7 +23,8 @@ class EncryptorSettings(BaseSettings):
     gateway_token: SecretStr = Field(description="Bearer token of this tenant at the gateway")
     user_token_secret: SecretStr = Field(description="HMAC secret of this service's user tokens")
     audit_log: Path = Path("var/encryptor-audit.jsonl")
-    scheme: Literal["ours", "25", "26", "27"] = "ours"
+    # any name or alias of pecore.cipher.SCHEMES, checked against the registry
+    scheme: Scheme = "ours"
     key_mode: Literal["per-image", "same"] = "per-image"
     max_upload_bytes: int = 64 * 1024 * 1024
     gateway_timeout_s: float = 60.0

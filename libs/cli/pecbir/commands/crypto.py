@@ -12,6 +12,8 @@ import argparse
 import uuid
 from pathlib import Path
 
+from pecore.cipher import SCHEMES
+
 SIDECAR_SUFFIX = ".json"
 
 
@@ -24,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument("inputs", nargs="+", type=Path, help="plain images (.png, .npy, DICOM)")
     enc.add_argument("--key", type=Path, required=True, help="master key file (pecbir keygen)")
     enc.add_argument("--out", type=Path, required=True, help="output directory")
-    enc.add_argument("--scheme", choices=("ours", "25", "26", "27"), default="ours")
+    enc.add_argument(
+        "--scheme",
+        choices=[n for s in SCHEMES.values() for n in (s.name, *s.aliases)],
+        default="ours",
+        help="cipher scheme (aliases: the paper's citation numbers 25, 26, 27)",
+    )
     enc.add_argument("--key-mode", choices=("same", "per-image"), default="per-image")
     enc.add_argument("--id", dest="image_id", help="opaque id (single input only; default random)")
     enc.set_defaults(func=run_encrypt)

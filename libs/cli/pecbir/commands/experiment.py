@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pecore.cipher import SCHEMES
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,20 @@ def _int_list(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _aliases() -> list[str]:
+    return [alias for scheme in SCHEMES.values() for alias in scheme.aliases]
+
+
+def _is_scheme(name: str) -> bool:
+    from pecore.cipher_variants import any_scheme
+
+    try:
+        any_scheme(name)
+    except ValueError:
+        return False
+    return True
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,12 +59,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--conditions",
         type=_str_list,
-        default=["non-secure", "25", "26", "27", "ours"],
-        help="any of non-secure,25,26,27,ours and tile-scrambled variants <inner>-bs<b>, "
-        "e.g. ours-bs32,ours-bs64 (default: non-secure and the four standard schemes)",
+        default=["non-secure", *SCHEMES],
+        help=f"any of non-secure,{','.join(SCHEMES)} (or their aliases {','.join(_aliases())}) "
+        "and tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64 (default: "
+        "non-secure and every registered scheme)",
     )
     parser.add_argument(
-        "--key-modes", type=_str_list, default=["same", "different"], help="same,different"
+        "--key-modes",
+        type=_str_list,
+        default=["same", "per-image"],
+        help="same (the paper's key θ* for every image), per-image (keys derived from "
+        "--key-seed; old spelling: different); default both",
     )
     parser.add_argument(
         "--query-folds",
@@ -69,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache directory")
     parser.add_argument("--seed", type=int, default=0, help="sampling / GMM seed")
-    parser.add_argument("--key-seed", type=int, default=2025, help="master seed, different keys")
+    parser.add_argument("--key-seed", type=int, default=2025, help="master seed, per-image keys")
     parser.add_argument("--jobs", type=int, default=2, help="encoding threads")
     parser.add_argument("--n-train-patches", type=int, default=300_000)
     parser.add_argument(
@@ -84,32 +105,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pecbir.experiment import (
-        KEY_MODES,
-        SCHEMES,
         ExperimentConfig,
         all_conditions,
-        is_variant_scheme,
         markdown_tables,
         run_experiment,
         write_outputs,
     )
+    from pecore.cipher_variants import any_scheme, is_variant_scheme
+    from pecore.envelope import canonical_key_mode
 
     conditions = args.conditions
     sizes, folds, modes = args.dict_sizes, args.query_folds, args.key_modes
     if args.quick:
         conditions, sizes, folds = ["non-secure", "ours"], [16], [1]
-    unknown = [
-        c for c in conditions if c != "non-secure" and c not in SCHEMES and not is_variant_scheme(c)
-    ]
+    unknown = [c for c in conditions if c != "non-secure" and not _is_scheme(c)]
     if unknown:
         raise ValueError(
             f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)} "
             "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
         )
-    variants = list(dict.fromkeys(c for c in conditions if is_variant_scheme(c)))
-    bad_modes = [m for m in modes if m not in KEY_MODES]
-    if bad_modes:
-        raise ValueError(f"unknown key mode(s) {bad_modes}; choose from {', '.join(KEY_MODES)}")
+    schemes = list(dict.fromkeys(any_scheme(c).name for c in conditions if c != "non-secure"))
+    variants = [c for c in schemes if is_variant_scheme(c)]
+    modes = list(dict.fromkeys(canonical_key_mode(m) for m in modes))
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"bad dictionary sizes {sizes}")
     run_name = args.run or ("quick" if args.quick else "experiment")
@@ -118,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         dictionary_sizes=tuple(sorted(set(sizes))),
         conditions=tuple(
             all_conditions(
-                [c for c in SCHEMES if c in conditions] + variants,
+                [c for c in SCHEMES if c in schemes] + variants,
                 modes,
                 "non-secure" in conditions,
             )

@@ -2,7 +2,7 @@
 
 Runs the ciphertext-only attacks (leading-bit A/A′/B, median filters, clear-pixel
 inpainting, the same-key shared-mask attack) and the same-key known-plaintext attack on
-dataset images and on a natural test image, for the four schemes of `pecore.cipher` and the
+dataset images and on a natural test image, for every scheme of `pecore.cipher.SCHEMES` and the
 tile-scrambled variants of `pecore.cipher_variants`; writes report.md, report.json and PNG
 figures (Fig. 6-style panels, SSIM heat maps, the frontier) to --out.
 """

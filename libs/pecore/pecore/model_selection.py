@@ -1,0 +1,198 @@
+"""The evaluation protocol of Ahmad et al. 2025, Tables 1–2 (method spec §0.1, §6, §7.2).
+
+One query fold at a time: learn PCA + GMM(D) + CFML on the database folds, rank the database
+for every query, and score mAP / P@5 / P@10 for every CFML output dimension in `CFML_DIMS`.
+Work shared across the dictionary sizes D (patches, PCA, one pass over the images) is done
+once.  Caching, progress bars and file writing belong to the caller (`pecbir experiment`).
+
+`paper_tables` returns the numbers the paper reports, for side-by-side comparison only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from functools import cache
+from importlib import resources
+
+import numpy as np
+
+__all__ = ["CFML_DIMS", "METRICS", "evaluate_fold", "fold_seed", "paper_tables"]
+
+#: CFML output dimensions scored for every (fold, D); the paper's headline is the last.
+CFML_DIMS = tuple(range(1, 11))
+#: The retrieval scores of every (fold, D, dim), as `pecore.evaluate.retrieval_metrics` names them.
+METRICS = ("mAP", "P@5", "P@10")
+
+
+def fold_seed(seed_words: Sequence[int]) -> int:
+    """The random state of one (condition, fold): a 32-bit word of ``SeedSequence(seed_words)``.
+
+    Parameters
+    ----------
+    seed_words : sequence of int
+        Non-negative integers that name the unit (e.g. base seed, fold, a hash of the condition).
+
+    Returns
+    -------
+    int
+        A seed for `pecore.pipeline.fit_patch_model`.
+    """
+    return int(np.random.SeedSequence(list(seed_words)).generate_state(1)[0])
+
+
+def evaluate_fold(
+    images: np.ndarray | Sequence[np.ndarray],
+    masks: np.ndarray | Sequence[np.ndarray],
+    labels: np.ndarray,
+    folds: np.ndarray,
+    *,
+    query_fold: int,
+    dictionary_sizes: Sequence[int],
+    n_regions: int,
+    patch_size: int,
+    radius: int,
+    pca_energy: float,
+    n_train_patches: int,
+    metric_lambda: float,
+    random_state: int,
+    n_jobs: int = 1,
+    rois: Sequence[np.ndarray] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> dict[int, dict[str, object]]:
+    """Learn on the database folds, evaluate the queries of `query_fold`, for every D.
+
+    Parameters
+    ----------
+    images : array (N, H, W) uint8 or sequence of 2-D uint8 arrays
+        Plain or cipher images, every fold.
+    masks : array (N, H, W) bool or sequence of 2-D bool arrays
+        Tumour masks (undilated), aligned with `images`.
+    labels : numpy.ndarray
+        Class label of every image.
+    folds : numpy.ndarray
+        Fold of every image; images of `query_fold` are the queries, the others the database.
+    query_fold : int
+        The fold whose images are queried.
+    dictionary_sizes : sequence of int
+        GMM sizes D; one result per size.
+    n_regions : int
+        Intensity-order subregions of the Fisher vectors.
+    patch_size : int
+        Side of the raw square patches.
+    radius : int
+        ROI dilation radius (ignored where `rois` is given).
+    pca_energy : float
+        Fraction of patch variance the PCA keeps.
+    n_train_patches : int
+        Patches sampled from the database images to fit PCA and GMMs.
+    metric_lambda : float
+        CFML regularisation.
+    random_state : int
+        Seed of the patch sampling and the GMMs (see `fold_seed`).
+    n_jobs : int, default 1
+        Encoding threads.
+    rois : sequence of 2-D bool arrays, optional
+        The masks already dilated by `radius` (shared across folds and conditions).
+    progress : callable, optional
+        Called with the number of images encoded since the last call.
+
+    Returns
+    -------
+    dict of int to dict
+        Per D: fold, sizes, model facts (PCA/FV dimensions, GMM iterations, CFML rank and
+        eigenvalues), ``timings_s`` and ``by_dim`` (CFML dim → mAP, P@5, P@10, per_class).
+    """
+    from pecore.evaluate import retrieval_metrics
+    from pecore.fisher import FisherVectorEncoder
+    from pecore.metric import CFML
+    from pecore.pipeline import encode_images, fit_patch_model
+
+    sizes = list(dictionary_sizes)
+    train = np.flatnonzero(folds != query_fold)
+    query = np.flatnonzero(folds == query_fold)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model = fit_patch_model(
+        [images[i] for i in train],
+        [masks[i] for i in train],
+        sizes,
+        patch_size=patch_size,
+        radius=radius,
+        pca_energy=pca_energy,
+        n_train_patches=n_train_patches,
+        random_state=random_state,
+        rois=None if rois is None else [rois[i] for i in train],
+    )
+    timings["pca_gmm_s"] = time.perf_counter() - start
+    encoders = [FisherVectorEncoder(model.gmms[s], n_regions=n_regions) for s in sizes]
+    start = time.perf_counter()
+    fvs = encode_images(
+        images,
+        masks,
+        model.pca,
+        encoders,
+        patch_size=patch_size,
+        radius=radius,
+        rois=rois,
+        n_jobs=n_jobs,
+        progress=progress,
+    )
+    timings["encode_s"] = time.perf_counter() - start
+    out: dict[int, dict[str, object]] = {}
+    for size in sizes:
+        fv = fvs.pop(0)  # dropped after its metric: at D = 64 one FV matrix is 1 GB
+        start = time.perf_counter()
+        # fv[train] is a fresh copy already, so CFML may centre it in place
+        metric = CFML(reg=metric_lambda, n_components=max(CFML_DIMS), copy=False).fit(
+            fv[train], labels[train]
+        )
+        projected = metric.transform(fv)
+        cfml_s = time.perf_counter() - start
+        del fv
+        by_dim = {}
+        for dim in CFML_DIMS:
+            if dim > projected.shape[1]:
+                break
+            scores = retrieval_metrics(
+                projected[query, :dim], labels[query], projected[train, :dim], labels[train]
+            )
+            scores.pop("ap")
+            scores["per_class"] = {str(c): v for c, v in scores["per_class"].items()}
+            by_dim[str(dim)] = scores
+        gmm = model.gmms[size]
+        out[size] = {
+            "fold": query_fold,
+            "D": size,
+            "n_query": int(query.size),
+            "n_database": int(train.size),
+            "pca_dim": int(model.pca.n_components_),
+            "fv_dim": int(encoders[sizes.index(size)].n_features),
+            "n_training_patches": model.n_training_patches,
+            "gmm_iterations": int(gmm.n_iter_),
+            "gmm_converged": bool(gmm.converged_),
+            "gmm_restarts": int(gmm.n_restarts_),
+            "cfml_rank": int(metric.rank_),
+            "cfml_eigenvalues": metric.eigenvalues_.tolist(),
+            "seed": random_state,
+            "timings_s": {**timings, "cfml_s": cfml_s},
+            "by_dim": by_dim,
+        }
+    return out
+
+
+@cache
+def paper_tables() -> dict[str, object]:
+    """The numbers Ahmad et al. 2025 report (``pecore/data/paper_tables.json``), read once.
+
+    Returns
+    -------
+    dict
+        ``table1``: {"rows": {D: {condition: [mAP, P@5, P@10]}}} (mean % over 5 folds);
+        ``table2``: {"rows": {condition: {class: [mAP, P@5, P@10]}}} (D = 64);
+        ``table3_seconds``: {"rows": {scheme: [encrypt s, decrypt s]}} (their machine).
+        Conditions are spelled as `pecbir experiment` names them ("ours/per-image").
+    """
+    text = resources.files("pecore").joinpath("data/paper_tables.json").read_text("utf-8")
+    return json.loads(text)
