@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from pecbir_contracts import routes
 from pecbir_contracts.auth import mint_token
 from pecbir_harness.services import SERVICES
 from pecbir_platform.bus import InMemoryBus
@@ -114,7 +115,7 @@ class EmbeddedSystem:
         """Block until the search service serves `n` vectors of the newest version."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.gateway.get(f"/v1/collections/{collection}/model").json()
+            status = self.gateway.get(routes.GATEWAY_MODEL.format(collection=collection)).json()
             if (
                 status["serving_version"]
                 and status["serving_version"] == status["indexing_version"]

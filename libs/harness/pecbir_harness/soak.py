@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from pecbir_contracts import routes
 from pecbir_harness.workload import percentile, seal_for_upload
 
 MiB = 1024 * 1024
@@ -270,7 +271,6 @@ class SoakClient:
         self.cfg = cfg
         self.pool = pool
         self.t0 = t0
-        self.base = f"/v1/collections/{cfg.collection}"
         self.http = httpx.Client(
             base_url=cluster.gateway_url,
             headers={"authorization": f"Bearer {cluster.token()}"},
@@ -323,7 +323,9 @@ class SoakClient:
             phase,
             level,
             lambda: self.http.post(
-                f"{self.base}/images", files=self._upload_files(item), headers=headers
+                routes.GATEWAY_IMAGES.format(collection=self.cfg.collection),
+                files=self._upload_files(item),
+                headers=headers,
             ),
         )
         state = self.state
@@ -356,7 +358,7 @@ class SoakClient:
             phase,
             level,
             lambda: self.http.post(
-                f"{self.base}/search",
+                routes.GATEWAY_SEARCH.format(collection=self.cfg.collection),
                 files={
                     "cipher": ("q.png", body.cipher, "image/png"),
                     "mask": ("m.png", body.mask, "image/png"),
@@ -393,7 +395,7 @@ class SoakClient:
                 self.state.done[op.key].set()
 
     def model_status(self) -> dict:
-        return self.http.get(f"{self.base}/model").json()
+        return self.http.get(routes.GATEWAY_MODEL.format(collection=self.cfg.collection)).json()
 
     def wait_vectors(self, count: int, timeout: float, what: str) -> tuple[bool, dict]:
         """Until the serving version is the indexing one and holds `count` vectors."""

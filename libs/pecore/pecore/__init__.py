@@ -18,14 +18,19 @@ so that ``import pecore`` stays cheap:
 ``pecore.evaluate``   database ranking, AP, P@k, per-class and per-fold summaries
 ====================  ===================================================================
 
+The evaluation protocol of the paper's Tables 1–2 (one query fold, every D, CFML dims 1..10)
+is ``pecore.model_selection.evaluate_fold``; the paper's reported numbers are
+``pecore.model_selection.paper_tables()`` (the data file ``pecore/data/paper_tables.json``).
+
 Encryption and security analysis (import the module):
 
 ==========================  =============================================================
 ``pecore.keys``             SSLM key streams, master keys, per-image key derivation
-``pecore.cipher``           the paper's perceptual encryption and its baselines
-``pecore.cipher_variants``  the block-scrambled experimental variant
-``pecore.envelope``         owner-side encryption of one image: 8-bit rule, key, metadata
+``pecore.cipher``           the scheme registry `SCHEMES`: the paper's cipher and baselines
+``pecore.cipher_variants``  tile-scrambled variants ``<inner>-bs<b>`` of any scheme
+``pecore.envelope``         owner side: 8-bit rule, key modes, record, integrity tag, stacks
 ``pecore.attacks``          attacks on the ciphers, as measurement tools
+``pecore.attack_suite``     the security report's attack suite and its scoring
 ``pecore.cipherstats``      figures of merit of cipher images
 ``pecore.datasets``         the figshare brain-tumour set and synthetic stand-ins
 ``pecore.io``               reading and writing grey images (PNG, NPY, DICOM)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pecbir_contracts import routes
 from pecbir_harness.workload import percentile
 
 TARGETS = {"query_p50_ms": 200.0, "knn_p99_ms": 2.0, "upload_to_searchable_p50_s": 1.5}
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         def upload(item) -> str:
             cipher, mask, meta, _ = item
             answer = client.post(
-                "/v1/collections/bench/images",
+                routes.GATEWAY_IMAGES.format(collection="bench"),
                 files={
                     "cipher": ("c.png", cipher),
                     "mask": ("m.png", mask),
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             return answer.json()["image_id"]
 
         def model_status() -> dict:
-            return client.get("/v1/collections/bench/model").json()
+            return client.get(routes.GATEWAY_MODEL.format(collection="bench")).json()
 
         def wait_vectors(count: int, what: str, timeout: float = 3600) -> None:
             bar = tqdm(total=count, desc=what, unit="vec")
@@ -146,9 +147,14 @@ def run(args: argparse.Namespace) -> int:
             list(tqdm(pool.map(upload, sealed[:n_train]), total=n_train, desc="upload templates"))
         started = time.perf_counter()
         params = {"n_components": args.n_components, "n_train_patches": args.n_train_patches}
-        trained = client.post("/v1/collections/bench/model/train", json=params)
+        trained = client.post(routes.GATEWAY_MODEL_TRAIN.format(collection="bench"), json=params)
         version = trained.json()["version"]
-        while client.get(f"/v1/collections/bench/model/{version}").json()["state"] == "queued":
+        while (
+            client.get(
+                routes.GATEWAY_MODEL_VERSION.format(collection="bench", version=version)
+            ).json()["state"]
+            == "queued"
+        ):
             time.sleep(1.0)
         results["train_s"] = time.perf_counter() - started
         wait_vectors(n_train, "re-index")
@@ -165,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             image_id = upload(item)
             while True:
-                state = client.get(f"/v1/collections/bench/images/{image_id}/status").json()
+                state = client.get(
+                    routes.GATEWAY_IMAGE_STATUS.format(collection="bench", image_id=image_id)
+                ).json()
                 if state["state"] == "searchable":
                     break
                 if state["state"] == "failed":
@@ -186,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             cipher, mask, _, _ = item
             started = time.perf_counter()
             answer = client.post(
-                "/v1/collections/bench/search",
+                routes.GATEWAY_SEARCH.format(collection="bench"),
                 files={"cipher": ("q.png", cipher), "mask": ("m.png", mask)},
                 data={"k": "10"},
             )

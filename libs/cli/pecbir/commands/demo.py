@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pecbir_contracts import routes
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         for row in tqdm(database, desc="encrypt + upload", unit="img"):
             answer = enc.post(
-                "/v1/collections/brain/images",
+                routes.ENCRYPTOR_IMAGES.format(collection="brain"),
                 files={
                     "image": ("slice.npy", _npy(dataset.images[row])),
                     "mask": ("mask.npy", _npy(dataset.masks[row])),
@@ -146,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
         print("training a model version on the cipher templates, then indexing (eager tasks)…")
         t0 = time.perf_counter()
-        trained = system.gateway.post("/v1/collections/brain/model/train", json=params)
+        trained = system.gateway.post(
+            routes.GATEWAY_MODEL_TRAIN.format(collection="brain"), json=params
+        )
         if trained.status_code != 202:
             raise RuntimeError(f"training request refused: {trained.text}")
         state = system.gateway.get(trained.json()["status_url"]).json()
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         for row in tqdm(queries, desc="encrypted queries", unit="query"):
             answer = enc.post(
-                "/v1/collections/brain/search",
+                routes.ENCRYPTOR_SEARCH.format(collection="brain"),
                 files={
                     "image": ("q.npy", _npy(dataset.images[row])),
                     "mask": ("m.npy", _npy(dataset.masks[row])),
@@ -241,7 +245,8 @@ def _montage(system, dataset, queries, hits_of, image_ids, args) -> Path:
         ]
         for hit in hits:
             plain = system.encryptor.get(
-                f"/v1/collections/brain/images/{hit['image_id']}/plain", params={"format": "npy"}
+                routes.ENCRYPTOR_PLAIN_IMAGE.format(collection="brain", image_id=hit["image_id"]),
+                params={"format": "npy"},
             )
             image = np.load(io.BytesIO(plain.content))
             label = int(dataset.labels[image_ids[hit["image_id"]]])
