@@ -432,13 +432,17 @@ def _seed_and_train(client: SoakClient, cfg: SoakConfig, sampler: RssSampler) ->
             client.state.done[key] = threading.Event()
             pool.submit(client.run, Op("upload", item, key=key), "seed", 2)
     started = time.monotonic()
-    answer = client.http.post(f"{client.base}/model/train", json=cfg.model)
+    answer = client.http.post(
+        routes.GATEWAY_MODEL_TRAIN.format(collection=cfg.collection), json=cfg.model
+    )
     if answer.status_code != 202:
         raise RuntimeError(f"training refused: {answer.status_code} {answer.text}")
     version = answer.json()["version"]
     deadline = time.monotonic() + cfg.drain_timeout_s
     while True:
-        state = client.http.get(f"{client.base}/model/{version}").json()
+        state = client.http.get(
+            routes.GATEWAY_MODEL_VERSION.format(collection=cfg.collection, version=version)
+        ).json()
         if state["state"] == "trained":
             break
         if state["state"] == "failed" or time.monotonic() > deadline:
@@ -469,15 +473,23 @@ def _verify(client: SoakClient, cluster, cfg: SoakConfig) -> dict:
     missing: list[str] = []
     with search:
         for image_id in acked:
-            held = search.get(f"{client.base}/images/{image_id}")
+            held = search.get(
+                routes.SEARCH_IMAGE.format(collection=cfg.collection, image_id=image_id)
+            )
             if held.status_code != 200:
                 missing.append(image_id)
-        final = search.get(f"{client.base}/status").json()
+        final = search.get(routes.SEARCH_STATUS.format(collection=cfg.collection)).json()
     rng = np.random.default_rng(cfg.seed + 2)
     sample = [acked[i] for i in rng.permutation(len(acked))[: cfg.status_sample]]
     not_searchable = []
     for image_id in sample:
-        state = client.http.get(f"{client.base}/images/{image_id}/status").json().get("state")
+        state = (
+            client.http.get(
+                routes.GATEWAY_IMAGE_STATUS.format(collection=cfg.collection, image_id=image_id)
+            )
+            .json()
+            .get("state")
+        )
         if state != "searchable":
             not_searchable.append((image_id, state))
     return {
