@@ -15,6 +15,16 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+__all__ = [
+    "SCOPES",
+    "AuthError",
+    "Claims",
+    "Forbidden",
+    "bearer",
+    "mint_token",
+    "verify_token",
+]
+
 SCOPES = frozenset({"upload", "search", "read", "train", "admin", "decrypt", "key-release"})
 _MIN_SECRET_BYTES = 32
 

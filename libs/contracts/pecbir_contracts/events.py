@@ -14,6 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from pecbir_contracts.request_ids import current_request_id
 
+__all__ = [
+    "Event",
+    "EventBus",
+    "ModelEvent",
+    "VectorEvent",
+    "decode_event",
+    "encode_event",
+]
+
 
 class VectorEvent(BaseModel):
     model_config = ConfigDict(frozen=True)

@@ -28,6 +28,21 @@ import re
 import uuid
 from dataclasses import dataclass
 
+__all__ = [
+    "DEFAULT_BUCKET",
+    "TENANTS_PREFIX",
+    "CollectionLayout",
+    "check_image_id",
+    "check_name",
+    "check_version",
+    "collection_of_current_model_key",
+    "idempotency_record_key",
+    "new_image_id",
+    "probe_key",
+    "version_name",
+    "version_number",
+]
+
 DEFAULT_BUCKET = "pecbir"
 # Every tenant's objects live under this prefix (what a service lists to find all collections).
 TENANTS_PREFIX = "tenants/"

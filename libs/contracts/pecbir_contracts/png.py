@@ -12,6 +12,18 @@ import warnings
 import numpy as np
 from PIL import Image
 
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_PNG_BYTES",
+    "MAX_SIDE",
+    "ImageTooLarge",
+    "InvalidImage",
+    "check_pair",
+    "decode_image_png",
+    "decode_mask_png",
+    "encode_png",
+]
+
 MAX_SIDE = 4096
 MAX_PIXELS = 4096 * 4096
 MAX_PNG_BYTES = 32 * 1024 * 1024

@@ -12,6 +12,13 @@ import numpy as np
 from pecbir_contracts.layout import CollectionLayout, check_version, version_number
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
 
+__all__ = [
+    "FeatureRecord",
+    "read_current_version",
+    "write_current_version",
+    "write_failure",
+]
+
 
 @dataclass(frozen=True)
 class FeatureRecord:

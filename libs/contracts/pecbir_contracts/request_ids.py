@@ -9,6 +9,17 @@ import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 
+__all__ = [
+    "REQUEST_ID_FIELD",
+    "REQUEST_ID_HEADER",
+    "clean_request_id",
+    "current_request_id",
+    "new_request_id",
+    "request_context",
+    "reset_request_id",
+    "set_request_id",
+]
+
 REQUEST_ID_HEADER = "X-Request-ID"
 # Celery message header and event field that carry the id between processes.
 REQUEST_ID_FIELD = "pecbir_request_id"

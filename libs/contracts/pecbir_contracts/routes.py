@@ -14,6 +14,30 @@ constants, because each belongs to its own API and may evolve on its own.
 
 from __future__ import annotations
 
+__all__ = [
+    "ENCRYPTOR_IMAGES",
+    "ENCRYPTOR_KEY_RELEASE",
+    "ENCRYPTOR_PLAIN_IMAGE",
+    "ENCRYPTOR_SEARCH",
+    "ENCRYPTOR_STOW_STUDIES",
+    "ENCRYPTOR_STOW_STUDY",
+    "GATEWAY_BLOB",
+    "GATEWAY_IMAGE",
+    "GATEWAY_IMAGES",
+    "GATEWAY_IMAGE_CIPHER",
+    "GATEWAY_IMAGE_MASK",
+    "GATEWAY_IMAGE_STATUS",
+    "GATEWAY_MODEL",
+    "GATEWAY_MODEL_TRAIN",
+    "GATEWAY_MODEL_VERSION",
+    "GATEWAY_SEARCH",
+    "HEALTHZ",
+    "SEARCH_IMAGE",
+    "SEARCH_KNN",
+    "SEARCH_SEARCH",
+    "SEARCH_STATUS",
+]
+
 HEALTHZ = "/healthz"
 
 # -- gateway (the cloud's public API) ----------------------------------------------------------

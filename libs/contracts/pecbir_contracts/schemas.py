@@ -6,6 +6,29 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+__all__ = [
+    "MAX_K",
+    "HexTag",
+    "ImageMetadata",
+    "IndexStatus",
+    "Integrity",
+    "KeyInfo",
+    "ModelManifest",
+    "ModelStatus",
+    "OpaqueId",
+    "RescaleInfo",
+    "Scheme",
+    "SearchHit",
+    "SearchResponse",
+    "SearchTimings",
+    "TrainAccepted",
+    "TrainRequest",
+    "UploadAccepted",
+    "UploadState",
+    "UploadStatus",
+    "VectorQuery",
+]
+
 #: A cipher scheme's name as the owner wrote it (pecore.cipher.SCHEMES or an alias): the cloud
 #: only stores and returns it, so it holds a bounded string, not the list of schemes.
 Scheme = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9-]*$")]

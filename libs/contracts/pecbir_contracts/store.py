@@ -11,6 +11,14 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
+__all__ = [
+    "ObjectNotFound",
+    "ObjectStore",
+    "StorageError",
+    "UnsupportedStore",
+    "check_key",
+]
+
 
 class StorageError(RuntimeError):
     """The store could not complete an operation (network, disk, permissions): retryable."""

@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "ATTEMPTS_KEY_PREFIX",
+    "EVENT_STREAM",
+    "EVENT_STREAM_MAXLEN",
+    "QUEUE_DEAD_LETTER",
+    "QUEUE_INDEX",
+    "QUEUE_REINDEX",
+    "QUEUE_TRAIN",
+    "TASK_DEAD_LETTER",
+    "TASK_INDEX_CHUNK",
+    "TASK_INDEX_IMAGE",
+    "TASK_QUEUES",
+    "TASK_REINDEX_COLLECTION",
+    "TASK_TRAIN_MODEL",
+    "WORKER_QUEUES",
+]
+
 # Tasks (their arguments carry ids only: tenant, collection, image id, model version).
 TASK_INDEX_IMAGE = "pecbir.index.image"  # (tenant, collection, image_id)
 TASK_INDEX_CHUNK = "pecbir.index.chunk"  # (tenant, collection, version, [image_id, ...])

@@ -22,6 +22,11 @@ from pecbir_platform.bus import InMemoryBus
 from pecbir_platform.store import FilesystemStore
 from pecore.keys import MasterKey
 
+__all__ = [
+    "USER_SCOPES",
+    "EmbeddedSystem",
+]
+
 USER_SCOPES = ("upload", "search", "read", "train", "decrypt", "key-release")
 
 

@@ -20,6 +20,23 @@ import httpx
 
 from pecbir_harness.services import SERVICES
 
+__all__ = [
+    "BIN",
+    "Cluster",
+    "RedisProcess",
+    "Started",
+    "TcpProxy",
+    "celery_worker",
+    "free_port",
+    "moto_s3",
+    "port_open",
+    "process",
+    "redis_server",
+    "service_app",
+    "stop",
+    "wait_for",
+]
+
 BIN = Path(sys.executable).parent
 
 

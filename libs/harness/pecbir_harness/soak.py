@@ -39,6 +39,27 @@ import numpy as np
 from pecbir_contracts import routes
 from pecbir_harness.workload import percentile, seal_for_upload
 
+__all__ = [
+    "CHECKED_ROLES",
+    "DATASET_MODEL",
+    "SYNTHETIC_MODEL",
+    "MiB",
+    "Op",
+    "Progress",
+    "Record",
+    "RssSampler",
+    "Sealed",
+    "SoakClient",
+    "SoakConfig",
+    "checks",
+    "load_images",
+    "memory_report",
+    "run_soak",
+    "schedule",
+    "seal_pool",
+    "soak_cluster",
+]
+
 MiB = 1024 * 1024
 # Model for 64×64 synthetic slices (ROI radius ≤ size/8 keeps patches inside the image).
 SYNTHETIC_MODEL = {

@@ -6,6 +6,12 @@ import time
 
 import numpy as np
 
+__all__ = [
+    "SealJob",
+    "percentile",
+    "seal_for_upload",
+]
+
 SealJob = tuple[bytes, np.ndarray, np.ndarray, str, int | None]
 
 

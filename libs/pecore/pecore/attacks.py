@@ -36,6 +36,26 @@ from scipy import ndimage
 from pecore import cipher
 from pecore.cipher import CipherScheme, cipher_scheme
 
+__all__ = [
+    "ClearPixelAttack",
+    "KnownPlaintextAttack",
+    "LeadingBitAttack",
+    "LeadingBitVariant",
+    "MedianFilterAttack",
+    "Pipeline",
+    "SharedMaskEstimator",
+    "consistent_plain_values",
+    "dechain",
+    "estimate_clear_mask",
+    "fold",
+    "inconsistency",
+    "jigsaw_neighbour_accuracy",
+    "masked_median",
+    "score",
+    "score_folded",
+    "substitute",
+]
+
 LeadingBitVariant = Literal["A", "A'", "B"]
 
 

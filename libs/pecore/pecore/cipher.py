@@ -30,6 +30,25 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
+__all__ = [
+    "SCHEMES",
+    "Chained",
+    "CipherScheme",
+    "IntensityRescale",
+    "KeyedReveals",
+    "NegativePositive",
+    "Ours",
+    "Scheme",
+    "Xor",
+    "cipher_scheme",
+    "decrypt",
+    "encrypt",
+    "encrypt_reference",
+    "substitute",
+    "to_uint8",
+    "unsubstitute",
+]
+
 
 def _check_inputs(image: np.ndarray, stream: np.ndarray, what: str) -> None:
     if not isinstance(image, np.ndarray):

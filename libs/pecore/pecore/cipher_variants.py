@@ -32,6 +32,23 @@ import numpy as np
 
 from pecore.cipher import SCHEMES, CipherScheme, cipher_scheme, decrypt, encrypt
 
+__all__ = [
+    "VARIANT_SCHEMES",
+    "TileScrambled",
+    "any_scheme",
+    "decrypt_any",
+    "decrypt_variant",
+    "encrypt_any",
+    "encrypt_variant",
+    "inner_scheme",
+    "is_variant_scheme",
+    "parse_variant",
+    "scramble",
+    "scramble_mask",
+    "tile_permutation",
+    "unscramble",
+]
+
 VARIANT_SCHEMES = ("ours-bs32", "ours-bs64")
 _NAME = re.compile(r"^(?P<inner>[a-z0-9]+)-bs(?P<block>[1-9][0-9]*)$")
 _LABEL = b"pecbir/block-scramble/v1"

@@ -19,6 +19,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import chi2
 
+__all__ = [
+    "adjacent_correlation",
+    "describe",
+    "entropy",
+    "expected_npcr_uaci",
+    "histogram_chi2",
+    "npcr_uaci",
+]
+
 
 def _check(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)

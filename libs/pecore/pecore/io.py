@@ -14,6 +14,17 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "is_dicom",
+    "png_bytes",
+    "read_dicom",
+    "read_image",
+    "read_png",
+    "write_image",
+]
+
 IMAGE_SUFFIXES = (".png", ".npy", ".dcm", ".dicom")
 # Decompression-bomb guard for PNG input: far above any MRI slice (512² or 1024²).
 MAX_PIXELS = 4096 * 4096

@@ -34,6 +34,28 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, field_validator, model_validator
 from scipy.stats import chi2
 
+__all__ = [
+    "DEFAULT_TRANSIENT",
+    "PAPER_KEY",
+    "PAPER_MU",
+    "PAPER_R",
+    "PAPER_X0",
+    "ImageKey",
+    "MasterKey",
+    "SSLMKey",
+    "derive_image_key",
+    "derive_image_key_and_stream",
+    "key_stream",
+    "key_stream_reference",
+    "key_streams",
+    "libm_pow",
+    "libm_sin",
+    "paper_key_stream",
+    "sslm_orbit_reference",
+    "stream_check",
+    "stream_defects",
+]
+
 PAPER_R = (3.71, 3.715, 3.7157)
 PAPER_X0 = 0.47
 PAPER_MU = 0.2

@@ -10,6 +10,12 @@ import time
 from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent, decode_event, encode_event
 from pecbir_contracts.tasks import ATTEMPTS_KEY_PREFIX, EVENT_STREAM, EVENT_STREAM_MAXLEN
 
+__all__ = [
+    "InMemoryBus",
+    "RedisBus",
+    "bus_from_url",
+]
+
 
 class InMemoryBus:
     """Single-process stand-in for the Redis stream (embedded demo, unit tests)."""

@@ -53,6 +53,38 @@ from pecbir_contracts.request_ids import (
     set_request_id,
 )
 
+__all__ = [
+    "HTTP_IN_FLIGHT",
+    "HTTP_LATENCY",
+    "HTTP_REQUESTS",
+    "REQUEST_ID_FIELD",
+    "REQUEST_ID_HEADER",
+    "TASK_DURATION",
+    "TASK_FAILURES",
+    "Check",
+    "JsonFormatter",
+    "ObservabilitySettings",
+    "QueueDepthCollector",
+    "broker_check",
+    "clean_request_id",
+    "configure_logging",
+    "current_request_id",
+    "httpx_request_id_hook",
+    "instrument_app",
+    "instrument_celery",
+    "metrics_registry",
+    "new_request_id",
+    "observe_request",
+    "ops_wsgi_app",
+    "propagate_request_ids_through_celery",
+    "register_collector",
+    "render_metrics",
+    "request_context",
+    "run_checks",
+    "start_ops_server",
+    "store_check",
+]
+
 
 class ObservabilitySettings(BaseSettings):
     """Environment of the observability layer (prefix PECBIR_), shared by all services."""

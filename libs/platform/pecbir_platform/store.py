@@ -27,6 +27,14 @@ from pecbir_contracts.store import (
     check_key,
 )
 
+__all__ = [
+    "FilesystemStore",
+    "MinioStore",
+    "StoreSettings",
+    "check_put_if_absent",
+    "store_from_url",
+]
+
 T = TypeVar("T")
 
 
