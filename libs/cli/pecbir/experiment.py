@@ -141,7 +141,8 @@ class ExperimentConfig:
     out_dir: str = "results/experiment"
     extra: dict[str, object] = field(default_factory=dict)
 
-    def model_params(self) -> dict[str, object]:
+    def _pipeline_params(self) -> dict[str, object]:
+        """The retrieval pipeline's parameters, shared by `model_params` and `fold_params`."""
         return {
             "n_regions": self.n_regions,
             "patch_size": self.patch_size,
@@ -149,6 +150,12 @@ class ExperimentConfig:
             "pca_energy": self.pca_energy,
             "n_train_patches": self.n_train_patches,
             "metric_lambda": self.metric_lambda,
+        }
+
+    def model_params(self) -> dict[str, object]:
+        """What decides the numbers (cache keys, the results' config)."""
+        return {
+            **self._pipeline_params(),
             "seed": self.seed,
             "key_seed": self.key_seed,
             "algorithm_version": ALGORITHM_VERSION,
@@ -156,15 +163,7 @@ class ExperimentConfig:
 
     def fold_params(self) -> dict[str, object]:
         """The keyword parameters of `pecore.model_selection.evaluate_fold` this run uses."""
-        return {
-            "n_regions": self.n_regions,
-            "patch_size": self.patch_size,
-            "radius": self.radius,
-            "pca_energy": self.pca_energy,
-            "n_train_patches": self.n_train_patches,
-            "metric_lambda": self.metric_lambda,
-            "n_jobs": self.n_jobs,
-        }
+        return {**self._pipeline_params(), "n_jobs": self.n_jobs}
 
 
 # ------------------------------------------------------------------------------ inputs
