@@ -92,7 +92,13 @@ def _sample(metrics: str, name: str, **labels: str) -> float | None:
 def test_gateway_counts_requests_by_route_template_and_echoes_request_id(tmp_path, log_lines):
     client = _gateway(FilesystemStore(tmp_path / "s"), RecordingDispatcher())
     route = "/v1/collections/{collection}/images"
-    before = _sample(client.get("/metrics").text, "pecbir_http_requests_total", route=route)
+    before = _sample(
+        client.get("/metrics").text,
+        "pecbir_http_requests_total",
+        route=route,
+        status="202",
+        service="gateway",
+    )
     image, mask = blob_image()
     rid = "req-test-0001"
     answer = client.post(

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from pecbir_contracts.auth import mint_token
+from pecbir_contracts.auth import GATEWAY_TOKEN, mint_token
 from pecbir_contracts.png import encode_png
 from pecbir_platform.store import FilesystemStore
 
@@ -18,6 +18,7 @@ TOKEN_SECRET = b"test-token-secret-0123456789abcdef"
 def token(
     tenant: str = "hosp-a", scopes: tuple[str, ...] = ("upload", "search", "read", "train"), **kw
 ) -> str:
+    kw.setdefault("kind", GATEWAY_TOKEN)
     return mint_token(TOKEN_SECRET, sub=f"user@{tenant}", tenant=tenant, scopes=scopes, **kw)
 
 

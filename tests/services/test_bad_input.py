@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from pecbir_contracts.auth import SEARCH_TOKEN
 from pecbir_contracts.png import encode_png
 from pecbir_gateway.app import create_app
 from pecbir_gateway.settings import GatewaySettings
@@ -271,7 +272,7 @@ def test_path_like_and_odd_ids_are_refused_everywhere(system, odd):
 
 
 def test_cross_tenant_ids_and_tokens_are_refused(cloud):
-    from pecbir_contracts.auth import mint_token
+    from pecbir_contracts.auth import GATEWAY_TOKEN, mint_token
 
     app, store, _ = cloud
     client = TestClient(app)
@@ -305,9 +306,17 @@ def test_cross_tenant_ids_and_tokens_are_refused(cloud):
     now = time.time()
     bad_tokens = {
         "expired": mint_token(
-            TOKEN_SECRET, sub="u", tenant="hosp-a", scopes=("upload",), ttl_s=60, now=now - 3600
+            TOKEN_SECRET,
+            kind=GATEWAY_TOKEN,
+            sub="u",
+            tenant="hosp-a",
+            scopes=("upload",),
+            ttl_s=60,
+            now=now - 3600,
         ),
-        "forged": mint_token(b"y" * 32, sub="u", tenant="hosp-a", scopes=("upload",)),
+        "forged": mint_token(
+            b"y" * 32, kind=GATEWAY_TOKEN, sub="u", tenant="hosp-a", scopes=("upload",)
+        ),
         "garbage": "a.b.c",
         "not a jwt": "x" * 3000,
     }
@@ -343,5 +352,7 @@ def test_search_service_rejects_bad_k_and_vectors(tmp_path):
         search_app(SearchSettings(token_secret=TOKEN_SECRET.decode(), follow=False), store=store)
     )
     for body in ({"vector": [0.0], "k": 0}, {"vector": [0.0], "k": -5}, {"vector": "x"}):
-        answer = client.post("/v1/collections/brain/knn", json=body, headers=auth())
+        answer = client.post(
+            "/v1/collections/brain/knn", json=body, headers=auth(kind=SEARCH_TOKEN, ttl_s=60)
+        )
         assert answer.status_code == 422, answer.text

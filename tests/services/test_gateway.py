@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -80,7 +81,7 @@ def test_upload_is_stored_then_queued_with_ids_only(client, store, dispatcher):
         ({"Authorization": "Bearer not.a.token"}, 401),
         ({"Authorization": "Basic dXNlcjpwdw=="}, 401),
         (auth(scopes=("search",)), 403),
-        (auth(ttl_s=-60), 401),
+        (auth(ttl_s=60, now=time.time() - 3600), 401),
     ],
 )
 def test_upload_needs_a_valid_token_with_upload_scope(client, store, headers, status):
@@ -91,9 +92,11 @@ def test_upload_needs_a_valid_token_with_upload_scope(client, store, headers, st
 
 
 def test_token_signed_with_another_secret_is_refused(client):
-    from pecbir_contracts.auth import mint_token
+    from pecbir_contracts.auth import GATEWAY_TOKEN, mint_token
 
-    forged = mint_token(b"x" * 40, sub="eve", tenant="hosp-a", scopes=["upload"])
+    forged = mint_token(
+        b"x" * 40, kind=GATEWAY_TOKEN, sub="eve", tenant="hosp-a", scopes=["upload"]
+    )
     image, mask = blob_image()
     answer = client.post(
         URL, files=upload_files(image, mask), headers={"Authorization": f"Bearer {forged}"}

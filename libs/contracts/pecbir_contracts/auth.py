@@ -1,32 +1,77 @@
-"""Bearer tokens: JWT (RFC 7519) signed with HMAC-SHA256, implemented with the stdlib.
+"""Bearer tokens: JWT (RFC 7519) signed with HMAC-SHA256, minted and checked with PyJWT.
 
-Claims: `sub` (who), `tenant` (whose data), `scopes` (what), `iat`/`exp` (when). Only HS256 is
-accepted; the `alg` header is checked, never trusted to select an algorithm.
+Claims: `sub` (who), `tenant` (whose data), `scopes` (what), `iss`/`aud` (which issuer, for
+which service: a `TokenKind`), `iat`/`nbf`/`exp` (when). Only HS256 is accepted; the `alg`
+header is checked, never trusted to select an algorithm. PyJWT (a maintained library) does
+the signature and time checks; this module adds what it leaves open: canonical base64url
+only (a token has exactly one spelling), `iat` never in the future, a lifetime no longer than
+the kind allows, and secrets that are long enough and not a placeholder from the repository.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import json
+import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "ENCRYPTOR_TOKEN",
+    "GATEWAY_TOKEN",
+    "MIN_SECRET_BYTES",
     "SCOPES",
+    "SEARCH_TOKEN",
+    "TOKEN_KINDS",
     "AuthError",
     "Claims",
     "Forbidden",
+    "InsecureSecret",
+    "TokenKind",
     "bearer",
+    "check_secret",
     "mint_token",
     "verify_token",
 ]
 
 SCOPES = frozenset({"upload", "search", "read", "train", "admin", "decrypt", "key-release"})
-_MIN_SECRET_BYTES = 32
+MIN_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class TokenKind:
+    """Who issues a token, for which service, for how long at most.
+
+    Attributes
+    ----------
+    audience
+        The `aud` claim: the one service that accepts the token.
+    issuer
+        The `iss` claim: who mints such tokens.
+    max_ttl_s
+        Longest accepted lifetime (``exp - iat``), in seconds.
+    """
+
+    audience: str
+    issuer: str
+    max_ttl_s: int
+
+
+# Tokens of the cloud's clients (hospitals' encryptors, operators): minted by the cloud's admin.
+GATEWAY_TOKEN = TokenKind("pecbir-gateway", "pecbir-cloud", 30 * 24 * 3600)
+# The gateway's short-lived token of the data owner, for one call to the search service.
+SEARCH_TOKEN = TokenKind("pecbir-search", "pecbir-gateway", 300)
+# A hospital's users at its own encryptor (a working day).
+ENCRYPTOR_TOKEN = TokenKind("pecbir-encryptor", "pecbir-hospital", 12 * 3600)
+TOKEN_KINDS = {kind.audience: kind for kind in (GATEWAY_TOKEN, SEARCH_TOKEN, ENCRYPTOR_TOKEN)}
+
+# Words of the placeholder secrets that ship in deploy/, docs/ and the READMEs (tests collect
+# every one and check it is refused).
+_PLACEHOLDER = re.compile(r"change-?me|replace-?me|placeholder|example|your-|x{8}", re.IGNORECASE)
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class AuthError(Exception):
@@ -35,6 +80,10 @@ class AuthError(Exception):
 
 class Forbidden(Exception):
     """Valid token, but not allowed to do this (→ HTTP 403)."""
+
+
+class InsecureSecret(ValueError):
+    """A configured secret too short or a placeholder: the service refuses to start."""
 
 
 class Claims(BaseModel):
@@ -51,67 +100,149 @@ class Claims(BaseModel):
             raise Forbidden(f"token of {self.sub!r} lacks scope {scope!r}")
 
 
+def check_secret(secret: bytes | str, name: str) -> bytes:
+    """`secret` as bytes if it can sign tokens; else `InsecureSecret` naming `name`.
+
+    Parameters
+    ----------
+    secret
+        The configured secret.
+    name
+        The environment variable (or setting) it came from, for the message.
+
+    Returns
+    -------
+    bytes
+        The secret.
+
+    Raises
+    ------
+    InsecureSecret
+        Shorter than `MIN_SECRET_BYTES`, a placeholder shipped in the repository, or with
+        fewer than 8 distinct characters (``"a" * 32``).
+    """
+    value = secret.encode() if isinstance(secret, str) else bytes(secret)
+    hint = "set a random one, e.g. python -c 'import secrets; print(secrets.token_hex(32))'"
+    if len(value) < MIN_SECRET_BYTES:
+        raise InsecureSecret(f"{name} has {len(value)} bytes; need {MIN_SECRET_BYTES}+: {hint}")
+    if _PLACEHOLDER.search(value.decode("latin-1")) or len(set(value)) < 8:
+        raise InsecureSecret(f"{name} is a placeholder, not a secret: {hint}")
+    return value
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def _is_canonical(segment: str) -> bool:
+    """Unpadded base64url whose decoding encodes back to the same text (no spare bits set)."""
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        return False
+    decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    return _b64(decoded) == segment
 
 
-def _check_secret(secret: bytes) -> bytes:
-    if len(secret) < _MIN_SECRET_BYTES:
-        raise ValueError(f"token secret must have at least {_MIN_SECRET_BYTES} bytes")
+def _signing_key(secret: bytes) -> bytes:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"token secret must have at least {MIN_SECRET_BYTES} bytes")
     return secret
 
 
 def mint_token(
     secret: bytes,
     *,
+    kind: TokenKind,
     sub: str,
     tenant: str,
     scopes: Iterable[str],
     ttl_s: int = 3600,
     now: float | None = None,
 ) -> str:
+    """A signed token of `kind` for `sub` of `tenant` with `scopes`, valid for `ttl_s`.
+
+    Raises
+    ------
+    ValueError
+        Unknown scopes, a lifetime over ``kind.max_ttl_s``, or a secret under 32 bytes.
+    """
     scopes = tuple(sorted(set(scopes)))
     unknown = set(scopes) - SCOPES
     if unknown:
         raise ValueError(f"unknown scopes {sorted(unknown)}; known: {sorted(SCOPES)}")
+    if not 0 < ttl_s <= kind.max_ttl_s:
+        raise ValueError(f"{kind.audience} tokens live at most {kind.max_ttl_s} s, not {ttl_s}")
     issued = int(time.time() if now is None else now)
-    header = {"alg": "HS256", "typ": "JWT"}
-    payload = {"sub": sub, "tenant": tenant, "scopes": list(scopes), "iat": issued}
-    payload["exp"] = issued + int(ttl_s)
-    signing_input = ".".join(
-        _b64(json.dumps(part, separators=(",", ":")).encode()) for part in (header, payload)
-    )
-    signature = hmac.new(_check_secret(secret), signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64(signature)}"
+    payload = {
+        "iss": kind.issuer,
+        "aud": kind.audience,
+        "sub": sub,
+        "tenant": tenant,
+        "scopes": list(scopes),
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(ttl_s),
+    }
+    return jwt.encode(payload, _signing_key(secret), algorithm="HS256")
 
 
 def verify_token(
-    secret: bytes, token: str, *, now: float | None = None, leeway_s: int = 5
+    secret: bytes, token: str, *, kind: TokenKind, now: float | None = None, leeway_s: int = 5
 ) -> Claims:
+    """The claims of `token` if it is a valid token of `kind` signed with `secret`.
+
+    Raises
+    ------
+    AuthError
+        Malformed or non-canonical, not HS256, badly signed, of another issuer or audience,
+        not yet valid, expired, or living longer than ``kind.max_ttl_s``.
+    """
+    segments = token.split(".")
+    if len(segments) != 3 or not all(_is_canonical(s) for s in segments):
+        raise AuthError("malformed bearer token (expected three canonical base64url parts)")
     try:
-        header_b64, payload_b64, signature_b64 = token.split(".")
-        header = json.loads(_unb64(header_b64))
-        signature = _unb64(signature_b64)
-    except (ValueError, json.JSONDecodeError):
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
         raise AuthError("malformed bearer token") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
+    if header.get("alg") != "HS256":
         raise AuthError("unsupported token algorithm (only HS256 is accepted)")
-    expected = hmac.new(
-        _check_secret(secret), f"{header_b64}.{payload_b64}".encode(), hashlib.sha256
-    ).digest()
-    if not hmac.compare_digest(signature, expected):
-        raise AuthError("bad token signature")
-    try:
-        claims = Claims.model_validate(json.loads(_unb64(payload_b64)))
-    except (ValueError, ValidationError):
-        raise AuthError("token payload lacks sub/tenant/iat/exp") from None
     current = time.time() if now is None else now
+    try:
+        payload = jwt.decode(
+            token,
+            _signing_key(secret),
+            algorithms=["HS256"],
+            audience=kind.audience,
+            issuer=kind.issuer,
+            leeway=leeway_s,
+            options={
+                "require": ["iss", "aud", "sub", "iat", "nbf", "exp"],
+                "verify_exp": now is None,
+                "verify_nbf": now is None,
+                "verify_iat": now is None,
+            },
+        )
+    except jwt.InvalidSignatureError:
+        raise AuthError("bad token signature") from None
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.InvalidAudienceError:
+        raise AuthError(f"token is not for this service (audience {kind.audience})") from None
+    except jwt.InvalidIssuerError:
+        raise AuthError(f"token not issued by {kind.issuer}") from None
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(f"invalid token: {exc}") from None
+    try:
+        claims = Claims.model_validate(payload)
+        not_before = int(payload["nbf"])
+    except (ValueError, TypeError, ValidationError):
+        raise AuthError("token payload lacks sub/tenant/iat/exp") from None
+    # Checked here too: with an explicit `now` (tests) PyJWT's clock checks are off.
     if current > claims.exp + leeway_s:
         raise AuthError("token expired")
+    if claims.iat > current + leeway_s or not_before > current + leeway_s:
+        raise AuthError("token not valid yet (iat/nbf in the future)")
+    if claims.exp - claims.iat > kind.max_ttl_s:
+        raise AuthError(f"token lifetime exceeds {kind.max_ttl_s} s for {kind.audience}")
     return claims
 
 

@@ -49,7 +49,8 @@ TENANTS_PREFIX = "tenants/"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
-_VERSION = re.compile(r"^v[0-9]{4,}$")
+# At most 9 digits: a longer name is a client mistake (422/404), never a store error.
+_VERSION = re.compile(r"^v[0-9]{4,9}$")
 
 
 def check_name(value: str, what: str) -> str:
@@ -70,7 +71,7 @@ def check_image_id(value: str) -> str:
 
 def check_version(value: str) -> str:
     if not _VERSION.fullmatch(value):
-        raise ValueError(f"invalid model version {value!r}: expected 'v' and at least 4 digits")
+        raise ValueError(f"invalid model version {value!r}: expected 'v' and 4 to 9 digits")
     return value
 
 

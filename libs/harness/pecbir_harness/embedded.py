@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from pecbir_contracts import routes
-from pecbir_contracts.auth import mint_token
+from pecbir_contracts.auth import ENCRYPTOR_TOKEN, GATEWAY_TOKEN, mint_token
 from pecbir_harness.services import SERVICES
 from pecbir_platform.bus import InMemoryBus
 from pecbir_platform.store import FilesystemStore
@@ -97,6 +97,7 @@ class EmbeddedSystem:
     def cloud_token(self, scopes=("upload", "search", "read", "train")) -> str:
         return mint_token(
             self.cloud_secret.hex().encode(),
+            kind=GATEWAY_TOKEN,
             sub=f"encryptor@{self.tenant}",
             tenant=self.tenant,
             scopes=scopes,
@@ -106,10 +107,11 @@ class EmbeddedSystem:
     def user_token(self, scopes=USER_SCOPES) -> str:
         return mint_token(
             self.user_secret.hex().encode(),
+            kind=ENCRYPTOR_TOKEN,
             sub=f"radiologist@{self.tenant}",
             tenant=self.tenant,
             scopes=scopes,
-            ttl_s=24 * 3600,
+            ttl_s=ENCRYPTOR_TOKEN.max_ttl_s,
         )
 
     @property

@@ -327,10 +327,11 @@ class Cluster:
         return lambda proc: self.processes.__setitem__(role, proc)
 
     def token(self, scopes=("upload", "search", "read", "train"), tenant: str | None = None) -> str:
-        from pecbir_contracts.auth import mint_token
+        from pecbir_contracts.auth import GATEWAY_TOKEN, mint_token
 
         return mint_token(
             self.cloud_secret.encode(),
+            kind=GATEWAY_TOKEN,
             sub="operator",
             tenant=tenant or self.tenant,
             scopes=scopes,
@@ -338,10 +339,14 @@ class Cluster:
         )
 
     def user_token(self, scopes=("upload", "search", "decrypt", "key-release")) -> str:
-        from pecbir_contracts.auth import mint_token
+        from pecbir_contracts.auth import ENCRYPTOR_TOKEN, mint_token
 
         return mint_token(
-            self.user_secret.encode(), sub="radiologist", tenant=self.tenant, scopes=scopes
+            self.user_secret.encode(),
+            kind=ENCRYPTOR_TOKEN,
+            sub="radiologist",
+            tenant=self.tenant,
+            scopes=scopes,
         )
 
     def start(self) -> Cluster:

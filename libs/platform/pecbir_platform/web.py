@@ -1,32 +1,223 @@
-"""Web helpers every HTTP service shares: bearer claims, capped body reads, error handlers.
+"""Web helpers every HTTP service shares: the request guard, bearer claims, capped reads, errors.
 
 The services differ in whose tokens they accept (the cloud's or the hospital's) and in what
 they check on top (tenancy, audit), so each keeps its own `deps.caller`; what is the same
-everywhere (401 with ``WWW-Authenticate``, 403 for a missing scope, 413/422 for an upload,
-503 with ``Retry-After`` when the object store is down) is defined here, once.
+everywhere (no body byte read before the token and the declared size are checked, 401 with
+``WWW-Authenticate``, 403 for a missing scope, 413/422 for an upload, 503 with
+``Retry-After`` when the object store is down) is defined here, once.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
+from pecbir_contracts.auth import AuthError, Claims, Forbidden, TokenKind, bearer, verify_token
 from pecbir_contracts.store import ObjectNotFound, StorageError
 
 __all__ = [
+    "PUBLIC_PATHS",
     "STORE_RETRY_AFTER_S",
+    "RequestGuard",
     "add_store_error_handlers",
     "bearer_claims",
+    "guard_requests",
+    "read_body_limited",
     "read_limited",
     "require_scope",
 ]
 
+log = logging.getLogger(__name__)
+
 # Seconds a client is told to wait after the object store failed (a restart, a failover).
 STORE_RETRY_AFTER_S = 5
+# Paths answered without a token (probes, metrics, API docs); they take no body.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+# Room for multipart framing and small form fields around the file parts.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
-def bearer_claims(request: Request, *, secret: bytes) -> Claims:
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"request body larger than the limit of {limit} bytes")
+
+
+class RequestGuard:
+    """Pure ASGI middleware: token and declared size checked on the headers, body counted.
+
+    A request without a valid bearer token of the service is answered 401 before one byte of
+    its body is read (so it costs a header parse and an HMAC, whatever it sends); one whose
+    ``Content-Length`` is over the limit, 413; a body that grows past the limit while it is
+    read (chunked, or lying about its length) fails with 413 at the first byte over. Public
+    paths (`PUBLIC_PATHS` and `public_prefixes`) need no token and may carry no body.
+
+    Parameters
+    ----------
+    app
+        The ASGI application to guard.
+    secret
+        HMAC secret of the tokens the service accepts.
+    kind
+        The kind of token (audience, issuer, longest lifetime) the service accepts.
+    max_body_bytes
+        Largest request body accepted on any route.
+    public_prefixes
+        Path prefixes that authenticate otherwise (the gateway's capability URLs).
+    on_unauthenticated
+        Called with the reason for each request refused with 401 (the encryptor audits).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        secret: bytes,
+        kind: TokenKind,
+        max_body_bytes: int,
+        public_prefixes: Collection[str] = (),
+        on_unauthenticated: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.secret = secret
+        self.kind = kind
+        self.max_body_bytes = max_body_bytes
+        self.public_prefixes = tuple(public_prefixes)
+        self.on_unauthenticated = on_unauthenticated
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        public = path in PUBLIC_PATHS or path.startswith(self.public_prefixes)
+        headers = {name: value for name, value in scope.get("headers", [])}
+        if not public:
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            try:
+                verify_token(self.secret, bearer(authorization), kind=self.kind)
+            except AuthError as exc:
+                if self.on_unauthenticated is not None:
+                    self.on_unauthenticated(str(exc))
+                await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"})
+                return
+        limit = 0 if public else self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _answer(send, 400, "invalid Content-Length header")
+                return
+            if int(declared) > limit:
+                await _answer(send, 413, str(_too_large(limit).detail))
+                return
+        received = 0
+        started = False
+
+        async def counted_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except HTTPException as exc:
+            if started or exc.status_code != 413:
+                raise
+            await _answer(send, 413, str(exc.detail))
+
+
+async def _answer(
+    send: Any, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        # The body was not read: the connection cannot carry another request.
+        (b"connection", b"close"),
+        *((name.encode(), value.encode()) for name, value in (headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guard_requests(
+    app: FastAPI,
+    *,
+    secret: bytes,
+    kind: TokenKind,
+    max_body_bytes: int,
+    public_prefixes: Collection[str] = (),
+    on_unauthenticated: Callable[[str], None] | None = None,
+) -> None:
+    """Install `RequestGuard` on `app` (add it before the observability middleware, so that
+    refusals are counted and carry a request id).
+
+    Parameters
+    ----------
+    app
+        The application.
+    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated
+        As for `RequestGuard`.
+    """
+    app.add_middleware(
+        RequestGuard,
+        secret=secret,
+        kind=kind,
+        max_body_bytes=max_body_bytes,
+        public_prefixes=public_prefixes,
+        on_unauthenticated=on_unauthenticated,
+    )
+
+
+async def read_body_limited(request: Request, *, limit: int) -> bytes:
+    """The request's body, refused with 413 by its Content-Length or at the first byte over.
+
+    Parameters
+    ----------
+    request
+        The incoming request.
+    limit
+        Largest accepted body in bytes.
+
+    Returns
+    -------
+    bytes
+        The whole body.
+
+    Raises
+    ------
+    HTTPException
+        413 when the body is (or declares to be) larger than `limit`.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bearer_claims(request: Request, *, secret: bytes, kind: TokenKind) -> Claims:
     """The verified claims of the request's bearer token.
 
     Parameters
@@ -35,6 +226,8 @@ def bearer_claims(request: Request, *, secret: bytes) -> Claims:
         The incoming request; its ``Authorization: Bearer <token>`` header is read.
     secret
         HMAC secret the token must be signed with.
+    kind
+        The kind of token the service accepts.
 
     Returns
     -------
@@ -48,7 +241,7 @@ def bearer_claims(request: Request, *, secret: bytes) -> Claims:
         signed or expired; the detail is the reason.
     """
     try:
-        return verify_token(secret, bearer(request.headers.get("authorization")))
+        return verify_token(secret, bearer(request.headers.get("authorization")), kind=kind)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
 
@@ -108,9 +301,11 @@ def read_limited(upload: UploadFile, *, limit: int, what: str, refuse_empty: boo
 
 
 def _storage_failed(_request: Request, exc: Exception) -> JSONResponse:
+    # The cause (a file path, a bucket, an endpoint) goes to the log, never to the client.
+    log.error("object store failed: %s", exc)
     return JSONResponse(
         status_code=503,
-        content={"detail": f"object store unavailable: {exc}"},
+        content={"detail": "object store unavailable"},
         headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
     )
 

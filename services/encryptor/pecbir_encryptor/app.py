@@ -11,12 +11,14 @@ from __future__ import annotations
 import httpx
 from fastapi import FastAPI
 
+from pecbir_contracts.auth import ENCRYPTOR_TOKEN, check_secret
 from pecbir_contracts.routes import HEALTHZ
 from pecbir_encryptor import ops
 from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, guard_requests
 from pecore.keys import MasterKey
 
 
@@ -43,6 +45,9 @@ def create_app(
         The application (routes, readiness checks and metrics installed).
     """
     settings = settings or EncryptorSettings()  # type: ignore[call-arg]
+    secret = check_secret(
+        settings.user_token_secret.get_secret_value(), "PECBIR_ENCRYPTOR_USER_TOKEN_SECRET"
+    )
     encryptor = build_encryptor(settings, master=master, gateway_client=gateway_client)
     app = FastAPI(
         title="pe-cbir encryptor (owner side)",
@@ -54,6 +59,14 @@ def create_app(
     app.state.encryptor = encryptor
     for router in (ingest.router, dicomweb.router, search.router, keys.router):
         app.include_router(router)
+    guard_requests(
+        app,
+        secret=secret,
+        kind=ENCRYPTOR_TOKEN,
+        # An image and its mask, each up to the limit (a STOW body has the limit for itself).
+        max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        on_unauthenticated=encryptor.audit.unauthenticated,
+    )
 
     @app.get(HEALTHZ, tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -1,7 +1,9 @@
 """The encryptor's audit log: one JSON line per decryption, key release, refusal or STOW.
 
 Each record is appended with O_APPEND and fsync'ed before the request is answered, so a
-crash cannot lose the trace of a key that was handed out; the file is created 0600.
+crash cannot lose the trace of a key that was handed out; the file is created 0600. Requests
+refused before authentication are aggregated (`unauthenticated`): an anonymous client cannot
+make the log grow, or the disk sync, faster than one line per interval.
 """
 
 from __future__ import annotations
@@ -29,9 +31,32 @@ class AuditLog:
         The log file, or ``None``.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, anonymous_interval_s: float = 10.0) -> None:
         self.path = path
+        self.anonymous_interval_s = anonymous_interval_s
         self._lock = threading.Lock()
+        self._anonymous_count = 0
+        self._anonymous_line_at = -float("inf")
+
+    def unauthenticated(self, reason: str) -> None:
+        """Count a request refused for want of a valid token; one line per interval at most.
+
+        The line written (``action="request"``, ``outcome="unauthenticated"``) carries the
+        number of refusals since the previous one and the latest reason, never the request's
+        path or any other text the client chose.
+
+        Parameters
+        ----------
+        reason
+            Why the token was refused (this service's own message).
+        """
+        now = time.monotonic()
+        with self._lock:
+            self._anonymous_count += 1
+            if now - self._anonymous_line_at < self.anonymous_interval_s:
+                return
+            count, self._anonymous_count, self._anonymous_line_at = self._anonymous_count, 0, now
+        self.write(action="request", outcome="unauthenticated", reason=reason[:120], count=count)
 
     def write(self, **record: object) -> None:
         """Append one record, stamped with the time (``at``, Unix seconds), and fsync it.

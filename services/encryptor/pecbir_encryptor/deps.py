@@ -12,7 +12,7 @@ from typing import Annotated
 import httpx
 from fastapi import Depends, HTTPException, Request
 
-from pecbir_contracts.auth import Claims
+from pecbir_contracts.auth import ENCRYPTOR_TOKEN, Claims
 from pecbir_contracts.layout import check_name
 from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.gateway_client import GatewayError, gateway_http_client
@@ -97,9 +97,9 @@ def caller(request: Request, ctx: Annotated[EncryptorContext, Depends(context)])
     """The caller's claims: a valid token of this service, of the tenant it serves (audited)."""
     audit = ctx.encryptor.audit
     try:
-        claims = bearer_claims(request, secret=ctx.user_token_secret)
+        claims = bearer_claims(request, secret=ctx.user_token_secret, kind=ENCRYPTOR_TOKEN)
     except HTTPException as exc:
-        audit.write(action=request.url.path, outcome="unauthenticated", reason=exc.detail)
+        audit.unauthenticated(str(exc.detail))
         raise
     tenant = ctx.settings.tenant
     if claims.tenant != tenant:

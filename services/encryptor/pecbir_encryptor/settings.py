@@ -27,4 +27,8 @@ class EncryptorSettings(BaseSettings):
     scheme: Scheme = "ours"
     key_mode: Literal["per-image", "same"] = "per-image"
     max_upload_bytes: int = 64 * 1024 * 1024
+    # Largest image (rows x columns) accepted, checked from the file's header before any
+    # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so
+    # that nothing the cloud would refuse is decoded and encrypted first.
+    max_pixels: int = 2048 * 2048
     gateway_timeout_s: float = 60.0

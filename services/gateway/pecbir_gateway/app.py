@@ -5,14 +5,15 @@ from __future__ import annotations
 import httpx
 from fastapi import FastAPI
 
-from pecbir_contracts.routes import HEALTHZ
+from pecbir_contracts.auth import GATEWAY_TOKEN, check_secret
+from pecbir_contracts.routes import GATEWAY_BLOB, HEALTHZ
 from pecbir_contracts.store import ObjectStore
 from pecbir_gateway import images, model_versions, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
 from pecbir_platform.store import check_put_if_absent
-from pecbir_platform.web import add_store_error_handlers
+from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, add_store_error_handlers, guard_requests
 
 
 def create_app(
@@ -23,6 +24,7 @@ def create_app(
     search_client: httpx.Client | None = None,
 ) -> FastAPI:
     settings = settings or GatewaySettings()  # type: ignore[call-arg]
+    secret = check_secret(settings.token_secret.get_secret_value(), "PECBIR_TOKEN_SECRET")
     if store is None:
         store = settings.open_store()
     # Idempotency records and model version numbers rely on it across replicas: refuse to
@@ -46,6 +48,15 @@ def create_app(
     app.include_router(search.router)
     app.include_router(model_versions.router)
     add_store_error_handlers(app)
+    guard_requests(
+        app,
+        secret=secret,
+        kind=GATEWAY_TOKEN,
+        # An upload: cipher and mask, each up to the limit, and the metadata form field.
+        max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        # Capability URLs carry their own signed token.
+        public_prefixes=(GATEWAY_BLOB.partition("{")[0],),
+    )
 
     @app.get(HEALTHZ, tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Annotated
 import httpx
 from fastapi import Depends, HTTPException, Query, Request
 
-from pecbir_contracts.auth import Claims, Forbidden, mint_token
+from pecbir_contracts.auth import GATEWAY_TOKEN, SEARCH_TOKEN, Claims, Forbidden, mint_token
 from pecbir_contracts.layout import CollectionLayout, check_name
 from pecbir_contracts.store import ObjectStore
 from pecbir_gateway.dispatch import TaskDispatcher
@@ -41,6 +41,7 @@ class GatewayContext:
         """
         token = mint_token(
             self.token_secret,
+            kind=SEARCH_TOKEN,
             sub=f"gateway:{access.claims.sub}",
             tenant=access.owner,
             scopes=("search", "read"),
@@ -72,7 +73,7 @@ def context(request: Request) -> GatewayContext:
 
 
 def caller(request: Request, ctx: Annotated[GatewayContext, Depends(context)]) -> Claims:
-    return bearer_claims(request, secret=ctx.token_secret)
+    return bearer_claims(request, secret=ctx.token_secret, kind=GATEWAY_TOKEN)
 
 
 @dataclass(frozen=True)

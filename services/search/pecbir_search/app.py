@@ -12,10 +12,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from pecbir_contracts.auth import SEARCH_TOKEN, check_secret
 from pecbir_contracts.events import EventBus
 from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
+from pecbir_platform.web import guard_requests
 from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
 from pecbir_search.settings import SearchSettings
@@ -48,6 +50,7 @@ def create_app(
         The application (routes, readiness checks and metrics installed).
     """
     settings = settings or SearchSettings()  # type: ignore[call-arg]
+    secret = check_secret(settings.token_secret.get_secret_value(), "PECBIR_TOKEN_SECRET")
     if store is None:
         store = settings.open_store()
     if bus is None and settings.follow:
@@ -66,6 +69,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.include_router(routes.router)
+    guard_requests(app, secret=secret, kind=SEARCH_TOKEN, max_body_bytes=settings.max_body_bytes)
 
     @app.get(HEALTHZ)
     def healthz() -> dict[str, object]:

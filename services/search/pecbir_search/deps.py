@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from pecbir_contracts.auth import Claims
+from pecbir_contracts.auth import SEARCH_TOKEN, Claims
 from pecbir_contracts.layout import check_name
 from pecbir_platform.web import bearer_claims, require_scope
 from pecbir_search.engine import CollectionState, SearchEngine
@@ -22,7 +22,9 @@ def engine(request: Request) -> SearchEngine:
 def caller(request: Request) -> Claims:
     """The claims of a valid cloud token (the gateway's short-lived token of the data owner)."""
     settings: SearchSettings = request.app.state.settings
-    return bearer_claims(request, secret=settings.token_secret.get_secret_value().encode())
+    return bearer_claims(
+        request, secret=settings.token_secret.get_secret_value().encode(), kind=SEARCH_TOKEN
+    )
 
 
 def collection_state(

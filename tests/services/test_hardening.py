@@ -1,0 +1,248 @@
+"""Regression tests of issue 18 (hardened edges): each fails on the code before the fix.
+
+No work before authentication (a body is never read for a refused token, nor over the limit),
+secrets and token hygiene, bounded decoders, canonical stored PNGs, errors without internal
+paths, aggregated audit lines of anonymous clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from pecbir_contracts.auth import (
+    ENCRYPTOR_TOKEN,
+    GATEWAY_TOKEN,
+    SEARCH_TOKEN,
+    AuthError,
+    InsecureSecret,
+    check_secret,
+    mint_token,
+    verify_token,
+)
+from pecbir_harness.embedded import EmbeddedSystem
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = b"0123456789abcdef0123456789abcdef-hardening"
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    with EmbeddedSystem(tmp_path_factory.mktemp("hardening")) as embedded:
+        yield embedded
+
+
+def _apps(system: EmbeddedSystem) -> dict[str, tuple[object, str, str]]:
+    """(app, a POST path with a body, a valid bearer token) of each HTTP service."""
+    search_token = mint_token(
+        system.cloud_secret.hex().encode(),
+        kind=SEARCH_TOKEN,
+        sub="gateway",
+        tenant=system.tenant,
+        scopes=("search",),
+        ttl_s=60,
+    )
+    return {
+        "gateway": (system.gateway_app, "/v1/collections/brain/images", system.cloud_token()),
+        "search": (system.search_app, "/v1/collections/brain/search", search_token),
+        "encryptor": (system.encryptor_app, "/v1/collections/brain/images", system.user_token()),
+    }
+
+
+def _call(app, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, int]:
+    """(status, body bytes the app pulled) of one raw ASGI POST whose body comes in `chunks`."""
+    pulled = 0
+    pending = list(chunks)
+    status = 0
+
+    async def receive() -> dict:
+        nonlocal pulled
+        if not pending:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        chunk = pending.pop(0)
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    return status, pulled
+
+
+MULTIPART = {"content-type": "multipart/form-data; boundary=x"}
+_PART = b'--x\r\nContent-Disposition: form-data; name="cipher"; filename="c.png"\r\n\r\n'
+BIG = [_PART + b"\0" * (1 << 20)] + [b"\0" * (1 << 20)] * 39  # 40 MiB, in 1 MiB messages
+
+
+@pytest.mark.parametrize("service", ["gateway", "search", "encryptor"])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer a.b.c", "Basic dXNlcjpwdw=="], ids=["none", "bad", "basic"]
+)
+def test_no_body_byte_is_read_before_the_token_is_checked(system, service, authorization):
+    app, path, _ = _apps(system)[service]
+    headers = dict(MULTIPART, **({"authorization": authorization} if authorization else {}))
+    status, pulled = _call(app, path, headers, BIG)
+    assert status == 401
+    assert pulled == 0, f"{service} read {pulled} body bytes before refusing the token"
+
+
+@pytest.mark.parametrize("service", ["gateway", "search", "encryptor"])
+def test_a_body_over_the_limit_is_refused_by_its_length_or_at_the_first_byte_over(system, service):
+    app, path, token = _apps(system)[service]
+    headers = dict(MULTIPART, authorization=f"Bearer {token}")
+    declared = {**headers, "content-length": str(10**12)}
+    assert _call(app, path, declared, BIG) == (413, 0)
+    # Chunked (no Content-Length): read until the limit is passed, then refused.
+    endless = BIG + BIG[1:] * 5  # 235 MiB, over every service's limit
+    status, pulled = _call(app, path, headers, endless)
+    assert status == 413
+    assert pulled < sum(map(len, endless))
+
+
+def test_stow_body_is_refused_by_its_length_before_it_is_read(system):
+    limit = system.encryptor_app.state.context.settings.max_upload_bytes
+    headers = {
+        "content-type": 'multipart/related; type="application/dicom"; boundary=x',
+        "authorization": f"Bearer {system.user_token()}",
+        "content-length": str(limit + 1),
+    }
+    status, pulled = _call(system.encryptor_app, "/dicomweb/brain/studies", headers, BIG)
+    assert (status, pulled) == (413, 0)
+    headers.pop("content-length")
+    status, pulled = _call(system.encryptor_app, "/dicomweb/brain/studies", headers, [*BIG, *BIG])
+    assert status == 413 and pulled <= limit + len(BIG[0])
+
+
+# -- secrets ----------------------------------------------------------------------------------
+def _shipped_placeholders() -> set[str]:
+    """Every value of a secret-like variable in deploy/, docs/ and the READMEs."""
+    files = [ROOT / "README.md", ROOT / "services" / "README.md"]
+    for folder in ("deploy", "docs"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix != ".png"]
+    found: set[str] = set()
+    pattern = re.compile(
+        r"(?:SECRET|TOKEN|PASSWORD)[A-Z_]*=['\"]?([A-Za-z0-9_\-.]{6,})"
+    )
+    for path in files:
+        text = path.read_text(errors="ignore")
+        found |= {m.group(1) for m in pattern.finditer(text)}
+        found |= set(re.findall(r"change-?me[\w\-]*", text, re.I))
+    return {value for value in found if not value.startswith(("$", "{"))}
+
+
+def test_every_placeholder_secret_shipped_in_the_repo_is_refused():
+    placeholders = _shipped_placeholders()
+    assert any(p.startswith("change-me") and len(p) >= 32 for p in placeholders), placeholders
+    for value in placeholders:
+        with pytest.raises(InsecureSecret):
+            check_secret(value, "PECBIR_TOKEN_SECRET")
+    for weak in ("short", "a" * 64, "x" * 40):
+        with pytest.raises(InsecureSecret):
+            check_secret(weak, "PECBIR_TOKEN_SECRET")
+    assert check_secret(SECRET, "PECBIR_TOKEN_SECRET") == SECRET
+
+
+def test_services_refuse_to_start_on_a_placeholder_or_short_secret(tmp_path):
+    from pecbir_gateway.app import create_app as gateway_app
+    from pecbir_gateway.settings import GatewaySettings
+    from pecbir_platform.store import FilesystemStore
+    from pecbir_search.app import create_app as search_app
+    from pecbir_search.settings import SearchSettings
+
+    store = FilesystemStore(tmp_path / "s")
+    for secret in ("change-me-token-secret-at-least-32-bytes", "too-short"):
+        with pytest.raises(InsecureSecret, match="PECBIR_TOKEN_SECRET"):
+            gateway_app(GatewaySettings(token_secret=secret), store=store)
+        with pytest.raises(InsecureSecret, match="PECBIR_TOKEN_SECRET"):
+            search_app(SearchSettings(token_secret=secret, follow=False), store=store)
+
+
+# -- tokens -----------------------------------------------------------------------------------
+def _forge(payload: dict, secret: bytes = SECRET) -> str:
+    import jwt
+
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def _claims(**overrides) -> dict:
+    now = int(time.time())
+    claims = {
+        "iss": GATEWAY_TOKEN.issuer,
+        "aud": GATEWAY_TOKEN.audience,
+        "sub": "u",
+        "tenant": "hosp-a",
+        "scopes": ["read"],
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def test_token_hygiene_lifetime_times_audience_issuer_and_encoding():
+    good = _forge(_claims())
+    assert verify_token(SECRET, good, kind=GATEWAY_TOKEN).sub == "u"
+    now = int(time.time())
+    refused = {
+        "exp in year 3000": _forge(_claims(exp=32503680000)),
+        "iat 3 years ahead": _forge(_claims(iat=now + 3 * 365 * 86400)),
+        "nbf ahead": _forge(_claims(nbf=now + 3600)),
+        "no nbf": _forge(_claims(nbf=None)),
+        "no aud": _forge(_claims(aud=None)),
+        "no iss": _forge(_claims(iss=None)),
+        "search audience": _forge(_claims(aud=SEARCH_TOKEN.audience)),
+        "encryptor issuer": _forge(_claims(iss=ENCRYPTOR_TOKEN.issuer)),
+        "trailing =": good + "=",
+        "padded payload": good.replace(".", "=.", 1),
+    }
+    # A signature whose last character differs only in bits that base64 drops.
+    signature = good.rsplit(".", 1)[1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    twin = alphabet[last ^ 1]
+    if base64.urlsafe_b64decode(signature[:-1] + twin + "=") == base64.urlsafe_b64decode(
+        signature + "="
+    ):
+        refused["non-canonical signature"] = good[:-1] + twin
+    for name, token in refused.items():
+        with pytest.raises(AuthError):
+            verify_token(SECRET, token, kind=GATEWAY_TOKEN)
+            pytest.fail(name)
+    with pytest.raises(ValueError, match="at most"):
+        mint_token(SECRET, kind=SEARCH_TOKEN, sub="u", tenant="t", scopes=(), ttl_s=3600)
+
+
+def test_a_token_for_one_service_is_refused_by_another_sharing_its_secret(system):
+    from fastapi.testclient import TestClient
+
+    gateway_token = system.cloud_token()
+    with TestClient(system.search_app) as search:
+        answer = search.get(
+            "/v1/collections/brain/status", headers={"authorization": f"Bearer {gateway_token}"}
+        )
+    assert answer.status_code == 401, answer.text
+    assert json.loads(answer.text)["detail"]
