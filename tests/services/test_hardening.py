@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import time
@@ -143,9 +144,7 @@ def _shipped_placeholders() -> set[str]:
     for folder in ("deploy", "docs"):
         files += [p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix != ".png"]
     found: set[str] = set()
-    pattern = re.compile(
-        r"(?:SECRET|TOKEN|PASSWORD)[A-Z_]*=['\"]?([A-Za-z0-9_\-.]{6,})"
-    )
+    pattern = re.compile(r"(?:SECRET|TOKEN|PASSWORD)[A-Z_]*=['\"]?([A-Za-z0-9_\-.]{6,})")
     for path in files:
         text = path.read_text(errors="ignore")
         found |= {m.group(1) for m in pattern.finditer(text)}
@@ -246,3 +245,68 @@ def test_a_token_for_one_service_is_refused_by_another_sharing_its_secret(system
         )
     assert answer.status_code == 401, answer.text
     assert json.loads(answer.text)["detail"]
+
+
+# -- decoders bounded before they allocate ----------------------------------------------------
+def _dicom(rows: int = 48, columns: int = 48, *, pixel_bytes: int | None = None, **extra) -> bytes:
+    import numpy as np
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.dicom_factory import make_dataset
+    from tests.services.helpers import dicom_bytes
+
+    dataset = make_dataset(np.zeros((2, 2), np.uint16))
+    dataset.Rows, dataset.Columns = rows, columns
+    dataset.PixelData = bytes(2 * rows * columns if pixel_bytes is None else pixel_bytes)
+    if extra.get("deflated"):
+        dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    if extra.get("blob"):
+        dataset.add_new(0x00091010, "OB", bytes(extra["blob"]))
+    return dicom_bytes(dataset)
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated():
+    from pecbir_encryptor.inputs import read_mask, read_pixels
+
+    bomb = _dicom(deflated=True, blob=40_000_000)  # 40 MB of zeros in ~40 KB
+    assert len(bomb) < 100_000
+    with pytest.raises(ValueError, match="inflates past"):
+        read_pixels(bomb, max_pixels=2048 * 2048)
+    with pytest.raises(ValueError, match="inflates past"):
+        read_mask(bomb, max_pixels=2048 * 2048)
+    # A deflated image of honest size is read.
+    pixels, _ = read_pixels(_dicom(deflated=True), max_pixels=2048 * 2048)
+    assert pixels.shape == (48, 48)
+
+
+def test_dicom_size_is_checked_from_the_header_before_decoding():
+    from pecbir_encryptor.inputs import read_pixels
+
+    # 12000 x 12000 declared, 10 bytes of pixel data: refused by its declared size, not by
+    # a failed (or, for RLE, a 288 MB) decode.
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        read_pixels(_dicom(12000, 12000, pixel_bytes=10), max_pixels=2048 * 2048)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        read_pixels(_dicom(64, 64), max_pixels=48 * 48)
+
+
+def test_stow_applies_the_ingest_path_s_pixel_limit_before_encrypting(system):
+    import numpy as np
+    import pydicom
+
+    from tests.services.helpers import dicom_bytes, make_seg, multipart_related
+
+    image = _dicom(3000, 3000, pixel_bytes=16)
+    source = pydicom.dcmread(io.BytesIO(image))
+    seg = dicom_bytes(make_seg(np.ones((8, 8), bool), source))
+    body, content_type = multipart_related([image, seg])
+    answer = system.encryptor.post(
+        "/dicomweb/brain/studies", content=body, headers={"content-type": content_type}
+    )
+    assert answer.status_code == 409, answer.text
+    comments = [
+        item["00000902"]["Value"][0]
+        for item in answer.json()["00081198"]["Value"]
+        if "00000902" in item
+    ]
+    assert any("exceeds the limit" in text for text in comments), comments

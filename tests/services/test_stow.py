@@ -12,12 +12,13 @@ from pecbir_encryptor.dicom import (
     read_instance,
 )
 from pecbir_encryptor.stow import Pairing, pair_instances, seg_outcomes
+from pecore.io import MAX_PIXELS
 from tests.dicom_factory import make_dataset
 from tests.services.helpers import dicom_bytes, make_seg
 
 
 def instance_of(dataset) -> Instance:
-    return read_instance(dicom_bytes(dataset), "application/dicom")
+    return read_instance(dicom_bytes(dataset), "application/dicom", max_pixels=MAX_PIXELS)
 
 
 def image_and_mask(seed: int) -> tuple:
@@ -62,8 +63,8 @@ def test_unpaired_images_unreadable_parts_and_empty_segs_are_reported():
         instance_of(no_pixels),
         instance_of(seg),
         instance_of(orphan),
-        read_instance(b"not dicom", "application/dicom"),
-        read_instance(b"", "text/plain"),
+        read_instance(b"not dicom", "application/dicom", max_pixels=MAX_PIXELS),
+        read_instance(b"", "text/plain", max_pixels=MAX_PIXELS),
     ]
     plan = pair_instances(parts)
     refused = {(uid, code) for _cls, uid, code, _text in plan.refused}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,7 +18,9 @@ from PIL import Image
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "check_dicom_size",
     "is_dicom",
+    "open_dicom",
     "png_bytes",
     "read_dicom",
     "read_image",
@@ -35,17 +38,99 @@ def is_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def read_dicom(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[np.ndarray, object]:
-    """Pixels (2-D integer array) and the pydicom dataset of a single-frame MONOCHROME2 image."""
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+# Room for the attributes around the pixels when bounding an inflated (deflated) dataset.
+_HEADER_ROOM_BYTES = 1 << 20
+
+
+def _inflates_within(data: bytes, limit: int) -> bool:
+    """Whether raw-deflate `data` inflates to at most `limit` bytes (memory: 1 MiB at a time)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, pending = 0, data
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, 1 << 20))
+            if total > limit:
+                return False
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        return True  # corrupt: pydicom's own reading says so
+    return True
+
+
+def open_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS) -> object:
+    """The pydicom dataset of DICOM Part 10 `data`, its pixels not decoded.
+
+    A dataset in the deflated transfer syntax is inflated only once it is known to inflate to
+    no more than an image of `max_pixels` 16-bit pixels (plus 1 MiB of header; a SEG's
+    frames are 1-bit): a deflate bomb costs a bounded stream, never its inflated size.
+
+    Raises
+    ------
+    ValueError
+        Not readable DICOM, or a deflated dataset that inflates past the bound.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
-    if isinstance(source, bytes | bytearray):
-        source = io.BytesIO(source)
     try:
-        dataset = pydicom.dcmread(source)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError) as exc:
+        stream = io.BytesIO(data)
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+        if str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+            limit = 2 * max_pixels + _HEADER_ROOM_BYTES
+            if not _inflates_within(data[stream.tell() :], limit):
+                raise ValueError(f"deflated DICOM dataset inflates past {limit} bytes")
+        return pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"not a readable DICOM file: {exc}") from None
+
+
+def check_dicom_size(dataset: object, *, max_pixels: int = MAX_PIXELS, max_frames: int = 1) -> None:
+    """Refuse, from the header alone, pixel data larger than `max_pixels` per frame.
+
+    Rows x Columns x samples must be at most `max_pixels`, frames at most `max_frames` and
+    BitsAllocated at most 16, so that decoding (RLE, JPEG, raw) allocates a bounded array.
+
+    Raises
+    ------
+    ValueError
+        Naming the declared size and the limit.
+    """
+    try:
+        rows = int(getattr(dataset, "Rows", 0) or 0)
+        columns = int(getattr(dataset, "Columns", 0) or 0)
+        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+        bits = int(getattr(dataset, "BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"DICOM image size attributes are not numbers: {exc}") from None
+    if rows * columns * samples > max_pixels:
+        raise ValueError(
+            f"DICOM image of {rows}x{columns} pixels exceeds the limit of {max_pixels} pixels"
+        )
+    if frames > max_frames:
+        raise ValueError(f"DICOM object of {frames} frames exceeds the limit of {max_frames}")
+    if bits > 16:
+        raise ValueError(f"DICOM BitsAllocated = {bits}; expected at most 16")
+
+
+def read_dicom(
+    source: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, object]:
+    """Pixels (2-D integer array) and the pydicom dataset of a single-frame MONOCHROME2 image.
+
+    The image's size is checked from its header (`check_dicom_size`) before any pixel is
+    decoded, and a deflated dataset is bounded before it is inflated (`open_dicom`).
+    """
+    if isinstance(source, bytes | bytearray):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        data = source.read()  # type: ignore[union-attr]
+    else:
+        data = Path(source).read_bytes()  # type: ignore[arg-type]
+    dataset = open_dicom(data, max_pixels=max_pixels)
     if "PixelData" not in dataset:
         raise ValueError("not a readable DICOM image: it has no pixel data")
     photometric = str(getattr(dataset, "PhotometricInterpretation", ""))
@@ -61,6 +146,7 @@ def read_dicom(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[np.nd
     bits_stored = int(getattr(dataset, "BitsStored", 0))
     if bits_stored not in range(8, 17):
         raise ValueError(f"DICOM BitsStored = {bits_stored}; expected 8 to 16 (e.g. 12 or 16)")
+    check_dicom_size(dataset, max_pixels=max_pixels)
     try:
         pixels = dataset.pixel_array
     except Exception as exc:  # pydicom raises many types for broken or unsupported pixel data

@@ -6,13 +6,13 @@ every other attribute, patient-identifying or not, stays at the hospital.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
+
+from pecore.io import check_dicom_size, open_dicom
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 # PS3.4 Annex GG / PS3.18 failure reasons used in FailedSOPSequence.
@@ -20,6 +20,8 @@ FAILURE_PROCESSING = 0x0110  # processing failure
 FAILURE_CANNOT_UNDERSTAND = 0xC000  # cannot understand (undecodable, unsupported)
 FAILURE_SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class / not an image
 LABELS_BY_NAME = {"meningioma": 1, "glioma": 2, "pituitary": 3}
+# Frames a SEG of one slice may have (one per segment): more is refused before decoding.
+SEG_MAX_FRAMES = 16
 
 
 class StowError(ValueError):
@@ -74,13 +76,27 @@ class Instance:
     error: tuple[int, str] | None = None
 
 
-def read_instance(payload: bytes, part_type: str) -> Instance:
+def read_instance(payload: bytes, part_type: str, *, max_pixels: int) -> Instance:
+    """One part of a STOW request; its declared image size checked against `max_pixels`
+    (per frame) before anything is inflated or decoded, as on the single-image path."""
     if part_type and part_type.split(";")[0].strip().lower() != "application/dicom":
         return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, f"part type {part_type!r}"))
     try:
-        dataset = pydicom.dcmread(io.BytesIO(payload), force=False)
+        dataset = open_dicom(payload, max_pixels=max_pixels)
     except Exception as exc:
         return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, f"not a DICOM file: {exc}"))
+    is_seg_object = str(getattr(dataset, "SOPClassUID", "")) == SEG_SOP_CLASS
+    try:
+        check_dicom_size(
+            dataset, max_pixels=max_pixels, max_frames=SEG_MAX_FRAMES if is_seg_object else 1
+        )
+    except ValueError as exc:
+        return Instance(
+            None,
+            sop_class=str(getattr(dataset, "SOPClassUID", "")),
+            sop_instance=str(getattr(dataset, "SOPInstanceUID", "")),
+            error=(FAILURE_CANNOT_UNDERSTAND, str(exc)),
+        )
     return Instance(
         dataset,
         payload=payload,

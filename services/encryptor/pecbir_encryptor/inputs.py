@@ -6,21 +6,22 @@ import io
 
 import numpy as np
 
-from pecbir_encryptor.dicom import SEG_SOP_CLASS, read_seg
-from pecore.io import is_dicom, read_dicom, read_png
+from pecbir_encryptor.dicom import SEG_MAX_FRAMES, SEG_SOP_CLASS, read_seg
+from pecore.io import check_dicom_size, is_dicom, open_dicom, read_dicom, read_png
 
 _NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Same bound as the cloud's wire format: refuse before decoding (or encrypting) anything bigger.
+# The service passes its own (smaller) `max_pixels` setting.
 MAX_PIXELS = 4096 * 4096
 
 
-def _check_size(shape: tuple[int, ...], what: str) -> None:
+def _check_size(shape: tuple[int, ...], what: str, max_pixels: int) -> None:
     pixels = 1
     for side in shape:
         pixels *= int(side)
-    if pixels > MAX_PIXELS:
-        raise ValueError(f"{what}: {'x'.join(map(str, shape))} exceeds {MAX_PIXELS} pixels")
+    if pixels > max_pixels:
+        raise ValueError(f"{what}: {'x'.join(map(str, shape))} exceeds {max_pixels} pixels")
 
 
 def _declared_shape(data: bytes, what: str) -> tuple[int, ...]:
@@ -47,16 +48,24 @@ def _declared_shape(data: bytes, what: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def read_pixels(data: bytes, what: str = "image") -> tuple[np.ndarray, str | None]:
-    """(2-D pixels, SOP Instance UID if DICOM) from DICOM, PNG or NPY bytes."""
+def read_pixels(
+    data: bytes, what: str = "image", *, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, str | None]:
+    """(2-D pixels, SOP Instance UID if DICOM) from DICOM, PNG or NPY bytes.
+
+    The size is checked against `max_pixels` from the file's header, before any pixel is
+    decoded (or inflated).
+    """
     if not data:
         raise ValueError(f"{what}: empty file")
     if is_dicom(data[:132]):
-        pixels, dataset = read_dicom(data)
-        _check_size(pixels.shape, what)
+        try:
+            pixels, dataset = read_dicom(data, max_pixels=max_pixels)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
         return pixels, str(getattr(dataset, "SOPInstanceUID", "")) or None
     if data.startswith((_PNG_MAGIC, _NPY_MAGIC)):
-        _check_size(_declared_shape(data, what), what)
+        _check_size(_declared_shape(data, what), what, max_pixels)
     if data.startswith(_PNG_MAGIC):
         return read_png(data), None
     if data.startswith(_NPY_MAGIC):
@@ -70,15 +79,17 @@ def read_pixels(data: bytes, what: str = "image") -> tuple[np.ndarray, str | Non
     raise ValueError(f"{what}: not DICOM, PNG or NPY")
 
 
-def read_mask(data: bytes) -> tuple[np.ndarray, int | None]:
+def read_mask(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int | None]:
     """(mask, label from a SEG segment label or None) from PNG, NPY or DICOM SEG bytes."""
     if is_dicom(data[:132]):
-        import pydicom
-
-        dataset = pydicom.dcmread(io.BytesIO(data))
-        if str(getattr(dataset, "SOPClassUID", "")) != SEG_SOP_CLASS:
-            raise ValueError("mask: a DICOM mask must be a Segmentation (SEG) object")
+        try:
+            dataset = open_dicom(data, max_pixels=max_pixels)
+            if str(getattr(dataset, "SOPClassUID", "")) != SEG_SOP_CLASS:
+                raise ValueError("a DICOM mask must be a Segmentation (SEG) object")
+            check_dicom_size(dataset, max_pixels=max_pixels, max_frames=SEG_MAX_FRAMES)
+        except ValueError as exc:
+            raise ValueError(f"mask: {exc}") from None
         seg = read_seg(dataset)
         return seg.mask, seg.label
-    mask, _ = read_pixels(data, "mask")
+    mask, _ = read_pixels(data, "mask", max_pixels=max_pixels)
     return mask, None

@@ -41,11 +41,12 @@ def _store_pairing(
     label: int | None,
     role: str,
     base_url: str,
+    max_pixels: int,
 ) -> str | Failed:
     """Encrypt and upload one paired image: the retrieve URL of its plain image, or why not."""
     instance, uid = pairing.image, pairing.image.sop_instance
     try:
-        pixels, _ = read_dicom(instance.payload)
+        pixels, _ = read_dicom(instance.payload, max_pixels=max_pixels)
         protected = encryptor.protect(
             pixels,
             pairing.seg.mask,
@@ -71,15 +72,23 @@ def stow(
     label: int | None,
     role: str,
     base_url: str,
+    max_pixels: int,
 ) -> Response:
-    """Store what a STOW request holds; the PS3.18 answer (blocking: run it in a thread)."""
+    """Store what a STOW request holds; the PS3.18 answer (blocking: run it in a thread).
+
+    Each part's declared image size is checked against `max_pixels` before anything is
+    inflated, decoded or encrypted (the limit of the single-image path).
+    """
     try:
         parts = parse_multipart_related(content_type, request_body)
     except StowError as exc:
         status = 415 if "Content-Type" in str(exc) or "type=" in str(exc) else 400
         raise HTTPException(status, str(exc)) from None
     plan = pair_instances(
-        [read_instance(body, headers.get("content-type", "")) for headers, body in parts]
+        [
+            read_instance(body, headers.get("content-type", ""), max_pixels=max_pixels)
+            for headers, body in parts
+        ]
     )
     stored: list[Stored] = []
     failed: list[Failed] = list(plan.refused)
@@ -89,7 +98,13 @@ def stow(
             failed.append(item)
             continue
         outcome = _store_pairing(
-            encryptor, item, collection=collection, label=label, role=role, base_url=base_url
+            encryptor,
+            item,
+            collection=collection,
+            label=label,
+            role=role,
+            base_url=base_url,
+            max_pixels=max_pixels,
         )
         if isinstance(outcome, str):
             stored.append((item.image.sop_class, item.image.sop_instance, outcome))
@@ -129,6 +144,7 @@ async def stow_rs(
         label=label,
         role=role,
         base_url=str(request.base_url).rstrip("/"),
+        max_pixels=ctx.settings.max_pixels,
     )
 
 

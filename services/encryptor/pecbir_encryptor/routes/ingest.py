@@ -34,8 +34,8 @@ def ingest(
         # Empty parts go on to the readers: their message says what is wrong with the file.
         image_bytes = read_limited(image, limit=limit, what="image", refuse_empty=False)
         mask_bytes = read_limited(mask, limit=limit, what="mask", refuse_empty=False)
-        pixels, source_uid = read_pixels(image_bytes, "image")
-        plain_mask, seg_label = read_mask(mask_bytes)
+        pixels, source_uid = read_pixels(image_bytes, "image", max_pixels=ctx.settings.max_pixels)
+        plain_mask, seg_label = read_mask(mask_bytes, max_pixels=ctx.settings.max_pixels)
         # DICOM: keyed pseudonym of the SOP Instance UID; files: of their content. Either
         # way a repeated upload maps to the same id and so to the same cloud object.
         content = hashlib.sha256(image_bytes + b"\x00" + mask_bytes).hexdigest()

@@ -37,9 +37,9 @@ def search(
     limit = ctx.settings.max_upload_bytes
     try:
         image_bytes = read_limited(image, limit=limit, what="image", refuse_empty=False)
-        pixels, _ = read_pixels(image_bytes, "image")
+        pixels, _ = read_pixels(image_bytes, "image", max_pixels=ctx.settings.max_pixels)
         mask_bytes = read_limited(mask, limit=limit, what="mask", refuse_empty=False)
-        plain_mask, _ = read_mask(mask_bytes)
+        plain_mask, _ = read_mask(mask_bytes, max_pixels=ctx.settings.max_pixels)
         result = ctx.encryptor.search(collection, pixels, plain_mask, k, owner)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
