@@ -310,3 +310,193 @@ def test_stow_applies_the_ingest_path_s_pixel_limit_before_encrypting(system):
         if "00000902" in item
     ]
     assert any("exceeds the limit" in text for text in comments), comments
+
+
+# -- per-caller budgets -----------------------------------------------------------------------
+def _gateway(tmp_path, **settings):
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from pecbir_gateway.app import create_app
+    from pecbir_gateway.settings import GatewaySettings
+    from pecbir_platform.store import FilesystemStore
+    from tests.services.conftest import RecordingDispatcher
+    from tests.services.helpers import TOKEN_SECRET
+
+    def no_search(request):
+        return httpx.Response(409, json={"detail": "no model yet"})
+
+    store = FilesystemStore(tmp_path / "store")
+    app = create_app(
+        GatewaySettings(token_secret=TOKEN_SECRET.decode(), **settings),
+        store=store,
+        dispatcher=RecordingDispatcher(),
+        search_client=httpx.Client(base_url="http://s", transport=httpx.MockTransport(no_search)),
+    )
+    return TestClient(app), store
+
+
+def test_training_requests_are_budgeted_per_token_with_429_and_retry_after(tmp_path):
+    from tests.services.helpers import auth
+
+    client, store = _gateway(tmp_path, rate_limits="train=0.01/3")
+    headers = auth()
+    answers = [client.post("/v1/collections/brain/model/train", headers=headers) for _ in range(6)]
+    assert [a.status_code for a in answers] == [202, 202, 202, 429, 429, 429]
+    assert int(answers[-1].headers["retry-after"]) >= 1
+    assert "rate limit" in answers[-1].json()["detail"]
+    versions = [k for k in store.list("tenants/") if k.endswith("request.json")]
+    assert len(versions) == 3  # nothing written for a refused request
+    # Another tenant has its own budget.
+    assert (
+        client.post("/v1/collections/brain/model/train", headers=auth("hosp-b")).status_code == 202
+    )
+
+
+def test_a_tenant_budget_holds_across_its_tokens(tmp_path):
+    from tests.services.helpers import auth
+
+    client, _ = _gateway(tmp_path, rate_limits="train=0.01/1")
+    statuses = [
+        client.post(
+            "/v1/collections/brain/model/train", headers=auth(now=time.time() - i)
+        ).status_code
+        for i in range(8)  # eight tokens (another iat each) of one tenant: 4 tokens' worth
+    ]
+    assert statuses.count(202) == 4 and statuses[-1] == 429
+
+
+def test_redis_buckets_share_one_budget_across_replicas(tmp_path):
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server binary: the Redis token buckets cannot be tested")
+    from pecbir_harness.procs import RedisProcess
+    from pecbir_platform.ratelimit import Budget, RedisBuckets
+
+    redis = RedisProcess(tmp_path / "redis").start()
+    try:
+        replicas = [RedisBuckets(redis.url), RedisBuckets(redis.url)]
+        budget = Budget(per_s=0.01, burst=4)
+        waits = [replicas[i % 2].take("search:token:t", budget) for i in range(6)]
+        assert waits[:4] == [0.0] * 4 and all(w > 1 for w in waits[4:])
+    finally:
+        redis.stop()
+
+
+def test_query_image_and_roi_are_capped_at_the_gateway(tmp_path):
+    import numpy as np
+
+    from tests.services.helpers import auth, upload_files
+
+    client, _ = _gateway(tmp_path, max_query_pixels=64 * 64, max_query_roi_pixels=500)
+    big = np.zeros((96, 96), np.uint8)
+    files = upload_files(big, np.ones((96, 96), bool))
+    files.pop("metadata")
+    answer = client.post("/v1/collections/brain/search", files=files, headers=auth())
+    assert answer.status_code == 413 and "query limit" in answer.json()["detail"]
+    files = upload_files(np.zeros((48, 48), np.uint8), np.ones((48, 48), bool))
+    files.pop("metadata")
+    answer = client.post("/v1/collections/brain/search", files=files, headers=auth())
+    assert answer.status_code == 413 and "tumour mask of 2304 pixels" in answer.json()["detail"]
+
+
+# -- stored bytes are canonical ---------------------------------------------------------------
+def test_stored_pngs_are_the_canonical_encoding_of_their_pixels(tmp_path):
+    import struct
+    import zlib
+
+    from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
+    from tests.services.helpers import auth, blob_image, metadata_json
+
+    client, store = _gateway(tmp_path)
+    image, mask = blob_image(seed=3)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    canonical = encode_png(image)
+    text = chunk(b"tEXt", b"PatientName\x00DOE^JOHN")
+    # A tEXt chunk after IHDR, junk after IEND, and an IDAT recompressed at level 0 (bloated).
+    tagged = canonical[:33] + text + canonical[33:] + b"\x00junk" * 1000
+    raw = zlib.decompress(canonical[41 : canonical.index(b"IEND") - 8])
+    bloated_idat = chunk(b"IDAT", zlib.compress(raw, 0))
+    bloated = canonical[:33] + bloated_idat + canonical[-12:]
+    for cipher in (tagged, bloated):
+        files = {
+            "cipher": ("c.png", cipher, "image/png"),
+            "mask": ("m.png", encode_png(mask) + b"trailing", "image/png"),
+            "metadata": (None, metadata_json(image.shape)),
+        }
+        answer = client.post("/v1/collections/brain/images", files=files, headers=auth())
+        assert answer.status_code == 202, answer.text
+        image_id = answer.json()["image_id"]
+        stored = store.get(f"tenants/hosp-a/collections/brain/images/{image_id}/cipher.png")
+        stored_mask = store.get(f"tenants/hosp-a/collections/brain/images/{image_id}/mask.png")
+        assert stored == canonical
+        assert stored_mask == encode_png(mask)
+        assert b"DOE^JOHN" not in stored and b"junk" not in stored
+        assert (decode_image_png(stored) == image).all()
+        assert (decode_mask_png(stored_mask) == mask).all()
+
+
+# -- errors and audit -------------------------------------------------------------------------
+def test_an_overlong_model_version_is_a_client_error_without_internal_paths(tmp_path):
+    from tests.services.helpers import auth
+
+    client, _ = _gateway(tmp_path)
+    answer = client.get("/v1/collections/brain/model/v" + "9" * 5000, headers=auth())
+    assert 400 <= answer.status_code < 500, answer.status_code
+    assert str(tmp_path) not in answer.text and "/store" not in answer.text
+
+
+def test_store_failures_do_not_disclose_paths(tmp_path):
+    from pecbir_contracts.store import StorageError
+    from pecbir_platform.web import _storage_failed
+
+    answer = _storage_failed(None, StorageError(f"cannot read {tmp_path}/store/x: denied"))
+    assert answer.status_code == 503 and str(tmp_path).encode() not in answer.body
+
+
+def _audit_lines(system, before: int) -> list[dict]:
+    path = system.root / "encryptor-audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()[before:]]
+
+
+def _audit_count(system) -> int:
+    path = system.root / "encryptor-audit.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_key_release_for_a_bad_collection_and_decrypt_failures_are_audited(system):
+    before = _audit_count(system)
+    answer = system.encryptor.post(
+        "/v1/keys/release", json={"collection": "Bad Name!", "image_id": "0" * 32}
+    )
+    assert answer.status_code == 422
+    assert [(r["action"], r["outcome"]) for r in _audit_lines(system, before)] == [
+        ("key-release", "refused")
+    ]
+    before = _audit_count(system)
+    missing = system.encryptor.get(f"/v1/collections/brain/images/{'0' * 32}/plain")
+    assert missing.status_code == 404  # the gateway's answer, passed on
+    bad = system.encryptor.get("/v1/collections/Bad!/images/xyz/plain")
+    assert bad.status_code == 422
+    assert [(r["action"], r["outcome"]) for r in _audit_lines(system, before)] == [
+        ("decrypt", "refused"),
+        ("decrypt", "refused"),
+    ]
+
+
+def test_anonymous_requests_cannot_flood_the_audit_log(system):
+    system.encryptor_app.state.encryptor.audit._anonymous_line_at = -float("inf")
+    before = _audit_count(system)
+    for i in range(200):
+        answer = system.encryptor.post(
+            f"/v1/keys/release/{'x' * 100}{i}", headers={"authorization": "Bearer nope"}
+        )
+        assert answer.status_code == 401
+    new = _audit_lines(system, before)
+    assert len(new) == 1 and new[0]["outcome"] == "unauthenticated"
+    assert "xxxx" not in json.dumps(new)  # no client-chosen path in the log

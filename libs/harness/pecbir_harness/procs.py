@@ -372,6 +372,10 @@ class Cluster:
             "PECBIR_BROKER_URL": self.redis_url,
             "PECBIR_TOKEN_SECRET": self.cloud_secret,
             "PECBIR_REINDEX_CHUNK": "16",
+            # Budgets in Redis, as deployed; set wide (callers' extra_env narrows them): the
+            # cluster serves soak and benchmark loads, which measure capacity, not the limits.
+            "PECBIR_RATE_LIMITS_URL": self.redis_url,
+            "PECBIR_RATE_LIMITS": "search=1000/10000,upload=1000/10000,train=1000/10000",
             # One BLAS thread per request/task: concurrent requests already use the cores.
             "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",

@@ -18,6 +18,7 @@ from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, guard_requests
 from pecore.keys import MasterKey
 
@@ -54,7 +55,11 @@ def create_app(
         version="1",
         description="Plain images in, cipher images to the cloud; decryption for key holders.",
     )
-    app.state.context = EncryptorContext(settings=settings, encryptor=encryptor)
+    app.state.context = EncryptorContext(
+        settings=settings,
+        encryptor=encryptor,
+        limiter=RateLimiter.from_settings(settings.rate_limits, settings.rate_limits_url),
+    )
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
     for router in (ingest.router, dicomweb.router, search.router, keys.router):

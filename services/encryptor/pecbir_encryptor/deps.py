@@ -18,7 +18,8 @@ from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.gateway_client import GatewayError, gateway_http_client
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.settings import EncryptorSettings
-from pecbir_platform.web import bearer_claims
+from pecbir_platform.ratelimit import RateLimiter
+from pecbir_platform.web import bearer_claims, require_scope
 from pecore.keys import MasterKey
 
 __all__ = [
@@ -46,10 +47,18 @@ class EncryptorContext:
         The service's settings.
     encryptor
         The owner-side operations (keys, gateway client, audit log).
+    limiter
+        The budgets of the service's users (per token and per tenant).
     """
 
     settings: EncryptorSettings
     encryptor: Encryptor
+    limiter: RateLimiter
+
+    def permit(self, claims: Claims, scope: str) -> None:
+        """403 unless `claims` grant `scope`; 429 when the caller's budget for it is spent."""
+        require_scope(claims, scope)
+        self.limiter.check(scope, claims)
 
     @property
     def user_token_secret(self) -> bytes:

@@ -31,4 +31,8 @@ class EncryptorSettings(BaseSettings):
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so
     # that nothing the cloud would refuse is decoded and encrypted first.
     max_pixels: int = 2048 * 2048
+    # Budgets per user token, "action=per_s/burst" (the tenant gets 4 tokens' worth; 429 +
+    # Retry-After beyond), in the Redis at rate_limits_url or, unset, in this process.
+    rate_limits: str = "key-release=2/20,decrypt=20/100,search=10/40,upload=20/200"
+    rate_limits_url: str | None = None
     gateway_timeout_s: float = 60.0

@@ -12,6 +12,7 @@ from pecbir_gateway import images, model_versions, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.store import check_put_if_absent
 from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, add_store_error_handlers, guard_requests
 
@@ -36,6 +37,7 @@ def create_app(
         dispatcher=dispatcher or CeleryDispatcher(settings.broker_url),
         search=search_client
         or httpx.Client(base_url=settings.search_url, timeout=settings.search_timeout_s),
+        limiter=RateLimiter.from_settings(settings.rate_limits, settings.rate_limits_url),
         sharing=settings.sharing(),
     )
     app = FastAPI(

@@ -18,6 +18,7 @@ from pecbir_contracts.layout import CollectionLayout, check_name
 from pecbir_contracts.store import ObjectStore
 from pecbir_gateway.dispatch import TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import bearer_claims
 
 
@@ -27,6 +28,7 @@ class GatewayContext:
     store: ObjectStore
     dispatcher: TaskDispatcher
     search: httpx.Client
+    limiter: RateLimiter
     sharing: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
     @property
@@ -89,7 +91,8 @@ class Access:
 def authorise(
     ctx: GatewayContext, claims: Claims, collection: str, owner: str | None, scope: str
 ) -> Access:
-    """Check scope and tenancy; a foreign collection only if shared with the caller's tenant."""
+    """Check scope, tenancy and budget; a foreign collection only if shared with the caller's
+    tenant. Each scope is also a budget (search, upload, train), per token and per tenant."""
     try:
         claims.require(scope)
         check_name(collection, "collection")
@@ -105,6 +108,7 @@ def authorise(
             raise HTTPException(
                 403, f"collection {owner}/{collection} is not shared with tenant {claims.tenant!r}"
             )
+    ctx.limiter.check(scope, claims)
     return Access(claims=claims, layout=CollectionLayout(owner, collection))
 
 

@@ -8,6 +8,7 @@ import logging
 from datetime import timedelta
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -24,6 +25,7 @@ from pecbir_contracts.png import (
     check_pair,
     decode_image_png,
     decode_mask_png,
+    encode_png,
 )
 from pecbir_contracts.records import read_current_version
 from pecbir_contracts.routes import (
@@ -63,7 +65,8 @@ IdempotencyKey = Annotated[
 ]
 
 
-def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[int, int]:
+def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded cipher image and mask of an upload or query; 413/422 when not acceptable."""
     try:
         image = decode_image_png(cipher, "cipher", ctx.settings.max_pixels)
         plain_mask = decode_mask_png(mask, "mask", ctx.settings.max_pixels)
@@ -72,7 +75,7 @@ def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[int,
         raise HTTPException(413, str(exc)) from None
     except InvalidImage as exc:
         raise HTTPException(422, str(exc)) from None
-    return image.shape
+    return image, plain_mask
 
 
 def _status_url(layout: CollectionLayout, image_id: str) -> str:
@@ -112,12 +115,16 @@ def upload_image(
         meta = ImageMetadata.model_validate_json(metadata)
     except ValidationError as exc:
         raise HTTPException(422, f"metadata: {exc.errors(include_url=False)}") from None
-    height, width = validate_pair(ctx, cipher_bytes, mask_bytes)
+    image, plain_mask = validate_pair(ctx, cipher_bytes, mask_bytes)
+    height, width = image.shape
     if (meta.height, meta.width) != (height, width):
         raise HTTPException(
             422, f"metadata says {meta.height}x{meta.width}, the cipher image is {height}x{width}"
         )
     meta_bytes = meta.model_dump_json().encode()
+    # What is stored is re-encoded from the decoded pixels, never the uploader's bytes: no
+    # ancillary chunks (a tEXt with a patient name), nothing after IEND, one canonical IDAT.
+    cipher_bytes, mask_bytes = encode_png(image), encode_png(plain_mask)
     fingerprint = _fingerprint(layout, cipher_bytes, mask_bytes, meta_bytes)
     record_key = idempotency_record_key(layout.tenant, idempotency_key) if idempotency_key else None
     if record_key:

@@ -5,15 +5,36 @@ from __future__ import annotations
 from typing import Annotated
 
 import httpx
+import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from pecbir_contracts.routes import GATEWAY_IMAGE_CIPHER, GATEWAY_SEARCH, SEARCH_SEARCH
 from pecbir_contracts.schemas import MAX_K, SearchResponse
-from pecbir_gateway.deps import Caller, Ctx, Owner, authorise
+from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.images import validate_pair
 from pecbir_platform.web import read_limited
 
 router = APIRouter(tags=["search"])
+
+
+def _check_query_cost(ctx: GatewayContext, image: np.ndarray, mask: np.ndarray) -> None:
+    """413 for a query whose featurisation would cost more than a bounded multiple of a
+    normal one: an image or a tumour ROI larger than the query limits."""
+    settings = ctx.settings
+    height, width = image.shape
+    if height * width > settings.max_query_pixels:
+        raise HTTPException(
+            413,
+            f"query image of {height}x{width} pixels exceeds the query limit of "
+            f"{settings.max_query_pixels} pixels",
+        )
+    roi = int(np.count_nonzero(mask))
+    if roi > settings.max_query_roi_pixels:
+        raise HTTPException(
+            413,
+            f"query tumour mask of {roi} pixels exceeds the query limit of "
+            f"{settings.max_query_roi_pixels} pixels",
+        )
 
 
 @router.post(GATEWAY_SEARCH, response_model=SearchResponse)
@@ -30,7 +51,8 @@ def search(
     limit = ctx.settings.max_upload_bytes
     cipher_bytes = read_limited(cipher, limit=limit, what="cipher")
     mask_bytes = read_limited(mask, limit=limit, what="mask")
-    validate_pair(ctx, cipher_bytes, mask_bytes)
+    image, plain_mask = validate_pair(ctx, cipher_bytes, mask_bytes)
+    _check_query_cost(ctx, image, plain_mask)
     try:
         answer = ctx.search.post(
             SEARCH_SEARCH.format(collection=collection),

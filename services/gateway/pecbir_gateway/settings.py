@@ -16,6 +16,15 @@ class GatewaySettings(StoreSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     max_upload_bytes: int = 16 * 1024 * 1024
     max_pixels: int = 2048 * 2048
+    # A search query's image and tumour ROI: a query costs at most a bounded multiple of a
+    # normal one (512x512 slices; the largest tumour of the reference data set is 25,461 px).
+    max_query_pixels: int = 1024 * 1024
+    max_query_roi_pixels: int = 64 * 1024
+    # Budgets per token, "action=per_s/burst" (a tenant gets 4 tokens' worth; 429 +
+    # Retry-After beyond); buckets in the Redis at rate_limits_url, shared by all replicas,
+    # or in this process when it is unset (embedded mode).
+    rate_limits: str = "search=10/40,upload=20/200,train=0.2/5"
+    rate_limits_url: str | None = None
     presign_ttl_s: int = 900
     search_timeout_s: float = 30.0
     # "owner/collection=tenant1,tenant2;owner2/coll2=tenant3": who may search/read whose data.

@@ -25,7 +25,7 @@ from pecbir_encryptor.dicom import (
 )
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.stow import Failed, Pairing, Stored, pair_instances, seg_outcomes
-from pecbir_platform.web import read_body_limited, require_scope
+from pecbir_platform.web import read_body_limited
 from pecore.io import read_dicom
 
 DICOM_JSON = "application/dicom+json"
@@ -131,7 +131,7 @@ async def stow_rs(
     role: Annotated[str, Query(pattern="^(template|query)$")] = "template",
 ) -> Response:
     """DICOMweb STOW-RS: images with their DICOM SEG tumour masks in one request."""
-    require_scope(claims, "upload")
+    ctx.permit(claims, "upload")
     collection = collection_name(collection)
     # Refused by its Content-Length, or at the first byte over the limit: never held whole.
     body = await read_body_limited(request, limit=ctx.settings.max_upload_bytes)

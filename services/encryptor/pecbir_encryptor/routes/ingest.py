@@ -11,7 +11,7 @@ from pecbir_contracts.routes import ENCRYPTOR_IMAGES
 from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
-from pecbir_platform.web import read_limited, require_scope
+from pecbir_platform.web import read_limited
 
 router = APIRouter()
 
@@ -26,7 +26,7 @@ def ingest(
     label: Annotated[int | None, Form(ge=0, le=255)] = None,
     role: Annotated[str, Form(pattern="^(template|query)$")] = "template",
 ) -> dict[str, object]:
-    require_scope(claims, "upload")
+    ctx.permit(claims, "upload")
     collection = collection_name(collection)
     encryptor = ctx.encryptor
     limit = ctx.settings.max_upload_bytes

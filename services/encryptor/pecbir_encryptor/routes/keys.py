@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
-from pecbir_contracts.auth import Forbidden
 from pecbir_contracts.layout import check_image_id
 from pecbir_contracts.routes import ENCRYPTOR_KEY_RELEASE
 from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
@@ -25,14 +24,15 @@ class KeyReleaseRequest(BaseModel):
 def release_key(request: KeyReleaseRequest, claims: Caller, ctx: Ctx) -> dict[str, object]:
     """The key of one image, for an authorised image user (audited, allowed or not)."""
     encryptor = ctx.encryptor
-    record = {"action": "key-release", "sub": claims.sub, "image_id": request.image_id}
+    record = {"action": "key-release", "sub": claims.sub, "image_id": request.image_id[:64]}
     try:
-        claims.require("key-release")
-    except Forbidden as exc:
-        # Not `require_scope`: a refused key release is audited too.
-        encryptor.audit.write(**record, outcome="denied", reason=str(exc))
-        raise HTTPException(403, str(exc)) from None
-    collection = collection_name(request.collection)
+        ctx.permit(claims, "key-release")
+        collection = collection_name(request.collection)
+    except HTTPException as exc:
+        # Every decision on a key is audited: no scope (denied), no budget, a bad name.
+        outcome = "denied" if exc.status_code == 403 else "refused"
+        encryptor.audit.write(**record, outcome=outcome, reason=str(exc.detail)[:200])
+        raise
     try:
         check_image_id(request.image_id)
         cipher, mask, metadata = encryptor.fetch(collection, request.image_id)

@@ -17,7 +17,7 @@ from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_encryptor.integrity import IntegrityError
-from pecbir_platform.web import read_limited, require_scope
+from pecbir_platform.web import read_limited
 
 router = APIRouter(tags=["search"])
 
@@ -32,7 +32,7 @@ def search(
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
     owner: Annotated[str | None, Query()] = None,
 ) -> dict[str, object]:
-    require_scope(claims, "search")
+    ctx.permit(claims, "search")
     collection = collection_name(collection)
     limit = ctx.settings.max_upload_bytes
     try:
@@ -64,27 +64,31 @@ def plain_image(
     ctx: Ctx,
     format: Annotated[str, Query(pattern="^(png|npy)$")] = "png",
 ) -> Response:
-    """Fetch a cipher image from the cloud, verify the owner's tag, decrypt bit-exactly."""
-    require_scope(claims, "decrypt")
-    collection = collection_name(collection)
+    """Fetch a cipher image from the cloud, verify the owner's tag, decrypt bit-exactly.
+
+    Every decision is audited: refused (scope, budget, a bad name, the gateway's refusal or
+    failure, a record whose tag does not verify) or done.
+    """
     audit = ctx.encryptor.audit
+    record = {"action": "decrypt", "sub": claims.sub, "image_id": image_id[:64]}
     try:
+        ctx.permit(claims, "decrypt")
+        collection = collection_name(collection)
         check_image_id(image_id)
         plain, _mask, metadata = ctx.encryptor.fetch_plain(collection, image_id)
+    except HTTPException as exc:
+        audit.write(**record, outcome="refused", reason=str(exc.detail)[:200])
+        raise
     except IntegrityError as exc:
-        audit.write(
-            action="decrypt",
-            sub=claims.sub,
-            image_id=image_id,
-            outcome="refused",
-            reason=str(exc),
-        )
+        audit.write(**record, outcome="refused", reason=str(exc))
         raise HTTPException(502, str(exc)) from None
     except GatewayError as exc:
+        audit.write(**record, outcome="refused", reason=f"gateway {exc.status}: {exc.detail}"[:200])
         raise gateway_failed(exc) from None
     except ValueError as exc:
+        audit.write(**record, outcome="refused", reason=str(exc)[:200])
         raise HTTPException(422, str(exc)) from None
-    audit.write(action="decrypt", sub=claims.sub, image_id=image_id, outcome="ok")
+    audit.write(**record, outcome="ok")
     headers = {"X-Opaque-Id": metadata.opaque_id}
     if format == "npy":
         buffer = io.BytesIO()
