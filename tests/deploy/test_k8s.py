@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -333,6 +334,9 @@ def test_http_services_listen_where_the_manifests_say_and_probe_real_routes(
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"http": port}, name
         env = kt.container_env(container, everything)
+        # The overlays' example secrets are placeholders, which the services refuse to start
+        # on (tests/services/test_hardening.py); a deployment sets random ones.
+        env.update({var: secrets.token_hex(32) for var in env if var.endswith("TOKEN_SECRET")})
         for var, value in env.items():
             clean_env.setenv(var, value)
         app = _build_app(service, env, tmp_path / name)

@@ -500,3 +500,18 @@ def test_anonymous_requests_cannot_flood_the_audit_log(system):
     new = _audit_lines(system, before)
     assert len(new) == 1 and new[0]["outcome"] == "unauthenticated"
     assert "xxxx" not in json.dumps(new)  # no client-chosen path in the log
+
+
+def test_the_ingress_caps_bodies_just_above_the_gateway_s_own_limit():
+    import yaml
+
+    from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES
+
+    base = ROOT / "deploy" / "k8s" / "base" / "cloud"
+    ingress = yaml.safe_load((base / "ingress.yaml").read_text())
+    cap = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert cap.endswith("m")
+    config = (base / "kustomization.yaml").read_text()
+    upload = int(re.search(r"PECBIR_MAX_UPLOAD_BYTES=(\d+)", config).group(1))
+    gateway_limit = 2 * upload + MULTIPART_OVERHEAD_BYTES
+    assert gateway_limit <= int(cap[:-1]) * 2**20 < gateway_limit + 2**20
