@@ -56,13 +56,22 @@ class AuditLog:
             if now - self._anonymous_line_at < self.anonymous_interval_s:
                 return
             count, self._anonymous_count, self._anonymous_line_at = self._anonymous_count, 0, now
-        self.write(action="request", outcome="unauthenticated", reason=reason[:120], count=count)
+        self.write(
+            sync=False,
+            action="request",
+            outcome="unauthenticated",
+            reason=reason[:120],
+            count=count,
+        )
 
-    def write(self, **record: object) -> None:
+    def write(self, *, sync: bool = True, **record: object) -> None:
         """Append one record, stamped with the time (``at``, Unix seconds), and fsync it.
 
         Parameters
         ----------
+        sync
+            fsync before returning (off only for the counts of anonymous refusals, which
+            must cost an anonymous client nothing it could repeat to slow the service).
         **record
             The record's fields (``action``, ``sub``, ``outcome``, ``reason``, ...); values
             that are not JSON types are written as their `str`.
@@ -75,6 +84,7 @@ class AuditLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, (line + "\n").encode())
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)

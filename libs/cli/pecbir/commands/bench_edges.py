@@ -62,6 +62,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--skip-large-query", action="store_true", help="skip the 2048² full-mask query"
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON (results/security/…)")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        help="measure nothing: write results/security/edges.md + .json from two runs' JSON",
+    )
 
 
 # -- one raw ASGI request ---------------------------------------------------------------------
@@ -240,6 +247,7 @@ def _anonymous(system: Any, body_mb: int, repeats: int) -> list[dict[str, Any]]:
     ]
     rows = []
     for service, app, path in targets:
+        _asgi_post(app, "/healthz", {}, 0)  # builds the app's middleware stack (first call)
         for name, headers in (("no token", {}), ("bad token", {"authorization": "Bearer a.b.c"})):
             measured = _measure(lambda a=app, p=path, h=headers: _asgi_post(a, p, h, body_mb), 1)
             result = measured["result"]
@@ -439,8 +447,67 @@ def _table(anonymous: list[dict], authenticated: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    peak = "" if row["peak_bytes"] is None else f", {_mb(row['peak_bytes'])} MB"
+    read = f", read {_mb(row['pulled_bytes'])} MB" if "pulled_bytes" in row else ""
+    accepted = f", {row['accepted']} accepted" if "accepted" in row else ""
+    return f"{row['status']}, {row['seconds'] * 1000:.1f} ms{peak}{read}{accepted}"
+
+
+def compare(before_path: Path, after_path: Path, out_dir: Path) -> str:
+    """The before/after tables (markdown) of two runs; also written as edges.md/edges.json."""
+    before, after = (json.loads(p.read_text()) for p in (before_path, after_path))
+    lines = [
+        "# Hardened edges: cost of one request (issue 18)",
+        "",
+        f"`pecbir bench-edges` (before: {before['label']}, after: {after['label']}; "
+        f"{after['platform']}, Python {after['python']}). Status, time to the answer, peak "
+        "memory Python allocated (tracemalloc, its own run), and for anonymous requests the "
+        "body bytes the service read before answering. Times are medians of the repetitions "
+        "on a shared 2-core machine: compare within a row.",
+        "",
+        "## Before authentication (target: < 1 MB, < 10 ms)",
+        "",
+        "| service | route | request | before | after |",
+        "|---|---|---|---|---|",
+    ]
+    old = {(r["service"], r["route"], r["request"]): r for r in before["anonymous"]}
+    for row in after["anonymous"]:
+        key = (row["service"], row["route"], row["request"])
+        lines.append(f"| {key[0]} | `{key[1]}` | {key[2]} | {_cell(old.get(key))} | {_cell(row)} |")
+    lines += [
+        "",
+        "## With a valid token: worst request vs a normal one (target: at most 10x)",
+        "",
+        "| route | request | before | after |",
+        "|---|---|---|---|",
+    ]
+    old = {(r["route"], r["request"]): r for r in before["authenticated"]}
+    seen = set()
+    for row in [*after["authenticated"], *before["authenticated"]]:
+        key = (row["route"], row["request"])
+        if key in seen:
+            continue
+        seen.add(key)
+        new = {(r["route"], r["request"]): r for r in after["authenticated"]}.get(key)
+        lines.append(f"| `{key[0]}` | {key[1]} | {_cell(old.get(key))} | {_cell(new)} |")
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "edges.md").write_text(text)
+    (out_dir / "edges.json").write_text(
+        json.dumps({"before": before, "after": after}, indent=1, default=str) + "\n"
+    )
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
+
+    if args.compare:
+        print(compare(*args.compare, Path("results/security")))
+        return 0
 
     from pecbir_harness.embedded import EmbeddedSystem
 
