@@ -518,3 +518,23 @@ def test_the_ingress_caps_bodies_just_above_the_gateway_s_own_limit():
     upload = int(re.search(r"PECBIR_MAX_UPLOAD_BYTES=(\d+)", config).group(1))
     gateway_limit = 2 * upload + MULTIPART_OVERHEAD_BYTES
     assert gateway_limit <= int(cap[:-1]) * 2**20 < gateway_limit + 2**20
+
+
+def test_peer_failures_do_not_disclose_internal_hosts(tmp_path):
+    import httpx
+
+    from tests.services.helpers import auth, blob_image, upload_files
+
+    client, _ = _gateway(tmp_path)
+
+    def unreachable(request):
+        raise httpx.ConnectError("connection refused: search-internal.pecbir.svc:8002")
+
+    client.app.state.context.search = httpx.Client(
+        base_url="http://s", transport=httpx.MockTransport(unreachable)
+    )
+    files = upload_files(*blob_image())
+    files.pop("metadata")
+    answer = client.post("/v1/collections/brain/search", files=files, headers=auth())
+    assert answer.status_code == 503
+    assert "search-internal" not in answer.text

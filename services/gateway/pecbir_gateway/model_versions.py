@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated
 
 import httpx
@@ -23,6 +24,7 @@ from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.dispatch import DispatchError
 from pecbir_gateway.images import current_version
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["models"])
 
 
@@ -53,7 +55,9 @@ def train(
         ctx.dispatcher.send(TASK_TRAIN_MODEL, [layout.tenant, layout.collection, version])
     except DispatchError as exc:
         ctx.store.delete(layout.train_request(version))
-        raise HTTPException(503, f"training could not be queued: {exc}") from None
+        # The cause names the broker's host: for the log, not for the client.
+        log.error("training %s could not be queued: %s", version, exc)
+        raise HTTPException(503, "training could not be queued; retry later") from None
     answer = TrainAccepted(
         version=version,
         collection=collection,

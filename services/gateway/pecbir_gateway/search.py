@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import httpx
@@ -14,6 +15,7 @@ from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.images import validate_pair
 from pecbir_platform.web import read_limited
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
 
@@ -64,7 +66,9 @@ def search(
             headers=ctx.search_headers(access),
         )
     except httpx.HTTPError as exc:
-        raise HTTPException(503, f"search service unavailable: {exc}") from None
+        # The cause names internal hosts and ports: for the log, not for the client.
+        log.error("search service unreachable: %s", exc)
+        raise HTTPException(503, "search service unavailable") from None
     if answer.status_code != 200:
         detail = answer.json().get("detail") if answer.content else answer.reason_phrase
         status = answer.status_code if answer.status_code in (404, 409, 422) else 502
