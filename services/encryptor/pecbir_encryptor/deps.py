@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 # Gateway answers passed on as they are; any other failure of the cloud is a bad gateway.
-_PASSED_ON_STATUSES = (404, 409, 413, 422)
+# 429: the tenant's budget at the gateway is spent (the caller retries, as it would here).
+_PASSED_ON_STATUSES = (404, 409, 413, 422, 429)
 
 
 @dataclass
@@ -130,7 +131,8 @@ def collection_name(collection: str) -> str:
 def gateway_failed(exc: GatewayError) -> HTTPException:
     """The HTTP error to answer when the gateway refused or failed a call."""
     status = exc.status if exc.status in _PASSED_ON_STATUSES else 502
-    return HTTPException(status, f"cloud gateway: {exc.detail}")
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return HTTPException(status, f"cloud gateway: {exc.detail}", headers=headers)
 
 
 Ctx = Annotated[EncryptorContext, Depends(context)]
