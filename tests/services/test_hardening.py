@@ -538,3 +538,14 @@ def test_peer_failures_do_not_disclose_internal_hosts(tmp_path):
     answer = client.post("/v1/collections/brain/search", files=files, headers=auth())
     assert answer.status_code == 503
     assert "search-internal" not in answer.text
+
+
+def test_budgets_are_not_enforced_while_their_store_is_unreachable():
+    from pecbir_contracts.auth import Claims
+    from pecbir_platform.ratelimit import RateLimiter, RedisBuckets
+
+    unreachable = RedisBuckets("redis://127.0.0.1:1/0")
+    limiter = RateLimiter(RateLimiter.from_settings("search=0.01/1", None).budgets, unreachable)
+    claims = Claims(sub="u", tenant="t", scopes=("search",), iat=0, exp=1)
+    for _ in range(3):
+        limiter.check("search", claims)  # served (and logged), not a 500 for every caller

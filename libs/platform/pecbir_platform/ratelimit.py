@@ -4,12 +4,15 @@ A bucket holds up to `burst` requests and refills at `per_s` a second; a request
 or is refused with the seconds to wait until one is there (HTTP 429 with ``Retry-After``).
 In Redis the check-and-take is one Lua script, run atomically on the server with the server's
 clock, so that a budget holds across every replica of a service; the in-process buckets do
-the same arithmetic for the embedded mode and for a service run without Redis.
+the same arithmetic for the embedded mode and for a service run without Redis. While Redis
+cannot be reached the budgets are not enforced (an error is logged per request): a restart of
+Redis should not take searches down with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -29,6 +32,8 @@ __all__ = [
     "RedisBuckets",
     "parse_budgets",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,10 +182,14 @@ class RateLimiter:
         tenant_budget = Budget(
             budget.per_s * self.tenant_multiple, budget.burst * self.tenant_multiple
         )
-        wait = max(
-            self.buckets.take(f"{action}:token:{token_id.hexdigest()[:32]}", budget),
-            self.buckets.take(f"{action}:tenant:{claims.tenant}", tenant_budget),
-        )
+        try:
+            wait = max(
+                self.buckets.take(f"{action}:token:{token_id.hexdigest()[:32]}", budget),
+                self.buckets.take(f"{action}:tenant:{claims.tenant}", tenant_budget),
+            )
+        except Exception as exc:  # Redis unreachable: serve (logged) rather than refuse all
+            log.error("rate limits not enforced, bucket store failed: %s", exc)
+            return
         if wait > 0:
             raise HTTPException(
                 429,
