@@ -339,7 +339,7 @@ def _gateway(tmp_path, **settings):
 def test_training_requests_are_budgeted_per_token_with_429_and_retry_after(tmp_path):
     from tests.services.helpers import auth
 
-    client, store = _gateway(tmp_path, rate_limits="train=0.01/3")
+    client, store = _gateway(tmp_path, rate_limits="train=0.0001/3")
     headers = auth()
     answers = [client.post("/v1/collections/brain/model/train", headers=headers) for _ in range(6)]
     assert [a.status_code for a in answers] == [202, 202, 202, 429, 429, 429]
@@ -356,7 +356,7 @@ def test_training_requests_are_budgeted_per_token_with_429_and_retry_after(tmp_p
 def test_a_tenant_budget_holds_across_its_tokens(tmp_path):
     from tests.services.helpers import auth
 
-    client, _ = _gateway(tmp_path, rate_limits="train=0.01/1")
+    client, _ = _gateway(tmp_path, rate_limits="train=0.0001/1")
     statuses = [
         client.post(
             "/v1/collections/brain/model/train", headers=auth(now=time.time() - i)
@@ -377,7 +377,7 @@ def test_redis_buckets_share_one_budget_across_replicas(tmp_path):
     redis = RedisProcess(tmp_path / "redis").start()
     try:
         replicas = [RedisBuckets(redis.url), RedisBuckets(redis.url)]
-        budget = Budget(per_s=0.01, burst=4)
+        budget = Budget(per_s=0.0001, burst=4)
         waits = [replicas[i % 2].take("search:token:t", budget) for i in range(6)]
         assert waits[:4] == [0.0] * 4 and all(w > 1 for w in waits[4:])
     finally:
