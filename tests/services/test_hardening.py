@@ -394,7 +394,7 @@ def test_query_image_and_roi_are_capped_at_the_gateway(tmp_path):
     files = upload_files(big, np.ones((96, 96), bool))
     files.pop("metadata")
     answer = client.post("/v1/collections/brain/search", files=files, headers=auth())
-    assert answer.status_code == 413 and "query limit" in answer.json()["detail"]
+    assert answer.status_code == 413 and "exceeds the limit of 4096" in answer.json()["detail"]
     files = upload_files(np.zeros((48, 48), np.uint8), np.ones((48, 48), bool))
     files.pop("metadata")
     answer = client.post("/v1/collections/brain/search", files=files, headers=auth())

@@ -30,7 +30,7 @@ class EncryptorSettings(BaseSettings):
     # Largest image (rows x columns) accepted, checked from the file's header before any
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so
     # that nothing the cloud would refuse is decoded and encrypted first.
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = 1024 * 1024
     # Budgets per user token, "action=per_s/burst" (the tenant gets 4 tokens' worth; 429 +
     # Retry-After beyond), in the Redis at rate_limits_url or, unset, in this process.
     rate_limits: str = "key-release=2/20,decrypt=20/100,search=10/40,upload=20/200"

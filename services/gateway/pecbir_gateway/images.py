@@ -65,11 +65,18 @@ IdempotencyKey = Annotated[
 ]
 
 
-def validate_pair(ctx: GatewayContext, cipher: bytes, mask: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded cipher image and mask of an upload or query; 413/422 when not acceptable."""
+def validate_pair(
+    ctx: GatewayContext, cipher: bytes, mask: bytes, max_pixels: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded cipher image and mask of an upload or query; 413/422 when not acceptable.
+
+    Images over `max_pixels` (default: the upload limit) are refused from their PNG header,
+    before any pixel is decompressed.
+    """
+    max_pixels = max_pixels or ctx.settings.max_pixels
     try:
-        image = decode_image_png(cipher, "cipher", ctx.settings.max_pixels)
-        plain_mask = decode_mask_png(mask, "mask", ctx.settings.max_pixels)
+        image = decode_image_png(cipher, "cipher", max_pixels)
+        plain_mask = decode_mask_png(mask, "mask", max_pixels)
         check_pair(image, plain_mask)
     except ImageTooLarge as exc:
         raise HTTPException(413, str(exc)) from None

@@ -19,23 +19,14 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["search"])
 
 
-def _check_query_cost(ctx: GatewayContext, image: np.ndarray, mask: np.ndarray) -> None:
-    """413 for a query whose featurisation would cost more than a bounded multiple of a
-    normal one: an image or a tumour ROI larger than the query limits."""
-    settings = ctx.settings
-    height, width = image.shape
-    if height * width > settings.max_query_pixels:
-        raise HTTPException(
-            413,
-            f"query image of {height}x{width} pixels exceeds the query limit of "
-            f"{settings.max_query_pixels} pixels",
-        )
+def _check_query_roi(ctx: GatewayContext, mask: np.ndarray) -> None:
+    """413 for a query whose tumour ROI is larger than the query limit."""
     roi = int(np.count_nonzero(mask))
-    if roi > settings.max_query_roi_pixels:
+    if roi > ctx.settings.max_query_roi_pixels:
         raise HTTPException(
             413,
             f"query tumour mask of {roi} pixels exceeds the query limit of "
-            f"{settings.max_query_roi_pixels} pixels",
+            f"{ctx.settings.max_query_roi_pixels} pixels",
         )
 
 
@@ -53,8 +44,10 @@ def search(
     limit = ctx.settings.max_upload_bytes
     cipher_bytes = read_limited(cipher, limit=limit, what="cipher")
     mask_bytes = read_limited(mask, limit=limit, what="mask")
-    image, plain_mask = validate_pair(ctx, cipher_bytes, mask_bytes)
-    _check_query_cost(ctx, image, plain_mask)
+    # A query costs at most a bounded multiple of a normal one: its size is refused from the
+    # PNG header, its tumour ROI once decoded, before the search service featurises it.
+    _, plain_mask = validate_pair(ctx, cipher_bytes, mask_bytes, ctx.settings.max_query_pixels)
+    _check_query_roi(ctx, plain_mask)
     try:
         answer = ctx.search.post(
             SEARCH_SEARCH.format(collection=collection),

@@ -15,7 +15,9 @@ class GatewaySettings(StoreSettings):
     search_url: str = "http://127.0.0.1:8002"
     broker_url: str = "redis://127.0.0.1:6379/0"
     max_upload_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 2048 * 2048
+    # Twice an MRI slice's side (512²) and then some; an upload costs at most ~10x a normal
+    # one (results/security/edges.md); 2048² cost 12x.
+    max_pixels: int = 1024 * 1024
     # A search query's image and tumour ROI: a query costs at most a bounded multiple of a
     # normal one (512x512 slices; the largest tumour of the reference data set is 25,461 px).
     max_query_pixels: int = 1024 * 1024
