@@ -21,6 +21,7 @@ from pecbir_contracts.auth import AuthError, Claims, Forbidden, TokenKind, beare
 from pecbir_contracts.store import ObjectNotFound, StorageError
 
 __all__ = [
+    "MULTIPART_OVERHEAD_BYTES",
     "PUBLIC_PATHS",
     "STORE_RETRY_AFTER_S",
     "RequestGuard",
