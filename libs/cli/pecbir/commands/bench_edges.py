@@ -72,6 +72,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("BEFORE", "AFTER"),
         help="measure nothing: write results/security/edges.md + .json from two runs' JSON",
     )
+    parser.add_argument(
+        "--note", action="append", default=[], help="with --compare: a note under the tables"
+    )
 
 
 # -- one raw ASGI request ---------------------------------------------------------------------
@@ -462,7 +465,9 @@ def _cell(row: dict | None) -> str:
     return f"{row['status']}, {row['seconds'] * 1000:.1f} ms{peak}{read}{accepted}"
 
 
-def compare(before_path: Path, after_path: Path, out_dir: Path) -> str:
+def compare(
+    before_path: Path, after_path: Path, out_dir: Path, notes: list[str] | None = None
+) -> str:
     """The before/after tables (markdown) of two runs; also written as edges.md/edges.json."""
     before, after = (json.loads(p.read_text()) for p in (before_path, after_path))
     lines = [
@@ -499,11 +504,14 @@ def compare(before_path: Path, after_path: Path, out_dir: Path) -> str:
         seen.add(key)
         new = {(r["route"], r["request"]): r for r in after["authenticated"]}.get(key)
         lines.append(f"| `{key[0]}` | {key[1]} | {_cell(old.get(key))} | {_cell(new)} |")
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "edges.md").write_text(text)
     (out_dir / "edges.json").write_text(
-        json.dumps({"before": before, "after": after}, indent=1, default=str) + "\n"
+        json.dumps({"before": before, "after": after, "notes": notes or []}, indent=1, default=str)
+        + "\n"
     )
     return text
 
@@ -512,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     if args.compare:
-        print(compare(*args.compare, Path("results/security")))
+        print(compare(*args.compare, Path("results/security"), args.note))
         return 0
 
     from pecbir_harness.embedded import EmbeddedSystem
