@@ -7,7 +7,7 @@ import pytest
 
 from pecbir_contracts import routes
 
-SECRET = "s" * 40
+SECRET = "0123456789abcdef-routes-test-secret"
 
 
 def templates(prefix: str) -> set[str]:

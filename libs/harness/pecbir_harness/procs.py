@@ -338,6 +338,19 @@ class Cluster:
             ttl_s=6 * 3600,
         )
 
+    def search_token(self, tenant: str | None = None) -> str:
+        """A token for calling the search service directly (as the gateway does; 60 s)."""
+        from pecbir_contracts.auth import SEARCH_TOKEN, mint_token
+
+        return mint_token(
+            self.cloud_secret.encode(),
+            kind=SEARCH_TOKEN,
+            sub="operator",
+            tenant=tenant or self.tenant,
+            scopes=("search", "read"),
+            ttl_s=60,
+        )
+
     def user_token(self, scopes=("upload", "search", "decrypt", "key-release")) -> str:
         from pecbir_contracts.auth import ENCRYPTOR_TOKEN, mint_token
 

@@ -486,10 +486,13 @@ def _verify(client: SoakClient, cluster, cfg: SoakConfig) -> dict:
     started = time.monotonic()
     reached, status = client.wait_vectors(len(acked), cfg.drain_timeout_s, "drain: index")
     drain_s = time.monotonic() - started
+
+    def search_token(request: httpx.Request) -> None:
+        # The search service takes only the gateway's short-lived tokens: a fresh one each.
+        request.headers["authorization"] = f"Bearer {cluster.search_token()}"
+
     search = httpx.Client(
-        base_url=cluster.search_url,
-        headers={"authorization": f"Bearer {cluster.token()}"},
-        timeout=30,
+        base_url=cluster.search_url, event_hooks={"request": [search_token]}, timeout=30
     )
     missing: list[str] = []
     with search:

@@ -77,7 +77,8 @@ def plain_image(
         check_image_id(image_id)
         plain, _mask, metadata = ctx.encryptor.fetch_plain(collection, image_id)
     except HTTPException as exc:
-        audit.write(**record, outcome="refused", reason=str(exc.detail)[:200])
+        outcome = "denied" if exc.status_code == 403 else "refused"
+        audit.write(**record, outcome=outcome, reason=str(exc.detail)[:200])
         raise
     except IntegrityError as exc:
         audit.write(**record, outcome="refused", reason=str(exc))
