@@ -584,8 +584,13 @@ def test_benchmark_and_soak_uploads_carry_the_owner_tag():
     np.testing.assert_array_equal(plain, to_uint8(images[0])[0])
 
 
-def test_uploads_through_the_encryptor_are_stored_with_the_v2_tag(run):
+def test_uploads_through_the_encryptor_are_stored_with_the_v3_tag(run):
+    from pecbir_contracts.layout import image_id_for
+
     system = run["system"]
     image_id = run["uploads"][0]["upload"]["image_id"]
     stored = system.gateway.get(f"/v1/collections/brain/images/{image_id}").json()
-    assert stored["integrity"]["version"] == 2
+    assert stored["integrity"]["version"] == 3
+    assert len(stored["key"]["salt"]) == 32
+    # The cloud's id of an identity-bound record is a public function of where it is.
+    assert image_id == image_id_for(system.tenant, "brain", stored["opaque_id"])

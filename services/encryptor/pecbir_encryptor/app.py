@@ -15,7 +15,7 @@ from pecbir_contracts.routes import HEALTHZ
 from pecbir_encryptor import ops
 from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
-from pecbir_encryptor.routes import dicomweb, ingest, keys, search
+from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
 from pecore.keys import MasterKey
 
@@ -52,7 +52,7 @@ def create_app(
     app.state.context = EncryptorContext(settings=settings, encryptor=encryptor)
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
-    for router in (ingest.router, dicomweb.router, search.router, keys.router):
+    for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
 
     @app.get(HEALTHZ, tags=["ops"])

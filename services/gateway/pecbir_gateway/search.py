@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from pecbir_contracts.routes import GATEWAY_IMAGE_CIPHER, GATEWAY_SEARCH, SEARCH_SEARCH
 from pecbir_contracts.schemas import MAX_K, SearchResponse
 from pecbir_gateway.deps import Caller, Ctx, Owner, authorise
-from pecbir_gateway.images import validate_pair
+from pecbir_gateway.images import is_sealed_collection, validate_pair
 from pecbir_platform.web import read_limited
 
 router = APIRouter(tags=["search"])
@@ -31,6 +31,8 @@ def search(
     cipher_bytes = read_limited(cipher, limit=limit, what="cipher")
     mask_bytes = read_limited(mask, limit=limit, what="mask")
     validate_pair(ctx, cipher_bytes, mask_bytes)
+    if is_sealed_collection(ctx, access.layout):
+        raise HTTPException(409, f"collection {collection} is sealed: search with a Fisher vector")
     try:
         answer = ctx.search.post(
             SEARCH_SEARCH.format(collection=collection),

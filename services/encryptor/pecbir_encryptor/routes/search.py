@@ -18,6 +18,7 @@ from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_platform.web import read_limited, require_scope
+from pecore.cipher import to_uint8
 
 router = APIRouter(tags=["search"])
 
@@ -90,4 +91,6 @@ def plain_image(
         buffer = io.BytesIO()
         np.save(buffer, plain, allow_pickle=False)
         return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
-    return Response(encode_png(plain), media_type="image/png", headers=headers)
+    # A sealed image comes back at its own depth: its PNG shows the 8-bit version (npy: exact).
+    shown = plain if plain.dtype == np.uint8 else to_uint8(plain)[0]
+    return Response(encode_png(shown), media_type="image/png", headers=headers)
