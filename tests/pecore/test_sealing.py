@@ -87,6 +87,28 @@ def test_fresh_data_key_and_nonce_per_seal():
     assert read_header(first).nonce != read_header(second).nonce
 
 
+def test_content_bound_keys_are_deterministic_and_never_shared():
+    image, mask = _image()
+    first = seal_image(image, mask, MASTER, IDENTITY, content_bound=True)
+    assert seal_image(image, mask, MASTER, IDENTITY, content_bound=True) == first
+    other = image.copy()
+    other[0, 0] += 1
+    moved = IDENTITY.model_copy(update={"collection": "other"})
+    variants = [
+        (first, IDENTITY),
+        (seal_image(other, mask, MASTER, IDENTITY, content_bound=True), IDENTITY),
+        (seal_image(image, ~mask, MASTER, IDENTITY, content_bound=True), IDENTITY),
+        (
+            seal_image(image, mask, MASTER, IDENTITY, metadata={"x": 1}, content_bound=True),
+            IDENTITY,
+        ),
+        (seal_image(image, mask, MASTER, moved, content_bound=True), moved),
+    ]
+    keys = {unwrap_data_key(blob, MASTER, identity) for blob, identity in variants}
+    assert len(keys) == len(variants)
+    assert np.array_equal(open_sealed(first, MASTER, IDENTITY).image, image)
+
+
 def test_any_changed_byte_is_refused():
     blob = _fixed_blob()
     for position in range(len(blob)):

@@ -14,6 +14,7 @@ import pytest
 
 from pecbir_contracts.layout import CollectionLayout, image_id_for
 from pecbir_contracts.png import encode_png
+from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.keys import MasterKey
 from pecore.sealing import SealedIdentity, open_with_data_key
@@ -212,6 +213,15 @@ def test_swapped_or_tampered_records_are_refused_before_anything_is_shown(tmp_pa
             for im, m, lab in zip(images, masks, labels, strict=True)
         ]
         a, b = (u["upload"]["image_id"] for u in uploads[:2])
+        # A re-push of the same image is idempotent; other pixels under its id are refused.
+        again = _ingest(system, images[0], masks[0], labels[0], True)
+        assert again["upload"]["image_id"] == a
+        encryptor = system.encryptor_app.state.encryptor
+        with pytest.raises(GatewayError) as refused:
+            encryptor.ingest(
+                COLLECTION, images[0] + 1, masks[0], opaque_id=uploads[0]["opaque_id"], label=1
+            )
+        assert refused.value.status == 409
         layout = CollectionLayout(system.tenant, COLLECTION)
         original = {k: system.store.get(k(a)) for k in (layout.meta, layout.sealed)}
         _swap(system, a, b)
@@ -289,3 +299,8 @@ def test_the_cloud_id_of_a_sealed_record_follows_from_its_identity(sealed):
         assert upload["upload"]["image_id"] == image_id_for(
             system.tenant, COLLECTION, upload["opaque_id"]
         )
+        for part in ("cipher", "mask"):
+            answer = system.gateway.get(
+                f"/v1/collections/{COLLECTION}/images/{upload['upload']['image_id']}/{part}"
+            )
+            assert answer.status_code == 404 and "sealed" in answer.json()["detail"]

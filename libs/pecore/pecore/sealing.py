@@ -15,6 +15,12 @@ systems do it:
 * **rotation** re-wraps the data key under a new master key: the payload's ciphertext is kept
   byte for byte (`rewrap`).
 
+The data key and nonces are fresh random bytes, or (``content_bound=True``, what the encryptor
+uses) derived with HKDF from the master key, the identity and the payload's SHA-256: then the
+same image sealed again under the same identity is the same blob (a re-push is idempotent),
+while any other content or identity gets an unrelated key, so no (key, nonce) pair ever
+encrypts two different payloads.
+
 Blob layout (all integers big-endian)::
 
     b"PECBSLD1" | u32 header length | header (canonical JSON) | AES-GCM ciphertext ‖ tag
@@ -59,6 +65,7 @@ SEALED_MAGIC: Final = b"PECBSLD1"
 # HKDF info of the key-encryption key, and the prefixes of the two AEADs' associated data:
 # each use of the master key has its own label (domain separation).
 _KEK_INFO: Final = b"pecbir/sealed/kek/v1"
+_CONTENT_KEY_INFO: Final = b"pecbir/sealed/content-key/v1\x00"
 _DATA_AAD: Final = b"pecbir/sealed/data/v1\x00"
 _WRAP_AAD: Final = b"pecbir/sealed/wrap/v1\x00"
 _KEY_BYTES: Final = 32
@@ -135,6 +142,29 @@ def _wrap_aad(identity: SealedIdentity, key_id: str) -> bytes:
     return _WRAP_AAD + _canonical(
         {"format": SEALED_FORMAT, "key_id": key_id, **identity.model_dump()}
     )
+
+
+def _content_keys(
+    master: MasterKey, identity: SealedIdentity, payload: bytes
+) -> tuple[bytes, bytes, bytes]:
+    """(data key, nonce, wrap nonce) derived from master key, identity and payload digest."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = _CONTENT_KEY_INFO + _canonical(
+        {"format": SEALED_FORMAT, "payload_sha256": _sha256(payload), **identity.model_dump()}
+    )
+    length = _KEY_BYTES + 2 * _NONCE_BYTES
+    derived = HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(
+        master.secret.get_secret_value()
+    )
+    return derived[:_KEY_BYTES], derived[_KEY_BYTES:-_NONCE_BYTES], derived[-_NONCE_BYTES:]
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def _random(n: int) -> bytes:
@@ -233,6 +263,7 @@ def seal_image(
     identity: SealedIdentity,
     *,
     metadata: Mapping[str, object] | None = None,
+    content_bound: bool = False,
     data_key: bytes | None = None,
     nonce: bytes | None = None,
     wrap_nonce: bytes | None = None,
@@ -251,6 +282,9 @@ def seal_image(
         Tenant, collection and image id the blob is bound to (associated data).
     metadata : mapping, optional
         The owner's private JSON metadata (e.g. a label the cloud must not read).
+    content_bound : bool, default=False
+        Derive data key and nonces from the master key, the identity and the payload (see the
+        module docstring) instead of drawing them at random.
     data_key, nonce, wrap_nonce : bytes, optional
         Fixed values for known-answer tests only; by default fresh random ones (32, 12 and 12
         bytes).  Never reuse a (data key, nonce) pair for two payloads.
@@ -260,11 +294,13 @@ def seal_image(
     bytes
         The sealed blob.
     """
+    payload = _payload(image, mask, metadata or {})
+    if content_bound:
+        data_key, nonce, wrap_nonce = _content_keys(master, identity, payload)
     data_key = data_key if data_key is not None else _random(_KEY_BYTES)
     nonce = nonce if nonce is not None else _random(_NONCE_BYTES)
     if len(data_key) != _KEY_BYTES or len(nonce) != _NONCE_BYTES:
         raise ValueError("a data key has 32 bytes and a nonce 12")
-    payload = _payload(image, mask, metadata or {})
     ciphertext = _aesgcm(data_key).encrypt(nonce, payload, _data_aad(identity))
     header = SealedHeader(
         identity=identity, nonce=nonce.hex(), wrap=_wrap(data_key, master, identity, wrap_nonce)

@@ -97,8 +97,15 @@ def seal_for_cloud(
     label = label if role == "template" else None
     fisher = features_of(featurizer, pixels, mask)
     identity = SealedIdentity(tenant=tenant, collection=collection, image_id=opaque_id)
+    # Content-bound keys: a re-push of the same image is the same blob (idempotent upload);
+    # other pixels under the same opaque id get an unrelated data key and are refused (409).
     blob = seal_image(
-        pixels, mask, master, identity, metadata={"role": role, "label": label, "train": train}
+        pixels,
+        mask,
+        master,
+        identity,
+        metadata={"role": role, "label": label, "train": train},
+        content_bound=True,
     )
     metadata = SealedImageMetadata(
         opaque_id=opaque_id,

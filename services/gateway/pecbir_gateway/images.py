@@ -360,6 +360,8 @@ def _download(
 ) -> object:
     checked_image(access, ctx, image_id)
     key = access.layout.cipher(image_id) if kind == "cipher" else access.layout.mask(image_id)
+    if not ctx.store.exists(key):
+        raise HTTPException(404, f"image {image_id} is sealed: it has no {kind} in the cloud")
     if presign:
         ttl = ctx.settings.presign_ttl_s
         url = ctx.store.presigned_get_url(key, timedelta(seconds=ttl))

@@ -77,7 +77,9 @@ def _owner_cost(args, images, masks, model) -> dict[str, object]:
             image, mask = images[i], masks[i]
             identity = SealedIdentity(tenant="bench", collection="sealed", image_id=f"b{i:07d}")
             started = time.perf_counter()
-            blob = seal_image(image, mask, master, identity, metadata={"label": 1})
+            blob = seal_image(
+                image, mask, master, identity, metadata={"label": 1}, content_bound=True
+            )
             seal_s.append(time.perf_counter() - started)
             started = time.perf_counter()
             features_of(model, image, mask)
