@@ -37,6 +37,7 @@ from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
+from pecore.cipher import to_uint8
 from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
 from pecore.owner_features import PatchModelFeaturizer
@@ -184,8 +185,10 @@ class Encryptor:
         """Id (and so key) of a query image: keyed hash of its content, in a domain of its own.
 
         The same query image always gets the same id, so its cipher (and its ranking) is the
-        same every time and the cloud never sees two ciphers of one image; the label differs
-        from the stored images' (`opaque_id_for`), so a query never shares a stored key.
+        same every time: repeating a query gives the cloud no second cipher of it.  The label
+        differs from the stored images' (`opaque_id_for`), so a query never shares a stored
+        key; a query pixel-identical to a stored image is therefore a second cipher of that
+        image (once), which the pe mode cannot avoid without the stored image's id.
         """
         pixels = np.ascontiguousarray(pixels)
         digest = hmac.new(self.master.secret.get_secret_value(), digestmod=hashlib.sha256)
@@ -336,7 +339,7 @@ class Encryptor:
             raise ValueError(
                 f"collection {collection!r} is not sealed (PECBIR_ENCRYPTOR_SEALED_COLLECTIONS)"
             )
-        plain = [to_uint8_image(image) for image in images]
+        plain = [to_uint8(np.asarray(image))[0] for image in images]
         checked = [_check_mask(m, p.shape) for m, p in zip(masks, plain, strict=True)]
         featurizer = PatchModelFeaturizer(**params).fit(plain, checked)
         return self.patch_models.publish(collection, featurizer)
@@ -405,10 +408,10 @@ class Encryptor:
         master, record = self.verified(cipher, mask, metadata, requested=requested)
         return unseal(cipher, record, master)
 
-    def _sealed_identity(
+    def _sealed_blob(
         self, tenant: str, collection: str, image_id: str, metadata: SealedImageMetadata
     ) -> tuple[MasterKey, SealedIdentity, bytes]:
-        """The sealed blob of a record, its expected identity and the master key it names."""
+        """(master key its wrap names, expected identity, blob) of a sealed record."""
         _check_bound_id(tenant, collection, image_id, metadata.opaque_id)
         blob = self.gateway.sealed(collection, image_id, owner=tenant)
         header = read_header(blob)
@@ -430,16 +433,10 @@ class Encryptor:
         except ValueError as exc:
             raise IntegrityError(f"stored metadata of {image_id} is unreadable: {exc}") from None
 
-    def fetch(self, collection: str, image_id: str, owner: str | None = None):
-        """(cipher, mask, record) of a pe image, not yet verified."""
-        metadata = self.fetch_record(collection, image_id, owner)
-        if isinstance(metadata, SealedImageMetadata):
-            raise IntegrityError(f"image {image_id} is sealed, not a pe cipher image")
-        return self._fetch_pixels(collection, image_id, owner, metadata)
-
     def _fetch_pixels(
         self, collection: str, image_id: str, owner: str | None, metadata: ImageMetadata
     ):
+        """(cipher, mask, record) of a pe image, not yet verified."""
         cipher_png = self.gateway.cipher(collection, image_id, owner=owner)
         mask_png = self.gateway.mask(collection, image_id, owner=owner)
         try:
@@ -457,7 +454,7 @@ class Encryptor:
         requested = (self._bound_tenant(owner), collection, image_id)
         metadata = self.fetch_record(collection, image_id, owner)
         if isinstance(metadata, SealedImageMetadata):
-            master, identity, blob = self._sealed_identity(*requested, metadata)
+            master, identity, blob = self._sealed_blob(*requested, metadata)
             contents = open_sealed(blob, master, identity)
             return contents.image, contents.mask, metadata
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
@@ -527,7 +524,7 @@ class Encryptor:
         requested = (self._bound_tenant(None), collection, image_id)
         metadata = self.fetch_record(collection, image_id)
         if isinstance(metadata, SealedImageMetadata):
-            master, identity, blob = self._sealed_identity(*requested, metadata)
+            master, identity, blob = self._sealed_blob(*requested, metadata)
             data_key = unwrap_data_key(blob, master, identity)
             return metadata.opaque_id, {
                 "mode": "sealed",
@@ -541,13 +538,6 @@ class Encryptor:
             "scheme": metadata.key.scheme,
             "key": key.model_dump(mode="json"),
         }
-
-
-def to_uint8_image(pixels: np.ndarray) -> np.ndarray:
-    """The 8-bit version of a plain image (pecore's min–max rule), as features use it."""
-    from pecore.cipher import to_uint8
-
-    return to_uint8(np.asarray(pixels))[0]
 
 
 def _check_bound_id(tenant: str, collection: str, image_id: str, opaque_id: str) -> None:
