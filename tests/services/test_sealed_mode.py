@@ -117,6 +117,8 @@ def test_hits_open_bit_exactly_at_the_hospital(sealed):
         plain = np.load(io.BytesIO(answer.content), allow_pickle=False)
         assert plain.dtype == sealed["images"][i].dtype
         assert plain.tobytes() == sealed["images"][i].tobytes()
+        # Every label appears at the hospital, a non-training one only after decryption.
+        assert answer.headers["X-Pecbir-Label"] == str(sealed["labels"][i])
 
 
 def test_search_ranks_the_query_s_own_copy_first_and_is_stable(sealed):

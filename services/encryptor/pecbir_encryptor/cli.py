@@ -61,15 +61,16 @@ def _fetch(args: argparse.Namespace) -> int:
 
     encryptor = _encryptor()
     try:
-        plain, _mask, metadata = encryptor.fetch_plain(args.collection, args.image_id)
+        opened = encryptor.fetch_plain(args.collection, args.image_id)
     except IntegrityError as exc:
         encryptor.audit.write(
             action="decrypt", sub="cli", image_id=args.image_id, outcome="refused", reason=str(exc)
         )
         raise
-    write_image(args.out, plain)
+    write_image(args.out, opened.image)
     encryptor.audit.write(action="decrypt", sub="cli", image_id=args.image_id, outcome="ok")
-    print(f"verified and decrypted {args.image_id} (opaque id {metadata.opaque_id}) to {args.out}")
+    opaque_id = opened.record.opaque_id
+    print(f"verified and decrypted {args.image_id} (opaque id {opaque_id}) to {args.out}")
     return 0
 
 

@@ -55,6 +55,29 @@ class Protected:
     metadata: ImageMetadata
 
 
+@dataclass(frozen=True)
+class Opened:
+    """A stored image, checked and opened at the hospital.
+
+    Attributes
+    ----------
+    image
+        pe: the 8-bit plain image; sealed: the image exactly as the owner held it.
+    mask
+        Its tumour mask.
+    record
+        The cloud's record of it.
+    label
+        Its class label: a training template's from the record, any other sealed image's
+        from inside its blob (the cloud never read it); None when unknown.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    record: ImageMetadata | SealedImageMetadata
+    label: int | None
+
+
 def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -446,19 +469,19 @@ class Encryptor:
             raise IntegrityError(f"stored image {image_id} is unreadable: {exc}") from None
         return cipher, mask, metadata
 
-    def fetch_plain(self, collection: str, image_id: str, owner: str | None = None):
-        """(plain image, mask, record) of a stored image of either mode, checked and opened.
-
-        pe: the 8-bit plain image; sealed: the image exactly as the owner held it.
-        """
+    def fetch_plain(self, collection: str, image_id: str, owner: str | None = None) -> Opened:
+        """A stored image of either mode, checked and opened (IntegrityError if it is not
+        the owner's record of exactly this tenant, collection and id, or changed)."""
         requested = (self._bound_tenant(owner), collection, image_id)
         metadata = self.fetch_record(collection, image_id, owner)
         if isinstance(metadata, SealedImageMetadata):
             master, identity, blob = self._sealed_blob(*requested, metadata)
             contents = open_sealed(blob, master, identity)
-            return contents.image, contents.mask, metadata
+            label = contents.metadata.get("label")
+            return Opened(contents.image, contents.mask, metadata, label)
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
-        return self.open(cipher, mask, metadata, requested=requested), mask, metadata
+        plain = self.open(cipher, mask, metadata, requested=requested)
+        return Opened(plain, mask, metadata, metadata.label)
 
     def search(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None

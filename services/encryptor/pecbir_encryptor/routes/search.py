@@ -71,7 +71,7 @@ def plain_image(
     audit = ctx.encryptor.audit
     try:
         check_image_id(image_id)
-        plain, _mask, metadata = ctx.encryptor.fetch_plain(collection, image_id)
+        opened = ctx.encryptor.fetch_plain(collection, image_id)
     except IntegrityError as exc:
         audit.write(
             action="decrypt",
@@ -86,7 +86,11 @@ def plain_image(
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     audit.write(action="decrypt", sub=claims.sub, image_id=image_id, outcome="ok")
-    headers = {"X-Opaque-Id": metadata.opaque_id}
+    plain = opened.image
+    headers = {"X-Opaque-Id": opened.record.opaque_id}
+    if opened.label is not None:
+        # A sealed image's label is known here only, after decryption.
+        headers["X-Pecbir-Label"] = str(opened.label)
     if format == "npy":
         buffer = io.BytesIO()
         np.save(buffer, plain, allow_pickle=False)
