@@ -306,3 +306,48 @@ def test_the_cloud_id_of_a_sealed_record_follows_from_its_identity(sealed):
                 f"/v1/collections/{COLLECTION}/images/{upload['upload']['image_id']}/{part}"
             )
             assert answer.status_code == 404 and "sealed" in answer.json()["detail"]
+
+
+def test_rotation_rewraps_stored_blobs_without_touching_their_payload(tmp_path):
+    from pecbir_encryptor.core import Encryptor
+    from pecbir_encryptor.keyring import Keyring
+    from pecore.sealing import read_header
+
+    images, masks, labels = labelled_set(4, seed=11)
+    old = MasterKey.from_seed(41)
+    with EmbeddedSystem(tmp_path, master=old, sealed_collections=frozenset({COLLECTION})) as system:
+        assert _publish(system, images, masks).status_code == 201
+        uploads = [
+            _ingest(system, im, m, lab, True)
+            for im, m, lab in zip(images, masks, labels, strict=True)
+        ]
+        image_id = uploads[0]["upload"]["image_id"]
+        layout = CollectionLayout(system.tenant, COLLECTION)
+        before = system.store.get(layout.sealed(image_id))
+        running = system.encryptor_app.state.encryptor
+
+        def encryptor_with(keyring: Keyring) -> Encryptor:
+            return Encryptor(
+                keyring,
+                running.gateway.http,
+                tenant=system.tenant,
+                sealed_collections={COLLECTION},
+                patch_models=tmp_path / "patch-models",
+            )
+
+        new = MasterKey.from_seed(42)
+        rotated = encryptor_with(Keyring(new, [old]))
+        assert rotated.rewrap(COLLECTION, image_id) == (old.key_id, new.key_id)
+        after = system.store.get(layout.sealed(image_id))
+        assert read_header(after).wrap.key_id == new.key_id
+        # Same payload ciphertext: only the wrap changed (the cloud checks it, too).
+        assert after[-1000:] == before[-1000:] and after != before
+        opened = encryptor_with(Keyring(new)).fetch_plain(COLLECTION, image_id)
+        assert opened.image.tobytes() == images[0].tobytes()
+        assert rotated.rewrap(COLLECTION, image_id) == (new.key_id, new.key_id)
+        # A blob whose payload differs is no re-wrap: the cloud refuses to replace it.
+        other = system.store.get(layout.sealed(uploads[1]["upload"]["image_id"]))
+        with pytest.raises(GatewayError) as refused:
+            running.gateway.put_sealed(COLLECTION, image_id, other)
+        assert refused.value.status == 409
+        assert system.store.get(layout.sealed(image_id)) == after

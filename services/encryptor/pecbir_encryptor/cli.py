@@ -4,6 +4,8 @@
     pecbir-encryptor upload IMAGE MASK --collection C [--label L]
     pecbir-encryptor fetch  IMAGE_ID --collection C --out plain.png|.npy
     pecbir-encryptor rotate [--master-key F --keyring-dir D]   new master key, old one retired
+    pecbir-encryptor rewrap IMAGE_ID [IMAGE_ID ...] --collection C   after a rotation: re-wrap
+                                                     sealed images' data keys (active key)
     pecbir-encryptor patch-model --collection C IMAGE MASK [IMAGE MASK ...] [--components K]
                                                      fit a sealed collection's patch model on
                                                      plain images, keep it, publish it
@@ -97,6 +99,15 @@ def _patch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rewrap(args: argparse.Namespace) -> int:
+    encryptor = _encryptor()
+    for image_id in args.image_ids:
+        old, new = encryptor.rewrap(args.collection, image_id)
+        encryptor.audit.write(action="rewrap", sub="cli", image_id=image_id, outcome="ok")
+        print(f"{image_id}: {'re-wrapped from ' + old if old != new else 'already'} under {new}")
+    return 0
+
+
 def _rotate(args: argparse.Namespace) -> int:
     import os
 
@@ -146,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     patch.add_argument("--patch-size", type=int, default=9)
     patch.add_argument("--radius", type=int, default=24)
     patch.set_defaults(func=_patch_model)
+    rewrap_cmd = commands.add_parser(
+        "rewrap", help="re-wrap sealed images' data keys under the active master key"
+    )
+    rewrap_cmd.add_argument("image_ids", nargs="+")
+    rewrap_cmd.add_argument("--collection", required=True)
+    rewrap_cmd.set_defaults(func=_rewrap)
     rotate = commands.add_parser("rotate", help="rotate the master key (keeps the old one)")
     rotate.add_argument("--master-key", type=Path, default=None)
     rotate.add_argument("--keyring-dir", type=Path, default=None)

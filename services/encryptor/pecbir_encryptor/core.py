@@ -41,7 +41,7 @@ from pecore.cipher import to_uint8
 from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
 from pecore.owner_features import PatchModelFeaturizer
-from pecore.sealing import SealedIdentity, open_sealed, read_header, unwrap_data_key
+from pecore.sealing import SealedIdentity, open_sealed, read_header, rewrap, unwrap_data_key
 
 Mode = Literal["pe", "sealed"]
 
@@ -537,6 +537,23 @@ class Encryptor:
         if key.counter != record.key_counter or key.check != record.key_check:
             raise IntegrityError(f"stored key facts of {metadata.opaque_id} do not match")
         return key
+
+    def rewrap(self, collection: str, image_id: str) -> tuple[str, str]:
+        """Re-wrap a sealed image's data key under the active master key (after a rotation).
+
+        The blob is authenticated under the key it names first; the cloud then checks that
+        only the wrap changed.  Returns (old key id, new key id); equal when nothing was due.
+        """
+        requested = (self._bound_tenant(None), collection, image_id)
+        metadata = self.fetch_record(collection, image_id)
+        if not isinstance(metadata, SealedImageMetadata):
+            raise ValueError(f"image {image_id} is not sealed: a pe key cannot be re-wrapped")
+        master, identity, blob = self._sealed_blob(*requested, metadata)
+        if master.key_id != self.master.key_id:
+            self.gateway.put_sealed(
+                collection, image_id, rewrap(blob, master, self.master, identity)
+            )
+        return master.key_id, self.master.key_id
 
     def release(self, collection: str, image_id: str) -> tuple[str, dict[str, object]]:
         """(opaque id, what is released) for one stored image of this owner, either mode.

@@ -172,6 +172,15 @@ class GatewayClient:
         """The stored sealed blob of an image. GatewayError unless 200."""
         return self._get(GATEWAY_IMAGE_SEALED, collection, image_id, owner)
 
+    def put_sealed(self, collection: str, image_id: str, blob: bytes) -> None:
+        """Replace a sealed blob by its re-wrapped copy (GatewayError unless 200)."""
+        answer = self.http.put(
+            GATEWAY_IMAGE_SEALED.format(collection=collection, image_id=image_id),
+            files={"blob": ("sealed.bin", blob, "application/octet-stream")},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+
     def search_fisher(
         self, collection: str, *, fisher_npy: bytes, k: int, owner: str | None
     ) -> SearchResponse:

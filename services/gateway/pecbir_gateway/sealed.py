@@ -156,6 +156,44 @@ def download_sealed(
     return StreamingResponse(ctx.store.iter_chunks(key), media_type="application/octet-stream")
 
 
+def _ciphertext_of(blob: bytes) -> bytes | None:
+    """The payload ciphertext of a sealed blob (after its header), None if not framed as one."""
+    start = len(_SEALED_MAGIC) + 4
+    if len(blob) < start or not blob.startswith(_SEALED_MAGIC):
+        return None
+    return blob[start + int.from_bytes(blob[len(_SEALED_MAGIC) : start], "big") :]
+
+
+@router.put(GATEWAY_IMAGE_SEALED, responses={409: {"description": "The payload changed"}})
+def rewrap_sealed(
+    collection: str,
+    image_id: str,
+    blob: Annotated[UploadFile, File(description="the same blob, its data key re-wrapped")],
+    claims: Caller,
+    ctx: Ctx,
+) -> dict[str, object]:
+    """Replace a sealed blob by its re-wrapped copy (the owner's key rotation).
+
+    Only the header (the wrap of the data key) may change: the payload's ciphertext must be
+    byte for byte the stored one, which the cloud checks without any key.
+    """
+    access = authorise(ctx, claims, collection, None, "upload")
+    checked_image(access, ctx, image_id)
+    key = access.layout.sealed(image_id)
+    try:
+        stored = ctx.store.get(key)
+    except ObjectNotFound:
+        raise HTTPException(404, f"image {image_id} is not sealed") from None
+    data = read_limited(blob, limit=ctx.settings.max_upload_bytes, what="blob")
+    new_payload = _ciphertext_of(data)
+    if new_payload is None:
+        raise HTTPException(422, "blob: not a sealed blob")
+    if new_payload != _ciphertext_of(stored):
+        raise HTTPException(409, "a re-wrap keeps the payload; this blob's payload differs")
+    ctx.store.put(key, data, "application/octet-stream")
+    return {"image_id": image_id, "collection": collection, "state": "rewrapped"}
+
+
 @router.post(GATEWAY_SEARCH_FISHER, response_model=SearchResponse)
 def search_fisher(
     collection: str,
