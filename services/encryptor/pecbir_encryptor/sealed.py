@@ -179,7 +179,7 @@ class PatchModels:
         return self._load(data)
 
     def publish(self, collection: str, featurizer: PatchModelFeaturizer) -> str:
-        """Keep the model at the hospital, then publish it to the cloud; its digest."""
+        """Publish the model to the cloud and keep it at the hospital; its digest."""
         data = featurizer.to_bytes()
         path = self._path(collection)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +188,11 @@ class PatchModels:
                 f"collection {collection!r} already has a patch model; a new model needs a "
                 "new collection (its images' features were computed with the old one)"
             )
+        # The cloud first: a model it refused (e.g. a collection already holding pe images)
+        # must not become the collection's model here.
+        self.gateway.put_patch_model(collection, data)
         staged = path.with_name(f".{path.name}.new")
         staged.write_bytes(data)
         os.replace(staged, path)
-        self.gateway.put_patch_model(collection, data)
         log.info("published the patch model of %s", collection)
         return PatchModelFeaturizer.digest(data)
