@@ -10,6 +10,11 @@ import numpy as np
 
 from pecbir_contracts.auth import GATEWAY_TOKEN, mint_token
 from pecbir_contracts.png import encode_png
+
+# The DICOM builders live in the harness (the benchmarks push STOW-RS bodies too).
+from pecbir_harness.dicom import dicom_bytes as dicom_bytes
+from pecbir_harness.dicom import make_seg as make_seg
+from pecbir_harness.dicom import multipart_related as multipart_related
 from pecbir_platform.store import FilesystemStore
 
 TOKEN_SECRET = b"test-token-secret-0123456789abcdef"
@@ -114,67 +119,6 @@ def labelled_set(n: int = 18, shape: tuple[int, int] = (48, 48), seed: int = 0):
         masks.append(mask)
         labels.append(label)
     return images, masks, labels
-
-
-def make_seg(mask: np.ndarray, source, label: str = "glioma"):
-    """A minimal DICOM SEG (binary, one frame) whose segment covers `mask` on `source`."""
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.pixels import pack_bits
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    seg_class = "1.2.840.10008.5.1.4.1.1.66.4"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = seg_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    seg = FileDataset("seg.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
-    seg.SOPClassUID = seg_class
-    seg.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    seg.StudyInstanceUID = source.StudyInstanceUID
-    seg.SeriesInstanceUID = generate_uid()
-    seg.PatientName = source.PatientName
-    seg.PatientID = source.PatientID
-    seg.Modality = "SEG"
-    seg.SegmentationType = "BINARY"
-    seg.Rows, seg.Columns = mask.shape
-    seg.NumberOfFrames = 1
-    seg.SamplesPerPixel = 1
-    seg.PhotometricInterpretation = "MONOCHROME2"
-    seg.BitsAllocated = 1
-    seg.BitsStored = 1
-    seg.HighBit = 0
-    seg.PixelRepresentation = 0
-    seg.PixelData = pack_bits(mask.astype(np.uint8))
-    segment = Dataset()
-    segment.SegmentNumber = 1
-    segment.SegmentLabel = label
-    seg.SegmentSequence = [segment]
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    series = Dataset()
-    series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedInstanceSequence = [reference]
-    seg.ReferencedSeriesSequence = [series]
-    return seg
-
-
-def dicom_bytes(dataset) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def multipart_related(
-    parts: list[bytes], boundary: str = "pecbir-test-boundary"
-) -> tuple[bytes, str]:
-    body = b""
-    for part in parts:
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 # A pipeline small enough for 48×48 test images and a few seconds of training.

@@ -25,6 +25,7 @@ from tests.services.helpers import SMALL_MODEL, labelled_set, make_seg, npy_byte
 
 pytestmark = pytest.mark.integration
 MODEL = {**SMALL_MODEL, "dim": 3}
+SEALED = "sealed-brain"
 
 
 def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
@@ -41,7 +42,7 @@ def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
 def cluster(tmp_path_factory):
     from pecbir_harness.procs import Cluster
 
-    with Cluster(tmp_path_factory.mktemp("cluster")) as running:
+    with Cluster(tmp_path_factory.mktemp("cluster"), sealed_collections=(SEALED,)) as running:
         yield running
 
 
@@ -186,3 +187,120 @@ def test_encryptor_cli_uploads_and_fetches_bit_exactly(cluster, tmp_path):
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert missing.returncode == 2 and "none.png" in missing.stderr
+
+
+def _redis_dump(url: str) -> bytes:
+    """Every key and value of the cluster's Redis (strings, lists, hashes, sets, streams)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    parts: list[bytes] = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        parts.append(key)
+        if kind == b"string":
+            parts.append(client.get(key) or b"")
+        elif kind == b"list":
+            parts += client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            for field, value in client.hgetall(key).items():
+                parts += [field, value]
+        elif kind in (b"set", b"zset"):
+            parts += list(client.smembers(key)) if kind == b"set" else client.zrange(key, 0, -1)
+        elif kind == b"stream":
+            for _id, fields in client.xrange(key):
+                for field, value in fields.items():
+                    parts += [field, value]
+    return b"\n".join(parts)
+
+
+def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
+    """A full sealed run through the real processes, then store, Redis and logs are scanned."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from pecbir_contracts.png import encode_png
+    from pecbir_platform.store import MinioStore
+
+    gateway = httpx.Client(
+        base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
+    )
+    encryptor = httpx.Client(
+        base_url=cluster.encryptor_url,
+        headers={"authorization": f"Bearer {cluster.user_token()}"},
+        timeout=60,
+    )
+    images, masks, labels = labelled_set(12, shape=(48, 48), seed=13)
+    published = encryptor.post(
+        f"/v1/collections/{SEALED}/patch-model",
+        files=[("images", (f"{i}.npy", npy_bytes(im))) for i, im in enumerate(images)]
+        + [("masks", (f"{i}.npy", npy_bytes(m))) for i, m in enumerate(masks)],
+        data={"n_components": "4", "n_regions": "2", "patch_size": "5", "radius": "2"},
+    )
+    assert published.status_code == 201, published.text
+    ids = []
+    for i, (image, mask, label) in enumerate(zip(images, masks, labels, strict=True)):
+        answer = encryptor.post(
+            f"/v1/collections/{SEALED}/images",
+            files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
+            data={"label": str(label), "train": "true" if i < 9 else "false"},
+        )
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["upload"]["image_id"])
+    trained = gateway.post(f"/v1/collections/{SEALED}/model/train", json={"dim": 2})
+    assert trained.status_code == 202, trained.text
+
+    def served(n: int):
+        status = gateway.get(f"/v1/collections/{SEALED}/model").json()
+        return status if status["serving_version"] and status["n_vectors"] >= n else None
+
+    _poll(lambda: served(12), "12 sealed vectors served")
+    # A PACS pushes one more slice with its SEG over STOW-RS into the sealed collection.
+    pixels, mask = labelled_set(1, shape=(48, 48), seed=98)[0][0], labelled_set(1, seed=98)[1][0]
+    dataset = make_dataset(pixels.astype(np.uint16), bits_stored=12)
+    pacs = DICOMwebClient(
+        url=f"{cluster.encryptor_url}/dicomweb/{SEALED}",
+        headers={"Authorization": f"Bearer {cluster.user_token()}"},
+    )
+    response = pacs.store_instances(datasets=[dataset, make_seg(mask, dataset, "glioma")])
+    assert "FailedSOPSequence" not in response
+    _poll(lambda: served(13), "the STOW image served")
+    for query, query_mask, expected in ((images[10], masks[10], ids[10]), (pixels, mask, None)):
+        answer = encryptor.post(
+            f"/v1/collections/{SEALED}/search",
+            files={"image": ("q.npy", npy_bytes(query)), "mask": ("m.npy", npy_bytes(query_mask))},
+            data={"k": "3"},
+        )
+        assert answer.status_code == 200, answer.text
+        top = answer.json()["hits"][0]
+        if expected is not None:
+            assert top["image_id"] == expected and top["label"] is None
+        plain = encryptor.get(top["plain_url"], params={"format": "npy"})
+        assert plain.status_code == 200, plain.text
+        opened = np.load(io.BytesIO(plain.content))
+        assert (
+            opened.tobytes() == (query.astype(np.uint16) if expected is None else query).tobytes()
+        )
+
+    # What a cloud operator can read: the object store, Redis and every service's log.
+    store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
+    keys = [k for k in store.list("") if f"/collections/{SEALED}/" in k]
+    assert any(k.endswith("sealed.bin") for k in keys)
+    assert not any(k.endswith(("cipher.png", "mask.png")) for k in keys)
+    cloud = b"".join(store.get(k) for k in keys)
+    redis_bytes = _redis_dump(cluster.redis_url)
+    logs = b"".join(p.read_bytes() for p in cluster.logs.glob("*.log"))
+    assert len(logs) > 1000 and len(redis_bytes) > 1000, "nothing to scan: the check is void"
+    needles = {}
+    for i, (image, plain_mask) in enumerate([*zip(images, masks, strict=True), (pixels, mask)]):
+        raw = image.astype(np.uint16).tobytes()
+        needles[f"image {i} row"] = raw[96 * 20 : 96 * 21]
+        needles[f"mask {i} packed"] = np.packbits(plain_mask, axis=None).tobytes()
+        needles[f"mask {i} png"] = encode_png(plain_mask)
+    for name, needle in needles.items():
+        for where, haystack in (("store", cloud), ("Redis", redis_bytes), ("logs", logs)):
+            assert needle not in haystack, f"{name} found in the {where}"
+    for image_id in ids[9:]:
+        meta = json.loads(
+            store.get(f"tenants/{cluster.tenant}/collections/{SEALED}/images/{image_id}/meta.json")
+        )
+        assert meta["label"] is None and meta["mode"] == "sealed"

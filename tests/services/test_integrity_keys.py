@@ -257,7 +257,9 @@ def test_pecbir_decrypt_refuses_tampered_sidecar_pairs_and_writes_nothing(tmp_pa
 
 
 # -- key material ---------------------------------------------------------------------------------
-def _key_strings(master: MasterKey, opaque_ids: list[str], n_pixels: int) -> dict[str, bytes]:
+def _key_strings(
+    master: MasterKey, opaque_ids: list[tuple[str, str | None]], n_pixels: int
+) -> dict[str, bytes]:
     secret = master.secret.get_secret_value()
     found = {
         "secret hex": secret.hex().encode(),
@@ -265,8 +267,8 @@ def _key_strings(master: MasterKey, opaque_ids: list[str], n_pixels: int) -> dic
         "secret b64url": base64.urlsafe_b64encode(secret).rstrip(b"="),
         "secret raw": secret,
     }
-    for opaque_id in opaque_ids:
-        sslm = image_key_for(master, opaque_id, "per-image", n_pixels).sslm
+    for opaque_id, salt in opaque_ids:
+        sslm = image_key_for(master, opaque_id, "per-image", n_pixels, salt=salt).sslm
         for name, value in [("x0", sslm.x0), *((f"r{i}", r) for i, r in enumerate(sslm.r))]:
             found[f"{opaque_id} {name} repr"] = repr(value).encode()
             found[f"{opaque_id} {name} 12 digits"] = f"{value:.12f}".encode()
@@ -276,11 +278,19 @@ def _key_strings(master: MasterKey, opaque_ids: list[str], n_pixels: int) -> dic
 
 def test_key_material_is_never_logged_nor_stored_in_the_cloud(run, capfd):
     system = run["system"]
-    opaque_ids = [u["opaque_id"] for u in run["uploads"]]
+    stored = [
+        system.gateway.get(f"/v1/collections/brain/images/{u['upload']['image_id']}").json()
+        for u in run["uploads"]
+    ]
+    opaque_ids = [(meta["opaque_id"], meta["key"].get("salt")) for meta in stored]
     n_pixels = int(np.prod(run["images"][0].shape))
     needles = _key_strings(system.master, opaque_ids, n_pixels)
     # The per-image parameters are really what this looks for: they are in the released key.
-    assert needles[f"{opaque_ids[0]} x0 repr"]
+    released = system.encryptor.post(
+        "/v1/keys/release",
+        json={"collection": "brain", "image_id": run["uploads"][0]["upload"]["image_id"]},
+    ).json()["key"]["sslm"]
+    assert repr(released["x0"]).encode() == needles[f"{opaque_ids[0][0]} x0 repr"]
     logs = (
         "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in run["records"]).encode()
         + "".join(capfd.readouterr()).encode()
@@ -594,8 +604,13 @@ def test_benchmark_and_soak_uploads_carry_the_owner_tag():
     np.testing.assert_array_equal(plain, to_uint8(images[0])[0])
 
 
-def test_uploads_through_the_encryptor_are_stored_with_the_v2_tag(run):
+def test_uploads_through_the_encryptor_are_stored_with_the_v3_tag(run):
+    from pecbir_contracts.layout import image_id_for
+
     system = run["system"]
     image_id = run["uploads"][0]["upload"]["image_id"]
     stored = system.gateway.get(f"/v1/collections/brain/images/{image_id}").json()
-    assert stored["integrity"]["version"] == 2
+    assert stored["integrity"]["version"] == 3
+    assert len(stored["key"]["salt"]) == 32
+    # The cloud's id of an identity-bound record is a public function of where it is.
+    assert image_id == image_id_for(system.tenant, "brain", stored["opaque_id"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "ENCRYPTOR_IMAGES",
     "ENCRYPTOR_KEY_RELEASE",
+    "ENCRYPTOR_PATCH_MODEL",
     "ENCRYPTOR_PLAIN_IMAGE",
     "ENCRYPTOR_SEARCH",
     "ENCRYPTOR_STOW_STUDIES",
@@ -26,15 +27,20 @@ __all__ = [
     "GATEWAY_IMAGES",
     "GATEWAY_IMAGE_CIPHER",
     "GATEWAY_IMAGE_MASK",
+    "GATEWAY_IMAGE_SEALED",
     "GATEWAY_IMAGE_STATUS",
     "GATEWAY_MODEL",
     "GATEWAY_MODEL_TRAIN",
     "GATEWAY_MODEL_VERSION",
+    "GATEWAY_PATCH_MODEL",
+    "GATEWAY_SEALED_IMAGES",
     "GATEWAY_SEARCH",
+    "GATEWAY_SEARCH_FISHER",
     "HEALTHZ",
     "SEARCH_IMAGE",
     "SEARCH_KNN",
     "SEARCH_SEARCH",
+    "SEARCH_SEARCH_FISHER",
     "SEARCH_STATUS",
 ]
 
@@ -51,9 +57,15 @@ GATEWAY_SEARCH = "/v1/collections/{collection}/search"
 GATEWAY_MODEL = "/v1/collections/{collection}/model"
 GATEWAY_MODEL_TRAIN = "/v1/collections/{collection}/model/train"
 GATEWAY_MODEL_VERSION = "/v1/collections/{collection}/model/{version}"
+# sealed mode: the owner's patch model, sealed uploads and their blobs, Fisher-vector queries
+GATEWAY_PATCH_MODEL = "/v1/collections/{collection}/patch-model"
+GATEWAY_SEALED_IMAGES = "/v1/collections/{collection}/sealed-images"
+GATEWAY_IMAGE_SEALED = "/v1/collections/{collection}/images/{image_id}/sealed"
+GATEWAY_SEARCH_FISHER = "/v1/collections/{collection}/search/fisher-vector"
 
 # -- search service (behind the gateway) -------------------------------------------------------
 SEARCH_SEARCH = "/v1/collections/{collection}/search"
+SEARCH_SEARCH_FISHER = "/v1/collections/{collection}/search/fisher-vector"
 SEARCH_KNN = "/v1/collections/{collection}/knn"
 SEARCH_STATUS = "/v1/collections/{collection}/status"
 SEARCH_IMAGE = "/v1/collections/{collection}/images/{image_id}"
@@ -65,3 +77,4 @@ ENCRYPTOR_PLAIN_IMAGE = "/v1/collections/{collection}/images/{image_id}/plain"
 ENCRYPTOR_STOW_STUDIES = "/dicomweb/{collection}/studies"
 ENCRYPTOR_STOW_STUDY = "/dicomweb/{collection}/studies/{study}"
 ENCRYPTOR_KEY_RELEASE = "/v1/keys/release"
+ENCRYPTOR_PATCH_MODEL = "/v1/collections/{collection}/patch-model"

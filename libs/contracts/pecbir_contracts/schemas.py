@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "MAX_K",
@@ -16,8 +23,10 @@ __all__ = [
     "ModelManifest",
     "ModelStatus",
     "OpaqueId",
+    "ProtectionMode",
     "RescaleInfo",
     "Scheme",
+    "SealedImageMetadata",
     "SearchHit",
     "SearchResponse",
     "SearchTimings",
@@ -27,6 +36,7 @@ __all__ = [
     "UploadState",
     "UploadStatus",
     "VectorQuery",
+    "parse_stored_record",
 ]
 
 #: A cipher scheme's name as the owner wrote it (pecore.cipher.SCHEMES or an alias): the cloud
@@ -61,6 +71,16 @@ class KeyInfo(_Strict):
     key_id: str = Field(default="0" * 16, pattern=r"^[0-9a-f]{8,64}$")
     counter: int = Field(ge=0, le=1024)
     check: str = Field(pattern=r"^[0-9a-z:]{8,80}$")
+    # v3 records: the keyed content digest the per-image key is also derived from.
+    salt: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_salt(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # Records without a salt (v1, v2) serialise exactly as they did before v3.
+        fields = handler(self)
+        if fields.get("salt") is None:
+            fields.pop("salt", None)
+        return fields
 
 
 class Integrity(_Strict):
@@ -68,13 +88,14 @@ class Integrity(_Strict):
 
     `version` names the tag's format, which only the owner (the encryptor, with pecore's
     envelope) computes and checks: 1 for records stored before the v2 envelope tag (the field
-    is absent in them), 2 for every new one.
+    is absent in them), 2 for records stored before v3, 3 for every new one (it also covers
+    the tenant and collection the record is stored in, and its content-bound key salt).
     """
 
     alg: Literal["hmac-sha256"] = "hmac-sha256"
     key_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     tag: HexTag
-    version: Literal[1, 2] = 1
+    version: Literal[1, 2, 3] = 1
 
 
 class ImageMetadata(_Strict):
@@ -98,6 +119,54 @@ class ImageMetadata(_Strict):
         if self.role == "query" and self.label is not None:
             raise ValueError("query images carry no label")
         return self
+
+
+#: How a collection's images are protected: the paper's perceptual cipher (the cloud sees the
+#: cipher image and extracts the features) or sealed (AES-256-GCM; the owner sends the features).
+ProtectionMode = Literal["pe", "sealed"]
+
+
+class SealedImageMetadata(_Strict):
+    """What the cloud stores next to a sealed blob: no pixel, no mask, no private label.
+
+    The blob (pecore.sealing) is opaque to the cloud; the owner computed the Fisher vector
+    with the collection's published patch model (`patch_model`, its SHA-256) and sends it
+    alongside.  Only a training template (`role` "template" with a `label`) has a label the
+    cloud can read; every other label is inside the blob.
+    """
+
+    mode: Literal["sealed"] = "sealed"
+    format: Literal["pecbir-sealed/v1"] = "pecbir-sealed/v1"
+    opaque_id: OpaqueId
+    role: Literal["template", "query"] = "template"
+    label: int | None = Field(default=None, ge=0, le=255)
+    key_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    patch_model: HexTag
+    feature_dim: int = Field(ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _label_only_for_templates(self) -> SealedImageMetadata:
+        if self.role == "query" and self.label is not None:
+            raise ValueError("query images carry no label")
+        return self
+
+
+def parse_stored_record(data: bytes | str) -> ImageMetadata | SealedImageMetadata:
+    """A stored meta.json: a sealed record if it says ``"mode": "sealed"``, else a pe record.
+
+    Raises
+    ------
+    ValueError
+        (pydantic's ValidationError) when it is neither.
+    """
+    import json
+
+    try:
+        sealed = json.loads(data).get("mode") == "sealed"
+    except (ValueError, AttributeError):
+        sealed = False
+    model = SealedImageMetadata if sealed else ImageMetadata
+    return model.model_validate_json(data)
 
 
 UploadState = Literal["stored", "awaiting_model", "indexed", "searchable", "failed"]

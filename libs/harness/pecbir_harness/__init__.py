@@ -7,5 +7,6 @@ soaks and benchmarks. Not part of any service image.
               workers, and `Cluster` (the whole cloud side on loopback)
 - `embedded`  `EmbeddedSystem`: every service in one process (the demo's mode)
 - `workload`  sealing images for upload, percentiles
+- `dicom`     synthetic MR images, SEG masks and STOW-RS bodies
 - `soak`      the bounded soak run behind `pecbir soak`
 """

@@ -39,6 +39,7 @@ class EmbeddedSystem:
         master: MasterKey | None = None,
         encode_threads: int | None = None,
         reindex_chunk: int = 32,
+        sealed_collections: frozenset[str] = frozenset(),
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -86,6 +87,8 @@ class EmbeddedSystem:
                 gateway_token=self.cloud_token(),
                 user_token_secret=self.user_secret.hex(),
                 audit_log=self.root / "encryptor-audit.jsonl",
+                sealed_collections=sealed_collections,
+                patch_models=self.root / "patch-models",
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,

@@ -6,6 +6,7 @@ Every process is started in its own process group and killed (group-wide) on tea
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -302,6 +303,7 @@ class Cluster:
         own_redis: bool = False,
         store_proxy: bool = False,
         extra_env: dict[str, str] | None = None,
+        sealed_collections: tuple[str, ...] = (),
     ) -> None:
         import secrets
 
@@ -314,6 +316,7 @@ class Cluster:
         self.tmp = Path(tmp)
         self.tenant = tenant
         self.with_encryptor = encryptor
+        self.sealed_collections = sealed_collections
         self.cloud_secret = secrets.token_hex(32)
         self.user_secret = secrets.token_hex(32)
         self.logs = self.tmp / "logs"
@@ -422,6 +425,8 @@ class Cluster:
                     "gateway_token": self.token(),
                     "user_token_secret": self.user_secret,
                     "audit_log": str(self.tmp / "audit.jsonl"),
+                    "sealed_collections": json.dumps(list(self.sealed_collections)),
+                    "patch_models": str(self.tmp / "patch-models"),
                 }.items()
             }
             self.encryptor_url = stack.enter_context(

@@ -41,12 +41,14 @@ __all__ = [
     "TAG_V1_SERVICE",
     "TAG_V1_SIDECAR",
     "TAG_V2",
+    "TAG_V3",
     "CipherMetadata",
     "KeyMode",
     "Role",
     "TagFormat",
     "TamperedError",
     "canonical_key_mode",
+    "content_key_salt",
     "encrypt_stack",
     "image_key_for",
     "integrity_tag",
@@ -77,7 +79,18 @@ TAG_V1_SIDECAR: Final = "pecbir/sidecar-integrity/v1"
 TAG_V1_SERVICE: Final = "pecbir/integrity/v1"
 # v2: the one envelope tag (cipher + mask, if any + every field of this record).
 TAG_V2: Final = "pecbir/envelope/v2"
-TagFormat = Literal["pecbir/sidecar-integrity/v1", "pecbir/integrity/v1", "pecbir/envelope/v2"]
+# v3: v2 plus the record's identity (tenant, collection) and its content-bound key salt.
+TAG_V3: Final = "pecbir/envelope/v3"
+TagFormat = Literal[
+    "pecbir/sidecar-integrity/v1",
+    "pecbir/integrity/v1",
+    "pecbir/envelope/v2",
+    "pecbir/envelope/v3",
+]
+# Fields that only a v3 record has (and only a v3 tag covers).
+_V3_FIELDS: Final = frozenset({"tenant", "collection", "key_salt"})
+# Image ids of this prefix name keys of their own (`SHARED_KEY_LABEL`): never an image's.
+_RESERVED_ID_PREFIX: Final = "__"
 
 # Fields that are not themselves signed: the tag, and the name of its format (which is signed
 # anyway, as the label inside the message).
@@ -129,6 +142,12 @@ class CipherMetadata(BaseModel):
     tag_format : str or None
         Format (label) of `integrity_tag`; None on records written before v2, whose tag is in
         the v1 sidecar format.
+    tenant, collection : str or None
+        v3 only: where the record belongs (covered by the v3 tag, so a record moved to
+        another tenant or collection no longer verifies there).  None on v1/v2 records.
+    key_salt : str or None
+        v3 only: the keyed digest of the plain content the per-image key is also derived
+        from (`content_key_salt`), so that different content never gets the same key.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -146,20 +165,63 @@ class CipherMetadata(BaseModel):
     rescale: IntensityRescale
     integrity_tag: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     tag_format: TagFormat | None = None
+    tenant: str | None = Field(default=None, min_length=1, max_length=63)
+    collection: str | None = Field(default=None, min_length=1, max_length=63)
+    key_salt: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
     @model_validator(mode="after")
     def _label_only_for_templates(self) -> CipherMetadata:
         if self.role == "query" and self.label is not None:
             raise ValueError("query images carry no label")
+        if (self.tenant is None) != (self.collection is None):
+            raise ValueError("tenant and collection come together (a v3 record) or not at all")
         return self
 
+    @property
+    def identity_bound(self) -> bool:
+        """Whether the record names its tenant and collection (v3)."""
+        return self.tenant is not None
 
-def image_key_for(master: MasterKey, image_id: str, key_mode: KeyMode, n_pixels: int) -> ImageKey:
-    """The image key of `image_id`: its own ("per-image") or the master's shared one ("same")."""
+
+def content_key_salt(master: MasterKey, plain: np.ndarray) -> str:
+    """Keyed digest (128 bits, hex) of a plain uint8 image's shape and pixels.
+
+    Part of a v3 per-image key's derivation: two different contents (or sizes) under one image
+    id get different keys, and the same content the same key (a re-send is idempotent).  Keyed
+    by the master key, so the cloud cannot confirm a guessed image from it.
+    """
+    plain = np.ascontiguousarray(plain, dtype=np.uint8)
+    message = b"pecbir/key-salt/v1\x00" + f"{plain.shape}".encode() + b"\x00" + plain.tobytes()
+    digest = hmac.new(master.secret.get_secret_value(), message, hashlib.sha256)
+    return digest.hexdigest()[:32]
+
+
+def image_key_for(
+    master: MasterKey,
+    image_id: str,
+    key_mode: KeyMode,
+    n_pixels: int,
+    *,
+    salt: str | None = None,
+) -> ImageKey:
+    """The image key of `image_id`: its own ("per-image") or the master's shared one ("same").
+
+    A per-image key with a `salt` (v3 records) is derived from the image id and the salt.
+    Image ids starting with "__" are reserved (the shared key's label is one) and refused.
+    """
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key mode {key_mode!r}; expected one of {', '.join(KEY_MODES)}")
-    label = SHARED_KEY_LABEL if key_mode == "same" else image_id
-    return derive_image_key(master, label, n_pixels)
+    if image_id.startswith(_RESERVED_ID_PREFIX):
+        raise ValueError(
+            f"image id {image_id!r} is reserved (ids starting with {_RESERVED_ID_PREFIX!r} "
+            "name the owner's own keys)"
+        )
+    if key_mode == "same":
+        return derive_image_key(master, SHARED_KEY_LABEL, n_pixels)
+    if salt is None:
+        return derive_image_key(master, image_id, n_pixels)
+    key = derive_image_key(master, f"{image_id}/salt:{salt}", n_pixels)
+    return key.model_copy(update={"image_id": image_id})  # the image's id, not the label
 
 
 def seal(
@@ -171,6 +233,8 @@ def seal(
     *,
     role: Role = "template",
     label: int | None = None,
+    tenant: str | None = None,
+    collection: str | None = None,
 ) -> tuple[np.ndarray, CipherMetadata]:
     """Encrypt a plain image for the cloud; returns (uint8 cipher image, untagged metadata).
 
@@ -190,6 +254,10 @@ def seal(
         Recorded in the metadata (and covered by the tag).
     label : int or None
         Class label of a template, recorded in the metadata (and covered by the tag).
+    tenant, collection : str or None
+        Where the record will be stored.  Given: a v3 record, bound to them by its tag, whose
+        per-image key is also derived from its content (`content_key_salt`).  None: a v2
+        record (the `pecbir encrypt` sidecar, the known-answer tests).
 
     Returns
     -------
@@ -199,7 +267,10 @@ def seal(
         The record, without a tag yet (see `tag`).
     """
     plain, rescale = to_uint8(image)
-    key = image_key_for(master, image_id, key_mode, plain.size)
+    salt = None
+    if tenant is not None and key_mode == "per-image":
+        salt = content_key_salt(master, plain)
+    key = image_key_for(master, image_id, key_mode, plain.size, salt=salt)
     cipher = encrypt(plain, key.stream(), scheme)
     metadata = CipherMetadata(
         image_id=image_id,
@@ -212,6 +283,9 @@ def seal(
         key_check=key.check,
         shape=plain.shape,
         rescale=rescale,
+        tenant=tenant,
+        collection=collection,
+        key_salt=salt,
     )
     return cipher, metadata
 
@@ -281,13 +355,20 @@ def _v1_service_message(
     )
 
 
-def _v2_message(cipher: np.ndarray, mask: np.ndarray | None, metadata: CipherMetadata) -> bytes:
+def _v2_message(
+    cipher: np.ndarray,
+    mask: np.ndarray | None,
+    metadata: CipherMetadata,
+    tag_format: TagFormat = TAG_V2,
+) -> bytes:
     # One flag byte says whether a mask digest follows, so "no mask" is not any mask's digest.
     mask_part = b"\x00" if mask is None else b"\x01" + _array_digest(mask.astype(bool))
-    fields = metadata.model_dump(mode="json", exclude=_UNSIGNED_FIELDS)
+    # v2 signs the fields a v2 record has; v3 signs every field (identity and salt included).
+    unsigned = _UNSIGNED_FIELDS if tag_format == TAG_V3 else _UNSIGNED_FIELDS | _V3_FIELDS
+    fields = metadata.model_dump(mode="json", exclude=unsigned)
     return b"".join(
         [
-            TAG_V2.encode(),
+            tag_format.encode(),
             b"\x00",
             _array_digest(cipher.astype(np.uint8)),
             mask_part,
@@ -317,15 +398,23 @@ def integrity_tag(
     mask : numpy.ndarray or None
         Tumour mask stored with the image (covered as booleans), None for a sidecar.
     tag_format : str
-        `TAG_V2` for new tags; the v1 formats only to check records made before v2.
+        `TAG_V3` for records with an identity, `TAG_V2` for those without; the v1 formats only
+        to check records made before v2.
 
     Returns
     -------
     str
         The tag, 64 hex digits.
     """
-    if tag_format == TAG_V2:
-        message = _v2_message(cipher, mask, metadata)
+    has_v3_fields = any(getattr(metadata, name) is not None for name in _V3_FIELDS)
+    if (tag_format == TAG_V3) != has_v3_fields:
+        # A v3 record's identity and salt must be covered; an older tag covers neither.
+        raise TamperedError(
+            f"image {metadata.image_id!r}: a {tag_format} tag does not fit a record "
+            f"{'with' if has_v3_fields else 'without'} tenant, collection and key salt"
+        )
+    if tag_format in (TAG_V2, TAG_V3):
+        message = _v2_message(cipher, mask, metadata, tag_format)
     elif tag_format == TAG_V1_SERVICE:
         message = _v1_service_message(cipher, mask, metadata)
     elif tag_format == TAG_V1_SIDECAR:
@@ -345,7 +434,9 @@ def tag(
     *,
     mask: np.ndarray | None = None,
 ) -> CipherMetadata:
-    """`metadata` with the owner's (v2) integrity tag over it, `cipher` and `mask`.
+    """`metadata` with the owner's integrity tag over it, `cipher` and `mask`.
+
+    v3 for a record with an identity (tenant, collection), v2 for one without.
 
     Parameters
     ----------
@@ -363,8 +454,9 @@ def tag(
     CipherMetadata
         The record with `integrity_tag` and `tag_format` set.
     """
-    value = integrity_tag(cipher, metadata, master, mask=mask, tag_format=TAG_V2)
-    return metadata.model_copy(update={"integrity_tag": value, "tag_format": TAG_V2})
+    tag_format = TAG_V3 if metadata.identity_bound else TAG_V2
+    value = integrity_tag(cipher, metadata, master, mask=mask, tag_format=tag_format)
+    return metadata.model_copy(update={"integrity_tag": value, "tag_format": tag_format})
 
 
 def verify_tag(
@@ -376,8 +468,9 @@ def verify_tag(
 ) -> None:
     """TamperedError unless `metadata` carries a tag that matches `cipher`, `mask` and its fields.
 
-    Tags of every format are accepted (v2 and both v1 formats), each checked by its own rule, so
-    records stored before v2 keep verifying.
+    Tags of every format are accepted (v3, v2 and both v1 formats), each checked by its own
+    rule, so records stored before v3 keep verifying.  Only a v3 record names its tenant and
+    collection: the caller compares them (and the image id) with what it asked for.
 
     Parameters
     ----------
@@ -428,7 +521,9 @@ def unseal(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> n
         )
     if tuple(cipher.shape) != tuple(metadata.shape):
         raise ValueError(f"cipher image has shape {cipher.shape}, metadata says {metadata.shape}")
-    key = image_key_for(master, metadata.image_id, metadata.key_mode, cipher.size)
+    key = image_key_for(
+        master, metadata.image_id, metadata.key_mode, cipher.size, salt=metadata.key_salt
+    )
     if key.counter != metadata.key_counter or key.check != metadata.key_check:
         raise ValueError(
             f"key for image {metadata.image_id!r} does not match the stored check value: "

@@ -394,6 +394,59 @@ class CBIRPipeline(BaseEstimator):
         self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
         return self
 
+    # -- the sealed mode: patch model from the owner, metric from owner-sent Fisher vectors ---
+    @classmethod
+    def from_patch_model(cls, pca: PatchPCA, gmm: DiagonalGMM, **params: object) -> CBIRPipeline:
+        """A pipeline with a given (published) PCA and GMM; its metric comes from `fit_metric`.
+
+        Parameters
+        ----------
+        pca : PatchPCA
+            The fitted patch PCA.
+        gmm : DiagonalGMM
+            The fitted visual dictionary (`n_components` is taken from it).
+        **params
+            The other constructor parameters (`n_regions`, `patch_size`, `radius`, ...).
+
+        Returns
+        -------
+        CBIRPipeline
+            PCA, GMM and encoder set; not fitted until `fit_metric`.
+        """
+        pipe = cls(**{**params, "n_components": int(gmm.weights_.shape[0])})
+        pipe.pca_ = pca
+        pipe.gmm_ = gmm
+        pipe.encoder_ = FisherVectorEncoder(gmm, n_regions=pipe.n_regions)
+        return pipe
+
+    def fit_metric(self, fisher_vectors: np.ndarray, labels: np.ndarray) -> CBIRPipeline:
+        """Learn CFML from Fisher vectors computed elsewhere with this pipeline's PCA and GMM.
+
+        Parameters
+        ----------
+        fisher_vectors : array_like of shape (n_images, F)
+            The templates' Fisher vectors.
+        labels : array_like of shape (n_images,)
+            Their classes.
+
+        Returns
+        -------
+        CBIRPipeline
+            This estimator, fitted.
+        """
+        if not hasattr(self, "encoder_"):
+            raise RuntimeError("fit_metric needs the PCA and GMM (from_patch_model) first")
+        fisher_vectors = np.asarray(fisher_vectors)
+        if fisher_vectors.ndim != 2 or fisher_vectors.shape[1] != self.encoder_.n_features:
+            raise ValueError(
+                f"Fisher vectors of shape {fisher_vectors.shape}; expected (n, "
+                f"{self.encoder_.n_features})"
+            )
+        self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(
+            fisher_vectors, np.asarray(labels)
+        )
+        return self
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "metric_"):
             raise RuntimeError("CBIRPipeline is not fitted; call fit() or load() first")

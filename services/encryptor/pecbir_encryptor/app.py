@@ -16,7 +16,7 @@ from pecbir_contracts.routes import HEALTHZ
 from pecbir_encryptor import ops
 from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
-from pecbir_encryptor.routes import dicomweb, ingest, keys, search
+from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, guard_requests
@@ -62,7 +62,7 @@ def create_app(
     )
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
-    for router in (ingest.router, dicomweb.router, search.router, keys.router):
+    for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
     guard_requests(
         app,

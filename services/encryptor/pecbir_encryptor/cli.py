@@ -4,6 +4,11 @@
     pecbir-encryptor upload IMAGE MASK --collection C [--label L]
     pecbir-encryptor fetch  IMAGE_ID --collection C --out plain.png|.npy
     pecbir-encryptor rotate [--master-key F --keyring-dir D]   new master key, old one retired
+    pecbir-encryptor rewrap IMAGE_ID [IMAGE_ID ...] --collection C   after a rotation: re-wrap
+                                                     sealed images' data keys (active key)
+    pecbir-encryptor patch-model --collection C IMAGE MASK [IMAGE MASK ...] [--components K]
+                                                     fit a sealed collection's patch model on
+                                                     plain images, keep it, publish it
 
 Settings come from PECBIR_ENCRYPTOR_* variables (tenant, master key file, gateway URL and
 token); `fetch` verifies the owner's integrity tag before it decrypts.
@@ -39,10 +44,15 @@ def _upload(args: argparse.Namespace) -> int:
     pixels, source_uid = read_pixels(Path(args.image).read_bytes(), "image")
     mask, seg_label = read_mask(Path(args.mask).read_bytes())
     opaque_id = encryptor.opaque_id_for(source_uid or f"file:{Path(args.image).resolve()}")
-    protected = encryptor.protect(
-        pixels, mask, opaque_id=opaque_id, label=args.label if args.label is not None else seg_label
+    answer = encryptor.ingest(
+        args.collection,
+        pixels,
+        mask,
+        opaque_id=opaque_id,
+        label=args.label if args.label is not None else seg_label,
+        train=not args.no_train,
+        idempotency_key=f"owner-{opaque_id}",
     )
-    answer = encryptor.upload(args.collection, protected, f"owner-{opaque_id}")
     print(json.dumps({"opaque_id": opaque_id, "upload": answer}))
     return 0
 
@@ -53,15 +63,48 @@ def _fetch(args: argparse.Namespace) -> int:
 
     encryptor = _encryptor()
     try:
-        plain, _mask, metadata = encryptor.fetch_plain(args.collection, args.image_id)
+        opened = encryptor.fetch_plain(args.collection, args.image_id)
     except IntegrityError as exc:
         encryptor.audit.write(
             action="decrypt", sub="cli", image_id=args.image_id, outcome="refused", reason=str(exc)
         )
         raise
-    write_image(args.out, plain)
+    write_image(args.out, opened.image)
     encryptor.audit.write(action="decrypt", sub="cli", image_id=args.image_id, outcome="ok")
-    print(f"verified and decrypted {args.image_id} (opaque id {metadata.opaque_id}) to {args.out}")
+    opaque_id = opened.record.opaque_id
+    print(f"verified and decrypted {args.image_id} (opaque id {opaque_id}) to {args.out}")
+    return 0
+
+
+def _patch_model(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.inputs import read_mask, read_pixels
+
+    files = list(args.files)
+    if not files or len(files) % 2:
+        raise ValueError("give the plain images and their masks as IMAGE MASK pairs")
+    images, masks = [], []
+    for image_path, mask_path in zip(files[::2], files[1::2], strict=True):
+        images.append(read_pixels(Path(image_path).read_bytes(), str(image_path))[0])
+        masks.append(read_mask(Path(mask_path).read_bytes())[0])
+    digest = _encryptor().publish_patch_model(
+        args.collection,
+        images,
+        masks,
+        n_components=args.components,
+        n_regions=args.regions,
+        patch_size=args.patch_size,
+        radius=args.radius,
+    )
+    print(f"published the patch model of {args.collection} (sha256 {digest}), {len(images)} images")
+    return 0
+
+
+def _rewrap(args: argparse.Namespace) -> int:
+    encryptor = _encryptor()
+    for image_id in args.image_ids:
+        old, new = encryptor.rewrap(args.collection, image_id)
+        encryptor.audit.write(action="rewrap", sub="cli", image_id=image_id, outcome="ok")
+        print(f"{image_id}: {'re-wrapped from ' + old if old != new else 'already'} under {new}")
     return 0
 
 
@@ -95,12 +138,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     upload.add_argument("mask", help="PNG, NPY or DICOM SEG")
     upload.add_argument("--collection", required=True)
     upload.add_argument("--label", type=int, default=None)
+    upload.add_argument(
+        "--no-train", action="store_true", help="not a training template: the cloud gets no label"
+    )
     upload.set_defaults(func=_upload)
     fetch = commands.add_parser("fetch", help="download, verify and decrypt one image")
     fetch.add_argument("image_id")
     fetch.add_argument("--collection", required=True)
     fetch.add_argument("--out", type=Path, required=True)
     fetch.set_defaults(func=_fetch)
+    patch = commands.add_parser(
+        "patch-model", help="fit and publish a sealed collection's patch model (PCA + GMM)"
+    )
+    patch.add_argument("files", nargs="+", help="IMAGE MASK pairs of plain images")
+    patch.add_argument("--collection", required=True)
+    patch.add_argument("--components", type=int, default=64, help="GMM size K (the paper's D)")
+    patch.add_argument("--regions", type=int, default=8)
+    patch.add_argument("--patch-size", type=int, default=9)
+    patch.add_argument("--radius", type=int, default=24)
+    patch.set_defaults(func=_patch_model)
+    rewrap_cmd = commands.add_parser(
+        "rewrap", help="re-wrap sealed images' data keys under the active master key"
+    )
+    rewrap_cmd.add_argument("image_ids", nargs="+")
+    rewrap_cmd.add_argument("--collection", required=True)
+    rewrap_cmd.set_defaults(func=_rewrap)
     rotate = commands.add_parser("rotate", help="rotate the master key (keeps the old one)")
     rotate.add_argument("--master-key", type=Path, default=None)
     rotate.add_argument("--keyring-dir", type=Path, default=None)

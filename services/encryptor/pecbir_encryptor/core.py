@@ -1,26 +1,49 @@
-"""Owner-side operations: protect (8-bit + encrypt + tag), upload, fetch-verify-decrypt."""
+"""Owner-side operations: protect (8-bit + encrypt + tag) or seal, upload, fetch-verify-open.
+
+Every collection is protected in one of two modes, chosen by the owner (`mode_of`): `pe`, the
+paper's perceptual cipher, and `sealed` (`pecbir_encryptor.sealed`).  Records of both modes are
+bound to their identity: a v3 tag (pe) or the AEAD's associated data (sealed) covers tenant,
+collection and the owner's opaque id, and the cloud's image id is a public function of those
+(`pecbir_contracts.layout.image_id_for`), so a record handed back for another id is refused.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import numpy as np
 
+from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
-from pecbir_contracts.schemas import ImageMetadata, SearchResponse
+from pecbir_contracts.schemas import (
+    ImageMetadata,
+    SealedImageMetadata,
+    SearchResponse,
+    parse_stored_record,
+)
+from pecbir_contracts.vectors import encode_vector_npy
 from pecbir_encryptor.audit import AuditLog
 from pecbir_encryptor.gateway_client import GatewayClient
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
+from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
+from pecore.cipher import to_uint8
 from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
+from pecore.owner_features import PatchModelFeaturizer
+from pecore.sealing import SealedIdentity, open_sealed, read_header, rewrap, unwrap_data_key
+
+Mode = Literal["pe", "sealed"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +53,29 @@ class Protected:
     cipher: np.ndarray
     mask: np.ndarray
     metadata: ImageMetadata
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A stored image, checked and opened at the hospital.
+
+    Attributes
+    ----------
+    image
+        pe: the 8-bit plain image; sealed: the image exactly as the owner held it.
+    mask
+        Its tumour mask.
+    record
+        The cloud's record of it.
+    label
+        Its class label: a training template's from the record, any other sealed image's
+        from inside its blob (the cloud never read it); None when unknown.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    record: ImageMetadata | SealedImageMetadata
+    label: int | None
 
 
 def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -59,6 +105,8 @@ def protect_image(
     key_mode: str = "per-image",
     label: int | None = None,
     role: str = "template",
+    tenant: str | None = None,
+    collection: str | None = None,
 ) -> Protected:
     """8-bit rule + encryption with the image's key + the owner's tag; nothing identifying.
 
@@ -80,6 +128,9 @@ def protect_image(
         Class label of a template (dropped for a query).
     role : {"template", "query"}
         What the cloud does with the image.
+    tenant, collection : str or None
+        Where it goes: given, a v3 record bound to them whose key is also derived from the
+        content; None, a v2 record (benchmarks, known-answer tests).
 
     Returns
     -------
@@ -95,6 +146,8 @@ def protect_image(
         key_mode,
         role=role,
         label=label if role == "template" else None,
+        tenant=tenant,
+        collection=collection,
     )
     record = tag(cipher, record, master, mask=mask)
     return Protected(cipher, mask, to_wire(record))
@@ -109,6 +162,9 @@ class Encryptor:
         scheme: str = "ours",
         key_mode: str = "per-image",
         audit_log: Path | None = None,
+        tenant: str | None = None,
+        sealed_collections: Collection[str] = (),
+        patch_models: Path | None = None,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -117,6 +173,24 @@ class Encryptor:
         self.scheme = scheme
         self.key_mode = key_mode
         self.audit = AuditLog(audit_log)
+        # None only for offline use (tests, benchmarks): records are then v2, not bound.
+        self.tenant = tenant
+        self.sealed_collections = frozenset(sealed_collections)
+        self.patch_models = PatchModels(patch_models, self.gateway)
+
+    # -- the owner's choice of protection ------------------------------------------------------
+    def mode_of(self, collection: str, owner: str | None = None) -> Mode:
+        """How `collection` is protected: the owner's setting for its own collections; for a
+        collection shared by another owner, "sealed" iff that owner published a patch model."""
+        if owner is None or owner == self.tenant:
+            return "sealed" if collection in self.sealed_collections else "pe"
+        return "sealed" if self.patch_models.shared(owner, collection) is not None else "pe"
+
+    def _bound_tenant(self, owner: str | None) -> str:
+        tenant = owner or self.tenant
+        if tenant is None:
+            raise ValueError("this encryptor serves no tenant; it cannot bind records to one")
+        return tenant
 
     # -- ids -----------------------------------------------------------------------------------
     def opaque_id_for(self, source_uid: str | None) -> str:
@@ -130,6 +204,23 @@ class Encryptor:
         )
         return digest.hexdigest()[:32]
 
+    def query_id_for(self, pixels: np.ndarray, mask: np.ndarray) -> str:
+        """Id (and so key) of a query image: keyed hash of its content, in a domain of its own.
+
+        The same query image always gets the same id, so its cipher (and its ranking) is the
+        same every time: repeating a query gives the cloud no second cipher of it.  The label
+        differs from the stored images' (`opaque_id_for`), so a query never shares a stored
+        key; a query pixel-identical to a stored image is therefore a second cipher of that
+        image (once), which the pe mode cannot avoid without the stored image's id.
+        """
+        pixels = np.ascontiguousarray(pixels)
+        digest = hmac.new(self.master.secret.get_secret_value(), digestmod=hashlib.sha256)
+        digest.update(b"pecbir/query-id/v1\x00")
+        digest.update(f"{pixels.dtype.str}:{pixels.shape}\x00".encode())
+        digest.update(pixels.tobytes())
+        digest.update(np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes())
+        return digest.hexdigest()[:32]
+
     # -- owner side ----------------------------------------------------------------------------
     def protect(
         self,
@@ -139,8 +230,15 @@ class Encryptor:
         opaque_id: str,
         label: int | None = None,
         role: str = "template",
+        collection: str | None = None,
+        owner: str | None = None,
     ) -> Protected:
-        """`protect_image` with this encryptor's active key, scheme and key mode."""
+        """`protect_image` with this encryptor's active key, scheme and key mode.
+
+        With a `collection` (and a tenant), a v3 record bound to ``(owner or tenant,
+        collection)``.
+        """
+        bound = collection is not None and (owner or self.tenant) is not None
         return protect_image(
             pixels,
             mask,
@@ -150,7 +248,124 @@ class Encryptor:
             key_mode=self.key_mode,
             label=label,
             role=role,
+            tenant=self._bound_tenant(owner) if bound else None,
+            collection=collection if bound else None,
         )
+
+    def seal(
+        self,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        *,
+        opaque_id: str,
+        label: int | None = None,
+        role: str = "template",
+        train: bool = True,
+    ) -> SealedUpload:
+        """`seal_for_cloud` with this encryptor's active key and the collection's patch model."""
+        return seal_for_cloud(
+            pixels,
+            _check_mask(mask, pixels.shape),
+            master=self.master,
+            tenant=self._bound_tenant(None),
+            collection=collection,
+            opaque_id=opaque_id,
+            model=self.patch_models.own(collection),
+            label=label,
+            role=role,
+            train=train,
+        )
+
+    def ingest(
+        self,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        *,
+        opaque_id: str,
+        label: int | None = None,
+        role: str = "template",
+        train: bool = True,
+        idempotency_key: str | None = None,
+    ) -> dict:
+        """Protect one image as its collection's mode says and upload it; the gateway's answer.
+
+        Parameters
+        ----------
+        collection
+            Target collection (its mode: `mode_of`).
+        pixels, mask
+            The plain image and its tumour mask.
+        opaque_id
+            The image's pseudonym.
+        label, role
+            Class label and role.
+        train
+            A training template: only then is the label readable by the cloud (pe: a
+            non-training image's label is not sent at all; sealed: it is inside the blob).
+        idempotency_key
+            Sent to the gateway.
+
+        Raises
+        ------
+        ValueError
+            Bad input (nothing was sent).
+        GatewayError
+            The cloud refused or failed the upload.
+        """
+        if self.mode_of(collection) == "sealed":
+            sealed = self.seal(
+                collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
+            )
+            return self.gateway.upload_sealed(
+                collection,
+                blob=sealed.blob,
+                fisher_npy=encode_vector_npy(sealed.fisher_vector),
+                metadata_json=sealed.metadata.model_dump_json(),
+                idempotency_key=idempotency_key,
+            )
+        protected = self.protect(
+            pixels,
+            mask,
+            opaque_id=opaque_id,
+            label=label if train else None,
+            role=role,
+            collection=collection,
+        )
+        return self.upload(collection, protected, idempotency_key)
+
+    def publish_patch_model(
+        self,
+        collection: str,
+        images: list[np.ndarray],
+        masks: list[np.ndarray],
+        **params: object,
+    ) -> str:
+        """Fit a sealed collection's patch model on plain images, keep it, publish it.
+
+        Parameters
+        ----------
+        collection
+            One of this owner's sealed collections.
+        images, masks
+            Plain images (its templates, or a public set) and their tumour masks.
+        **params
+            `PatchModelFeaturizer` parameters (n_components, n_regions, patch_size, ...).
+
+        Returns
+        -------
+        str
+            The published model's SHA-256.
+        """
+        if collection not in self.sealed_collections:
+            raise ValueError(
+                f"collection {collection!r} is not sealed (PECBIR_ENCRYPTOR_SEALED_COLLECTIONS)"
+            )
+        plain = [to_uint8(np.asarray(image))[0] for image in images]
+        checked = [_check_mask(m, p.shape) for m, p in zip(masks, plain, strict=True)]
+        featurizer = PatchModelFeaturizer(**params).fit(plain, checked)
+        return self.patch_models.publish(collection, featurizer)
 
     def upload(self, collection: str, protected: Protected, idempotency_key: str | None) -> dict:
         return self.gateway.upload(
@@ -175,26 +390,76 @@ class Encryptor:
             raise IntegrityError(str(exc)) from None
 
     def verified(
-        self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata
+        self,
+        cipher: np.ndarray,
+        mask: np.ndarray,
+        metadata: ImageMetadata,
+        *,
+        requested: tuple[str, str, str] | None = None,
     ) -> tuple[MasterKey, CipherMetadata]:
-        """Check the owner's tag over cipher, mask and metadata; the master key and record."""
+        """Check the owner's tag over cipher, mask and metadata; the master key and record.
+
+        `requested` is the (tenant, collection, image id) the record was fetched for: a v3
+        record must be bound to exactly that (its tag covers tenant and collection; its opaque
+        id must map to the image id).  A record from before v3 names no identity: it is
+        verified as a legacy record, with a warning in the log.
+        """
         master = self.master_of(metadata)
-        record = from_wire(metadata)
+        tenant, collection, image_id = requested if requested else (None, None, None)
+        record = from_wire(metadata, tenant=tenant, collection=collection)
         verify_tag(cipher, record, master, mask=mask)
+        if record.identity_bound and image_id is not None:
+            _check_bound_id(tenant, collection, image_id, record.image_id)
+        elif not record.identity_bound:
+            log.warning(
+                "image %s: legacy record (tag v%s) bound to no tenant/collection/id; "
+                "re-upload it to bind it",
+                metadata.opaque_id,
+                metadata.integrity.version if metadata.integrity else "?",
+            )
         return master, record
 
-    def open(self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata) -> np.ndarray:
+    def open(
+        self,
+        cipher: np.ndarray,
+        mask: np.ndarray,
+        metadata: ImageMetadata,
+        *,
+        requested: tuple[str, str, str] | None = None,
+    ) -> np.ndarray:
         """Verify the owner's tag, then decrypt bit-exactly; IntegrityError if tampered."""
-        master, record = self.verified(cipher, mask, metadata)
+        master, record = self.verified(cipher, mask, metadata, requested=requested)
         return unseal(cipher, record, master)
 
+    def _sealed_blob(
+        self, tenant: str, collection: str, image_id: str, metadata: SealedImageMetadata
+    ) -> tuple[MasterKey, SealedIdentity, bytes]:
+        """(master key its wrap names, expected identity, blob) of a sealed record."""
+        _check_bound_id(tenant, collection, image_id, metadata.opaque_id)
+        blob = self.gateway.sealed(collection, image_id, owner=tenant)
+        header = read_header(blob)
+        try:
+            master = self.keyring.get(header.wrap.key_id)
+        except UnknownKey as exc:
+            raise IntegrityError(str(exc)) from None
+        identity = SealedIdentity(tenant=tenant, collection=collection, image_id=metadata.opaque_id)
+        return master, identity, blob
+
     # -- via the gateway -----------------------------------------------------------------------
-    def fetch(self, collection: str, image_id: str, owner: str | None = None):
+    def fetch_record(
+        self, collection: str, image_id: str, owner: str | None = None
+    ) -> ImageMetadata | SealedImageMetadata:
+        """The stored record of an image (not yet verified: the cloud wrote it)."""
         stored = self.gateway.metadata(collection, image_id, owner=owner)
         try:
-            metadata = ImageMetadata.model_validate_json(stored)
+            return parse_stored_record(stored)
         except ValueError as exc:
             raise IntegrityError(f"stored metadata of {image_id} is unreadable: {exc}") from None
+
+    def _fetch_pixels(
+        self, collection: str, image_id: str, owner: str | None, metadata: ImageMetadata
+    ):
+        """(cipher, mask, record) of a pe image, not yet verified."""
         cipher_png = self.gateway.cipher(collection, image_id, owner=owner)
         mask_png = self.gateway.mask(collection, image_id, owner=owner)
         try:
@@ -204,15 +469,49 @@ class Encryptor:
             raise IntegrityError(f"stored image {image_id} is unreadable: {exc}") from None
         return cipher, mask, metadata
 
-    def fetch_plain(self, collection: str, image_id: str, owner: str | None = None):
-        cipher, mask, metadata = self.fetch(collection, image_id, owner)
-        return self.open(cipher, mask, metadata), mask, metadata
+    def fetch_plain(self, collection: str, image_id: str, owner: str | None = None) -> Opened:
+        """A stored image of either mode, checked and opened (IntegrityError if it is not
+        the owner's record of exactly this tenant, collection and id, or changed)."""
+        requested = (self._bound_tenant(owner), collection, image_id)
+        metadata = self.fetch_record(collection, image_id, owner)
+        if isinstance(metadata, SealedImageMetadata):
+            master, identity, blob = self._sealed_blob(*requested, metadata)
+            contents = open_sealed(blob, master, identity)
+            label = contents.metadata.get("label")
+            return Opened(contents.image, contents.mask, metadata, label)
+        cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
+        plain = self.open(cipher, mask, metadata, requested=requested)
+        return Opened(plain, mask, metadata, metadata.label)
 
     def search(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None
     ) -> SearchResponse:
-        """Encrypt the query under a fresh key of its own, search, return the hits."""
-        query = self.protect(pixels, mask, opaque_id=self.opaque_id_for(None), role="query")
+        """Search with a plain query image; the hits.
+
+        Sealed collection: the query's Fisher vector, computed here with the collection's
+        patch model. pe collection: the query encrypted under its content-derived key
+        (`query_id_for`), so the same query gives the same cipher and the same hits.
+        """
+        if self.mode_of(collection, owner) == "sealed":
+            model = (
+                self.patch_models.own(collection)
+                if owner is None or owner == self.tenant
+                else self.patch_models.shared(owner, collection)
+            )
+            if model is None:
+                raise ValueError(f"collection {collection!r} has no published patch model")
+            fisher = features_of(model[0], pixels, _check_mask(mask, pixels.shape))
+            return self.gateway.search_fisher(
+                collection, fisher_npy=encode_vector_npy(fisher), k=k, owner=owner
+            )
+        query = self.protect(
+            pixels,
+            mask,
+            opaque_id=self.query_id_for(pixels, mask),
+            role="query",
+            collection=collection,
+            owner=owner,
+        )
         return self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),
@@ -222,12 +521,69 @@ class Encryptor:
         )
 
     def release_key(
-        self, cipher: np.ndarray, mask: np.ndarray, metadata: ImageMetadata
+        self,
+        cipher: np.ndarray,
+        mask: np.ndarray,
+        metadata: ImageMetadata,
+        *,
+        requested: tuple[str, str, str] | None = None,
     ) -> ImageKey:
         """The key of a stored image, only after its owner's tag checked out (as for decrypt)."""
-        master, record = self.verified(cipher, mask, metadata)
+        master, record = self.verified(cipher, mask, metadata, requested=requested)
         height, width = record.shape
-        key = image_key_for(master, record.image_id, record.key_mode, height * width)
+        key = image_key_for(
+            master, record.image_id, record.key_mode, height * width, salt=record.key_salt
+        )
         if key.counter != record.key_counter or key.check != record.key_check:
             raise IntegrityError(f"stored key facts of {metadata.opaque_id} do not match")
         return key
+
+    def rewrap(self, collection: str, image_id: str) -> tuple[str, str]:
+        """Re-wrap a sealed image's data key under the active master key (after a rotation).
+
+        The blob is authenticated under the key it names first; the cloud then checks that
+        only the wrap changed.  Returns (old key id, new key id); equal when nothing was due.
+        """
+        requested = (self._bound_tenant(None), collection, image_id)
+        metadata = self.fetch_record(collection, image_id)
+        if not isinstance(metadata, SealedImageMetadata):
+            raise ValueError(f"image {image_id} is not sealed: a pe key cannot be re-wrapped")
+        master, identity, blob = self._sealed_blob(*requested, metadata)
+        if master.key_id != self.master.key_id:
+            self.gateway.put_sealed(
+                collection, image_id, rewrap(blob, master, self.master, identity)
+            )
+        return master.key_id, self.master.key_id
+
+    def release(self, collection: str, image_id: str) -> tuple[str, dict[str, object]]:
+        """(opaque id, what is released) for one stored image of this owner, either mode.
+
+        pe: the image's SSLM key; sealed: the data key of that one image (base64), after
+        the blob's identity, wrap and payload all authenticated.
+        """
+        requested = (self._bound_tenant(None), collection, image_id)
+        metadata = self.fetch_record(collection, image_id)
+        if isinstance(metadata, SealedImageMetadata):
+            master, identity, blob = self._sealed_blob(*requested, metadata)
+            data_key = unwrap_data_key(blob, master, identity)
+            return metadata.opaque_id, {
+                "mode": "sealed",
+                "format": metadata.format,
+                "data_key": base64.b64encode(data_key).decode(),
+            }
+        cipher, mask, metadata = self._fetch_pixels(collection, image_id, None, metadata)
+        key = self.release_key(cipher, mask, metadata, requested=requested)
+        return metadata.opaque_id, {
+            "mode": "pe",
+            "scheme": metadata.key.scheme,
+            "key": key.model_dump(mode="json"),
+        }
+
+
+def _check_bound_id(tenant: str, collection: str, image_id: str, opaque_id: str) -> None:
+    """IntegrityError unless `image_id` is the cloud id of the owner's `opaque_id` there."""
+    if image_id_for(tenant, collection, opaque_id) != image_id:
+        raise IntegrityError(
+            f"the record returned for image {image_id} in {tenant}/{collection} is another "
+            f"image's (opaque id {opaque_id}); refusing it"
+        )

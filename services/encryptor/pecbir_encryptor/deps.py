@@ -96,6 +96,9 @@ def build_encryptor(
         scheme=settings.scheme,
         key_mode=settings.key_mode,
         audit_log=settings.audit_log,
+        tenant=settings.tenant,
+        sealed_collections=settings.sealed_collections,
+        patch_models=settings.patch_models,
     )
 
 

@@ -12,8 +12,12 @@ from pecbir_contracts.routes import (
     GATEWAY_IMAGE,
     GATEWAY_IMAGE_CIPHER,
     GATEWAY_IMAGE_MASK,
+    GATEWAY_IMAGE_SEALED,
     GATEWAY_IMAGES,
+    GATEWAY_PATCH_MODEL,
+    GATEWAY_SEALED_IMAGES,
     GATEWAY_SEARCH,
+    GATEWAY_SEARCH_FISHER,
 )
 from pecbir_contracts.schemas import SearchResponse
 from pecbir_encryptor.settings import EncryptorSettings
@@ -115,6 +119,87 @@ class GatewayClient:
         if answer.status_code != 202:
             raise GatewayError(answer.status_code, _detail(answer))
         return answer.json()
+
+    def upload_sealed(
+        self,
+        collection: str,
+        *,
+        blob: bytes,
+        fisher_npy: bytes,
+        metadata_json: str,
+        idempotency_key: str | None,
+    ) -> dict:
+        """Upload one sealed image with its Fisher vector (sealed mode); the 202 answer.
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 202.
+        """
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        answer = self.http.post(
+            GATEWAY_SEALED_IMAGES.format(collection=collection),
+            files={
+                "blob": ("sealed.bin", blob, "application/octet-stream"),
+                "fisher_vector": ("fisher.npy", fisher_npy, "application/octet-stream"),
+                "metadata": (None, metadata_json),
+            },
+            headers=headers,
+        )
+        if answer.status_code != 202:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return answer.json()
+
+    def put_patch_model(self, collection: str, data: bytes) -> None:
+        """Publish a collection's patch model (GatewayError unless 201 or 200)."""
+        answer = self.http.put(
+            GATEWAY_PATCH_MODEL.format(collection=collection),
+            files={"model": ("patch-model.npz", data, "application/octet-stream")},
+        )
+        if answer.status_code not in (200, 201):
+            raise GatewayError(answer.status_code, _detail(answer))
+
+    def patch_model(self, collection: str, *, owner: str | None) -> bytes:
+        """A collection's published patch model (GatewayError unless 200; 404: not sealed)."""
+        answer = self.http.get(
+            GATEWAY_PATCH_MODEL.format(collection=collection), params=_owner_params(owner)
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return answer.content
+
+    def sealed(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
+        """The stored sealed blob of an image. GatewayError unless 200."""
+        return self._get(GATEWAY_IMAGE_SEALED, collection, image_id, owner)
+
+    def put_sealed(self, collection: str, image_id: str, blob: bytes) -> None:
+        """Replace a sealed blob by its re-wrapped copy (GatewayError unless 200)."""
+        answer = self.http.put(
+            GATEWAY_IMAGE_SEALED.format(collection=collection, image_id=image_id),
+            files={"blob": ("sealed.bin", blob, "application/octet-stream")},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+
+    def search_fisher(
+        self, collection: str, *, fisher_npy: bytes, k: int, owner: str | None
+    ) -> SearchResponse:
+        """k-NN search with a Fisher vector computed at the owner (sealed collections).
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 200.
+        """
+        answer = self.http.post(
+            GATEWAY_SEARCH_FISHER.format(collection=collection),
+            params=_owner_params(owner),
+            files={"fisher_vector": ("query.npy", fisher_npy, "application/octet-stream")},
+            data={"k": str(k)},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return SearchResponse.model_validate_json(answer.content)
 
     def _get(self, template: str, collection: str, image_id: str, owner: str | None) -> bytes:
         answer = self.http.get(

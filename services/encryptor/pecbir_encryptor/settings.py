@@ -26,6 +26,12 @@ class EncryptorSettings(BaseSettings):
     # any name or alias of pecore.cipher.SCHEMES, checked against the registry
     scheme: Scheme = "ours"
     key_mode: Literal["per-image", "same"] = "per-image"
+    # The owner's sealed collections (JSON list in the environment, e.g. '["brain"]'): their
+    # images are sealed with AES-256-GCM and featurised here (pecbir_encryptor.sealed); every
+    # other collection is protected by the perceptual cipher ("pe").
+    sealed_collections: frozenset[str] = frozenset()
+    # Where the patch models of the sealed collections are kept (`<collection>.npz`).
+    patch_models: Path = Path("var/patch-models")
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest image (rows x columns) accepted, checked from the file's header before any
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so

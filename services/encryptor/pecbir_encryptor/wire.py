@@ -12,13 +12,20 @@ from __future__ import annotations
 from pecbir_contracts.schemas import ImageMetadata, Integrity, KeyInfo, RescaleInfo
 from pecbir_encryptor.integrity import IntegrityError
 from pecore.cipher import IntensityRescale
-from pecore.envelope import TAG_V1_SERVICE, TAG_V1_SIDECAR, TAG_V2, CipherMetadata, TagFormat
+from pecore.envelope import (
+    TAG_V1_SERVICE,
+    TAG_V1_SIDECAR,
+    TAG_V2,
+    TAG_V3,
+    CipherMetadata,
+    TagFormat,
+)
 
 __all__ = ["from_wire", "to_wire"]
 
 # `Integrity.version` on the wire ↔ pecore's tag format.  A v1 sidecar tag covers no mask and
 # none of the wire's own fields, so it never travels.
-_TAG_FORMAT_OF_VERSION: dict[int, TagFormat] = {1: TAG_V1_SERVICE, 2: TAG_V2}
+_TAG_FORMAT_OF_VERSION: dict[int, TagFormat] = {1: TAG_V1_SERVICE, 2: TAG_V2, 3: TAG_V3}
 _VERSION_OF_TAG_FORMAT: dict[TagFormat, int] = {f: v for v, f in _TAG_FORMAT_OF_VERSION.items()}
 
 
@@ -34,6 +41,8 @@ def to_wire(record: CipherMetadata) -> ImageMetadata:
     -------
     ImageMetadata
         The same facts in the wire's field names; `integrity.key_id` is the record's master key.
+        A v3 record's tenant and collection do not travel: they are where it is stored, and
+        `from_wire` takes them from the request it answers.
 
     Raises
     ------
@@ -67,18 +76,24 @@ def to_wire(record: CipherMetadata) -> ImageMetadata:
             key_id=record.key_id,
             counter=record.key_counter,
             check=record.key_check,
+            salt=record.key_salt,
         ),
         integrity=integrity,
     )
 
 
-def from_wire(metadata: ImageMetadata) -> CipherMetadata:
+def from_wire(
+    metadata: ImageMetadata, *, tenant: str | None = None, collection: str | None = None
+) -> CipherMetadata:
     """The owner-side record of a stored `ImageMetadata`, ready for `verify_tag` and `unseal`.
 
     Parameters
     ----------
     metadata : ImageMetadata
         As the cloud stored it (records of every tag version).
+    tenant, collection : str, optional
+        Where the caller asked for it: a v3 record's tag covers them, so a record moved from
+        elsewhere fails `verify_tag`.  Ignored for records before v3, which do not name them.
 
     Returns
     -------
@@ -88,8 +103,9 @@ def from_wire(metadata: ImageMetadata) -> CipherMetadata:
     Raises
     ------
     IntegrityError
-        The record cannot be the owner's: it lacks its 8-bit conversion record, or names one
-        master key for the encryption and another for the tag.
+        The record cannot be the owner's: it lacks its 8-bit conversion record, names one
+        master key for the encryption and another for the tag, or is a v3 record asked for
+        without the tenant and collection it must belong to.
     """
     if metadata.rescale is None:
         raise IntegrityError(f"image {metadata.opaque_id} lacks its 8-bit conversion record")
@@ -98,6 +114,12 @@ def from_wire(metadata: ImageMetadata) -> CipherMetadata:
         raise IntegrityError(
             f"image {metadata.opaque_id}: encrypted under key {metadata.key.key_id} but "
             f"tagged under {integrity.key_id}; refusing to decrypt"
+        )
+    bound = integrity is not None and integrity.version == 3
+    if bound and (tenant is None or collection is None):
+        raise IntegrityError(
+            f"image {metadata.opaque_id}: a v3 record is checked against the tenant and "
+            "collection it was requested from"
         )
     return CipherMetadata(
         image_id=metadata.opaque_id,
@@ -112,4 +134,7 @@ def from_wire(metadata: ImageMetadata) -> CipherMetadata:
         rescale=IntensityRescale(**metadata.rescale.model_dump()),
         integrity_tag=None if integrity is None else integrity.tag,
         tag_format=None if integrity is None else _TAG_FORMAT_OF_VERSION[integrity.version],
+        tenant=tenant if bound else None,
+        collection=collection if bound else None,
+        key_salt=metadata.key.salt,
     )

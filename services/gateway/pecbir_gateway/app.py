@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from pecbir_contracts.auth import GATEWAY_TOKEN, check_secret
 from pecbir_contracts.routes import GATEWAY_BLOB, HEALTHZ
 from pecbir_contracts.store import ObjectStore
-from pecbir_gateway import images, model_versions, ops, search
+from pecbir_gateway import images, model_versions, ops, sealed, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
@@ -49,6 +49,7 @@ def create_app(
     app.include_router(images.router)
     app.include_router(search.router)
     app.include_router(model_versions.router)
+    app.include_router(sealed.router)
     add_store_error_handlers(app)
     guard_requests(
         app,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from pecbir_contracts.layout import (
     CollectionLayout,
     check_image_id,
     idempotency_record_key,
+    image_id_for,
     new_image_id,
 )
 from pecbir_contracts.png import (
@@ -37,7 +39,13 @@ from pecbir_contracts.routes import (
     GATEWAY_IMAGES,
     SEARCH_IMAGE,
 )
-from pecbir_contracts.schemas import ImageMetadata, UploadAccepted, UploadStatus
+from pecbir_contracts.schemas import (
+    ImageMetadata,
+    SealedImageMetadata,
+    UploadAccepted,
+    UploadStatus,
+    parse_stored_record,
+)
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE
 from pecbir_gateway.deps import (
@@ -128,18 +136,61 @@ def upload_image(
         raise HTTPException(
             422, f"metadata says {meta.height}x{meta.width}, the cipher image is {height}x{width}"
         )
-    meta_bytes = meta.model_dump_json().encode()
     # What is stored is re-encoded from the decoded pixels, never the uploader's bytes: no
     # ancillary chunks (a tEXt with a patient name), nothing after IEND, one canonical IDAT.
     cipher_bytes, mask_bytes = encode_png(image), encode_png(plain_mask)
-    fingerprint = _fingerprint(layout, cipher_bytes, mask_bytes, meta_bytes)
+    if is_sealed_collection(ctx, layout):
+        raise HTTPException(
+            409, f"collection {layout.collection} is sealed: upload sealed images to it"
+        )
+    bound = meta.integrity is not None and meta.integrity.version >= 3
+    return accept_upload(
+        ctx,
+        layout,
+        [(layout.cipher, cipher_bytes, "image/png"), (layout.mask, mask_bytes, "image/png")],
+        meta.model_dump_json().encode(),
+        idempotency_key=idempotency_key,
+        bound_opaque_id=meta.opaque_id if bound else None,
+    )
+
+
+# An object of an upload: (its key as a function of the image id, bytes, content type).
+UploadPart = tuple[Callable[[str], str], bytes, str]
+
+
+def is_sealed_collection(ctx: GatewayContext, layout: CollectionLayout) -> bool:
+    """A collection is sealed once its owner published a patch model to it."""
+    return ctx.store.exists(layout.patch_model)
+
+
+def accept_upload(
+    ctx: GatewayContext,
+    layout: CollectionLayout,
+    parts: Sequence[UploadPart],
+    meta_bytes: bytes,
+    *,
+    idempotency_key: str | None,
+    bound_opaque_id: str | None,
+) -> JSONResponse:
+    """Store a validated upload (its parts, then meta.json) and queue its indexing.
+
+    An identity-bound record (`bound_opaque_id`: a v3 tag or a sealed blob) gets the id
+    `image_id_for(tenant, collection, opaque id)`, claimed atomically before anything is
+    written: the same content again is answered like the first time, other content under the
+    same opaque id is refused (409), never stored over the first.
+    """
+    fingerprint = _fingerprint(layout, *(data for _, data, _ in parts), meta_bytes)
+    if bound_opaque_id is not None:
+        image_id = image_id_for(layout.tenant, layout.collection, bound_opaque_id)
+        return _accept_bound(ctx, layout, image_id, parts, meta_bytes, fingerprint)
     record_key = idempotency_record_key(layout.tenant, idempotency_key) if idempotency_key else None
     if record_key:
         replay = _replay(ctx, record_key, fingerprint)
         if replay is not None:
             return replay
 
-    image_id = _store_image(ctx, layout, cipher_bytes, mask_bytes, meta_bytes)
+    image_id = new_image_id()
+    _store_image(ctx, layout, image_id, parts, meta_bytes)
     store = ctx.store
     answer = UploadAccepted(
         image_id=image_id,
@@ -157,7 +208,7 @@ def upload_image(
         }
         if not store.put_if_absent(record_key, json.dumps(record).encode(), "application/json"):
             # A concurrent request with the same key won; undo ours and answer like it.
-            for key in (layout.meta(image_id), layout.mask(image_id), layout.cipher(image_id)):
+            for key in [layout.meta(image_id), *(key_of(image_id) for key_of, _, _ in parts)]:
                 store.delete(key)
             replay = _replay(ctx, record_key, fingerprint)
             if replay is not None:
@@ -165,24 +216,57 @@ def upload_image(
     return _queue_indexing(ctx, layout, image_id, answer)
 
 
-def _fingerprint(layout: CollectionLayout, cipher: bytes, mask: bytes, meta: bytes) -> str:
-    """What an Idempotency-Key is bound to: the target collection and the three parts."""
+def _accept_bound(
+    ctx: GatewayContext,
+    layout: CollectionLayout,
+    image_id: str,
+    parts: Sequence[UploadPart],
+    meta_bytes: bytes,
+    fingerprint: str,
+) -> JSONResponse:
+    store = ctx.store
+    answer = UploadAccepted(
+        image_id=image_id,
+        collection=layout.collection,
+        state="stored",
+        status_url=_status_url(layout, image_id),
+    )
+    claim_key = idempotency_record_key(layout.tenant, f"image:{layout.collection}/{image_id}")
+    claim = {"fingerprint": fingerprint, "image_id": image_id}
+    claimed = store.put_if_absent(claim_key, json.dumps(claim).encode(), "application/json")
+    if not claimed and json.loads(store.get(claim_key))["fingerprint"] != fingerprint:
+        raise HTTPException(
+            409,
+            f"image {image_id} was already uploaded to {layout.collection} with other "
+            "content; new content needs a new id",
+        )
+    # Same content as the claim: (re)write what a crash may have left unwritten.
+    if not store.exists(layout.meta(image_id)):
+        _store_image(ctx, layout, image_id, parts, meta_bytes)
+    if _is_indexed(ctx, layout, image_id):
+        return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
+    return _queue_indexing(ctx, layout, image_id, answer)
+
+
+def _fingerprint(layout: CollectionLayout, *parts: bytes) -> str:
+    """What an Idempotency-Key is bound to: the target collection and every part."""
     body_hash = hashlib.sha256()
-    for part in (layout.root.encode(), cipher, mask, meta):
+    for part in (layout.root.encode(), *parts):
         body_hash.update(hashlib.sha256(part).digest())
     return body_hash.hexdigest()
 
 
 def _store_image(
-    ctx: GatewayContext, layout: CollectionLayout, cipher: bytes, mask: bytes, meta: bytes
-) -> str:
-    """Write a new image's objects; its new id."""
-    image_id = new_image_id()
-    ctx.store.put(layout.cipher(image_id), cipher, "image/png")
-    ctx.store.put(layout.mask(image_id), mask, "image/png")
-    # meta.json last: it marks the image as complete for listings.
+    ctx: GatewayContext,
+    layout: CollectionLayout,
+    image_id: str,
+    parts: Sequence[UploadPart],
+    meta: bytes,
+) -> None:
+    """Write an image's objects, meta.json last: it marks the image as complete for listings."""
+    for key_of, data, content_type in parts:
+        ctx.store.put(key_of(image_id), data, content_type)
     ctx.store.put(layout.meta(image_id), meta, "application/json")
-    return image_id
 
 
 def _queue_indexing(
@@ -230,7 +314,7 @@ def _is_indexed(ctx: GatewayContext, layout: CollectionLayout, image_id: str) ->
     return version is not None and ctx.store.exists(layout.features(version, image_id))
 
 
-def _checked_image(access: Access, ctx: GatewayContext, image_id: str) -> str:
+def checked_image(access: Access, ctx: GatewayContext, image_id: str) -> str:
     try:
         check_image_id(image_id)
     except ValueError as exc:
@@ -243,7 +327,7 @@ def _checked_image(access: Access, ctx: GatewayContext, image_id: str) -> str:
 @router.get(GATEWAY_IMAGE_STATUS, response_model=UploadStatus)
 def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     layout = access.layout
-    _checked_image(access, ctx, image_id)
+    checked_image(access, ctx, image_id)
     base = {"image_id": image_id, "collection": layout.collection}
     try:
         failure = json.loads(ctx.store.get(layout.failure(image_id)))
@@ -270,12 +354,12 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     )
 
 
-@router.get(GATEWAY_IMAGE, response_model=ImageMetadata)
+@router.get(GATEWAY_IMAGE, response_model=ImageMetadata | SealedImageMetadata)
 def image_metadata(image_id: str, access: ImageAccess, ctx: Ctx) -> object:
-    _checked_image(access, ctx, image_id)
+    checked_image(access, ctx, image_id)
     stored = ctx.store.get(access.layout.meta(image_id))
     try:
-        return ImageMetadata.model_validate_json(stored)
+        return parse_stored_record(stored)
     except ValidationError:
         # The owner's record, damaged in the store: hand it over as it is (the owner's tag
         # check refuses it) rather than failing with a 500 that hides what happened.
@@ -288,8 +372,10 @@ def image_metadata(image_id: str, access: ImageAccess, ctx: Ctx) -> object:
 def _download(
     kind: str, image_id: str, presign: bool, access: Access, ctx: GatewayContext
 ) -> object:
-    _checked_image(access, ctx, image_id)
+    checked_image(access, ctx, image_id)
     key = access.layout.cipher(image_id) if kind == "cipher" else access.layout.mask(image_id)
+    if not ctx.store.exists(key):
+        raise HTTPException(404, f"image {image_id} is sealed: it has no {kind} in the cloud")
     if presign:
         ttl = ctx.settings.presign_ttl_s
         url = ctx.store.presigned_get_url(key, timedelta(seconds=ttl))

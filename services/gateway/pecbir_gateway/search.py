@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from pecbir_contracts.routes import GATEWAY_IMAGE_CIPHER, GATEWAY_SEARCH, SEARCH_SEARCH
 from pecbir_contracts.schemas import MAX_K, SearchResponse
 from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
-from pecbir_gateway.images import validate_pair
+from pecbir_gateway.images import is_sealed_collection, validate_pair
 from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ def search(
     # PNG header, its tumour ROI once decoded, before the search service featurises it.
     _, plain_mask = validate_pair(ctx, cipher_bytes, mask_bytes, ctx.settings.max_query_pixels)
     _check_query_roi(ctx, plain_mask)
+    if is_sealed_collection(ctx, access.layout):
+        raise HTTPException(409, f"collection {collection} is sealed: search with a Fisher vector")
     try:
         answer = ctx.search.post(
             SEARCH_SEARCH.format(collection=collection),

@@ -2,10 +2,15 @@
 
 Every step is idempotent: re-running it after a crash or a redelivery finds what was already
 written and continues from there.
+
+A sealed collection (its owner published a patch model) holds no image the cloud can read:
+its Fisher vectors come from the owner, and training fits only the metric (CFML) on the
+training templates' vectors and labels, over the owner's PCA and GMM.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -20,8 +25,15 @@ from pecbir_contracts.events import ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import InvalidImage, check_pair, decode_image_png, decode_mask_png
 from pecbir_contracts.records import FeatureRecord, read_current_version, write_current_version
-from pecbir_contracts.schemas import ImageMetadata, ModelManifest, TrainRequest
+from pecbir_contracts.schemas import (
+    ImageMetadata,
+    ModelManifest,
+    SealedImageMetadata,
+    TrainRequest,
+    parse_stored_record,
+)
 from pecbir_contracts.store import ObjectNotFound
+from pecbir_contracts.vectors import InvalidVector, decode_vector_npy
 from pecbir_indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -44,10 +56,39 @@ def list_images(rt: Runtime, layout: CollectionLayout) -> list[str]:
     return [image_id for image_id in ids if image_id]
 
 
+def load_record(
+    rt: Runtime, layout: CollectionLayout, image_id: str
+) -> ImageMetadata | SealedImageMetadata:
+    """The stored record of an image, either mode; PoisonMessage if missing or unusable."""
+    try:
+        return parse_stored_record(rt.store.get(layout.meta(image_id)))
+    except ObjectNotFound as exc:
+        raise PoisonMessage(f"image {image_id} is missing from the store ({exc})") from None
+    except ValidationError as exc:
+        raise PoisonMessage(f"image {image_id} is unusable: {exc}") from None
+
+
+def load_fisher_vector(
+    rt: Runtime, layout: CollectionLayout, image_id: str, meta: SealedImageMetadata
+) -> np.ndarray:
+    """The owner-sent Fisher vector of a sealed image; PoisonMessage if unusable."""
+    try:
+        vector = decode_vector_npy(rt.store.get(layout.fisher_vector(image_id)))
+    except ObjectNotFound as exc:
+        raise PoisonMessage(f"image {image_id} is missing from the store ({exc})") from None
+    except InvalidVector as exc:
+        raise PoisonMessage(f"image {image_id} is unusable: {exc}") from None
+    if vector.shape[0] != meta.feature_dim:
+        raise PoisonMessage(f"image {image_id}: Fisher vector length differs from its record")
+    return vector
+
+
 def load_image(rt: Runtime, layout: CollectionLayout, image_id: str):
     """(metadata, cipher u8 2-D, mask bool 2-D) of a stored image; PoisonMessage if unusable."""
+    meta = load_record(rt, layout, image_id)
+    if isinstance(meta, SealedImageMetadata):
+        raise PoisonMessage(f"image {image_id} is sealed: the cloud holds no pixels of it")
     try:
-        meta = ImageMetadata.model_validate_json(rt.store.get(layout.meta(image_id)))
         cipher = decode_image_png(rt.store.get(layout.cipher(image_id)), "stored cipher")
         mask = decode_mask_png(rt.store.get(layout.mask(image_id)), "stored mask")
         check_pair(cipher, mask)
@@ -70,10 +111,14 @@ def index_image(
         record = FeatureRecord.from_bytes(rt.store.get(key), with_fisher_vector=False)
         state = "already_indexed"
     except ObjectNotFound:
-        meta, cipher, mask = load_image(rt, layout, image_id)
+        meta = load_record(rt, layout, image_id)
         pipeline = rt.model(layout, version)
         try:
-            fisher = pipeline.fisher_vectors([cipher], [mask])
+            if isinstance(meta, SealedImageMetadata):
+                fisher = load_fisher_vector(rt, layout, image_id, meta)[None, :]
+            else:
+                _, cipher, mask = load_image(rt, layout, image_id)
+                fisher = pipeline.fisher_vectors([cipher], [mask])
             vector = pipeline.project(fisher)[0]
         except ValueError as exc:
             raise PoisonMessage(f"feature extraction failed for {image_id}: {exc}") from None
@@ -114,6 +159,12 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         params = TrainRequest.model_validate_json(rt.store.get(layout.train_request(version)))
     except ObjectNotFound:
         raise PoisonMessage(f"no training request for {version}") from None
+    try:
+        patch_model = rt.store.get(layout.patch_model)
+    except ObjectNotFound:
+        patch_model = None
+    if patch_model is not None:
+        return _fit_sealed_version(rt, layout, version, params, patch_model)
     images, masks, labels = [], [], []
     for image_id in list_images(rt, layout):
         meta, cipher, mask = load_image(rt, layout, image_id)
@@ -121,27 +172,82 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
             images.append(cipher)
             masks.append(mask)
             labels.append(meta.label)
+    counts = _check_counts(labels)
+    started = time.perf_counter()
+    pipeline = CBIRPipeline(**params.model_dump(), n_jobs=rt.settings.encode_threads)
+    pipeline.fit(images, masks, np.asarray(labels))
+    seconds = time.perf_counter() - started
+    probe = pipeline.fisher_vectors(images[:1], masks[:1])
+    return _store_version(rt, layout, version, params, pipeline, probe, counts, seconds)
+
+
+def _check_counts(labels: list[int]) -> Counter:
     counts = Counter(labels)
     if len(counts) < 2 or min(counts.values()) < 2:
         raise PoisonMessage(
             "training needs at least two labelled templates in each of two classes; "
             f"found {dict(counts)}"
         )
+    return counts
+
+
+def _fit_sealed_version(
+    rt: Runtime, layout: CollectionLayout, version: str, params: TrainRequest, patch_model: bytes
+) -> ModelManifest:
+    """CFML on the owner-sent Fisher vectors of the training templates, over its patch model.
+
+    The patch model's own parameters (K, R, P, radius, PCA) rule; of the training request
+    only the metric's (`metric_lambda`, `dim`) apply.
+    """
+    from pecore.owner_features import PatchModelFeaturizer
+
+    try:
+        featurizer = PatchModelFeaturizer.from_bytes(patch_model)
+    except ValueError as exc:
+        raise PoisonMessage(f"the collection's patch model is unusable: {exc}") from None
+    digest = hashlib.sha256(patch_model).hexdigest()
+    vectors, labels = [], []
+    for image_id in list_images(rt, layout):
+        meta = load_record(rt, layout, image_id)
+        if not isinstance(meta, SealedImageMetadata) or meta.patch_model != digest:
+            continue  # features of another model cannot share one metric space
+        if meta.role == "template" and meta.label is not None:
+            vectors.append(load_fisher_vector(rt, layout, image_id, meta))
+            labels.append(meta.label)
+    counts = _check_counts(labels)
     started = time.perf_counter()
-    pipeline = CBIRPipeline(**params.model_dump(), n_jobs=rt.settings.encode_threads)
-    pipeline.fit(images, masks, np.asarray(labels))
+    pipeline = featurizer.pipeline(metric_lambda=params.metric_lambda, dim=params.dim)
+    pipeline.n_jobs = rt.settings.encode_threads
+    try:
+        pipeline.fit_metric(np.stack(vectors), np.asarray(labels))
+    except ValueError as exc:
+        raise PoisonMessage(f"training failed: {exc}") from None
     seconds = time.perf_counter() - started
+    return _store_version(
+        rt, layout, version, params, pipeline, vectors[0][None, :], counts, seconds
+    )
+
+
+def _store_version(
+    rt: Runtime,
+    layout: CollectionLayout,
+    version: str,
+    params: TrainRequest,
+    pipeline,  # pecore.pipeline.CBIRPipeline
+    probe: np.ndarray,
+    counts: Counter,
+    seconds: float,
+) -> ModelManifest:
     buffer = io.BytesIO()
     pipeline.save(buffer)
     rt.store.put(layout.model(version), buffer.getvalue())
-    probe = pipeline.fisher_vectors(images[:1], masks[:1])
     manifest = ModelManifest(
         version=version,
         tenant=layout.tenant,
         collection=layout.collection,
         created_at=time.time(),
         params=params,
-        n_templates=len(labels),
+        n_templates=sum(counts.values()),
         label_counts={str(k): v for k, v in sorted(counts.items())},
         feature_dim=int(probe.shape[1]),
         projected_dim=int(pipeline.project(probe).shape[1]),

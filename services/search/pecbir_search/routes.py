@@ -15,7 +15,13 @@ from pecbir_contracts.png import (
     decode_image_png,
     decode_mask_png,
 )
-from pecbir_contracts.routes import SEARCH_IMAGE, SEARCH_KNN, SEARCH_SEARCH, SEARCH_STATUS
+from pecbir_contracts.routes import (
+    SEARCH_IMAGE,
+    SEARCH_KNN,
+    SEARCH_SEARCH,
+    SEARCH_SEARCH_FISHER,
+    SEARCH_STATUS,
+)
 from pecbir_contracts.schemas import (
     MAX_K,
     IndexStatus,
@@ -24,6 +30,7 @@ from pecbir_contracts.schemas import (
     SearchTimings,
     VectorQuery,
 )
+from pecbir_contracts.vectors import InvalidVector, decode_vector_npy
 from pecbir_search.deps import State
 from pecbir_search.engine import CollectionState, Version
 
@@ -95,6 +102,30 @@ def search(
         vector = serving.pipeline.transform([image], [plain_mask])[0]
     except ValueError as exc:
         raise HTTPException(422, f"cannot featurise the query: {exc}") from None
+    timings.featurise_ms = (time.perf_counter() - started) * 1000
+    return _answer(state, vector, k, timings, serving)
+
+
+@router.post(SEARCH_SEARCH_FISHER, response_model=SearchResponse)
+def search_fisher(
+    state: State,
+    fisher_vector: Annotated[UploadFile, File()],
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+) -> SearchResponse:
+    """k-NN for a Fisher vector the owner computed (sealed collections): project, rank."""
+    serving = _serving_of(state)
+    timings = SearchTimings()
+    started = time.perf_counter()
+    try:
+        fisher = decode_vector_npy(fisher_vector.file.read())
+    except InvalidVector as exc:
+        raise HTTPException(422, str(exc)) from None
+    timings.decode_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    try:
+        vector = serving.pipeline.project(fisher)[0]
+    except ValueError as exc:
+        raise HTTPException(422, f"cannot project the query: {exc}") from None
     timings.featurise_ms = (time.perf_counter() - started) * 1000
     return _answer(state, vector, k, timings, serving)
 

@@ -9,12 +9,15 @@ writes anything: one altered cipher image or sidecar and nothing is written.
 from __future__ import annotations
 
 import argparse
+import re
 import uuid
 from pathlib import Path
 
 from pecore.cipher import SCHEMES
 
 SIDECAR_SUFFIX = ".json"
+# An --id names the output files and derives the image key: a plain name, nothing path-like.
+_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +62,11 @@ def run_encrypt(args: argparse.Namespace) -> int:
 
     if args.image_id and len(args.inputs) > 1:
         raise ValueError("--id can only be given with a single input")
+    if args.image_id and not _IMAGE_ID.fullmatch(args.image_id):
+        raise ValueError(
+            f"--id {args.image_id!r}: use 1-128 letters, digits, '_' or '-', starting with a "
+            "letter or digit (the id names files under --out and derives the image key)"
+        )
     master = MasterKey.load(args.key)
     args.out.mkdir(parents=True, exist_ok=True)
     for source in args.inputs:

@@ -47,14 +47,16 @@ def _store_pairing(
     instance, uid = pairing.image, pairing.image.sop_instance
     try:
         pixels, _ = read_dicom(instance.payload, max_pixels=max_pixels)
-        protected = encryptor.protect(
+        opaque_id = encryptor.opaque_id_for(uid)
+        answer = encryptor.ingest(
+            collection,
             pixels,
             pairing.seg.mask,
-            opaque_id=encryptor.opaque_id_for(uid),
+            opaque_id=opaque_id,
             label=label if label is not None else pairing.seg.label,
             role=role,
+            idempotency_key=f"stow-{opaque_id}",
         )
-        answer = encryptor.upload(collection, protected, f"stow-{protected.metadata.opaque_id}")
     except ValueError as exc:
         return (instance.sop_class, uid, FAILURE_CANNOT_UNDERSTAND, str(exc))
     except GatewayError as exc:

@@ -25,6 +25,9 @@ def ingest(
     mask: Annotated[UploadFile, File(description="tumour mask: PNG, NPY or DICOM SEG")],
     label: Annotated[int | None, Form(ge=0, le=255)] = None,
     role: Annotated[str, Form(pattern="^(template|query)$")] = "template",
+    train: Annotated[
+        bool, Form(description="a training template: only then may the cloud read its label")
+    ] = True,
 ) -> dict[str, object]:
     ctx.permit(claims, "upload")
     collection = collection_name(collection)
@@ -40,17 +43,18 @@ def ingest(
         # way a repeated upload maps to the same id and so to the same cloud object.
         content = hashlib.sha256(image_bytes + b"\x00" + mask_bytes).hexdigest()
         opaque_id = encryptor.opaque_id_for(source_uid or f"content:{content}")
-        protected = encryptor.protect(
+        answer = encryptor.ingest(
+            collection,
             pixels,
             plain_mask,
             opaque_id=opaque_id,
             label=label if label is not None else seg_label,
             role=role,
+            train=train,
+            idempotency_key=f"owner-{opaque_id}",
         )
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    try:
-        answer = encryptor.upload(collection, protected, f"owner-{opaque_id}")
     except GatewayError as exc:
         raise gateway_failed(exc) from None
     return {"opaque_id": opaque_id, "upload": answer}

@@ -35,17 +35,12 @@ def release_key(request: KeyReleaseRequest, claims: Caller, ctx: Ctx) -> dict[st
         raise
     try:
         check_image_id(request.image_id)
-        cipher, mask, metadata = encryptor.fetch(collection, request.image_id)
-        key = encryptor.release_key(cipher, mask, metadata)
+        opaque_id, released = encryptor.release(collection, request.image_id)
     except (IntegrityError, ValueError) as exc:
         encryptor.audit.write(**record, outcome="refused", reason=str(exc))
         raise HTTPException(422, str(exc)) from None
     except GatewayError as exc:
         encryptor.audit.write(**record, outcome="refused", reason=exc.detail)
         raise gateway_failed(exc) from None
-    encryptor.audit.write(**record, opaque_id=metadata.opaque_id, outcome="released")
-    return {
-        "image_id": request.image_id,
-        "scheme": metadata.key.scheme,
-        "key": key.model_dump(mode="json"),
-    }
+    encryptor.audit.write(**record, opaque_id=opaque_id, mode=released["mode"], outcome="released")
+    return {"image_id": request.image_id, **released}

@@ -18,6 +18,7 @@ from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_platform.web import read_limited
+from pecore.cipher import to_uint8
 
 router = APIRouter(tags=["search"])
 
@@ -75,7 +76,7 @@ def plain_image(
         ctx.permit(claims, "decrypt")
         collection = collection_name(collection)
         check_image_id(image_id)
-        plain, _mask, metadata = ctx.encryptor.fetch_plain(collection, image_id)
+        opened = ctx.encryptor.fetch_plain(collection, image_id)
     except HTTPException as exc:
         outcome = "denied" if exc.status_code == 403 else "refused"
         audit.write(**record, outcome=outcome, reason=str(exc.detail)[:200])
@@ -90,9 +91,15 @@ def plain_image(
         audit.write(**record, outcome="refused", reason=str(exc)[:200])
         raise HTTPException(422, str(exc)) from None
     audit.write(**record, outcome="ok")
-    headers = {"X-Opaque-Id": metadata.opaque_id}
+    plain = opened.image
+    headers = {"X-Opaque-Id": opened.record.opaque_id}
+    if opened.label is not None:
+        # A sealed image's label is known here only, after decryption.
+        headers["X-Pecbir-Label"] = str(opened.label)
     if format == "npy":
         buffer = io.BytesIO()
         np.save(buffer, plain, allow_pickle=False)
         return Response(buffer.getvalue(), media_type="application/octet-stream", headers=headers)
-    return Response(encode_png(plain), media_type="image/png", headers=headers)
+    # A sealed image comes back at its own depth: its PNG shows the 8-bit version (npy: exact).
+    shown = plain if plain.dtype == np.uint8 else to_uint8(plain)[0]
+    return Response(encode_png(shown), media_type="image/png", headers=headers)
