@@ -1,9 +1,8 @@
-"""Real processes: Redis, Celery worker, moto S3, uvicorn gateway/search/encryptor.
+"""Real processes: Redis, Celery worker, Ceph radosgw, uvicorn gateway/search/encryptor.
 
 One walk from a DICOMweb client (STOW-RS) through the encryptor into the cloud, to a search
 hit decrypted bit-exactly; the search service restarted and caught up from S3; a poison
-message dead-lettered by the real worker. (moto checks the S3 wire protocol, not S3 auth,
-encryption at rest or URL expiry.)
+message dead-lettered by the real worker; a gateway given wrong S3 credentials refusing to start.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pecbir_harness.procs import free_port
 from pecore.cipher import to_uint8
 from tests.dicom_factory import make_dataset
 from tests.services.helpers import SMALL_MODEL, labelled_set, make_seg, npy_bytes
@@ -38,10 +38,11 @@ def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from pecbir_harness.procs import Cluster
+def cluster(tmp_path_factory, radosgw):
+    from pecbir_harness.procs import Cluster, S3Bucket
 
-    with Cluster(tmp_path_factory.mktemp("cluster")) as running:
+    s3 = S3Bucket.on(radosgw, "integration")
+    with Cluster(tmp_path_factory.mktemp("cluster"), s3=s3) as running:
         yield running
 
 
@@ -124,12 +125,11 @@ def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
 
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, TASK_INDEX_IMAGE
-    from pecbir_platform.store import MinioStore
 
     gateway = httpx.Client(
         base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
     )
-    store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
+    store = cluster.s3.open()
     layout = CollectionLayout(cluster.tenant, "brain")
     image_ids = [layout.image_id_of_meta(k) for k in store.list(layout.images_prefix)]
     victim = next(i for i in image_ids if i)
@@ -186,3 +186,18 @@ def test_encryptor_cli_uploads_and_fetches_bit_exactly(cluster, tmp_path):
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert missing.returncode == 2 and "none.png" in missing.stderr
+
+
+def test_gateway_with_wrong_store_credentials_refuses_to_start(cluster, tmp_path):
+    from dataclasses import replace
+
+    from pecbir_harness.procs import BIN
+    from pecbir_harness.services import SERVICES
+
+    wrong = replace(cluster.s3, secret_key=cluster.s3.secret_key[::-1])
+    env = {**os.environ, **cluster.env, **wrong.env()}
+    args = SERVICES["gateway"].command(port=free_port(), bin_dir=BIN)
+    started = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0
+    assert "refused the credentials" in started.stderr
+    assert "PECBIR_S3_SECRET_KEY" in started.stderr
