@@ -41,7 +41,8 @@ def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
 def cluster(tmp_path_factory, radosgw):
     from pecbir_harness.procs import Cluster, S3Bucket
 
-    s3 = S3Bucket.on(radosgw, "integration")
+    # SSE-C on: the store encrypts every object at rest under a key it does not keep.
+    s3 = S3Bucket.on(radosgw, "integration", sse_c=True)
     with Cluster(tmp_path_factory.mktemp("cluster"), s3=s3) as running:
         yield running
 
@@ -131,6 +132,14 @@ def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
     )
     store = cluster.s3.open()
     layout = CollectionLayout(cluster.tenant, "brain")
+    # What the services stored is unreadable without the SSE-C key.
+    from dataclasses import replace
+
+    from pecbir_contracts.store import StorageError
+
+    keyless = replace(cluster.s3, sse_c_key="").open()
+    with pytest.raises(StorageError, match="InvalidArgument"):
+        keyless.get(store.list(layout.images_prefix)[0])
     image_ids = [layout.image_id_of_meta(k) for k in store.list(layout.images_prefix)]
     victim = next(i for i in image_ids if i)
     # Corrupt a stored mask behind the gateway's back, drop its features, re-queue it.

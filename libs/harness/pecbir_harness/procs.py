@@ -191,11 +191,18 @@ class S3Bucket:
     bucket: str
     #: The radosgw serving it, when this process manages one (to stop and restart it).
     gateway: RadosGateway | None = None
+    #: base64 of the 32-byte SSE-C key every object is written with; empty: none.
+    sse_c_key: str = ""
 
     @classmethod
-    def on(cls, gateway: RadosGateway, bucket: str) -> S3Bucket:
+    def on(cls, gateway: RadosGateway, bucket: str, *, sse_c: bool = False) -> S3Bucket:
+        """Bucket `bucket` of `gateway`; `sse_c`: with a fresh random SSE-C key."""
+        import base64
+        import secrets
+
         state = gateway.state
-        return cls(gateway.endpoint, state.access_key, state.secret_key, bucket, gateway)
+        key = base64.b64encode(secrets.token_bytes(32)).decode() if sse_c else ""
+        return cls(gateway.endpoint, state.access_key, state.secret_key, bucket, gateway, key)
 
     def env(self) -> dict[str, str]:
         return {
@@ -203,12 +210,16 @@ class S3Bucket:
             "PECBIR_S3_ACCESS_KEY": self.access_key,
             "PECBIR_S3_SECRET_KEY": self.secret_key,
             "PECBIR_S3_BUCKET": self.bucket,
+            "PECBIR_S3_SSE_C_KEY": self.sse_c_key,
         }
 
     def open(self):  # -> pecbir_platform.store.MinioStore (imported on use: the store extra)
-        from pecbir_platform.store import MinioStore
+        from pecbir_platform.store import StoreSettings
 
-        return MinioStore(self.url, self.access_key, self.secret_key, self.bucket)
+        env = self.env()
+        return StoreSettings(
+            **{name[len("PECBIR_") :].lower(): env[name] for name in env}
+        ).open_store()
 
 
 @contextlib.contextmanager
