@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean one-box
 
 $(BIN)/pecbir: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
@@ -16,6 +16,10 @@ setup: $(BIN)/pecbir
 
 demo: setup
 	$(BIN)/pecbir demo
+
+# The real stack on loopback (radosgw, Redis, services, encryptor); Ctrl-C stops it.
+one-box: setup
+	$(BIN)/pecbir serve --one-box
 
 lint: setup
 	$(BIN)/ruff check .
