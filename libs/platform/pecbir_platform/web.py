@@ -8,14 +8,18 @@ everywhere (401 with ``WWW-Authenticate``, 403 for a missing scope, 413/422 for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, bearer, verify_token
+from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectNotFound, StorageError
 
 __all__ = [
     "STORE_RETRY_AFTER_S",
+    "add_healthz",
     "add_store_error_handlers",
     "bearer_claims",
     "read_limited",
@@ -130,3 +134,36 @@ def add_store_error_handlers(app: FastAPI) -> None:
     """
     app.add_exception_handler(StorageError, _storage_failed)
     app.add_exception_handler(ObjectNotFound, _not_found)
+
+
+def add_healthz(
+    app: FastAPI, *, secret: Callable[[], bytes], details: Callable[[], dict[str, object]]
+) -> None:
+    """`/healthz`, the same on every service: ``{"status": "ok"}`` while the process answers.
+
+    Parameters
+    ----------
+    app
+        The application to add the route to.
+    secret
+        The HMAC secret of the service's own bearer tokens (read on each call).
+    details
+        What the operator may see (store, tenant, key id, counters): only with a valid token
+        of the service. Unauthenticated, they would tell anyone where the data is and which
+        key protects it.
+    """
+
+    @app.get(
+        HEALTHZ,
+        tags=["ops"],
+        summary="Liveness",
+        description='`{"status": "ok"}` while the process answers. With a valid bearer '
+        "token of this service the answer adds details (store, tenant, key id, counters); a "
+        "token that does not verify gets 401.",
+    )
+    def healthz(request: Request) -> dict[str, object]:
+        answer: dict[str, object] = {"status": "ok"}
+        if request.headers.get("authorization"):
+            bearer_claims(request, secret=secret())
+            answer.update(details())
+        return answer

@@ -11,12 +11,12 @@ from __future__ import annotations
 import httpx
 from fastapi import FastAPI
 
-from pecbir_contracts.routes import HEALTHZ
 from pecbir_encryptor import ops
 from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_platform.web import add_healthz
 from pecore.keys import MasterKey
 
 
@@ -55,9 +55,11 @@ def create_app(
     for router in (ingest.router, dicomweb.router, search.router, keys.router):
         app.include_router(router)
 
-    @app.get(HEALTHZ, tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "tenant": settings.tenant, "key_id": encryptor.master.key_id}
+    add_healthz(
+        app,
+        secret=lambda: settings.user_token_secret.get_secret_value().encode(),
+        details=lambda: {"tenant": settings.tenant, "key_id": encryptor.master.key_id},
+    )
 
     ops.instrument(app, encryptor)
     return app

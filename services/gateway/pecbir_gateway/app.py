@@ -5,14 +5,13 @@ from __future__ import annotations
 import httpx
 from fastapi import FastAPI
 
-from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectStore
 from pecbir_gateway import images, model_versions, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
 from pecbir_platform.store import check_put_if_absent
-from pecbir_platform.web import add_store_error_handlers
+from pecbir_platform.web import add_healthz, add_store_error_handlers
 
 
 def create_app(
@@ -47,9 +46,7 @@ def create_app(
     app.include_router(model_versions.router)
     add_store_error_handlers(app)
 
-    @app.get(HEALTHZ, tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "store": repr(context.store)}
+    add_healthz(app, secret=lambda: context.token_secret, details=lambda: {"store": repr(store)})
 
     ops.instrument(app, context)
     return app

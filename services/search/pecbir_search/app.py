@@ -13,9 +13,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from pecbir_contracts.events import EventBus
-from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
+from pecbir_platform.web import add_healthz
 from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
 from pecbir_search.settings import SearchSettings
@@ -67,9 +67,11 @@ def create_app(
     app.state.engine = engine
     app.include_router(routes.router)
 
-    @app.get(HEALTHZ)
-    def healthz() -> dict[str, object]:
-        return {"status": "ok", "events_applied": engine.events_applied}
+    add_healthz(
+        app,
+        secret=lambda: settings.token_secret.get_secret_value().encode(),
+        details=lambda: {"events_applied": engine.events_applied},
+    )
 
     ops.instrument(app, engine, following=settings.follow)
     return app

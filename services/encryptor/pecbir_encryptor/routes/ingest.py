@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 
-from pecbir_contracts.routes import ENCRYPTOR_IMAGES
+from pecbir_contracts.layout import check_image_id
+from pecbir_contracts.routes import ENCRYPTOR_IMAGE_STATUS, ENCRYPTOR_IMAGES
 from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
@@ -54,3 +55,27 @@ def ingest(
     except GatewayError as exc:
         raise gateway_failed(exc) from None
     return {"opaque_id": opaque_id, "upload": answer}
+
+
+@router.get(ENCRYPTOR_IMAGE_STATUS, tags=["ingest"])
+def image_status(
+    collection: str,
+    image_id: str,
+    claims: Caller,
+    ctx: Ctx,
+    owner: Annotated[
+        str | None, Query(description="tenant of the image (default: this one)")
+    ] = None,
+) -> dict[str, object]:
+    """Where an upload stands (stored, searchable, failed): the `status_url` of an upload
+    answer, asked of the gateway with this tenant's token."""
+    require_scope(claims, "upload")
+    collection = collection_name(collection)
+    try:
+        check_image_id(image_id)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    try:
+        return ctx.encryptor.gateway.status(collection, image_id, owner=owner)
+    except GatewayError as exc:
+        raise gateway_failed(exc) from None

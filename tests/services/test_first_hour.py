@@ -1,0 +1,71 @@
+"""What a new user meets first (issue 11): health that tells outsiders nothing, an upload's
+`status_url` that works where the upload was made, refused input that leaves nothing behind."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pecbir_harness.embedded import EmbeddedSystem
+from pecore.keys import MasterKey
+from tests.services.helpers import labelled_set, npy_bytes
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    with EmbeddedSystem(tmp_path_factory.mktemp("first-hour"), master=MasterKey.from_seed(3)) as s:
+        yield s
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_unauthenticated_health_says_only_ok_on_every_service(system):
+    clients = {"encryptor": system.encryptor, "gateway": system.gateway, "search": system.search}
+    for name, client in clients.items():
+        bare = client.get("/healthz", headers={"authorization": ""})
+        assert bare.status_code == 200 and bare.json() == {"status": "ok"}, name
+        forged = client.get("/healthz", headers={"authorization": "Bearer x.y.z"})
+        assert forged.status_code == 401, name
+    # With the service's own token: the details (where the data is, which key).
+    assert set(system.encryptor.get("/healthz").json()) == {"status", "tenant", "key_id"}
+    assert "store" in system.gateway.get("/healthz").json()
+    cloud = {"authorization": f"Bearer {system.cloud_token()}"}
+    assert "events_applied" in system.search.get("/healthz", headers=cloud).json()
+
+
+def test_the_status_url_of_an_encryptor_upload_works_on_the_encryptor(system):
+    images, masks, _ = labelled_set(1, shape=(48, 48), seed=11)
+    files = {"image": ("x.npy", npy_bytes(images[0])), "mask": ("m.npy", npy_bytes(masks[0]))}
+    answer = system.encryptor.post("/v1/collections/status/images", files=files)
+    assert answer.status_code == 202, answer.text
+    status_url = answer.json()["upload"]["status_url"]
+    status = system.encryptor.get(status_url)
+    assert status.status_code == 200, status.text
+    assert status.json()["image_id"] == answer.json()["upload"]["image_id"]
+    assert status.json()["state"] == "awaiting_model"  # no model trained in this collection
+    assert system.gateway.get(status_url).json() == status.json()
+    missing = system.encryptor.get(status_url.replace(status.json()["image_id"], "0" * 32))
+    assert missing.status_code == 404
+
+
+@pytest.mark.parametrize("part", ["image", "mask"])
+def test_a_palette_png_is_refused_and_leaves_nothing_in_the_store(system, part):
+    images, masks, _ = labelled_set(1, shape=(48, 48), seed=12)
+    good = {
+        "image": _png(images[0].astype(np.uint8)),
+        "mask": _png(masks[0].astype(np.uint8) * 255),
+    }
+    before = system.store.list("")
+    files = {name: (f"{name}.png", data) for name, data in good.items()}
+    files[part] = (f"{part}.png", _png(np.asarray(Image.open(io.BytesIO(good[part]))), "P"))
+    answer = system.encryptor.post("/v1/collections/palette/images", files=files)
+    assert answer.status_code == 422 and "mode P" in answer.json()["detail"], answer.text
+    assert system.store.list("") == before
