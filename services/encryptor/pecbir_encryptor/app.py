@@ -16,6 +16,7 @@ from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_platform.config import settings_from_env
 from pecbir_platform.web import add_healthz
 from pecore.keys import MasterKey
 
@@ -42,7 +43,7 @@ def create_app(
     FastAPI
         The application (routes, readiness checks and metrics installed).
     """
-    settings = settings or EncryptorSettings()  # type: ignore[call-arg]
+    settings = settings or settings_from_env(EncryptorSettings)
     encryptor = build_encryptor(settings, master=master, gateway_client=gateway_client)
     app = FastAPI(
         title="pe-cbir encryptor (owner side)",

@@ -10,6 +10,7 @@ from pecbir_gateway import images, model_versions, ops, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.config import settings_from_env
 from pecbir_platform.store import check_put_if_absent
 from pecbir_platform.web import add_healthz, add_store_error_handlers
 
@@ -21,7 +22,7 @@ def create_app(
     dispatcher: TaskDispatcher | None = None,
     search_client: httpx.Client | None = None,
 ) -> FastAPI:
-    settings = settings or GatewaySettings()  # type: ignore[call-arg]
+    settings = settings or settings_from_env(GatewaySettings)
     if store is None:
         store = settings.open_store()
     # Idempotency records and model version numbers rely on it across replicas: refuse to

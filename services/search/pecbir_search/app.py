@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from pecbir_contracts.events import EventBus
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
+from pecbir_platform.config import settings_from_env
 from pecbir_platform.web import add_healthz
 from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
@@ -47,7 +48,7 @@ def create_app(
     FastAPI
         The application (routes, readiness checks and metrics installed).
     """
-    settings = settings or SearchSettings()  # type: ignore[call-arg]
+    settings = settings or settings_from_env(SearchSettings)
     if store is None:
         store = settings.open_store()
     if bus is None and settings.follow:
