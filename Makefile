@@ -9,7 +9,8 @@ $(BIN)/pecbir: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "installing pe-cbir and its dependencies into $(VENV) (2-3 min on a fresh machine)"
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	@touch $@
 
 setup: $(BIN)/pecbir

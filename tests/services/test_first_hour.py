@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -69,3 +70,32 @@ def test_a_palette_png_is_refused_and_leaves_nothing_in_the_store(system, part):
     answer = system.encryptor.post("/v1/collections/palette/images", files=files)
     assert answer.status_code == 422 and "mode P" in answer.json()["detail"], answer.text
     assert system.store.list("") == before
+
+
+@pytest.mark.parametrize("service", ["encryptor", "gateway", "search"])
+def test_docs_work_offline_and_every_operation_is_described_with_its_errors(system, service):
+    client = getattr(system, service)
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert assets and all(url.startswith("/docs/assets/") for url in assets), assets
+    for url in assets:
+        assert client.get(url).status_code == 200, url
+    assert client.get("/redoc").status_code == 404  # CDN only: removed
+    document = client.get("/openapi.json").json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            where = f"{service} {method.upper()} {path}"
+            assert operation.get("description"), f"{where}: no description"
+            errors = {c: r for c, r in operation["responses"].items() if c[0] in "45"}
+            assert errors, f"{where}: no error response"
+            for code, response in errors.items():
+                if code == "422" and "HTTPValidationError" in str(response):
+                    continue  # FastAPI's own, with its schema
+                example = response["content"]["application/json"]["example"]
+                assert example["detail"], f"{where} {code}: no example"
+            if path.startswith("/v1/collections"):
+                assert {"401", "403", "503"} <= set(errors), where
+    stow = document["paths"].get("/dicomweb/{collection}/studies", {}).get("post")
+    if stow is not None:
+        assert 'multipart/related; type="application/dicom"' in stow["requestBody"]["content"]

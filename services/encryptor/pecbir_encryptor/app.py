@@ -17,7 +17,7 @@ from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, search
 from pecbir_encryptor.settings import EncryptorSettings
 from pecbir_platform.config import settings_from_env
-from pecbir_platform.web import add_healthz
+from pecbir_platform.web import add_healthz, document_api
 from pecore.keys import MasterKey
 
 
@@ -56,6 +56,7 @@ def create_app(
     for router in (ingest.router, dicomweb.router, search.router, keys.router):
         app.include_router(router)
 
+    document_api(app)
     add_healthz(
         app,
         secret=lambda: settings.user_token_secret.get_secret_value().encode(),

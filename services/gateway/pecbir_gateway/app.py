@@ -12,7 +12,7 @@ from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
 from pecbir_platform.config import settings_from_env
 from pecbir_platform.store import check_put_if_absent
-from pecbir_platform.web import add_healthz, add_store_error_handlers
+from pecbir_platform.web import add_healthz, add_store_error_handlers, document_api
 
 
 def create_app(
@@ -47,6 +47,7 @@ def create_app(
     app.include_router(model_versions.router)
     add_store_error_handlers(app)
 
+    document_api(app)
     add_healthz(app, secret=lambda: context.token_secret, details=lambda: {"store": repr(store)})
 
     ops.instrument(app, context)

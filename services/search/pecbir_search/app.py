@@ -16,7 +16,7 @@ from pecbir_contracts.events import EventBus
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
 from pecbir_platform.config import settings_from_env
-from pecbir_platform.web import add_healthz
+from pecbir_platform.web import add_healthz, document_api
 from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
 from pecbir_search.settings import SearchSettings
@@ -68,6 +68,7 @@ def create_app(
     app.state.engine = engine
     app.include_router(routes.router)
 
+    document_api(app)
     add_healthz(
         app,
         secret=lambda: settings.token_secret.get_secret_value().encode(),

@@ -27,6 +27,9 @@ def ingest(
     label: Annotated[int | None, Form(ge=0, le=255)] = None,
     role: Annotated[str, Form(pattern="^(template|query)$")] = "template",
 ) -> dict[str, object]:
+    """Encrypt one plain image (DICOM, PNG or NPY) with its tumour mask and upload it to the cloud.
+    Everything is checked before anything is sent: a refused file leaves nothing stored.
+    Scope `upload`."""
     require_scope(claims, "upload")
     collection = collection_name(collection)
     encryptor = ctx.encryptor

@@ -32,6 +32,8 @@ def search(
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
     owner: Annotated[str | None, Query()] = None,
 ) -> dict[str, object]:
+    """Search with a plain query image: it is encrypted here under a fresh key, sent to the cloud,
+    and the hits come back with links to their decrypted images. Scope `search`."""
     require_scope(claims, "search")
     collection = collection_name(collection)
     limit = ctx.settings.max_upload_bytes
