@@ -12,7 +12,7 @@ from PIL import Image
 
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.keys import MasterKey
-from tests.services.helpers import labelled_set, npy_bytes
+from tests.services.helpers import SMALL_MODEL, labelled_set, npy_bytes
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,29 @@ def test_docs_work_offline_and_every_operation_is_described_with_its_errors(syst
     stow = document["paths"].get("/dicomweb/{collection}/studies", {}).get("post")
     if stow is not None:
         assert 'multipart/related; type="application/dicom"' in stow["requestBody"]["content"]
+
+
+def test_the_same_images_give_the_same_model_whatever_ids_they_get(system):
+    """`make demo` twice gives one mAP: training samples in the owner's pseudonym order, not
+    in the order of the image ids the gateway draws at random."""
+    from pecbir_contracts.layout import CollectionLayout
+
+    images, masks, labels = labelled_set(12, shape=(48, 48), seed=21)
+    models = []
+    for collection, order in (("same-a", range(12)), ("same-b", reversed(range(12)))):
+        for i in order:
+            files = {
+                "image": ("x.npy", npy_bytes(images[i])),
+                "mask": ("m.npy", npy_bytes(masks[i])),
+            }
+            answer = system.encryptor.post(
+                f"/v1/collections/{collection}/images", files=files, data={"label": labels[i]}
+            )
+            assert answer.status_code == 202, answer.text
+        trained = system.gateway.post(
+            f"/v1/collections/{collection}/model/train", json={**SMALL_MODEL, "random_state": 0}
+        )
+        assert trained.status_code == 202, trained.text
+        version = system.wait_searchable(collection, 12)["serving_version"]
+        models.append(system.store.get(CollectionLayout(system.tenant, collection).model(version)))
+    assert models[0] == models[1]

@@ -45,7 +45,7 @@ def _upload(args: argparse.Namespace) -> int:
     protected = encryptor.protect(
         pixels, mask, opaque_id=opaque_id, label=args.label if args.label is not None else seg_label
     )
-    answer = encryptor.upload(args.collection, protected, f"owner-{opaque_id}")
+    answer = encryptor.upload(args.collection, protected, f"owner-{args.collection}-{opaque_id}")
     print(json.dumps({"opaque_id": opaque_id, "upload": answer}))
     return 0
 

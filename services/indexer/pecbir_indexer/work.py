@@ -114,13 +114,17 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         params = TrainRequest.model_validate_json(rt.store.get(layout.train_request(version)))
     except ObjectNotFound:
         raise PoisonMessage(f"no training request for {version}") from None
-    images, masks, labels = [], [], []
+    templates = []
     for image_id in list_images(rt, layout):
         meta, cipher, mask = load_image(rt, layout, image_id)
         if meta.role == "template" and meta.label is not None:
-            images.append(cipher)
-            masks.append(mask)
-            labels.append(meta.label)
+            templates.append((meta.opaque_id, image_id, cipher, mask, meta.label))
+    # In the owner's pseudonym order, not the image ids' (random at upload): the patch sample,
+    # and so the model, is then the same for the same images, whatever ids they were given.
+    templates.sort(key=lambda template: template[:2])
+    images = [cipher for _, _, cipher, _, _ in templates]
+    masks = [mask for _, _, _, mask, _ in templates]
+    labels = [label for *_, label in templates]
     counts = Counter(labels)
     if len(counts) < 2 or min(counts.values()) < 2:
         raise PoisonMessage(

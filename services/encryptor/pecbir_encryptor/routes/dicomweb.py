@@ -53,7 +53,9 @@ def _store_pairing(
             label=label if label is not None else pairing.seg.label,
             role=role,
         )
-        answer = encryptor.upload(collection, protected, f"stow-{protected.metadata.opaque_id}")
+        answer = encryptor.upload(
+            collection, protected, f"stow-{collection}-{protected.metadata.opaque_id}"
+        )
     except ValueError as exc:
         return (instance.sop_class, uid, FAILURE_CANNOT_UNDERSTAND, str(exc))
     except GatewayError as exc:

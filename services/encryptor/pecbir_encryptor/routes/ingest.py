@@ -54,7 +54,7 @@ def ingest(
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     try:
-        answer = encryptor.upload(collection, protected, f"owner-{opaque_id}")
+        answer = encryptor.upload(collection, protected, f"owner-{collection}-{opaque_id}")
     except GatewayError as exc:
         raise gateway_failed(exc) from None
     return {"opaque_id": opaque_id, "upload": answer}
