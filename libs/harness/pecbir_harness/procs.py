@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from pecbir_contracts.store import ObjectStore
 from pecbir_harness.radosgw import RadosGateway
 from pecbir_harness.services import SERVICES
 
@@ -213,7 +214,8 @@ class S3Bucket:
             "PECBIR_S3_SSE_C_KEY": self.sse_c_key,
         }
 
-    def open(self):  # -> pecbir_platform.store.MinioStore (imported on use: the store extra)
+    def open(self) -> ObjectStore:
+        """The bucket as the services open it (a MinioStore; the store extra, imported here)."""
         from pecbir_platform.store import StoreSettings
 
         env = self.env()

@@ -76,6 +76,7 @@ def missing_binaries() -> list[str]:
 
 
 def _free_port() -> int:
+    # As procs.free_port; this module uses the standard library only (deploy/local/radosgw).
     import socket
 
     with socket.socket() as sock:

@@ -172,7 +172,7 @@ _CREDENTIAL_ERRORS = ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKey
 
 
 class MinioStore:
-    """S3 through the `minio` client: one bucket, created and put under versioning at start.
+    """S3 through the `minio` client: one bucket, created at start (and versioned, on request).
 
     Parameters
     ----------
@@ -264,7 +264,8 @@ class MinioStore:
                 self.bucket, prefix=check_key(key), include_version=True
             )
             mine = [obj for obj in found if obj.object_name == key]
-            mine.sort(key=lambda obj: obj.last_modified, reverse=True)
+            # AWS lists a key's versions newest first, radosgw 16.2 oldest first: sort.
+            mine.sort(key=lambda obj: (obj.is_latest == "true", obj.last_modified), reverse=True)
             return [(obj.version_id, bool(obj.is_delete_marker)) for obj in mine]
 
         return self._guard(key, collect)
