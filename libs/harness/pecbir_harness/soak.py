@@ -32,12 +32,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 
 from pecbir_contracts import routes
 from pecbir_harness.workload import percentile, seal_for_upload
+
+if TYPE_CHECKING:
+    from pecbir_harness.procs import S3Bucket
 
 __all__ = [
     "CHECKED_ROLES",
@@ -751,7 +755,7 @@ def checks(results: dict) -> dict[str, dict[str, object]]:
 
 @contextlib.contextmanager
 def soak_cluster(
-    tmp: Path, own_redis: bool | None = None, s3: object | None = None
+    tmp: Path, own_redis: bool | None = None, s3: S3Bucket | None = None
 ) -> Iterator[object]:
     """The cluster a soak runs against: a private, durable Redis when the binary exists
     (its memory can then be sampled too), else the helpers' shared-Redis convention; the
@@ -762,5 +766,5 @@ def soak_cluster(
 
     if own_redis is None:
         own_redis = shutil.which("redis-server") is not None
-    with Cluster(tmp, encryptor=False, own_redis=own_redis, s3=s3) as cluster:  # type: ignore[arg-type]
+    with Cluster(tmp, encryptor=False, own_redis=own_redis, s3=s3) as cluster:
         yield cluster

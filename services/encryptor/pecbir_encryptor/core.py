@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,9 @@ class Encryptor:
         self.scheme = scheme
         self.key_mode = key_mode
         self.audit = AuditLog(audit_log)
+        # The id (and so the fresh key) of each search query: random. The demo sets a seeded
+        # sequence so that the same command gives the same numbers (`pecbir demo`).
+        self.query_ids: Callable[[], str] = lambda: uuid.uuid4().hex
 
     # -- ids -----------------------------------------------------------------------------------
     def opaque_id_for(self, source_uid: str | None) -> str:
@@ -212,7 +216,7 @@ class Encryptor:
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None
     ) -> SearchResponse:
         """Encrypt the query under a fresh key of its own, search, return the hits."""
-        query = self.protect(pixels, mask, opaque_id=self.opaque_id_for(None), role="query")
+        query = self.protect(pixels, mask, opaque_id=self.query_ids(), role="query")
         return self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),

@@ -14,7 +14,9 @@ the same services as real processes against Redis and S3.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import itertools
 import json
 import shutil
 import time
@@ -147,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
     )
     timings: dict[str, float] = {}
     with EmbeddedSystem(workdir, tenant="hospital-a", master=master) as system:
+        # Query keys from a seeded sequence too (random in service): same command, same mAP.
+        query_ids = (
+            hashlib.sha256(f"demo-query/{args.seed}/{n}".encode()).hexdigest()[:32]
+            for n in itertools.count()
+        )
+        system.encryptor_app.state.encryptor.query_ids = lambda: next(query_ids)
         enc = system.encryptor
         image_ids: dict[str, int] = {}
         t0 = time.perf_counter()
