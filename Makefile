@@ -3,19 +3,24 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean one-box
 
 $(BIN)/pecbir: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "installing pe-cbir and its dependencies into $(VENV) (2-3 min on a fresh machine)"
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	@touch $@
 
 setup: $(BIN)/pecbir
 
 demo: setup
 	$(BIN)/pecbir demo
+
+# The real stack on loopback (radosgw, Redis, services, encryptor); Ctrl-C stops it.
+one-box: setup
+	$(BIN)/pecbir serve --one-box
 
 lint: setup
 	$(BIN)/ruff check .

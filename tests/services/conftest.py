@@ -1,11 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pecbir_platform.store import FilesystemStore
-from tests.services.helpers import TOKEN_SECRET
+from tests.services.helpers import TOKEN_SECRET, radosgw_unavailable
+
+if TYPE_CHECKING:
+    from pecbir_harness.radosgw import RadosGateway
 
 
 class RecordingDispatcher:
@@ -31,3 +35,21 @@ def store(tmp_path) -> FilesystemStore:
 @pytest.fixture
 def token_secret() -> bytes:
     return TOKEN_SECRET
+
+
+@pytest.fixture(scope="session")
+def radosgw(tmp_path_factory) -> Iterator[RadosGateway]:
+    """One Ceph radosgw (a real S3 server) for the whole run, 3-5 s to start; each test module
+    takes its own bucket (`S3Bucket.on(radosgw, name)`). Where it cannot start, the tests that
+    need it skip with the reason, except on CI (CI=true), where that is a failure."""
+    from pecbir_harness.radosgw import RadosGatewayUnavailable, radosgw
+
+    started = radosgw(tmp_path_factory.mktemp("radosgw"))
+    try:
+        gateway = started.__enter__()
+    except RadosGatewayUnavailable as exc:
+        radosgw_unavailable(str(exc))
+    try:
+        yield gateway
+    finally:
+        started.__exit__(None, None, None)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
+from typing import NoReturn
 
 import numpy as np
+import pytest
 
 from pecbir_contracts.auth import GATEWAY_TOKEN, mint_token
 from pecbir_contracts.png import encode_png
@@ -136,3 +139,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+def radosgw_unavailable(reason: str) -> NoReturn:
+    """A test that needs radosgw and cannot have it: skip saying why, fail on CI (CI=true)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"radosgw is required on CI and did not start: {reason}", pytrace=False)
+    pytest.skip(f"no S3 server for the integration tests: {reason}")

@@ -95,6 +95,12 @@ def test_gateway_schema_fuzz_never_500_and_stores_nothing_on_refusal(case):
 
 
 # -- schemathesis: the encryptor (owner side, in front of an embedded cloud) --------------------
+@schemathesis.serializer('multipart/related; type="application/dicom"', "multipart/related")
+def _raw_stow_body(ctx, value) -> bytes:
+    """The STOW-RS body is raw bytes (documented as a binary string): fuzz it as such."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 _embedded = EmbeddedSystem(Path(tempfile.mkdtemp(prefix="fuzz-enc")), master=MasterKey.from_seed(5))
 encryptor_schema = schemathesis.openapi.from_asgi("/openapi.json", _embedded.encryptor_app)
 encryptor_schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

@@ -1,8 +1,9 @@
 """Faults with real processes (loopback only): a worker killed mid-task, Redis killed and
-restarted, the object store cut off, the search service restarted.
+restarted, the object store stopped and restarted, the search service restarted.
 
-Private redis-server (append-only, fsync always) on a free port, never the shared one; moto
-behind a TCP forwarder that the test can cut (moto keeps its data while unreachable).
+Private redis-server (append-only, fsync always) on a free port, never the shared one; the
+session's radosgw, whose gateway daemon the store test stops and starts again (the OSD keeps
+the data meanwhile, as a cluster does while one gateway is down).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _files(seed: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from pecbir_harness.procs import Cluster
+def cluster(tmp_path_factory, radosgw):
+    from pecbir_harness.procs import Cluster, S3Bucket
 
     tmp = tmp_path_factory.mktemp("faults")
     delay = tmp / "index-delay"
@@ -65,7 +66,7 @@ def cluster(tmp_path_factory):
         tmp,
         encryptor=False,
         own_redis=True,
-        store_proxy=True,
+        s3=S3Bucket.on(radosgw, "faults"),
         extra_env={
             "PECBIR_VISIBILITY_TIMEOUT_S": "4",
             "PECBIR_TEST_INDEX_DELAY_FILE": str(delay),
@@ -99,9 +100,7 @@ def _served(cluster) -> int:
 
 
 def _store(cluster):
-    from pecbir_platform.store import MinioStore
-
-    return MinioStore(cluster.moto_url, "test-access", "test-secret", "pecbir")
+    return cluster.s3.open()
 
 
 def _feature_ids(cluster) -> list[str]:
@@ -196,7 +195,7 @@ def test_store_unreachable_refuses_uploads_and_indexing_retries_until_it_is_back
         assert answer.status_code == 202, answer.text
         pending = answer.json()["image_id"]
         cluster.uploaded.append(pending)
-        cluster.store_proxy.stop()  # the worker is still in its 2 s delay
+        cluster.s3.gateway.stop_daemon("rgw")  # the worker is still in its 2 s delay
         refused = cluster.gateway.post("/v1/collections/brain/images", files=_files(201))
         assert refused.status_code == 503, refused.text
         assert "object store unavailable" in refused.json()["detail"]
@@ -204,7 +203,7 @@ def test_store_unreachable_refuses_uploads_and_indexing_retries_until_it_is_back
         time.sleep(6)
     finally:
         cluster.delay_file.unlink(missing_ok=True)
-        cluster.store_proxy.start()
+        cluster.s3.gateway.start_daemon("rgw")
     log = (cluster.logs / "worker.log").read_text()
     assert "Retry in" in log, "the index task never retried"
     _poll(lambda: _searchable(cluster, pending), "indexed after the store came back", 120)

@@ -1,9 +1,8 @@
-"""Real processes: Redis, Celery worker, moto S3, uvicorn gateway/search/encryptor.
+"""Real processes: Redis, Celery worker, Ceph radosgw, uvicorn gateway/search/encryptor.
 
 One walk from a DICOMweb client (STOW-RS) through the encryptor into the cloud, to a search
 hit decrypted bit-exactly; the search service restarted and caught up from S3; a poison
-message dead-lettered by the real worker. (moto checks the S3 wire protocol, not S3 auth,
-encryption at rest or URL expiry.)
+message dead-lettered by the real worker; a gateway given wrong S3 credentials refusing to start.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pecbir_harness.procs import free_port
 from pecore.cipher import to_uint8
 from tests.dicom_factory import make_dataset
 from tests.services.helpers import SMALL_MODEL, labelled_set, make_seg, npy_bytes
@@ -39,10 +39,14 @@ def _poll(check, what: str, timeout: float = 90.0, interval: float = 0.1):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from pecbir_harness.procs import Cluster
+def cluster(tmp_path_factory, radosgw):
+    from pecbir_harness.procs import Cluster, S3Bucket
 
-    with Cluster(tmp_path_factory.mktemp("cluster"), sealed_collections=(SEALED,)) as running:
+    # SSE-C on: the store encrypts every object at rest under a key it does not keep.
+    s3 = S3Bucket.on(radosgw, "integration", sse_c=True)
+    with Cluster(
+        tmp_path_factory.mktemp("cluster"), s3=s3, sealed_collections=(SEALED,)
+    ) as running:
         yield running
 
 
@@ -125,13 +129,20 @@ def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
 
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, TASK_INDEX_IMAGE
-    from pecbir_platform.store import MinioStore
 
     gateway = httpx.Client(
         base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
     )
-    store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
+    store = cluster.s3.open()
     layout = CollectionLayout(cluster.tenant, "brain")
+    # What the services stored is unreadable without the SSE-C key.
+    from dataclasses import replace
+
+    from pecbir_contracts.store import StorageError
+
+    keyless = replace(cluster.s3, sse_c_key="").open()
+    with pytest.raises(StorageError, match="InvalidArgument"):
+        keyless.get(store.list(layout.images_prefix)[0])
     image_ids = [layout.image_id_of_meta(k) for k in store.list(layout.images_prefix)]
     victim = next(i for i in image_ids if i)
     # Corrupt a stored mask behind the gateway's back, drop its features, re-queue it.
@@ -219,7 +230,6 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
     from dicomweb_client.api import DICOMwebClient
 
     from pecbir_contracts.png import encode_png
-    from pecbir_platform.store import MinioStore
 
     gateway = httpx.Client(
         base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
@@ -282,7 +292,7 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
         )
 
     # What a cloud operator can read: the object store, Redis and every service's log.
-    store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
+    store = cluster.s3.open()
     keys = [k for k in store.list("") if f"/collections/{SEALED}/" in k]
     assert any(k.endswith("sealed.bin") for k in keys)
     assert not any(k.endswith(("cipher.png", "mask.png")) for k in keys)
@@ -304,3 +314,18 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
             store.get(f"tenants/{cluster.tenant}/collections/{SEALED}/images/{image_id}/meta.json")
         )
         assert meta["label"] is None and meta["mode"] == "sealed"
+
+
+def test_gateway_with_wrong_store_credentials_refuses_to_start(cluster, tmp_path):
+    from dataclasses import replace
+
+    from pecbir_harness.procs import BIN
+    from pecbir_harness.services import SERVICES
+
+    wrong = replace(cluster.s3, secret_key=cluster.s3.secret_key[::-1])
+    env = {**os.environ, **cluster.env, **wrong.env()}
+    args = SERVICES["gateway"].command(port=free_port(), bin_dir=BIN)
+    started = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0
+    assert "refused the credentials" in started.stderr
+    assert "PECBIR_S3_SECRET_KEY" in started.stderr

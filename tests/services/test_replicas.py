@@ -1,4 +1,4 @@
-"""Two gateway replicas (real uvicorn processes) on one S3 store (moto_server) and one broker.
+"""Two gateway replicas (real uvicorn processes) on one S3 store (Ceph radosgw) and one broker.
 
 Idempotency records and model version numbers are claimed with put_if_absent; here requests
 race for the same claim at both replicas at once. (No worker: the queued tasks stay queued.)
@@ -34,17 +34,15 @@ class Replicas:
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory) -> Iterator[Replicas]:
-    from pecbir_harness.procs import moto_s3, redis_server, service_app
+def replicas(tmp_path_factory, radosgw) -> Iterator[Replicas]:
+    from pecbir_harness.procs import S3Bucket, redis_server, service_app
 
     tmp: Path = tmp_path_factory.mktemp("replicas")
+    s3 = S3Bucket.on(radosgw, "replicas")
+    store = s3.open()  # creates the bucket before two replicas race to
     with contextlib.ExitStack() as stack:
-        s3_url = stack.enter_context(moto_s3(tmp / "moto.log"))
         env = {
-            "PECBIR_STORE_URL": s3_url,
-            "PECBIR_S3_ACCESS_KEY": "test-access",
-            "PECBIR_S3_SECRET_KEY": "test-secret",
-            "PECBIR_S3_BUCKET": "pecbir",
+            **s3.env(),
             "PECBIR_BROKER_URL": stack.enter_context(redis_server(tmp)),
             "PECBIR_TOKEN_SECRET": TOKEN_SECRET.decode(),
         }
@@ -52,7 +50,7 @@ def replicas(tmp_path_factory) -> Iterator[Replicas]:
             stack.enter_context(service_app("gateway", env, tmp / f"gateway-{i}.log"))
             for i in range(2)
         ]
-        yield Replicas(urls, MinioStore(s3_url, "test-access", "test-secret", "pecbir"))
+        yield Replicas(urls, store)
 
 
 def _race(urls: list[str], path: str, requests: list[dict]) -> list[httpx.Response]:

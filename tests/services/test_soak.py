@@ -21,7 +21,9 @@ from pecbir_harness.soak import (
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_small_soak_acknowledged_searchable_no_5xx_memory_flat(tmp_path):
+def test_small_soak_acknowledged_searchable_no_5xx_memory_flat(tmp_path, radosgw):
+    from pecbir_harness.procs import S3Bucket
+
     cfg = SoakConfig(
         uploads=60,
         searches=150,
@@ -34,7 +36,7 @@ def test_small_soak_acknowledged_searchable_no_5xx_memory_flat(tmp_path):
         progress=False,
     )
     own_redis = shutil.which("redis-server") is not None
-    with soak_cluster(tmp_path, own_redis=own_redis) as cluster:
+    with soak_cluster(tmp_path, own_redis, S3Bucket.on(radosgw, "soak")) as cluster:
         results = run_soak(cluster, cfg)
 
     verify = results["verify"]
@@ -56,7 +58,7 @@ def test_small_soak_acknowledged_searchable_no_5xx_memory_flat(tmp_path):
     assert results["checks"]["answers_as_expected"]["ok"], results["surprises"]
 
     memory = results["memory"]
-    for role in ("gateway", "search", "worker", "moto"):
+    for role in ("gateway", "search", "worker", "ceph-osd"):
         assert memory[role]["samples"] > 0
     for role in ("gateway", "search", "worker"):
         assert memory[role]["flat"] is True, memory[role]
@@ -85,7 +87,7 @@ def _samples(growth_mib: float) -> list[dict]:
     samples = []
     for n in range(100):
         phase = "seed" if n < 20 else "mixed-q1"
-        rss = {"gateway": int((100 + growth_mib * n / 100) * MiB), "moto": (50 + n) * MiB}
+        rss = {"gateway": int((100 + growth_mib * n / 100) * MiB), "ceph-osd": (50 + n) * MiB}
         samples.append({"t": float(n), "phase": phase, "load1": 1.0, "rss": rss})
     return samples
 
@@ -113,7 +115,7 @@ def test_memory_check_fails_on_growth_and_ignores_the_store():
     cfg = SoakConfig()
     flat = memory_report(_samples(growth_mib=2.0), cfg)
     assert flat["gateway"]["flat"] is True
-    assert flat["moto"]["checked"] is False  # grows by 50 MiB, holds the data
+    assert flat["ceph-osd"]["checked"] is False  # grows by 50 MiB, holds the data
     leaking = memory_report(_samples(growth_mib=60.0), cfg)
     assert leaking["gateway"]["flat"] is False
     assert leaking["gateway"]["growth_mib"] == pytest.approx(24.0, abs=2.0)

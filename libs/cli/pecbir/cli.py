@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from pecbir import commands
+from pecbir_platform.config import show_defaults, version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Privacy-preserving CBIR of brain-tumour MRI on perceptually encrypted images.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version("pecbir"))
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{module_info.name}")
         module.register(subparsers)
+    show_defaults(parser)
     return parser
 
 

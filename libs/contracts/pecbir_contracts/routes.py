@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "ENCRYPTOR_IMAGES",
+    "ENCRYPTOR_IMAGE_STATUS",
     "ENCRYPTOR_KEY_RELEASE",
     "ENCRYPTOR_PATCH_MODEL",
     "ENCRYPTOR_PLAIN_IMAGE",
@@ -72,6 +73,8 @@ SEARCH_IMAGE = "/v1/collections/{collection}/images/{image_id}"
 
 # -- encryptor (owner side) --------------------------------------------------------------------
 ENCRYPTOR_IMAGES = "/v1/collections/{collection}/images"
+# The `status_url` of an upload answer, relative: it works on the encryptor and the gateway.
+ENCRYPTOR_IMAGE_STATUS = "/v1/collections/{collection}/images/{image_id}/status"
 ENCRYPTOR_SEARCH = "/v1/collections/{collection}/search"
 ENCRYPTOR_PLAIN_IMAGE = "/v1/collections/{collection}/images/{image_id}/plain"
 ENCRYPTOR_STOW_STUDIES = "/dicomweb/{collection}/studies"

@@ -3,8 +3,9 @@ soaks and benchmarks. Not part of any service image.
 
 - `services`  the table of services (app factory or Celery app, port, env prefix, queues,
               probe paths) that `pecbir serve`, `Cluster` and `EmbeddedSystem` start from
-- `procs`     free ports, child processes, private Redis, moto S3, uvicorn apps, Celery
+- `procs`     free ports, child processes, private Redis, S3 buckets, uvicorn apps, Celery
               workers, and `Cluster` (the whole cloud side on loopback)
+- `radosgw`   a single-node Ceph radosgw (real S3) on loopback; `deploy/local/radosgw`
 - `embedded`  `EmbeddedSystem`: every service in one process (the demo's mode)
 - `workload`  sealing images for upload, percentiles
 - `dicom`     synthetic MR images, SEG masks and STOW-RS bodies

@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from pecbir_contracts import routes
-from pecbir_contracts.auth import ENCRYPTOR_TOKEN, GATEWAY_TOKEN, mint_token
+from pecbir_contracts.auth import ENCRYPTOR_TOKEN, GATEWAY_TOKEN, SEARCH_TOKEN, mint_token
 from pecbir_harness.services import SERVICES
 from pecbir_platform.bus import InMemoryBus
 from pecbir_platform.store import FilesystemStore
@@ -105,6 +105,17 @@ class EmbeddedSystem:
             tenant=self.tenant,
             scopes=scopes,
             ttl_s=24 * 3600,
+        )
+
+    def search_token(self) -> str:
+        """A token for calling the search service directly (as the gateway does; 60 s)."""
+        return mint_token(
+            self.cloud_secret.hex().encode(),
+            kind=SEARCH_TOKEN,
+            sub=f"operator@{self.tenant}",
+            tenant=self.tenant,
+            scopes=("search", "read"),
+            ttl_s=60,
         )
 
     def user_token(self, scopes=USER_SCOPES) -> str:

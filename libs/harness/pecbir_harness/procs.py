@@ -1,4 +1,4 @@
-"""Real processes for integration tests and benchmarks: Redis, moto S3, uvicorn, Celery.
+"""Real processes for integration tests and benchmarks: Redis, Ceph radosgw, uvicorn, Celery.
 
 Every process is started in its own process group and killed (group-wide) on teardown.
 """
@@ -15,21 +15,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from pecbir_contracts.store import ObjectStore
+from pecbir_harness.radosgw import RadosGateway
 from pecbir_harness.services import SERVICES
 
 __all__ = [
     "BIN",
     "Cluster",
     "RedisProcess",
+    "S3Bucket",
     "Started",
-    "TcpProxy",
     "celery_worker",
     "free_port",
-    "moto_s3",
     "port_open",
     "process",
     "redis_server",
@@ -181,82 +183,46 @@ class RedisProcess:
             stop(self.proc)
 
 
-class TcpProxy:
-    """A loopback TCP forwarder; `stop()` cuts every connection (a network partition)."""
+@dataclass(frozen=True)
+class S3Bucket:
+    """One bucket of an S3 server (radosgw): what the cloud services' store settings hold."""
 
-    def __init__(self, target_port: int, port: int | None = None) -> None:
-        import threading
+    url: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    #: The radosgw serving it, when this process manages one (to stop and restart it).
+    gateway: RadosGateway | None = None
+    #: base64 of the 32-byte SSE-C key every object is written with; empty: none.
+    sse_c_key: str = ""
 
-        self.target_port = target_port
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
+    @classmethod
+    def on(cls, gateway: RadosGateway, bucket: str, *, sse_c: bool = False) -> S3Bucket:
+        """Bucket `bucket` of `gateway`; `sse_c`: with a fresh random SSE-C key."""
+        import base64
+        import secrets
 
-    def start(self) -> TcpProxy:
-        import threading
+        state = gateway.state
+        key = base64.b64encode(secrets.token_bytes(32)).decode() if sse_c else ""
+        return cls(gateway.endpoint, state.access_key, state.secret_key, bucket, gateway, key)
 
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-        return self
+    def env(self) -> dict[str, str]:
+        return {
+            "PECBIR_STORE_URL": self.url,
+            "PECBIR_S3_ACCESS_KEY": self.access_key,
+            "PECBIR_S3_SECRET_KEY": self.secret_key,
+            "PECBIR_S3_BUCKET": self.bucket,
+            "PECBIR_S3_SSE_C_KEY": self.sse_c_key,
+        }
 
-    def _accept(self, listener: socket.socket) -> None:
-        import threading
+    def open(self) -> ObjectStore:
+        """The bucket as the services open it (a MinioStore; the store extra, imported here)."""
+        from pecbir_platform.store import StoreSettings
 
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
-@contextlib.contextmanager
-def moto_s3(log: Path | None = None, on_start: Started = None) -> Iterator[str]:
-    """moto's standalone S3 server over HTTP (tests the S3 wire path, not S3 security)."""
-    port = free_port()
-    args = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with process(args, "moto_server", log=log, on_start=on_start) as proc:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(url + "/moto-api/").status_code < 500, "moto_server", proc=proc)
-        yield url
+        env = self.env()
+        return StoreSettings(
+            **{name[len("PECBIR_") :].lower(): env[name] for name in env}
+        ).open_store()
 
 
 @contextlib.contextmanager
@@ -292,7 +258,11 @@ def celery_worker(env: dict[str, str], log: Path | None = None) -> Iterator[subp
 
 
 class Cluster:
-    """Redis + moto S3 + Celery worker + uvicorn search, gateway (and encryptor), on loopback."""
+    """Redis + radosgw S3 + Celery worker + uvicorn search, gateway (and encryptor), on loopback.
+
+    `s3`: a bucket of a radosgw already running (the tests share one); None starts a private
+    radosgw under `tmp` for this cluster.
+    """
 
     def __init__(
         self,
@@ -301,17 +271,16 @@ class Cluster:
         tenant: str = "hospital-a",
         encryptor: bool = True,
         own_redis: bool = False,
-        store_proxy: bool = False,
+        s3: S3Bucket | None = None,
         extra_env: dict[str, str] | None = None,
         sealed_collections: tuple[str, ...] = (),
     ) -> None:
         import secrets
 
         self.own_redis = own_redis
-        self.use_store_proxy = store_proxy
+        self.s3 = s3
         self.extra_env = extra_env or {}
         self.redis: RedisProcess | None = None
-        self.store_proxy: TcpProxy | None = None
         self._worker_cm: contextlib.AbstractContextManager | None = None
         self.tmp = Path(tmp)
         self.tenant = tenant
@@ -373,18 +342,12 @@ class Cluster:
             self.redis_url = self.redis.url
         else:
             self.redis_url = stack.enter_context(redis_server(self.tmp))
-        self.s3_url = stack.enter_context(moto_s3(self.logs / "moto.log", self._track("moto")))
-        self.moto_url = self.s3_url
-        if self.use_store_proxy:
-            moto_port = int(self.s3_url.rsplit(":", 1)[1])
-            self.store_proxy = TcpProxy(moto_port).start()
-            stack.callback(self.store_proxy.stop)
-            self.s3_url = self.store_proxy.url
+        if self.s3 is None:
+            gateway = RadosGateway(self.tmp / "radosgw")
+            stack.callback(gateway.stop)
+            self.s3 = S3Bucket.on(gateway.start(), "pecbir")
         self.env = {
-            "PECBIR_STORE_URL": self.s3_url,
-            "PECBIR_S3_ACCESS_KEY": "test-access",
-            "PECBIR_S3_SECRET_KEY": "test-secret",
-            "PECBIR_S3_BUCKET": "pecbir",
+            **self.s3.env(),
             "PECBIR_BROKER_URL": self.redis_url,
             "PECBIR_TOKEN_SECRET": self.cloud_secret,
             "PECBIR_REINDEX_CHUNK": "16",
@@ -440,11 +403,15 @@ class Cluster:
         return self
 
     def service_pids(self) -> dict[str, int]:
-        """Pid of every live process this cluster started, by role (own Redis included)."""
+        """Pid of every live process this cluster uses, by role (own Redis and the radosgw
+        daemons included: `radosgw`, `ceph-osd` (memstore: it holds the objects), `ceph-mon`)."""
         procs = dict(self.processes)
         if self.redis is not None and self.redis.proc is not None:
             procs["redis"] = self.redis.proc
-        return {role: proc.pid for role, proc in procs.items() if proc.poll() is None}
+        pids = {role: proc.pid for role, proc in procs.items() if proc.poll() is None}
+        if self.s3 is not None and self.s3.gateway is not None:
+            pids.update(self.s3.gateway.pids())
+        return pids
 
     def start_worker(self) -> subprocess.Popen:
         self._worker_cm = celery_worker(self.env, self.logs / "worker.log")

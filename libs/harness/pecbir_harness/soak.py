@@ -9,8 +9,8 @@ is sampled. Afterwards three properties are checked:
 - the client saw no 5xx answer and no transport error;
 - memory is flat: per service, the median RSS of the last quarter of the mixed phase is at most
   `growth_fraction` (+ `growth_slack_mib`) above the median of its second quarter (the first
-  quarter is warm-up). moto keeps every object in memory and Redis keeps the event stream, so
-  they grow with the data by design; their numbers are reported, not checked.
+  quarter is warm-up). radosgw's OSD (memstore) keeps every object in memory and Redis keeps
+  the event stream, so they grow with the data by design; their numbers are reported, not checked.
 
 A fourth check keeps the load honest: uploads answer 202, a replay with the same key and body
 answers the original image id, a reused key with another body answers 409, searches answer 200.
@@ -32,12 +32,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 
 from pecbir_contracts import routes
 from pecbir_harness.workload import percentile, seal_for_upload
+
+if TYPE_CHECKING:
+    from pecbir_harness.procs import S3Bucket
 
 __all__ = [
     "CHECKED_ROLES",
@@ -753,14 +757,17 @@ def checks(results: dict) -> dict[str, dict[str, object]]:
 
 
 @contextlib.contextmanager
-def soak_cluster(tmp: Path, own_redis: bool | None = None) -> Iterator[object]:
+def soak_cluster(
+    tmp: Path, own_redis: bool | None = None, s3: S3Bucket | None = None
+) -> Iterator[object]:
     """The cluster a soak runs against: a private, durable Redis when the binary exists
-    (its memory can then be sampled too), else the helpers' shared-Redis convention."""
+    (its memory can then be sampled too), else the helpers' shared-Redis convention; the
+    bucket `s3` (a `procs.S3Bucket`) or else a private radosgw."""
     import shutil
 
     from pecbir_harness.procs import Cluster
 
     if own_redis is None:
         own_redis = shutil.which("redis-server") is not None
-    with Cluster(tmp, encryptor=False, own_redis=own_redis) as cluster:
+    with Cluster(tmp, encryptor=False, own_redis=own_redis, s3=s3) as cluster:
         yield cluster

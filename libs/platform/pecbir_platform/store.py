@@ -1,11 +1,18 @@
 """Object-store back ends behind `pecbir_contracts.store.ObjectStore`.
 
 `FilesystemStore` is the embedded default (atomic, fsync'd writes: a `put` that returned is on
-disk). `MinioStore` speaks the S3 API through the `minio` client (MinIO, AWS S3, moto_server).
+disk). `MinioStore` speaks the S3 API through the `minio` client (Ceph radosgw, MinIO, AWS S3).
+
+"Nothing lost" on S3 (services/README.md, "Object store"): with `versioning=True`
+(PECBIR_S3_VERSIONING) `MinioStore` enables versioning on its bucket at start and refuses a
+bucket on which it stays off, so an overwrite or a delete keeps the previous version. It is off
+by default because Ceph radosgw 16.2 ignores `If-None-Match: *` on a versioned bucket, and the
+gateway's claims need it (its start-up check, `check_put_if_absent`, refuses such a store).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import tempfile
@@ -160,8 +167,24 @@ def _file_chunks(handle: io.BufferedReader, chunk_size: int) -> Iterator[bytes]:
             yield chunk
 
 
+#: S3 error codes that mean "these credentials are not accepted", not "the store is down".
+_CREDENTIAL_ERRORS = ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
+
+
 class MinioStore:
-    """S3 / MinIO through the `minio` client (one bucket, created on first use)."""
+    """S3 through the `minio` client: one bucket, created at start (and versioned, on request).
+
+    Parameters
+    ----------
+    sse_c_key
+        32 bytes: every object is written and read with this customer-provided key (SSE-C).
+        The store encrypts at rest and keeps only a salted hash of the key, so what it holds
+        is unreadable without it. Presigned URLs are then off (a plain GET cannot carry the
+        key): the gateway serves downloads through its own signed links.
+    versioning
+        Enable bucket versioning at start and refuse the store if it stays off. Off by
+        default: radosgw 16.2 then stops honouring `If-None-Match: *` (module docstring).
+    """
 
     def __init__(
         self,
@@ -173,10 +196,13 @@ class MinioStore:
         secure: bool | None = None,
         region: str | None = "us-east-1",
         create_bucket: bool = True,
+        versioning: bool = False,
+        sse_c_key: bytes | None = None,
     ) -> None:
         import certifi
         import urllib3
         from minio import Minio
+        from minio.sse import SseCustomerKey
 
         parsed = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         self.endpoint = parsed.netloc
@@ -199,15 +225,65 @@ class MinioStore:
             retries=urllib3.Retry(total=3, connect=3, read=0, status=0, other=0),
         )
         self._conditional = Minio(parsed.netloc, http_client=no_resend, **client_args)
+        self._ssec = SseCustomerKey(sse_c_key) if sse_c_key is not None else None
         if create_bucket:
             self._guard(bucket, self._ensure_bucket)
+        if versioning:
+            self._guard(bucket, self._ensure_versioning)
 
     def __repr__(self) -> str:
         return f"MinioStore({self.endpoint!r}, bucket={self.bucket!r})"
 
     def _ensure_bucket(self) -> None:
-        if not self._client.bucket_exists(self.bucket):
+        from minio.error import S3Error
+
+        if self._client.bucket_exists(self.bucket):
+            return
+        try:
             self._client.make_bucket(self.bucket)
+        except S3Error as exc:  # another replica created it in between
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    def _ensure_versioning(self) -> None:
+        from minio.versioningconfig import ENABLED, VersioningConfig
+
+        if self._client.get_bucket_versioning(self.bucket).status != ENABLED:
+            self._client.set_bucket_versioning(self.bucket, VersioningConfig(ENABLED))
+        if self._client.get_bucket_versioning(self.bucket).status != ENABLED:
+            raise UnsupportedStore(
+                f"{self!r}: bucket versioning stays off; the services need it so that an "
+                "overwrite or delete keeps the previous version (services/README.md)"
+            )
+
+    def versions(self, key: str) -> list[tuple[str, bool]]:
+        """(version id, is a delete marker) of every version of `key`, newest first."""
+
+        def collect() -> list[tuple[str, bool]]:
+            found = self._client.list_objects(
+                self.bucket, prefix=check_key(key), include_version=True
+            )
+            mine = [obj for obj in found if obj.object_name == key]
+            # AWS lists a key's versions newest first, radosgw 16.2 oldest first: sort.
+            mine.sort(key=lambda obj: (obj.is_latest == "true", obj.last_modified), reverse=True)
+            return [(obj.version_id, bool(obj.is_delete_marker)) for obj in mine]
+
+        return self._guard(key, collect)
+
+    def get_version(self, key: str, version_id: str) -> bytes:
+        """The bytes of one earlier version of `key` (an operator's restore)."""
+
+        def read() -> bytes:
+            response = self._client.get_object(
+                self.bucket, check_key(key), version_id=version_id, ssec=self._ssec
+            )
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._guard(key, read)
 
     def _guard(self, key: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one client call, mapping errors to ObjectNotFound / StorageError."""
@@ -219,6 +295,11 @@ class MinioStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise ObjectNotFound(key) from None
+            if exc.code in _CREDENTIAL_ERRORS:
+                raise StorageError(
+                    f"S3 endpoint {self.endpoint} refused the credentials ({exc.code}): check "
+                    "PECBIR_S3_ACCESS_KEY and PECBIR_S3_SECRET_KEY"
+                ) from exc
             raise StorageError(f"S3 error {exc.code} on {key!r}: {exc.message}") from exc
         except (HTTPError, OSError) as exc:
             raise StorageError(f"S3 endpoint {self.endpoint} unreachable: {exc}") from exc
@@ -233,6 +314,7 @@ class MinioStore:
             io.BytesIO(data),
             len(data),
             content_type=content_type,
+            sse=self._ssec,
         )
 
     def put_if_absent(
@@ -246,6 +328,8 @@ class MinioStore:
 
         data = bytes(data)
         headers = {"Content-Type": content_type, "If-None-Match": "*"}
+        if self._ssec is not None:
+            headers.update(self._ssec.headers())
 
         def create() -> bool:
             try:
@@ -260,7 +344,7 @@ class MinioStore:
 
     def get(self, key: str) -> bytes:
         def read() -> bytes:
-            response = self._client.get_object(self.bucket, check_key(key))
+            response = self._client.get_object(self.bucket, check_key(key), ssec=self._ssec)
             try:
                 return response.read()
             finally:
@@ -270,7 +354,9 @@ class MinioStore:
         return self._guard(key, read)
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-        response = self._guard(key, self._client.get_object, self.bucket, check_key(key))
+        response = self._guard(
+            key, self._client.get_object, self.bucket, check_key(key), ssec=self._ssec
+        )
 
         def chunks() -> Iterator[bytes]:
             try:
@@ -283,7 +369,7 @@ class MinioStore:
 
     def exists(self, key: str) -> bool:
         try:
-            self._guard(key, self._client.stat_object, self.bucket, check_key(key))
+            self._guard(key, self._client.stat_object, self.bucket, check_key(key), ssec=self._ssec)
         except ObjectNotFound:
             return False
         return True
@@ -299,6 +385,8 @@ class MinioStore:
         return self._guard(prefix, collect)
 
     def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
+        if self._ssec is not None:
+            return None  # the GET would need the key in its headers
         return self._guard(
             key, self._client.presigned_get_object, self.bucket, check_key(key), expires=expires
         )
@@ -329,7 +417,8 @@ def check_put_if_absent(store: ObjectStore) -> None:
 def store_from_url(url: str, **s3: str) -> ObjectStore:
     """`file:///path` (or a bare path) → FilesystemStore; `s3://` / `http(s)://` → MinioStore.
 
-    For S3 the credentials come from `s3` (access_key, secret_key, bucket, region).
+    For S3 the credentials come from `s3` (access_key, secret_key, bucket, region,
+    sse_c_key: the base64 of 32 bytes or empty for no SSE-C, versioning: "true" or not).
     """
     if url.startswith("file://"):
         return FilesystemStore(url[len("file://") :])
@@ -341,10 +430,24 @@ def store_from_url(url: str, **s3: str) -> ObjectStore:
             secret_key=s3.get("secret_key", ""),
             bucket=s3.get("bucket") or DEFAULT_BUCKET,
             region=s3.get("region") or "us-east-1",
+            sse_c_key=_sse_c_key(s3.get("sse_c_key", "")),
+            versioning=s3.get("versioning", "") in ("1", "true"),
         )
     if "://" in url:
         raise ValueError(f"unsupported object store URL {url!r} (use file://, http(s):// or s3://)")
     return FilesystemStore(url)
+
+
+def _sse_c_key(text: str) -> bytes | None:
+    if not text:
+        return None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError("PECBIR_S3_SSE_C_KEY must be the base64 of 32 bytes")
+    return key
 
 
 class StoreSettings(BaseSettings):
@@ -364,6 +467,16 @@ class StoreSettings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("")
     s3_bucket: str = DEFAULT_BUCKET
     s3_region: str = "us-east-1"
+    s3_sse_c_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="base64 of 32 bytes: SSE-C, the S3 store encrypts every object at rest "
+        "with this key and does not keep it (empty: off)",
+    )
+    s3_versioning: bool = Field(
+        default=False,
+        description="enable and require bucket versioning (an overwrite or delete keeps the "
+        "previous version); needs a store that still honours If-None-Match: * with it on",
+    )
 
     def open_store(self) -> ObjectStore:
         return store_from_url(
@@ -372,4 +485,6 @@ class StoreSettings(BaseSettings):
             secret_key=self.s3_secret_key.get_secret_value(),
             bucket=self.s3_bucket,
             region=self.s3_region,
+            sse_c_key=self.s3_sse_c_key.get_secret_value(),
+            versioning="true" if self.s3_versioning else "",
         )

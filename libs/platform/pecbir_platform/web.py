@@ -18,15 +18,20 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, TokenKind, bearer, verify_token
+from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectNotFound, StorageError
 
 __all__ = [
+    "DOCS_ASSETS",
+    "ERROR_EXAMPLES",
     "MULTIPART_OVERHEAD_BYTES",
     "PUBLIC_PATHS",
     "STORE_RETRY_AFTER_S",
     "RequestGuard",
+    "add_healthz",
     "add_store_error_handlers",
     "bearer_claims",
+    "document_api",
     "guard_requests",
     "read_body_limited",
     "read_limited",
@@ -39,7 +44,7 @@ log = logging.getLogger(__name__)
 STORE_RETRY_AFTER_S = 5
 # Paths answered without a token (probes, metrics, API docs); they take no body.
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 )
 # Room for multipart framing and small form fields around the file parts.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -96,7 +101,11 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        public = path in PUBLIC_PATHS or path.startswith(self.public_prefixes)
+        public = (
+            path in PUBLIC_PATHS
+            or path.startswith(DOCS_ASSETS + "/")
+            or path.startswith(self.public_prefixes)
+        )
         headers = {name: value for name, value in scope.get("headers", [])}
         if not public:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
@@ -326,3 +335,151 @@ def add_store_error_handlers(app: FastAPI) -> None:
     """
     app.add_exception_handler(StorageError, _storage_failed)
     app.add_exception_handler(ObjectNotFound, _not_found)
+
+
+def add_healthz(
+    app: FastAPI,
+    *,
+    secret: Callable[[], bytes],
+    kind: TokenKind,
+    details: Callable[[], dict[str, object]],
+) -> None:
+    """`/healthz`, the same on every service: ``{"status": "ok"}`` while the process answers.
+
+    Parameters
+    ----------
+    app
+        The application to add the route to.
+    secret
+        The HMAC secret of the service's own bearer tokens (read on each call).
+    kind
+        The kind of token the service accepts.
+    details
+        What the operator may see (store, tenant, key id, counters): only with a valid token
+        of the service. Unauthenticated, they would tell anyone where the data is and which
+        key protects it.
+    """
+
+    @app.get(
+        HEALTHZ,
+        tags=["ops"],
+        summary="Liveness",
+        description='`{"status": "ok"}` while the process answers. With a valid bearer '
+        "token of this service the answer adds details (store, tenant, key id, counters); a "
+        "token that does not verify gets 401.",
+    )
+    def healthz(request: Request) -> dict[str, object]:
+        answer: dict[str, object] = {"status": "ok"}
+        if request.headers.get("authorization"):
+            bearer_claims(request, secret=secret(), kind=kind)
+            answer.update(details())
+        return answer
+
+
+#: Where the interactive docs' Swagger UI files are served from (the app itself, no CDN).
+DOCS_ASSETS = "/docs/assets"
+
+
+#: One example body per error status the services answer (all are ``{"detail": "..."}``).
+ERROR_EXAMPLES: dict[int, tuple[str, str]] = {
+    401: ("Missing, malformed, badly signed or expired bearer token", "token expired"),
+    403: ("The token lacks the scope, or is of another tenant", "token lacks scope 'upload'"),
+    404: ("No such image, version or collection", "no image 0f3a… in collection brain"),
+    409: (
+        "Conflict: an Idempotency-Key reused with another body, a collection without a "
+        "model yet, or (STOW-RS) nothing stored",
+        "Idempotency-Key was already used for a different upload; use a new key",
+    ),
+    413: ("A part or the body is larger than the limit", "image: larger than the limit of …"),
+    415: ("Not a body this route reads", 'not multipart/related; type="application/dicom"'),
+    422: ("The input is not usable; the message says why", "PNG mode P is not a grey image"),
+    503: (
+        "A dependency (object store, broker, search) is unavailable; retry after Retry-After",
+        "object store unavailable: S3 endpoint 127.0.0.1:9000 unreachable",
+    ),
+}
+
+
+def _error_codes(path: str, method: str, operation: dict) -> set[int]:
+    """The error statuses an operation can answer, from what it is (one rule per status)."""
+    if path == HEALTHZ:
+        return {401}
+    if path.startswith("/v1/blobs/"):  # a signed link, no bearer token
+        return {403, 404, 503}
+    codes = {401, 403, 422, 503}
+    if method == "get" or any(p in path for p in ("{image_id}", "{version}", "{study}")):
+        codes.add(404)
+    if "requestBody" in operation:
+        codes.add(413)
+    if (path.endswith(("/images", "/search", "/knn")) and method == "post") or "dicomweb" in path:
+        codes.add(409)
+    if "dicomweb" in path:
+        codes.add(415)
+    return codes
+
+
+def _with_error_responses(document: dict) -> dict:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = {
+        "type": "object",
+        "properties": {"detail": {"type": "string"}},
+        "required": ["detail"],
+    }
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            # The route's own declared errors get the shared example body too.
+            declared = {int(c) for c in responses if c.isdigit() and int(c) in ERROR_EXAMPLES}
+            for code in sorted(_error_codes(path, method, operation) | declared):
+                description, example = ERROR_EXAMPLES[code]
+                entry = responses.setdefault(str(code), {"description": description})
+                entry.setdefault(
+                    "content",
+                    {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/Error"},
+                            "example": {"detail": example},
+                        }
+                    },
+                )
+                if code == 503:
+                    entry["headers"] = {
+                        "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}
+                    }
+    return document
+
+
+def document_api(app: FastAPI) -> None:
+    """The API documentation of a service: the error responses of every operation in the
+    OpenAPI document (`ERROR_EXAMPLES`), and `/docs` served with the Swagger UI files of the
+    swagger-ui-bundle package, so that the docs work without internet access, as hospitals'
+    machines often are (FastAPI's default page loads them from a CDN; ReDoc, CDN only, is
+    removed)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_error_responses(plain_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    cdn_pages = {app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.router.routes[:] = [
+        route for route in app.router.routes if getattr(route, "path", None) not in cdn_pages
+    ]
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    openapi_url, title = app.openapi_url or "/openapi.json", f"{app.title} – API"
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> object:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=title,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )

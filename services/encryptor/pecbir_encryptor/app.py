@@ -12,14 +12,19 @@ import httpx
 from fastapi import FastAPI
 
 from pecbir_contracts.auth import ENCRYPTOR_TOKEN, check_secret
-from pecbir_contracts.routes import HEALTHZ
 from pecbir_encryptor import ops
 from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_platform.config import settings_from_env
 from pecbir_platform.ratelimit import RateLimiter
-from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, guard_requests
+from pecbir_platform.web import (
+    MULTIPART_OVERHEAD_BYTES,
+    add_healthz,
+    document_api,
+    guard_requests,
+)
 from pecore.keys import MasterKey
 
 
@@ -45,7 +50,7 @@ def create_app(
     FastAPI
         The application (routes, readiness checks and metrics installed).
     """
-    settings = settings or EncryptorSettings()  # type: ignore[call-arg]
+    settings = settings or settings_from_env(EncryptorSettings)
     secret = check_secret(
         settings.user_token_secret.get_secret_value(), "PECBIR_ENCRYPTOR_USER_TOKEN_SECRET"
     )
@@ -73,9 +78,13 @@ def create_app(
         on_unauthenticated=encryptor.audit.unauthenticated,
     )
 
-    @app.get(HEALTHZ, tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "tenant": settings.tenant, "key_id": encryptor.master.key_id}
+    document_api(app)
+    add_healthz(
+        app,
+        secret=lambda: secret,
+        kind=ENCRYPTOR_TOKEN,
+        details=lambda: {"tenant": settings.tenant, "key_id": encryptor.master.key_id},
+    )
 
     ops.instrument(app, encryptor)
     return app

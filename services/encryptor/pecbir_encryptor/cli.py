@@ -22,12 +22,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+
 
 def _encryptor():
     from pecbir_encryptor.deps import build_encryptor
     from pecbir_encryptor.settings import EncryptorSettings
+    from pecbir_platform.config import settings_from_env
 
-    return build_encryptor(EncryptorSettings())  # type: ignore[call-arg]
+    return build_encryptor(settings_from_env(EncryptorSettings))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def _upload(args: argparse.Namespace) -> int:
         opaque_id=opaque_id,
         label=args.label if args.label is not None else seg_label,
         train=not args.no_train,
-        idempotency_key=f"owner-{opaque_id}",
+        idempotency_key=f"owner-{args.collection}-{opaque_id}",
     )
     print(json.dumps({"opaque_id": opaque_id, "upload": answer}))
     return 0
@@ -127,7 +130,10 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pecbir_platform.config import show_defaults, version
+
     parser = argparse.ArgumentParser(prog="pecbir-encryptor", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=version("pecbir-encryptor"))
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the encryptor API")
     serve.add_argument("--host", default="127.0.0.1")
@@ -167,11 +173,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     rotate.add_argument("--master-key", type=Path, default=None)
     rotate.add_argument("--keyring-dir", type=Path, default=None)
     rotate.set_defaults(func=_rotate)
+    show_defaults(parser)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
         print(f"pecbir-encryptor {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.TransportError as exc:
+        url = exc.request.url if exc.request else "?"
+        print(
+            f"pecbir-encryptor {args.command}: error: cannot reach the gateway at {url} "
+            f"({type(exc).__name__}: {exc}); check PECBIR_ENCRYPTOR_GATEWAY_URL",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -6,6 +6,8 @@ the decoding of what the cloud hands back stay in `pecbir_encryptor.core`.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 from pecbir_contracts.routes import (
@@ -13,6 +15,7 @@ from pecbir_contracts.routes import (
     GATEWAY_IMAGE_CIPHER,
     GATEWAY_IMAGE_MASK,
     GATEWAY_IMAGE_SEALED,
+    GATEWAY_IMAGE_STATUS,
     GATEWAY_IMAGES,
     GATEWAY_PATCH_MODEL,
     GATEWAY_SEALED_IMAGES,
@@ -218,6 +221,10 @@ class GatewayClient:
             For any status other than 200.
         """
         return self._get(GATEWAY_IMAGE, collection, image_id, owner)
+
+    def status(self, collection: str, image_id: str, *, owner: str | None) -> dict:
+        """Where an uploaded image stands (ImageStatus as a dict). GatewayError unless 200."""
+        return json.loads(self._get(GATEWAY_IMAGE_STATUS, collection, image_id, owner))
 
     def cipher(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
         """The stored cipher image (PNG bytes, not yet decoded). GatewayError unless 200."""

@@ -6,15 +6,22 @@ import httpx
 from fastapi import FastAPI
 
 from pecbir_contracts.auth import GATEWAY_TOKEN, check_secret
-from pecbir_contracts.routes import GATEWAY_BLOB, HEALTHZ
+from pecbir_contracts.routes import GATEWAY_BLOB
 from pecbir_contracts.store import ObjectStore
 from pecbir_gateway import images, model_versions, ops, sealed, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_platform.config import settings_from_env
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.store import check_put_if_absent
-from pecbir_platform.web import MULTIPART_OVERHEAD_BYTES, add_store_error_handlers, guard_requests
+from pecbir_platform.web import (
+    MULTIPART_OVERHEAD_BYTES,
+    add_healthz,
+    add_store_error_handlers,
+    document_api,
+    guard_requests,
+)
 
 
 def create_app(
@@ -24,7 +31,7 @@ def create_app(
     dispatcher: TaskDispatcher | None = None,
     search_client: httpx.Client | None = None,
 ) -> FastAPI:
-    settings = settings or GatewaySettings()  # type: ignore[call-arg]
+    settings = settings or settings_from_env(GatewaySettings)
     secret = check_secret(settings.token_secret.get_secret_value(), "PECBIR_TOKEN_SECRET")
     if store is None:
         store = settings.open_store()
@@ -61,9 +68,13 @@ def create_app(
         public_prefixes=(GATEWAY_BLOB.partition("{")[0],),
     )
 
-    @app.get(HEALTHZ, tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "store": repr(context.store)}
+    document_api(app)
+    add_healthz(
+        app,
+        secret=lambda: secret,
+        kind=GATEWAY_TOKEN,
+        details=lambda: {"store": repr(store)},
+    )
 
     ops.instrument(app, context)
     return app

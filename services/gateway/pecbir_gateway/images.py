@@ -121,6 +121,9 @@ def upload_image(
     ctx: Ctx,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
+    """Store one protected image: cipher PNG, mask PNG and the owner's metadata record, then queue
+    its indexing. With an `Idempotency-Key`, a replay of the same body answers the first
+    upload's id and another body under the same key gets 409. Scope `upload`."""
     access = authorise(ctx, claims, collection, None, "upload")
     layout = access.layout
     limit = ctx.settings.max_upload_bytes
@@ -326,6 +329,8 @@ def checked_image(access: Access, ctx: GatewayContext, image_id: str) -> str:
 
 @router.get(GATEWAY_IMAGE_STATUS, response_model=UploadStatus)
 def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
+    """Where an upload stands: stored, awaiting a model, searchable or failed (with the reason).
+    Scope `read`."""
     layout = access.layout
     checked_image(access, ctx, image_id)
     base = {"image_id": image_id, "collection": layout.collection}
@@ -356,6 +361,8 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
 
 @router.get(GATEWAY_IMAGE, response_model=ImageMetadata | SealedImageMetadata)
 def image_metadata(image_id: str, access: ImageAccess, ctx: Ctx) -> object:
+    """The owner's metadata record of a stored image (key descriptor, integrity tag, label), as
+    stored. Scope `read`."""
     checked_image(access, ctx, image_id)
     stored = ctx.store.get(access.layout.meta(image_id))
     try:
@@ -395,6 +402,8 @@ def download_cipher(
     ctx: Ctx,
     presign: Presign = False,
 ) -> object:
+    """The stored cipher image (PNG), or with `presign=true` a short-lived download link. Scope
+    `read`."""
     return _download("cipher", image_id, presign, access, ctx)
 
 
@@ -408,6 +417,8 @@ def download_mask(
     ctx: Ctx,
     presign: Presign = False,
 ) -> object:
+    """The stored tumour mask (PNG), or with `presign=true` a short-lived download link. Scope
+    `read`."""
     return _download("mask", image_id, presign, access, ctx)
 
 

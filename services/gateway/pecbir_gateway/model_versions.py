@@ -40,6 +40,8 @@ def train(
     ctx: Ctx,
     params: Annotated[TrainRequest | None, Body()] = None,
 ) -> JSONResponse:
+    """Queue the training of a new model version on the collection's cipher templates; answers the
+    version number it will have. Scope `train`."""
     access = authorise(ctx, claims, collection, None, "train")
     params = params or TrainRequest()
     layout = access.layout
@@ -73,6 +75,7 @@ def model_version(
     claims: Caller,
     ctx: Ctx,
 ) -> dict[str, object]:
+    """One model version: its training parameters, state and manifest once trained. Scope `read`."""
     layout = authorise(ctx, claims, collection, None, "read").layout
     try:
         request = TrainRequest.model_validate_json(ctx.store.get(layout.train_request(version)))
@@ -97,6 +100,8 @@ def model_status(
     ctx: Ctx,
     owner: Owner = None,
 ) -> ModelStatus:
+    """The collection's model: versions, the one being indexed, the one serving searches and how
+    many vectors it holds. Scope `read`."""
     access = authorise(ctx, claims, collection, owner, "read")
     layout = access.layout
     status = ModelStatus(

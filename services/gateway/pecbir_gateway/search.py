@@ -40,6 +40,8 @@ def search(
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
     owner: Owner = None,
 ) -> SearchResponse:
+    """k nearest stored images to a cipher query image and its mask (the cloud never sees a plain
+    image). Scope `search`."""
     access = authorise(ctx, claims, collection, owner, "search")
     limit = ctx.settings.max_upload_bytes
     cipher_bytes = read_limited(cipher, limit=limit, what="cipher")

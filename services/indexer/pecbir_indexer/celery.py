@@ -18,10 +18,11 @@ from kombu import Queue
 from pecbir_contracts.tasks import TASK_QUEUES, WORKER_QUEUES
 from pecbir_indexer import ops
 from pecbir_indexer.settings import IndexerSettings
+from pecbir_platform.config import settings_from_env
 
 __all__ = ["app", "settings"]
 
-settings = IndexerSettings()
+settings = settings_from_env(IndexerSettings)
 
 app = Celery("pecbir-indexer", broker=settings.broker_url, include=["pecbir_indexer.tasks"])
 app.conf.update(

@@ -165,13 +165,17 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         patch_model = None
     if patch_model is not None:
         return _fit_sealed_version(rt, layout, version, params, patch_model)
-    images, masks, labels = [], [], []
+    templates = []
     for image_id in list_images(rt, layout):
         meta, cipher, mask = load_image(rt, layout, image_id)
         if meta.role == "template" and meta.label is not None:
-            images.append(cipher)
-            masks.append(mask)
-            labels.append(meta.label)
+            templates.append((meta.opaque_id, image_id, cipher, mask, meta.label))
+    # In the owner's pseudonym order, not the image ids' (random for unbound uploads): the
+    # patch sample, and so the model, is then the same for the same images, whatever their ids.
+    templates.sort(key=lambda template: template[:2])
+    images = [cipher for _, _, cipher, _, _ in templates]
+    masks = [mask for _, _, _, mask, _ in templates]
+    labels = [label for *_, label in templates]
     counts = _check_counts(labels)
     started = time.perf_counter()
     pipeline = CBIRPipeline(**params.model_dump(), n_jobs=rt.settings.encode_threads)
@@ -206,14 +210,16 @@ def _fit_sealed_version(
     except ValueError as exc:
         raise PoisonMessage(f"the collection's patch model is unusable: {exc}") from None
     digest = hashlib.sha256(patch_model).hexdigest()
-    vectors, labels = [], []
+    templates = []
     for image_id in list_images(rt, layout):
         meta = load_record(rt, layout, image_id)
         if not isinstance(meta, SealedImageMetadata) or meta.patch_model != digest:
             continue  # features of another model cannot share one metric space
         if meta.role == "template" and meta.label is not None:
-            vectors.append(load_fisher_vector(rt, layout, image_id, meta))
-            labels.append(meta.label)
+            templates.append((meta.opaque_id, image_id, meta))
+    templates.sort(key=lambda template: template[:2])  # the owner's order, as above
+    vectors = [load_fisher_vector(rt, layout, image_id, meta) for _, image_id, meta in templates]
+    labels = [meta.label for *_, meta in templates]
     counts = _check_counts(labels)
     started = time.perf_counter()
     pipeline = featurizer.pipeline(metric_lambda=params.metric_lambda, dim=params.dim)

@@ -14,10 +14,10 @@ from fastapi import FastAPI
 
 from pecbir_contracts.auth import SEARCH_TOKEN, check_secret
 from pecbir_contracts.events import EventBus
-from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
-from pecbir_platform.web import guard_requests
+from pecbir_platform.config import settings_from_env
+from pecbir_platform.web import add_healthz, document_api, guard_requests
 from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
 from pecbir_search.settings import SearchSettings
@@ -49,7 +49,7 @@ def create_app(
     FastAPI
         The application (routes, readiness checks and metrics installed).
     """
-    settings = settings or SearchSettings()  # type: ignore[call-arg]
+    settings = settings or settings_from_env(SearchSettings)
     secret = check_secret(settings.token_secret.get_secret_value(), "PECBIR_TOKEN_SECRET")
     if store is None:
         store = settings.open_store()
@@ -71,9 +71,13 @@ def create_app(
     app.include_router(routes.router)
     guard_requests(app, secret=secret, kind=SEARCH_TOKEN, max_body_bytes=settings.max_body_bytes)
 
-    @app.get(HEALTHZ)
-    def healthz() -> dict[str, object]:
-        return {"status": "ok", "events_applied": engine.events_applied}
+    document_api(app)
+    add_healthz(
+        app,
+        secret=lambda: secret,
+        kind=SEARCH_TOKEN,
+        details=lambda: {"events_applied": engine.events_applied},
+    )
 
     ops.instrument(app, engine, following=settings.follow)
     return app

@@ -85,6 +85,8 @@ def search(
     mask: Annotated[UploadFile, File()],
     k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
 ) -> SearchResponse:
+    """k-NN search with a cipher query image and its mask (called by the gateway with the caller's
+    token). Scope `search`."""
     serving = _serving_of(state)  # one (model, matrix) pair for the whole query
     timings = SearchTimings()
     started = time.perf_counter()
@@ -141,11 +143,15 @@ def knn(state: State, query: VectorQuery) -> SearchResponse:
 
 @router.get(SEARCH_STATUS, response_model=IndexStatus)
 def status(state: State) -> IndexStatus:
+    """The collection as this search replica holds it: serving version and number of vectors. Scope
+    `search`."""
     return state.status()
 
 
 @router.get(SEARCH_IMAGE)
 def holds(state: State, image_id: str) -> dict[str, object]:
+    """Whether this replica serves the image's vector (an upload is searchable once it does). Scope
+    `search`."""
     for held in (state.serving, state.pending):
         if held is not None and image_id in held.index:
             return {"image_id": image_id, "version": held.name}

@@ -1,7 +1,7 @@
 """`pecbir bench-services`: latency and throughput of the running services (real processes).
 
-Starts Redis (or an empty database of the machine's Redis), moto S3, one Celery worker and
-uvicorn gateway + search on loopback, then measures:
+Starts Redis (or an empty database of the machine's Redis), Ceph radosgw (memstore), one
+Celery worker and uvicorn gateway + search on loopback, then measures:
 - upload → searchable: gateway upload of a cipher image until the search service serves it;
 - full query through the gateway (cipher query PNG + mask → hits): p50/p99, and QPS with
   concurrent clients;
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "n_train": n_train,
         "model": {"n_components": args.n_components, "n_train_patches": args.n_train_patches},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "store": "moto_server S3 over HTTP (in-memory)",
+        "store": "Ceph radosgw S3 over HTTP (memstore OSD)",
         "workers": "1 Celery worker, solo pool",
         "encrypt_s_per_image_mean": statistics.fmean(seal_seconds),
     }
@@ -240,10 +240,9 @@ def _knn_in_process(cluster) -> dict[str, float]:
     """The same VectorIndex the search service uses, loaded with the stored vectors."""
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_contracts.records import FeatureRecord, read_current_version
-    from pecbir_platform.store import MinioStore
     from pecbir_search.index import ExactVectorIndex as VectorIndex
 
-    store = MinioStore(cluster.s3_url, "test-access", "test-secret", "pecbir")
+    store = cluster.s3.open()
     layout = CollectionLayout(cluster.tenant, "bench")
     version = read_current_version(store, layout)
     vectors = []

@@ -41,8 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--radius", type=int, default=24, help="ROI dilation radius")
     parser.add_argument("--montage-queries", type=int, default=3)
     parser.add_argument("--montage-hits", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("results/demo"))
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sample, model and demo master key seed"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default: a new results/runs/demo-<UTC time>; results/demo holds the "
+        "committed reference run)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pecbir_harness.embedded import EmbeddedSystem
     from pecore.evaluate import average_precision, precision_at
+    from pecore.keys import MasterKey
 
     # One log line per in-process request or eager task would bury the progress bars.
     for noisy in NOISY_LOGGERS:
@@ -124,11 +133,20 @@ def run(args: argparse.Namespace) -> int:
         f"{len(database)} database images (folds ≠ {args.query_fold}), {len(queries)} queries "
         f"(fold {args.query_fold}); model: {json.dumps(params)}"
     )
+    if args.out is None:
+        args.out = Path("results/runs") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.out / "system"
     shutil.rmtree(workdir, ignore_errors=True)
+    # A published demo key, so that the same command gives the same numbers; never for data.
+    master = MasterKey.from_seed(args.seed)
+    print(
+        f"run folder: {args.out.resolve()}\n"
+        f"demo master key: MasterKey.from_seed({args.seed}), key id {master.key_id} "
+        "(a DEMO key anyone can recompute: never use it for real images)"
+    )
     timings: dict[str, float] = {}
-    with EmbeddedSystem(workdir, tenant="hospital-a") as system:
+    with EmbeddedSystem(workdir, tenant="hospital-a", master=master) as system:
         enc = system.encryptor
         image_ids: dict[str, int] = {}
         t0 = time.perf_counter()
@@ -211,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
         f"| {timings['total_s']:.0f} s |"
     )
     print(f"wrote {args.out / 'summary.json'} and {montage}")
+    for what, folder in (("store", workdir / "store"), ("dataset cache", Path("cache"))):
+        if folder.exists():
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            print(f"{what}: {folder.resolve()} ({size / 2**20:.1f} MiB)")
     if source == "figshare" and len(database) < 2000:
         print("note: a subset with a small D and patch sample; the paper's figures use all 3064.")
     return 0

@@ -1,7 +1,7 @@
 """`pecbir soak`: a bounded soak run of the services as real processes (issue 6).
 
 Starts a private Redis (append-only, fsync always; the machine's Redis if there is no
-redis-server binary), moto S3, one Celery worker and uvicorn gateway + search on loopback
+redis-server binary), Ceph radosgw, one Celery worker and uvicorn gateway + search on loopback
 (`pecbir_harness.procs.Cluster`), trains a model on a labelled seed batch, then interleaves uploads
 (own idempotency keys, some replayed, some reused with another body) and searches at a client
 concurrency that changes every round, sampling the RSS of every service process. Ends with
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         "loadavg_after": os.getloadavg(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
     }
-    results["store"] = "moto_server S3 over HTTP (in-memory)"
+    results["store"] = "Ceph radosgw S3 over HTTP (memstore OSD)"
     results["workers"] = "1 Celery worker, solo pool"
     write_report(results, args.out)
     return 0 if all(check["ok"] for check in results["checks"].values()) else 1

@@ -55,7 +55,7 @@ def _store_pairing(
             opaque_id=opaque_id,
             label=label if label is not None else pairing.seg.label,
             role=role,
-            idempotency_key=f"stow-{opaque_id}",
+            idempotency_key=f"stow-{collection}-{opaque_id}",
         )
     except ValueError as exc:
         return (instance.sop_class, uid, FAILURE_CANNOT_UNDERSTAND, str(exc))
@@ -123,7 +123,23 @@ def stow(
     return JSONResponse(status_code=status, content=body, media_type=DICOM_JSON)
 
 
-@router.post(ENCRYPTOR_STOW_STUDIES)
+# The body is read raw (multipart/related is no form FastAPI parses), so it is documented here.
+STOW_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "DICOM Part 10 instances, one per part: MR images and the DICOM SEG "
+        "objects of their tumour masks (a SEG names its image through ReferencedSeriesSequence "
+        "or SourceImageSequence). At most PECBIR_ENCRYPTOR_MAX_UPLOAD_BYTES in all.",
+        "content": {
+            'multipart/related; type="application/dicom"': {
+                "schema": {"type": "string", "format": "binary"}
+            }
+        },
+    }
+}
+
+
+@router.post(ENCRYPTOR_STOW_STUDIES, openapi_extra=STOW_BODY)
 async def stow_rs(
     collection: str,
     request: Request,
@@ -150,7 +166,7 @@ async def stow_rs(
     )
 
 
-@router.post(ENCRYPTOR_STOW_STUDY)
+@router.post(ENCRYPTOR_STOW_STUDY, openapi_extra=STOW_BODY)
 async def stow_rs_study(
     collection: str,
     study: str,
@@ -160,4 +176,6 @@ async def stow_rs_study(
     label: Annotated[int | None, Query(ge=0, le=255)] = None,
     role: Annotated[str, Query(pattern="^(template|query)$")] = "template",
 ) -> Response:
+    """DICOMweb STOW-RS into one study (the study UID in the path is not checked against the
+    instances: as /studies)."""
     return await stow_rs(collection, request, claims, ctx, label, role)

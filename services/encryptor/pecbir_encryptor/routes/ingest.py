@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 
-from pecbir_contracts.routes import ENCRYPTOR_IMAGES
+from pecbir_contracts.layout import check_image_id
+from pecbir_contracts.routes import ENCRYPTOR_IMAGE_STATUS, ENCRYPTOR_IMAGES
 from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
-from pecbir_platform.web import read_limited
+from pecbir_platform.web import read_limited, require_scope
 
 router = APIRouter()
 
@@ -29,6 +30,9 @@ def ingest(
         bool, Form(description="a training template: only then may the cloud read its label")
     ] = True,
 ) -> dict[str, object]:
+    """Encrypt one plain image (DICOM, PNG or NPY) with its tumour mask and upload it to the cloud.
+    Everything is checked before anything is sent: a refused file leaves nothing stored.
+    Scope `upload`."""
     ctx.permit(claims, "upload")
     collection = collection_name(collection)
     encryptor = ctx.encryptor
@@ -51,10 +55,34 @@ def ingest(
             label=label if label is not None else seg_label,
             role=role,
             train=train,
-            idempotency_key=f"owner-{opaque_id}",
+            idempotency_key=f"owner-{collection}-{opaque_id}",
         )
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     except GatewayError as exc:
         raise gateway_failed(exc) from None
     return {"opaque_id": opaque_id, "upload": answer}
+
+
+@router.get(ENCRYPTOR_IMAGE_STATUS, tags=["ingest"])
+def image_status(
+    collection: str,
+    image_id: str,
+    claims: Caller,
+    ctx: Ctx,
+    owner: Annotated[
+        str | None, Query(description="tenant of the image (default: this one)")
+    ] = None,
+) -> dict[str, object]:
+    """Where an upload stands (stored, searchable, failed): the `status_url` of an upload
+    answer, asked of the gateway with this tenant's token. Scope `upload` (no budget: a read)."""
+    require_scope(claims, "upload")
+    collection = collection_name(collection)
+    try:
+        check_image_id(image_id)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    try:
+        return ctx.encryptor.gateway.status(collection, image_id, owner=owner)
+    except GatewayError as exc:
+        raise gateway_failed(exc) from None

@@ -10,7 +10,7 @@ from pecbir_contracts.routes import ENCRYPTOR_PATCH_MODEL
 from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
-from pecbir_platform.web import read_limited, require_scope
+from pecbir_platform.web import read_limited
 
 router = APIRouter(tags=["sealed"])
 
@@ -28,14 +28,20 @@ def publish_patch_model(
     radius: Annotated[int, Form(ge=0, le=64)] = 24,
 ) -> dict[str, object]:
     """Fit the collection's PCA + GMM on plain images, keep it here and publish it (sealed)."""
-    require_scope(claims, "upload")
+    ctx.permit(claims, "upload")
     collection = collection_name(collection)
     if len(images) != len(masks):
         raise HTTPException(422, f"{len(images)} images but {len(masks)} masks")
     limit = ctx.settings.max_upload_bytes
     try:
-        pixels = [read_pixels(read_limited(f, limit=limit, what="image"))[0] for f in images]
-        plain_masks = [read_mask(read_limited(f, limit=limit, what="mask"))[0] for f in masks]
+        most = ctx.settings.max_pixels
+        pixels = [
+            read_pixels(read_limited(f, limit=limit, what="image"), max_pixels=most)[0]
+            for f in images
+        ]
+        plain_masks = [
+            read_mask(read_limited(f, limit=limit, what="mask"), max_pixels=most)[0] for f in masks
+        ]
         digest = ctx.encryptor.publish_patch_model(
             collection,
             pixels,

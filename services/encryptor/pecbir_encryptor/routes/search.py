@@ -33,6 +33,10 @@ def search(
     k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
     owner: Annotated[str | None, Query()] = None,
 ) -> dict[str, object]:
+    """Search with a plain query image. A pe collection: the query is encrypted here under a key
+    derived from its content (the same query, the same cipher and the same hits); a sealed one:
+    its Fisher vector is computed here. The hits come back with links to their decrypted images.
+    Scope `search`."""
     ctx.permit(claims, "search")
     collection = collection_name(collection)
     limit = ctx.settings.max_upload_bytes
