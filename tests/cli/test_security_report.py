@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pecbir.security import best_ciphertext_only, read_headline_map
+from pecbir.experiment import read_headline_map
+from pecbir.security import best_ciphertext_only
 
 
 def test_missing_results_mean_map_not_available(tmp_path):
@@ -59,3 +60,72 @@ def test_best_attack_ignores_known_plaintext_and_the_raw_cipher():
         "known-plaintext (1 pair)": {"threat": "known plaintext", "ssim": {"mean": 0.99}},
     }
     assert best_ciphertext_only(results)[0] == "shared-mask inpainting"
+
+
+def test_several_results_files_give_each_condition_its_most_complete_measurement(tmp_path):
+    from pecbir.experiment import read_headline_maps
+
+    def write(name, folds, summary):
+        def entry(value):
+            return {"10": {"mAP": {"mean": value, "std": 0.0, "n": len(folds)}}}
+
+        document = {
+            "config": {"headline_dim": 10, "folds": folds},
+            "summary": {c: {d: entry(v) for d, v in by_d.items()} for c, by_d in summary.items()},
+        }
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(document))
+        return path
+
+    quick = write("quick", [1], {"non-secure": {"16": 90.0}, "ours/same": {"16": 80.0}})
+    table = write("table", [1, 2, 3, 4, 5], {"non-secure": {"16": 91.0, "64": 94.0}})
+    sealed = write("sealed", [1, 2, 3, 4, 5], {"sealed/per-image": {"64": 94.5}})
+    found, reason = read_headline_maps([quick, table, sealed])
+    assert found == {
+        ("plain", "same"): 94.0,  # five folds beat the quick run's one
+        ("ours", "same"): 80.0,  # only the quick run has it
+        ("sealed", "per-image"): 94.5,
+    }
+    assert all(str(p) in reason for p in (quick, table, sealed))
+    assert read_headline_maps([])[0] == {}
+
+
+def test_the_sealed_modes_best_attack_and_its_section():
+    from pecbir.security import _sealed_markdown, best_sealed_attack
+
+    def scores(slice_ssim):
+        summary = {"median": slice_ssim, "mean": slice_ssim, "worst": slice_ssim, "min": 0.0}
+        return {
+            "roi": {"ssim": summary, "psnr": summary},
+            "slice": {"ssim": summary, "psnr": summary},
+        }
+
+    sealed = {
+        "attacks": {"nearest template": scores(0.4), "ridge": scores(0.6)},
+        "membership": {
+            "n_member_probes": 10,
+            "n_outsider_probes": 20,
+            "auc": 0.75,
+            "tpr_at_1pct_fpr": 0.1,
+            "reidentification_top1": 0.5,
+            "chance_top1": 0.01,
+            "exact_copy_distance": 0.0,
+        },
+        "setting": {
+            "dictionary_size": 64,
+            "fv_dim": 13312,
+            "pca_dim": 13,
+            "n_stored": 100,
+            "collection_folds": [4, 5],
+            "n_public": 50,
+            "public_folds": [1, 2],
+            "outsider_folds": [3],
+            "n_victims": 8,
+            "seed": 0,
+            "crop_size": 64,
+        },
+    }
+    assert best_sealed_attack(sealed)[0] == "ridge"
+    text = "\n".join(_sealed_markdown(sealed, "sealed_inversion.png"))
+    assert "| ridge | 0.600 |" in text and "AUC 0.750" in text and "sealed_inversion.png" in text

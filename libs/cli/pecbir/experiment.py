@@ -661,14 +661,10 @@ def write_outputs(results: dict[str, object], out_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ reading back
-def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], str]:
-    """(scheme, key mode) → headline mAP (%) from a results.json that `write_outputs` wrote.
-
-    Reads summary[condition][D][headline dim]["mAP"]["mean"] at the largest D present for
-    each condition; "non-secure" is returned as ("plain", "same") and old files' "different"
-    as "per-image".  Returns ({}, reason) when there is no such file or it is not an
-    experiment's results.json: the caller then reports the mAP as not available.
-    """
+def _headline_entries(
+    path: Path | None,
+) -> tuple[dict[tuple[str, str], tuple[int, int, float]], str]:
+    """(scheme, key mode) → (number of folds, D, headline mAP %) of one results.json."""
     if path is None:
         return {}, "no experiment results file found (results/<run>/results.json)"
     if not Path(path).is_file():
@@ -681,14 +677,16 @@ def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], 
         return {}, f"{path} is not a `pecbir experiment` results.json (no summary)"
     config = document.get("config", {})
     dim = str(config.get("headline_dim", HEADLINE_DIM))
-    found: dict[tuple[str, str], float] = {}
+    n_folds = len(config.get("folds") or [])
+    found: dict[tuple[str, str], tuple[int, int, float]] = {}
     sizes_used: set[str] = set()
     for name, by_size in document["summary"].items():
         condition = Condition.from_name(name)
         key = ("plain", "same") if condition.scheme is None else condition.scheme_and_mode
         sizes = sorted((s for s in by_size if dim in by_size[s]), key=int)
         if sizes:
-            found[key] = float(by_size[sizes[-1]][dim]["mAP"]["mean"])
+            value = float(by_size[sizes[-1]][dim]["mAP"]["mean"])
+            found[key] = (n_folds, int(sizes[-1]), value)
             sizes_used.add(sizes[-1])
     if not found:
         return {}, f"{path} holds no condition with CFML dim {dim}"
@@ -696,3 +694,37 @@ def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], 
         f"{path} (pecbir experiment summary: mAP in %, CFML dim {dim}, "
         f"D = {', '.join(sorted(sizes_used, key=int))}, folds {config.get('folds')})"
     )
+
+
+def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], str]:
+    """(scheme, key mode) → headline mAP (%) from a results.json that `write_outputs` wrote.
+
+    Reads summary[condition][D][headline dim]["mAP"]["mean"] at the largest D present for
+    each condition; "non-secure" is returned as ("plain", "same") and old files' "different"
+    as "per-image".  Returns ({}, reason) when there is no such file or it is not an
+    experiment's results.json: the caller then reports the mAP as not available.
+    """
+    found, reason = _headline_entries(path)
+    return {key: value for key, (_, _, value) in found.items()}, reason
+
+
+def read_headline_maps(paths: Sequence[Path]) -> tuple[dict[tuple[str, str], float], str]:
+    """`read_headline_map` over several results.json files (e.g. every results/*/).
+
+    Each condition is taken from the file that measured it on the most folds, then at the
+    largest D (the first such file on a tie), so that a quick one-fold run never stands in
+    for a full one.  The reason names the files that contributed.
+    """
+    best: dict[tuple[str, str], tuple[int, int, float]] = {}
+    origin: dict[tuple[str, str], int] = {}
+    reasons: list[str] = []
+    for number, path in enumerate(paths):
+        found, reason = _headline_entries(path)
+        reasons.append(reason)
+        for key, entry in found.items():
+            if key not in best or entry[:2] > best[key][:2]:
+                best[key], origin[key] = entry, number
+    if not best:
+        return {}, "; ".join(reasons) or "no experiment results file found"
+    used = sorted(set(origin.values()))
+    return {key: value for key, (_, _, value) in best.items()}, "; ".join(reasons[n] for n in used)
