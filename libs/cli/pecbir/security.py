@@ -149,11 +149,31 @@ def default_experiment_results() -> list[Path]:
 
 
 def run_sealed_attacks(config: ReportConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """`pecore.feature_attacks.sealed_attack_suite` on the dataset, with a progress bar."""
-    from pecore.datasets import load_figshare
-    from pecore.feature_attacks import sealed_attack_suite
+    """`pecore.feature_attacks.sealed_attack_suite` on the dataset, with a progress bar.
 
-    data = load_figshare(config.data_path or default_data_path(), cache_dir=config.cache_dir)
+    The scores and example arrays are cached under `config.cache_dir` (keyed by the dataset
+    file, the suite's version and settings), so that a rerun of the report reuses them.
+    """
+    import hashlib
+
+    from pecore.datasets import load_figshare
+    from pecore.feature_attacks import SUITE_VERSION, sealed_attack_suite
+
+    path = Path(config.data_path or default_data_path())
+    stat = path.stat()
+    settings = {
+        "data": f"{path.name}:{stat.st_size}",
+        "suite_version": SUITE_VERSION,
+        "dictionary_size": config.sealed_dictionary_size,
+        "n_victims": config.sealed_victims,
+        "seed": config.seed,
+    }
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cached = None if config.cache_dir is None else Path(config.cache_dir) / "sealed_attacks" / key
+    if cached is not None and cached.with_suffix(".npz").is_file():
+        examples = dict(np.load(cached.with_suffix(".npz"), allow_pickle=False))
+        return json.loads(cached.with_suffix(".json").read_text()), examples
+    data = load_figshare(path, cache_dir=config.cache_dir)
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, n: int) -> None:
@@ -176,6 +196,10 @@ def run_sealed_attacks(config: ReportConfig) -> tuple[dict, dict[str, np.ndarray
     document["setting"]["victim_ids"] = [
         f"figshare-{int(data.index[i])}" for i in document["setting"]["victims"]
     ]
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.with_suffix(".json").write_text(json.dumps(document))
+        np.savez(cached.with_suffix(".npz"), **examples)  # written last: marks the entry whole
     return document, examples
 
 

@@ -33,6 +33,7 @@ from pecore.roi import dilate_mask
 
 __all__ = [
     "CROP_SIZE",
+    "SUITE_VERSION",
     "THUMB_SIZE",
     "NearestTemplateAttack",
     "RidgeInversionAttack",
@@ -45,6 +46,8 @@ __all__ = [
     "slice_thumbnail",
 ]
 
+#: Bump when anything changes `sealed_attack_suite`'s numbers (callers key caches on it).
+SUITE_VERSION = 1
 #: Side of the resampled ROI crop the attacks predict and are scored on.
 CROP_SIZE = 64
 #: Side of the whole-slice thumbnail the regressor predicts (upsampled to score).
