@@ -129,3 +129,64 @@ def test_the_sealed_modes_best_attack_and_its_section():
     assert best_sealed_attack(sealed)[0] == "ridge"
     text = "\n".join(_sealed_markdown(sealed, "sealed_inversion.png"))
     assert "| ridge | 0.600 |" in text and "AUC 0.750" in text and "sealed_inversion.png" in text
+
+
+def _minimal_report() -> dict:
+    """A report.json as `run_report` writes it, one scheme and one attack per key mode."""
+
+    def attack(ssim):
+        return {
+            "threat": "ciphertext-only",
+            "ssim": {"mean": ssim, "std": 0.0},
+            "psnr": {"mean": 20.0, "std": 0.0},
+        }
+
+    by_mode = {
+        "same": {"median 3×3": attack(0.3)},
+        "per-image": {"median 3×3": attack(0.2)},
+    }
+    statistics = {
+        "plain": {"entropy": 7.0},
+        "ours": {"entropy": 7.9},
+        "key_streams": {},
+        "uniform_reference": {"npcr": 99.6, "uaci": 33.5},
+    }
+    return {
+        "config": {"seed": 0, "n_mask_images": 2, "kpa_pairs": 1, "n_kpa_images": 1},
+        "data": {"eval_ids": ["a", "b"], "dataset": "test", "natural_image": "camera"},
+        "seconds": 1.0,
+        "attacks_dataset": {"ours": by_mode},
+        "attacks_natural": {"ours": by_mode},
+        "statistics_dataset": statistics,
+        "statistics_natural": statistics,
+        "figures": {"heatmap_same": "a.png", "heatmap_per-image": "b.png"},
+        "frontier": [],
+        "retrieval_source": "none",
+        "plain_map": None,
+    }
+
+
+def test_refresh_rereads_the_maps_into_a_written_report_without_attacking(tmp_path):
+    from pecbir.security import refresh_retrieval
+
+    (tmp_path / "report.json").write_text(json.dumps(_minimal_report()))
+    results = tmp_path / "results.json"
+    results.write_text(
+        json.dumps(
+            {
+                "config": {"headline_dim": 10, "folds": [1, 2, 3, 4, 5]},
+                "summary": {
+                    "non-secure": {"64": {"10": {"mAP": {"mean": 94.67}}}},
+                    "ours/per-image": {"64": {"10": {"mAP": {"mean": 87.37}}}},
+                },
+            }
+        )
+    )
+    document = refresh_retrieval(tmp_path, [results])
+    points = {(p["scheme"], p["mode"]): p for p in document["frontier"]}
+    assert points["ours", "per-image"]["map"] == 87.37 and points["ours", "same"]["map"] is None
+    assert points["ours", "per-image"]["best_ssim"] == 0.2  # the report's attacks, untouched
+    text = (tmp_path / "report.md").read_text()
+    assert "Non-secure (plain) mAP: 94.67 %" in text and "| ours | per-image | 87.37 |" in text
+    assert json.loads((tmp_path / "report.json").read_text())["frontier"] == document["frontier"]
+    assert (tmp_path / "frontier.png").stat().st_size > 1000

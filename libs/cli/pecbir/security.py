@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -381,6 +381,66 @@ def best_ciphertext_only(mode_results: dict[str, dict]) -> tuple[str, dict]:
     return name, candidates[name]
 
 
+def frontier_points(
+    results: dict, sealed: dict | None, retrieval: dict[tuple[str, str], float]
+) -> list[dict]:
+    """One point per scheme and key mode (best ciphertext-only attack), and one for sealed."""
+    frontier = []
+    for scheme, by_mode in results.items():
+        for mode in KEY_MODES:
+            name, best = best_ciphertext_only(by_mode[mode])
+            kpa = {n: r for n, r in by_mode[mode].items() if n.startswith("known")}
+            frontier.append(
+                {
+                    "scheme": scheme,
+                    "mode": mode,
+                    "best_attack": name,
+                    "best_ssim": best["ssim"]["mean"],
+                    "best_psnr": best["psnr"]["mean"],
+                    "known_plaintext_ssim": (
+                        next(iter(kpa.values()))["ssim"]["mean"] if kpa else None
+                    ),
+                    "map": retrieval.get((scheme, mode)),
+                }
+            )
+    if sealed is not None:
+        name, best = best_sealed_attack(sealed)
+        frontier.append(
+            {
+                "scheme": SEALED,
+                "mode": "per-image",
+                "best_attack": f"{name} (on the Fisher vectors)",
+                "best_ssim": best["slice"]["ssim"]["mean"],
+                "best_psnr": best["slice"]["psnr"]["mean"],
+                "known_plaintext_ssim": None,
+                "map": retrieval.get((SEALED, "per-image")),
+            }
+        )
+    return frontier
+
+
+def refresh_retrieval(out_dir: Path, experiment_results: Sequence[Path] = ()) -> dict:
+    """Re-read the retrieval mAPs into an existing report (no attack is rerun).
+
+    Rewrites report.json, report.md and frontier.png in `out_dir` with the frontier's mAPs
+    from `experiment_results` (default: every results/*/results.json), e.g. after a new
+    experiment run.
+    """
+    out_dir = Path(out_dir)
+    document = json.loads((out_dir / "report.json").read_text())
+    paths = list(experiment_results) or default_experiment_results()
+    retrieval, document["retrieval_source"] = read_headline_maps(paths)
+    document["frontier"] = frontier_points(
+        document["attacks_dataset"], document.get("attacks_sealed"), retrieval
+    )
+    document["plain_map"] = retrieval.get(("plain", "same"))
+    document["config"]["experiment_results"] = [str(p) for p in paths]
+    frontier_plot(out_dir / "frontier.png", document["frontier"])
+    (out_dir / "report.json").write_text(json.dumps(document, indent=2, ensure_ascii=False))
+    (out_dir / "report.md").write_text(render_markdown(document, list(document["attacks_dataset"])))
+    return document
+
+
 def run_report(config: ReportConfig) -> dict:
     """Run everything, write report.md / report.json / figures, return the JSON document."""
     started = time.perf_counter()
@@ -421,37 +481,7 @@ def run_report(config: ReportConfig) -> dict:
 
     experiment_paths = list(config.experiment_results) or default_experiment_results()
     retrieval, retrieval_source = read_headline_maps(experiment_paths)
-    frontier = []
-    for scheme in schemes:
-        for mode in KEY_MODES:
-            name, best = best_ciphertext_only(results[scheme][mode])
-            kpa = {n: r for n, r in results[scheme][mode].items() if n.startswith("known")}
-            frontier.append(
-                {
-                    "scheme": scheme,
-                    "mode": mode,
-                    "best_attack": name,
-                    "best_ssim": best["ssim"]["mean"],
-                    "best_psnr": best["psnr"]["mean"],
-                    "known_plaintext_ssim": (
-                        next(iter(kpa.values()))["ssim"]["mean"] if kpa else None
-                    ),
-                    "map": retrieval.get((scheme, mode)),
-                }
-            )
-    if sealed is not None:
-        name, best = best_sealed_attack(sealed)
-        frontier.append(
-            {
-                "scheme": SEALED,
-                "mode": "per-image",
-                "best_attack": f"{name} (on the Fisher vectors)",
-                "best_ssim": best["slice"]["ssim"]["mean"],
-                "best_psnr": best["slice"]["psnr"]["mean"],
-                "known_plaintext_ssim": None,
-                "map": retrieval.get((SEALED, "per-image")),
-            }
-        )
+    frontier = frontier_points(results, sealed, retrieval)
     plain_map = retrieval.get(("plain", "same"))
 
     def fig_scores(reference: np.ndarray) -> Callable[[np.ndarray], str]:
