@@ -158,7 +158,7 @@ def _minimal_report() -> dict:
         "attacks_dataset": {"ours": by_mode},
         "attacks_natural": {"ours": by_mode},
         "statistics_dataset": statistics,
-        "statistics_natural": statistics,
+        "statistics_natural": dict(statistics),
         "figures": {"heatmap_same": "a.png", "heatmap_per-image": "b.png"},
         "frontier": [],
         "retrieval_source": "none",
@@ -167,9 +167,17 @@ def _minimal_report() -> dict:
 
 
 def test_refresh_rereads_the_maps_into_a_written_report_without_attacking(tmp_path):
-    from pecbir.security import refresh_retrieval
+    from pecbir.security import ReportConfig, refresh_report
 
-    (tmp_path / "report.json").write_text(json.dumps(_minimal_report()))
+    old = _minimal_report()  # as written before the renames: "25", "different"
+    for key in ("attacks_dataset", "attacks_natural"):
+        old[key] = {
+            "25": {"same": old[key]["ours"]["same"], "different": old[key]["ours"]["per-image"]}
+        }
+    for key in ("statistics_dataset", "statistics_natural"):
+        old[key]["25"] = old[key].pop("ours")
+    old["figures"] = {"heatmap_same": "a.png", "heatmap_different": "b.png", "frontier": "f.png"}
+    (tmp_path / "report.json").write_text(json.dumps(old))
     results = tmp_path / "results.json"
     results.write_text(
         json.dumps(
@@ -177,16 +185,18 @@ def test_refresh_rereads_the_maps_into_a_written_report_without_attacking(tmp_pa
                 "config": {"headline_dim": 10, "folds": [1, 2, 3, 4, 5]},
                 "summary": {
                     "non-secure": {"64": {"10": {"mAP": {"mean": 94.67}}}},
-                    "ours/per-image": {"64": {"10": {"mAP": {"mean": 87.37}}}},
+                    "np/per-image": {"64": {"10": {"mAP": {"mean": 84.52}}}},
                 },
             }
         )
     )
-    document = refresh_retrieval(tmp_path, [results])
+    config = ReportConfig(out_dir=tmp_path, experiment_results=(results,), sealed=False)
+    document = refresh_report(config)
     points = {(p["scheme"], p["mode"]): p for p in document["frontier"]}
-    assert points["ours", "per-image"]["map"] == 87.37 and points["ours", "same"]["map"] is None
-    assert points["ours", "per-image"]["best_ssim"] == 0.2  # the report's attacks, untouched
+    assert points["np", "per-image"]["map"] == 84.52 and points["np", "same"]["map"] is None
+    assert points["np", "per-image"]["best_ssim"] == 0.2  # the report's attacks, untouched
+    assert document["figures"]["heatmap_per-image"] == "b.png"
     text = (tmp_path / "report.md").read_text()
-    assert "Non-secure (plain) mAP: 94.67 %" in text and "| ours | per-image | 87.37 |" in text
+    assert "Non-secure (plain) mAP: 94.67 %" in text and "| np | per-image | 84.52 |" in text
     assert json.loads((tmp_path / "report.json").read_text())["frontier"] == document["frontier"]
     assert (tmp_path / "frontier.png").stat().st_size > 1000

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from pecore.attack_suite import AttackImages, attack_scheme, cipher_statistics
 from pecore.cipher import SCHEMES
 from pecore.cipher_variants import VARIANT_SCHEMES, TileScrambled, any_scheme
 from pecore.datasets import decode_webp, default_data_path
-from pecore.envelope import KEY_MODES
+from pecore.envelope import KEY_MODES, canonical_key_mode
 from pecore.keys import MasterKey
 
 #: The paper's display labels of the key modes ("same": θ* for every image, see
@@ -419,16 +419,23 @@ def frontier_points(
     return frontier
 
 
-def refresh_retrieval(out_dir: Path, experiment_results: Sequence[Path] = ()) -> dict:
-    """Re-read the retrieval mAPs into an existing report (no attack is rerun).
+def refresh_report(config: ReportConfig) -> dict:
+    """Update the report in `config.out_dir` without rerunning the cipher attacks.
 
-    Rewrites report.json, report.md and frontier.png in `out_dir` with the frontier's mAPs
-    from `experiment_results` (default: every results/*/results.json), e.g. after a new
-    experiment run.
+    Re-reads the frontier's retrieval mAPs from `config.experiment_results` (default: every
+    results/*/results.json) and, with `config.sealed`, adds the sealed mode's attacks
+    (`run_sealed_attacks`, cached) and their figure; rewrites report.json, report.md and
+    frontier.png.  A report written before the scheme and key-mode renames ("25",
+    "different") is read in today's names.
     """
-    out_dir = Path(out_dir)
-    document = json.loads((out_dir / "report.json").read_text())
-    paths = list(experiment_results) or default_experiment_results()
+    out_dir = Path(config.out_dir)
+    document = _current_names(json.loads((out_dir / "report.json").read_text()))
+    if config.sealed:
+        sealed, examples = run_sealed_attacks(config)
+        document["attacks_sealed"] = sealed
+        sealed_figure(out_dir / "sealed_inversion.png", examples)
+        document["figures"]["sealed"] = "sealed_inversion.png"
+    paths = list(config.experiment_results) or default_experiment_results()
     retrieval, document["retrieval_source"] = read_headline_maps(paths)
     document["frontier"] = frontier_points(
         document["attacks_dataset"], document.get("attacks_sealed"), retrieval
@@ -439,6 +446,37 @@ def refresh_retrieval(out_dir: Path, experiment_results: Sequence[Path] = ()) ->
     (out_dir / "report.json").write_text(json.dumps(document, indent=2, ensure_ascii=False))
     (out_dir / "report.md").write_text(render_markdown(document, list(document["attacks_dataset"])))
     return document
+
+
+def _current_names(document: dict) -> dict:
+    """`document` with schemes and key modes in today's names ("25" → "np", "different" →
+    "per-image"), as `render_markdown` reads them."""
+
+    def mode(name: str) -> str:
+        try:
+            return canonical_key_mode(name)
+        except ValueError:  # not a key mode: kept as it is
+            return name
+
+    for key in ("attacks_dataset", "attacks_natural"):
+        document[key] = {
+            any_scheme(scheme).name: {mode(m): r for m, r in by_mode.items()}
+            for scheme, by_mode in document[key].items()
+        }
+    for key in ("statistics_dataset", "statistics_natural"):
+        document[key] = {
+            (name if name in _STATISTICS_ENTRIES else any_scheme(name).name): value
+            for name, value in document[key].items()
+        }
+    document["figures"] = {
+        "_".join([*name.split("_")[:-1], mode(name.split("_")[-1])]): file
+        for name, file in document["figures"].items()
+    }
+    return document
+
+
+#: Entries of a report's statistics that are not schemes.
+_STATISTICS_ENTRIES = ("plain", "key_streams", "uniform_reference")
 
 
 def run_report(config: ReportConfig) -> dict:

@@ -58,10 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache", type=Path, default=Path("cache"), help="cache of the decoded dataset"
     )
     parser.add_argument(
-        "--refresh-map",
+        "--refresh",
         action="store_true",
-        help="rerun no attack: re-read the retrieval mAPs (--experiment-results) into the "
-        "report already in --out and rewrite report.md, report.json and frontier.png",
+        help="rerun no cipher attack: update the report already in --out with the retrieval "
+        "mAPs of --experiment-results and (unless --no-sealed) the sealed mode's attacks; "
+        "rewrites report.md, report.json and frontier.png",
     )
     parser.add_argument(
         "--variants",
@@ -74,15 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pecbir.security import ReportConfig, refresh_retrieval, run_report
-
-    if args.refresh_map:
-        if not (args.out / "report.json").is_file():
-            raise FileNotFoundError(f"no report to refresh: {args.out / 'report.json'}")
-        document = refresh_retrieval(args.out, args.experiment_results)
-        print(f"refreshed the retrieval mAPs of {args.out / 'report.md'}")
-        _print_frontier(document)
-        return 0
+    from pecbir.security import ReportConfig, refresh_report, run_report
 
     for name in ("images", "mask_images", "kpa_images", "kpa_pairs", "sealed_victims"):
         if getattr(args, name) < (1 if name in ("images", "sealed_victims") else 0):
@@ -103,6 +96,13 @@ def run(args: argparse.Namespace) -> int:
         sealed_dictionary_size=args.sealed_dict_size,
         cache_dir=args.cache,
     )
+    if args.refresh:
+        if not (args.out / "report.json").is_file():
+            raise FileNotFoundError(f"no report to refresh: {args.out / 'report.json'}")
+        document = refresh_report(config)
+        print(f"updated {args.out / 'report.md'} and report.json")
+        _print_frontier(document)
+        return 0
     document = run_report(config)
     print(f"wrote {args.out / 'report.md'} and report.json ({document['seconds']:.0f} s)")
     _print_frontier(document)
