@@ -728,7 +728,7 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
         lines.append(f"Non-secure (plain) mAP: {document['plain_map']:.2f} %.")
     lines += [
         "",
-        "| scheme | key mode | retrieval mAP (%) | best ciphertext-only attack | its SSIM | its "
+        "| scheme | key mode | retrieval mAP (%) | best attack without keys | its SSIM | its "
         "PSNR (dB) | known-plaintext SSIM |",
         "|---|---|---|---|---|---|---|",
     ]
