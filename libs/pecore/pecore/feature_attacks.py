@@ -61,7 +61,9 @@ def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def roi_crop(image: np.ndarray, mask: np.ndarray, *, radius: int, size: int = CROP_SIZE):
+def roi_crop(
+    image: np.ndarray, mask: np.ndarray, *, radius: int, size: int = CROP_SIZE
+) -> np.ndarray:
     """The bounding box of the tumour mask dilated by `radius`, resampled to `size`².
 
     Parameters
@@ -223,7 +225,7 @@ def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
-def _summary(values: Sequence[float]) -> dict[str, float]:
+def _summary(values: Sequence[float]) -> dict[str, float | int]:
     values = np.asarray(values, dtype=np.float64)
     return {
         "median": float(np.median(values)),
@@ -239,7 +241,7 @@ def score_reconstructions(
     predicted_crops: np.ndarray,
     true_slices: np.ndarray,
     predicted_slices: np.ndarray,
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> dict[str, dict[str, dict[str, float | int]]]:
     """SSIM/PSNR (`pecore.attacks.score`) of ROI crops and full slices: median, mean, worst.
 
     "worst" is worst for the owner: the highest score over the victims.
@@ -256,7 +258,7 @@ def score_reconstructions(
     dict
         {"roi": {"ssim": ..., "psnr": ...}, "slice": {...}}, each a summary over victims.
     """
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, float | int]]] = {}
     for name, truth, guess in (
         ("roi", true_crops, predicted_crops),
         ("slice", true_slices, predicted_slices),
