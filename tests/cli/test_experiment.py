@@ -235,3 +235,35 @@ def test_markdown_tables_of_an_old_results_file_show_the_paper_numbers():
     text = markdown_tables(document, dim=10)
     assert "| 16 | diff. keys Ours | 80.00 ± 0.50 |" in text
     assert "| 83.52 | -3.52 |" in text  # paper Table 1, D = 16, ours with per-image keys
+
+
+def test_sealed_condition_fits_the_grid_and_runs_on_the_plain_images(tmp_path, monkeypatch):
+    import pecbir.experiment
+    from pecbir.cli import main
+    from pecbir.experiment import SEALED, all_conditions
+
+    sealed = Condition(SEALED)
+    assert sealed == Condition("sealed", "different") == Condition.from_name("sealed/per-image")
+    assert sealed.name == sealed.seed_name == "sealed/per-image"
+    assert sealed.slug == "sealed-per-image"
+    assert sealed.is_sealed and not sealed.is_variant and sealed.label.startswith("Sealed")
+    with pytest.raises(ValueError, match="own data key"):
+        Condition(SEALED, "same")
+    data = make_synthetic(n_images=6, size=40, seed=2)
+    stacks = cipher_images(data.images, data.index, [sealed], 0, tmp_path)
+    assert stacks["sealed/per-image"] is data.images  # the owner featurises the plain images
+    assert [c.name for c in all_conditions(["ours"], ["same"], True, sealed=True)] == [
+        "non-secure",
+        "ours/same",
+        "sealed/per-image",
+    ]
+    seen = {}
+
+    def fake_run(config):
+        seen["conditions"] = [c.name for c in config.conditions]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pecbir.experiment, "run_experiment", fake_run)
+    with pytest.raises(SystemExit):
+        main(["experiment", "--conditions", "non-secure,sealed", "--key-modes", "same"])
+    assert seen["conditions"] == ["non-secure", "sealed/per-image"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pecbir.security import best_ciphertext_only, read_headline_map
+from pecbir.experiment import read_headline_map
+from pecbir.security import best_ciphertext_only
 
 
 def test_missing_results_mean_map_not_available(tmp_path):
@@ -59,3 +60,143 @@ def test_best_attack_ignores_known_plaintext_and_the_raw_cipher():
         "known-plaintext (1 pair)": {"threat": "known plaintext", "ssim": {"mean": 0.99}},
     }
     assert best_ciphertext_only(results)[0] == "shared-mask inpainting"
+
+
+def test_several_results_files_give_each_condition_its_most_complete_measurement(tmp_path):
+    from pecbir.experiment import read_headline_maps
+
+    def write(name, folds, summary):
+        def entry(value):
+            return {"10": {"mAP": {"mean": value, "std": 0.0, "n": len(folds)}}}
+
+        document = {
+            "config": {"headline_dim": 10, "folds": folds},
+            "summary": {c: {d: entry(v) for d, v in by_d.items()} for c, by_d in summary.items()},
+        }
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(document))
+        return path
+
+    quick = write("quick", [1], {"non-secure": {"16": 90.0}, "ours/same": {"16": 80.0}})
+    table = write("table", [1, 2, 3, 4, 5], {"non-secure": {"16": 91.0, "64": 94.0}})
+    sealed = write("sealed", [1, 2, 3, 4, 5], {"sealed/per-image": {"64": 94.5}})
+    found, reason = read_headline_maps([quick, table, sealed])
+    assert found == {
+        ("plain", "same"): 94.0,  # five folds beat the quick run's one
+        ("ours", "same"): 80.0,  # only the quick run has it
+        ("sealed", "per-image"): 94.5,
+    }
+    assert all(str(p) in reason for p in (quick, table, sealed))
+    assert read_headline_maps([])[0] == {}
+
+
+def test_the_sealed_modes_best_attack_and_its_section():
+    from pecbir.security import _sealed_markdown, best_sealed_attack
+
+    def scores(slice_ssim):
+        summary = {"median": slice_ssim, "mean": slice_ssim, "worst": slice_ssim, "min": 0.0}
+        return {
+            "roi": {"ssim": summary, "psnr": summary},
+            "slice": {"ssim": summary, "psnr": summary},
+        }
+
+    sealed = {
+        "attacks": {"nearest template": scores(0.4), "ridge": scores(0.6)},
+        "membership": {
+            "n_member_probes": 10,
+            "n_outsider_probes": 20,
+            "auc": 0.75,
+            "tpr_at_1pct_fpr": 0.1,
+            "reidentification_top1": 0.5,
+            "chance_top1": 0.01,
+            "exact_copy_distance": 0.0,
+        },
+        "setting": {
+            "dictionary_size": 64,
+            "fv_dim": 13312,
+            "pca_dim": 13,
+            "n_stored": 100,
+            "collection_folds": [4, 5],
+            "n_public": 50,
+            "public_folds": [1, 2],
+            "outsider_folds": [3],
+            "n_victims": 8,
+            "seed": 0,
+            "crop_size": 64,
+        },
+    }
+    assert best_sealed_attack(sealed)[0] == "ridge"
+    text = "\n".join(_sealed_markdown(sealed, "sealed_inversion.png"))
+    assert "| ridge | 0.600 |" in text and "AUC 0.750" in text and "sealed_inversion.png" in text
+
+
+def _minimal_report() -> dict:
+    """A report.json as `run_report` writes it, one scheme and one attack per key mode."""
+
+    def attack(ssim):
+        return {
+            "threat": "ciphertext-only",
+            "ssim": {"mean": ssim, "std": 0.0},
+            "psnr": {"mean": 20.0, "std": 0.0},
+        }
+
+    by_mode = {
+        "same": {"median 3×3": attack(0.3)},
+        "per-image": {"median 3×3": attack(0.2)},
+    }
+    statistics = {
+        "plain": {"entropy": 7.0},
+        "ours": {"entropy": 7.9},
+        "key_streams": {},
+        "uniform_reference": {"npcr": 99.6, "uaci": 33.5},
+    }
+    return {
+        "config": {"seed": 0, "n_mask_images": 2, "kpa_pairs": 1, "n_kpa_images": 1},
+        "data": {"eval_ids": ["a", "b"], "dataset": "test", "natural_image": "camera"},
+        "seconds": 1.0,
+        "attacks_dataset": {"ours": by_mode},
+        "attacks_natural": {"ours": by_mode},
+        "statistics_dataset": statistics,
+        "statistics_natural": dict(statistics),
+        "figures": {"heatmap_same": "a.png", "heatmap_per-image": "b.png"},
+        "frontier": [],
+        "retrieval_source": "none",
+        "plain_map": None,
+    }
+
+
+def test_refresh_rereads_the_maps_into_a_written_report_without_attacking(tmp_path):
+    from pecbir.security import ReportConfig, refresh_report
+
+    old = _minimal_report()  # as written before the renames: "25", "different"
+    for key in ("attacks_dataset", "attacks_natural"):
+        old[key] = {
+            "25": {"same": old[key]["ours"]["same"], "different": old[key]["ours"]["per-image"]}
+        }
+    for key in ("statistics_dataset", "statistics_natural"):
+        old[key]["25"] = old[key].pop("ours")
+    old["figures"] = {"heatmap_same": "a.png", "heatmap_different": "b.png", "frontier": "f.png"}
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    results = tmp_path / "results.json"
+    results.write_text(
+        json.dumps(
+            {
+                "config": {"headline_dim": 10, "folds": [1, 2, 3, 4, 5]},
+                "summary": {
+                    "non-secure": {"64": {"10": {"mAP": {"mean": 94.67}}}},
+                    "np/per-image": {"64": {"10": {"mAP": {"mean": 84.52}}}},
+                },
+            }
+        )
+    )
+    config = ReportConfig(out_dir=tmp_path, experiment_results=(results,), sealed=False)
+    document = refresh_report(config)
+    points = {(p["scheme"], p["mode"]): p for p in document["frontier"]}
+    assert points["np", "per-image"]["map"] == 84.52 and points["np", "same"]["map"] is None
+    assert points["np", "per-image"]["best_ssim"] == 0.2  # the report's attacks, untouched
+    assert document["figures"]["heatmap_per-image"] == "b.png"
+    text = (tmp_path / "report.md").read_text()
+    assert "Non-secure (plain) mAP: 94.67 %" in text and "| np | per-image | 84.52 |" in text
+    assert json.loads((tmp_path / "report.json").read_text())["frontier"] == document["frontier"]
+    assert (tmp_path / "frontier.png").stat().st_size > 1000

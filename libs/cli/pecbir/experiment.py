@@ -2,7 +2,9 @@
 
 For every condition (non-secure, or a scheme of `pecore.cipher.SCHEMES` ([25] np, [26] xor,
 [27] chained, ours) or a tile-scrambled variant, under the paper's key θ* for
-every image ("same") or one key per image ("per-image")), every query fold and every
+every image ("same") or one key per image ("per-image"), or the sealed mode of issue 12, where
+the owner featurises its plain images and the cloud sees only Fisher vectors), every query
+fold and every
 dictionary size D: `pecore.model_selection.evaluate_fold` learns PCA + GMM(D) + CFML on the
 database folds of the (cipher) images and scores the queries.  This module keeps the
 bookkeeping: cipher images (`pecore.envelope.encrypt_stack`) and finished (condition, fold, D)
@@ -39,6 +41,9 @@ ALGORITHM_VERSION = 3
 #: Tag of the mask handling of "<inner>-bs<b>" conditions (part of their unit cache key only).
 VARIANT_MASKS = "scramble_mask(mask, stream, scheme, nonce=str(index)), pecbir/block-scramble/v1"
 DICTIONARY_SIZES = (16, 32, 64)
+#: The sealed protection mode (issue 12): images sealed under per-image data keys, features
+#: computed by the owner on the plain images.  A condition "sealed/per-image" in the grid.
+SEALED = "sealed"
 HEADLINE_DIM = CFML_DIMS[-1]
 #: Key-mode spellings the seeds and cache keys were derived from before the rename to
 #: "per-image": kept there (as the schemes' `legacy_name`), so that the numbers and existing
@@ -51,14 +56,21 @@ class Condition:
     """`scheme` None = non-secure (plain uint8 images); `key_mode` is "same" or "per-image".
 
     "same" is the paper's key θ* (`pecore.keys.PAPER_KEY`) for every image, not the envelope's
-    master-derived shared key.  Old spellings are read as the canonical ones: key mode
-    "different" as "per-image", scheme "25" as "np" (`pecore.cipher_variants.any_scheme`).
+    master-derived shared key.  `scheme` "sealed" (`SEALED`) is the sealed protection mode:
+    its images are sealed under per-image data keys, which the features never depend on.
+    Old spellings are read as the canonical ones: key mode "different" as "per-image",
+    scheme "25" as "np" (`pecore.cipher_variants.any_scheme`).
     """
 
     scheme: str | None
     key_mode: str | None = None
 
     def __post_init__(self) -> None:
+        if self.scheme == SEALED:
+            if canonical_key_mode(self.key_mode or "per-image") != "per-image":
+                raise ValueError("the sealed mode seals every image under its own data key")
+            object.__setattr__(self, "key_mode", "per-image")
+            return
         if self.scheme is not None:
             object.__setattr__(self, "scheme", any_scheme(self.scheme).name)
         if self.key_mode is not None:
@@ -70,13 +82,18 @@ class Condition:
         return is_variant_scheme(self.scheme)
 
     @property
+    def is_sealed(self) -> bool:
+        """The sealed mode: the owner featurises plain images, the cloud sees only vectors."""
+        return self.scheme == SEALED
+
+    @property
     def name(self) -> str:
         return "non-secure" if self.scheme is None else f"{self.scheme}/{self.key_mode}"
 
     @property
     def seed_name(self) -> str:
         """`name` as spelled when the seeds and cache keys were fixed ("25/different")."""
-        if self.scheme is None:
+        if self.scheme is None or self.is_sealed:
             return self.name
         scheme = any_scheme(self.scheme).legacy_name
         return f"{scheme}/{_SEED_SPELLING.get(str(self.key_mode), self.key_mode)}"
@@ -95,6 +112,8 @@ class Condition:
     def label(self) -> str:
         if self.scheme is None:
             return "Non-secure [3]"
+        if self.is_sealed:
+            return "Sealed (owner-side FV)"
         keys = "same key" if self.key_mode == "same" else "diff. keys"
         return f"{keys} {any_scheme(self.scheme).label}"
 
@@ -108,12 +127,14 @@ class Condition:
 
 
 def all_conditions(
-    schemes: Sequence[str], key_modes: Sequence[str], plain: bool
+    schemes: Sequence[str], key_modes: Sequence[str], plain: bool, sealed: bool = False
 ) -> list[Condition]:
     out = [Condition(None)] if plain else []
     for mode in key_modes:
         for scheme in schemes:
             out.append(Condition(scheme, mode))
+    if sealed:
+        out.append(Condition(SEALED))
     return out
 
 
@@ -246,7 +267,7 @@ def cipher_images(
     stacks: dict[str, np.ndarray] = {}
     todo: dict[str, list[Condition]] = {}
     for condition in conditions:
-        if condition.scheme is None:
+        if condition.scheme is None or condition.is_sealed:  # featurised on the plain images
             stacks[condition.name] = images
             continue
         path = _cipher_path(cache_dir, condition, key_seed, ids)
@@ -416,6 +437,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                             random_state=fold_seed(seed_words),
                             rois=dilated[1],
                             progress=encoded.update,
+                            sealed=condition.is_sealed,
                         )
                     for size, result in fresh.items():
                         file = units_dir / f"{condition.slug}_f{fold}_D{size}_{keys[size]}.json"
@@ -639,14 +661,10 @@ def write_outputs(results: dict[str, object], out_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ reading back
-def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], str]:
-    """(scheme, key mode) → headline mAP (%) from a results.json that `write_outputs` wrote.
-
-    Reads summary[condition][D][headline dim]["mAP"]["mean"] at the largest D present for
-    each condition; "non-secure" is returned as ("plain", "same") and old files' "different"
-    as "per-image".  Returns ({}, reason) when there is no such file or it is not an
-    experiment's results.json: the caller then reports the mAP as not available.
-    """
+def _headline_entries(
+    path: Path | None,
+) -> tuple[dict[tuple[str, str], tuple[int, int, float]], str]:
+    """(scheme, key mode) → (number of folds, D, headline mAP %) of one results.json."""
     if path is None:
         return {}, "no experiment results file found (results/<run>/results.json)"
     if not Path(path).is_file():
@@ -659,14 +677,16 @@ def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], 
         return {}, f"{path} is not a `pecbir experiment` results.json (no summary)"
     config = document.get("config", {})
     dim = str(config.get("headline_dim", HEADLINE_DIM))
-    found: dict[tuple[str, str], float] = {}
+    n_folds = len(config.get("folds") or [])
+    found: dict[tuple[str, str], tuple[int, int, float]] = {}
     sizes_used: set[str] = set()
     for name, by_size in document["summary"].items():
         condition = Condition.from_name(name)
         key = ("plain", "same") if condition.scheme is None else condition.scheme_and_mode
         sizes = sorted((s for s in by_size if dim in by_size[s]), key=int)
         if sizes:
-            found[key] = float(by_size[sizes[-1]][dim]["mAP"]["mean"])
+            value = float(by_size[sizes[-1]][dim]["mAP"]["mean"])
+            found[key] = (n_folds, int(sizes[-1]), value)
             sizes_used.add(sizes[-1])
     if not found:
         return {}, f"{path} holds no condition with CFML dim {dim}"
@@ -674,3 +694,37 @@ def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], 
         f"{path} (pecbir experiment summary: mAP in %, CFML dim {dim}, "
         f"D = {', '.join(sorted(sizes_used, key=int))}, folds {config.get('folds')})"
     )
+
+
+def read_headline_map(path: Path | None) -> tuple[dict[tuple[str, str], float], str]:
+    """(scheme, key mode) → headline mAP (%) from a results.json that `write_outputs` wrote.
+
+    Reads summary[condition][D][headline dim]["mAP"]["mean"] at the largest D present for
+    each condition; "non-secure" is returned as ("plain", "same") and old files' "different"
+    as "per-image".  Returns ({}, reason) when there is no such file or it is not an
+    experiment's results.json: the caller then reports the mAP as not available.
+    """
+    found, reason = _headline_entries(path)
+    return {key: value for key, (_, _, value) in found.items()}, reason
+
+
+def read_headline_maps(paths: Sequence[Path]) -> tuple[dict[tuple[str, str], float], str]:
+    """`read_headline_map` over several results.json files (e.g. every results/*/).
+
+    Each condition is taken from the file that measured it on the most folds, then at the
+    largest D (the first such file on a tie), so that a quick one-fold run never stands in
+    for a full one.  The reason names the files that contributed.
+    """
+    best: dict[tuple[str, str], tuple[int, int, float]] = {}
+    origin: dict[tuple[str, str], int] = {}
+    reasons: list[str] = []
+    for number, path in enumerate(paths):
+        found, reason = _headline_entries(path)
+        reasons.append(reason)
+        for key, entry in found.items():
+            if key not in best or entry[:2] > best[key][:2]:
+                best[key], origin[key] = entry, number
+    if not best:
+        return {}, "; ".join(reasons) or "no experiment results file found"
+    used = sorted(set(origin.values()))
+    return {key: value for key, (_, _, value) in best.items()}, "; ".join(reasons[n] for n in used)

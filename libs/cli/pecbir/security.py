@@ -2,7 +2,8 @@
 
 Used by `pecbir security-report` (pecbir.commands.security_report).  Writes report.md,
 report.json and PNG figures into one directory.  Nothing here asserts a security property;
-every number comes from running an attack or a statistic on cipher images.
+every number comes from running an attack or a statistic on cipher images, or, for the
+sealed mode, on the Fisher vectors the cloud holds (`pecore.feature_attacks`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pecbir.experiment import read_headline_map
+from pecbir.experiment import SEALED, read_headline_maps
 from pecore import attacks
 from pecore.attack_suite import AttackImages, attack_scheme, cipher_statistics
 from pecore.cipher import SCHEMES
 from pecore.cipher_variants import VARIANT_SCHEMES, TileScrambled, any_scheme
 from pecore.datasets import decode_webp, default_data_path
-from pecore.envelope import KEY_MODES
+from pecore.envelope import KEY_MODES, canonical_key_mode
 from pecore.keys import MasterKey
 
 #: The paper's display labels of the key modes ("same": θ* for every image, see
@@ -35,6 +36,8 @@ MODE_LABEL = {"same": "same key (k_i = k_j)", "per-image": "different keys (k_i 
 
 def scheme_label(scheme: str) -> str:
     """The registry's display label; a variant's also names the variant ("… (ours-bs64)")."""
+    if scheme == SEALED:
+        return "Sealed (owner-side FV)"
     resolved = any_scheme(scheme)
     if isinstance(resolved, TileScrambled):
         return f"{resolved.label} ({resolved.name})"
@@ -50,9 +53,15 @@ class ReportConfig:
     kpa_pairs: int = 1
     seed: int = 0
     data_path: Path | None = None
-    experiment_results: Path | None = None
+    experiment_results: tuple[Path, ...] = ()
     variants: tuple[str, ...] = VARIANT_SCHEMES
     natural_image: str = "camera"
+    #: The sealed mode's feature-inversion / membership attacks (`pecore.feature_attacks`).
+    sealed: bool = True
+    sealed_victims: int = 64
+    sealed_dictionary_size: int = 64
+    #: Where the decoded dataset is cached (`pecore.datasets.load_figshare`).
+    cache_dir: Path | None = Path("cache")
 
 
 # --------------------------------------------------------------------------- data
@@ -133,13 +142,72 @@ def run_attacks(
     return results, examples
 
 
-def default_experiment_results() -> Path | None:
-    """The newest results/*/results.json under the working directory, if any."""
-    candidates = sorted(
-        Path("results").glob("*/results.json"), key=lambda p: p.stat().st_mtime, reverse=True
+def default_experiment_results() -> list[Path]:
+    """Every results/*/results.json under the working directory (`read_headline_maps` picks)."""
+    paths = sorted(Path("results").glob("*/results.json"))
+    return [p for p in paths if p.parent.name != "security"]
+
+
+def run_sealed_attacks(config: ReportConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """`pecore.feature_attacks.sealed_attack_suite` on the dataset, with a progress bar.
+
+    The scores and example arrays are cached under `config.cache_dir` (keyed by the dataset
+    file, the suite's version and settings), so that a rerun of the report reuses them.
+    """
+    import hashlib
+
+    from pecore.datasets import load_figshare
+    from pecore.feature_attacks import SUITE_VERSION, sealed_attack_suite
+
+    path = Path(config.data_path or default_data_path())
+    stat = path.stat()
+    settings = {
+        "data": f"{path.name}:{stat.st_size}",
+        "suite_version": SUITE_VERSION,
+        "dictionary_size": config.sealed_dictionary_size,
+        "n_victims": config.sealed_victims,
+        "seed": config.seed,
+    }
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cached = None if config.cache_dir is None else Path(config.cache_dir) / "sealed_attacks" / key
+    if cached is not None and cached.with_suffix(".npz").is_file():
+        examples = dict(np.load(cached.with_suffix(".npz"), allow_pickle=False))
+        return json.loads(cached.with_suffix(".json").read_text()), examples
+    data = load_figshare(path, cache_dir=config.cache_dir)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, n: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=len(data), desc=f"sealed: {stage}", unit="img", leave=False)
+        bars[stage].update(n)
+
+    document, examples = sealed_attack_suite(
+        np.asarray(data.images),
+        data.masks,
+        data.pids,
+        data.folds,
+        dictionary_size=config.sealed_dictionary_size,
+        n_victims=config.sealed_victims,
+        seed=config.seed,
+        progress=progress,
     )
-    candidates = [c for c in candidates if c.parent.name != "security"]
-    return candidates[0] if candidates else None
+    for bar in bars.values():
+        bar.close()
+    document["setting"]["victim_ids"] = [
+        f"figshare-{int(data.index[i])}" for i in document["setting"]["victims"]
+    ]
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.with_suffix(".json").write_text(json.dumps(document))
+        np.savez(cached.with_suffix(".npz"), **examples)  # written last: marks the entry whole
+    return document, examples
+
+
+def best_sealed_attack(sealed: dict) -> tuple[str, dict]:
+    """The feature attack whose full-slice reconstructions score the highest mean SSIM."""
+    attacks_ = sealed["attacks"]
+    name = max(attacks_, key=lambda n: attacks_[n]["slice"]["ssim"]["mean"])
+    return name, attacks_[name]
 
 
 # --------------------------------------------------------------------------- figures
@@ -206,10 +274,11 @@ def frontier_plot(path: Path, points: list[dict]) -> None:
 
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     have_map = [p for p in points if p["map"] is not None]
-    markers = {"same": "o", "per-image": "s"}
+    markers = {"same": "o", "per-image": "s", SEALED: "*"}
     if have_map:
         for point in have_map:
-            axis.scatter(point["best_ssim"], point["map"], marker=markers[point["mode"]], s=50)
+            marker = markers[SEALED if point["scheme"] == SEALED else point["mode"]]
+            axis.scatter(point["best_ssim"], point["map"], marker=marker, s=50)
             axis.annotate(
                 f"{scheme_label(point['scheme']).split(' (')[0]}, {point['mode']}",
                 (point["best_ssim"], point["map"]),
@@ -218,18 +287,36 @@ def frontier_plot(path: Path, points: list[dict]) -> None:
                 textcoords="offset points",
             )
         axis.set_ylabel("retrieval mAP (%)")
-        axis.set_xlabel("best ciphertext-only attack: mean SSIM to plain (lower = more private)")
+        axis.set_xlabel("best attack without keys: mean SSIM to plain (lower = more private)")
         axis.set_title("privacy–utility frontier (dataset images)")
     else:
         labels = [f"{p['scheme']}\n{p['mode']}" for p in points]
         axis.bar(range(len(points)), [p["best_ssim"] for p in points], color="tab:gray")
         axis.set_xticks(range(len(points)), labels, fontsize=6, rotation=90)
-        axis.set_ylabel("best ciphertext-only attack SSIM")
+        axis.set_ylabel("best attack SSIM (no keys)")
         axis.set_title("privacy side only: retrieval mAP not available")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def sealed_figure(path: Path, examples: dict[str, np.ndarray]) -> None:
+    """The first victim and each feature attack's reconstruction (slice row, ROI-crop row)."""
+    plain = examples["plain"]
+    names = [n for n in examples if n not in ("plain", "roi", "ridge ROI crop")]
+    slices: list[tuple[str, np.ndarray | None]] = [("plain slice", plain)]
+    for name in names:
+        s = attacks.score(plain, examples[name])
+        slices.append((f"{name}\nSSIM {s['ssim']:.2f}  PSNR {s['psnr']:.1f}", examples[name]))
+    roi = np.clip(np.rint(examples["roi"]), 0, 255).astype(np.uint8)
+    crop = examples["ridge ROI crop"]
+    s = attacks.score(roi, crop)
+    crops: list[tuple[str, np.ndarray | None]] = [
+        ("plain ROI crop", roi),
+        (f"ridge ROI crop\nSSIM {s['ssim']:.2f}  PSNR {s['psnr']:.1f}", crop),
+    ]
+    _imshow_grid(path, [("sealed: from the vector", slices), ("ROI", crops)])
 
 
 def ssim_heatmap(path: Path, results: dict, mode: str) -> None:
@@ -294,6 +381,104 @@ def best_ciphertext_only(mode_results: dict[str, dict]) -> tuple[str, dict]:
     return name, candidates[name]
 
 
+def frontier_points(
+    results: dict, sealed: dict | None, retrieval: dict[tuple[str, str], float]
+) -> list[dict]:
+    """One point per scheme and key mode (best ciphertext-only attack), and one for sealed."""
+    frontier = []
+    for scheme, by_mode in results.items():
+        for mode in KEY_MODES:
+            name, best = best_ciphertext_only(by_mode[mode])
+            kpa = {n: r for n, r in by_mode[mode].items() if n.startswith("known")}
+            frontier.append(
+                {
+                    "scheme": scheme,
+                    "mode": mode,
+                    "best_attack": name,
+                    "best_ssim": best["ssim"]["mean"],
+                    "best_psnr": best["psnr"]["mean"],
+                    "known_plaintext_ssim": (
+                        next(iter(kpa.values()))["ssim"]["mean"] if kpa else None
+                    ),
+                    "map": retrieval.get((scheme, mode)),
+                }
+            )
+    if sealed is not None:
+        name, best = best_sealed_attack(sealed)
+        frontier.append(
+            {
+                "scheme": SEALED,
+                "mode": "per-image",
+                "best_attack": f"{name} (on the Fisher vectors)",
+                "best_ssim": best["slice"]["ssim"]["mean"],
+                "best_psnr": best["slice"]["psnr"]["mean"],
+                "known_plaintext_ssim": None,
+                "map": retrieval.get((SEALED, "per-image")),
+            }
+        )
+    return frontier
+
+
+def refresh_report(config: ReportConfig) -> dict:
+    """Update the report in `config.out_dir` without rerunning the cipher attacks.
+
+    Re-reads the frontier's retrieval mAPs from `config.experiment_results` (default: every
+    results/*/results.json) and, with `config.sealed`, adds the sealed mode's attacks
+    (`run_sealed_attacks`, cached) and their figure; rewrites report.json, report.md and
+    frontier.png.  A report written before the scheme and key-mode renames ("25",
+    "different") is read in today's names.
+    """
+    out_dir = Path(config.out_dir)
+    document = _current_names(json.loads((out_dir / "report.json").read_text()))
+    if config.sealed:
+        sealed, examples = run_sealed_attacks(config)
+        document["attacks_sealed"] = sealed
+        sealed_figure(out_dir / "sealed_inversion.png", examples)
+        document["figures"]["sealed"] = "sealed_inversion.png"
+    paths = list(config.experiment_results) or default_experiment_results()
+    retrieval, document["retrieval_source"] = read_headline_maps(paths)
+    document["frontier"] = frontier_points(
+        document["attacks_dataset"], document.get("attacks_sealed"), retrieval
+    )
+    document["plain_map"] = retrieval.get(("plain", "same"))
+    document["config"]["experiment_results"] = [str(p) for p in paths]
+    frontier_plot(out_dir / "frontier.png", document["frontier"])
+    (out_dir / "report.json").write_text(json.dumps(document, indent=2, ensure_ascii=False))
+    (out_dir / "report.md").write_text(render_markdown(document, list(document["attacks_dataset"])))
+    return document
+
+
+def _current_names(document: dict) -> dict:
+    """`document` with schemes and key modes in today's names ("25" → "np", "different" →
+    "per-image"), as `render_markdown` reads them."""
+
+    def mode(name: str) -> str:
+        try:
+            return canonical_key_mode(name)
+        except ValueError:  # not a key mode: kept as it is
+            return name
+
+    for key in ("attacks_dataset", "attacks_natural"):
+        document[key] = {
+            any_scheme(scheme).name: {mode(m): r for m, r in by_mode.items()}
+            for scheme, by_mode in document[key].items()
+        }
+    for key in ("statistics_dataset", "statistics_natural"):
+        document[key] = {
+            (name if name in _STATISTICS_ENTRIES else any_scheme(name).name): value
+            for name, value in document[key].items()
+        }
+    document["figures"] = {
+        "_".join([*name.split("_")[:-1], mode(name.split("_")[-1])]): file
+        for name, file in document["figures"].items()
+    }
+    return document
+
+
+#: Entries of a report's statistics that are not schemes.
+_STATISTICS_ENTRIES = ("plain", "key_streams", "uniform_reference")
+
+
 def run_report(config: ReportConfig) -> dict:
     """Run everything, write report.md / report.json / figures, return the JSON document."""
     started = time.perf_counter()
@@ -330,27 +515,11 @@ def run_report(config: ReportConfig) -> dict:
         natural_statistics = cipher_statistics(
             natural[None], ids=["natural"], schemes=schemes, on_scheme=scheme_done
         )
+    sealed, sealed_examples = run_sealed_attacks(config) if config.sealed else (None, {})
 
-    experiment_path = config.experiment_results or default_experiment_results()
-    retrieval, retrieval_source = read_headline_map(experiment_path)
-    frontier = []
-    for scheme in schemes:
-        for mode in KEY_MODES:
-            name, best = best_ciphertext_only(results[scheme][mode])
-            kpa = {n: r for n, r in results[scheme][mode].items() if n.startswith("known")}
-            frontier.append(
-                {
-                    "scheme": scheme,
-                    "mode": mode,
-                    "best_attack": name,
-                    "best_ssim": best["ssim"]["mean"],
-                    "best_psnr": best["psnr"]["mean"],
-                    "known_plaintext_ssim": (
-                        next(iter(kpa.values()))["ssim"]["mean"] if kpa else None
-                    ),
-                    "map": retrieval.get((scheme, mode)),
-                }
-            )
+    experiment_paths = list(config.experiment_results) or default_experiment_results()
+    retrieval, retrieval_source = read_headline_maps(experiment_paths)
+    frontier = frontier_points(results, sealed, retrieval)
     plain_map = retrieval.get(("plain", "same"))
 
     def fig_scores(reference: np.ndarray) -> Callable[[np.ndarray], str]:
@@ -393,11 +562,15 @@ def run_report(config: ReportConfig) -> dict:
         figures[f"heatmap_{mode}"] = name
     frontier_plot(out_dir / "frontier.png", frontier)
     figures["frontier"] = "frontier.png"
+    if sealed is not None:
+        sealed_figure(out_dir / "sealed_inversion.png", sealed_examples)
+        figures["sealed"] = "sealed_inversion.png"
 
     document = {
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "experiment_results": str(experiment_path) if experiment_path else None,
+            "experiment_results": [str(p) for p in experiment_paths],
+            "cache_dir": None if config.cache_dir is None else str(config.cache_dir),
         },
         "environment": {
             "python": platform.python_version(),
@@ -415,6 +588,7 @@ def run_report(config: ReportConfig) -> dict:
         "attacks_natural": natural_results,
         "statistics_dataset": statistics,
         "statistics_natural": natural_statistics,
+        "attacks_sealed": sealed,
         "frontier": frontier,
         "retrieval_source": retrieval_source,
         "plain_map": plain_map,
@@ -543,6 +717,8 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
             + ".",
             "",
         ]
+    if document.get("attacks_sealed"):
+        lines += _sealed_markdown(document["attacks_sealed"], document["figures"].get("sealed"))
     lines += [
         "## Privacy–utility frontier",
         "",
@@ -552,7 +728,7 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
         lines.append(f"Non-secure (plain) mAP: {document['plain_map']:.2f} %.")
     lines += [
         "",
-        "| scheme | key mode | retrieval mAP (%) | best ciphertext-only attack | its SSIM | its "
+        "| scheme | key mode | retrieval mAP (%) | best attack without keys | its SSIM | its "
         "PSNR (dB) | known-plaintext SSIM |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -573,6 +749,55 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _sealed_markdown(sealed: dict, figure: str | None) -> list[str]:
+    """The sealed mode's section: feature-inversion scores and membership numbers."""
+    setting, membership = sealed["setting"], sealed["membership"]
+    lines = [
+        "## Sealed mode: what the Fisher vectors leak",
+        "",
+        f"The cloud holds each stored slice's Fisher vector (D = {setting['dictionary_size']}, "
+        f"{setting['fv_dim']} float32 values) and the published patch model (PCA "
+        f"{setting['pca_dim']} dims + GMM), fitted by the owner on its {setting['n_stored']} "
+        f"stored plain slices (patients of folds {setting['collection_folds']}).  The attacker "
+        f"also holds a public labelled set of {setting['n_public']} plain slices with masks "
+        f"(folds {setting['public_folds']}, patients disjoint from the collection's) and "
+        "featurises it with the published model.  Reconstructions of "
+        f"{setting['n_victims']} seeded victims (seed {setting['seed']}) are scored like the "
+        "image attacks; the ROI crop (dilated mask's box resampled to "
+        f"{setting['crop_size']}²) is scored given its location, which the vector does not "
+        "reveal; 'worst' is the best reconstruction over the victims (worst for the owner).",
+        "",
+        "| attack (cloud: vectors + public set) | ROI SSIM median | ROI SSIM worst | ROI PSNR "
+        "median | slice SSIM median | slice SSIM mean | slice SSIM worst | slice PSNR median |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sealed["attacks"].items():
+        roi, whole = r["roi"], r["slice"]
+        lines.append(
+            f"| {name} | {roi['ssim']['median']:.3f} | {roi['ssim']['worst']:.3f} | "
+            f"{roi['psnr']['median']:.1f} | {whole['ssim']['median']:.3f} | "
+            f"{whole['ssim']['mean']:.3f} | {whole['ssim']['worst']:.3f} | "
+            f"{whole['psnr']['median']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Membership (a probe is a slice the collection does not store: "
+        f"{membership['n_member_probes']} held-back slices of stored patients against "
+        f"{membership['n_outsider_probes']} slices of patients of folds "
+        f"{setting['outsider_folds']}): nearest-stored-vector distance AUC "
+        f"{membership['auc']:.3f} (0.5 = chance), TPR at 1 % FPR "
+        f"{100 * membership['tpr_at_1pct_fpr']:.1f} %.  Re-identification: the nearest stored "
+        f"vector is the probe's own patient's for {100 * membership['reidentification_top1']:.1f} "
+        f"% of member probes (chance {100 * membership['chance_top1']:.1f} %).  A slice the "
+        "attacker already holds is linked to its stored copy exactly (the features are "
+        f"deterministic: max difference {membership['exact_copy_distance']:.1g}).",
+        "",
+    ]
+    if figure:
+        lines += [f"![sealed mode: reconstructions from the vectors]({figure})", ""]
+    return lines
 
 
 def _stat(metric: str, value: float) -> str:

@@ -60,8 +60,14 @@ def evaluate_fold(
     n_jobs: int = 1,
     rois: Sequence[np.ndarray] | None = None,
     progress: Callable[[int], object] | None = None,
+    sealed: bool = False,
 ) -> dict[int, dict[str, object]]:
     """Learn on the database folds, evaluate the queries of `query_fold`, for every D.
+
+    With `sealed` the fold runs as a sealed collection (issue 12) does: the owner fits the
+    published patch model on its plain database images and featurises every image itself
+    (`pecore.owner_features.owner_fisher_vectors`); the cloud learns CFML from the database
+    images' float32 vectors and labels and ranks the queries' vectors, never seeing a pixel.
 
     Parameters
     ----------
@@ -97,6 +103,8 @@ def evaluate_fold(
         The masks already dilated by `radius` (shared across folds and conditions).
     progress : callable, optional
         Called with the number of images encoded since the last call.
+    sealed : bool, default False
+        Featurise as the owner of a sealed collection (`images` must then be plain).
 
     Returns
     -------
@@ -107,6 +115,7 @@ def evaluate_fold(
     from pecore.evaluate import retrieval_metrics
     from pecore.fisher import FisherVectorEncoder
     from pecore.metric import CFML
+    from pecore.owner_features import owner_fisher_vectors
     from pecore.pipeline import encode_images, fit_patch_model
 
     sizes = list(dictionary_sizes)
@@ -126,23 +135,39 @@ def evaluate_fold(
         rois=None if rois is None else [rois[i] for i in train],
     )
     timings["pca_gmm_s"] = time.perf_counter() - start
-    encoders = [FisherVectorEncoder(model.gmms[s], n_regions=n_regions) for s in sizes]
     start = time.perf_counter()
-    fvs = encode_images(
-        images,
-        masks,
-        model.pca,
-        encoders,
-        patch_size=patch_size,
-        radius=radius,
-        rois=rois,
-        n_jobs=n_jobs,
-        progress=progress,
-    )
+    if sealed:
+        # the owner: its plain images under the published model; the cloud gets the vectors
+        fvs = owner_fisher_vectors(
+            images,
+            masks,
+            model,
+            dictionary_sizes=sizes,
+            n_regions=n_regions,
+            patch_size=patch_size,
+            radius=radius,
+            rois=rois,
+            n_jobs=n_jobs,
+            progress=progress,
+        )
+    else:
+        encoders = [FisherVectorEncoder(model.gmms[s], n_regions=n_regions) for s in sizes]
+        fvs = encode_images(
+            images,
+            masks,
+            model.pca,
+            encoders,
+            patch_size=patch_size,
+            radius=radius,
+            rois=rois,
+            n_jobs=n_jobs,
+            progress=progress,
+        )
     timings["encode_s"] = time.perf_counter() - start
     out: dict[int, dict[str, object]] = {}
     for size in sizes:
         fv = fvs.pop(0)  # dropped after its metric: at D = 64 one FV matrix is 1 GB
+        fv_dim = int(fv.shape[1])
         start = time.perf_counter()
         # fv[train] is a fresh copy already, so CFML may centre it in place
         metric = CFML(reg=metric_lambda, n_components=max(CFML_DIMS), copy=False).fit(
@@ -168,7 +193,7 @@ def evaluate_fold(
             "n_query": int(query.size),
             "n_database": int(train.size),
             "pca_dim": int(model.pca.n_components_),
-            "fv_dim": int(encoders[sizes.index(size)].n_features),
+            "fv_dim": fv_dim,
             "n_training_patches": model.n_training_patches,
             "gmm_iterations": int(gmm.n_iter_),
             "gmm_converged": bool(gmm.converged_),

@@ -1,14 +1,20 @@
-"""The sealed mode's owner-side features: a published patch model (PCA + GMM) → Fisher vectors.
+"""The sealed mode's owner side: a published patch model (PCA + GMM) → Fisher vectors.
 
 In the `sealed` protection mode the cloud never sees a pixel, so the owner computes each
-image's Fisher vector itself (method spec §0.1 steps 2–5, the same `encode_images` the cloud
-runs in the `pe` mode) with the collection's **patch model**: the patch PCA and the GMM,
-fitted by the owner on its own plain templates (or a public set) and published to the cloud
-as an artifact, so that every hospital searching the collection featurises its queries the
-same way.  The cloud then learns only the metric (CFML) from the owner-sent Fisher vectors
-and the training templates' labels (`CBIRPipeline.from_patch_model` + `fit_metric`).
+image's Fisher vector itself, on the *plain* image (method spec §0.1 steps 2–5, the same
+`encode_images` the cloud runs in the `pe` mode), with the collection's **patch model**: the
+patch PCA and the GMM, fitted by the owner on its own plain templates (or a public set) and
+published to the cloud as an artifact, so that every hospital searching the collection
+featurises its queries the same way.  The cloud then learns only the metric (CFML) from the
+owner-sent Fisher vectors and the training templates' labels (`CBIRPipeline.from_patch_model`
++ `fit_metric`).
 
-The artifact is an npz of arrays plus JSON parameters (no pickle), like `CBIRPipeline.save`.
+`owner_fisher_vectors` is the one owner-side featurisation: the services' `PatchModelFeaturizer`
+(the published artifact, one dictionary size), the experiment runner's `sealed` condition
+(`pecore.model_selection.evaluate_fold(..., sealed=True)`, several sizes at once) and the
+feature-inversion attacks (`pecore.feature_attacks`) all call it, so what they measure is what
+an owner sends.  The artifact is an npz of arrays plus JSON parameters (no pickle), like
+`CBIRPipeline.save`.
 """
 
 from __future__ import annotations
@@ -16,18 +22,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
 from pecore.features import PatchPCA
 from pecore.fisher import DiagonalGMM, FisherVectorEncoder
-from pecore.pipeline import CBIRPipeline, encode_images, fit_patch_model
+from pecore.pipeline import CBIRPipeline, PatchModel, encode_images, fit_patch_model
 
-__all__ = ["PATCH_MODEL_FORMAT", "PatchModelFeaturizer"]
+__all__ = ["PATCH_MODEL_FORMAT", "WIRE_DTYPE", "PatchModelFeaturizer", "owner_fisher_vectors"]
 
 PATCH_MODEL_FORMAT = "pecbir-patch-model/v1"
+
+#: What one Fisher vector is on the wire: little-endian float32, the encoder's own precision,
+#: so shipping it loses nothing (a float64 copy would double the size and add no information).
+WIRE_DTYPE = np.dtype("<f4")
 
 
 class PatchModelFeaturizer(BaseEstimator):
@@ -151,11 +161,12 @@ class PatchModelFeaturizer(BaseEstimator):
             The same vectors `CBIRPipeline.fisher_vectors` gives with this PCA and GMM.
         """
         self._check_fitted()
-        (fv,) = encode_images(
+        model = PatchModel(pca=self.pca_, gmms={self.n_components: self.gmm_}, n_training_patches=0)
+        (fv,) = owner_fisher_vectors(
             images,
             masks,
-            self.pca_,
-            [self.encoder_],
+            model,
+            n_regions=self.n_regions,
             patch_size=self.patch_size,
             radius=self.radius,
             n_jobs=self.n_jobs,
@@ -227,3 +238,93 @@ class PatchModelFeaturizer(BaseEstimator):
     def digest(data: bytes) -> str:
         """SHA-256 (hex) of an artifact's bytes: the name sealed records cite it by."""
         return hashlib.sha256(data).hexdigest()
+
+
+def owner_fisher_vectors(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    model: PatchModel,
+    *,
+    dictionary_sizes: Sequence[int] | None = None,
+    n_regions: int = 8,
+    patch_size: int = 9,
+    radius: int = 24,
+    rois: Sequence[np.ndarray] | None = None,
+    n_jobs: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> list[np.ndarray]:
+    """The Fisher vectors an owner sends for its plain images, one matrix per dictionary size.
+
+    Parameters
+    ----------
+    images : sequence of array_like of shape (height, width), uint8
+        Plain images (the owner never featurises a cipher image in sealed mode).
+    masks : sequence of array_like of shape (height, width)
+        Their tumour masks.
+    model : PatchModel
+        The collection's published patch model.
+    dictionary_sizes : sequence of int, optional
+        GMM sizes to encode with (default: every size of `model`, ascending).
+    n_regions : int, default=8
+        Intensity-order subregions.
+    patch_size : int, default=9
+        Patch side.
+    radius : int, default=24
+        ROI dilation radius (ignored where `rois` is given).
+    rois : sequence of ndarray of bool, optional
+        The masks already dilated by `radius`.
+    n_jobs : int, optional
+        Encoding threads (None: up to 2).
+    progress : callable, optional
+        Called with 1 after each image.
+
+    Returns
+    -------
+    list of ndarray of WIRE_DTYPE, shape (n_images, F_D)
+        The vectors of each size, in `dictionary_sizes` order, C-contiguous.
+
+    Raises
+    ------
+    ValueError
+        If the model has no GMM of a requested size, an image is not 2-D uint8, or images
+        and masks differ in number.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pecore.datasets import make_synthetic
+    >>> from pecore.pipeline import fit_patch_model
+    >>> data = make_synthetic(n_images=6, size=32, seed=1)
+    >>> model = fit_patch_model(
+    ...     data.images, data.masks, [2], patch_size=3, radius=2, n_train_patches=500
+    ... )
+    >>> (fv,) = owner_fisher_vectors(data.images, data.masks, model, patch_size=3, radius=2)
+    >>> fv.shape[0], fv.dtype.str
+    (6, '<f4')
+    """
+    sizes = sorted(model.gmms) if dictionary_sizes is None else [int(s) for s in dictionary_sizes]
+    missing = [s for s in sizes if s not in model.gmms]
+    if missing:
+        raise ValueError(
+            f"the patch model has no GMM of size {missing} (it has {sorted(model.gmms)})"
+        )
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        if image.ndim != 2 or image.dtype != np.uint8:
+            raise ValueError(
+                f"image {i} is {image.dtype} of shape {image.shape}; the owner featurises plain "
+                "2-D uint8 images"
+            )
+    encoders = [FisherVectorEncoder(model.gmms[s], n_regions=n_regions) for s in sizes]
+    vectors = encode_images(
+        images,
+        masks,
+        model.pca,
+        encoders,
+        patch_size=patch_size,
+        radius=radius,
+        rois=rois,
+        n_jobs=n_jobs,
+        progress=progress,
+    )
+    return [np.ascontiguousarray(v, dtype=WIRE_DTYPE) for v in vectors]

@@ -60,9 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--conditions",
         type=_str_list,
         default=["non-secure", *SCHEMES],
-        help=f"any of non-secure,{','.join(SCHEMES)} (or their aliases {','.join(_aliases())}) "
-        "and tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64 (default: "
-        "non-secure and every registered scheme)",
+        help=f"any of non-secure,{','.join(SCHEMES)} (or their aliases {','.join(_aliases())}), "
+        "tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64, and sealed (the "
+        "owner featurises plain images, the cloud sees only Fisher vectors; key mode "
+        "per-image whatever --key-modes says) (default: non-secure and every registered "
+        "scheme)",
     )
     parser.add_argument(
         "--key-modes",
@@ -105,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pecbir.experiment import (
+        SEALED,
         ExperimentConfig,
         all_conditions,
         markdown_tables,
@@ -118,13 +121,14 @@ def run(args: argparse.Namespace) -> int:
     sizes, folds, modes = args.dict_sizes, args.query_folds, args.key_modes
     if args.quick:
         conditions, sizes, folds = ["non-secure", "ours"], [16], [1]
-    unknown = [c for c in conditions if c != "non-secure" and not _is_scheme(c)]
+    modes_free = ("non-secure", SEALED)  # conditions that are not a cipher scheme
+    unknown = [c for c in conditions if c not in modes_free and not _is_scheme(c)]
     if unknown:
         raise ValueError(
-            f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)} "
-            "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
+            f"unknown condition(s) {unknown}; choose from non-secure, {SEALED}, "
+            f"{', '.join(SCHEMES)} or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
         )
-    schemes = list(dict.fromkeys(any_scheme(c).name for c in conditions if c != "non-secure"))
+    schemes = list(dict.fromkeys(any_scheme(c).name for c in conditions if c not in modes_free))
     variants = [c for c in schemes if is_variant_scheme(c)]
     modes = list(dict.fromkeys(canonical_key_mode(m) for m in modes))
     if not sizes or any(s < 1 for s in sizes):
@@ -138,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 [c for c in SCHEMES if c in schemes] + variants,
                 modes,
                 "non-secure" in conditions,
+                sealed=SEALED in conditions,
             )
         ),
         folds=tuple(folds),
