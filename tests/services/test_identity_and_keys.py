@@ -76,7 +76,7 @@ def test_a_record_moved_to_another_collection_is_refused(two_images):
     assert plain.status_code == 502 and "integrity check failed" in plain.json()["detail"]
 
 
-def test_legacy_v2_records_still_open_with_a_warning(tmp_path, caplog):
+def test_legacy_v2_records_are_refused_unless_migrating_then_open_with_a_warning(tmp_path, caplog):
     image, mask = blob_image(3)
     with EmbeddedSystem(tmp_path, master=MasterKey.from_seed(32)) as system:
         legacy = protect_image(image, mask, master=system.master, opaque_id="legacy-0001")
@@ -91,9 +91,14 @@ def test_legacy_v2_records_still_open_with_a_warning(tmp_path, caplog):
         )
         assert stored.status_code == 202, stored.text
         image_id = stored.json()["image_id"]
+        url = f"/v1/collections/brain/images/{image_id}/plain"
+        refused = system.encryptor.get(url)
+        assert refused.status_code == 502 and "bound to no tenant" in refused.json()["detail"]
+        system.encryptor_app.state.encryptor.accept_unbound_records = True
         with caplog.at_level(logging.WARNING):
-            plain = system.encryptor.get(f"/v1/collections/brain/images/{image_id}/plain")
+            plain = system.encryptor.get(url, params={"format": "npy"})
         assert plain.status_code == 200
+        assert np.load(io.BytesIO(plain.content)).tobytes() == to_uint8(image)[0].tobytes()
         assert any("legacy record" in r.getMessage() for r in caplog.records)
 
 

@@ -165,6 +165,7 @@ class Encryptor:
         tenant: str | None = None,
         sealed_collections: Collection[str] = (),
         patch_models: Path | None = None,
+        accept_unbound_records: bool = False,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -177,6 +178,7 @@ class Encryptor:
         self.tenant = tenant
         self.sealed_collections = frozenset(sealed_collections)
         self.patch_models = PatchModels(patch_models, self.gateway)
+        self.accept_unbound_records = accept_unbound_records
 
     # -- the owner's choice of protection ------------------------------------------------------
     def mode_of(self, collection: str, owner: str | None = None) -> Mode:
@@ -401,8 +403,10 @@ class Encryptor:
 
         `requested` is the (tenant, collection, image id) the record was fetched for: a v3
         record must be bound to exactly that (its tag covers tenant and collection; its opaque
-        id must map to the image id).  A record from before v3 names no identity: it is
-        verified as a legacy record, with a warning in the log.
+        id must map to the image id).  A record from before v3 names no identity, so the
+        cloud could have served it for another image: refused (IntegrityError) when it was
+        fetched for an identity, unless `accept_unbound_records` (a migration window: then
+        verified with a warning in the log).
         """
         master = self.master_of(metadata)
         tenant, collection, image_id = requested if requested else (None, None, None)
@@ -411,11 +415,19 @@ class Encryptor:
         if record.identity_bound and image_id is not None:
             _check_bound_id(tenant, collection, image_id, record.image_id)
         elif not record.identity_bound:
+            version = metadata.integrity.version if metadata.integrity else "?"
+            if requested is not None and not self.accept_unbound_records:
+                raise IntegrityError(
+                    f"image {metadata.opaque_id}: its record (tag v{version}) is bound to no "
+                    "tenant, collection or id, so the cloud could have served it for another "
+                    "image; re-upload it (or set PECBIR_ENCRYPTOR_ACCEPT_UNBOUND_RECORDS=true "
+                    "while migrating)"
+                )
             log.warning(
                 "image %s: legacy record (tag v%s) bound to no tenant/collection/id; "
                 "re-upload it to bind it",
                 metadata.opaque_id,
-                metadata.integrity.version if metadata.integrity else "?",
+                version,
             )
         return master, record
 

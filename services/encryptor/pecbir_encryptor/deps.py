@@ -99,6 +99,7 @@ def build_encryptor(
         tenant=settings.tenant,
         sealed_collections=settings.sealed_collections,
         patch_models=settings.patch_models,
+        accept_unbound_records=settings.accept_unbound_records,
     )
 
 

@@ -30,6 +30,9 @@ class EncryptorSettings(BaseSettings):
     # images are sealed with AES-256-GCM and featurised here (pecbir_encryptor.sealed); every
     # other collection is protected by the perceptual cipher ("pe").
     sealed_collections: frozenset[str] = frozenset()
+    # Records from before tag v3 name no tenant, collection or id, so a cloud could serve one
+    # image's record for another's: refused unless this is set, for a migration window only.
+    accept_unbound_records: bool = False
     # Where the patch models of the sealed collections are kept (`<collection>.npz`).
     patch_models: Path = Path("var/patch-models")
     max_upload_bytes: int = 64 * 1024 * 1024
