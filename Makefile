@@ -10,6 +10,9 @@ $(BIN)/pecbir: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the [gpu] extra's torch, pinned: 2.13.0 is the CPU wheel on this machine's disk (an
+	# unpinned torch downloads a multi-GB CUDA build); the torch parity tests run on it
+	$(BIN)/pip install --quiet 'torch==2.13.0'
 	@touch $@
 
 setup: $(BIN)/pecbir

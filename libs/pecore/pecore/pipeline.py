@@ -37,6 +37,9 @@ from pecore.roi import dilate_mask
 __all__ = ["CBIRPipeline", "PatchModel", "dilated_rois", "encode_images", "fit_patch_model"]
 
 _FORMAT_VERSION = 1  # of the saved npz; `load` refuses any other
+# Where the features are computed, not what they are: never saved with a model, so a model file
+# does not depend on the machine that wrote it (and files stay byte-identical to older ones).
+_EXECUTION_PARAMS = ("backend", "device")
 
 
 @dataclass
@@ -272,6 +275,12 @@ class CBIRPipeline(BaseEstimator):
         Seed of the patch sample and the GMM.
     n_jobs : int or None, default=None
         Threads used to encode images (None: up to 2).
+    backend : {"numpy", "torch"}, default="numpy"
+        Where Fisher vectors and projections are computed: the numpy/numba reference, or
+        `pecore.torch_features.TorchFeatures` (batched, on CUDA when present; the `[gpu]`
+        extra). PCA, GMM and CFML are fitted by the reference code either way.
+    device : str or None, default=None
+        The torch device of the "torch" back end (None: CUDA when present, else the CPU).
 
     Attributes
     ----------
@@ -324,6 +333,8 @@ class CBIRPipeline(BaseEstimator):
         dim: int = 10,
         random_state: int = 0,
         n_jobs: int | None = None,
+        backend: str = "numpy",
+        device: str | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_regions = n_regions
@@ -335,6 +346,8 @@ class CBIRPipeline(BaseEstimator):
         self.dim = dim
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.backend = backend
+        self.device = device
 
     # -- learning ----------------------------------------------------------------------------
     def fit(
@@ -381,7 +394,47 @@ class CBIRPipeline(BaseEstimator):
         self.pca_ = model.pca
         self.gmm_ = model.gmms[self.n_components]
         self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
-        (train_fv,) = encode_images(
+        self._torch_cache = None  # built over the new PCA and GMM on first use
+        train_fv = self._fisher_vectors(images, masks, rois)
+        self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "metric_"):
+            raise RuntimeError("CBIRPipeline is not fitted; call fit() or load() first")
+
+    def _torch_features(self):  # -> pecore.torch_features.TorchFeatures
+        """The torch back end over the fitted PCA and GMM (built once per device)."""
+        from pecore.torch_features import TorchFeatures
+
+        cached = getattr(self, "_torch_cache", None)
+        if cached is None or cached[0] != self.device:
+            features = TorchFeatures(
+                self.pca_,
+                self.gmm_,
+                n_regions=self.n_regions,
+                patch_size=self.patch_size,
+                device=self.device,
+            )
+            cached = (self.device, features)
+            self._torch_cache = cached
+        return cached[1]
+
+    def _fisher_vectors(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        rois: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        if self.backend not in ("numpy", "torch"):
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {self.backend!r}")
+        if self.backend == "torch":
+            if len(masks) != len(images):
+                raise ValueError(f"{len(images)} images but {len(masks)} masks")
+            if rois is None:
+                rois = dilated_rois(masks, self.radius)
+            return self._torch_features().fisher_vectors(images, rois)
+        (fv,) = encode_images(
             images,
             masks,
             self.pca_,
@@ -391,12 +444,7 @@ class CBIRPipeline(BaseEstimator):
             rois=rois,
             n_jobs=self.n_jobs,
         )
-        self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
-        return self
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "metric_"):
-            raise RuntimeError("CBIRPipeline is not fitted; call fit() or load() first")
+        return fv
 
     # -- inference ---------------------------------------------------------------------------
     def fisher_vectors(
@@ -422,16 +470,7 @@ class CBIRPipeline(BaseEstimator):
             If the pipeline is not fitted.
         """
         self._check_fitted()
-        (fv,) = encode_images(
-            images,
-            masks,
-            self.pca_,
-            [self.encoder_],
-            patch_size=self.patch_size,
-            radius=self.radius,
-            n_jobs=self.n_jobs,
-        )
-        return fv
+        return self._fisher_vectors(images, masks)
 
     def project(self, fisher_vectors: np.ndarray) -> np.ndarray:
         """Map Fisher vectors into the learned metric space.
@@ -460,6 +499,9 @@ class CBIRPipeline(BaseEstimator):
             raise ValueError(
                 f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}"
             )
+        if self.backend == "torch":
+            components = self.metric_.components_[:, : self.dim]
+            return self._torch_features().project(fisher_vectors, components).astype(np.float32)
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
 
     def transform(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -499,7 +541,11 @@ class CBIRPipeline(BaseEstimator):
         params = self.get_params(deep=False)
         # in __init__ order, as files were written before get_params came from BaseEstimator
         # (which sorts the names): a model saved now is byte-identical to one saved then
-        ordered = {name: params[name] for name in inspect.signature(type(self)).parameters}
+        ordered = {
+            name: params[name]
+            for name in inspect.signature(type(self)).parameters
+            if name not in _EXECUTION_PARAMS
+        }
         meta = {"format_version": _FORMAT_VERSION, "params": ordered}
         arrays = {
             "meta_json": np.array(json.dumps(meta)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic_settings import SettingsConfigDict
 
 from pecbir_platform.store import StoreSettings
@@ -20,6 +22,11 @@ class IndexerSettings(StoreSettings):
     max_deliveries: int = 8
     model_cache_size: int = 4
     encode_threads: int | None = None
+    # Where Fisher vectors and projections are computed (pecore.torch_features, issue 17):
+    # "numpy" is the reference; "torch" needs the [gpu] extra and runs on `feature_device`
+    # (None: CUDA when present, else the CPU). Training fits PCA/GMM/CFML on the CPU either way.
+    feature_backend: Literal["numpy", "torch"] = "numpy"
+    feature_device: str | None = None
     # A lost worker's unacknowledged message is handed out again after this many seconds
     # (Redis transport). Keep it above the longest task (training) or a slow task runs twice.
     visibility_timeout_s: int = 3600

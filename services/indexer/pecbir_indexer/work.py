@@ -128,7 +128,7 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
             f"found {dict(counts)}"
         )
     started = time.perf_counter()
-    pipeline = CBIRPipeline(**params.model_dump(), n_jobs=rt.settings.encode_threads)
+    pipeline = CBIRPipeline(**params.model_dump(), **rt.pipeline_options())
     pipeline.fit(images, masks, np.asarray(labels))
     seconds = time.perf_counter() - started
     buffer = io.BytesIO()
@@ -146,6 +146,7 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         feature_dim=int(probe.shape[1]),
         projected_dim=int(pipeline.project(probe).shape[1]),
         train_seconds=round(seconds, 3),
+        feature_backend=rt.feature_backend(),
     )
     # The manifest marks the version as complete.
     rt.store.put(layout.manifest(version), manifest.model_dump_json().encode())
