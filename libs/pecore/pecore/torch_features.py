@@ -246,7 +246,7 @@ class TorchFeatures:
         lo = x.amin(dim=(1, 2), keepdim=True)
         hi = x.amax(dim=(1, 2), keepdim=True)
         span = hi - lo
-        x = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), x - lo)
+        x = (x - lo) / torch.where(span > 0, span, 1.0)  # ÷1 is exact: a constant image → 0
         # ROI pixels in raster order, image by image
         which, rows, cols = torch.nonzero(roi, as_tuple=True)
         counts = roi.sum(dim=(1, 2))
@@ -300,13 +300,26 @@ class TorchFeatures:
         width: int,
     ) -> torch.Tensor:
         """The P×P patches at (rows, cols), reflect-padded where they leave the image."""
+        half = self.patch_size // 2
+        inside = (
+            bool(
+                (rows.min() >= half)
+                & (cols.min() >= half)
+                & (rows.max() < height - half)
+                & (cols.max() < width - half)
+            )
+            if rows.numel()
+            else True
+        )
+        if inside:  # the usual case: one offset per window position, no bounds arithmetic
+            centre = (which * height + rows) * width + cols
+            return x.reshape(-1)[centre[:, None] + (self._dr * width + self._dc)]
         r = rows[:, None] + self._dr
         c = cols[:, None] + self._dc
         # numpy's "reflect" (edge not repeated); one reflection suffices for P/2 < side
         r = torch.where(r < 0, -r, torch.where(r >= height, 2 * (height - 1) - r, r))
         c = torch.where(c < 0, -c, torch.where(c >= width, 2 * (width - 1) - c, c))
-        flat = (which[:, None] * height + r) * width + c
-        return x.reshape(-1)[flat]
+        return x.reshape(-1)[(which[:, None] * height + r) * width + c]
 
     def _encode(
         self,
