@@ -108,6 +108,10 @@ def fit_patch_model(
     Each dictionary size gets its own GMM seed, derived from `random_state` and the size, so
     a size's model does not depend on which other sizes are fitted alongside.
 
+    `images` and `masks` may be lazy sequences (each item read on indexing, e.g. from a
+    store): without `rois`, one image is held at a time, masks are read twice and images
+    once, so memory does not grow with the number of images (issue 17).
+
     Parameters
     ----------
     images : sequence of array_like of shape (height, width)
@@ -144,16 +148,20 @@ def fit_patch_model(
     if len(images) == 0:
         raise ValueError("no training images")
     rng = np.random.default_rng(random_state)
-    if rois is None:
-        rois = dilated_rois(masks, radius)
-    counts = np.array([int(np.count_nonzero(r)) for r in rois])
+
+    def roi_of(i: int) -> np.ndarray:
+        if rois is not None:
+            return rois[i]
+        return dilate_mask(np.asarray(masks[i], dtype=bool), radius)
+
+    counts = np.array([int(np.count_nonzero(roi_of(i))) for i in range(len(masks))])
     chosen = training_sample(counts, n_train_patches, rng)
     parts = []
-    for image, roi, positions in zip(images, rois, chosen, strict=True):
+    for i, positions in enumerate(chosen):
         if positions.size:
             # positions index the ROI pixels in raster order; only the chosen patches are cut
-            rows, cols = np.nonzero(roi)
-            normalised = minmax_normalise(image)
+            rows, cols = np.nonzero(roi_of(i))
+            normalised = minmax_normalise(images[i])
             parts.append(extract_patches(normalised, rows[positions], cols[positions], patch_size))
     sample = np.concatenate(parts)
     pca = PatchPCA(energy=pca_energy).fit(sample)
@@ -399,6 +407,84 @@ class CBIRPipeline(BaseEstimator):
         self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
         return self
 
+    def fit_streamed(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        labels: np.ndarray,
+        *,
+        chunk_size: int = 1024,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> CBIRPipeline:
+        """`fit` for more templates than fit in memory: nothing grows with n except the n×n Gram.
+
+        Images and masks may be lazy sequences (read on indexing, e.g. from a store). The patch
+        model reads one image at a time (`fit_patch_model`); the training Fisher vectors are
+        computed `chunk_size` images at a time and spilled to `.npy` files, from which
+        `CFML.fit_chunks` assembles the Gram block by block. The result equals `fit` up to
+        float32 summation order in the Gram and W.
+
+        Parameters
+        ----------
+        images : sequence of array_like of shape (height, width)
+            Training images (plain or cipher); may be lazy.
+        masks : sequence of array_like of shape (height, width)
+            Their plain tumour masks; may be lazy.
+        labels : array_like of shape (n_images,)
+            Their classes.
+        chunk_size : int, default=1024
+            Images per Fisher-vector chunk (memory: two chunks of F floats each).
+        spill_dir : path-like, optional
+            Where the chunks are written (a temporary directory, removed after, by default).
+
+        Returns
+        -------
+        CBIRPipeline
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If images, masks and labels differ in number or `chunk_size` is below 1.
+        """
+        import tempfile
+
+        labels = np.asarray(labels)
+        if not (len(images) == len(masks) == labels.shape[0]):
+            raise ValueError(
+                f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        model = fit_patch_model(
+            images,
+            masks,
+            [self.n_components],
+            patch_size=self.patch_size,
+            radius=self.radius,
+            pca_energy=self.pca_energy,
+            n_train_patches=self.n_train_patches,
+            random_state=self.random_state,
+        )
+        self.pca_ = model.pca
+        self.gmm_ = model.gmms[self.n_components]
+        self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
+        self._torch_cache = None
+        with tempfile.TemporaryDirectory(dir=spill_dir, prefix="fisher-") as folder:
+            paths = []
+            for start in range(0, len(images), chunk_size):
+                rows = range(start, min(start + chunk_size, len(images)))
+                fv = self._fisher_vectors([images[i] for i in rows], [masks[i] for i in rows])
+                paths.append(os.path.join(folder, f"{len(paths):06d}.npy"))
+                np.save(paths[-1], fv)
+                del fv
+            chunks = _MappedChunks(paths)
+            device = self._torch_features().device if self.backend == "torch" else None
+            self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit_chunks(
+                chunks, labels, device=device
+            )
+        return self
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "metric_"):
             raise RuntimeError("CBIRPipeline is not fitted; call fit() or load() first")
@@ -618,3 +704,16 @@ class CBIRPipeline(BaseEstimator):
         metric.eigenvalues_ = np.asarray(data["metric_eigenvalues"], dtype=np.float64)
         pipe.metric_ = metric
         return pipe
+
+
+class _MappedChunks(Sequence[np.ndarray]):
+    """Fisher-vector chunks spilled to `.npy` files, memory-mapped on each access."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return np.load(self.paths[i], mmap_mode="r")
