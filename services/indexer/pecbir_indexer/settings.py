@@ -16,6 +16,11 @@ class IndexerSettings(StoreSettings):
     # Event stream for the search service; defaults to the broker's Redis.
     events_url: str | None = None
     reindex_chunk: int = 32
+    # > 0: a re-index fans out batches of this many images to the GPU workers' queue
+    # (pecbir.reindex.gpu, task pecbir.index.batch) instead of CPU chunks of `reindex_chunk`.
+    reindex_gpu_batch: int = 0
+    # Threads reading and writing the store around one batched feature computation.
+    batch_io_threads: int = 8
     max_retries: int = 5
     # Deliveries of one task id (retries + redeliveries after a worker died) before it is
     # treated as poison and dead-lettered.
