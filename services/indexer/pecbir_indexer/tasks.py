@@ -103,12 +103,12 @@ class IndexerTask(Task):
         dead_letter(self.name, task_id, list(args), f"{type(exc).__name__}: {exc}")
 
 
-def _test_delay() -> None:
+def _test_delay(task: str = "index_image") -> None:
     """The fault-injection hook (see IndexerSettings.test_index_delay_file)."""
     if settings.test_index_delay_file:
         with contextlib.suppress(FileNotFoundError, ValueError):
             seconds = float(Path(settings.test_index_delay_file).read_text())
-            log.warning("test hook: index_image sleeps %.1f s", seconds)
+            log.warning("test hook: %s sleeps %.1f s", task, seconds)
             time.sleep(seconds)
 
 
@@ -137,6 +137,7 @@ def index_chunk(tenant: str, collection: str, version: str, image_ids: list[str]
 @app.task(base=IndexerTask, name=TASK_INDEX_BATCH, throws=(work.PoisonMessage,))
 def index_batch(tenant: str, collection: str, version: str, image_ids: list[str]) -> int:
     """A re-index batch with one feature computation (the GPU workers' task)."""
+    _test_delay("index_batch")
     outcome = batch.index_batch(get_runtime(), tenant, collection, version, image_ids)
     for image_id, reason in outcome.poison.items():
         # One bad image must not block its batch: record it, go on.
