@@ -382,27 +382,9 @@ class CBIRPipeline(BaseEstimator):
         ValueError
             If images, masks and labels differ in number.
         """
-        labels = np.asarray(labels)
-        if not (len(images) == len(masks) == labels.shape[0]):
-            raise ValueError(
-                f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
-            )
+        labels = _checked_labels(images, masks, labels)
         rois = dilated_rois(masks, self.radius)
-        model = fit_patch_model(
-            images,
-            masks,
-            [self.n_components],
-            patch_size=self.patch_size,
-            radius=self.radius,
-            pca_energy=self.pca_energy,
-            n_train_patches=self.n_train_patches,
-            random_state=self.random_state,
-            rois=rois,
-        )
-        self.pca_ = model.pca
-        self.gmm_ = model.gmms[self.n_components]
-        self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
-        self._torch_cache = None  # built over the new PCA and GMM on first use
+        self._fit_dictionary(images, masks, rois)
         train_fv = self._fisher_vectors(images, masks, rois)
         self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
         return self
@@ -449,27 +431,10 @@ class CBIRPipeline(BaseEstimator):
         """
         import tempfile
 
-        labels = np.asarray(labels)
-        if not (len(images) == len(masks) == labels.shape[0]):
-            raise ValueError(
-                f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
-            )
+        labels = _checked_labels(images, masks, labels)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        model = fit_patch_model(
-            images,
-            masks,
-            [self.n_components],
-            patch_size=self.patch_size,
-            radius=self.radius,
-            pca_energy=self.pca_energy,
-            n_train_patches=self.n_train_patches,
-            random_state=self.random_state,
-        )
-        self.pca_ = model.pca
-        self.gmm_ = model.gmms[self.n_components]
-        self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
-        self._torch_cache = None
+        self._fit_dictionary(images, masks, rois=None)
         with tempfile.TemporaryDirectory(dir=spill_dir, prefix="fisher-") as folder:
             paths = []
             for start in range(0, len(images), chunk_size):
@@ -484,6 +449,29 @@ class CBIRPipeline(BaseEstimator):
                 chunks, labels, device=device
             )
         return self
+
+    def _fit_dictionary(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        rois: Sequence[np.ndarray] | None,
+    ) -> None:
+        """PCA and GMM (`fit_patch_model`), and the encoder over them."""
+        model = fit_patch_model(
+            images,
+            masks,
+            [self.n_components],
+            patch_size=self.patch_size,
+            radius=self.radius,
+            pca_energy=self.pca_energy,
+            n_train_patches=self.n_train_patches,
+            random_state=self.random_state,
+            rois=rois,
+        )
+        self.pca_ = model.pca
+        self.gmm_ = model.gmms[self.n_components]
+        self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
+        self._torch_cache = None  # built over the new PCA and GMM on first use
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "metric_"):
@@ -704,6 +692,17 @@ class CBIRPipeline(BaseEstimator):
         metric.eigenvalues_ = np.asarray(data["metric_eigenvalues"], dtype=np.float64)
         pipe.metric_ = metric
         return pipe
+
+
+def _checked_labels(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], labels: np.ndarray
+) -> np.ndarray:
+    labels = np.asarray(labels)
+    if not (len(images) == len(masks) == labels.shape[0]):
+        raise ValueError(
+            f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
+        )
+    return labels
 
 
 class _MappedChunks(Sequence[np.ndarray]):
