@@ -107,11 +107,13 @@ def _measure(mode: str, paths: list[str], n: int, limit_bytes: int) -> dict[str,
 
 def memory_model(mode: str, n: int, features: int, chunk: int) -> int:
     """Bytes of the big arrays each path allocates (not a measurement)."""
+    # both: the float64 Gram and LAPACK evd's ~2 n² float64 work space (the dual solve's n²)
+    solve = 3 * n * n * 8
     if mode == "memory":
-        # the loaded float32 vectors, their centred copy, the float32 and float64 Gram
-        return 2 * n * features * 4 + n * n * (4 + 8)
-    # two float32 chunks (+ one centred copy), the float64 Gram, LAPACK evd's ~2 n² work space
-    return 3 * chunk * features * 4 + 3 * n * n * 8
+        # the loaded float32 vectors, their centred copy, the float32 Gram product
+        return 2 * n * features * 4 + n * n * 4 + solve
+    # two float32 chunks and one centred copy
+    return 3 * chunk * features * 4 + solve
 
 
 def run(args: argparse.Namespace) -> int:
