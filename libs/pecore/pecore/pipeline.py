@@ -443,7 +443,7 @@ class CBIRPipeline(BaseEstimator):
                 paths.append(os.path.join(folder, f"{len(paths):06d}.npy"))
                 np.save(paths[-1], fv)
                 del fv
-            chunks = _MappedChunks(paths)
+            chunks = _SpilledChunks(paths)
             device = self._torch_features().device if self.backend == "torch" else None
             self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit_chunks(
                 chunks, labels, device=device
@@ -705,8 +705,9 @@ def _checked_labels(
     return labels
 
 
-class _MappedChunks(Sequence[np.ndarray]):
-    """Fisher-vector chunks spilled to `.npy` files, memory-mapped on each access."""
+class _SpilledChunks(Sequence[np.ndarray]):
+    """Fisher-vector chunks spilled to `.npy` files, read on each access (not memory-mapped:
+    mapped pages of every chunk would count in the address space and RSS)."""
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = paths
@@ -715,4 +716,4 @@ class _MappedChunks(Sequence[np.ndarray]):
         return len(self.paths)
 
     def __getitem__(self, i):  # type: ignore[override]
-        return np.load(self.paths[i], mmap_mode="r")
+        return np.load(self.paths[i])

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,17 @@ def _write_chunks(folder: Path, n: int, features: int, chunk: int, seed: int) ->
     return paths
 
 
+class _Reads(Sequence[np.ndarray]):
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return np.load(self.paths[i])
+
+
 def child(mode: str, paths: list[str], n: int, limit_bytes: int) -> None:
     """One measurement, in its own process (peak RSS is per process)."""
     import resource
@@ -77,8 +89,9 @@ def child(mode: str, paths: list[str], n: int, limit_bytes: int) -> None:
             X = np.concatenate([np.load(p) for p in paths])
             CFML(n_components=10).fit(X, labels)
         else:
-            chunks = [np.load(p, mmap_mode="r") for p in paths]
-            CFML(n_components=10).fit_chunks(chunks, labels)
+            # read on access, as from a store (a memory map would count every chunk's pages
+            # in RSS and in the address space)
+            CFML(n_components=10).fit_chunks(_Reads(paths), labels)
         outcome = "fitted"
     except MemoryError:
         outcome = "MemoryError"
@@ -135,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                         "model_bytes": memory_model(mode, n, args.features, args.chunk),
                     }
                 )
+                print(json.dumps(rows[-1]), flush=True)
     model = {
         str(n): {
             mode: memory_model(mode, n, args.features, args.chunk)
