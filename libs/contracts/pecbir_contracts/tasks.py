@@ -34,7 +34,8 @@ TASK_DEAD_LETTER = "pecbir.dead_letter"  # (original task name, task id, args, r
 QUEUE_INDEX = "pecbir.index"
 QUEUE_REINDEX = "pecbir.reindex"
 QUEUE_TRAIN = "pecbir.train"
-# Re-index batches for the GPU workers (issue 17); CPU workers never consume it.
+# Re-index batches for the GPU workers (issue 17). deploy/k8s gives it to the GPU pool only; a
+# worker on every queue (`python -m pecbir_indexer`, the tests) takes it too, on any back end.
 QUEUE_REINDEX_GPU = "pecbir.reindex.gpu"
 # Nobody consumes this queue: poison messages wait there for an operator.
 QUEUE_DEAD_LETTER = "pecbir.dead_letter"
