@@ -39,13 +39,15 @@ def index_batch(
     outcome = BatchOutcome()
     threads = max(1, rt.settings.batch_io_threads)
     with ThreadPoolExecutor(threads) as pool:
-        records = dict(
-            zip(
-                image_ids,
-                pool.map(lambda i: _record(rt, layout, version, i), image_ids),
-                strict=True,
-            )
-        )
+        # the threads only fetch: np.load parses a record's header with `ast`, which CPython
+        # 3.11 before 3.11.8 cannot run in two threads at once (gh-106905)
+        stored = list(pool.map(lambda i: _stored(rt, layout.features(version, i)), image_ids))
+        records = {
+            image_id: None
+            if data is None
+            else FeatureRecord.from_bytes(data, with_fisher_vector=False)
+            for image_id, data in zip(image_ids, stored, strict=True)
+        }
         todo = [image_id for image_id, record in records.items() if record is None]
         outcome.already_indexed = [i for i in image_ids if records[i] is not None]
         loaded = {}
@@ -83,11 +85,9 @@ def index_batch(
     return outcome
 
 
-def _record(rt: Runtime, layout: CollectionLayout, version: str, image_id: str):
+def _stored(rt: Runtime, key: str) -> bytes | None:
     try:
-        return FeatureRecord.from_bytes(
-            rt.store.get(layout.features(version, image_id)), with_fisher_vector=False
-        )
+        return rt.store.get(key)
     except ObjectNotFound:
         return None
 
