@@ -52,7 +52,11 @@ def test_batch_indexes_each_image_once_and_matches_the_reference(trained, store)
         _, cipher, mask = work.load_image(rt, LAYOUT, image_id)
         fisher = reference.fisher_vectors([cipher], [mask])
         assert float(np.abs(record.fisher_vector - fisher[0]).max()) <= 2e-4
-        np.testing.assert_allclose(record.vector, reference.project(fisher)[0], atol=1e-3)
+        expected = reference.project(fisher)[0]
+        # CFML's scale is arbitrary (10³–10⁴ here): the same relative bound as the pecore test
+        np.testing.assert_allclose(
+            record.vector, expected, rtol=0, atol=1e-3 * float(np.abs(expected).max())
+        )
     vectors = [e for _, e in rt.bus.read("0-0", block_ms=0, count=10_000) if e.kind == "vector"]
     assert sorted(e.image_id for e in vectors) == sorted(ids)
     # a redelivered batch computes nothing, writes nothing, publishes every vector again
