@@ -11,6 +11,9 @@ $(BIN)/pecbir: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "installing pe-cbir and its dependencies into $(VENV) (2-3 min on a fresh machine)"
 	$(BIN)/pip install --progress-bar on -e '.[dev]'
+	# the [gpu] extra's torch, pinned: 2.13.0 is the CPU wheel on this machine's disk (an
+	# unpinned torch downloads a multi-GB CUDA build); the torch parity tests run on it
+	$(BIN)/pip install --progress-bar on 'torch==2.13.0'
 	@touch $@
 
 setup: $(BIN)/pecbir

@@ -33,6 +33,10 @@ NOT_EXECUTED: dict[str, dict[str, str]] = {
         "fastapi": "pecbir_platform.observability.instrument_app: the HTTP apps', not a worker's",
     },
 }
+# Imports of an optional back end, which an image has only with that extra (name -> why).
+OPTIONAL = {
+    "torch": "pecore.torch_features: the [gpu] extra's feature back end, chosen by a setting",
+}
 
 
 def _module_file(module: str) -> Path | None:
@@ -123,7 +127,7 @@ def installed_by(extra: str) -> set[str]:
 def test_the_extra_of_each_service_installs_what_it_imports(service: str) -> None:
     distributions = importlib.metadata.packages_distributions()
     installed = installed_by(service)
-    excused = NOT_EXECUTED.get(service, {})
+    excused = {**NOT_EXECUTED.get(service, {}), **OPTIONAL}
     missing = {
         name: distributions.get(name)
         for name in sorted(third_party_imports(SERVICES[service].package) - set(excused))

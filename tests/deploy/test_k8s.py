@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
+from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, QUEUE_REINDEX_GPU, WORKER_QUEUES
 from pecbir_platform.bus import InMemoryBus
 from pecbir_platform.observability import ObservabilitySettings, ops_wsgi_app
 from pecbir_platform.store import FilesystemStore
@@ -204,6 +204,9 @@ SERVICE_OF_IMAGE = {
     "pecbir/indexer": "indexer",
     "pecbir/encryptor": "encryptor",
 }
+# Images built from a service's stage with more packages (deploy/Dockerfile EXTRA_PACKAGES):
+# every check of that service applies to them.
+IMAGE_VARIANTS = {"pecbir/indexer-gpu": "indexer"}
 
 
 def _settings_classes(service: str) -> list[type]:
@@ -234,8 +237,9 @@ def _service_containers(objects: list[dict]):
     for name, workload in kt.workloads(objects).items():
         for container in kt.pod_spec(workload)["containers"]:
             image = container["image"].rsplit(":", 1)[0]
-            if image in SERVICE_OF_IMAGE:
-                yield name, workload, container, SERVICE_OF_IMAGE[image]
+            service = SERVICE_OF_IMAGE.get(image) or IMAGE_VARIANTS.get(image)
+            if service is not None:
+                yield name, workload, container, service
 
 
 def test_all_four_services_are_deployed(everything):
@@ -490,8 +494,11 @@ def test_celery_workers_consume_every_queue_but_the_dead_letters(cloud):
         module_name, _, attr = command[2].partition(":")
         app = getattr(__import__(module_name, fromlist=[attr]), attr)
         assert isinstance(app, Celery)
-        assert kt.option(command, "--prefetch-multiplier") == "1", name
         queues = kt.option(command, "--queues", "-Q").split(",")
+        # one message at a time, but the GPU pool's messages are batches: one computing, one
+        # waiting (late acks either way, so a prefetched message is never lost)
+        prefetch = "2" if queues == [QUEUE_REINDEX_GPU] else "1"
+        assert kt.option(command, "--prefetch-multiplier") == prefetch, name
         assert set(queues) <= set(WORKER_QUEUES), name
         consumed += queues
         assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
@@ -692,3 +699,28 @@ def test_dockerfile_commands_ports_and_users_match_the_manifests(everything):
         # The image's own default command names the same app as the manifest.
         target = 2 if docker.cmd[0] == "celery" else docker.cmd.index("--factory") + 1
         assert docker.cmd[target] == container["command"][target], name
+
+
+def test_the_gpu_indexer_pool_scales_from_zero_onto_gpu_nodes(rendered):
+    for overlay in ("dev", "prod"):
+        objects = rendered[overlay]
+        scaled = kt.by_kind(objects, "ScaledObject")["indexer-gpu"]
+        target = kt.workloads(objects)[scaled["spec"]["scaleTargetRef"]["name"]]
+        pod = kt.pod_spec(target)
+        (container,) = pod["containers"]
+        queues = kt.option(container["command"], "--queues", "-Q").split(",")
+        assert queues == [QUEUE_REINDEX_GPU]
+        assert [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]] == queues
+        assert scaled["spec"]["minReplicaCount"] == 0 and "replicas" not in target["spec"]
+        resources = container["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+        assert pod["nodeSelector"] and any(
+            t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"]
+        )
+        env = kt.container_env(container, objects)
+        assert env["PECBIR_FEATURE_BACKEND"] == "torch" and env["PECBIR_FEATURE_DEVICE"] == "cuda"
+        # the CPU pools keep the reference back end and do not take the GPU queue
+        for name in ("indexer", "indexer-train"):
+            (cpu,) = kt.pod_spec(kt.workloads(objects)[name])["containers"]
+            assert kt.container_env(cpu, objects).get("PECBIR_FEATURE_BACKEND", "numpy") == "numpy"
+            assert "nodeSelector" not in kt.pod_spec(kt.workloads(objects)[name])

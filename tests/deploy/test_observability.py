@@ -315,7 +315,34 @@ def test_indexer_worker_registers_its_probes_and_soft_shutdown(monkeypatch):
     assert celery_app.conf.worker_prefetch_multiplier == 1
     assert celery_app.conf.task_acks_late and celery_app.conf.task_reject_on_worker_lost
     checks = ops.readiness_checks(IndexerSettings(broker_url=f"redis://127.0.0.1:{_closed_port()}"))
-    assert set(checks) == {"broker", "store", "models"}
+    assert set(checks) == {"broker", "store", "models", "features"}
+    assert checks["features"]() is True  # the numpy reference is always there
+
+
+def test_indexer_reports_its_feature_backend():
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from pecbir_indexer import ops
+    from pecbir_indexer.settings import IndexerSettings
+
+    def scrape(settings: IndexerSettings) -> str:
+        registry = CollectorRegistry()
+        registry.register(ops.FeatureBackendCollector(settings))
+        return generate_latest(registry).decode()
+
+    numpy_text = scrape(IndexerSettings())
+    assert _sample(numpy_text, "pecbir_feature_backend_info", backend="numpy", device="cpu") == 1
+    torch = pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    on_cpu = IndexerSettings(feature_backend="torch", feature_device="cpu")
+    assert _sample(scrape(on_cpu), "pecbir_feature_backend_info", backend="torch", device="cpu")
+    assert ops.readiness_checks(on_cpu)["features"]() is True
+    if not torch.cuda.is_available():
+        no_gpu = IndexerSettings(feature_backend="torch", feature_device="cuda")
+        text = scrape(no_gpu)
+        assert _sample(text, "pecbir_feature_backend_info", device="unavailable") == 1
+        with pytest.raises(ValueError, match="CUDA"):
+            ops.readiness_checks(no_gpu)["features"]()
 
 
 @pytest.mark.integration

@@ -151,6 +151,8 @@ def _non_default_params(estimator: type) -> dict[str, object]:
             values[param.name] = gmm
         elif isinstance(param.default, bool):
             values[param.name] = not param.default
+        elif isinstance(param.default, str):
+            values[param.name] = param.default + "-other"
         elif isinstance(param.default, int) or param.default is None:
             values[param.name] = 3
         else:

@@ -239,6 +239,9 @@ class ModelManifest(BaseModel):
     feature_dim: int
     projected_dim: int
     train_seconds: float
+    # Where the training Fisher vectors were computed: "numpy" (the reference) or
+    # "torch:<device>" (pecore.torch_features); PCA, GMM and CFML are fitted on the CPU.
+    feature_backend: str = "numpy"
 
 
 class ModelStatus(BaseModel):

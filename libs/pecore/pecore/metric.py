@@ -7,9 +7,16 @@ each eigenvector by √γ. Every such w lies in the span of the centred training
 is solved exactly in an r-dimensional orthonormal basis U of that span (r ≤ n − 1); since
 Uᵀ(λI)U = λI_r this gives the same γ and the same B-normalised w = U a as the full F×F problem.
 U is obtained from the n×n Gram matrix of the centred data, so nothing F×F is ever formed.
+
+`CFML.fit_chunks` fits the same metric from Fisher vectors held in chunks that are read one or
+two at a time (a store, memory-mapped files): the Gram matrix is assembled block by block and W
+accumulated chunk by chunk, so memory grows with n² (the Gram) and one chunk, never with n·F
+(issue 17: consortium-scale training).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
@@ -154,7 +161,86 @@ class CFML(BaseEstimator):
         centred = np.array(X, dtype=dtype, copy=self.copy or None)
         centred -= centred.mean(axis=0, dtype=np.float64).astype(dtype)
         gram = (centred @ centred.T).astype(np.float64)  # n×n, = V S² Vᵀ
-        gram = 0.5 * (gram + gram.T)
+        coeffs = self._solve_gram(gram, labels)
+        self.components_ = (centred.T @ coeffs.astype(dtype)).astype(np.float64)  # W = U A √γ
+        return self
+
+    def fit_chunks(
+        self,
+        chunks: Sequence[np.ndarray],
+        labels: np.ndarray,
+        *,
+        device: str | None = None,
+    ) -> CFML:
+        """Learn W from training vectors held in chunks, never all at once (see module doc).
+
+        Equal to `fit` on the concatenated chunks up to float32 summation order. With c chunks,
+        each is read at most c + 2 times (mean, Gram blocks, W); two chunks and the n×n Gram
+        (with LAPACK's work space) are in memory.
+
+        Parameters
+        ----------
+        chunks : sequence of array_like of shape (n_i, n_features)
+            The training vectors in row blocks, in `labels` order; each `chunks[i]` may load
+            from storage (a memory-mapped `.npy`, a store read). float32 blocks keep the
+            products in float32, as `fit` does.
+        labels : array_like of shape (n_samples,)
+            Class of each training vector, n_samples = Σ n_i.
+        device : str, optional
+            A torch device for the block products (the `[gpu]` extra); None uses numpy.
+
+        Returns
+        -------
+        CFML
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If the chunks and labels do not match, or as `fit`.
+        """
+        labels = np.asarray(labels)
+        sizes = [int(np.shape(chunks[i])[0]) for i in range(len(chunks))]
+        if not sizes or sum(sizes) != labels.shape[0]:
+            raise ValueError(f"chunks of {sum(sizes)} rows but {labels.shape[0]} labels")
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        first = np.asarray(chunks[0])
+        dtype = np.float32 if first.dtype == np.float32 else np.float64
+        total = np.zeros(first.shape[1], dtype=np.float64)
+        for i in range(len(chunks)):
+            total += np.asarray(chunks[i]).sum(axis=0, dtype=np.float64)
+        mean = (total / offsets[-1]).astype(dtype)
+        products = _BlockProducts(device, dtype)
+
+        def centred(i: int) -> np.ndarray:
+            return np.asarray(chunks[i], dtype=dtype) - mean
+
+        gram = np.empty((offsets[-1], offsets[-1]), dtype=np.float64)
+        for i in range(len(chunks)):
+            rows = slice(offsets[i], offsets[i + 1])
+            outer = products.put(centred(i))
+            for j in range(i + 1):
+                inner = outer if j == i else products.put(centred(j))
+                block = products.gram(outer, inner)
+                gram[rows, offsets[j] : offsets[j + 1]] = block
+                gram[offsets[j] : offsets[j + 1], rows] = block.T
+            del outer
+        coeffs = self._solve_gram(gram, labels)
+        del gram
+        components = np.zeros((first.shape[1], coeffs.shape[1]), dtype=np.float64)
+        for i in range(len(chunks)):
+            part = coeffs[offsets[i] : offsets[i + 1]].astype(dtype)
+            components += products.weighted(products.put(centred(i)), part)
+        self.components_ = components
+        return self
+
+    def _solve_gram(self, gram: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The n × m coefficients of W in the centred samples, from their Gram matrix (which it
+        overwrites); sets `eigenvalues_` and `rank_`."""
+        np.add(gram, gram.T, out=gram)  # symmetrise in place: (g + gᵀ)·½, no third n×n array
+        gram *= 0.5
         eigenvalues, V = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True)
         keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
         s = np.sqrt(eigenvalues[keep])
@@ -179,9 +265,7 @@ class CFML(BaseEstimator):
         self.eigenvalues_ = gammas  # the leading (≤ n_components) positive eigenvalues
         self.rank_ = int(r)
         m = gammas.size
-        coeffs = (V / s) @ (A[:, :m] * np.sqrt(gammas[:m]))  # n × m
-        self.components_ = (centred.T @ coeffs.astype(dtype)).astype(np.float64)  # W = U A √γ
-        return self
+        return (V / s) @ (A[:, :m] * np.sqrt(gammas[:m]))  # n × m
 
     def transform(self, X: np.ndarray, n_components: int | None = None) -> np.ndarray:
         """Project the rows of X with the first columns of W.
@@ -205,3 +289,36 @@ class CFML(BaseEstimator):
         for start in range(0, X.shape[0], 512):  # float64 without copying all of X at once
             out[start : start + 512] = X[start : start + 512].astype(np.float64) @ W
         return out
+
+
+class _BlockProducts:
+    """The two products `CFML.fit_chunks` needs, in numpy or on a torch device."""
+
+    def __init__(self, device: str | None, dtype: type) -> None:
+        self.dtype = dtype
+        self.torch = None
+        if device is not None:
+            import torch
+
+            from pecore.torch_features import resolve_device
+
+            self.torch = torch
+            self.device = resolve_device(device)
+
+    def put(self, block: np.ndarray):  # -> ndarray or torch.Tensor
+        if self.torch is None:
+            return block
+        return self.torch.as_tensor(block, device=self.device)
+
+    def gram(self, a, b) -> np.ndarray:
+        """a bᵀ as float64 (computed in the blocks' precision)."""
+        if self.torch is None:
+            return (a @ b.T).astype(np.float64)
+        return (a @ b.T).to(self.torch.float64).cpu().numpy()
+
+    def weighted(self, a, coeffs: np.ndarray) -> np.ndarray:
+        """aᵀ coeffs as float64 (computed in the blocks' precision)."""
+        if self.torch is None:
+            return (a.T @ coeffs).astype(np.float64)
+        weights = self.torch.as_tensor(coeffs, device=self.device)
+        return (a.T @ weights).to(self.torch.float64).cpu().numpy()

@@ -37,6 +37,9 @@ from pecore.roi import dilate_mask
 __all__ = ["CBIRPipeline", "PatchModel", "dilated_rois", "encode_images", "fit_patch_model"]
 
 _FORMAT_VERSION = 1  # of the saved npz; `load` refuses any other
+# Where the features are computed, not what they are: never saved with a model, so a model file
+# does not depend on the machine that wrote it (and files stay byte-identical to older ones).
+_EXECUTION_PARAMS = ("backend", "device")
 
 
 @dataclass
@@ -105,6 +108,10 @@ def fit_patch_model(
     Each dictionary size gets its own GMM seed, derived from `random_state` and the size, so
     a size's model does not depend on which other sizes are fitted alongside.
 
+    `images` and `masks` may be lazy sequences (each item read on indexing, e.g. from a
+    store): without `rois`, one image is held at a time, masks are read twice and images
+    once, so memory does not grow with the number of images (issue 17).
+
     Parameters
     ----------
     images : sequence of array_like of shape (height, width)
@@ -141,16 +148,20 @@ def fit_patch_model(
     if len(images) == 0:
         raise ValueError("no training images")
     rng = np.random.default_rng(random_state)
-    if rois is None:
-        rois = dilated_rois(masks, radius)
-    counts = np.array([int(np.count_nonzero(r)) for r in rois])
+
+    def roi_of(i: int) -> np.ndarray:
+        if rois is not None:
+            return rois[i]
+        return dilate_mask(np.asarray(masks[i], dtype=bool), radius)
+
+    counts = np.array([int(np.count_nonzero(roi_of(i))) for i in range(len(masks))])
     chosen = training_sample(counts, n_train_patches, rng)
     parts = []
-    for image, roi, positions in zip(images, rois, chosen, strict=True):
+    for i, positions in enumerate(chosen):
         if positions.size:
             # positions index the ROI pixels in raster order; only the chosen patches are cut
-            rows, cols = np.nonzero(roi)
-            normalised = minmax_normalise(image)
+            rows, cols = np.nonzero(roi_of(i))
+            normalised = minmax_normalise(images[i])
             parts.append(extract_patches(normalised, rows[positions], cols[positions], patch_size))
     sample = np.concatenate(parts)
     pca = PatchPCA(energy=pca_energy).fit(sample)
@@ -272,6 +283,12 @@ class CBIRPipeline(BaseEstimator):
         Seed of the patch sample and the GMM.
     n_jobs : int or None, default=None
         Threads used to encode images (None: up to 2).
+    backend : {"numpy", "torch"}, default="numpy"
+        Where Fisher vectors and projections are computed: the numpy/numba reference, or
+        `pecore.torch_features.TorchFeatures` (batched, on CUDA when present; the `[gpu]`
+        extra). PCA, GMM and CFML are fitted by the reference code either way.
+    device : str or None, default=None
+        The torch device of the "torch" back end (None: CUDA when present, else the CPU).
 
     Attributes
     ----------
@@ -324,6 +341,8 @@ class CBIRPipeline(BaseEstimator):
         dim: int = 10,
         random_state: int = 0,
         n_jobs: int | None = None,
+        backend: str = "numpy",
+        device: str | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_regions = n_regions
@@ -335,6 +354,8 @@ class CBIRPipeline(BaseEstimator):
         self.dim = dim
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.backend = backend
+        self.device = device
 
     # -- learning ----------------------------------------------------------------------------
     def fit(
@@ -361,12 +382,81 @@ class CBIRPipeline(BaseEstimator):
         ValueError
             If images, masks and labels differ in number.
         """
-        labels = np.asarray(labels)
-        if not (len(images) == len(masks) == labels.shape[0]):
-            raise ValueError(
-                f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
-            )
+        labels = _checked_labels(images, masks, labels)
         rois = dilated_rois(masks, self.radius)
+        self._fit_dictionary(images, masks, rois)
+        train_fv = self._fisher_vectors(images, masks, rois)
+        self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
+        return self
+
+    def fit_streamed(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        labels: np.ndarray,
+        *,
+        chunk_size: int = 1024,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> CBIRPipeline:
+        """`fit` for more templates than fit in memory: nothing grows with n except the n×n Gram.
+
+        Images and masks may be lazy sequences (read on indexing, e.g. from a store). The patch
+        model reads one image at a time (`fit_patch_model`); the training Fisher vectors are
+        computed `chunk_size` images at a time and spilled to `.npy` files, from which
+        `CFML.fit_chunks` assembles the Gram block by block. The result equals `fit` up to
+        float32 summation order in the Gram and W.
+
+        Parameters
+        ----------
+        images : sequence of array_like of shape (height, width)
+            Training images (plain or cipher); may be lazy.
+        masks : sequence of array_like of shape (height, width)
+            Their plain tumour masks; may be lazy.
+        labels : array_like of shape (n_images,)
+            Their classes.
+        chunk_size : int, default=1024
+            Images per Fisher-vector chunk (memory: two chunks of F floats each).
+        spill_dir : path-like, optional
+            Where the chunks are written (a temporary directory, removed after, by default).
+
+        Returns
+        -------
+        CBIRPipeline
+            This estimator, fitted.
+
+        Raises
+        ------
+        ValueError
+            If images, masks and labels differ in number or `chunk_size` is below 1.
+        """
+        import tempfile
+
+        labels = _checked_labels(images, masks, labels)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._fit_dictionary(images, masks, rois=None)
+        with tempfile.TemporaryDirectory(dir=spill_dir, prefix="fisher-") as folder:
+            paths = []
+            for start in range(0, len(images), chunk_size):
+                rows = range(start, min(start + chunk_size, len(images)))
+                fv = self._fisher_vectors([images[i] for i in rows], [masks[i] for i in rows])
+                paths.append(os.path.join(folder, f"{len(paths):06d}.npy"))
+                np.save(paths[-1], fv)
+                del fv
+            chunks = _SpilledChunks(paths)
+            device = self._torch_features().device if self.backend == "torch" else None
+            self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit_chunks(
+                chunks, labels, device=device
+            )
+        return self
+
+    def _fit_dictionary(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        rois: Sequence[np.ndarray] | None,
+    ) -> None:
+        """PCA and GMM (`fit_patch_model`), and the encoder over them."""
         model = fit_patch_model(
             images,
             masks,
@@ -381,7 +471,44 @@ class CBIRPipeline(BaseEstimator):
         self.pca_ = model.pca
         self.gmm_ = model.gmms[self.n_components]
         self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
-        (train_fv,) = encode_images(
+        self._torch_cache = None  # built over the new PCA and GMM on first use
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "metric_"):
+            raise RuntimeError("CBIRPipeline is not fitted; call fit() or load() first")
+
+    def _torch_features(self):  # -> pecore.torch_features.TorchFeatures
+        """The torch back end over the fitted PCA and GMM (built once per device)."""
+        from pecore.torch_features import TorchFeatures
+
+        cached = getattr(self, "_torch_cache", None)
+        if cached is None or cached[0] != self.device:
+            features = TorchFeatures(
+                self.pca_,
+                self.gmm_,
+                n_regions=self.n_regions,
+                patch_size=self.patch_size,
+                device=self.device,
+            )
+            cached = (self.device, features)
+            self._torch_cache = cached
+        return cached[1]
+
+    def _fisher_vectors(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        rois: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        if self.backend not in ("numpy", "torch"):
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {self.backend!r}")
+        if self.backend == "torch":
+            if len(masks) != len(images):
+                raise ValueError(f"{len(images)} images but {len(masks)} masks")
+            if rois is None:
+                rois = dilated_rois(masks, self.radius)
+            return self._torch_features().fisher_vectors(images, rois)
+        (fv,) = encode_images(
             images,
             masks,
             self.pca_,
@@ -391,8 +518,7 @@ class CBIRPipeline(BaseEstimator):
             rois=rois,
             n_jobs=self.n_jobs,
         )
-        self.metric_ = CFML(reg=self.metric_lambda, n_components=self.dim).fit(train_fv, labels)
-        return self
+        return fv
 
     # -- the sealed mode: patch model from the owner, metric from owner-sent Fisher vectors ---
     @classmethod
@@ -447,10 +573,6 @@ class CBIRPipeline(BaseEstimator):
         )
         return self
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "metric_"):
-            raise RuntimeError("CBIRPipeline is not fitted; call fit() or load() first")
-
     # -- inference ---------------------------------------------------------------------------
     def fisher_vectors(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
@@ -475,16 +597,7 @@ class CBIRPipeline(BaseEstimator):
             If the pipeline is not fitted.
         """
         self._check_fitted()
-        (fv,) = encode_images(
-            images,
-            masks,
-            self.pca_,
-            [self.encoder_],
-            patch_size=self.patch_size,
-            radius=self.radius,
-            n_jobs=self.n_jobs,
-        )
-        return fv
+        return self._fisher_vectors(images, masks)
 
     def project(self, fisher_vectors: np.ndarray) -> np.ndarray:
         """Map Fisher vectors into the learned metric space.
@@ -513,6 +626,9 @@ class CBIRPipeline(BaseEstimator):
             raise ValueError(
                 f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}"
             )
+        if self.backend == "torch":
+            components = self.metric_.components_[:, : self.dim]
+            return self._torch_features().project(fisher_vectors, components).astype(np.float32)
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
 
     def transform(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -552,7 +668,11 @@ class CBIRPipeline(BaseEstimator):
         params = self.get_params(deep=False)
         # in __init__ order, as files were written before get_params came from BaseEstimator
         # (which sorts the names): a model saved now is byte-identical to one saved then
-        ordered = {name: params[name] for name in inspect.signature(type(self)).parameters}
+        ordered = {
+            name: params[name]
+            for name in inspect.signature(type(self)).parameters
+            if name not in _EXECUTION_PARAMS
+        }
         meta = {"format_version": _FORMAT_VERSION, "params": ordered}
         arrays = {
             "meta_json": np.array(json.dumps(meta)),
@@ -625,3 +745,28 @@ class CBIRPipeline(BaseEstimator):
         metric.eigenvalues_ = np.asarray(data["metric_eigenvalues"], dtype=np.float64)
         pipe.metric_ = metric
         return pipe
+
+
+def _checked_labels(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], labels: np.ndarray
+) -> np.ndarray:
+    labels = np.asarray(labels)
+    if not (len(images) == len(masks) == labels.shape[0]):
+        raise ValueError(
+            f"{len(images)} images, {len(masks)} masks and {labels.shape[0]} labels differ"
+        )
+    return labels
+
+
+class _SpilledChunks(Sequence[np.ndarray]):
+    """Fisher-vector chunks spilled to `.npy` files, read on each access (not memory-mapped:
+    mapped pages of every chunk would count in the address space and RSS)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return np.load(self.paths[i])

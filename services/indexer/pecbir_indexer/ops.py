@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pecbir_contracts.layout import version_number
 from pecbir_contracts.tasks import QUEUE_DEAD_LETTER, WORKER_QUEUES
-from pecbir_indexer.runtime import get_runtime
+from pecbir_indexer.runtime import feature_backend, get_runtime
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.observability import (
     Check,
@@ -60,6 +60,30 @@ class CachedModelCollector:
         yield model
 
 
+class FeatureBackendCollector:
+    """`pecbir_feature_backend_info{service="indexer",backend,device}` = 1: where this worker
+    computes Fisher vectors (IndexerSettings.feature_backend / feature_device)."""
+
+    def __init__(self, settings: IndexerSettings) -> None:
+        self.settings = settings
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "pecbir_feature_backend_info",
+            "Feature back end of this worker (numpy reference or torch on a device)",
+            labels=["service", "backend", "device"],
+        )
+        try:
+            backend, _, device = feature_backend(self.settings).partition(":")
+        except (ImportError, ValueError):  # readiness says so; the metric says what was asked
+            backend, device = self.settings.feature_backend, "unavailable"
+        info.add_metric(["indexer", backend, device or "cpu"], 1)
+        yield info
+
+
 def readiness_checks(settings: IndexerSettings) -> dict[str, Check]:
     def store() -> bool:
         get_runtime().store.exists("healthz/probe")
@@ -70,7 +94,16 @@ def readiness_checks(settings: IndexerSettings) -> dict[str, Check]:
 
         return True
 
-    return {"broker": broker_check(settings.broker_url), "store": store, "models": models}
+    def features() -> bool:
+        feature_backend(settings)  # torch installed and the device there, if asked for
+        return True
+
+    return {
+        "broker": broker_check(settings.broker_url),
+        "store": store,
+        "models": models,
+        "features": features,
+    }
 
 
 def instrument(celery_app: Any, settings: IndexerSettings) -> None:
@@ -81,6 +114,7 @@ def instrument(celery_app: Any, settings: IndexerSettings) -> None:
             worker_enable_soft_shutdown_on_idle=False,
         )
     register_collector("indexer_models", CachedModelCollector())
+    register_collector("indexer_feature_backend", FeatureBackendCollector(settings))
     instrument_celery(
         celery_app,
         "indexer",

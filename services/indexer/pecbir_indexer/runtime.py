@@ -14,6 +14,16 @@ from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.bus import bus_from_url
 
 
+def feature_backend(settings: IndexerSettings) -> str:
+    """ "numpy", or "torch:<device>" with the device resolved; ValueError where the device
+    asked for is not there (readiness fails), ImportError where torch is not installed."""
+    if settings.feature_backend == "numpy":
+        return "numpy"
+    from pecore.torch_features import resolve_device
+
+    return f"torch:{resolve_device(settings.feature_device)}"
+
+
 @dataclass
 class Runtime:
     settings: IndexerSettings
@@ -21,6 +31,18 @@ class Runtime:
     bus: EventBus
     _models: OrderedDict[tuple[str, str, str], object] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pipeline_options(self) -> dict[str, object]:
+        """How this worker runs a pipeline: threads and feature back end (not saved with it)."""
+        return {
+            "n_jobs": self.settings.encode_threads,
+            "backend": self.settings.feature_backend,
+            "device": self.settings.feature_device,
+        }
+
+    def feature_backend(self) -> str:
+        """ "numpy", or "torch:<device>" (the model manifest records it)."""
+        return feature_backend(self.settings)
 
     def model(self, layout: CollectionLayout, version: str):  # -> CBIRPipeline
         """The trained pipeline of `version` (loaded once, kept in a small LRU cache)."""
@@ -32,7 +54,7 @@ class Runtime:
                 self._models.move_to_end(key)
                 return self._models[key]
         pipeline = CBIRPipeline.load(io.BytesIO(self.store.get(layout.model(version))))
-        pipeline.n_jobs = self.settings.encode_threads
+        pipeline.set_params(**self.pipeline_options())
         with self._lock:
             self._models[key] = pipeline
             while len(self._models) > self.settings.model_cache_size:

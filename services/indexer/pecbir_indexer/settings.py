@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic_settings import SettingsConfigDict
 
 from pecbir_platform.store import StoreSettings
@@ -14,12 +16,22 @@ class IndexerSettings(StoreSettings):
     # Event stream for the search service; defaults to the broker's Redis.
     events_url: str | None = None
     reindex_chunk: int = 32
+    # > 0: a re-index fans out batches of this many images to the GPU workers' queue
+    # (pecbir.reindex.gpu, task pecbir.index.batch) instead of CPU chunks of `reindex_chunk`.
+    reindex_gpu_batch: int = 0
+    # Threads reading and writing the store around one batched feature computation.
+    batch_io_threads: int = 8
     max_retries: int = 5
     # Deliveries of one task id (retries + redeliveries after a worker died) before it is
     # treated as poison and dead-lettered.
     max_deliveries: int = 8
     model_cache_size: int = 4
     encode_threads: int | None = None
+    # Where Fisher vectors and projections are computed (pecore.torch_features, issue 17):
+    # "numpy" is the reference; "torch" needs the [gpu] extra and runs on `feature_device`
+    # (None: CUDA when present, else the CPU). Training fits PCA/GMM/CFML on the CPU either way.
+    feature_backend: Literal["numpy", "torch"] = "numpy"
+    feature_device: str | None = None
     # A lost worker's unacknowledged message is handed out again after this many seconds
     # (Redis transport). Keep it above the longest task (training) or a slow task runs twice.
     visibility_timeout_s: int = 3600

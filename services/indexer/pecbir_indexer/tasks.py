@@ -23,12 +23,13 @@ from pecbir_contracts.store import StorageError
 from pecbir_contracts.tasks import (
     QUEUE_DEAD_LETTER,
     TASK_DEAD_LETTER,
+    TASK_INDEX_BATCH,
     TASK_INDEX_CHUNK,
     TASK_INDEX_IMAGE,
     TASK_REINDEX_COLLECTION,
     TASK_TRAIN_MODEL,
 )
-from pecbir_indexer import work
+from pecbir_indexer import batch, work
 from pecbir_indexer.celery import app, settings
 from pecbir_indexer.runtime import get_runtime
 
@@ -47,7 +48,7 @@ def dead_letter(task_name: str, task_id: str, args: list[Any], reason: str) -> N
         elif task_name == TASK_TRAIN_MODEL and len(args) >= 3:
             layout = CollectionLayout(args[0], args[1])
             write_failure(rt.store, layout.model_failure(args[2]), reason, task=task_name)
-        elif task_name == TASK_INDEX_CHUNK and len(args) >= 4:
+        elif task_name in (TASK_INDEX_CHUNK, TASK_INDEX_BATCH) and len(args) >= 4:
             layout = CollectionLayout(args[0], args[1])
             for image_id in args[3]:
                 write_failure(rt.store, layout.failure(image_id), reason, task=task_name)
@@ -102,12 +103,12 @@ class IndexerTask(Task):
         dead_letter(self.name, task_id, list(args), f"{type(exc).__name__}: {exc}")
 
 
-def _test_delay() -> None:
+def _test_delay(task: str = "index_image") -> None:
     """The fault-injection hook (see IndexerSettings.test_index_delay_file)."""
     if settings.test_index_delay_file:
         with contextlib.suppress(FileNotFoundError, ValueError):
             seconds = float(Path(settings.test_index_delay_file).read_text())
-            log.warning("test hook: index_image sleeps %.1f s", seconds)
+            log.warning("test hook: %s sleeps %.1f s", task, seconds)
             time.sleep(seconds)
 
 
@@ -133,6 +134,17 @@ def index_chunk(tenant: str, collection: str, version: str, image_ids: list[str]
     return len(image_ids) - failed
 
 
+@app.task(base=IndexerTask, name=TASK_INDEX_BATCH, throws=(work.PoisonMessage,))
+def index_batch(tenant: str, collection: str, version: str, image_ids: list[str]) -> int:
+    """A re-index batch with one feature computation (the GPU workers' task)."""
+    _test_delay("index_batch")
+    outcome = batch.index_batch(get_runtime(), tenant, collection, version, image_ids)
+    for image_id, reason in outcome.poison.items():
+        # One bad image must not block its batch: record it, go on.
+        dead_letter(TASK_INDEX_IMAGE, f"batch:{image_id}", [tenant, collection, image_id], reason)
+    return len(outcome.indexed) + len(outcome.already_indexed)
+
+
 @app.task(base=IndexerTask, name=TASK_TRAIN_MODEL, throws=(work.PoisonMessage,))
 def train_model(tenant: str, collection: str, version: str) -> str:
     manifest = work.train_model(get_runtime(), tenant, collection, version)
@@ -142,16 +154,23 @@ def train_model(tenant: str, collection: str, version: str) -> str:
 
 @app.task(base=IndexerTask, name=TASK_REINDEX_COLLECTION)
 def reindex_collection(tenant: str, collection: str, version: str) -> int:
-    """Fan out: one `index_chunk` task per chunk of images still lacking `version` features."""
-    chunks = work.reindex_plan(get_runtime(), tenant, collection, version)
+    """Fan out: one `index_chunk` task per chunk of images still lacking `version` features,
+    or with `reindex_gpu_batch` set, one `index_batch` task per batch for the GPU workers."""
+    rt = get_runtime()
+    chunks = work.reindex_plan(rt, tenant, collection, version)
+    size, task = rt.settings.reindex_gpu_batch, index_chunk
+    if size > 0:
+        todo = [image_id for chunk in chunks for image_id in chunk]
+        chunks, task = [todo[i : i + size] for i in range(0, len(todo), size)], index_batch
     for chunk in chunks:
-        index_chunk.apply_async(args=[tenant, collection, version, chunk])
+        task.apply_async(args=[tenant, collection, version, chunk])
     return len(chunks)
 
 
 TASKS = {
     TASK_INDEX_IMAGE: index_image,
     TASK_INDEX_CHUNK: index_chunk,
+    TASK_INDEX_BATCH: index_batch,
     TASK_TRAIN_MODEL: train_model,
     TASK_REINDEX_COLLECTION: reindex_collection,
 }

@@ -178,7 +178,7 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
     labels = [label for *_, label in templates]
     counts = _check_counts(labels)
     started = time.perf_counter()
-    pipeline = CBIRPipeline(**params.model_dump(), n_jobs=rt.settings.encode_threads)
+    pipeline = CBIRPipeline(**params.model_dump(), **rt.pipeline_options())
     pipeline.fit(images, masks, np.asarray(labels))
     seconds = time.perf_counter() - started
     probe = pipeline.fisher_vectors(images[:1], masks[:1])
@@ -258,6 +258,7 @@ def _store_version(
         feature_dim=int(probe.shape[1]),
         projected_dim=int(pipeline.project(probe).shape[1]),
         train_seconds=round(seconds, 3),
+        feature_backend=rt.feature_backend(),
     )
     # The manifest marks the version as complete.
     rt.store.put(layout.manifest(version), manifest.model_dump_json().encode())

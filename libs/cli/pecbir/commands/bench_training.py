@@ -1,0 +1,190 @@
+"""`pecbir bench-training`: peak memory and time of CFML training, in memory vs streamed.
+
+Synthetic float32 Fisher vectors of F features (three classes; F = 81 920 is D = 64, d = 80,
+R = 8, the cipher-image size of issue 17) are written once as `.npy` chunks. Each (N, mode)
+runs in a fresh process under an address-space limit (`--limit-gib`, a stand-in for a machine's
+memory) and reports its peak RSS:
+
+- `memory`: today's path, all N vectors loaded into one array, `CFML.fit` (one centred copy);
+- `streamed`: `CFML.fit_chunks` over the memory-mapped chunks (two chunks + the N×N Gram).
+
+A run that does not fit under the limit is recorded as such. The table also gives each mode's
+memory model (bytes, fitted to nothing: the arrays each path allocates) at larger N, labelled
+as a model, not a measurement. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+GIB = 1024**3
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench-training", help="peak memory/time of CFML training: in memory vs streamed"
+    )
+    parser.add_argument("--sizes", default="2000,4000,8000", help="template counts N")
+    parser.add_argument("--features", type=int, default=81_920, help="Fisher-vector length F")
+    parser.add_argument("--chunk", type=int, default=500, help="templates per chunk")
+    parser.add_argument("--limit-gib", type=float, default=5.0, help="address-space limit")
+    parser.add_argument("--model-sizes", default="10000,50000,100000")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/gpu/training_memory.json"))
+    parser.set_defaults(func=run)
+
+
+def _labels(n: int) -> np.ndarray:
+    return np.arange(n) % 3
+
+
+def _write_chunks(folder: Path, n: int, features: int, chunk: int, seed: int) -> list[str]:
+    from tqdm import tqdm
+
+    paths = []
+    centres = np.random.default_rng(seed).standard_normal((3, features)).astype(np.float32)
+    for index, start in enumerate(tqdm(range(0, n, chunk), desc="writing chunks", unit="chunk")):
+        rng = np.random.default_rng([seed, index])
+        rows = min(chunk, n - start)
+        block = rng.standard_normal((rows, features), dtype=np.float32)
+        block += 0.3 * centres[_labels(n)[start : start + rows]]
+        paths.append(str(folder / f"{index:06d}.npy"))
+        np.save(paths[-1], block)
+    return paths
+
+
+class _Reads(Sequence[np.ndarray]):
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return np.load(self.paths[i])
+
+
+def child(mode: str, paths: list[str], n: int, limit_bytes: int) -> None:
+    """One measurement, in its own process (peak RSS is per process)."""
+    import resource
+
+    from pecore.metric import CFML
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    labels = _labels(n)
+    started = time.perf_counter()
+    try:
+        if mode == "memory":
+            X = np.concatenate([np.load(p) for p in paths])
+            CFML(n_components=10).fit(X, labels)
+        else:
+            # read on access, as from a store (a memory map would count every chunk's pages
+            # in RSS and in the address space)
+            CFML(n_components=10).fit_chunks(_Reads(paths), labels)
+        outcome = "fitted"
+    except MemoryError:
+        outcome = "MemoryError"
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_rss_bytes": peak}))
+
+
+def _measure(mode: str, paths: list[str], n: int, limit_bytes: int) -> dict[str, object]:
+    code = (
+        "import json, sys; from pecbir.commands.bench_training import child; "
+        "child(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, mode, json.dumps(paths), str(n), str(limit_bytes)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        # an allocation refused outside numpy's MemoryError path (BLAS, LAPACK work space)
+        return {"outcome": f"failed (exit {done.returncode})", "stderr": done.stderr[-400:]}
+    return json.loads(lines[-1])
+
+
+def memory_model(mode: str, n: int, features: int, chunk: int) -> int:
+    """Bytes of the big arrays each path allocates (not a measurement)."""
+    # both: the float64 Gram and LAPACK evd's ~2 n² float64 work space (the dual solve's n²)
+    solve = 3 * n * n * 8
+    if mode == "memory":
+        # the loaded float32 vectors, their centred copy, the float32 Gram product
+        return 2 * n * features * 4 + n * n * 4 + solve
+    # two float32 chunks and one centred copy
+    return 3 * chunk * features * 4 + solve
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    limit = int(args.limit_gib * GIB)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fisher-bench-") as folder:
+        paths = _write_chunks(Path(folder), max(sizes), args.features, args.chunk, args.seed)
+        for n in sizes:
+            used = paths[: -(-n // args.chunk)]
+            for mode in ("memory", "streamed"):
+                print(f"N={n} {mode} …", flush=True)
+                result = _measure(mode, used, n, limit)
+                rows.append(
+                    {
+                        "n_templates": n,
+                        "mode": mode,
+                        **result,
+                        "model_bytes": memory_model(mode, n, args.features, args.chunk),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    model = {
+        str(n): {
+            mode: memory_model(mode, n, args.features, args.chunk)
+            for mode in ("memory", "streamed")
+        }
+        for n in (int(s) for s in args.model_sizes.split(","))
+    }
+    report = {
+        "benchmark": "training_memory",
+        "features": args.features,
+        "chunk": args.chunk,
+        "address_space_limit_gib": args.limit_gib,
+        "seed": args.seed,
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": list(os.getloadavg()),
+        },
+        "rows": rows,
+        "memory_model_bytes_not_measured": model,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"F = {args.features}, chunk = {args.chunk}, limit {args.limit_gib} GiB")
+    print(f"{'N':>7} {'mode':>9} {'outcome':>14} {'peak RSS GiB':>12} {'model GiB':>9} {'s':>7}")
+    for r in rows:
+        peak = r.get("peak_rss_bytes")
+        print(
+            f"{r['n_templates']:>7} {r['mode']:>9} {r['outcome']:>14} "
+            f"{(peak / GIB if peak else float('nan')):>12.2f} {r['model_bytes'] / GIB:>9.2f} "
+            f"{r.get('seconds', float('nan')):>7.1f}"
+        )
+    for n, modes in model.items():
+        print(
+            f"model N={n}: memory {modes['memory'] / GIB:.1f} GiB, "
+            f"streamed {modes['streamed'] / GIB:.1f} GiB"
+        )
+    print(f"wrote {args.out}")
+    return 0

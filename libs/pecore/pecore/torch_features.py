@@ -1,0 +1,388 @@
+"""The feature pipeline on a torch device (issue 17): batched ROI patches, PCA, GMM posteriors,
+improved Fisher vectors and the CFML projection, for many images at once.
+
+It evaluates the models the numpy/numba path (`pecore.pipeline`, the reference) fitted, on
+CUDA when present, else on the CPU (where CI runs it). What can be exact is exact: min–max
+normalisation, the dilated ROI's pixels, the Hazen cut points (numpy's own lerp, op for op in
+float64) and so the intensity-order subregions, and the patch values. From the PCA product on,
+float32 products are summed in another order than numpy's BLAS, so Fisher vectors agree to a
+tolerance, not bit for bit (measured by `pecbir bench-gpu`; asserted in
+tests/pecore/test_torch_features.py). TF32 is never used: products run at torch's default
+"highest" float32 precision.
+
+A batch is cut into images of one shape; per batch, the (image, subregion) segments are padded
+to the longest one so that all their posterior-weighted sums are one batched product.
+
+torch is an optional extra (`pip install 'pe-cbir[gpu]'`); this module imports it on use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pecore.features import PatchPCA
+from pecore.fisher import _POSTERIOR_EPS, _PRIOR_EPS, DiagonalGMM
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BACKENDS", "TorchFeatures", "resolve_device", "torch_version"]
+
+#: The feature back ends `CBIRPipeline(backend=...)` accepts.
+BACKENDS = ("numpy", "torch")
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:  # the extra is optional
+        raise ImportError(
+            "the torch feature back end needs PyTorch: pip install 'pe-cbir[gpu]'"
+        ) from exc
+    return torch
+
+
+def torch_version() -> str | None:
+    """The installed PyTorch release, or None where it is not installed.
+
+    Returns
+    -------
+    str or None
+        ``torch.__version__``.
+    """
+    try:
+        return str(_torch().__version__)
+    except ImportError:
+        return None
+
+
+def resolve_device(device: str | None = None) -> str:
+    """The torch device to run on: `device` if given, else "cuda" when present, else "cpu".
+
+    Parameters
+    ----------
+    device : str, optional
+        A torch device string ("cpu", "cuda", "cuda:1", …).
+
+    Returns
+    -------
+    str
+        The device string.
+
+    Raises
+    ------
+    ValueError
+        If `device` names CUDA and no CUDA device is present.
+    """
+    torch = _torch()
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return str(torch.device(device))
+
+
+def _hazen_cuts(
+    torch: Any, sorted_values: torch.Tensor, counts: torch.Tensor, n_regions: int
+) -> torch.Tensor:
+    """numpy's `quantile(..., method="hazen")` at j/R, j = 1..R−1, of each row's first
+    `counts` sorted values, op for op as numpy does it (float64), so ties fall the same way."""
+    n = counts.to(torch.float64)[:, None]  # (B, 1)
+    # numpy's linspace, not torch's: the two may round j/R differently
+    probabilities = np.linspace(0.0, 1.0, n_regions + 1)[1:n_regions]
+    q = torch.as_tensor(probabilities, device=counts.device)[None, :]  # (1, R−1)
+    virtual = n * q + (0.5 + q * 0.0) - 1.0  # numpy: n·q + (α + q(1 − α − β)) − 1
+    previous = torch.floor(virtual)
+    last = (n - 1.0).expand_as(virtual)
+    above = virtual >= last
+    below = virtual < 0
+    previous = torch.where(above, last, torch.where(below, torch.zeros_like(previous), previous))
+    following = torch.where(above | below, previous, previous + 1.0)
+    gamma = virtual - torch.floor(virtual)
+    a = torch.gather(sorted_values, 1, previous.long())
+    b = torch.gather(sorted_values, 1, following.long())
+    diff = b - a
+    low = a + diff * gamma  # numpy's _lerp, both branches
+    high = b - diff * (1.0 - gamma)
+    return torch.where(gamma >= 0.5, high, low)
+
+
+class TorchFeatures:
+    """Fisher vectors and projections of many images at once on a torch device.
+
+    Parameters
+    ----------
+    pca : PatchPCA
+        The fitted patch PCA.
+    gmm : DiagonalGMM
+        The fitted visual dictionary.
+    n_regions : int
+        Intensity-order subregions R.
+    patch_size : int
+        Patch side P (odd).
+    device : str, optional
+        Torch device; None takes CUDA when present, else the CPU (`resolve_device`).
+    batch_size : int, optional
+        Images per batch; None takes 128 on CUDA and 8 on the CPU.
+
+    Attributes
+    ----------
+    device : str
+        The device the work runs on.
+    n_features : int
+        Length F of one Fisher vector.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pecore.features import PatchPCA
+    >>> from pecore.fisher import DiagonalGMM
+    >>> rng = np.random.default_rng(0)
+    >>> pca = PatchPCA(energy=0.9).fit(rng.random((200, 9)))
+    >>> gmm = DiagonalGMM(n_components=2).fit(pca.transform(rng.random((200, 9))))
+    >>> features = TorchFeatures(pca, gmm, n_regions=2, patch_size=3, device="cpu")
+    >>> images = rng.integers(0, 256, (3, 12, 12)).astype(np.uint8)
+    >>> rois = np.zeros((3, 12, 12), dtype=bool)
+    >>> rois[:, 4:8, 4:8] = True
+    >>> features.fisher_vectors(images, rois).shape == (3, features.n_features)
+    True
+    """
+
+    def __init__(
+        self,
+        pca: PatchPCA,
+        gmm: DiagonalGMM,
+        *,
+        n_regions: int,
+        patch_size: int,
+        device: str | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        torch = _torch()
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch size must be odd and positive, got {patch_size}")
+        self.device = resolve_device(device)
+        self.n_regions = int(n_regions)
+        self.patch_size = int(patch_size)
+        on_cuda = self.device.startswith("cuda")
+        self.batch_size = int(batch_size or (128 if on_cuda else 8))
+        dev = self.device
+        f32, f64 = torch.float32, torch.float64
+        # the very arrays the numpy path multiplies with (PatchPCA / DiagonalGMM internals)
+        self._projection = torch.as_tensor(pca._projection, dtype=f32, device=dev)
+        self._offset = torch.as_tensor(pca._offset, dtype=f32, device=dev)
+        self._coef = torch.as_tensor(gmm._coef, dtype=f32, device=dev)
+        self._bias = torch.as_tensor(gmm._bias, dtype=f32, device=dev)
+        self._mu = torch.as_tensor(gmm.means_, dtype=f64, device=dev)
+        self._var = torch.as_tensor(gmm.variances_, dtype=f64, device=dev)
+        self._sigma = torch.sqrt(self._var)
+        self._active = torch.as_tensor(gmm.weights_ >= _PRIOR_EPS, device=dev)[:, None]
+        self._sqrt_w = torch.as_tensor(
+            np.sqrt(np.maximum(gmm.weights_, _PRIOR_EPS)), dtype=f64, device=dev
+        )[:, None]
+        self.n_components, self.n_dims = gmm.means_.shape
+        self.n_features = self.n_regions * 2 * self.n_components * self.n_dims
+        half = self.patch_size // 2
+        steps = torch.arange(-half, half + 1, device=dev)
+        # row-major P×P window offsets, as `extract_patches` flattens a block
+        self._dr = steps.repeat_interleave(self.patch_size)
+        self._dc = steps.repeat(self.patch_size)
+
+    # -- Fisher vectors ----------------------------------------------------------------------
+    def fisher_vectors(
+        self, images: Sequence[np.ndarray], rois: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """Fisher vectors of images given their dilated ROIs (`pecore.pipeline.dilated_rois`).
+
+        Parameters
+        ----------
+        images : sequence of array_like of shape (height, width)
+            Plain or cipher images (any real dtype).
+        rois : sequence of array_like of bool, shape (height, width)
+            Their dilated tumour masks.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_images, n_features)
+            One improved Fisher vector (R blocks) per image, as `FisherVectorEncoder.encode`.
+
+        Raises
+        ------
+        ValueError
+            If images and ROIs differ in number or shape, or an image is not 2-D.
+        """
+        if len(images) != len(rois):
+            raise ValueError(f"{len(images)} images but {len(rois)} ROIs")
+        out = np.zeros((len(images), self.n_features), dtype=np.float32)
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, (image, roi) in enumerate(zip(images, rois, strict=True)):
+            shape = np.shape(image)
+            if len(shape) != 2:
+                raise ValueError(f"image must be 2-D, got shape {shape}")
+            if np.shape(roi) != shape:
+                raise ValueError(f"mask shape {np.shape(roi)} does not match image shape {shape}")
+            shapes.setdefault(shape, []).append(i)
+        for members in shapes.values():
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start : start + self.batch_size]
+                out[batch] = self._batch([images[i] for i in batch], [rois[i] for i in batch])
+        return out
+
+    def _batch(self, images: list[np.ndarray], rois: list[np.ndarray]) -> np.ndarray:
+        torch = _torch()
+        dev = self.device
+        n_images = len(images)
+        stacked = np.stack([np.asarray(image) for image in images])
+        if stacked.dtype != np.uint8:  # exact either way: uint8 → float32 happens on the device
+            stacked = stacked.astype(np.float32)
+        x = torch.from_numpy(stacked).to(dev, non_blocking=True).to(torch.float32)
+        roi = torch.from_numpy(np.stack([np.asarray(r, dtype=bool) for r in rois])).to(dev)
+        _, height, width = x.shape
+        # per-image min–max normalisation, as `minmax_normalise` (float32, one division)
+        lo = x.amin(dim=(1, 2), keepdim=True)
+        hi = x.amax(dim=(1, 2), keepdim=True)
+        span = hi - lo
+        x = (x - lo) / torch.where(span > 0, span, 1.0)  # ÷1 is exact: a constant image → 0
+        # ROI pixels in raster order, image by image
+        which, rows, cols = torch.nonzero(roi, as_tuple=True)
+        counts = roi.sum(dim=(1, 2))
+        values = x[which, rows, cols]
+        regions = self._regions(torch, values, which, counts)
+        segment = which * self.n_regions + regions
+        segment, order = torch.sort(segment, stable=True)
+        which, rows, cols = which[order], rows[order], cols[order]
+        patches = self._patches(torch, x, which, rows, cols, height, width)
+        y = patches @ self._projection
+        y -= self._offset
+        moments = torch.cat([y, y * y], dim=1)
+        del patches, y
+        log_lik = moments @ self._coef
+        log_lik += self._bias
+        posteriors = torch.softmax(log_lik, dim=1)
+        posteriors = torch.where(posteriors >= _POSTERIOR_EPS, posteriors, 0.0)
+        del log_lik
+        blocks = self._encode(torch, posteriors, moments, segment, n_images)
+        return blocks.reshape(n_images, self.n_features).cpu().numpy()
+
+    def _regions(
+        self, torch: Any, values: torch.Tensor, which: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """`pecore.roi.intensity_regions` of each image's ROI values, all images at once."""
+        r = self.n_regions
+        if r == 1:
+            return torch.zeros_like(which)
+        n_images = counts.shape[0]
+        longest = max(int(counts.max()), 1)
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.arange(values.shape[0], device=values.device) - starts[which]
+        padded = torch.full(
+            (n_images, longest), math.inf, dtype=torch.float64, device=values.device
+        )
+        padded[which, position] = values.to(torch.float64)
+        sorted_values = torch.sort(padded, dim=1).values
+        cuts = _hazen_cuts(torch, sorted_values, counts.clamp(min=1), r)
+        return torch.searchsorted(cuts.contiguous(), padded.contiguous(), right=True)[
+            which, position
+        ]
+
+    def _patches(
+        self,
+        torch: Any,
+        x: torch.Tensor,
+        which: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """The P×P patches at (rows, cols), reflect-padded where they leave the image."""
+        half = self.patch_size // 2
+        inside = (
+            bool(
+                (rows.min() >= half)
+                & (cols.min() >= half)
+                & (rows.max() < height - half)
+                & (cols.max() < width - half)
+            )
+            if rows.numel()
+            else True
+        )
+        if inside:  # the usual case: one offset per window position, no bounds arithmetic
+            centre = (which * height + rows) * width + cols
+            return x.reshape(-1)[centre[:, None] + (self._dr * width + self._dc)]
+        r = rows[:, None] + self._dr
+        c = cols[:, None] + self._dc
+        # numpy's "reflect" (edge not repeated); one reflection suffices for P/2 < side
+        r = torch.where(r < 0, -r, torch.where(r >= height, 2 * (height - 1) - r, r))
+        c = torch.where(c < 0, -c, torch.where(c >= width, 2 * (width - 1) - c, c))
+        return x.reshape(-1)[(which[:, None] * height + r) * width + c]
+
+    def _encode(
+        self,
+        torch: Any,
+        posteriors: torch.Tensor,
+        moments: torch.Tensor,
+        segment: torch.Tensor,
+        n_images: int,
+    ) -> torch.Tensor:
+        """Improved Fisher vector blocks of every (image, subregion) segment, (S, 2·K·d)."""
+        k, d = self.n_components, self.n_dims
+        n_segments = n_images * self.n_regions
+        sizes = torch.bincount(segment, minlength=n_segments)
+        longest = max(int(sizes.max()), 1) if segment.numel() else 1
+        starts = torch.cumsum(sizes, 0) - sizes
+        position = torch.arange(segment.shape[0], device=segment.device) - starts[segment]
+        g = posteriors.new_zeros((n_segments, longest, k))
+        g[segment, position] = posteriors
+        m = moments.new_zeros((n_segments, longest, 2 * d))
+        m[segment, position] = moments
+        mass = g.sum(dim=1, dtype=torch.float64)[:, :, None]  # (S, K, 1)
+        sums = torch.bmm(g.transpose(1, 2), m).to(torch.float64)  # (S, K, 2d)
+        del g, m
+        s1, s2 = sums[:, :, :d], sums[:, :, d:]
+        t = sizes.to(torch.float64)[:, None, None]
+        mu, var = self._mu, self._var
+        u = (s1 - mu * mass) / (self._sigma * (t * self._sqrt_w))
+        v = ((s2 - 2.0 * mu * s1 + mu**2 * mass) / var - mass) / (t * math.sqrt(2.0) * self._sqrt_w)
+        block = torch.cat(
+            [
+                torch.where(self._active, u, 0.0).reshape(n_segments, k * d),
+                torch.where(self._active, v, 0.0).reshape(n_segments, k * d),
+            ],
+            dim=1,
+        )
+        block = torch.sign(block) * torch.sqrt(torch.abs(block))
+        norms = torch.linalg.vector_norm(block, dim=1, keepdim=True).clamp(min=1e-12)
+        block = block / norms
+        block = torch.where(sizes[:, None] > 0, block, 0.0)  # an empty subregion gives zeros
+        return block.to(torch.float32)
+
+    # -- projection --------------------------------------------------------------------------
+    def project(self, fisher_vectors: np.ndarray, components: np.ndarray) -> np.ndarray:
+        """``fisher_vectors @ components`` in float64 on the device (`CFML.transform`).
+
+        Parameters
+        ----------
+        fisher_vectors : array_like of shape (n_images, F)
+            Fisher vectors.
+        components : array_like of shape (F, m)
+            The first m columns of the learned metric's W.
+
+        Returns
+        -------
+        ndarray of float64, shape (n_images, m)
+            The projections.
+        """
+        torch = _torch()
+        w = torch.as_tensor(np.asarray(components, dtype=np.float64), device=self.device)
+        fisher_vectors = np.asarray(fisher_vectors)
+        out = np.empty((fisher_vectors.shape[0], w.shape[1]), dtype=np.float64)
+        step = 4096
+        for start in range(0, fisher_vectors.shape[0], step):
+            block = torch.as_tensor(fisher_vectors[start : start + step], device=self.device)
+            out[start : start + step] = (block.to(torch.float64) @ w).cpu().numpy()
+        return out

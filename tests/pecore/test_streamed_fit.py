@@ -1,0 +1,98 @@
+"""Training without holding every Fisher vector or image at once equals the in-memory fit.
+
+Tolerance: the streamed Gram and W are float32 block products summed in another order than
+one BLAS call, so W and γ agree to 1e-5 relative (of their largest magnitude); the patch model
+is the same code on the same sample and must be identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from pecore.datasets import make_synthetic
+from pecore.metric import CFML
+from pecore.pipeline import CBIRPipeline, fit_patch_model
+
+RTOL = 1e-5
+
+
+class LazyStack(Sequence[np.ndarray]):
+    """Items produced on indexing (a store read stands in); counts reads, holds nothing."""
+
+    def __init__(self, source: np.ndarray) -> None:
+        self.source = source
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        self.reads += 1
+        return np.array(self.source[i])
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float = RTOL) -> bool:
+    return float(np.abs(a - b).max()) <= rtol * float(np.abs(a).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cfml_from_chunks_equals_cfml_in_memory(dtype):
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2], [30, 45, 25])
+    X = (rng.standard_normal((100, 400)) + 2.0 * np.eye(400)[labels * 7]).astype(dtype)
+    whole = CFML(n_components=4).fit(X, labels)
+    for cuts in ([100], [37, 63], [1, 50, 49], [10] * 10):
+        chunks = np.split(X, np.cumsum(cuts)[:-1])
+        streamed = CFML(n_components=4).fit_chunks(chunks, labels)
+        assert streamed.rank_ == whole.rank_
+        assert _close(whole.eigenvalues_, streamed.eigenvalues_)
+        assert _close(whole.components_, streamed.components_)
+    with pytest.raises(ValueError, match="labels"):
+        CFML().fit_chunks([X[:10]], labels)
+
+
+def test_cfml_from_chunks_on_a_torch_device():
+    pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 1], 40)
+    X = (rng.standard_normal((80, 200)) + np.eye(200)[labels]).astype(np.float32)
+    whole = CFML(n_components=3).fit(X, labels)
+    streamed = CFML(n_components=3).fit_chunks([X[:33], X[33:]], labels, device="cpu")
+    assert _close(whole.components_, streamed.components_)
+
+
+def test_patch_model_from_lazy_sequences_is_identical():
+    data = make_synthetic(n_images=24, size=48, seed=2)
+    images, masks = LazyStack(data.images), LazyStack(data.masks)
+    lazy = fit_patch_model(images, masks, [3], radius=3, n_train_patches=5_000, random_state=1)
+    whole = fit_patch_model(
+        list(data.images), list(data.masks), [3], radius=3, n_train_patches=5_000, random_state=1
+    )
+    assert images.reads <= len(data.images) and masks.reads <= 2 * len(data.masks)
+    np.testing.assert_array_equal(lazy.pca.components_, whole.pca.components_)
+    np.testing.assert_array_equal(lazy.gmms[3].means_, whole.gmms[3].means_)
+    np.testing.assert_array_equal(lazy.gmms[3].variances_, whole.gmms[3].variances_)
+
+
+def test_pipeline_fit_streamed_equals_fit(tmp_path):
+    data = make_synthetic(n_images=45, size=48, seed=6)
+    params = dict(n_components=3, radius=3, n_train_patches=8_000, dim=3, n_jobs=1)
+    whole = CBIRPipeline(**params).fit(data.images, data.masks, data.labels)
+    streamed = CBIRPipeline(**params).fit_streamed(
+        LazyStack(data.images),
+        LazyStack(data.masks),
+        data.labels,
+        chunk_size=8,
+        spill_dir=tmp_path,
+    )
+    assert list(tmp_path.iterdir()) == []  # the spilled chunks are gone
+    np.testing.assert_array_equal(streamed.gmm_.means_, whole.gmm_.means_)
+    assert _close(whole.metric_.eigenvalues_, streamed.metric_.eigenvalues_)
+    assert _close(whole.metric_.components_, streamed.metric_.components_)
+    z, s = whole.transform(data.images, data.masks), streamed.transform(data.images, data.masks)
+    assert _close(z, s, 1e-4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        CBIRPipeline(**params).fit_streamed(data.images, data.masks, data.labels, chunk_size=0)
