@@ -235,3 +235,32 @@ def test_markdown_tables_of_an_old_results_file_show_the_paper_numbers():
     text = markdown_tables(document, dim=10)
     assert "| 16 | diff. keys Ours | 80.00 ± 0.50 |" in text
     assert "| 83.52 | -3.52 |" in text  # paper Table 1, D = 16, ours with per-image keys
+
+
+def test_pe_roi_condition_caches_its_cloud_masks_and_uses_them_undilated(tmp_path):
+    from pecbir.experiment import _unit_key, condition_masks
+    from pecore.cipher_roi import RoiCipher
+    from pecore.keys import MasterKey, derive_image_key, key_stream
+
+    data = make_synthetic(n_images=60, size=48, seed=5)
+    roi = Condition("pe-roi-t16d", "per-image")
+    plain = Condition("ours", "per-image")
+    assert roi.is_roi and roi.is_variant and not plain.is_roi
+    with pytest.raises(ValueError, match="masks"):
+        cipher_images(data.images, data.index, [roi], 11, tmp_path)
+    stacks = cipher_images(data.images, data.index, [plain, roi], 11, tmp_path, data.masks)
+    moved = condition_masks(data.masks, data.index, [roi], 11, tmp_path)[roi.name]
+    scheme = RoiCipher.from_name("pe-roi-t16d")
+    for i in (0, 9):
+        key = derive_image_key(MasterKey.from_seed(11), str(int(data.index[i])), 48 * 48)
+        stream = key_stream(key.sslm, 48 * 48)
+        nonce = str(int(data.index[i]))
+        np.testing.assert_array_equal(
+            stacks[roi.name][i],
+            scheme.encrypt(data.images[i], stream, mask=data.masks[i], nonce=nonce),
+        )
+        np.testing.assert_array_equal(
+            moved[i], scheme.cloud_mask(data.masks[i], stream, nonce=nonce)
+        )
+    config = ExperimentConfig(dictionary_sizes=(2,), conditions=(plain, roi))
+    assert _unit_key(config, roi, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")

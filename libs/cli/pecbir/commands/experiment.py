@@ -61,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_str_list,
         default=["non-secure", *SCHEMES],
         help=f"any of non-secure,{','.join(SCHEMES)} (or their aliases {','.join(_aliases())}) "
-        "and tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64 (default: "
-        "non-secure and every registered scheme)",
+        "and tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64, and pe-roi "
+        "(pecore.cipher_roi; default: non-secure and every registered scheme)",
     )
     parser.add_argument(
         "--key-modes",
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         run_experiment,
         write_outputs,
     )
+    from pecore.cipher_roi import is_roi_scheme
     from pecore.cipher_variants import any_scheme, is_variant_scheme
     from pecore.envelope import canonical_key_mode
 
@@ -122,10 +123,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(
             f"unknown condition(s) {unknown}; choose from non-secure, {', '.join(SCHEMES)} "
-            "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
+            "or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32) or pe-roi"
         )
     schemes = list(dict.fromkeys(any_scheme(c).name for c in conditions if c != "non-secure"))
-    variants = [c for c in schemes if is_variant_scheme(c)]
+    variants = [c for c in schemes if is_variant_scheme(c) or is_roi_scheme(c)]
     modes = list(dict.fromkeys(canonical_key_mode(m) for m in modes))
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"bad dictionary sizes {sizes}")
