@@ -53,6 +53,15 @@ class ReportConfig:
     experiment_results: Path | None = None
     variants: tuple[str, ...] = VARIANT_SCHEMES
     natural_image: str = "camera"
+    #: `pecbir jigsaw-report`'s report.json (pe-roi and the jigsaw attack); default
+    #: `DEFAULT_JIGSAW_REPORT` where it exists.
+    jigsaw_report: Path | None = None
+    #: `pecbir experiment` results.json holding the pe-roi conditions.
+    pe_roi_results: Path | None = None
+
+
+DEFAULT_JIGSAW_REPORT = Path("results/security/jigsaw/report.json")
+DEFAULT_PE_ROI_RESULTS = Path("results/pe-roi/results.json")
 
 
 # --------------------------------------------------------------------------- data
@@ -138,7 +147,8 @@ def default_experiment_results() -> Path | None:
     candidates = sorted(
         Path("results").glob("*/results.json"), key=lambda p: p.stat().st_mtime, reverse=True
     )
-    candidates = [c for c in candidates if c.parent.name != "security"]
+    # results/pe-roi holds only the pe-roi conditions (read by `pe_roi_frontier`)
+    candidates = [c for c in candidates if c.parent.name not in ("security", "pe-roi")]
     return candidates[0] if candidates else None
 
 
@@ -209,16 +219,27 @@ def frontier_plot(path: Path, points: list[dict]) -> None:
     markers = {"same": "o", "per-image": "s"}
     if have_map:
         for point in have_map:
-            axis.scatter(point["best_ssim"], point["map"], marker=markers[point["mode"]], s=50)
+            jigsaw = point.get("source") == "jigsaw-report"
+            axis.scatter(
+                point["best_ssim"],
+                point["map"],
+                marker="D" if jigsaw else markers[point["mode"]],
+                s=50,
+            )
+            label = point["scheme"] if jigsaw else scheme_label(point["scheme"]).split(" (")[0]
             axis.annotate(
-                f"{scheme_label(point['scheme']).split(' (')[0]}, {point['mode']}",
+                f"{label}, {point['mode']}"
+                + (f" (ROI {point['best_ssim_roi']:.2f})" if jigsaw else ""),
                 (point["best_ssim"], point["map"]),
                 fontsize=7,
                 xytext=(4, 3),
                 textcoords="offset points",
             )
         axis.set_ylabel("retrieval mAP (%)")
-        axis.set_xlabel("best ciphertext-only attack: mean SSIM to plain (lower = more private)")
+        axis.set_xlabel(
+            "best ciphertext-only attack: mean SSIM to plain, full slice (lower = more private)"
+            "\n◆ pe-roi: jigsaw attack report, ROI SSIM in brackets"
+        )
         axis.set_title("privacy–utility frontier (dataset images)")
     else:
         labels = [f"{p['scheme']}\n{p['mode']}" for p in points]
@@ -352,6 +373,11 @@ def run_report(config: ReportConfig) -> dict:
                 }
             )
     plain_map = retrieval.get(("plain", "same"))
+    jigsaw_path = config.jigsaw_report or DEFAULT_JIGSAW_REPORT
+    jigsaw = json.loads(jigsaw_path.read_text()) if jigsaw_path.is_file() else None
+    if jigsaw is not None:
+        roi_map, _ = read_headline_map(config.pe_roi_results or DEFAULT_PE_ROI_RESULTS)
+        frontier += pe_roi_frontier(jigsaw, {**retrieval, **roi_map})
 
     def fig_scores(reference: np.ndarray) -> Callable[[np.ndarray], str]:
         def text(image: np.ndarray) -> str:
@@ -416,6 +442,9 @@ def run_report(config: ReportConfig) -> dict:
         "statistics_dataset": statistics,
         "statistics_natural": natural_statistics,
         "frontier": frontier,
+        "jigsaw": None
+        if jigsaw is None
+        else {"source": str(jigsaw_path), "command": jigsaw["command"], **jigsaw["summary"]},
         "retrieval_source": retrieval_source,
         "plain_map": plain_map,
         "figures": figures,
@@ -565,6 +594,8 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
             f"{'–' if kpa is None else f'{kpa:.3f}'} |"
         )
     lines += ["", "![frontier](frontier.png)", ""]
+    if document.get("jigsaw"):
+        lines += _jigsaw_markdown(document["jigsaw"])
     lines += [
         "Heat maps of all attacks: "
         + ", ".join(
@@ -583,3 +614,71 @@ def _stat(metric: str, value: float) -> str:
     if metric.startswith(("npcr", "uaci", "wrong_key_pixels")):
         return f"{value:.2f} %" if value >= 0.1 or value == 0 else f"{value:.2g} %"
     return f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------- pe-roi / jigsaw
+_JIGSAW_ATTACKS = ("pixel", "jigsaw")
+
+
+def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> list[dict]:
+    """Frontier points of the pe-roi schemes in a `pecbir jigsaw-report` report.json.
+
+    The best attack is the stage (pixel-level as found, or jigsaw) with the highest mean SSIM,
+    on the full slice and, separately, inside the ROI; per-image keys (the report's only mode).
+    """
+    points = []
+    for scheme, stages in jigsaw["summary"].items():
+        if not scheme.startswith("pe-roi"):
+            continue
+        found = {name: stages[name] for name in _JIGSAW_ATTACKS if name in stages}
+        name, best = max(found.items(), key=lambda kv: kv[1]["ssim_full"]["mean"])
+        roi_name, roi_best = max(found.items(), key=lambda kv: kv[1]["ssim_roi"]["mean"])
+        points.append(
+            {
+                "scheme": scheme,
+                "mode": "per-image",
+                "best_attack": name,
+                "best_ssim": best["ssim_full"]["mean"],
+                "best_psnr": best["psnr_full"]["mean"],
+                "best_ssim_roi": roi_best["ssim_roi"]["mean"],
+                "best_attack_roi": roi_name,
+                "all_black_ssim": stages["all-black guess"]["ssim_full"]["mean"],
+                "known_plaintext_ssim": None,
+                "map": retrieval.get((scheme, "per-image")),
+                "source": "jigsaw-report",
+            }
+        )
+    return points
+
+
+def _jigsaw_markdown(summary: dict) -> list[str]:
+    lines = [
+        "## Jigsaw attack: pe, the tile variants and pe-roi",
+        "",
+        f"From `{summary['command']}` ({summary['source']}; its report.md has every stage).",
+        "Per-image keys; median / worst over the slices; SSIM against the plain slice (full) and "
+        "inside the ROI (tumour mask dilated by 24 px). The all-black guess needs no cipher at "
+        "all: it is the floor of any full-slice number.",
+        "",
+        "| scheme | best attack, full slice | SSIM full | best attack, ROI | SSIM ROI | "
+        "neighbour acc. | direct acc. | all-black SSIM full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scheme, stages in summary.items():
+        if scheme in ("source", "command"):
+            continue
+        found = {n: stages[n] for n in _JIGSAW_ATTACKS if n in stages}
+        full = max(found, key=lambda n: found[n]["ssim_full"]["median"])
+        roi = max(found, key=lambda n: found[n]["ssim_roi"]["median"])
+        jig = stages.get("jigsaw", {})
+
+        def cell(entry: dict | None) -> str:
+            return "–" if not entry else f"{entry['median']:.2f} / {entry['worst']:.2f}"
+
+        lines.append(
+            f"| {scheme} | {full} | {cell(found[full]['ssim_full'])} | {roi} | "
+            f"{cell(found[roi]['ssim_roi'])} | {cell(jig.get('neighbour_accuracy'))} | "
+            f"{cell(jig.get('direct_accuracy'))} | "
+            f"{cell(stages['all-black guess']['ssim_full'])} |"
+        )
+    return [*lines, ""]

@@ -188,7 +188,7 @@ def solve(
     states: int = 1,
     masks: np.ndarray | None = None,
     kept: np.ndarray | None = None,
-    mask_weight: float = 1.0,
+    mask_weight: float = 3.0,
     candidates: int = 24,
 ) -> Assembly:
     """Assemble `tiles` (n, b, b) by greedy Kruskal merging with collision checks.
@@ -477,7 +477,7 @@ def attack_slice(
     nonce: str,
     radius: int = 24,
     content_threshold: float = 8.0,
-    mask_weight: float = 1.0,
+    mask_weight: float = 3.0,
 ) -> JigsawAttackResult:
     """Encrypt one slice under `scheme`, attack it, score it (full slice and inside the ROI).
 

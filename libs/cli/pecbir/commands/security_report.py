@@ -44,6 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated variant schemes '<inner>-bs<tile>' ('' for none)",
     )
     parser.add_argument("--natural", default="camera", help="skimage.data image name")
+    parser.add_argument(
+        "--jigsaw-report",
+        type=Path,
+        default=None,
+        help="pecbir jigsaw-report's report.json (default results/security/jigsaw/report.json "
+        "where it exists): adds pe-roi and the jigsaw attack to the frontier and report",
+    )
+    parser.add_argument(
+        "--pe-roi-results",
+        type=Path,
+        default=None,
+        help="results.json of the pe-roi experiment (default results/pe-roi/results.json)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/security"))
     parser.set_defaults(func=run)
 
@@ -65,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         experiment_results=args.experiment_results,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         natural_image=args.natural,
+        jigsaw_report=args.jigsaw_report,
+        pe_roi_results=args.pe_roi_results,
     )
     document = run_report(config)
     print(f"wrote {args.out / 'report.md'} and report.json ({document['seconds']:.0f} s)")
