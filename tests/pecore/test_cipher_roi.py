@@ -105,3 +105,19 @@ def test_names_and_errors():
         RoiCipher().encrypt(image, stream[: 40 * 40], mask=mask, nonce="x")
     with pytest.raises(ValueError, match="does not match"):
         RoiCipher().encrypt(np.zeros((64, 64), np.uint8), stream, mask=mask, nonce="x")
+
+
+def test_tiles_are_moved_as_the_per_tile_definition_says():
+    from pecore.cipher_roi import _dihedral
+
+    image = np.random.default_rng(4).integers(0, 256, (32, 32), dtype=np.uint8)
+    tiles = image.reshape(4, 8, 4, 8).swapaxes(1, 2).reshape(-1, 8, 8)
+    keys = roi_tile_keys(np.arange(7, dtype=np.uint8), "k", 16, 0b0111)
+    expected = [
+        _dihedral(tiles[p], int(c)) for p, c in zip(keys.permutation, keys.codes, strict=True)
+    ]
+    moved = apply_tile_transforms(image, keys, 8)
+    np.testing.assert_array_equal(
+        moved.reshape(4, 8, 4, 8).swapaxes(1, 2).reshape(-1, 8, 8), np.stack(expected)
+    )
+    np.testing.assert_array_equal(invert_tile_transforms(moved, keys, 8), image)

@@ -99,9 +99,25 @@ def _dihedral(tile: np.ndarray, code: int) -> np.ndarray:
     return np.rot90(tile, code & 3)
 
 
-def _dihedral_inverse(tile: np.ndarray, code: int) -> np.ndarray:
-    tile = np.rot90(tile, -(code & 3))
-    return tile.T if code & 4 else tile
+def _move_tiles(tiles: np.ndarray, codes: np.ndarray, *, inverse: bool) -> np.ndarray:
+    """`_dihedral` (or its inverse) of every tile by its code, one stacked call per code."""
+    out = np.empty_like(tiles)
+    for code in (int(c) for c in np.unique(codes & 7)):
+        chosen = (codes & 7) == code
+        group = tiles[chosen]
+        if inverse:
+            group = np.rot90(group, -(code & 3), axes=(1, 2))
+            out[chosen] = group.swapaxes(1, 2) if code & 4 else group
+        else:
+            group = group.swapaxes(1, 2) if code & 4 else group
+            out[chosen] = np.rot90(group, code & 3, axes=(1, 2))
+    return out
+
+
+def _negation(codes: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bool image (moved frame) of the tiles whose code has the negation bit."""
+    flags = (codes & 8).astype(bool)[:, None, None]
+    return _untile(np.broadcast_to(flags, (codes.size, block, block)), shape)
 
 
 def _tiles(image: np.ndarray, block: int) -> np.ndarray:
@@ -123,14 +139,11 @@ def apply_tile_transforms(
     `negate`: bool image (already scrambled and moved, like the output) of the pixels that the
     negation bit inverts; None ignores bit 3 (masks).
     """
-    tiles = _tiles(image, block)[keys.permutation]
-    moved = np.stack([_dihedral(t, int(c)) for t, c in zip(tiles, keys.codes, strict=True)])
+    moved = _move_tiles(_tiles(image, block)[keys.permutation], keys.codes, inverse=False)
     out = _untile(moved, image.shape)
     if negate is not None:
-        flip = _untile(
-            np.broadcast_to((keys.codes & 8).astype(bool)[:, None, None], moved.shape), image.shape
-        )
-        out = np.where(flip & negate, 255 - out, out).astype(image.dtype)
+        flip = _negation(keys.codes, block, image.shape) & negate
+        out = np.where(flip, 255 - out, out).astype(image.dtype)
     return out
 
 
@@ -139,17 +152,10 @@ def invert_tile_transforms(
 ) -> np.ndarray:
     """Exact inverse of `apply_tile_transforms` (same keys, same `negate` in the moved frame)."""
     if negate is not None:
-        flip = _untile(
-            np.broadcast_to(
-                (keys.codes & 8).astype(bool)[:, None, None], (keys.codes.size, block, block)
-            ),
-            image.shape,
-        )
-        image = np.where(flip & negate, 255 - image, image).astype(image.dtype)
-    moved = _tiles(image, block)
-    tiles = np.empty_like(moved)
-    for j, (t, c) in enumerate(zip(moved, keys.codes, strict=True)):
-        tiles[keys.permutation[j]] = _dihedral_inverse(t, int(c))
+        flip = _negation(keys.codes, block, image.shape) & negate
+        image = np.where(flip, 255 - image, image).astype(image.dtype)
+    tiles = np.empty_like(_tiles(image, block))
+    tiles[keys.permutation] = _move_tiles(_tiles(image, block), keys.codes, inverse=True)
     return _untile(tiles, image.shape)
 
 
