@@ -30,6 +30,7 @@ the bound that no placement algorithm can exceed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 from scipy import ndimage
@@ -81,21 +82,29 @@ def invert(a: int) -> int:
     return d + 8 * (a >> 3)
 
 
-def orient(tile: np.ndarray, state: int, kept: np.ndarray | None = None) -> np.ndarray:
-    """`tile` moved by the symmetry of `state`: out[M·x] = tile[x] (x centred); with polarity,
-    the pixels of `kept` (moved alike; all pixels when None) become 255 − value."""
-    b = tile.shape[0]
-    m = _MATRICES[state & 7]
+@cache
+def _source_index(b: int, dihedral: int) -> np.ndarray:
+    """Flat source pixel of every output pixel of a b×b tile moved by `dihedral`."""
     rows, cols = np.mgrid[0:b, 0:b]
     u = np.stack([2 * rows - (b - 1), 2 * cols - (b - 1)])
-    v = np.tensordot(m, u, axes=1)
-    out = np.empty_like(tile)
-    out[(v[0] + b - 1) // 2, (v[1] + b - 1) // 2] = tile[rows, cols]
+    v = np.tensordot(_MATRICES[dihedral], u, axes=1)
+    index = np.empty((b, b), dtype=np.int64)
+    index[(v[0] + b - 1) // 2, (v[1] + b - 1) // 2] = rows * b + cols
+    return index.ravel()
+
+
+def orient(tile: np.ndarray, state: int, kept: np.ndarray | None = None) -> np.ndarray:
+    """`tile` moved by the symmetry of `state`: out[M·x] = tile[x] (x centred); with polarity,
+    the pixels of `kept` (moved alike; all pixels when None) become 255 − value.  Works on one
+    tile (b, b) or a stack (n, b, b) alike."""
+    b = tile.shape[-1]
+    index = _source_index(b, state & 7)
+    out = tile.reshape(*tile.shape[:-2], b * b)[..., index].reshape(tile.shape)
     if state >> 3:
         if kept is None:
             out = 255 - out
         else:
-            moved = orient(kept.astype(bool), state & 7)
+            moved = orient(np.asarray(kept, dtype=bool), state & 7)
             out = np.where(moved, 255 - out, out)
     return out
 
@@ -217,20 +226,14 @@ def solve(
     n = tiles.shape[0]
     if states not in (1, 8, 16):
         raise ValueError(f"states must be 1, 8 or 16, got {states}")
-    oriented = np.stack(
-        [
-            orient(t, s, None if kept is None else kept[k])
-            for s in range(states)
-            for k, t in enumerate(tiles)
-        ]
-    )  # index s·n + k
+    oriented = np.concatenate([orient(tiles, s, kept) for s in range(states)])  # index s·n + k
     base = _side_profiles(tiles)
     moved = _side_profiles(oriented)
     floor = max(1.0, float(np.median(np.abs(np.diff(tiles, axis=2)))) ** 2)
     costs = {rel: _mgc(base[rel], moved[_OPPOSITE[rel]], floor) for rel in _OFFSETS}
     if masks is not None:
         masks = np.asarray(masks, dtype=np.float64)
-        mask_oriented = np.stack([orient(m, s & 7) for s in range(states) for m in masks])
+        mask_oriented = np.concatenate([orient(masks, s & 7) for s in range(states)])
         mask_base = _side_profiles(masks)
         mask_moved = _side_profiles(mask_oriented)
         scale = float(np.median([c.min(axis=1) for c in costs.values()]))
