@@ -179,6 +179,8 @@ class RoiCipher:
     ----------
     name : str
         "pe-roi" for the chosen configuration, else "pe-roi-t<b>[d|dn]".
+    legacy_name : str
+        Always "pe-roi-t<b>[d|dn]" (what seeds and cache names are derived from).
     label : str
         Display label.
     """
@@ -207,8 +209,10 @@ class RoiCipher:
         self.margin = int(margin)
         self.inner: CipherScheme = cipher_scheme(inner)
         default = (self.tile, transforms) == (_DEFAULT_TILE, _DEFAULT_SET)
-        self.name = "pe-roi" if default else f"pe-roi-t{self.tile}{_SHORT[transforms]}"
-        self.legacy_name = self.name
+        explicit = f"pe-roi-t{self.tile}{_SHORT[transforms]}"
+        self.name = "pe-roi" if default else explicit
+        # seeds and cache names: the explicit spelling, stable when the chosen one changes
+        self.legacy_name = explicit
         self.label = f"PE-ROI ({self.tile}×{self.tile} tiles, {transforms})"
 
     @classmethod

@@ -19,7 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16d,pe-roi-t16,pe-roi-t32dn,pe-roi-t32"
+DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16,pe-roi-t32,pe-roi-t16d,pe-roi-t32dn"
+
+
+class _Rows:
+    """Rows `rows` of a (memory-mapped) stack, read one at a time: no copy of the subset."""
+
+    def __init__(self, stack: np.ndarray, rows: np.ndarray) -> None:
+        self.stack, self.rows = stack, rows
+        self.shape = (rows.size, *stack.shape[1:])
+
+    def __len__(self) -> int:
+        return self.rows.size
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.stack[self.rows[i]])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     folds = np.asarray(data.folds)[keep]
     if not np.any(folds == args.inner_fold):
         raise ValueError(f"inner fold {args.inner_fold} has no images outside the outer fold")
-    images = np.asarray(data.images[keep])
-    masks = np.asarray(data.masks[keep])
+    images = _Rows(data.images, keep)
+    masks = _Rows(data.masks, keep)
     labels = np.asarray(data.labels)[keep]
     ids = np.asarray(data.index)[keep]
     conditions = [Condition(n, "per-image") for n in names]
@@ -102,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 dictionary_sizes=[args.dict_size],
                 **params,
                 random_state=seed,
-                rois=[np.asarray(m, dtype=bool) for m in cloud],
+                rois=_Rows(cloud, np.arange(len(cloud))),
                 progress=bar.update,
             )[args.dict_size]
         file.write_text(json.dumps(fresh))
