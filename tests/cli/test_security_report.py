@@ -83,8 +83,6 @@ def test_pe_roi_points_and_section_come_from_the_jigsaw_report():
     assert point["best_attack"] == "pixel" and point["best_ssim"] == 0.45
     assert point["best_attack_roi"] == "jigsaw" and point["best_ssim_roi"] == 0.2
     assert point["map"] == 87.0 and point["all_black_ssim"] == 0.4
-    text = "\n".join(
-        _jigsaw_markdown({"source": "x", "command": "pecbir jigsaw-report", **summary})
-    )
+    text = "\n".join(_jigsaw_markdown({"source": "x", **summary}))
     assert "| pe-roi | pixel | 0.45 / 0.55 | jigsaw | 0.20 / 0.30 | 0.10 / 0.20 |" in text
     assert "| ours | pixel | 0.90 / 1.00 |" in text

@@ -442,9 +442,7 @@ def run_report(config: ReportConfig) -> dict:
         "statistics_dataset": statistics,
         "statistics_natural": natural_statistics,
         "frontier": frontier,
-        "jigsaw": None
-        if jigsaw is None
-        else {"source": str(jigsaw_path), "command": jigsaw["command"], **jigsaw["summary"]},
+        "jigsaw": None if jigsaw is None else {"source": str(jigsaw_path), **jigsaw["summary"]},
         "retrieval_source": retrieval_source,
         "plain_map": plain_map,
         "figures": figures,
@@ -644,7 +642,8 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
                 "best_attack_roi": roi_name,
                 "all_black_ssim": stages["all-black guess"]["ssim_full"]["mean"],
                 "known_plaintext_ssim": None,
-                "map": retrieval.get((scheme, "per-image")),
+                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn]
+                "map": retrieval.get((any_scheme(scheme).name, "per-image")),
                 "source": "jigsaw-report",
             }
         )
@@ -655,7 +654,8 @@ def _jigsaw_markdown(summary: dict) -> list[str]:
     lines = [
         "## Jigsaw attack: pe, the tile variants and pe-roi",
         "",
-        f"From `{summary['command']}` ({summary['source']}; its report.md has every stage).",
+        f"From {summary['source']} (`pecbir jigsaw-report`; its report.md has every stage and "
+        "the commands).",
         "Per-image keys; median / worst over the slices; SSIM against the plain slice (full) and "
         "inside the ROI (tumour mask dilated by 24 px). The all-black guess needs no cipher at "
         "all: it is the floor of any full-slice number.",
@@ -665,7 +665,7 @@ def _jigsaw_markdown(summary: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for scheme, stages in summary.items():
-        if scheme in ("source", "command"):
+        if scheme == "source":
             continue
         found = {n: stages[n] for n in _JIGSAW_ATTACKS if n in stages}
         full = max(found, key=lambda n: found[n]["ssim_full"]["median"])

@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache directory")
     parser.add_argument("--out", type=Path, default=Path("results/security/jigsaw"))
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add --schemes to the report.json in --out (same seed and slices), keep the rest",
+    )
     parser.set_defaults(func=run)
 
 
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.images < 1:
         raise ValueError(f"--images must be >= 1, got {args.images}")
-    schemes = [any_scheme(s.strip()).name for s in args.schemes.split(",") if s.strip()]
+    # pe-roi by its explicit spelling (pe-roi-t<b>[d|dn]): "pe-roi" names whichever was chosen
+    schemes = [any_scheme(s.strip()).legacy_name for s in args.schemes.split(",") if s.strip()]
     data_path = Path(args.data) if args.data else default_data_path()
     data = load_figshare(data_path, cache_dir=args.cache)
     rng = np.random.default_rng(args.seed)
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 scores["all-black guess"] = score_regions(plain, np.zeros_like(plain), mask)
                 scores["id"] = {"row": int(row), "index": int(data.index[row])}
                 rows[scheme].append(scores)
-                if scheme == "pe-roi" and "jigsaw" in scores:
+                if scheme == any_scheme("pe-roi").legacy_name and "jigsaw" in scores:
                     value = scores["jigsaw"]["ssim_roi"]
                     if best is None or value > best[0]:
                         best = (value, int(row), {"plain": plain, **result.images})
@@ -97,11 +103,21 @@ def run(args: argparse.Namespace) -> int:
         }
         for scheme, entries in rows.items()
     }
+    commands = ["pecbir " + " ".join(sys.argv[1:])]
+    previous_path = args.out / "report.json"
+    if args.append and previous_path.is_file():
+        previous = json.loads(previous_path.read_text())
+        if previous["seed"] != args.seed or previous["rows"] != [int(r) for r in chosen]:
+            raise ValueError(f"{previous_path} was made with another seed or other slices")
+        rows = {**previous["per_slice"], **rows}
+        summary = {**previous["summary"], **summary}
+        commands = [*previous.get("commands", [previous["command"]]), *commands]
     document = {
         "description": "jigsaw attack (pecore.jigsaw): stage 1 = tile-wise clear-pixel "
         "inpainting, stage 2 = MGC + best buddies + Kruskal placement; per-image keys; "
         "median / worst (max) / mean over the slices",
-        "command": "pecbir " + " ".join(sys.argv[1:]),
+        "command": commands[0],
+        "commands": commands,
         "seed": args.seed,
         "rows": [int(r) for r in chosen],
         "summary": summary,
@@ -145,7 +161,8 @@ def markdown(document: dict[str, object]) -> str:
                 + (f"{direct['median']:.2f} / {direct['worst']:.2f}" if direct else "")
                 + " |"
             )
-    lines += ["", f"Command: `{document['command']}` ({document['seconds']:.0f} s)", ""]
+    commands = document.get("commands", [document["command"]])
+    lines += ["", "Commands: " + ", ".join(f"`{c}`" for c in commands), ""]
     return "\n".join(lines)
 
 
