@@ -93,8 +93,9 @@ def test_tile_keys_known_answer():
 
 
 def test_names_and_errors():
-    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi"
-    assert RoiCipher.from_name("pe-roi-t32").transforms == "none"
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t32").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t32"
+    assert RoiCipher.from_name("pe-roi-t16dn").transforms == "dihedral+negative"
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
     assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
     for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q"):

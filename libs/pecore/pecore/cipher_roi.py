@@ -64,8 +64,8 @@ _LABEL = b"pecbir/pe-roi/v1"
 _NAME = re.compile(r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?)?$")
 #: The chosen configuration (see the module docstring and results/pe-roi/selection/).
 DEFAULT_ROI_SCHEME = "pe-roi"
-_DEFAULT_TILE = 16
-_DEFAULT_SET: TransformSet = "dihedral+negative"
+_DEFAULT_TILE = 32
+_DEFAULT_SET: TransformSet = "none"
 
 
 @dataclass(frozen=True)
@@ -164,9 +164,9 @@ class RoiCipher:
 
     Parameters
     ----------
-    tile : int, default=16
+    tile : int, default=32
         Tile side b (must divide the image's height and width).
-    transforms : {"none", "dihedral", "dihedral+negative"}, default="dihedral+negative"
+    transforms : {"none", "dihedral", "dihedral+negative"}, default="none"
         Per-tile keyed transforms.
     radius : int, default=24
         ROI dilation radius of the tumour mask (spec §1.3).
