@@ -264,3 +264,19 @@ def test_pe_roi_condition_caches_its_cloud_masks_and_uses_them_undilated(tmp_pat
         )
     config = ExperimentConfig(dictionary_sizes=(2,), conditions=(plain, roi))
     assert _unit_key(config, roi, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")
+
+
+def test_pe_roi_selection_rule_prefers_small_tiles_and_more_transforms_within_tolerance():
+    from pecbir.commands.pe_roi_select import choose
+
+    measured = {
+        "pe-roi-t16dn": 81.47,
+        "pe-roi-t16": 81.9,
+        "pe-roi-t32": 85.36,
+        "pe-roi-t32dn": 80.7,
+    }
+    assert choose(measured, 1.0) == "pe-roi-t32"
+    assert choose(measured, 4.0) == "pe-roi-t16dn"
+    assert (
+        choose({"pe-roi-t32": 85.0, "pe-roi-t32d": 84.5, "pe-roi-t16": 82.0}, 1.0) == "pe-roi-t32d"
+    )

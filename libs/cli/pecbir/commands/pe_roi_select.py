@@ -64,7 +64,7 @@ def choose(rows: dict[str, float], tolerance: float) -> str:
     best = max(rows.values())
     eligible = [RoiCipher.from_name(n) for n, m in rows.items() if m >= best - tolerance]
     order = list(ROI_TRANSFORM_SETS)
-    return min(eligible, key=lambda s: (s.tile, -order.index(s.transforms))).name
+    return min(eligible, key=lambda s: (s.tile, -order.index(s.transforms))).legacy_name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
             )[args.dict_size]
         file.write_text(json.dumps(fresh))
         results[condition.name] = fresh
-    headline = {name: 100.0 * float(r["by_dim"]["10"]["mAP"]) for name, r in results.items()}
-    chosen = choose({n.split("/")[0]: m for n, m in headline.items()}, args.tolerance)
+    # by the explicit spelling pe-roi-t<b>[d|dn]: "pe-roi" names the configuration chosen
+    explicit = {name: RoiCipher.from_name(name.split("/")[0]).legacy_name for name in results}
+    headline = {explicit[n]: 100.0 * float(r["by_dim"]["10"]["mAP"]) for n, r in results.items()}
+    chosen = choose(headline, args.tolerance)
     document = {
         "description": "pe-roi selection on training folds only: inner fold queries the other "
         "training folds (per-image keys, CFML dim 10)",
@@ -135,10 +137,12 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "key_seed": args.key_seed,
         "map_percent": headline,
-        "p10_percent": {n: 100.0 * float(r["by_dim"]["10"]["P@10"]) for n, r in results.items()},
+        "p10_percent": {
+            explicit[n]: 100.0 * float(r["by_dim"]["10"]["P@10"]) for n, r in results.items()
+        },
         "chosen": chosen,
         "wall_time_s": time.perf_counter() - start,
-        "units": results,
+        "units": {explicit[n]: r for n, r in results.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(document, indent=1))
@@ -150,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
         "|---|---|---|---|---|",
     ]
     for name, value in headline.items():
-        scheme = RoiCipher.from_name(name.split("/")[0])
+        scheme = RoiCipher.from_name(name)
         lines.append(
-            f"| {scheme.name} | {scheme.tile} | {scheme.transforms} | {value:.2f} | "
+            f"| {name} | {scheme.tile} | {scheme.transforms} | {value:.2f} | "
             f"{document['p10_percent'][name]:.2f} |"
         )
     lines += [
