@@ -29,7 +29,7 @@ the bound that no placement algorithm can exceed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -188,7 +188,6 @@ class Assembly:
     cell: np.ndarray
     state: np.ndarray
     n_best_buddies: int = 0
-    costs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 def solve(
@@ -276,10 +275,13 @@ def solve(
             if reverse % n == i and reverse // n == inverse:
                 buddies.add((i, j, s, r))
     edges.sort(key=lambda e: ((e[2], e[3], e[4], e[5]) not in buddies, e[0], e[1]))
-    return _kruskal(n, edges, buddies, costs)
+    assembly = _kruskal(n, edges)
+    assembly.n_best_buddies = len(buddies)
+    return assembly
 
 
-def _kruskal(n: int, edges: list, buddies: set, costs: dict[str, np.ndarray]) -> Assembly:
+def _kruskal(n: int, edges: list) -> Assembly:
+    """Merge pieces along `edges` (in order) unless a merge puts two pieces on one cell."""
     cluster = np.arange(n)
     cell = np.zeros((n, 2), dtype=np.int64)
     state = np.zeros(n, dtype=np.int64)
@@ -308,7 +310,7 @@ def _kruskal(n: int, edges: list, buddies: set, costs: dict[str, np.ndarray]) ->
         del occupied[small]
         if len(members) == 1:
             break
-    return Assembly(cluster=cluster, cell=cell, state=state, n_best_buddies=len(buddies))
+    return Assembly(cluster=cluster, cell=cell, state=state)
 
 
 # ------------------------------------------------------------------------------ scoring
