@@ -267,3 +267,48 @@ def test_sealed_condition_fits_the_grid_and_runs_on_the_plain_images(tmp_path, m
     with pytest.raises(SystemExit):
         main(["experiment", "--conditions", "non-secure,sealed", "--key-modes", "same"])
     assert seen["conditions"] == ["non-secure", "sealed/per-image"]
+
+
+def test_pe_roi_condition_caches_its_cloud_masks_and_uses_them_undilated(tmp_path):
+    from pecbir.experiment import _unit_key, condition_masks
+    from pecore.cipher_roi import RoiCipher
+    from pecore.keys import MasterKey, derive_image_key, key_stream
+
+    data = make_synthetic(n_images=60, size=48, seed=5)
+    roi = Condition("pe-roi-t16d", "per-image")
+    plain = Condition("ours", "per-image")
+    assert roi.is_roi and roi.is_variant and not plain.is_roi
+    with pytest.raises(ValueError, match="masks"):
+        cipher_images(data.images, data.index, [roi], 11, tmp_path)
+    stacks = cipher_images(data.images, data.index, [plain, roi], 11, tmp_path, data.masks)
+    moved = condition_masks(data.masks, data.index, [roi], 11, tmp_path)[roi.name]
+    scheme = RoiCipher.from_name("pe-roi-t16d")
+    for i in (0, 9):
+        key = derive_image_key(MasterKey.from_seed(11), str(int(data.index[i])), 48 * 48)
+        stream = key_stream(key.sslm, 48 * 48)
+        nonce = str(int(data.index[i]))
+        np.testing.assert_array_equal(
+            stacks[roi.name][i],
+            scheme.encrypt(data.images[i], stream, mask=data.masks[i], nonce=nonce),
+        )
+        np.testing.assert_array_equal(
+            moved[i], scheme.cloud_mask(data.masks[i], stream, nonce=nonce)
+        )
+    config = ExperimentConfig(dictionary_sizes=(2,), conditions=(plain, roi))
+    assert _unit_key(config, roi, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")
+
+
+def test_pe_roi_selection_rule_prefers_small_tiles_and_more_transforms_within_tolerance():
+    from pecbir.commands.pe_roi_select import choose
+
+    measured = {
+        "pe-roi-t16dn": 81.47,
+        "pe-roi-t16": 81.9,
+        "pe-roi-t32": 85.36,
+        "pe-roi-t32dn": 80.7,
+    }
+    assert choose(measured, 1.0) == "pe-roi-t32"
+    assert choose(measured, 4.0) == "pe-roi-t16dn"
+    assert (
+        choose({"pe-roi-t32": 85.0, "pe-roi-t32d": 84.5, "pe-roi-t16": 82.0}, 1.0) == "pe-roi-t32d"
+    )

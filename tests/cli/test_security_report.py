@@ -200,3 +200,30 @@ def test_refresh_rereads_the_maps_into_a_written_report_without_attacking(tmp_pa
     assert "Non-secure (plain) mAP: 94.67 %" in text and "| np | per-image | 84.52 |" in text
     assert json.loads((tmp_path / "report.json").read_text())["frontier"] == document["frontier"]
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+
+
+def test_pe_roi_points_and_section_come_from_the_jigsaw_report():
+    from pecbir.security import _jigsaw_markdown, pe_roi_frontier
+
+    def stage(full, roi, **extra):
+        entry = {"ssim_full": full, "psnr_full": full, "ssim_roi": roi, **extra}
+        return {k: {"median": v, "worst": v + 0.1, "mean": v} for k, v in entry.items()}
+
+    summary = {
+        "ours": {"pixel": stage(0.9, 0.88), "all-black guess": stage(0.4, 0.0)},
+        "pe-roi": {
+            "pixel": stage(0.45, 0.02),
+            "jigsaw": stage(0.43, 0.2, neighbour_accuracy=0.1, direct_accuracy=0.05),
+            "oracle": stage(0.5, 0.85),  # a bound, not an attack
+            "all-black guess": stage(0.4, 0.0),
+        },
+    }
+    points = pe_roi_frontier({"summary": summary}, {("pe-roi", "per-image"): 87.0})
+    assert len(points) == 1
+    (point,) = points
+    assert point["best_attack"] == "pixel" and point["best_ssim"] == 0.45
+    assert point["best_attack_roi"] == "jigsaw" and point["best_ssim_roi"] == 0.2
+    assert point["map"] == 87.0 and point["all_black_ssim"] == 0.4
+    text = "\n".join(_jigsaw_markdown({"source": "x", **summary}))
+    assert "| pe-roi | pixel | 0.45 / 0.55 | jigsaw | 0.20 / 0.30 | 0.10 / 0.20 |" in text
+    assert "| ours | pixel | 0.90 / 1.00 |" in text

@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pecore.cipher_roi import is_roi_scheme
 from pecore.cipher_variants import any_scheme, is_variant_scheme
 from pecore.envelope import KEY_MODE_ALIASES, KEY_MODES, canonical_key_mode
 from pecore.model_selection import CFML_DIMS, METRICS, paper_tables
@@ -40,6 +41,8 @@ ALGORITHM_VERSION = 3
 
 #: Tag of the mask handling of "<inner>-bs<b>" conditions (part of their unit cache key only).
 VARIANT_MASKS = "scramble_mask(mask, stream, scheme, nonce=str(index)), pecbir/block-scramble/v1"
+#: Tag of the mask handling of pe-roi conditions (their unit cache key only).
+ROI_MASKS = "RoiCipher.cloud_mask(mask, stream, nonce=str(index)), pecbir/pe-roi/v1, radius 0"
 DICTIONARY_SIZES = (16, 32, 64)
 #: The sealed protection mode (issue 12): images sealed under per-image data keys, features
 #: computed by the owner on the plain images.  A condition "sealed/per-image" in the grid.
@@ -78,8 +81,14 @@ class Condition:
 
     @property
     def is_variant(self) -> bool:
-        """A tile-scrambled scheme of `pecore.cipher_variants` ("<inner>-bs<b>")."""
-        return is_variant_scheme(self.scheme)
+        """A tile-scrambled scheme of `pecore.cipher_variants` ("<inner>-bs<b>") or pe-roi:
+        the cloud's masks are moved with the tiles (cached beside the cipher stack)."""
+        return is_variant_scheme(self.scheme) or self.is_roi
+
+    @property
+    def is_roi(self) -> bool:
+        """pe-roi (`pecore.cipher_roi`): its cloud mask is the moved ROI, used undilated."""
+        return is_roi_scheme(self.scheme)
 
     @property
     def is_sealed(self) -> bool:
@@ -344,7 +353,9 @@ def _unit_key(
         "folds": folds_digest,
         "data": config.extra.get("data_id"),
     }
-    if condition.is_variant:  # only here, so that the standard conditions' keys stay as they were
+    if condition.is_roi:
+        fields["masks"] = ROI_MASKS
+    elif condition.is_variant:  # only here, so that the standard conditions' keys stay as before
         fields["masks"] = VARIANT_MASKS
         if config.variant_roi != "cloud":
             fields["masks"] += f", ROI dilated by the owner (radius {config.radius})"
@@ -390,7 +401,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
             fold_results[condition.name] = {}
             images = None  # built or mapped only if some fold result is missing
             masks = data.masks
-            owner_roi = condition.is_variant and config.variant_roi == "owner"
+            owner_roi = condition.is_roi or (condition.is_variant and config.variant_roi == "owner")
             fold_config = replace(config, radius=0) if owner_roi else config
             for fold in config.folds:
                 keys = {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pecbir.experiment import SEALED, read_headline_maps
+from pecbir.experiment import SEALED, read_headline_map, read_headline_maps
 from pecore import attacks
 from pecore.attack_suite import AttackImages, attack_scheme, cipher_statistics
 from pecore.cipher import SCHEMES
@@ -62,6 +62,15 @@ class ReportConfig:
     sealed_dictionary_size: int = 64
     #: Where the decoded dataset is cached (`pecore.datasets.load_figshare`).
     cache_dir: Path | None = Path("cache")
+    #: `pecbir jigsaw-report`'s report.json (pe-roi and the jigsaw attack); default
+    #: `DEFAULT_JIGSAW_REPORT` where it exists.
+    jigsaw_report: Path | None = None
+    #: `pecbir experiment` results.json holding the pe-roi conditions.
+    pe_roi_results: Path | None = None
+
+
+DEFAULT_JIGSAW_REPORT = Path("results/security/jigsaw/report.json")
+DEFAULT_PE_ROI_RESULTS = Path("results/pe-roi/results.json")
 
 
 # --------------------------------------------------------------------------- data
@@ -145,7 +154,8 @@ def run_attacks(
 def default_experiment_results() -> list[Path]:
     """Every results/*/results.json under the working directory (`read_headline_maps` picks)."""
     paths = sorted(Path("results").glob("*/results.json"))
-    return [p for p in paths if p.parent.name != "security"]
+    # results/pe-roi holds only the pe-roi conditions (read by `pe_roi_frontier`)
+    return [p for p in paths if p.parent.name not in ("security", "pe-roi")]
 
 
 def run_sealed_attacks(config: ReportConfig) -> tuple[dict, dict[str, np.ndarray]]:
@@ -277,17 +287,25 @@ def frontier_plot(path: Path, points: list[dict]) -> None:
     markers = {"same": "o", "per-image": "s", SEALED: "*"}
     if have_map:
         for point in have_map:
-            marker = markers[SEALED if point["scheme"] == SEALED else point["mode"]]
+            jigsaw = point.get("source") == "jigsaw-report"
+            marker = (
+                "D" if jigsaw else markers[SEALED if point["scheme"] == SEALED else point["mode"]]
+            )
             axis.scatter(point["best_ssim"], point["map"], marker=marker, s=50)
+            label = point["scheme"] if jigsaw else scheme_label(point["scheme"]).split(" (")[0]
             axis.annotate(
-                f"{scheme_label(point['scheme']).split(' (')[0]}, {point['mode']}",
+                f"{label}, {point['mode']}"
+                + (f" (ROI {point['best_ssim_roi']:.2f})" if jigsaw else ""),
                 (point["best_ssim"], point["map"]),
                 fontsize=7,
                 xytext=(4, 3),
                 textcoords="offset points",
             )
         axis.set_ylabel("retrieval mAP (%)")
-        axis.set_xlabel("best attack without keys: mean SSIM to plain (lower = more private)")
+        axis.set_xlabel(
+            "best attack without keys: mean SSIM to plain, full slice (lower = more private)"
+            "\n◆ pe-roi: jigsaw attack report, ROI SSIM in brackets"
+        )
         axis.set_title("privacy–utility frontier (dataset images)")
     else:
         labels = [f"{p['scheme']}\n{p['mode']}" for p in points]
@@ -521,6 +539,11 @@ def run_report(config: ReportConfig) -> dict:
     retrieval, retrieval_source = read_headline_maps(experiment_paths)
     frontier = frontier_points(results, sealed, retrieval)
     plain_map = retrieval.get(("plain", "same"))
+    jigsaw_path = config.jigsaw_report or DEFAULT_JIGSAW_REPORT
+    jigsaw = json.loads(jigsaw_path.read_text()) if jigsaw_path.is_file() else None
+    if jigsaw is not None:
+        roi_map, _ = read_headline_map(config.pe_roi_results or DEFAULT_PE_ROI_RESULTS)
+        frontier += pe_roi_frontier(jigsaw, {**retrieval, **roi_map})
 
     def fig_scores(reference: np.ndarray) -> Callable[[np.ndarray], str]:
         def text(image: np.ndarray) -> str:
@@ -590,6 +613,7 @@ def run_report(config: ReportConfig) -> dict:
         "statistics_natural": natural_statistics,
         "attacks_sealed": sealed,
         "frontier": frontier,
+        "jigsaw": None if jigsaw is None else {"source": str(jigsaw_path), **jigsaw["summary"]},
         "retrieval_source": retrieval_source,
         "plain_map": plain_map,
         "figures": figures,
@@ -741,6 +765,8 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
             f"{'–' if kpa is None else f'{kpa:.3f}'} |"
         )
     lines += ["", "![frontier](frontier.png)", ""]
+    if document.get("jigsaw"):
+        lines += _jigsaw_markdown(document["jigsaw"])
     lines += [
         "Heat maps of all attacks: "
         + ", ".join(
@@ -808,3 +834,73 @@ def _stat(metric: str, value: float) -> str:
     if metric.startswith(("npcr", "uaci", "wrong_key_pixels")):
         return f"{value:.2f} %" if value >= 0.1 or value == 0 else f"{value:.2g} %"
     return f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------- pe-roi / jigsaw
+_JIGSAW_ATTACKS = ("pixel", "jigsaw")
+
+
+def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> list[dict]:
+    """Frontier points of the pe-roi schemes in a `pecbir jigsaw-report` report.json.
+
+    The best attack is the stage (pixel-level as found, or jigsaw) with the highest mean SSIM,
+    on the full slice and, separately, inside the ROI; per-image keys (the report's only mode).
+    """
+    points = []
+    for scheme, stages in jigsaw["summary"].items():
+        if not scheme.startswith("pe-roi"):
+            continue
+        found = {name: stages[name] for name in _JIGSAW_ATTACKS if name in stages}
+        name, best = max(found.items(), key=lambda kv: kv[1]["ssim_full"]["mean"])
+        roi_name, roi_best = max(found.items(), key=lambda kv: kv[1]["ssim_roi"]["mean"])
+        points.append(
+            {
+                "scheme": scheme,
+                "mode": "per-image",
+                "best_attack": name,
+                "best_ssim": best["ssim_full"]["mean"],
+                "best_psnr": best["psnr_full"]["mean"],
+                "best_ssim_roi": roi_best["ssim_roi"]["mean"],
+                "best_attack_roi": roi_name,
+                "all_black_ssim": stages["all-black guess"]["ssim_full"]["mean"],
+                "known_plaintext_ssim": None,
+                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn]
+                "map": retrieval.get((any_scheme(scheme).name, "per-image")),
+                "source": "jigsaw-report",
+            }
+        )
+    return points
+
+
+def _jigsaw_markdown(summary: dict) -> list[str]:
+    lines = [
+        "## Jigsaw attack: pe, the tile variants and pe-roi",
+        "",
+        f"From {summary['source']} (`pecbir jigsaw-report`; its report.md has every stage and "
+        "the commands).",
+        "Per-image keys; median / worst over the slices; SSIM against the plain slice (full) and "
+        "inside the ROI (tumour mask dilated by 24 px). The all-black guess needs no cipher at "
+        "all: it is the floor of any full-slice number.",
+        "",
+        "| scheme | best attack, full slice | SSIM full | best attack, ROI | SSIM ROI | "
+        "neighbour acc. | direct acc. | all-black SSIM full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scheme, stages in summary.items():
+        if scheme == "source":
+            continue
+        found = {n: stages[n] for n in _JIGSAW_ATTACKS if n in stages}
+        full = max(found, key=lambda n: found[n]["ssim_full"]["median"])
+        roi = max(found, key=lambda n: found[n]["ssim_roi"]["median"])
+        jig = stages.get("jigsaw", {})
+
+        def cell(entry: dict | None) -> str:
+            return "–" if not entry else f"{entry['median']:.2f} / {entry['worst']:.2f}"
+
+        lines.append(
+            f"| {scheme} | {full} | {cell(found[full]['ssim_full'])} | {roi} | "
+            f"{cell(found[roi]['ssim_roi'])} | {cell(jig.get('neighbour_accuracy'))} | "
+            f"{cell(jig.get('direct_accuracy'))} | "
+            f"{cell(stages['all-black guess']['ssim_full'])} |"
+        )
+    return [*lines, ""]

@@ -28,9 +28,11 @@ Encryption and security analysis (import the module):
 ``pecore.keys``             SSLM key streams, master keys, per-image key derivation
 ``pecore.cipher``           the scheme registry `SCHEMES`: the paper's cipher and baselines
 ``pecore.cipher_variants``  tile-scrambled variants ``<inner>-bs<b>`` of any scheme
+``pecore.cipher_roi``       pe-roi: only the owner's ROI, keyed tile scramble, then ours
 ``pecore.envelope``         owner side: 8-bit rule, key modes, record, integrity tag, stacks
 ``pecore.attacks``          attacks on the ciphers, as measurement tools
 ``pecore.attack_suite``     the security report's attack suite and its scoring
+``pecore.jigsaw``           jigsaw solver for tile-scrambled ciphers, scored vs the truth
 ``pecore.cipherstats``      figures of merit of cipher images
 ``pecore.datasets``         the figshare brain-tumour set and synthetic stand-ins
 ``pecore.io``               reading and writing grey images (PNG, NPY, DICOM)

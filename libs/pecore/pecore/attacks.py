@@ -144,8 +144,12 @@ def dechain(cipher: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- scoring
-def _ssim_both_polarities(plain: np.ndarray, recovered: np.ndarray) -> tuple[float, float]:
+def _ssim_both_polarities(
+    plain: np.ndarray, recovered: np.ndarray, region: np.ndarray | None = None
+) -> tuple[float, float]:
     """SSIM of `recovered` against plain and against 255 − plain, from one set of filters.
+
+    With `region` (bool, image shape) the SSIM map is averaged over those pixels only.
 
     Same definition as skimage's structural_similarity defaults (7×7 uniform window, sample
     covariance, K1 = 0.01, K2 = 0.03, data range 255, border of 3 cropped); inverting the
@@ -168,7 +172,8 @@ def _ssim_both_polarities(plain: np.ndarray, recovered: np.ndarray) -> tuple[flo
         ssim_map = ((2 * mean_x * uy + c1) * (2 * cov + c2)) / (
             (mean_x**2 + uy**2 + c1) * (vx + vy + c2)
         )
-        out.append(float(ssim_map[crop].mean(dtype=np.float64)))
+        kept = ssim_map[crop] if region is None else ssim_map[crop][region[crop]]
+        out.append(float(kept.mean(dtype=np.float64)) if kept.size else float("nan"))
     return out[0], out[1]
 
 
@@ -179,13 +184,19 @@ def _psnr(reference: np.ndarray, recovered: np.ndarray) -> float:
 
 
 def score(
-    plain: np.ndarray, recovered: np.ndarray, *, both_polarities: bool = True
+    plain: np.ndarray,
+    recovered: np.ndarray,
+    *,
+    both_polarities: bool = True,
+    region: np.ndarray | None = None,
 ) -> dict[str, float | str]:
     """SSIM and PSNR (data range 255) of a recovered image against the plain image.
 
     With ``both_polarities`` the recovered image is also compared with 255 − plain and the
     better polarity (by SSIM) is kept: an attacker who gets the negative has the image.
     SSIM is skimage's default definition (`_ssim_both_polarities`), PSNR is capped at 99 dB.
+    With `region` (bool mask of the image's shape) both are computed over those pixels only
+    (the SSIM map averaged there; nan where the region misses the 3-px-cropped interior).
     """
     plain = np.asarray(plain, dtype=np.uint8)
     recovered = np.asarray(recovered, dtype=np.uint8)
@@ -193,14 +204,23 @@ def score(
         raise ValueError(f"need two 2-D images of one shape, got {plain.shape}, {recovered.shape}")
     if min(plain.shape) < 7:
         raise ValueError(f"SSIM needs images of at least 7×7 pixels, got {plain.shape}")
-    ssim_plain, ssim_inverted = _ssim_both_polarities(plain, recovered)
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        if region.shape != plain.shape:
+            raise ValueError(f"region has shape {region.shape}, images {plain.shape}")
+    ssim_plain, ssim_inverted = _ssim_both_polarities(plain, recovered, region)
+    inside = (slice(None),) if region is None else (region,)
     if both_polarities and ssim_inverted > ssim_plain:
         return {
             "ssim": ssim_inverted,
-            "psnr": _psnr(255 - plain, recovered),
+            "psnr": _psnr((255 - plain)[inside], recovered[inside]),
             "polarity": "inverted",
         }
-    return {"ssim": ssim_plain, "psnr": _psnr(plain, recovered), "polarity": "plain"}
+    return {
+        "ssim": ssim_plain,
+        "psnr": _psnr(plain[inside], recovered[inside]),
+        "polarity": "plain",
+    }
 
 
 def score_folded(plain: np.ndarray, recovered: np.ndarray) -> dict[str, float]:

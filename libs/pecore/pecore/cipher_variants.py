@@ -31,6 +31,7 @@ import re
 import numpy as np
 
 from pecore.cipher import SCHEMES, CipherScheme, cipher_scheme, decrypt, encrypt
+from pecore.cipher_roi import RoiCipher, is_roi_scheme
 
 __all__ = [
     "VARIANT_SCHEMES",
@@ -205,14 +206,19 @@ class TileScrambled:
         return decrypt_variant(cipher, stream, self.name, nonce)
 
 
-def any_scheme(name: str) -> CipherScheme | TileScrambled:
-    """A registered scheme (by name or alias) or a tile-scrambled variant of one.
+def any_scheme(name: str) -> CipherScheme | TileScrambled | RoiCipher:
+    """A registered scheme (by name or alias), a tile-scrambled variant of one, or pe-roi.
+
+    pe-roi (`pecore.cipher_roi.RoiCipher`) also needs the tumour mask to encrypt, so
+    `encrypt_any` does not serve it; `pecore.envelope.encrypt_stack` does.
 
     Raises
     ------
     ValueError
         If `name` is neither.
     """
+    if is_roi_scheme(name):
+        return RoiCipher.from_name(name)
     try:
         return cipher_scheme(name)
     except ValueError:

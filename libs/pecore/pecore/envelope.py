@@ -601,7 +601,8 @@ def encrypt_stack(
     each stream in numba code that releases the GIL).  A tile-scrambled scheme ("<inner>-bs<b>")
     uses the image id as its nonce and moves the image's ROI mask with its tiles
     (`scramble_mask`); with `dilate`, the mask is dilated by that radius first (the owner ships
-    the ROI itself).
+    the ROI itself).  pe-roi (`pecore.cipher_roi`) encrypts with the mask and yields its cloud
+    mask (the ROI it dilated itself, moved with the tiles; `dilate` does not apply).
 
     Parameters
     ----------
@@ -616,7 +617,7 @@ def encrypt_stack(
     master : MasterKey or None
         The master key of "per-image" mode.
     masks : array (N, H, W) bool, optional
-        Tumour masks; required when `schemes` holds a tile-scrambled variant.
+        Tumour masks; required when `schemes` holds a tile-scrambled variant or pe-roi.
     dilate : int, optional
         Dilate each mask by this radius before scrambling it.
     batch, n_threads : int
@@ -625,14 +626,16 @@ def encrypt_stack(
     Yields
     ------
     tuple of (dict of str to numpy.ndarray, dict of str to numpy.ndarray)
-        In image order: cipher image by scheme, and the moved mask by variant scheme.
+        In image order: cipher image by scheme, and the moved mask by variant / pe-roi scheme.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from pecore.cipher_roi import RoiCipher, is_roi_scheme
     from pecore.cipher_variants import encrypt_any, is_variant_scheme, scramble_mask
     from pecore.roi import dilate_mask
 
-    variants = [s for s in schemes if is_variant_scheme(s)]
+    roi_schemes = {s: RoiCipher.from_name(s) for s in schemes if is_roi_scheme(s)}
+    variants = [s for s in schemes if is_variant_scheme(s) or s in roi_schemes]
     if variants and masks is None:
         raise ValueError(f"{', '.join(variants)} need the ROI masks to scramble (masks=...)")
     key_mode = canonical_key_mode(key_mode)
@@ -648,9 +651,19 @@ def encrypt_stack(
             for row, stream in zip(rows, pool.map(stream_of, rows), strict=True):
                 image = np.ascontiguousarray(images[row])
                 nonce = image_ids[row]
-                ciphers = {s: encrypt_any(image, stream, s, nonce) for s in schemes}
+                ciphers = {
+                    s: roi_schemes[s].encrypt(image, stream, mask=masks[row], nonce=nonce)
+                    if s in roi_schemes
+                    else encrypt_any(image, stream, s, nonce)
+                    for s in schemes
+                }
                 moved = {}
                 for scheme in variants:
+                    if scheme in roi_schemes:  # dilates the tumour mask itself (its `radius`)
+                        moved[scheme] = roi_schemes[scheme].cloud_mask(
+                            masks[row], stream, nonce=nonce
+                        )
+                        continue
                     roi = np.asarray(masks[row], dtype=bool)
                     if dilate is not None:
                         roi = dilate_mask(roi, dilate)

@@ -61,10 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_str_list,
         default=["non-secure", *SCHEMES],
         help=f"any of non-secure,{','.join(SCHEMES)} (or their aliases {','.join(_aliases())}), "
-        "tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64, and sealed (the "
-        "owner featurises plain images, the cloud sees only Fisher vectors; key mode "
-        "per-image whatever --key-modes says) (default: non-secure and every registered "
-        "scheme)",
+        "tile-scrambled variants <inner>-bs<b>, e.g. ours-bs32,ours-bs64, pe-roi "
+        "(pecore.cipher_roi), and sealed (the owner featurises plain images, the cloud sees "
+        "only Fisher vectors; key mode per-image whatever --key-modes says) (default: "
+        "non-secure and every registered scheme)",
     )
     parser.add_argument(
         "--key-modes",
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         run_experiment,
         write_outputs,
     )
+    from pecore.cipher_roi import is_roi_scheme
     from pecore.cipher_variants import any_scheme, is_variant_scheme
     from pecore.envelope import canonical_key_mode
 
@@ -126,10 +127,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(
             f"unknown condition(s) {unknown}; choose from non-secure, {SEALED}, "
-            f"{', '.join(SCHEMES)} or a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32)"
+            f"{', '.join(SCHEMES)}, a tile-scrambled variant '<inner>-bs<b>' (e.g. ours-bs32) "
+            "or pe-roi"
         )
     schemes = list(dict.fromkeys(any_scheme(c).name for c in conditions if c not in modes_free))
-    variants = [c for c in schemes if is_variant_scheme(c)]
+    variants = [c for c in schemes if is_variant_scheme(c) or is_roi_scheme(c)]
     modes = list(dict.fromkeys(canonical_key_mode(m) for m in modes))
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"bad dictionary sizes {sizes}")

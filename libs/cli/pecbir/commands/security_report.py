@@ -70,6 +70,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated variant schemes '<inner>-bs<tile>' ('' for none)",
     )
     parser.add_argument("--natural", default="camera", help="skimage.data image name")
+    parser.add_argument(
+        "--jigsaw-report",
+        type=Path,
+        default=None,
+        help="pecbir jigsaw-report's report.json (default results/security/jigsaw/report.json "
+        "where it exists): adds pe-roi and the jigsaw attack to the frontier and report",
+    )
+    parser.add_argument(
+        "--pe-roi-results",
+        type=Path,
+        default=None,
+        help="results.json of the pe-roi experiment (default results/pe-roi/results.json)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/security"))
     parser.set_defaults(func=run)
 
@@ -95,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         sealed_victims=args.sealed_victims,
         sealed_dictionary_size=args.sealed_dict_size,
         cache_dir=args.cache,
+        jigsaw_report=args.jigsaw_report,
+        pe_roi_results=args.pe_roi_results,
     )
     if args.refresh:
         if not (args.out / "report.json").is_file():

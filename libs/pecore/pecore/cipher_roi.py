@@ -1,0 +1,307 @@
+"""pe-roi: the one-stage perceptual mode that shows the cloud only the scrambled, keyed ROI.
+
+The retrieval features (method-spec §1–4) only ever read the owner-dilated tumour ROI and the
+P×P patches centred on its pixels.  So the owner sends, for feature extraction:
+
+1. the slice with everything outside ROI ⊕ patch margin blanked to 0 (ROI = tumour mask
+   dilated by `radius`, margin = ⌊P/2⌋ px more, so every ROI patch sees its true pixels
+   where it does not cross a tile border);
+2. cut into `tile`×`tile` tiles, permuted by a per-image keyed permutation;
+3. each tile moved by a per-image keyed transform: one of the 8 symmetries of the square
+   (rotations by 90°, transposition) and, with "negative" in the transform set, the
+   negative–positive transform p → 255 − p of its kept pixels (blank pixels stay 0, so
+   that a blank corner does not give the transform away);
+4. encrypted with the unchanged inner scheme ("ours", `pecore.cipher`) under the image's key
+   stream;
+
+and the cloud mask: the ROI moved with the tiles (no further dilation by the cloud).  The full
+slice travels only sealed (AES-GCM envelope, outside this module).  Patches are pooled
+orderlessly into Fisher vectors per intensity-order subregion, so the features need each patch's
+inside, not its place: what tile size and transform set they tolerate is a measurement
+(`results/pe-roi/selection/`, training folds only).
+
+Keys: permutation and transforms are SHAKE-256(SHA-256(label ‖ stream) ‖ len(nonce) ‖ nonce):
+8 bytes per tile for the permutation (argsort, as `pecore.cipher_variants`), then 1 byte per
+tile whose low 4 bits pick the transform.  No numpy RNG: the same on every machine.
+
+Decryption (`RoiCipher.decrypt`) returns the kept pixels bit-exactly and 0 elsewhere; it needs the
+cloud mask (it travels with the cipher image) to know which pixels were kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pecore.cipher import CipherScheme, cipher_scheme
+from pecore.roi import dilate_mask
+
+__all__ = [
+    "DEFAULT_ROI_SCHEME",
+    "ROI_TRANSFORM_SETS",
+    "RoiCipher",
+    "RoiTileKeys",
+    "apply_tile_transforms",
+    "invert_tile_transforms",
+    "is_roi_scheme",
+    "roi_tile_keys",
+]
+
+TransformSet = Literal["none", "dihedral", "dihedral+negative"]
+#: Transform sets by name, as the bit mask of the transform code they use: bits 0–1 rotate by
+#: k·90°, bit 2 transposes first, bit 3 negates the kept pixels.
+ROI_TRANSFORM_SETS: dict[str, int] = {
+    "none": 0b0000,
+    "dihedral": 0b0111,
+    "dihedral+negative": 0b1111,
+}
+_SHORT = {"none": "", "dihedral": "d", "dihedral+negative": "dn"}
+_LABEL = b"pecbir/pe-roi/v1"
+_NAME = re.compile(r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?)?$")
+#: The chosen configuration (see the module docstring and results/pe-roi/selection/).
+DEFAULT_ROI_SCHEME = "pe-roi"
+_DEFAULT_TILE = 32
+_DEFAULT_SET: TransformSet = "none"
+
+
+@dataclass(frozen=True)
+class RoiTileKeys:
+    """Per-image tile keys: tile j of the cloud image is tile ``permutation[j]`` of the slice,
+    moved by transform ``codes[j]`` (see `ROI_TRANSFORM_SETS`)."""
+
+    permutation: np.ndarray
+    codes: np.ndarray
+
+
+def roi_tile_keys(
+    stream: np.ndarray, nonce: str | bytes, n_tiles: int, transform_mask: int
+) -> RoiTileKeys:
+    """The keyed permutation and transform codes of `n_tiles` tiles (see the module docstring)."""
+    if isinstance(nonce, str):
+        nonce = nonce.encode()
+    if not isinstance(nonce, bytes):
+        raise ValueError(f"nonce must be str or bytes, got {type(nonce).__name__}")
+    secret = hashlib.sha256(_LABEL + np.ascontiguousarray(stream, dtype=np.uint8).tobytes())
+    message = secret.digest() + len(nonce).to_bytes(4, "big") + nonce
+    digest = hashlib.shake_256(message).digest(9 * n_tiles)
+    draws = np.frombuffer(digest[: 8 * n_tiles], dtype=">u8")
+    codes = np.frombuffer(digest[8 * n_tiles :], dtype=np.uint8) & np.uint8(transform_mask)
+    return RoiTileKeys(permutation=np.argsort(draws, kind="stable"), codes=codes.copy())
+
+
+def _dihedral(tile: np.ndarray, code: int) -> np.ndarray:
+    if code & 4:
+        tile = tile.T
+    return np.rot90(tile, code & 3)
+
+
+def _move_tiles(tiles: np.ndarray, codes: np.ndarray, *, inverse: bool) -> np.ndarray:
+    """`_dihedral` (or its inverse) of every tile by its code, one stacked call per code."""
+    out = np.empty_like(tiles)
+    for code in (int(c) for c in np.unique(codes & 7)):
+        chosen = (codes & 7) == code
+        group = tiles[chosen]
+        if inverse:
+            group = np.rot90(group, -(code & 3), axes=(1, 2))
+            out[chosen] = group.swapaxes(1, 2) if code & 4 else group
+        else:
+            group = group.swapaxes(1, 2) if code & 4 else group
+            out[chosen] = np.rot90(group, code & 3, axes=(1, 2))
+    return out
+
+
+def _negation(codes: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """Bool image (moved frame) of the tiles whose code has the negation bit."""
+    flags = (codes & 8).astype(bool)[:, None, None]
+    return _untile(np.broadcast_to(flags, (codes.size, block, block)), shape)
+
+
+def _tiles(image: np.ndarray, block: int) -> np.ndarray:
+    rows, cols = image.shape[0] // block, image.shape[1] // block
+    return image.reshape(rows, block, cols, block).swapaxes(1, 2).reshape(-1, block, block)
+
+
+def _untile(tiles: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    block = tiles.shape[1]
+    rows, cols = shape[0] // block, shape[1] // block
+    return tiles.reshape(rows, cols, block, block).swapaxes(1, 2).reshape(shape)
+
+
+def apply_tile_transforms(
+    image: np.ndarray, keys: RoiTileKeys, block: int, *, negate: np.ndarray | None = None
+) -> np.ndarray:
+    """Scramble the tiles of `image` and move each by its dihedral transform.
+
+    `negate`: bool image (already scrambled and moved, like the output) of the pixels that the
+    negation bit inverts; None ignores bit 3 (masks).
+    """
+    moved = _move_tiles(_tiles(image, block)[keys.permutation], keys.codes, inverse=False)
+    out = _untile(moved, image.shape)
+    if negate is not None:
+        flip = _negation(keys.codes, block, image.shape) & negate
+        out = np.where(flip, 255 - out, out).astype(image.dtype)
+    return out
+
+
+def invert_tile_transforms(
+    image: np.ndarray, keys: RoiTileKeys, block: int, *, negate: np.ndarray | None = None
+) -> np.ndarray:
+    """Exact inverse of `apply_tile_transforms` (same keys, same `negate` in the moved frame)."""
+    if negate is not None:
+        flip = _negation(keys.codes, block, image.shape) & negate
+        image = np.where(flip, 255 - image, image).astype(image.dtype)
+    tiles = np.empty_like(_tiles(image, block))
+    tiles[keys.permutation] = _move_tiles(_tiles(image, block), keys.codes, inverse=True)
+    return _untile(tiles, image.shape)
+
+
+class RoiCipher:
+    """The pe-roi scheme: blank outside ROI ⊕ margin, keyed tile scramble + transforms, "ours".
+
+    Parameters
+    ----------
+    tile : int, default=32
+        Tile side b (must divide the image's height and width).
+    transforms : {"none", "dihedral", "dihedral+negative"}, default="none"
+        Per-tile keyed transforms.
+    radius : int, default=24
+        ROI dilation radius of the tumour mask (spec §1.3).
+    margin : int, default=4
+        Extra pixels kept around the ROI (⌊P/2⌋ for P = 9 patches).
+    inner : str, default="ours"
+        Registered scheme of `pecore.cipher` applied last.
+
+    Attributes
+    ----------
+    name : str
+        "pe-roi" for the chosen configuration, else "pe-roi-t<b>[d|dn]".
+    legacy_name : str
+        Always "pe-roi-t<b>[d|dn]" (what seeds and cache names are derived from).
+    label : str
+        Display label.
+    """
+
+    def __init__(
+        self,
+        *,
+        tile: int = _DEFAULT_TILE,
+        transforms: TransformSet = _DEFAULT_SET,
+        radius: int = 24,
+        margin: int = 4,
+        inner: str = "ours",
+    ) -> None:
+        if tile < 2:
+            raise ValueError(f"tile must be >= 2, got {tile}")
+        if transforms not in ROI_TRANSFORM_SETS:
+            raise ValueError(
+                f"unknown transform set {transforms!r}; "
+                f"expected one of {', '.join(ROI_TRANSFORM_SETS)}"
+            )
+        if radius < 0 or margin < 0:
+            raise ValueError(f"radius and margin must be >= 0, got {radius}, {margin}")
+        self.tile = int(tile)
+        self.transforms = transforms
+        self.radius = int(radius)
+        self.margin = int(margin)
+        self.inner: CipherScheme = cipher_scheme(inner)
+        default = (self.tile, transforms) == (_DEFAULT_TILE, _DEFAULT_SET)
+        explicit = f"pe-roi-t{self.tile}{_SHORT[transforms]}"
+        self.name = "pe-roi" if default else explicit
+        # seeds and cache names: the explicit spelling, stable when the chosen one changes
+        self.legacy_name = explicit
+        self.label = f"PE-ROI ({self.tile}×{self.tile} tiles, {transforms})"
+
+    @classmethod
+    def from_name(cls, name: str) -> RoiCipher:
+        """'pe-roi' (the chosen configuration) or 'pe-roi-t<b>[d|dn]'.
+
+        Raises
+        ------
+        ValueError
+            If `name` is not of that form.
+        """
+        match = _NAME.match(name) if isinstance(name, str) else None
+        if match is None:
+            raise ValueError(
+                f"unknown pe-roi scheme {name!r}; expected 'pe-roi' or 'pe-roi-t<tile>[d|dn]'"
+            )
+        if match["tile"] is None:
+            return cls()
+        sets = {"": "none", "d": "dihedral", "dn": "dihedral+negative"}
+        return cls(tile=int(match["tile"]), transforms=sets[match["set"] or ""])
+
+    def __repr__(self) -> str:
+        return f"<pe-roi cipher scheme {self.name}>"
+
+    def _check(self, image: np.ndarray, what: str) -> None:
+        if image.ndim != 2 or image.shape[0] % self.tile or image.shape[1] % self.tile:
+            raise ValueError(
+                f"{what} of shape {image.shape}: pe-roi needs a 2-D image whose sides are "
+                f"multiples of the tile ({self.tile})"
+            )
+
+    def keys(self, stream: np.ndarray, nonce: str | bytes, shape: tuple[int, int]) -> RoiTileKeys:
+        """The image's tile keys (`roi_tile_keys` with this scheme's transform set)."""
+        n_tiles = (shape[0] // self.tile) * (shape[1] // self.tile)
+        return roi_tile_keys(stream, nonce, n_tiles, ROI_TRANSFORM_SETS[self.transforms])
+
+    def roi(self, mask: np.ndarray) -> np.ndarray:
+        """The ROI the features read: the tumour mask dilated by `radius` (plain frame)."""
+        return dilate_mask(np.asarray(mask, dtype=bool), self.radius)
+
+    def _kept(self, roi: np.ndarray) -> np.ndarray:
+        return dilate_mask(roi, self.margin)
+
+    def cloud_mask(self, mask: np.ndarray, stream: np.ndarray, *, nonce: str | bytes) -> np.ndarray:
+        """The mask the cloud gets: the ROI moved with the tiles (bool)."""
+        mask = np.asarray(mask, dtype=bool)
+        self._check(mask, "mask")
+        return apply_tile_transforms(
+            self.roi(mask), self.keys(stream, nonce, mask.shape), self.tile
+        )
+
+    def encrypt(
+        self, image: np.ndarray, stream: np.ndarray, *, mask: np.ndarray, nonce: str | bytes
+    ) -> np.ndarray:
+        """The cloud's feature image of a uint8 slice with tumour `mask` (see module docstring)."""
+        image = np.asarray(image)
+        mask = np.asarray(mask, dtype=bool)
+        self._check(image, "image")
+        if mask.shape != image.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape}")
+        keys = self.keys(stream, nonce, image.shape)
+        kept = apply_tile_transforms(self._kept(self.roi(mask)), keys, self.tile)
+        moved = apply_tile_transforms(image, keys, self.tile, negate=kept)
+        moved = np.where(kept, moved, np.uint8(0)).astype(np.uint8)
+        return self.inner.encrypt(moved, stream)
+
+    def decrypt(
+        self,
+        cipher: np.ndarray,
+        stream: np.ndarray,
+        *,
+        cloud_mask: np.ndarray,
+        nonce: str | bytes,
+    ) -> np.ndarray:
+        """The kept pixels of the slice (ROI ⊕ margin) bit-exactly, 0 elsewhere."""
+        cipher = np.asarray(cipher)
+        self._check(cipher, "cipher image")
+        keys = self.keys(stream, nonce, cipher.shape)
+        roi = invert_tile_transforms(np.asarray(cloud_mask, dtype=bool), keys, self.tile)
+        kept = apply_tile_transforms(self._kept(roi), keys, self.tile)
+        moved = np.where(kept, self.inner.decrypt(cipher, stream), np.uint8(0)).astype(np.uint8)
+        return invert_tile_transforms(moved, keys, self.tile, negate=kept)
+
+    def blank(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """What `decrypt` returns, from the plain slice: kept pixels as they are, 0 elsewhere."""
+        kept = self._kept(self.roi(mask))
+        return np.where(kept, np.asarray(image), 0).astype(np.uint8)
+
+
+def is_roi_scheme(name: str | None) -> bool:
+    """True for names `RoiCipher.from_name` accepts."""
+    return isinstance(name, str) and _NAME.match(name) is not None

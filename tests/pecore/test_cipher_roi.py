@@ -1,0 +1,124 @@
+"""pe-roi (`pecore.cipher_roi`): bit-exact inversion, known answers, what the cloud sees."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from pecore.cipher import encrypt
+from pecore.cipher_roi import (
+    ROI_TRANSFORM_SETS,
+    RoiCipher,
+    apply_tile_transforms,
+    invert_tile_transforms,
+    is_roi_scheme,
+    roi_tile_keys,
+)
+from pecore.cipher_variants import any_scheme
+from pecore.roi import dilate_mask
+
+
+def _case(seed: int, size: int = 64):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[20:30, 24:40] = True
+    stream = rng.integers(0, 256, size * size).astype(np.uint8)
+    stream[rng.random(stream.size) < 0.5] = 0
+    return image, mask, stream
+
+
+@pytest.mark.parametrize("name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32dn"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
+    scheme = RoiCipher.from_name(name)
+    scheme.radius, scheme.margin = 6, 2
+    image, mask, stream = _case(seed)
+    cipher = scheme.encrypt(image, stream, mask=mask, nonce="img-7")
+    cloud = scheme.cloud_mask(mask, stream, nonce="img-7")
+    restored = scheme.decrypt(cipher, stream, cloud_mask=cloud, nonce="img-7")
+    kept = dilate_mask(dilate_mask(mask, 6), 2)
+    np.testing.assert_array_equal(restored, np.where(kept, image, 0))
+    np.testing.assert_array_equal(restored, scheme.blank(image, mask))
+    # the cloud mask is the ROI, moved: same pixel count, back in place with the keys
+    keys = scheme.keys(stream, "img-7", image.shape)
+    np.testing.assert_array_equal(
+        invert_tile_transforms(cloud, keys, scheme.tile), dilate_mask(mask, 6)
+    )
+
+
+def test_the_cloud_image_is_ours_on_the_blanked_moved_slice():
+    scheme = RoiCipher(tile=16, radius=6, margin=2)
+    image, mask, stream = _case(3)
+    keys = scheme.keys(stream, "n", image.shape)
+    kept = apply_tile_transforms(dilate_mask(dilate_mask(mask, 6), 2), keys, 16)
+    moved = apply_tile_transforms(image, keys, 16, negate=kept)
+    expected = encrypt(np.where(kept, moved, 0).astype(np.uint8), stream, "ours")
+    np.testing.assert_array_equal(scheme.encrypt(image, stream, mask=mask, nonce="n"), expected)
+    # nothing outside ROI ⊕ margin reaches the cloud: change it, the cipher stays the same
+    other = np.where(dilate_mask(dilate_mask(mask, 6), 2), image, 255 - image).astype(np.uint8)
+    np.testing.assert_array_equal(scheme.encrypt(other, stream, mask=mask, nonce="n"), expected)
+
+
+def test_negation_leaves_blank_pixels_blank_and_inverts_kept_ones():
+    tile = np.arange(16, dtype=np.uint8).reshape(4, 4) + 100
+    keys = roi_tile_keys(np.zeros(16, np.uint8), b"", 1, ROI_TRANSFORM_SETS["dihedral+negative"])
+    keys.codes[:] = 8  # negation only
+    negate = np.zeros((4, 4), dtype=bool)
+    negate[:2] = True
+    out = apply_tile_transforms(tile, keys, 4, negate=negate)
+    np.testing.assert_array_equal(out[:2], 255 - tile[:2])
+    np.testing.assert_array_equal(out[2:], tile[2:])
+    np.testing.assert_array_equal(invert_tile_transforms(out, keys, 4, negate=negate), tile)
+
+
+def test_tile_keys_known_answer():
+    """Pinned: SHAKE-256(SHA-256(label ‖ stream) ‖ len(nonce) ‖ nonce), 8 + 1 bytes a tile."""
+    stream = (np.arange(1024) % 251).astype(np.uint8)
+    keys = roi_tile_keys(stream, "image-1", 16, 0b1111)
+    secret = hashlib.sha256(b"pecbir/pe-roi/v1" + stream.tobytes()).digest()
+    digest = hashlib.shake_256(secret + (7).to_bytes(4, "big") + b"image-1").digest(9 * 16)
+    np.testing.assert_array_equal(
+        keys.permutation, np.argsort(np.frombuffer(digest[:128], ">u8"), kind="stable")
+    )
+    np.testing.assert_array_equal(keys.codes, np.frombuffer(digest[128:], np.uint8) & 15)
+    assert keys.permutation.tolist() == [14, 9, 15, 10, 3, 4, 0, 6, 7, 13, 8, 1, 5, 11, 2, 12]
+    assert keys.codes.tolist() == [7, 9, 5, 15, 3, 2, 12, 10, 10, 4, 7, 5, 10, 9, 5, 3]
+    # the transform set masks the same draws
+    assert (roi_tile_keys(stream, "image-1", 16, 0b0111).codes == keys.codes & 7).all()
+    assert not roi_tile_keys(stream, "image-1", 16, 0).codes.any()
+    assert not np.array_equal(
+        roi_tile_keys(stream, "image-2", 16, 15).permutation, keys.permutation
+    )
+
+
+def test_names_and_errors():
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t32").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t32"
+    assert RoiCipher.from_name("pe-roi-t16dn").transforms == "dihedral+negative"
+    assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
+    assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
+    for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q"):
+        with pytest.raises(ValueError, match="pe-roi"):
+            RoiCipher.from_name(bad)
+    image, mask, stream = _case(0, size=40)
+    with pytest.raises(ValueError, match="multiples of the tile"):
+        RoiCipher().encrypt(image, stream[: 40 * 40], mask=mask, nonce="x")
+    with pytest.raises(ValueError, match="does not match"):
+        RoiCipher().encrypt(np.zeros((64, 64), np.uint8), stream, mask=mask, nonce="x")
+
+
+def test_tiles_are_moved_as_the_per_tile_definition_says():
+    from pecore.cipher_roi import _dihedral
+
+    image = np.random.default_rng(4).integers(0, 256, (32, 32), dtype=np.uint8)
+    tiles = image.reshape(4, 8, 4, 8).swapaxes(1, 2).reshape(-1, 8, 8)
+    keys = roi_tile_keys(np.arange(7, dtype=np.uint8), "k", 16, 0b0111)
+    expected = [
+        _dihedral(tiles[p], int(c)) for p, c in zip(keys.permutation, keys.codes, strict=True)
+    ]
+    moved = apply_tile_transforms(image, keys, 8)
+    np.testing.assert_array_equal(
+        moved.reshape(4, 8, 4, 8).swapaxes(1, 2).reshape(-1, 8, 8), np.stack(expected)
+    )
+    np.testing.assert_array_equal(invert_tile_transforms(moved, keys, 8), image)
