@@ -458,6 +458,10 @@ def refresh_report(config: ReportConfig) -> dict:
     document["frontier"] = frontier_points(
         document["attacks_dataset"], document.get("attacks_sealed"), retrieval
     )
+    jigsaw_path, jigsaw = read_jigsaw_report(config)
+    if jigsaw is not None:
+        document["frontier"] += pe_roi_points(config, jigsaw, retrieval)
+        document["jigsaw"] = {"source": str(jigsaw_path), **jigsaw["summary"]}
     document["plain_map"] = retrieval.get(("plain", "same"))
     document["config"]["experiment_results"] = [str(p) for p in paths]
     frontier_plot(out_dir / "frontier.png", document["frontier"])
@@ -539,11 +543,9 @@ def run_report(config: ReportConfig) -> dict:
     retrieval, retrieval_source = read_headline_maps(experiment_paths)
     frontier = frontier_points(results, sealed, retrieval)
     plain_map = retrieval.get(("plain", "same"))
-    jigsaw_path = config.jigsaw_report or DEFAULT_JIGSAW_REPORT
-    jigsaw = json.loads(jigsaw_path.read_text()) if jigsaw_path.is_file() else None
+    jigsaw_path, jigsaw = read_jigsaw_report(config)
     if jigsaw is not None:
-        roi_map, _ = read_headline_map(config.pe_roi_results or DEFAULT_PE_ROI_RESULTS)
-        frontier += pe_roi_frontier(jigsaw, {**retrieval, **roi_map})
+        frontier += pe_roi_points(config, jigsaw, retrieval)
 
     def fig_scores(reference: np.ndarray) -> Callable[[np.ndarray], str]:
         def text(image: np.ndarray) -> str:
@@ -837,6 +839,20 @@ def _stat(metric: str, value: float) -> str:
 
 
 # --------------------------------------------------------------------------- pe-roi / jigsaw
+def read_jigsaw_report(config: ReportConfig) -> tuple[Path, dict | None]:
+    """(path, contents) of `pecbir jigsaw-report`'s report.json; None where it is not written."""
+    path = config.jigsaw_report or DEFAULT_JIGSAW_REPORT
+    return path, (json.loads(path.read_text()) if path.is_file() else None)
+
+
+def pe_roi_points(
+    config: ReportConfig, jigsaw: dict, retrieval: dict[tuple[str, str], float]
+) -> list[dict]:
+    """The pe-roi frontier points, their mAP from the pe-roi results where measured."""
+    roi_map, _ = read_headline_map(config.pe_roi_results or DEFAULT_PE_ROI_RESULTS)
+    return pe_roi_frontier(jigsaw, {**retrieval, **roi_map})
+
+
 _JIGSAW_ATTACKS = ("pixel", "jigsaw")
 
 
