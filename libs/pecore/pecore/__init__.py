@@ -70,6 +70,8 @@ _EXPORTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "dilated_rois",
         "encode_images",
         "fit_patch_model",
+        "patch_model_arrays",
+        "patch_model_from_arrays",
     ),
     "pecore.evaluate": (
         "average_precision",

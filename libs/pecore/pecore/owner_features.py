@@ -27,9 +27,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from pecore.features import PatchPCA
-from pecore.fisher import DiagonalGMM, FisherVectorEncoder
-from pecore.pipeline import CBIRPipeline, PatchModel, encode_images, fit_patch_model
+from pecore.fisher import FisherVectorEncoder
+from pecore.pipeline import (
+    CBIRPipeline,
+    PatchModel,
+    encode_images,
+    fit_patch_model,
+    patch_model_arrays,
+    patch_model_from_arrays,
+)
 
 __all__ = ["PATCH_MODEL_FORMAT", "WIRE_DTYPE", "PatchModelFeaturizer", "owner_fisher_vectors"]
 
@@ -193,13 +199,7 @@ class PatchModelFeaturizer(BaseEstimator):
         np.savez(
             buffer,
             meta_json=np.array(json.dumps(meta, sort_keys=True)),
-            pca_mean=self.pca_.mean_,
-            pca_components=self.pca_.components_,
-            pca_variance=self.pca_.explained_variance_,
-            pca_ratio=self.pca_.explained_variance_ratio_,
-            gmm_weights=self.gmm_.weights_,
-            gmm_means=self.gmm_.means_,
-            gmm_variances=self.gmm_.variances_,
+            **patch_model_arrays(self.pca_, self.gmm_),
         )
         return buffer.getvalue()
 
@@ -215,22 +215,10 @@ class PatchModelFeaturizer(BaseEstimator):
         if meta.get("format") != PATCH_MODEL_FORMAT:
             raise ValueError(f"unsupported patch model format {meta.get('format')!r}")
         model = cls(**meta["params"])
-        model.pca_ = PatchPCA.from_state(
-            {
-                "mean": loaded["pca_mean"],
-                "components": loaded["pca_components"],
-                "variance": loaded["pca_variance"],
-                "ratio": loaded["pca_ratio"],
-            },
-            energy=model.pca_energy,
-        )
-        model.gmm_ = DiagonalGMM.from_state(
-            {
-                "weights": loaded["gmm_weights"],
-                "means": loaded["gmm_means"],
-                "variances": loaded["gmm_variances"],
-            }
-        )
+        try:
+            model.pca_, model.gmm_ = patch_model_from_arrays(loaded, energy=model.pca_energy)
+        except KeyError as exc:
+            raise ValueError(f"patch model artifact without {exc}") from None
         model.encoder_ = FisherVectorEncoder(model.gmm_, n_regions=model.n_regions)
         return model
 

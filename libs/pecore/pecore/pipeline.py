@@ -15,7 +15,7 @@ import inspect
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
@@ -34,7 +34,15 @@ from pecore.fisher import DiagonalGMM, FisherVectorEncoder, moments
 from pecore.metric import CFML
 from pecore.roi import dilate_mask
 
-__all__ = ["CBIRPipeline", "PatchModel", "dilated_rois", "encode_images", "fit_patch_model"]
+__all__ = [
+    "CBIRPipeline",
+    "PatchModel",
+    "dilated_rois",
+    "encode_images",
+    "fit_patch_model",
+    "patch_model_arrays",
+    "patch_model_from_arrays",
+]
 
 _FORMAT_VERSION = 1  # of the saved npz; `load` refuses any other
 # Where the features are computed, not what they are: never saved with a model, so a model file
@@ -676,13 +684,7 @@ class CBIRPipeline(BaseEstimator):
         meta = {"format_version": _FORMAT_VERSION, "params": ordered}
         arrays = {
             "meta_json": np.array(json.dumps(meta)),
-            "pca_mean": self.pca_.mean_,
-            "pca_components": self.pca_.components_,
-            "pca_variance": self.pca_.explained_variance_,
-            "pca_ratio": self.pca_.explained_variance_ratio_,
-            "gmm_weights": self.gmm_.weights_,
-            "gmm_means": self.gmm_.means_,
-            "gmm_variances": self.gmm_.variances_,
+            **patch_model_arrays(self.pca_, self.gmm_),
             "metric_components": self.metric_.components_,
             "metric_eigenvalues": self.metric_.eigenvalues_,
         }
@@ -723,22 +725,7 @@ class CBIRPipeline(BaseEstimator):
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"unsupported CBIRPipeline format {meta.get('format_version')}")
         pipe = cls(**meta["params"])
-        pipe.pca_ = PatchPCA.from_state(
-            {
-                "mean": data["pca_mean"],
-                "components": data["pca_components"],
-                "variance": data["pca_variance"],
-                "ratio": data["pca_ratio"],
-            },
-            energy=pipe.pca_energy,
-        )
-        pipe.gmm_ = DiagonalGMM.from_state(
-            {
-                "weights": data["gmm_weights"],
-                "means": data["gmm_means"],
-                "variances": data["gmm_variances"],
-            }
-        )
+        pipe.pca_, pipe.gmm_ = patch_model_from_arrays(data, energy=pipe.pca_energy)
         pipe.encoder_ = FisherVectorEncoder(pipe.gmm_, n_regions=pipe.n_regions)
         metric = CFML(reg=pipe.metric_lambda, n_components=pipe.dim)
         metric.components_ = np.asarray(data["metric_components"], dtype=np.float64)
@@ -770,3 +757,74 @@ class _SpilledChunks(Sequence[np.ndarray]):
 
     def __getitem__(self, i):  # type: ignore[override]
         return np.load(self.paths[i])
+
+
+def patch_model_arrays(pca: PatchPCA, gmm: DiagonalGMM) -> dict[str, np.ndarray]:
+    """The arrays of a fitted PCA and GMM as saved files hold them (names fixed, in order).
+
+    `CBIRPipeline.save` and the sealed mode's published patch model
+    (`pecore.owner_features.PatchModelFeaturizer.to_bytes`) write them; `patch_model_from_arrays`
+    reads them back.
+
+    Parameters
+    ----------
+    pca : PatchPCA
+        The fitted patch PCA.
+    gmm : DiagonalGMM
+        The fitted visual dictionary.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``pca_*`` and ``gmm_*`` arrays, in the order saved files hold them.
+    """
+    return {
+        "pca_mean": pca.mean_,
+        "pca_components": pca.components_,
+        "pca_variance": pca.explained_variance_,
+        "pca_ratio": pca.explained_variance_ratio_,
+        "gmm_weights": gmm.weights_,
+        "gmm_means": gmm.means_,
+        "gmm_variances": gmm.variances_,
+    }
+
+
+def patch_model_from_arrays(
+    arrays: Mapping[str, np.ndarray], *, energy: float
+) -> tuple[PatchPCA, DiagonalGMM]:
+    """The PCA and GMM whose arrays `patch_model_arrays` wrote.
+
+    Parameters
+    ----------
+    arrays : mapping of str to ndarray
+        The saved arrays (an npz file's contents).
+    energy : float
+        The PCA's energy parameter.
+
+    Returns
+    -------
+    tuple of (PatchPCA, DiagonalGMM)
+        The restored, fitted estimators.
+
+    Raises
+    ------
+    KeyError
+        If one of the arrays is missing.
+    """
+    pca = PatchPCA.from_state(
+        {
+            "mean": arrays["pca_mean"],
+            "components": arrays["pca_components"],
+            "variance": arrays["pca_variance"],
+            "ratio": arrays["pca_ratio"],
+        },
+        energy=energy,
+    )
+    gmm = DiagonalGMM.from_state(
+        {
+            "weights": arrays["gmm_weights"],
+            "means": arrays["gmm_means"],
+            "variances": arrays["gmm_variances"],
+        }
+    )
+    return pca, gmm
