@@ -109,19 +109,14 @@ class GatewayClient:
         GatewayError
             For any status other than 202.
         """
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        answer = self.http.post(
-            GATEWAY_IMAGES.format(collection=collection),
-            files={
-                "cipher": ("cipher.png", cipher_png, "image/png"),
-                "mask": ("mask.png", mask_png, "image/png"),
-                "metadata": (None, metadata_json),
-            },
-            headers=headers,
+        files = {
+            "cipher": ("cipher.png", cipher_png, "image/png"),
+            "mask": ("mask.png", mask_png, "image/png"),
+            "metadata": (None, metadata_json),
+        }
+        return self._post_upload(
+            GATEWAY_IMAGES.format(collection=collection), files, idempotency_key
         )
-        if answer.status_code != 202:
-            raise GatewayError(answer.status_code, _detail(answer))
-        return answer.json()
 
     def upload_sealed(
         self,
@@ -139,16 +134,18 @@ class GatewayClient:
         GatewayError
             For any status other than 202.
         """
+        files = {
+            "blob": ("sealed.bin", blob, "application/octet-stream"),
+            "fisher_vector": ("fisher.npy", fisher_npy, "application/octet-stream"),
+            "metadata": (None, metadata_json),
+        }
+        path = GATEWAY_SEALED_IMAGES.format(collection=collection)
+        return self._post_upload(path, files, idempotency_key)
+
+    def _post_upload(self, path: str, files: dict, idempotency_key: str | None) -> dict:
+        """POST an upload's parts with its idempotency key; the 202 answer (else GatewayError)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        answer = self.http.post(
-            GATEWAY_SEALED_IMAGES.format(collection=collection),
-            files={
-                "blob": ("sealed.bin", blob, "application/octet-stream"),
-                "fisher_vector": ("fisher.npy", fisher_npy, "application/octet-stream"),
-                "metadata": (None, metadata_json),
-            },
-            headers=headers,
-        )
+        answer = self.http.post(path, files=files, headers=headers)
         if answer.status_code != 202:
             raise GatewayError(answer.status_code, _detail(answer))
         return answer.json()
