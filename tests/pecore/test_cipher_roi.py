@@ -28,7 +28,7 @@ def _case(seed: int, size: int = 64):
     return image, mask, stream
 
 
-@pytest.mark.parametrize("name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32dn"])
+@pytest.mark.parametrize("name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
     scheme = RoiCipher.from_name(name)
@@ -93,8 +93,9 @@ def test_tile_keys_known_answer():
 
 
 def test_names_and_errors():
-    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t32").name == "pe-roi"
-    assert RoiCipher().legacy_name == "pe-roi-t32"
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t16dn"
+    assert RoiCipher.from_name("pe-roi-t32").name == "pe-roi-t32"
     assert RoiCipher.from_name("pe-roi-t16dn").transforms == "dihedral+negative"
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
     assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
