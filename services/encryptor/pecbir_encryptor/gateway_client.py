@@ -101,8 +101,12 @@ class GatewayClient:
         mask_png: bytes,
         metadata_json: str,
         idempotency_key: str | None,
+        blob: bytes | None = None,
     ) -> dict:
         """Upload one protected image; the gateway's 202 answer (UploadAccepted as a dict).
+
+        `blob`: a pe-roi image's sealed blob (the image itself; the cipher and mask are then
+        its ROI-only feature image and the scrambled ROI).
 
         Raises
         ------
@@ -114,6 +118,8 @@ class GatewayClient:
             "mask": ("mask.png", mask_png, "image/png"),
             "metadata": (None, metadata_json),
         }
+        if blob is not None:
+            files["blob"] = ("sealed.bin", blob, "application/octet-stream")
         return self._post_upload(
             GATEWAY_IMAGES.format(collection=collection), files, idempotency_key
         )
