@@ -109,7 +109,9 @@ def test_search_ranks_the_query_s_class_first_and_is_stable(roi_run):
         assert rankings[0] == rankings[1]
         first = rankings[0][:per_class]
         assert ids[i] in first
-        assert [roi_run["labels"][ids.index(h)] for h in first] == [roi_run["labels"][i]] * per_class
+        assert [roi_run["labels"][ids.index(h)] for h in first] == [
+            roi_run["labels"][i]
+        ] * per_class
 
 
 def test_the_model_reads_the_owner_s_roi_undilated(roi_run):
@@ -254,3 +256,12 @@ def test_a_collection_holds_one_protection_mode(tmp_path):
         refused = post(COLLECTION, roi.cipher, roi.mask, roi.metadata, b"not a blob at all")
         assert refused.status_code == 422 and "sealed blob" in refused.json()["detail"]
         assert post(COLLECTION, roi.cipher, roi.mask, roi.metadata, roi.blob).status_code == 202
+        # What a searcher of another owner learns, and what its encryptor then sends.
+        held = {
+            c: encryptor.gateway.protection(c, owner=system.tenant) for c in (COLLECTION, "brain")
+        }
+        assert (held[COLLECTION].mode, held[COLLECTION].scheme) == (
+            "pe-roi",
+            RoiCipher().legacy_name,
+        )
+        assert (held["brain"].mode, held["brain"].scheme) == ("pe", None)

@@ -15,6 +15,7 @@ from pydantic import (
 
 __all__ = [
     "MAX_K",
+    "CollectionProtection",
     "HexTag",
     "ImageMetadata",
     "IndexStatus",
@@ -122,8 +123,22 @@ class ImageMetadata(_Strict):
 
 
 #: How a collection's images are protected: the paper's perceptual cipher (the cloud sees the
-#: cipher image and extracts the features) or sealed (AES-256-GCM; the owner sends the features).
-ProtectionMode = Literal["pe", "sealed"]
+#: cipher image and extracts the features), sealed (AES-256-GCM; the owner sends the features)
+#: or pe-roi (the image sealed; the cloud extracts the features from a scrambled, ROI-only
+#: perceptual cipher).
+ProtectionMode = Literal["pe", "sealed", "pe-roi"]
+
+
+class CollectionProtection(_Strict):
+    """A collection's protection mode as the cloud holds it (what a searcher must send).
+
+    `scheme`: the pe-roi scheme of a pe-roi collection (a query goes through the same
+    cipher); None for the other modes.
+    """
+
+    collection: str
+    mode: ProtectionMode
+    scheme: Scheme | None = None
 
 
 class SealedImageMetadata(_Strict):

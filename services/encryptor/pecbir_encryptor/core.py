@@ -194,14 +194,24 @@ class Encryptor:
 
     # -- the owner's choice of protection ------------------------------------------------------
     def mode_of(self, collection: str, owner: str | None = None) -> Mode:
-        """How `collection` is protected: the owner's setting for its own collections; for a
-        collection shared by another owner, "sealed" iff that owner published a patch model
-        (pe-roi collections of other owners are not searchable from here yet)."""
+        """How `collection` is protected (see `protection_of`)."""
+        return self.protection_of(collection, owner)[0]
+
+    def protection_of(self, collection: str, owner: str | None = None) -> tuple[Mode, str | None]:
+        """(mode, pe-roi scheme or None) of `collection`.
+
+        The owner's setting for its own collections; for a collection shared by another
+        owner, what the cloud says (sealed: a published patch model; pe-roi: its images'
+        scheme), so that a query never goes out in a weaker form than the collection's images.
+        """
         if owner is None or owner == self.tenant:
             if collection in self.sealed_collections:
-                return "sealed"
-            return "pe-roi" if collection in self.pe_roi_collections else "pe"
-        return "sealed" if self.patch_models.shared(owner, collection) is not None else "pe"
+                return "sealed", None
+            if collection in self.pe_roi_collections:
+                return "pe-roi", self.pe_roi_scheme
+            return "pe", None
+        held = self.gateway.protection(collection, owner=owner)
+        return held.mode, held.scheme
 
     def _bound_tenant(self, owner: str | None) -> str:
         tenant = owner or self.tenant
@@ -304,17 +314,19 @@ class Encryptor:
         label: int | None = None,
         role: str = "template",
         train: bool = True,
+        scheme: str | None = None,
+        owner: str | None = None,
     ):  # -> pecbir_encryptor.pe_roi.RoiUpload
-        """`protect_roi` with this encryptor's active key and pe-roi scheme, bound to
-        (tenant, collection)."""
+        """`protect_roi` with this encryptor's active key, bound to (owner or tenant,
+        collection); `scheme` defaults to this owner's pe-roi scheme."""
         return protect_roi(
             pixels,
             _check_mask(mask, pixels.shape),
             master=self.master,
-            tenant=self._bound_tenant(None),
+            tenant=self._bound_tenant(owner),
             collection=collection,
             opaque_id=opaque_id,
-            scheme=self.pe_roi_scheme,
+            scheme=scheme or self.pe_roi_scheme,
             label=label,
             role=role,
             train=train,
@@ -565,10 +577,16 @@ class Encryptor:
         (`query_id_for`), so the same query gives the same cipher and the same hits; pe-roi:
         the same, through the collection's pe-roi cipher (ROI only, scrambled).
         """
-        mode = self.mode_of(collection, owner)
+        mode, scheme = self.protection_of(collection, owner)
         if mode == "pe-roi":
             query = self.protect_roi(
-                collection, pixels, mask, opaque_id=self.query_id_for(pixels, mask), role="query"
+                collection,
+                pixels,
+                mask,
+                opaque_id=self.query_id_for(pixels, mask),
+                role="query",
+                scheme=scheme,
+                owner=owner,
             )
             return self.gateway.search(
                 collection,
