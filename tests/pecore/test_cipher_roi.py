@@ -28,7 +28,9 @@ def _case(seed: int, size: int = 64):
     return image, mask, stream
 
 
-@pytest.mark.parametrize("name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn"])
+@pytest.mark.parametrize(
+    "name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn"]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
     scheme = RoiCipher.from_name(name)
