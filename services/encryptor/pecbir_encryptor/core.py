@@ -37,7 +37,7 @@ from pecbir_encryptor.audit import AuditLog
 from pecbir_encryptor.gateway_client import GatewayClient
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
-from pecbir_encryptor.pe_roi import protect_roi
+from pecbir_encryptor.pe_roi import RoiUpload, protect_roi
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
 from pecore.cipher import to_uint8
@@ -316,7 +316,7 @@ class Encryptor:
         train: bool = True,
         scheme: str | None = None,
         owner: str | None = None,
-    ):  # -> pecbir_encryptor.pe_roi.RoiUpload
+    ) -> RoiUpload:
         """`protect_roi` with this encryptor's active key, bound to (owner or tenant,
         collection); `scheme` defaults to this owner's pe-roi scheme."""
         return protect_roi(
