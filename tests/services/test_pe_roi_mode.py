@@ -256,6 +256,13 @@ def test_a_collection_holds_one_protection_mode(tmp_path):
         refused = post(COLLECTION, roi.cipher, roi.mask, roi.metadata, b"not a blob at all")
         assert refused.status_code == 422 and "sealed blob" in refused.json()["detail"]
         assert post(COLLECTION, roi.cipher, roi.mask, roi.metadata, roi.blob).status_code == 202
+        # Patches wider than the owner's margin would read blank pixels: training refuses.
+        wide = system.gateway.post(
+            f"/v1/collections/{COLLECTION}/model/train", json={**SMALL_MODEL, "patch_size": 11}
+        )
+        assert wide.status_code == 202, wide.text
+        version = system.gateway.get(wide.json()["status_url"]).json()
+        assert version["state"] == "failed" and "at most 9" in version["reason"]
         # What a searcher of another owner learns, and what its encryptor then sends.
         held = {
             c: encryptor.gateway.protection(c, owner=system.tenant) for c in (COLLECTION, "brain")
@@ -265,3 +272,10 @@ def test_a_collection_holds_one_protection_mode(tmp_path):
             RoiCipher().legacy_name,
         )
         assert (held["brain"].mode, held["brain"].scheme) == ("pe", None)
+
+
+def test_the_gateway_frames_sealed_blobs_as_pecore_does():
+    from pecbir_gateway.images import SEALED_MAGIC
+    from pecore.sealing import SEALED_MAGIC as PECORE_MAGIC
+
+    assert SEALED_MAGIC == PECORE_MAGIC

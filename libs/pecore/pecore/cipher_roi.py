@@ -251,6 +251,25 @@ class RoiCipher:
         n_tiles = (shape[0] // self.tile) * (shape[1] // self.tile)
         return roi_tile_keys(stream, nonce, n_tiles, ROI_TRANSFORM_SETS[self.transforms])
 
+    def check_patch_size(self, patch_size: int) -> None:
+        """Refuse patches that would read blank pixels at the ROI's border.
+
+        Parameters
+        ----------
+        patch_size : int
+            Side P of the P×P patches the features take around every ROI pixel.
+
+        Raises
+        ------
+        ValueError
+            If ⌊P/2⌋ exceeds the kept margin.
+        """
+        if patch_size // 2 > self.margin:
+            raise ValueError(
+                f"{self.legacy_name} keeps a {self.margin}-pixel margin around the ROI, so "
+                f"patch_size must be at most {2 * self.margin + 1}, got {patch_size}"
+            )
+
     def roi(self, mask: np.ndarray) -> np.ndarray:
         """The ROI the features read: the tumour mask dilated by `radius` (plain frame)."""
         return dilate_mask(np.asarray(mask, dtype=bool), self.radius)

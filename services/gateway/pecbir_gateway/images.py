@@ -44,6 +44,7 @@ from pecbir_contracts.schemas import (
     SealedImageMetadata,
     UploadAccepted,
     UploadStatus,
+    is_pe_roi_scheme,
     parse_stored_record,
 )
 from pecbir_contracts.store import ObjectNotFound
@@ -61,6 +62,10 @@ from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["images"])
+
+# The framing every sealed blob starts with (pecore.sealing.SEALED_MAGIC; the gateway reaches no
+# pecore code): of a sealed blob, sealed or pe-roi, the gateway checks nothing else.
+SEALED_MAGIC = b"PECBSLD1"
 
 IdempotencyKey = Annotated[
     str | None,
@@ -193,15 +198,12 @@ def _check_pe_roi_parts(meta: ImageMetadata, blob: bytes | None) -> str | None:
     A pe-roi image reaches the cloud only sealed: its record must come with a sealed blob
     and be bound to its identity (v3 tag), like the blob itself; a pe record has no blob.
     """
-    from pecore.cipher_roi import RoiCipher, is_roi_scheme
-    from pecore.sealing import SEALED_MAGIC
-
     scheme = meta.key.scheme
-    if not is_roi_scheme(scheme):
+    if not scheme.startswith("pe-roi"):
         if blob is not None:
             raise HTTPException(422, f"blob: a {scheme} record has no sealed blob (pe-roi only)")
         return None
-    if RoiCipher.from_name(scheme).legacy_name != scheme:
+    if not is_pe_roi_scheme(scheme):
         raise HTTPException(
             422, f"metadata: name the pe-roi scheme explicitly (pe-roi-t<b>[d|dn]), not {scheme}"
         )

@@ -200,12 +200,10 @@ def _pe_roi_params(rt: Runtime, layout: CollectionLayout, params: TrainRequest) 
         return params
     from pecore.cipher_roi import RoiCipher
 
-    margin = RoiCipher.from_name(marker["scheme"]).margin
-    if params.patch_size // 2 > margin:
-        raise PoisonMessage(
-            f"collection {layout.collection} is {marker['scheme']}: the owner kept a "
-            f"{margin}-pixel margin, so patch_size must be at most {2 * margin + 1}"
-        )
+    try:
+        RoiCipher.from_name(marker["scheme"]).check_patch_size(params.patch_size)
+    except ValueError as exc:
+        raise PoisonMessage(f"collection {layout.collection}: {exc}") from None
     return params.model_copy(update={"radius": 0})
 
 
