@@ -40,6 +40,7 @@ class EmbeddedSystem:
         encode_threads: int | None = None,
         reindex_chunk: int = 32,
         sealed_collections: frozenset[str] = frozenset(),
+        pe_roi_collections: frozenset[str] = frozenset(),
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -88,6 +89,7 @@ class EmbeddedSystem:
                 user_token_secret=self.user_secret.hex(),
                 audit_log=self.root / "encryptor-audit.jsonl",
                 sealed_collections=sealed_collections,
+                pe_roi_collections=pe_roi_collections,
                 patch_models=self.root / "patch-models",
             ),
             master=self.master,
