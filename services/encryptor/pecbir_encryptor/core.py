@@ -578,23 +578,6 @@ class Encryptor:
         the same, through the collection's pe-roi cipher (ROI only, scrambled).
         """
         mode, scheme = self.protection_of(collection, owner)
-        if mode == "pe-roi":
-            query = self.protect_roi(
-                collection,
-                pixels,
-                mask,
-                opaque_id=self.query_id_for(pixels, mask),
-                role="query",
-                scheme=scheme,
-                owner=owner,
-            )
-            return self.gateway.search(
-                collection,
-                cipher_png=encode_png(query.cipher),
-                mask_png=encode_png(query.mask),
-                k=k,
-                owner=owner,
-            )
         if mode == "sealed":
             model = (
                 self.patch_models.own(collection)
@@ -607,14 +590,21 @@ class Encryptor:
             return self.gateway.search_fisher(
                 collection, fisher_npy=encode_vector_npy(fisher), k=k, owner=owner
             )
-        query = self.protect(
-            pixels,
-            mask,
-            opaque_id=self.query_id_for(pixels, mask),
-            role="query",
-            collection=collection,
-            owner=owner,
-        )
+        query_id = self.query_id_for(pixels, mask)
+        if mode == "pe-roi":
+            query = self.protect_roi(
+                collection,
+                pixels,
+                mask,
+                opaque_id=query_id,
+                role="query",
+                scheme=scheme,
+                owner=owner,
+            )
+        else:
+            query = self.protect(
+                pixels, mask, opaque_id=query_id, role="query", collection=collection, owner=owner
+            )
         return self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),
