@@ -252,10 +252,10 @@ def _dicom(rows: int = 48, columns: int = 48, *, pixel_bytes: int | None = None,
     import numpy as np
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from tests.dicom_factory import make_dataset
+    from pecbir_harness.dicom import make_mr
     from tests.services.helpers import dicom_bytes
 
-    dataset = make_dataset(np.zeros((2, 2), np.uint16))
+    dataset = make_mr(np.zeros((2, 2), np.uint16))
     dataset.Rows, dataset.Columns = rows, columns
     dataset.PixelData = bytes(2 * rows * columns if pixel_bytes is None else pixel_bytes)
     if extra.get("deflated"):

@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.procs import free_port
 from pecore.cipher import to_uint8
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import SMALL_MODEL, labelled_set, make_seg, npy_bytes
 
 pytestmark = pytest.mark.integration
@@ -80,7 +80,7 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
 
     # A PACS pushes one 12-bit MR slice and its DICOM SEG over DICOMweb STOW-RS.
     pixels, mask = labelled_set(1, shape=(48, 48), seed=99)[0][0], labelled_set(1, seed=99)[1][0]
-    dataset = make_dataset(pixels.astype(np.uint16), bits_stored=12)
+    dataset = make_mr(pixels.astype(np.uint16), bits_stored=12)
     seg = make_seg(mask, dataset, label="meningioma")
     pacs = DICOMwebClient(
         url=f"{cluster.encryptor_url}/dicomweb/brain",
@@ -266,7 +266,7 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
     _poll(lambda: served(12), "12 sealed vectors served")
     # A PACS pushes one more slice with its SEG over STOW-RS into the sealed collection.
     pixels, mask = labelled_set(1, shape=(48, 48), seed=98)[0][0], labelled_set(1, seed=98)[1][0]
-    dataset = make_dataset(pixels.astype(np.uint16), bits_stored=12)
+    dataset = make_mr(pixels.astype(np.uint16), bits_stored=12)
     pacs = DICOMwebClient(
         url=f"{cluster.encryptor_url}/dicomweb/{SEALED}",
         headers={"Authorization": f"Bearer {cluster.user_token()}"},

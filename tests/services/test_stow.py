@@ -12,8 +12,8 @@ from pecbir_encryptor.dicom import (
     read_instance,
 )
 from pecbir_encryptor.stow import Pairing, pair_instances, seg_outcomes
+from pecbir_harness.dicom import make_mr
 from pecore.io import MAX_PIXELS
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import dicom_bytes, make_seg
 
 
@@ -26,7 +26,7 @@ def image_and_mask(seed: int) -> tuple:
     pixels = rng.integers(0, 4096, (16, 16)).astype(np.uint16)
     mask = np.zeros((16, 16), bool)
     mask[4:9, 5:11] = True
-    return make_dataset(pixels, bits_stored=12), mask
+    return make_mr(pixels, bits_stored=12), mask
 
 
 def test_each_image_gets_the_seg_that_references_it_whatever_the_order():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from pecbir_contracts.layout import CollectionLayout
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.keys import MasterKey
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import (
     SMALL_MODEL,
     dicom_bytes,
@@ -168,8 +168,8 @@ def test_ingest_refuses_images_without_a_usable_mask(system):
 
 def test_stow_rs_stores_images_with_seg_and_reports_failures(system, loaded):
     images, masks, _, _ = loaded
-    with_mask = make_dataset(images[0].astype(np.uint16), bits_stored=12)
-    without_mask = make_dataset(images[1].astype(np.uint16), bits_stored=12)
+    with_mask = make_mr(images[0].astype(np.uint16), bits_stored=12)
+    without_mask = make_mr(images[1].astype(np.uint16), bits_stored=12)
     seg = make_seg(masks[0], with_mask, label="meningioma")
     body, content_type = multipart_related(
         [dicom_bytes(with_mask), dicom_bytes(without_mask), dicom_bytes(seg)]

@@ -264,6 +264,7 @@ class Encryptor:
         label: int | None = None,
         role: str = "template",
         train: bool = True,
+        lossy: bool = False,
     ) -> SealedUpload:
         """`seal_for_cloud` with this encryptor's active key and the collection's patch model."""
         return seal_for_cloud(
@@ -277,6 +278,7 @@ class Encryptor:
             label=label,
             role=role,
             train=train,
+            lossy=lossy,
         )
 
     def ingest(
@@ -290,6 +292,7 @@ class Encryptor:
         role: str = "template",
         train: bool = True,
         idempotency_key: str | None = None,
+        lossy: bool = False,
     ) -> dict:
         """Protect one image as its collection's mode says and upload it; the gateway's answer.
 
@@ -308,6 +311,9 @@ class Encryptor:
             non-training image's label is not sent at all; sealed: it is inside the blob).
         idempotency_key
             Sent to the gateway.
+        lossy
+            The pixels went through lossy compression: sealed collections mark it inside the
+            blob (a pe record has no place for it; its 8-bit rule loses more anyway).
 
         Raises
         ------
@@ -318,7 +324,14 @@ class Encryptor:
         """
         if self.mode_of(collection) == "sealed":
             sealed = self.seal(
-                collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
+                collection,
+                pixels,
+                mask,
+                opaque_id=opaque_id,
+                label=label,
+                role=role,
+                train=train,
+                lossy=lossy,
             )
             return self.gateway.upload_sealed(
                 collection,

@@ -26,7 +26,7 @@ from pecbir_encryptor.dicom import (
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.stow import Failed, Pairing, Stored, pair_instances, seg_outcomes
 from pecbir_platform.web import read_body_limited
-from pecore.io import read_dicom
+from pecore.io import dicom_is_lossy, read_dicom
 
 DICOM_JSON = "application/dicom+json"
 
@@ -46,7 +46,7 @@ def _store_pairing(
     """Encrypt and upload one paired image: the retrieve URL of its plain image, or why not."""
     instance, uid = pairing.image, pairing.image.sop_instance
     try:
-        pixels, _ = read_dicom(instance.payload, max_pixels=max_pixels)
+        pixels, dataset = read_dicom(instance.payload, max_pixels=max_pixels)
         opaque_id = encryptor.opaque_id_for(uid)
         answer = encryptor.ingest(
             collection,
@@ -56,6 +56,7 @@ def _store_pairing(
             label=label if label is not None else pairing.seg.label,
             role=role,
             idempotency_key=f"stow-{collection}-{opaque_id}",
+            lossy=dicom_is_lossy(dataset),
         )
     except ValueError as exc:
         return (instance.sop_class, uid, FAILURE_CANNOT_UNDERSTAND, str(exc))
