@@ -89,6 +89,7 @@ class EmbeddedSystem:
                 audit_log=self.root / "encryptor-audit.jsonl",
                 sealed_collections=sealed_collections,
                 patch_models=self.root / "patch-models",
+                pending_dir=self.root / "pending",
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,

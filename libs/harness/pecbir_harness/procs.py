@@ -390,6 +390,7 @@ class Cluster:
                     "audit_log": str(self.tmp / "audit.jsonl"),
                     "sealed_collections": json.dumps(list(self.sealed_collections)),
                     "patch_models": str(self.tmp / "patch-models"),
+                    "pending_dir": str(self.tmp / "pending"),
                 }.items()
             }
             self.encryptor_url = stack.enter_context(

@@ -35,6 +35,7 @@ from pecbir_encryptor.audit import AuditLog
 from pecbir_encryptor.gateway_client import GatewayClient
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
+from pecbir_encryptor.pending import PendingPairs
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
 from pecore.cipher import to_uint8
@@ -166,6 +167,7 @@ class Encryptor:
         sealed_collections: Collection[str] = (),
         patch_models: Path | None = None,
         accept_unbound_records: bool = False,
+        pending_dir: Path | None = None,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -179,6 +181,12 @@ class Encryptor:
         self.sealed_collections = frozenset(sealed_collections)
         self.patch_models = PatchModels(patch_models, self.gateway)
         self.accept_unbound_records = accept_unbound_records
+        # Halves of image <-> SEG pairs waiting for the other (None: not kept, refused).
+        self.pending = (
+            PendingPairs(pending_dir, self.keyring, tenant, self.opaque_id_for)
+            if pending_dir is not None
+            else None
+        )
 
     # -- the owner's choice of protection ------------------------------------------------------
     def mode_of(self, collection: str, owner: str | None = None) -> Mode:

@@ -100,6 +100,7 @@ def build_encryptor(
         sealed_collections=settings.sealed_collections,
         patch_models=settings.patch_models,
         accept_unbound_records=settings.accept_unbound_records,
+        pending_dir=settings.pending_dir,
     )
 
 

@@ -19,6 +19,9 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 FAILURE_PROCESSING = 0x0110  # processing failure
 FAILURE_CANNOT_UNDERSTAND = 0xC000  # cannot understand (undecodable, unsupported)
 FAILURE_SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class / not an image
+# Stored, with a warning (class Bxxx, PS3.7 C.3; the Error Comment says which): the image
+# waits for its SEG, the SEG for its image, or the image has no class label.
+WARNING_STORED = 0xB000
 LABELS_BY_NAME = {"meningioma": 1, "glioma": 2, "pituitary": 3}
 # Frames a SEG of one slice may have (one per segment): more is refused before decoding.
 SEG_MAX_FRAMES = 16
@@ -153,23 +156,28 @@ def _sop_item(sop_class: str, sop_instance: str) -> Dataset:
 
 
 def stow_response(
-    stored: list[tuple[str, str, str | None]],
+    stored: list[tuple[str, str, str | None, tuple[int, str] | None]],
     failed: list[tuple[str, str, int, str]],
     retrieve_url: str | None = None,
 ) -> tuple[int, dict]:
-    """PS3.18 status and DICOM JSON body: 200 all stored, 202 some failed, 409 none stored.
+    """PS3.18 status and DICOM JSON body: 200 all stored, 202 some failed or stored with a
+    warning, 409 none stored.
 
-    `stored`: (SOP class, SOP instance, retrieve URL); `failed`: (class, instance, reason, text).
+    `stored`: (SOP class, SOP instance, retrieve URL, (warning reason, text) or None);
+    `failed`: (class, instance, reason, text).
     """
     response = Dataset()
     if retrieve_url:
         response.RetrieveURL = retrieve_url
     if stored:
         items = []
-        for sop_class, sop_instance, url in stored:
+        for sop_class, sop_instance, url, warning in stored:
             item = _sop_item(sop_class, sop_instance)
             if url:
                 item.RetrieveURL = url
+            if warning is not None:
+                item.WarningReason = warning[0]
+                item.add_new(0x00000902, "LO", warning[1][:64])
             items.append(item)
         response.ReferencedSOPSequence = items
     if failed:
@@ -181,5 +189,6 @@ def stow_response(
             item.add_new(0x00000902, "LO", text[:64])
             items.append(item)
         response.FailedSOPSequence = items
-    status = 409 if not stored else 202 if failed else 200
+    warned = any(entry[3] is not None for entry in stored)
+    status = 409 if not stored else 202 if failed or warned else 200
     return status, response.to_json_dict()

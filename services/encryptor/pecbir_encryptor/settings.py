@@ -35,6 +35,10 @@ class EncryptorSettings(BaseSettings):
     accept_unbound_records: bool = False
     # Where the patch models of the sealed collections are kept (`<collection>.npz`).
     patch_models: Path = Path("var/patch-models")
+    # Images waiting for their DICOM SEG and SEG masks waiting for their image (sealed under
+    # the master key, fsync'ed; a volume of its own: it must survive restarts). Unset: an
+    # image without a SEG in its own request is refused, as before issue 14.
+    pending_dir: Path | None = Path("var/pending")
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest image (rows x columns) accepted, checked from the file's header before any
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so

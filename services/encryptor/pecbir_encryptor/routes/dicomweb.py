@@ -16,54 +16,17 @@ from pecbir_contracts.routes import (
 from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.deps import Caller, Ctx, collection_name
 from pecbir_encryptor.dicom import (
-    FAILURE_CANNOT_UNDERSTAND,
-    FAILURE_PROCESSING,
     StowError,
     parse_multipart_related,
     read_instance,
     stow_response,
 )
-from pecbir_encryptor.gateway_client import GatewayError
-from pecbir_encryptor.stow import Failed, Pairing, Stored, pair_instances, seg_outcomes
+from pecbir_encryptor.dicom_ingest import store_instances
 from pecbir_platform.web import read_body_limited
-from pecore.io import dicom_is_lossy, read_dicom
 
 DICOM_JSON = "application/dicom+json"
 
 router = APIRouter(tags=["dicomweb"])
-
-
-def _store_pairing(
-    encryptor: Encryptor,
-    pairing: Pairing,
-    *,
-    collection: str,
-    label: int | None,
-    role: str,
-    base_url: str,
-    max_pixels: int,
-) -> str | Failed:
-    """Encrypt and upload one paired image: the retrieve URL of its plain image, or why not."""
-    instance, uid = pairing.image, pairing.image.sop_instance
-    try:
-        pixels, dataset = read_dicom(instance.payload, max_pixels=max_pixels)
-        opaque_id = encryptor.opaque_id_for(uid)
-        answer = encryptor.ingest(
-            collection,
-            pixels,
-            pairing.seg.mask,
-            opaque_id=opaque_id,
-            label=label if label is not None else pairing.seg.label,
-            role=role,
-            idempotency_key=f"stow-{collection}-{opaque_id}",
-            lossy=dicom_is_lossy(dataset),
-        )
-    except ValueError as exc:
-        return (instance.sop_class, uid, FAILURE_CANNOT_UNDERSTAND, str(exc))
-    except GatewayError as exc:
-        return (instance.sop_class, uid, FAILURE_PROCESSING, exc.detail)
-    path = ENCRYPTOR_PLAIN_IMAGE.format(collection=collection, image_id=answer["image_id"])
-    return f"{base_url}{path}"
 
 
 def stow(
@@ -87,36 +50,24 @@ def stow(
     except StowError as exc:
         status = 415 if "Content-Type" in str(exc) or "type=" in str(exc) else 400
         raise HTTPException(status, str(exc)) from None
-    plan = pair_instances(
-        [
-            read_instance(body, headers.get("content-type", ""), max_pixels=max_pixels)
-            for headers, body in parts
-        ]
+    instances = [
+        read_instance(body, headers.get("content-type", ""), max_pixels=max_pixels)
+        for headers, body in parts
+    ]
+
+    def retrieve_url(image_id: str) -> str:
+        path = ENCRYPTOR_PLAIN_IMAGE.format(collection=collection, image_id=image_id)
+        return f"{base_url}{path}"
+
+    stored, failed = store_instances(
+        encryptor,
+        instances,
+        collection=collection,
+        label=label,
+        role=role,
+        retrieve_url=retrieve_url,
+        max_pixels=max_pixels,
     )
-    stored: list[Stored] = []
-    failed: list[Failed] = list(plan.refused)
-    used_segs: set[str] = set()
-    for item in plan.images:
-        if not isinstance(item, Pairing):
-            failed.append(item)
-            continue
-        outcome = _store_pairing(
-            encryptor,
-            item,
-            collection=collection,
-            label=label,
-            role=role,
-            base_url=base_url,
-            max_pixels=max_pixels,
-        )
-        if isinstance(outcome, str):
-            stored.append((item.image.sop_class, item.image.sop_instance, outcome))
-            used_segs.add(item.seg_instance.sop_instance)
-        else:
-            failed.append(outcome)
-    seg_stored, seg_failed = seg_outcomes(plan.segs, used_segs)
-    stored += seg_stored
-    failed += seg_failed
     status, body = stow_response(stored, failed)
     encryptor.audit.write(
         action="stow", collection=collection, stored=len(stored), failed=len(failed)

@@ -1,0 +1,173 @@
+"""SEG at any time (issue 14): an image without its DICOM SEG is stored at the hospital and
+acknowledged with a warning; the SEG pairs with it whenever it comes (another request, either
+order, replayed, after a restart); unlabelled images become searchable once a model exists."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from pecbir_contracts.layout import image_id_for
+from pecbir_harness.dicom import make_mr
+from pecbir_harness.embedded import EmbeddedSystem
+from pecore.cipher import to_uint8
+from pecore.keys import MasterKey
+from tests.services.helpers import (
+    SMALL_MODEL,
+    dicom_bytes,
+    labelled_set,
+    make_seg,
+    multipart_related,
+    npy_bytes,
+)
+
+STORED, FAILED = "00081199", "00081198"
+UID, WARNING, COMMENT, REASON, URL = "00081155", "00081196", "00000902", "00081197", "00081190"
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg-any-time")
+    with EmbeddedSystem(root, master=MasterKey.from_seed(11)) as running:
+        images, masks, labels = labelled_set(18, seed=2)
+        for image, mask, label in zip(images, masks, labels, strict=True):
+            answer = running.encryptor.post(
+                "/v1/collections/brain/images",
+                files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
+                data={"label": str(label)},
+            )
+            assert answer.status_code == 202, answer.text
+        trained = running.gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)
+        assert trained.status_code == 202, trained.text
+        running.wait_searchable("brain", 18)
+        yield running
+
+
+def _stow(client, datasets) -> tuple[int, dict[str, dict], dict[str, dict]]:
+    body, content_type = multipart_related([dicom_bytes(d) for d in datasets])
+    answer = client.post(
+        "/dicomweb/brain/studies", content=body, headers={"content-type": content_type}
+    )
+    assert answer.status_code in (200, 202, 409), answer.text
+    response = answer.json()
+    stored = {i[UID]["Value"][0]: i for i in response.get(STORED, {}).get("Value", [])}
+    failed = {i[UID]["Value"][0]: i for i in response.get(FAILED, {}).get("Value", [])}
+    return answer.status_code, stored, failed
+
+
+def _pair(seed: int, label: str = "glioma"):
+    images, masks, _ = labelled_set(1, seed=100 + seed)
+    image = make_mr(images[0].astype(np.uint16), bits_stored=12)
+    return image, make_seg(masks[0], image, label=label), images[0], masks[0]
+
+
+def _image_id(system, dataset) -> str:
+    encryptor = system.encryptor_app.state.encryptor
+    return image_id_for(system.tenant, "brain", encryptor.opaque_id_for(dataset.SOPInstanceUID))
+
+
+def _state(system, dataset) -> str | None:
+    answer = system.gateway.get(f"/v1/collections/brain/images/{_image_id(system, dataset)}/status")
+    return answer.json()["state"] if answer.status_code == 200 else None
+
+
+def _restarted(system) -> TestClient:
+    """A fresh encryptor app on the same disk (pending store, audit log) and key: a restart."""
+    from pecbir_encryptor.app import create_app
+
+    settings = system.encryptor_app.state.context.settings
+    app = create_app(settings, master=system.master, gateway_client=TestClient(system.gateway_app))
+    client = TestClient(app)
+    client.headers["authorization"] = f"Bearer {system.user_token()}"
+    return client
+
+
+def _pending_files(system) -> list[bytes]:
+    folder = system.root / "pending" / "brain"
+    return [p.read_bytes() for p in folder.glob("*.sealed")] if folder.exists() else []
+
+
+def test_image_first_then_its_seg_after_a_restart(system):
+    image, seg, pixels, _ = _pair(0)
+    status, stored, failed = _stow(system.encryptor, [image])
+    assert status == 202 and not failed
+    entry = stored[image.SOPInstanceUID]
+    assert entry[WARNING]["Value"] == [0xB000] and URL not in entry
+    assert "SEG" in entry[COMMENT]["Value"][0]
+    assert _state(system, image) is None  # nothing in the cloud yet
+    # What waits is sealed: no header value, no pixel run in the clear.
+    waiting = b"".join(_pending_files(system))
+    assert waiting and b"Doe^Jane" not in waiting and image.SOPInstanceUID.encode() not in waiting
+    assert pixels.astype(np.uint16).tobytes()[:64] not in waiting
+
+    restarted = _restarted(system)
+    status, stored, failed = _stow(restarted, [seg])
+    assert status == 200 and not failed, (stored, failed)
+    assert WARNING not in stored[seg.SOPInstanceUID]
+    assert _pending_files(system) == []
+    system.wait_searchable("brain", 19)
+    assert _state(system, image) == "searchable"
+    plain = system.encryptor.get(
+        f"/v1/collections/brain/images/{_image_id(system, image)}/plain", params={"format": "npy"}
+    )
+    assert plain.status_code == 200, plain.text
+    expected, _ = to_uint8(pixels.astype(np.uint16))
+    np.testing.assert_array_equal(np.load(io.BytesIO(plain.content)), expected)
+
+
+def test_seg_first_then_its_image_and_a_replayed_seg(system):
+    image, seg, _, mask = _pair(1)
+    status, stored, _ = _stow(system.encryptor, [seg])
+    assert status == 202 and stored[seg.SOPInstanceUID][WARNING]["Value"] == [0xB000]
+    status, stored, failed = _stow(system.encryptor, [image])
+    assert status == 200 and not failed
+    assert URL in stored[image.SOPInstanceUID]
+    assert _state(system, image) in ("indexed", "searchable")
+    # The same SEG again: nothing to do, stored.
+    status, stored, failed = _stow(system.encryptor, [seg])
+    assert status == 200 and not failed
+    # The image again, alone: already stored, nothing waits.
+    status, stored, failed = _stow(system.encryptor, [image])
+    assert status == 200 and URL in stored[image.SOPInstanceUID]
+    assert _pending_files(system) == []
+    # A corrected SEG (another mask) is refused, saying why: nothing is overwritten.
+    corrected = make_seg(np.roll(mask, 3, axis=1), image)
+    status, _, failed = _stow(system.encryptor, [corrected])
+    assert status == 409
+    assert "corrected SEG" in failed[corrected.SOPInstanceUID][COMMENT]["Value"][0]
+
+
+def test_an_image_whose_seg_has_no_class_is_searchable_not_trained_on(system):
+    image, seg, _, _ = _pair(2, label="tumour")
+    status, stored, failed = _stow(system.encryptor, [image, seg])
+    assert status == 202 and not failed
+    entry = stored[image.SOPInstanceUID]
+    assert entry[WARNING]["Value"] == [0xB000] and "class label" in entry[COMMENT]["Value"][0]
+    assert URL in entry
+    image_id = _image_id(system, image)
+    assert system.gateway.get(f"/v1/collections/brain/images/{image_id}").json()["label"] is None
+    system.wait_searchable("brain", 21)
+    assert _state(system, image) == "searchable"
+
+
+def test_the_two_halves_at_once_pair_exactly_once(system):
+    for round_ in range(3):
+        image, seg, _, _ = _pair(10 + round_)
+        answers: list[int] = []
+
+        def push(datasets, into):
+            into.append(_stow(system.encryptor, datasets)[0])
+
+        threads = [threading.Thread(target=push, args=([d], answers)) for d in (image, seg)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # One of the two waited (202), the other paired them (200); nothing is left waiting.
+        assert sorted(answers) == [200, 202], answers
+        assert _pending_files(system) == []
+        assert _state(system, image) in ("indexed", "searchable")
