@@ -18,6 +18,7 @@ from pecbir_encryptor.dicom import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_PROCESSING,
     FAILURE_SOP_CLASS_MISMATCH,
+    SEG_SOP_CLASS,
     Instance,
     SegMask,
     is_seg,
@@ -75,11 +76,15 @@ class SegPart:
     outside
         The images it references that are not in this request (sorted): they came earlier
         (waiting, or already stored) or will come later.
+    refused
+        The failures of the images it references that this request carried but that were
+        refused while reading them (too large, undecodable).
     """
 
     instance: Instance
     seg: SegMask
     outside: tuple[str, ...]
+    refused: tuple[Failed, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def _sort_parts(
     image_parts: list[Instance] = []
     for instance in instances:
         if instance.error is not None:
-            refused.append(("", "", *instance.error))
+            refused.append((instance.sop_class, instance.sop_instance, *instance.error))
         elif is_seg(instance):
             try:
                 seg = read_seg(instance.dataset)
@@ -155,7 +160,11 @@ def pair_instances(instances: Sequence[Instance]) -> StowPlan:
     """
     refused, segs, image_parts = _sort_parts(instances)
     masks = {uid: (seg, instance) for seg, instance in segs for uid in seg.referenced}
-    in_request = {instance.sop_instance for instance in image_parts}
+    # Images this request carried, readable or not: a SEG's reference to one is settled here.
+    refused_images = {
+        entry[1]: entry for entry in refused if entry[1] and entry[0] != SEG_SOP_CLASS
+    }
+    in_request = {instance.sop_instance for instance in image_parts} | set(refused_images)
     images: list[Pairing | Instance | Failed] = []
     for instance in image_parts:
         uid = instance.sop_instance
@@ -167,7 +176,13 @@ def pair_instances(instances: Sequence[Instance]) -> StowPlan:
         else:
             images.append(instance)
     parts = [
-        SegPart(instance, seg, tuple(sorted(seg.referenced - in_request))) for seg, instance in segs
+        SegPart(
+            instance,
+            seg,
+            tuple(sorted(seg.referenced - in_request)),
+            tuple(refused_images[uid] for uid in sorted(seg.referenced & set(refused_images))),
+        )
+        for seg, instance in segs
     ]
     return StowPlan(refused=refused, images=images, segs=parts)
 
