@@ -90,6 +90,7 @@ class EmbeddedSystem:
                 sealed_collections=sealed_collections,
                 patch_models=self.root / "patch-models",
                 pending_dir=self.root / "pending",
+                pacs_credentials=self.root / "pacs-credentials.json",
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,

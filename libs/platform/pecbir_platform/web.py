@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, TokenKind, bearer, verify_token
 from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectNotFound, StorageError
+from pecbir_platform.revocation import check_not_revoked
 
 __all__ = [
+    "BEARER_SCHEME",
     "DOCS_ASSETS",
     "ERROR_EXAMPLES",
     "MULTIPART_OVERHEAD_BYTES",
@@ -36,6 +38,7 @@ __all__ = [
     "read_body_limited",
     "read_limited",
     "require_scope",
+    "verify_bearer",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,11 @@ class RequestGuard:
         Path prefixes that authenticate otherwise (the gateway's capability URLs).
     on_unauthenticated
         Called with the reason for each request refused with 401 (the encryptor audits).
+    authenticate
+        Checks a request's headers instead of the bearer token alone (raises `AuthError`):
+        the encryptor also takes its PACS credentials. Default: `verify_bearer`.
+    challenge
+        The ``WWW-Authenticate`` value of a 401.
     """
 
     def __init__(
@@ -88,8 +96,12 @@ class RequestGuard:
         max_body_bytes: int,
         public_prefixes: Collection[str] = (),
         on_unauthenticated: Callable[[str], None] | None = None,
+        authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
+        challenge: str = "Bearer",
     ) -> None:
         self.app = app
+        self.authenticate = authenticate
+        self.challenge = challenge
         self.secret = secret
         self.kind = kind
         self.max_body_bytes = max_body_bytes
@@ -110,11 +122,14 @@ class RequestGuard:
         if not public:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             try:
-                verify_token(self.secret, bearer(authorization), kind=self.kind)
+                if self.authenticate is not None:
+                    self.authenticate(headers)
+                else:
+                    verify_bearer(self.secret, authorization, kind=self.kind)
             except AuthError as exc:
                 if self.on_unauthenticated is not None:
                     self.on_unauthenticated(str(exc))
-                await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"})
+                await _answer(send, 401, str(exc), {"www-authenticate": self.challenge})
                 return
         limit = 0 if public else self.max_body_bytes
         declared = headers.get(b"content-length")
@@ -173,6 +188,8 @@ def guard_requests(
     max_body_bytes: int,
     public_prefixes: Collection[str] = (),
     on_unauthenticated: Callable[[str], None] | None = None,
+    authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
+    challenge: str = "Bearer",
 ) -> None:
     """Install `RequestGuard` on `app` (add it before the observability middleware, so that
     refusals are counted and carry a request id).
@@ -181,7 +198,7 @@ def guard_requests(
     ----------
     app
         The application.
-    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated
+    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated, authenticate, challenge
         As for `RequestGuard`.
     """
     app.add_middleware(
@@ -191,6 +208,8 @@ def guard_requests(
         max_body_bytes=max_body_bytes,
         public_prefixes=public_prefixes,
         on_unauthenticated=on_unauthenticated,
+        authenticate=authenticate,
+        challenge=challenge,
     )
 
 
@@ -227,6 +246,28 @@ async def read_body_limited(request: Request, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def verify_bearer(secret: bytes, authorization: str | None, *, kind: TokenKind) -> Claims:
+    """The claims of an ``Authorization: Bearer <token>`` header's token, not revoked.
+
+    Parameters
+    ----------
+    secret
+        HMAC secret the token must be signed with.
+    authorization
+        The header's value.
+    kind
+        The kind of token the service accepts.
+
+    Raises
+    ------
+    AuthError
+        As `verify_token`, or the token is revoked (`pecbir_platform.revocation`).
+    """
+    claims = verify_token(secret, bearer(authorization), kind=kind)
+    check_not_revoked(claims)
+    return claims
+
+
 def bearer_claims(request: Request, *, secret: bytes, kind: TokenKind) -> Claims:
     """The verified claims of the request's bearer token.
 
@@ -251,7 +292,7 @@ def bearer_claims(request: Request, *, secret: bytes, kind: TokenKind) -> Claims
         signed or expired; the detail is the reason.
     """
     try:
-        return verify_token(secret, bearer(request.headers.get("authorization")), kind=kind)
+        return verify_bearer(secret, request.headers.get("authorization"), kind=kind)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
 
@@ -449,12 +490,44 @@ def _with_error_responses(document: dict) -> dict:
     return document
 
 
-def document_api(app: FastAPI) -> None:
+#: The security scheme every service declares: its own signed JWTs (`pecbir_contracts.auth`).
+BEARER_SCHEME = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A token of this service (HS256; `pecbir token mint --kind …`)",
+    }
+}
+
+
+def _with_security(document: dict, schemes: dict[str, dict]) -> dict:
+    """Declare `schemes` and require one of them on every operation but the public ones."""
+    document.setdefault("components", {})["securitySchemes"] = schemes
+    requirement = [{name: []} for name in schemes]
+    for path, operations in document.get("paths", {}).items():
+        public = path in PUBLIC_PATHS or path.startswith("/v1/blobs/")
+        for operation in operations.values():
+            operation["security"] = [{}] if public else requirement
+    return document
+
+
+def document_api(app: FastAPI, *, security_schemes: dict[str, dict] | None = None) -> None:
     """The API documentation of a service: the error responses of every operation in the
-    OpenAPI document (`ERROR_EXAMPLES`), and `/docs` served with the Swagger UI files of the
-    swagger-ui-bundle package, so that the docs work without internet access, as hospitals'
-    machines often are (FastAPI's default page loads them from a CDN; ReDoc, CDN only, is
-    removed)."""
+    OpenAPI document (`ERROR_EXAMPLES`), its security schemes, and `/docs` served with the
+    Swagger UI files of the swagger-ui-bundle package, so that the docs work without internet
+    access, as hospitals' machines often are (FastAPI's default page loads them from a CDN;
+    ReDoc, CDN only, is removed).
+
+    Parameters
+    ----------
+    app
+        The application.
+    security_schemes
+        OpenAPI security schemes the service accepts (default `BEARER_SCHEME`); an operation
+        needs one of them, except the public paths.
+    """
+    schemes = security_schemes or BEARER_SCHEME
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
     from swagger_ui_bundle import swagger_ui_path
@@ -463,7 +536,7 @@ def document_api(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _with_error_responses(plain_openapi())
+            app.openapi_schema = _with_security(_with_error_responses(plain_openapi()), schemes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

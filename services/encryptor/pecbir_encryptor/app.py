@@ -13,7 +13,14 @@ from fastapi import FastAPI
 
 from pecbir_contracts.auth import ENCRYPTOR_TOKEN, check_secret
 from pecbir_encryptor import ops
-from pecbir_encryptor.deps import EncryptorContext, build_encryptor
+from pecbir_encryptor.credentials import PacsCredentials
+from pecbir_encryptor.deps import (
+    CHALLENGE,
+    SECURITY_SCHEMES,
+    EncryptorContext,
+    authenticator,
+    build_encryptor,
+)
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
@@ -60,10 +67,17 @@ def create_app(
         version="1",
         description="Plain images in, cipher images to the cloud; decryption for key holders.",
     )
+    credentials = (
+        PacsCredentials(settings.pacs_credentials, settings.tenant)
+        if settings.pacs_credentials is not None
+        else None
+    )
+    authenticate = authenticator(secret, credentials)
     app.state.context = EncryptorContext(
         settings=settings,
         encryptor=encryptor,
         limiter=RateLimiter.from_settings(settings.rate_limits, settings.rate_limits_url),
+        authenticate=authenticate,
     )
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
@@ -76,9 +90,11 @@ def create_app(
         # An image and its mask, each up to the limit (a STOW body has the limit for itself).
         max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         on_unauthenticated=encryptor.audit.unauthenticated,
+        authenticate=authenticate,
+        challenge=CHALLENGE,
     )
 
-    document_api(app)
+    document_api(app, security_schemes=SECURITY_SCHEMES)
     add_healthz(
         app,
         secret=lambda: secret,

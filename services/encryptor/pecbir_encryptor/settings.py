@@ -39,6 +39,9 @@ class EncryptorSettings(BaseSettings):
     # the master key, fsync'ed; a volume of its own: it must survive restarts). Unset: an
     # image without a SEG in its own request is refused, as before issue 14.
     pending_dir: Path | None = Path("var/pending")
+    # PACS accounts and the SHA-256 of their API keys (`pecbir token mint --kind pacs`); a
+    # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
+    pacs_credentials: Path | None = Path("var/pacs-credentials.json")
     max_upload_bytes: int = 64 * 1024 * 1024
     # Largest image (rows x columns) accepted, checked from the file's header before any
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so
