@@ -90,7 +90,18 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
     stored = {item.ReferencedSOPInstanceUID: item for item in response.ReferencedSOPSequence}
     assert set(stored) == {dataset.SOPInstanceUID, seg.SOPInstanceUID}
     assert "FailedSOPSequence" not in response
-    image_id = stored[dataset.SOPInstanceUID].RetrieveURL.rstrip("/").split("/")[-2]
+    # The RetrieveURL is WADO-RS: a DICOMweb client opens the decrypted instance there.
+    url = stored[dataset.SOPInstanceUID].RetrieveURL
+    assert url.endswith(
+        f"/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+        f"/instances/{dataset.SOPInstanceUID}"
+    )
+    retrieved = pacs.retrieve_instance(
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+    )
+    np.testing.assert_array_equal(retrieved.pixel_array, to_uint8(pixels.astype(np.uint16))[0])
+    assert retrieved.LossyImageCompression == "01" and str(retrieved.PatientName) == ""
+    image_id = encryptor.get(url).headers["x-pecbir-image-id"]
 
     def searchable():
         status = gateway.get(f"/v1/collections/brain/images/{image_id}/status").json()

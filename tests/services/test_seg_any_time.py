@@ -171,3 +171,56 @@ def test_the_two_halves_at_once_pair_exactly_once(system):
         assert sorted(answers) == [200, 202], answers
         assert _pending_files(system) == []
         assert _state(system, image) in ("indexed", "searchable")
+
+
+def _retrieve(client, url: str):
+    """A WADO-RS retrieve: the one DICOM instance of the multipart answer."""
+    import pydicom
+
+    from pecbir_encryptor.dicom import parse_multipart_related
+
+    answer = client.get(url)
+    assert answer.status_code == 200, answer.text
+    ((headers, part),) = parse_multipart_related(answer.headers["content-type"], answer.content)
+    assert headers["content-type"] == "application/dicom"
+    return answer, pydicom.dcmread(io.BytesIO(part))
+
+
+def test_answers_a_pacs_can_act_on_and_wado_rs_retrieve(system):
+    image, seg, pixels, _ = _pair(20)
+    body, content_type = multipart_related(
+        [dicom_bytes(image), dicom_bytes(seg), b"not a dicom file"]
+    )
+    answer = system.encryptor.post(
+        "/dicomweb/brain/studies", content=body, headers={"content-type": content_type}
+    )
+    assert answer.status_code == 202, answer.text
+    # The gist in a header (what Orthanc's log shows), the details per instance in the body.
+    reason = answer.headers["x-pecbir-reason"]
+    assert reason.startswith("1 of 3 instances failed (0xC000): not a readable DICOM file")
+    assert answer.headers["warning"].startswith('299 pecbir "1 of 3')
+    stored = {i[UID]["Value"][0]: i for i in answer.json()[STORED]["Value"]}
+    url = stored[image.SOPInstanceUID][URL]["Value"][0]
+    assert url.endswith(
+        f"/dicomweb/brain/studies/{image.StudyInstanceUID}/series/{image.SeriesInstanceUID}"
+        f"/instances/{image.SOPInstanceUID}"
+    )
+    retrieved, dataset = _retrieve(system.encryptor, url)
+    assert retrieved.headers["x-pecbir-image-id"] == _image_id(system, image)
+    np.testing.assert_array_equal(dataset.pixel_array, to_uint8(pixels.astype(np.uint16))[0])
+    assert dataset.SOPInstanceUID == image.SOPInstanceUID
+    assert dataset.LossyImageCompression == "01"  # pe: the 8-bit rule
+    assert str(dataset.PatientName) == "" and "InstitutionName" not in dataset
+    # Another hospital's instance (or none): 404; not a UID: 422; no decrypt scope: 403.
+    base = url.rsplit("/", 1)[0]
+    assert system.encryptor.get(f"{base}/1.2.3.4").status_code == 404
+    assert system.encryptor.get(f"{base}/1.2.x").status_code == 422
+    reader = {"authorization": f"Bearer {system.user_token(scopes=('search',))}"}
+    assert system.encryptor.get(url, headers=reader).status_code == 403
+    # All well: no reason header.
+    again = system.encryptor.post(
+        "/dicomweb/brain/studies",
+        content=multipart_related([dicom_bytes(image), dicom_bytes(seg)])[0],
+        headers={"content-type": content_type},
+    )
+    assert again.status_code == 200 and "x-pecbir-reason" not in again.headers

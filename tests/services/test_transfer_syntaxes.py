@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pecbir_contracts.layout import image_id_for
+from pecbir_encryptor.dicom import parse_multipart_related
 from pecbir_harness.dicom import (
     ENCODINGS,
     Encoding,
@@ -122,6 +123,19 @@ def test_stow_of_compressed_images_seals_them_exactly_and_marks_the_lossy_one(se
     )
     assert answer.status_code == 200, answer.text
     encryptor = system.encryptor_app.state.encryptor
+    # WADO-RS gives the sealed image back exactly, marked lossy where it was.
+    for item in answer.json()["00081199"]["Value"]:
+        if "00081190" not in item:
+            continue  # the SEGs
+        uid = item["00081155"]["Value"][0]
+        retrieved = system.encryptor.get(item["00081190"]["Value"][0])
+        assert retrieved.status_code == 200, retrieved.text
+        ((_, part),) = parse_multipart_related(retrieved.headers["content-type"], retrieved.content)
+        dataset = open_dicom(part)
+        name = next(n for n, (u, _) in sources.items() if u == uid)
+        assert (getattr(dataset, "LossyImageCompression", "") == "01") is (name == lossy.name)
+        if name == lossless.name:
+            np.testing.assert_array_equal(dataset.pixel_array, sources[name][1])
     for name, (uid, pixels) in sources.items():
         image_id = image_id_for(system.tenant, SEALED, encryptor.opaque_id_for(uid))
         opened = encryptor.fetch_plain(SEALED, image_id)

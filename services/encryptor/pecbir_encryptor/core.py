@@ -71,12 +71,15 @@ class Opened:
     label
         Its class label: a training template's from the record, any other sealed image's
         from inside its blob (the cloud never read it); None when unknown.
+    lossy
+        A sealed image that went through lossy compression before it came (its blob says so).
     """
 
     image: np.ndarray
     mask: np.ndarray | None
     record: ImageMetadata | SealedImageMetadata
     label: int | None
+    lossy: bool = False
 
 
 def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -511,7 +514,8 @@ class Encryptor:
             master, identity, blob = self._sealed_blob(*requested, metadata)
             contents = open_sealed(blob, master, identity)
             label = contents.metadata.get("label")
-            return Opened(contents.image, contents.mask, metadata, label)
+            lossy = bool(contents.metadata.get("lossy", False))
+            return Opened(contents.image, contents.mask, metadata, label, lossy)
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
         plain = self.open(cipher, mask, metadata, requested=requested)
         return Opened(plain, mask, metadata, metadata.label)

@@ -17,6 +17,7 @@ from pecore.io import check_dicom_size, open_dicom
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 # PS3.4 Annex GG / PS3.18 failure reasons used in FailedSOPSequence.
 FAILURE_PROCESSING = 0x0110  # processing failure
+FAILURE_OUT_OF_RESOURCES = 0xA700  # refused: out of resources (the cloud is busy: retry)
 FAILURE_CANNOT_UNDERSTAND = 0xC000  # cannot understand (undecodable, unsupported)
 FAILURE_SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class / not an image
 # Stored, with a warning (class Bxxx, PS3.7 C.3; the Error Comment says which): the image
@@ -87,7 +88,7 @@ def read_instance(payload: bytes, part_type: str, *, max_pixels: int) -> Instanc
     try:
         dataset = open_dicom(payload, max_pixels=max_pixels)
     except Exception as exc:
-        return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, f"not a DICOM file: {exc}"))
+        return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, str(exc)))
     is_seg_object = str(getattr(dataset, "SOPClassUID", "")) == SEG_SOP_CLASS
     try:
         check_dicom_size(
@@ -192,3 +193,83 @@ def stow_response(
     warned = any(entry[3] is not None for entry in stored)
     status = 409 if not stored else 202 if failed or warned else 200
     return status, response.to_json_dict()
+
+
+def multipart_related(parts: list[bytes], boundary: str) -> tuple[bytes, str]:
+    """A `multipart/related; type="application/dicom"` body of DICOM parts, and its type.
+
+    Parameters
+    ----------
+    parts
+        DICOM Part 10 files.
+    boundary
+        The boundary (must not occur in any part).
+    """
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+        for part in parts
+    )
+    body += f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def retrieved_instance(
+    pixels: np.ndarray,
+    *,
+    study: str,
+    series: str,
+    instance: str,
+    lossy: bool,
+    derivation: str | None = None,
+) -> bytes:
+    """One decrypted image as a DICOM Part 10 MR instance (WADO-RS retrieve).
+
+    Only what the hospital can vouch for is in it: the UIDs it was asked for, the pixels, and
+    whether they went through lossy compression or a conversion; no patient attribute (the
+    encryptor keeps none: the PACS has them).
+
+    Parameters
+    ----------
+    pixels
+        The decrypted 2-D grey image (uint8 or uint16).
+    study, series, instance
+        Its Study, Series and SOP Instance UIDs.
+    lossy
+        LossyImageCompression "01".
+    derivation
+        DerivationDescription (e.g. the pe mode's 8-bit rule).
+    """
+    import io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    pixels = np.ascontiguousarray(pixels)
+    depth = 8 if pixels.dtype == np.uint8 else 16
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset("retrieved.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
+    dataset.SOPClassUID = MRImageStorage
+    dataset.SOPInstanceUID = instance
+    dataset.StudyInstanceUID = study
+    dataset.SeriesInstanceUID = series
+    dataset.Modality = "MR"
+    dataset.PatientName = ""
+    dataset.PatientID = ""
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated = depth
+    dataset.BitsStored = depth
+    dataset.HighBit = depth - 1
+    dataset.PixelRepresentation = 0
+    if lossy:
+        dataset.LossyImageCompression = "01"
+    if derivation:
+        dataset.DerivationDescription = derivation[:1024]
+    dataset.PixelData = pixels.astype(np.uint8 if depth == 8 else np.uint16).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

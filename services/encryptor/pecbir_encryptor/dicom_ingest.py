@@ -31,6 +31,7 @@ from pecbir_contracts.layout import image_id_for
 from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.dicom import (
     FAILURE_CANNOT_UNDERSTAND,
+    FAILURE_OUT_OF_RESOURCES,
     FAILURE_PROCESSING,
     WARNING_STORED,
     Instance,
@@ -56,8 +57,10 @@ WAITS_FOR_SEG = "stored; searchable once a DICOM SEG references it"
 WAITS_FOR_IMAGE = "stored; applied when the image it references comes"
 NO_LABEL = "stored without a class label: not a training template"
 
-# The retrieve URL of an uploaded image, from its cloud image id.
-RetrieveUrl = Callable[[str], str]
+# The retrieve URL of an uploaded image, from its instance and cloud image id.
+RetrieveUrl = Callable[[Instance, str], str]
+# Gateway answers that mean "busy or down, retry": out of resources (0xA700) for the PACS.
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class _Batch:
@@ -108,6 +111,8 @@ class _Batch:
         except ValueError as exc:
             return FAILURE_CANNOT_UNDERSTAND, str(exc)
         except GatewayError as exc:
+            if exc.status in _RETRY_STATUSES:
+                return FAILURE_OUT_OF_RESOURCES, f"cloud unavailable, retry: {exc.detail}"
             return FAILURE_PROCESSING, exc.detail
         return str(answer["image_id"])
 
@@ -143,7 +148,7 @@ class _Batch:
     ) -> Stored | Failed:
         if isinstance(result, tuple):
             return (instance.sop_class, uid, *result)
-        return (instance.sop_class, uid, self.retrieve_url(result), warning)
+        return (instance.sop_class, uid, self.retrieve_url(instance, result), warning)
 
     # -- images -------------------------------------------------------------------------------
     def _decode(self, instance: Instance) -> tuple[np.ndarray, bool] | Failed:
@@ -193,7 +198,8 @@ class _Batch:
                     return (instance.sop_class, uid, FAILURE_PROCESSING, exc.detail)
                 if stored_before:
                     # Re-sent after its pair was stored: nothing to do.
-                    return (instance.sop_class, uid, self.retrieve_url(self._image_id(uid)), None)
+                    url = self.retrieve_url(instance, self._image_id(uid))
+                    return (instance.sop_class, uid, url, None)
                 self.pending.put_image(
                     self.collection, uid, PendingImage(pixels, self.role, self.label, lossy)
                 )
@@ -273,7 +279,7 @@ def store_instances(
     label, role
         The label the caller gave (None: each SEG's) and the images' role.
     retrieve_url
-        The retrieve URL of an uploaded image, from its cloud id.
+        The retrieve URL of an uploaded image, from its instance and cloud id.
     max_pixels
         The largest image decoded.
 

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.routes import (
-    ENCRYPTOR_PLAIN_IMAGE,
     ENCRYPTOR_STOW_STUDIES,
     ENCRYPTOR_STOW_STUDY,
+    ENCRYPTOR_WADO_INSTANCE,
 )
+from pecbir_contracts.schemas import SealedImageMetadata
 from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.deps import Caller, Ctx, collection_name
 from pecbir_encryptor.dicom import (
+    Instance,
     StowError,
+    multipart_related,
     parse_multipart_related,
     read_instance,
+    retrieved_instance,
     stow_response,
 )
 from pecbir_encryptor.dicom_ingest import store_instances
+from pecbir_encryptor.routes.search import open_audited
+from pecbir_encryptor.stow import Failed, Stored
 from pecbir_platform.web import read_body_limited
 
 DICOM_JSON = "application/dicom+json"
@@ -55,8 +63,14 @@ def stow(
         for headers, body in parts
     ]
 
-    def retrieve_url(image_id: str) -> str:
-        path = ENCRYPTOR_PLAIN_IMAGE.format(collection=collection, image_id=image_id)
+    def retrieve_url(instance: Instance, _image_id: str) -> str:
+        # WADO-RS, by the UIDs the PACS knows (the encryptor maps them to the cloud's id).
+        path = ENCRYPTOR_WADO_INSTANCE.format(
+            collection=collection,
+            study=str(getattr(instance.dataset, "StudyInstanceUID", "")),
+            series=str(getattr(instance.dataset, "SeriesInstanceUID", "")),
+            instance=instance.sop_instance,
+        )
         return f"{base_url}{path}"
 
     stored, failed = store_instances(
@@ -72,7 +86,33 @@ def stow(
     encryptor.audit.write(
         action="stow", collection=collection, stored=len(stored), failed=len(failed)
     )
-    return JSONResponse(status_code=status, content=body, media_type=DICOM_JSON)
+    reason = short_reason(stored, failed)
+    # A PACS logs headers and status, rarely a DICOM JSON body: the gist goes in a header too.
+    headers = {"X-Pecbir-Reason": reason, "Warning": f'299 pecbir "{reason}"'} if reason else None
+    return JSONResponse(status_code=status, content=body, media_type=DICOM_JSON, headers=headers)
+
+
+def short_reason(stored: list[Stored], failed: list[Failed]) -> str | None:
+    """One line saying what went wrong (or what to expect) in a STOW answer; None if all is
+    well: "2 of 5 instances failed: <first reason>", "1 of 3 stored with a warning: <…>".
+
+    Parameters
+    ----------
+    stored, failed
+        The answer's entries.
+    """
+    total = len(stored) + len(failed)
+    if failed:
+        _cls, _uid, code, text = failed[0]
+        line = f"{len(failed)} of {total} instances failed (0x{code:04X}): {text}"
+    else:
+        warned = [entry for entry in stored if entry[3] is not None]
+        if not warned:
+            return None
+        code, text = warned[0][3]
+        line = f"{len(warned)} of {total} stored with a warning (0x{code:04X}): {text}"
+    # A header value: printable ASCII, no quotes, bounded.
+    return "".join(c if 32 <= ord(c) < 127 and c != '"' else "?" for c in line)[:200]
 
 
 # The body is read raw (multipart/related is no form FastAPI parses), so it is documented here.
@@ -131,3 +171,41 @@ async def stow_rs_study(
     """DICOMweb STOW-RS into one study (the study UID in the path is not checked against the
     instances: as /studies)."""
     return await stow_rs(collection, request, claims, ctx, label, role)
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@router.get(
+    ENCRYPTOR_WADO_INSTANCE,
+    responses={200: {"content": {'multipart/related; type="application/dicom"': {}}}},
+)
+def wado_rs_instance(
+    collection: str, study: str, series: str, instance: str, claims: Caller, ctx: Ctx
+) -> Response:
+    """DICOMweb WADO-RS retrieve of one instance this hospital stored (the RetrieveURL of its
+    STOW answer): fetched from the cloud, verified and decrypted here, and sent back as a
+    DICOM instance with the UIDs asked for, so that a DICOMweb viewer can open it. A pe
+    image comes back at 8 bits (the pe mode's rule); a sealed one exactly as it was sent.
+    Only for this tenant's own images (the SOP Instance UID names one through the owner's
+    keyed pseudonym). Scope `decrypt`; audited."""
+    for name, uid in (("study", study), ("series", series), ("instance", instance)):
+        if len(uid) > 64 or not _UID.match(uid):
+            raise HTTPException(422, f"{name} UID {uid[:70]!r} is not a DICOM UID")
+    encryptor = ctx.encryptor
+    image_id = image_id_for(
+        encryptor._bound_tenant(None), collection, encryptor.opaque_id_for(instance)
+    )
+    opened = open_audited(ctx, claims, collection, image_id)
+    pe = not isinstance(opened.record, SealedImageMetadata)
+    data = retrieved_instance(
+        opened.image,
+        study=study,
+        series=series,
+        instance=instance,
+        lossy=opened.lossy or pe,
+        derivation="pe-cbir pe mode: decrypted at 8 bits per pixel (8-bit rule)" if pe else None,
+    )
+    body, content_type = multipart_related([data], boundary=f"pecbir-{image_id}")
+    # The cloud's id of the image, as search hits name it.
+    return Response(body, media_type=content_type, headers={"X-Pecbir-Image-Id": image_id})
