@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection
+import os
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, UploadFile
@@ -38,6 +41,7 @@ __all__ = [
     "read_body_limited",
     "read_limited",
     "require_scope",
+    "spool_body_limited",
     "verify_bearer",
 ]
 
@@ -80,6 +84,9 @@ class RequestGuard:
         Path prefixes that authenticate otherwise (the gateway's capability URLs).
     on_unauthenticated
         Called with the reason for each request refused with 401 (the encryptor audits).
+    body_limits
+        (path prefix, largest body) pairs that replace `max_body_bytes` on those paths (the
+        encryptor's STOW-RS root, which spools its body to disk); the first match wins.
     authenticate
         Checks a request's headers instead of the bearer token alone (raises `AuthError`):
         the encryptor also takes its PACS credentials. Default: `verify_bearer`.
@@ -98,8 +105,10 @@ class RequestGuard:
         on_unauthenticated: Callable[[str], None] | None = None,
         authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
         challenge: str = "Bearer",
+        body_limits: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.app = app
+        self.body_limits = tuple(body_limits)
         self.authenticate = authenticate
         self.challenge = challenge
         self.secret = secret
@@ -107,6 +116,11 @@ class RequestGuard:
         self.max_body_bytes = max_body_bytes
         self.public_prefixes = tuple(public_prefixes)
         self.on_unauthenticated = on_unauthenticated
+
+    def _limit(self, path: str) -> int:
+        """The largest body accepted on `path`."""
+        matches = (n for prefix, n in self.body_limits if path.startswith(prefix))
+        return next(matches, self.max_body_bytes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -131,7 +145,7 @@ class RequestGuard:
                     self.on_unauthenticated(str(exc))
                 await _answer(send, 401, str(exc), {"www-authenticate": self.challenge})
                 return
-        limit = 0 if public else self.max_body_bytes
+        limit = 0 if public else self._limit(path)
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -190,6 +204,7 @@ def guard_requests(
     on_unauthenticated: Callable[[str], None] | None = None,
     authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
     challenge: str = "Bearer",
+    body_limits: Sequence[tuple[str, int]] = (),
 ) -> None:
     """Install `RequestGuard` on `app` (add it before the observability middleware, so that
     refusals are counted and carry a request id).
@@ -199,6 +214,8 @@ def guard_requests(
     app
         The application.
     secret, kind, max_body_bytes, public_prefixes, on_unauthenticated, authenticate, challenge
+        As for `RequestGuard`.
+    body_limits
         As for `RequestGuard`.
     """
     app.add_middleware(
@@ -210,6 +227,7 @@ def guard_requests(
         on_unauthenticated=on_unauthenticated,
         authenticate=authenticate,
         challenge=challenge,
+        body_limits=body_limits,
     )
 
 
@@ -244,6 +262,51 @@ async def read_body_limited(request: Request, *, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def spool_body_limited(
+    request: Request, *, limit: int, directory: Path | None = None
+) -> Path:
+    """The request's body written to a new temporary file (0600), never held in memory whole;
+    refused with 413 by its Content-Length or at the first byte over `limit` (the file is
+    then removed). The caller removes the file when done.
+
+    Parameters
+    ----------
+    request
+        The incoming request.
+    limit
+        Largest accepted body in bytes.
+    directory
+        Where the file goes (default: the system's temporary directory).
+
+    Returns
+    -------
+    Path
+        The file holding the body.
+
+    Raises
+    ------
+    HTTPException
+        413 when the body is (or declares to be) larger than `limit`.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    descriptor, name = tempfile.mkstemp(prefix="pecbir-body-", dir=directory)
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(descriptor, "wb") as handle:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                handle.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def verify_bearer(secret: bytes, authorization: str | None, *, kind: TokenKind) -> Claims:

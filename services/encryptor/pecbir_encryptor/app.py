@@ -92,6 +92,8 @@ def create_app(
         on_unauthenticated=encryptor.audit.unauthenticated,
         authenticate=authenticate,
         challenge=CHALLENGE,
+        # STOW-RS bodies are spooled to disk (routes.dicomweb): their own limit.
+        body_limits=(("/dicomweb/", settings.max_stow_bytes),),
     )
 
     document_api(app, security_schemes=SECURITY_SCHEMES)

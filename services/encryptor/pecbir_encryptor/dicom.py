@@ -6,8 +6,11 @@ every other attribute, patient-identifying or not, stays at the hospital.
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -32,8 +35,8 @@ class StowError(ValueError):
     """The request as a whole is not a STOW-RS request we can read (→ 400/415)."""
 
 
-def parse_multipart_related(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:
-    """Parts of a `multipart/related; type="application/dicom"` body as (headers, bytes)."""
+def _boundary(content_type: str) -> bytes:
+    """The boundary of a `multipart/related; type="application/dicom"` Content-Type."""
     media, _, params = content_type.partition(";")
     if media.strip().lower() != "multipart/related":
         raise StowError(f"Content-Type must be multipart/related, got {media.strip() or 'none'}")
@@ -46,43 +49,164 @@ def parse_multipart_related(content_type: str, body: bytes) -> list[tuple[dict[s
     boundary = values.get("boundary")
     if not boundary:
         raise StowError("multipart/related Content-Type lacks a boundary")
-    delimiter = b"--" + boundary.encode()
-    chunks = body.split(delimiter)
+    return boundary.encode()
+
+
+def _find_all(stream: BinaryIO, needle: bytes, chunk: int = 1 << 20) -> list[int]:
+    """Offsets of `needle` in `stream`, read `chunk` bytes at a time (memory: one chunk)."""
+    positions: list[int] = []
+    offset, tail = 0, b""
+    while block := stream.read(chunk):
+        data = tail + block
+        start = 0
+        while (found := data.find(needle, start)) != -1:
+            positions.append(offset - len(tail) + found)
+            start = found + 1
+        # Keep less than one needle: a match is never counted twice.
+        tail = data[-(len(needle) - 1) :] if len(needle) > 1 else b""
+        offset += len(block)
+    return positions
+
+
+@dataclass(frozen=True)
+class PartSource:
+    """Where one part's bytes are in a spooled body (read when needed, not held).
+
+    Attributes
+    ----------
+    path
+        The spool file.
+    offset, length
+        The part's bytes in it.
+    """
+
+    path: Path
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        """The part's bytes."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.length)
+
+
+def split_multipart_related(
+    content_type: str, stream: BinaryIO
+) -> list[tuple[dict[str, str], int, int]]:
+    """Parts of a `multipart/related; type="application/dicom"` body as (headers, offset,
+    length), scanning it 1 MiB at a time (a spooled STOW body is never held whole).
+
+    Parameters
+    ----------
+    content_type
+        The request's Content-Type (its boundary).
+    stream
+        The body, seekable.
+
+    Raises
+    ------
+    StowError
+        Not multipart/related of DICOM, no boundary, no parts, or a part without headers.
+    """
+    delimiter = b"--" + _boundary(content_type)
+    stream.seek(0)
+    positions = _find_all(stream, delimiter)
     parts = []
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk
-        head, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
+    for here, following in zip(positions, [*positions[1:], None], strict=True):
+        start = here + len(delimiter)
+        stream.seek(start)
+        head = stream.read(16 * 1024 + 4)
+        if head.startswith(b"--") or following is None:
+            break  # the closing delimiter (or a last part that was never closed)
+        skip = 2 if head.startswith(b"\r\n") else 0
+        end_of_head = head.find(b"\r\n\r\n", skip)
+        if end_of_head == -1:
             raise StowError("malformed multipart part (no header/body separator)")
         headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
+        for line in head[skip:end_of_head].decode("latin-1").split("\r\n"):
             name, _, value = line.partition(":")
             if name.strip():
                 headers[name.strip().lower()] = value.strip()
-        if payload.endswith(b"\r\n"):
-            payload = payload[:-2]
-        parts.append((headers, payload))
+        offset = start + end_of_head + 4
+        length = following - offset
+        stream.seek(following - 2)
+        if length >= 2 and stream.read(2) == b"\r\n":
+            length -= 2
+        parts.append((headers, offset, max(length, 0)))
     if not parts:
         raise StowError("multipart body has no parts")
     return parts
 
 
+def parse_multipart_related(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """Parts of a `multipart/related; type="application/dicom"` body as (headers, bytes).
+
+    Parameters
+    ----------
+    content_type
+        The Content-Type (its boundary).
+    body
+        The whole body.
+    """
+    return [
+        (headers, body[offset : offset + length])
+        for headers, offset, length in split_multipart_related(content_type, io.BytesIO(body))
+    ]
+
+
 @dataclass
 class Instance:
-    """One DICOM object of a STOW request."""
+    """One DICOM object of a STOW request (or of a DIMSE association).
+
+    Attributes
+    ----------
+    dataset
+        Its header; an image read from a spooled body keeps no pixel data (see `data`).
+    payload
+        Its bytes when held in memory (else `source`).
+    sop_class, sop_instance
+        Its SOP Class and Instance UIDs.
+    error
+        (failure reason, text) when it cannot be used.
+    source
+        Where its bytes are in a spooled body.
+    has_pixels
+        Whether it carries pixel data.
+    """
 
     dataset: Dataset | None
     payload: bytes = b""
     sop_class: str = ""
     sop_instance: str = ""
     error: tuple[int, str] | None = None
+    source: PartSource | None = None
+    has_pixels: bool = False
+
+    def data(self) -> bytes:
+        """The DICOM file's bytes (read from the spool file when it came spooled)."""
+        return self.source.read() if self.source is not None else self.payload
 
 
-def read_instance(payload: bytes, part_type: str, *, max_pixels: int) -> Instance:
+def read_instance(
+    payload: bytes, part_type: str, *, max_pixels: int, source: PartSource | None = None
+) -> Instance:
     """One part of a STOW request; its declared image size checked against `max_pixels`
-    (per frame) before anything is inflated or decoded, as on the single-image path."""
+    (per frame) before anything is inflated or decoded, as on the single-image path.
+
+    Parameters
+    ----------
+    payload
+        The part's bytes.
+    part_type
+        The part's Content-Type.
+    max_pixels
+        Largest image (per frame).
+    source
+        Where `payload` lies in a spooled body: then an image keeps neither its bytes nor
+        its pixel data (they are read again when it is decoded), so that a large push costs
+        memory per instance, not per push.
+    """
     if part_type and part_type.split(";")[0].strip().lower() != "application/dicom":
         return Instance(None, error=(FAILURE_CANNOT_UNDERSTAND, f"part type {part_type!r}"))
     try:
@@ -101,19 +225,36 @@ def read_instance(payload: bytes, part_type: str, *, max_pixels: int) -> Instanc
             sop_instance=str(getattr(dataset, "SOPInstanceUID", "")),
             error=(FAILURE_CANNOT_UNDERSTAND, str(exc)),
         )
+    has_pixels = "PixelData" in dataset
+    if source is not None and not is_seg_object:
+        # A SEG's 1-bit frames are small and decoded while pairing; an image's are not.
+        if has_pixels:
+            del dataset.PixelData
+        payload = b""
     return Instance(
         dataset,
         payload=payload,
         sop_class=str(getattr(dataset, "SOPClassUID", "")),
         sop_instance=str(getattr(dataset, "SOPInstanceUID", "")),
+        source=source,
+        has_pixels=has_pixels,
     )
 
 
 @dataclass
 class SegMask:
-    mask: np.ndarray
+    """A SEG's mask (union of its segments, kept bit-packed), its source images, its label."""
+
+    bits: np.ndarray
+    shape: tuple[int, int]
     referenced: set[str] = field(default_factory=set)
     label: int | None = None
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask as a 2-D bool array."""
+        count = self.shape[0] * self.shape[1]
+        return np.unpackbits(self.bits, count=count).reshape(self.shape).astype(bool)
 
 
 def read_seg(dataset: Dataset) -> SegMask:
@@ -142,7 +283,7 @@ def read_seg(dataset: Dataset) -> SegMask:
             label = LABELS_BY_NAME[text]
         elif text.isdigit():
             label = int(text)
-    return SegMask(mask, referenced, label)
+    return SegMask(np.packbits(mask, axis=None), mask.shape, referenced, label)
 
 
 def is_seg(instance: Instance) -> bool:

@@ -153,7 +153,7 @@ class _Batch:
     # -- images -------------------------------------------------------------------------------
     def _decode(self, instance: Instance) -> tuple[np.ndarray, bool] | Failed:
         try:
-            pixels, dataset = read_dicom(instance.payload, max_pixels=self.max_pixels)
+            pixels, dataset = read_dicom(instance.data(), max_pixels=self.max_pixels)
         except ValueError as exc:
             return (instance.sop_class, instance.sop_instance, FAILURE_CANNOT_UNDERSTAND, str(exc))
         return pixels, dicom_is_lossy(dataset)

@@ -43,6 +43,11 @@ class EncryptorSettings(BaseSettings):
     # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
     pacs_credentials: Path | None = Path("var/pacs-credentials.json")
     max_upload_bytes: int = 64 * 1024 * 1024
+    # A STOW-RS request (a PACS sends one job as one request: a whole study, or 130 of them)
+    # is spooled to disk part by part, never held in memory: its own, much larger limit.
+    max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    # Where STOW bodies are spooled while they are processed (default: the system's temp).
+    spool_dir: Path | None = None
     # Largest image (rows x columns) accepted, checked from the file's header before any
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so
     # that nothing the cloud would refuse is decoded and encrypted first.

@@ -168,7 +168,7 @@ def pair_instances(instances: Sequence[Instance]) -> StowPlan:
     images: list[Pairing | Instance | Failed] = []
     for instance in image_parts:
         uid = instance.sop_instance
-        if "PixelData" not in instance.dataset:
+        if not instance.has_pixels:
             images.append((instance.sop_class, uid, FAILURE_SOP_CLASS_MISMATCH, "no pixel data"))
         elif uid in masks:
             seg, seg_instance = masks[uid]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -20,17 +21,18 @@ from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.deps import Caller, Ctx, collection_name
 from pecbir_encryptor.dicom import (
     Instance,
+    PartSource,
     StowError,
     multipart_related,
-    parse_multipart_related,
     read_instance,
     retrieved_instance,
+    split_multipart_related,
     stow_response,
 )
 from pecbir_encryptor.dicom_ingest import store_instances
 from pecbir_encryptor.routes.search import open_audited
 from pecbir_encryptor.stow import Failed, Stored
-from pecbir_platform.web import read_body_limited
+from pecbir_platform.web import spool_body_limited
 
 DICOM_JSON = "application/dicom+json"
 
@@ -41,7 +43,7 @@ def stow(
     encryptor: Encryptor,
     *,
     collection: str,
-    request_body: bytes,
+    body: Path,
     content_type: str,
     label: int | None,
     role: str,
@@ -50,18 +52,28 @@ def stow(
 ) -> Response:
     """Store what a STOW request holds; the PS3.18 answer (blocking: run it in a thread).
 
+    `body` is the spooled request body; each part is read from it when needed, so memory
+    grows with the number of instances (their headers), not with the size of the push.
     Each part's declared image size is checked against `max_pixels` before anything is
     inflated, decoded or encrypted (the limit of the single-image path).
     """
     try:
-        parts = parse_multipart_related(content_type, request_body)
+        with open(body, "rb") as stream:
+            parts = split_multipart_related(content_type, stream)
     except StowError as exc:
         status = 415 if "Content-Type" in str(exc) or "type=" in str(exc) else 400
         raise HTTPException(status, str(exc)) from None
-    instances = [
-        read_instance(body, headers.get("content-type", ""), max_pixels=max_pixels)
-        for headers, body in parts
-    ]
+    instances = []
+    for headers, offset, length in parts:
+        source = PartSource(body, offset, length)
+        instances.append(
+            read_instance(
+                source.read(),
+                headers.get("content-type", ""),
+                max_pixels=max_pixels,
+                source=source,
+            )
+        )
 
     def retrieve_url(instance: Instance, _image_id: str) -> str:
         # WADO-RS, by the UIDs the PACS knows (the encryptor maps them to the cloud's id).
@@ -121,7 +133,8 @@ STOW_BODY = {
         "required": True,
         "description": "DICOM Part 10 instances, one per part: MR images and the DICOM SEG "
         "objects of their tumour masks (a SEG names its image through ReferencedSeriesSequence "
-        "or SourceImageSequence). At most PECBIR_ENCRYPTOR_MAX_UPLOAD_BYTES in all.",
+        "or SourceImageSequence), in one request or several, in any order. At most "
+        "PECBIR_ENCRYPTOR_MAX_STOW_BYTES in all (default 4 GiB), spooled to disk.",
         "content": {
             'multipart/related; type="application/dicom"': {
                 "schema": {"type": "string", "format": "binary"}
@@ -143,19 +156,24 @@ async def stow_rs(
     """DICOMweb STOW-RS: images with their DICOM SEG tumour masks in one request."""
     ctx.permit(claims, "upload")
     collection = collection_name(collection)
-    # Refused by its Content-Length, or at the first byte over the limit: never held whole.
-    body = await read_body_limited(request, limit=ctx.settings.max_upload_bytes)
-    return await run_in_threadpool(
-        stow,
-        ctx.encryptor,
-        collection=collection,
-        request_body=body,
-        content_type=request.headers.get("content-type", ""),
-        label=label,
-        role=role,
-        base_url=str(request.base_url).rstrip("/"),
-        max_pixels=ctx.settings.max_pixels,
+    # Refused by its Content-Length, or at the first byte over the limit; spooled to disk.
+    body = await spool_body_limited(
+        request, limit=ctx.settings.max_stow_bytes, directory=ctx.settings.spool_dir
     )
+    try:
+        return await run_in_threadpool(
+            stow,
+            ctx.encryptor,
+            collection=collection,
+            body=body,
+            content_type=request.headers.get("content-type", ""),
+            label=label,
+            role=role,
+            base_url=str(request.base_url).rstrip("/"),
+            max_pixels=ctx.settings.max_pixels,
+        )
+    finally:
+        body.unlink(missing_ok=True)
 
 
 @router.post(ENCRYPTOR_STOW_STUDY, openapi_extra=STOW_BODY)
