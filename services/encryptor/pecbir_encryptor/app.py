@@ -105,4 +105,29 @@ def create_app(
     )
 
     ops.instrument(app, encryptor)
+    if settings.dimse_port is not None:
+        _serve_dimse(app, encryptor, settings)
     return app
+
+
+def _serve_dimse(app: FastAPI, encryptor, settings: EncryptorSettings) -> None:
+    """Run the DIMSE C-STORE SCP beside the HTTP app, for the app's lifetime."""
+    from pecbir_encryptor.dimse import DimseConfig, start_scp
+
+    config = DimseConfig(
+        port=settings.dimse_port,
+        host=settings.dimse_host,
+        ae_title=settings.dimse_ae_title,
+        allowed=settings.dimse_allowed_aes,
+        collection=settings.dimse_collection,
+        max_associations=settings.dimse_max_associations,
+        tls_cert=settings.dimse_tls_cert,
+        tls_key=settings.dimse_tls_key,
+        tls_ca=settings.dimse_tls_ca,
+    )
+    servers = []
+    app.router.add_event_handler(
+        "startup",
+        lambda: servers.append(start_scp(encryptor, config, max_pixels=settings.max_pixels)),
+    )
+    app.router.add_event_handler("shutdown", lambda: [s.shutdown() for s in servers])

@@ -46,6 +46,17 @@ class EncryptorSettings(BaseSettings):
     # A STOW-RS request (a PACS sends one job as one request: a whole study, or 130 of them)
     # is spooled to disk part by part, never held in memory: its own, much larger limit.
     max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    # DIMSE C-STORE / C-ECHO SCP (pecbir_encryptor.dimse): off unless a port is set. Only the
+    # calling AE titles listed (JSON list) may associate; every C-STORE goes to one collection.
+    dimse_port: int | None = None
+    dimse_host: str = "0.0.0.0"
+    dimse_ae_title: str = "PECBIR"
+    dimse_allowed_aes: frozenset[str] = frozenset()
+    dimse_collection: str = "brain"
+    dimse_max_associations: int = 4
+    dimse_tls_cert: Path | None = None
+    dimse_tls_key: Path | None = None
+    dimse_tls_ca: Path | None = None
     # Where STOW bodies are spooled while they are processed (default: the system's temp).
     spool_dir: Path | None = None
     # Largest image (rows x columns) accepted, checked from the file's header before any
