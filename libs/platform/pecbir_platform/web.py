@@ -31,15 +31,18 @@ __all__ = [
     "ERROR_EXAMPLES",
     "MULTIPART_OVERHEAD_BYTES",
     "PUBLIC_PATHS",
+    "REASON_HEADER",
     "STORE_RETRY_AFTER_S",
     "RequestGuard",
     "add_healthz",
+    "add_reason_headers",
     "add_store_error_handlers",
     "bearer_claims",
     "document_api",
     "guard_requests",
     "read_body_limited",
     "read_limited",
+    "reason_header",
     "require_scope",
     "spool_body_limited",
     "verify_bearer",
@@ -179,11 +182,47 @@ class RequestGuard:
             await _answer(send, 413, str(exc.detail))
 
 
+def reason_header(text: str, limit: int = 200) -> str:
+    """`text` as a header value: printable ASCII without quotes, at most `limit` characters.
+
+    Parameters
+    ----------
+    text
+        A human-readable reason.
+    limit
+        Longest value.
+    """
+    return "".join(c if 32 <= ord(c) < 127 and c != '"' else "?" for c in text)[:limit]
+
+
+#: The header that repeats an error's reason: machines (a PACS) log headers, not JSON bodies.
+REASON_HEADER = "X-Pecbir-Reason"
+
+
+def add_reason_headers(app: FastAPI) -> None:
+    """Every error answer of `app` (HTTPException) also carries its detail in `REASON_HEADER`.
+
+    Parameters
+    ----------
+    app
+        The application.
+    """
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def with_reason(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        headers.setdefault(REASON_HEADER, reason_header(str(exc.detail)))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    app.add_exception_handler(StarletteHTTPException, with_reason)
+
+
 async def _answer(
     send: Any, status: int, detail: str, headers: dict[str, str] | None = None
 ) -> None:
     body = json.dumps({"detail": detail}).encode()
     raw_headers = [
+        (REASON_HEADER.lower().encode(), reason_header(detail).encode()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         # The body was not read: the connection cannot carry another request.

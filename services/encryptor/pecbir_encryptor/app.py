@@ -29,6 +29,7 @@ from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import (
     MULTIPART_OVERHEAD_BYTES,
     add_healthz,
+    add_reason_headers,
     document_api,
     guard_requests,
 )
@@ -97,6 +98,8 @@ def create_app(
     )
 
     document_api(app, security_schemes=SECURITY_SCHEMES)
+    # A PACS logs status and headers (Orthanc with HttpVerbose), not our JSON: the reason too.
+    add_reason_headers(app)
     add_healthz(
         app,
         secret=lambda: secret,

@@ -32,7 +32,7 @@ from pecbir_encryptor.dicom import (
 from pecbir_encryptor.dicom_ingest import store_instances
 from pecbir_encryptor.routes.search import open_audited
 from pecbir_encryptor.stow import Failed, Stored
-from pecbir_platform.web import spool_body_limited
+from pecbir_platform.web import REASON_HEADER, reason_header, spool_body_limited
 
 DICOM_JSON = "application/dicom+json"
 
@@ -100,7 +100,7 @@ def stow(
     )
     reason = short_reason(stored, failed)
     # A PACS logs headers and status, rarely a DICOM JSON body: the gist goes in a header too.
-    headers = {"X-Pecbir-Reason": reason, "Warning": f'299 pecbir "{reason}"'} if reason else None
+    headers = {REASON_HEADER: reason, "Warning": f'299 pecbir "{reason}"'} if reason else None
     return JSONResponse(status_code=status, content=body, media_type=DICOM_JSON, headers=headers)
 
 
@@ -123,8 +123,7 @@ def short_reason(stored: list[Stored], failed: list[Failed]) -> str | None:
             return None
         code, text = warned[0][3]
         line = f"{len(warned)} of {total} stored with a warning (0x{code:04X}): {text}"
-    # A header value: printable ASCII, no quotes, bounded.
-    return "".join(c if 32 <= ord(c) < 127 and c != '"' else "?" for c in line)[:200]
+    return reason_header(line)
 
 
 # The body is read raw (multipart/related is no form FastAPI parses), so it is documented here.
