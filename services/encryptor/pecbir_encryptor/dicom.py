@@ -226,6 +226,9 @@ def read_instance(
             error=(FAILURE_CANNOT_UNDERSTAND, str(exc)),
         )
     has_pixels = "PixelData" in dataset
+    # pydicom keeps the stream it read from (`buffer`): that would hold every part's bytes.
+    if hasattr(dataset, "buffer"):
+        dataset.buffer = None
     if source is not None and not is_seg_object:
         # A SEG's 1-bit frames are small and decoded while pairing; an image's are not.
         if has_pixels:
