@@ -157,3 +157,17 @@ def _open(encryptor, collection, image_id, opened, blob) -> dict:
         tenant=encryptor.tenant, collection=collection, image_id=opened.record.opaque_id
     )
     return open_sealed(blob, encryptor.master, identity).metadata
+
+
+def test_bench_dicom_measures_every_syntax_it_can_encode():
+    from pecbir.commands.bench_dicom import measure, table
+
+    rows = measure(size=32, repeats=1)
+    assert [row["name"] for row in rows] == [e.name for e in ENCODINGS]
+    for row, encoding in zip(rows, ENCODINGS, strict=True):
+        if "skipped" in row:
+            continue
+        assert row["lossy_marked"] is not encoding.lossless
+        assert (row["max_abs_error"] == 0) is encoding.lossless
+        assert row["decode_ms_median"] > 0
+    assert table(rows).count("\n") == len(rows) + 1
