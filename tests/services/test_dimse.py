@@ -130,3 +130,79 @@ def test_c_store_statuses_and_pairing_across_c_stores(scp):
     assert record.status_code == 200 and record.json()["label"] == 2  # glioma, from the SEG
     audit = (system.root / "encryptor-audit.jsonl").read_text()
     assert '"action": "c-store"' in audit and '"calling": "ORTHANC"' in audit
+
+
+def _self_signed(folder):
+    """A throw-away certificate and key for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pecbir-test-scp")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert, private = folder / "scp.pem", folder / "scp.key"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, private
+
+
+def test_tls_association_and_a_plain_one_refused(scp, tmp_path):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    system, _ = scp
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    server = start_scp(
+        system.encryptor_app.state.encryptor,
+        DimseConfig(
+            port=port,
+            host="127.0.0.1",
+            ae_title=AE_TITLE,
+            allowed=frozenset({PACS}),
+            collection="brain",
+            tls_cert=cert,
+            tls_key=key,
+        ),
+        max_pixels=1024 * 1024,
+    )
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE(ae_title=PACS)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE, tls_args=(client, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        # Without TLS the SCP does not even get to the association.
+        plain = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+        assert not plain.is_established
+    finally:
+        server.shutdown()
