@@ -120,7 +120,7 @@ def test_image_first_then_its_seg_after_a_restart(system):
 
 
 def test_seg_first_then_its_image_and_a_replayed_seg(system):
-    image, seg, _, mask = _pair(1)
+    image, seg, _, _ = _pair(1)
     status, stored, _ = _stow(system.encryptor, [seg])
     assert status == 202 and stored[seg.SOPInstanceUID][WARNING]["Value"] == [0xB000]
     status, stored, failed = _stow(system.encryptor, [image])
@@ -134,11 +134,6 @@ def test_seg_first_then_its_image_and_a_replayed_seg(system):
     status, stored, failed = _stow(system.encryptor, [image])
     assert status == 200 and URL in stored[image.SOPInstanceUID]
     assert _pending_files(system) == []
-    # A corrected SEG (another mask) is refused, saying why: nothing is overwritten.
-    corrected = make_seg(np.roll(mask, 3, axis=1), image)
-    status, _, failed = _stow(system.encryptor, [corrected])
-    assert status == 409
-    assert "corrected SEG" in failed[corrected.SOPInstanceUID][COMMENT]["Value"][0]
 
 
 def test_an_image_whose_seg_has_no_class_is_searchable_not_trained_on(system):
@@ -224,3 +219,41 @@ def test_answers_a_pacs_can_act_on_and_wado_rs_retrieve(system):
         headers={"content-type": content_type},
     )
     assert again.status_code == 200 and "x-pecbir-reason" not in again.headers
+
+
+def test_a_corrected_seg_makes_a_new_version_served_once_searchable(system):
+    image, seg, pixels, mask = _pair(30)
+    assert _stow(system.encryptor, [image, seg])[0] == 200
+    n = system.wait_searchable("brain", 1)["n_vectors"]
+    old_id = _image_id(system, image)
+    encryptor = system.encryptor_app.state.encryptor
+    corrected_mask = np.roll(mask, 3, axis=1)
+    corrected = make_seg(corrected_mask, image)
+    status, stored, failed = _stow(system.encryptor, [corrected])
+    assert status == 202 and not failed
+    assert "new version" in stored[corrected.SOPInstanceUID][COMMENT]["Value"][0]
+    system.wait_searchable("brain", n + 1)
+    # The new version is served: WADO-RS by the same UIDs opens it, with the new mask; the
+    # old one's hits are dropped at the hospital, though the cloud still holds it.
+    url = (
+        f"/dicomweb/brain/studies/{image.StudyInstanceUID}/series/{image.SeriesInstanceUID}"
+        f"/instances/{image.SOPInstanceUID}"
+    )
+    retrieved, dataset = _retrieve(system.encryptor, url)
+    new_id = retrieved.headers["x-pecbir-image-id"]
+    assert new_id != old_id
+    np.testing.assert_array_equal(encryptor.fetch_plain("brain", new_id).mask, corrected_mask)
+    np.testing.assert_array_equal(dataset.pixel_array, to_uint8(pixels.astype(np.uint16))[0])
+    assert old_id in encryptor.retired_versions("brain")
+    answer = system.encryptor.post(
+        "/v1/collections/brain/search",
+        files={"image": ("q.npy", npy_bytes(pixels)), "mask": ("m.npy", npy_bytes(mask))},
+        data={"k": "50"},
+    )
+    assert answer.status_code == 200, answer.text
+    hits = [hit["image_id"] for hit in answer.json()["hits"]]
+    assert new_id in hits and old_id not in hits
+    assert [hit["rank"] for hit in answer.json()["hits"]] == list(range(1, len(hits) + 1))
+    # The corrected SEG again: a replay, nothing new.
+    status, stored, failed = _stow(system.encryptor, [corrected])
+    assert status == 200 and not failed

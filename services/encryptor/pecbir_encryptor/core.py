@@ -25,6 +25,7 @@ import numpy as np
 from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
 from pecbir_contracts.schemas import (
+    MAX_K,
     ImageMetadata,
     SealedImageMetadata,
     SearchResponse,
@@ -32,7 +33,7 @@ from pecbir_contracts.schemas import (
 )
 from pecbir_contracts.vectors import encode_vector_npy
 from pecbir_encryptor.audit import AuditLog
-from pecbir_encryptor.gateway_client import GatewayClient
+from pecbir_encryptor.gateway_client import GatewayClient, GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
 from pecbir_encryptor.pending import PendingPairs
@@ -520,6 +521,30 @@ class Encryptor:
         plain = self.open(cipher, mask, metadata, requested=requested)
         return Opened(plain, mask, metadata, metadata.label)
 
+    # -- corrected masks: versions of an image ---------------------------------------------------
+    def retired_versions(self, collection: str) -> frozenset[str]:
+        """Cloud ids of images of this owner replaced by a newer version (a corrected SEG) that
+        is searchable now; a newer version that is not yet searchable is promoted here first."""
+        if self.pending is None:
+            return frozenset()
+
+        def searchable(image_id: str) -> bool:
+            try:
+                status = self.gateway.status(collection, image_id, owner=None)
+            except GatewayError:
+                return False
+            return status.get("state") == "searchable"
+
+        return self.pending.promote(collection, searchable)
+
+    def image_id_of(self, collection: str, source_uid: str) -> str:
+        """The cloud id of the version served of the image with SOP Instance UID `source_uid`."""
+        self.retired_versions(collection)
+        version = self.pending.version(collection, source_uid) if self.pending else None
+        if version is not None:
+            return version.current
+        return image_id_for(self._bound_tenant(None), collection, self.opaque_id_for(source_uid))
+
     def search(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None
     ) -> SearchResponse:
@@ -538,9 +563,15 @@ class Encryptor:
             if model is None:
                 raise ValueError(f"collection {collection!r} has no published patch model")
             fisher = features_of(model[0], pixels, _check_mask(mask, pixels.shape))
-            return self.gateway.search_fisher(
-                collection, fisher_npy=encode_vector_npy(fisher), k=k, owner=owner
+            own = owner in (None, self.tenant)
+            retired = self.retired_versions(collection) if own else frozenset()
+            answer = self.gateway.search_fisher(
+                collection,
+                fisher_npy=encode_vector_npy(fisher),
+                k=min(k + len(retired), MAX_K),
+                owner=owner,
             )
+            return _without(answer, retired, k)
         query = self.protect(
             pixels,
             mask,
@@ -549,13 +580,16 @@ class Encryptor:
             collection=collection,
             owner=owner,
         )
-        return self.gateway.search(
+        # Versions replaced by a corrected SEG stay in the cloud's index: asked for and dropped.
+        retired = self.retired_versions(collection) if owner in (None, self.tenant) else frozenset()
+        answer = self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),
             mask_png=encode_png(query.mask),
-            k=k,
+            k=min(k + len(retired), MAX_K),
             owner=owner,
         )
+        return _without(answer, retired, k)
 
     def release_key(
         self,
@@ -624,3 +658,12 @@ def _check_bound_id(tenant: str, collection: str, image_id: str, opaque_id: str)
             f"the record returned for image {image_id} in {tenant}/{collection} is another "
             f"image's (opaque id {opaque_id}); refusing it"
         )
+
+
+def _without(answer: SearchResponse, retired: frozenset[str], k: int) -> SearchResponse:
+    """`answer` without the hits of retired versions, at most `k` hits."""
+    if not retired and len(answer.hits) <= k:
+        return answer
+    kept = [hit for hit in answer.hits if hit.image_id not in retired][:k]
+    hits = [hit.model_copy(update={"rank": rank}) for rank, hit in enumerate(kept, 1)]
+    return answer.model_copy(update={"hits": hits, "k": k})

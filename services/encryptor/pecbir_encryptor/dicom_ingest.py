@@ -16,8 +16,11 @@ Per image a SEG references outside its batch:
 
 * the image is waiting: the pair is uploaded; the image is dropped;
 * the image is in the cloud with the same mask (a replayed SEG): stored, nothing to do;
-* in the cloud with another mask (a corrected SEG): refused, saying so; replacing a stored
-  mask needs the cloud to retire the old version (not built yet);
+* in the cloud with another mask (a corrected SEG): the image (opened from the cloud) is
+  uploaded again with the new mask as a new version under its own pseudonym, stored with a
+  warning; the old version stays served until the new one is searchable, then its hits are
+  dropped at the hospital (`Encryptor.retired_versions`; the cloud keeps its copy, as it has
+  no way yet to retire an image);
 * else the mask waits for the image (stored, warning).
 """
 
@@ -28,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pecbir_contracts.layout import image_id_for
-from pecbir_encryptor.core import Encryptor
+from pecbir_encryptor.core import Encryptor, Opened
 from pecbir_encryptor.dicom import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_OUT_OF_RESOURCES,
@@ -56,6 +59,7 @@ __all__ = ["WAITS_FOR_IMAGE", "WAITS_FOR_SEG", "store_instances"]
 WAITS_FOR_SEG = "stored; searchable once a DICOM SEG references it"
 WAITS_FOR_IMAGE = "stored; applied when the image it references comes"
 NO_LABEL = "stored without a class label: not a training template"
+CORRECTED = "corrected mask: a new version, served once it is searchable"
 
 # The retrieve URL of an uploaded image, from its instance and cloud image id.
 RetrieveUrl = Callable[[Instance, str], str]
@@ -94,9 +98,14 @@ class _Batch:
         label: int | None,
         role: str,
         lossy: bool,
+        version: int = 1,
     ) -> str | tuple[int, str]:
-        """Protect and upload one pair: the image's cloud id, or (failure reason, text)."""
-        opaque_id = self.encryptor.opaque_id_for(uid)
+        """Protect and upload one pair: the image's cloud id, or (failure reason, text).
+
+        Version 1 is the image's first upload; a corrected SEG makes version 2, 3, …, each
+        under its own pseudonym (so its own cloud id and key)."""
+        source = uid if version == 1 else f"{uid}\x00mask-v{version}"
+        opaque_id = self.encryptor.opaque_id_for(source)
         try:
             answer = self.encryptor.ingest(
                 self.collection,
@@ -130,15 +139,38 @@ class _Batch:
             raise
         return True
 
-    def _stored_mask(self, uid: str) -> np.ndarray | None:
-        """The mask the cloud holds for image `uid` (opened and checked), or None if absent.
+    def _stored(self, uid: str) -> tuple[Opened, int] | None:
+        """The newest version in the cloud of image `uid` (opened and checked) and its number,
+        or None if it is not there.
 
         Raises GatewayError (other than 404) or IntegrityError.
         """
-        if not self._in_cloud(uid):
-            return None
-        opened = self.encryptor.fetch_plain(self.collection, self._image_id(uid))
-        return None if opened.mask is None else np.asarray(opened.mask, dtype=bool)
+        version = self.pending.version(self.collection, uid) if self.pending else None
+        if version is None:
+            if not self._in_cloud(uid):
+                return None
+            return self.encryptor.fetch_plain(self.collection, self._image_id(uid)), 1
+        newest = version.candidate or version.current
+        return self.encryptor.fetch_plain(self.collection, newest), version.number
+
+    def _correct(self, uid: str, stored: Opened, number: int, mask: SegMask) -> str | tuple:
+        """Upload version `number` + 1 of image `uid` with a corrected mask; its cloud id (the
+        old version stays served until the new one is searchable), or (reason, text)."""
+        role = getattr(stored.record, "role", "template")
+        result = self._upload(
+            uid,
+            stored.image,
+            mask.mask,
+            label=stored.label,
+            role=role,
+            lossy=stored.lossy,
+            version=number + 1,
+        )
+        if not isinstance(result, tuple):
+            self.pending.add_candidate(
+                self.collection, uid, self._image_id(uid), number + 1, result
+            )
+        return result
 
     def _label_warning(self, label: int | None, role: str) -> Warning | None:
         return (WARNING_STORED, NO_LABEL) if role == "template" and label is None else None
@@ -227,7 +259,7 @@ class _Batch:
             waiting = self.pending.image(self.collection, uid)
             if waiting is None:
                 try:
-                    stored = self._stored_mask(uid)
+                    stored = self._stored(uid)
                 except GatewayError as exc:
                     return refused(FAILURE_PROCESSING, exc.detail)
                 except IntegrityError as exc:
@@ -235,12 +267,20 @@ class _Batch:
                 if stored is None:
                     self.pending.put_mask(self.collection, uid, PendingMask(mask.mask, mask.label))
                     return WARNING_STORED, WAITS_FOR_IMAGE
-                if stored.shape == mask.mask.shape and np.array_equal(stored, mask.mask):
-                    return None  # a replay of the SEG already applied
-                return refused(
-                    FAILURE_PROCESSING,
-                    "corrected SEG: replacing a stored mask is not supported yet",
-                )
+                opened, number = stored
+                held = None if opened.mask is None else np.asarray(opened.mask, dtype=bool)
+                if held is not None and held.shape == mask.shape:
+                    if np.array_equal(held, mask.mask):
+                        return None  # a replay of the SEG already applied
+                elif held is not None:
+                    return refused(
+                        FAILURE_CANNOT_UNDERSTAND,
+                        f"SEG of {mask.shape} pixels for an image of {held.shape}",
+                    )
+                result = self._correct(uid, opened, number, mask)
+                if isinstance(result, tuple):
+                    return refused(*result)
+                return WARNING_STORED, CORRECTED
         label = waiting.label if waiting.label is not None else mask.label
         result = self._upload(
             uid, waiting.pixels, mask.mask, label=label, role=waiting.role, lossy=waiting.lossy

@@ -32,7 +32,7 @@ import numpy as np
 
 from pecore.sealing import SealedIdentity, open_sealed, read_header, seal_image
 
-__all__ = ["PendingImage", "PendingMask", "PendingPairs"]
+__all__ = ["MaskVersion", "PendingImage", "PendingMask", "PendingPairs"]
 
 Kind = Literal["image", "mask"]
 _NAME = re.compile(r"^(image|mask)-([0-9a-f]{32})\.sealed$")
@@ -70,6 +70,28 @@ class PendingMask:
 
     mask: np.ndarray
     label: int | None
+
+
+@dataclass(frozen=True)
+class MaskVersion:
+    """The versions in the cloud of an image whose SEG was corrected.
+
+    Attributes
+    ----------
+    number
+        The newest version's number (the first upload is 1).
+    current
+        The cloud id of the version served (found by search, opened by WADO-RS).
+    candidate
+        The cloud id of a newer version not yet searchable, or None.
+    retired
+        Cloud ids of versions replaced: their hits are dropped at the hospital.
+    """
+
+    number: int
+    current: str
+    candidate: str | None
+    retired: tuple[str, ...]
 
 
 class PendingPairs:
@@ -192,6 +214,60 @@ class PendingPairs:
             return None
         label = contents.metadata.get("label")
         return PendingMask(contents.image.astype(bool), int(label) if label is not None else None)
+
+    # -- mask versions (a corrected SEG) ------------------------------------------------------
+    def _versions_path(self, collection: str) -> Path:
+        return self.directory / collection / "versions.json"
+
+    def _versions(self, collection: str) -> dict[str, dict]:
+        import json
+
+        try:
+            return json.loads(self._versions_path(collection).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _save_versions(self, collection: str, records: dict[str, dict]) -> None:
+        import json
+
+        self._write(self._versions_path(collection), json.dumps(records, sort_keys=True).encode())
+
+    def version(self, collection: str, uid: str) -> MaskVersion | None:
+        """The versions of image `uid` when its SEG was ever corrected, else None."""
+        record = self._versions(collection).get(self.key_of(uid))
+        if record is None:
+            return None
+        return MaskVersion(
+            record["number"], record["current"], record["candidate"], tuple(record["retired"])
+        )
+
+    def add_candidate(self, collection: str, uid: str, first: str, number: int, new: str) -> None:
+        """Record version `number` (cloud id `new`) of image `uid`, first uploaded as `first`;
+        it is served once searchable (`promote`). Call under `locked`."""
+        records = self._versions(collection)
+        key = self.key_of(uid)
+        record = records.get(key, {"number": 1, "current": first, "candidate": None, "retired": []})
+        if record["candidate"] is not None:
+            # A correction of a correction not yet searchable: the older candidate is retired.
+            record["retired"].append(record["candidate"])
+        record.update(number=number, candidate=new)
+        records[key] = record
+        self._save_versions(collection, records)
+
+    def promote(self, collection: str, searchable: Callable[[str], bool]) -> frozenset[str]:
+        """Serve each candidate that is searchable now (retire the version it replaces); the
+        retired cloud ids of `collection` afterwards."""
+        with self.locked(collection):
+            records = self._versions(collection)
+            changed = False
+            for record in records.values():
+                if record["candidate"] is not None and searchable(record["candidate"]):
+                    record["retired"].append(record["current"])
+                    record["current"], record["candidate"] = record["candidate"], None
+                    changed = True
+            if changed:
+                self._save_versions(collection, records)
+        return frozenset(i for r in records.values() for i in r["retired"])
 
     # -- both ---------------------------------------------------------------------------------
     def drop(self, collection: str, kind: Kind, uid: str) -> None:

@@ -10,7 +10,6 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.routes import (
     ENCRYPTOR_STOW_STUDIES,
     ENCRYPTOR_STOW_STUDY,
@@ -209,10 +208,8 @@ def wado_rs_instance(
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         if len(uid) > 64 or not _UID.match(uid):
             raise HTTPException(422, f"{name} UID {uid[:70]!r} is not a DICOM UID")
-    encryptor = ctx.encryptor
-    image_id = image_id_for(
-        encryptor._bound_tenant(None), collection, encryptor.opaque_id_for(instance)
-    )
+    # The version served (a corrected SEG makes a new one): the cloud id of the instance.
+    image_id = ctx.encryptor.image_id_of(collection_name(collection), instance)
     opened = open_audited(ctx, claims, collection, image_id)
     pe = not isinstance(opened.record, SealedImageMetadata)
     data = retrieved_instance(
