@@ -206,3 +206,25 @@ def test_tls_association_and_a_plain_one_refused(scp, tmp_path):
         assert not plain.is_established
     finally:
         server.shutdown()
+
+
+def test_the_app_runs_the_scp_for_its_lifetime_when_a_port_is_set(scp):
+    from fastapi.testclient import TestClient
+
+    from pecbir_encryptor.app import create_app
+
+    system, _ = scp
+    port = free_port()
+    settings = system.encryptor_app.state.context.settings.model_copy(
+        update={
+            "dimse_port": port,
+            "dimse_host": "127.0.0.1",
+            "dimse_allowed_aes": frozenset({PACS}),
+        }
+    )
+    app = create_app(settings, master=system.master, gateway_client=TestClient(system.gateway_app))
+    with TestClient(app):  # startup: the SCP listens
+        assoc = _associate(port)
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    assert not _associate(port).is_established  # shutdown: it stopped
