@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -101,7 +102,9 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
     )
     np.testing.assert_array_equal(retrieved.pixel_array, to_uint8(pixels.astype(np.uint16))[0])
     assert retrieved.LossyImageCompression == "01" and str(retrieved.PatientName) == ""
-    image_id = encryptor.get(url).headers["x-pecbir-image-id"]
+    # (dicomweb-client sends a Host header without the port, so the URL's authority is off
+    # here: PECBIR_ENCRYPTOR_PUBLIC_URL fixes it in a deployment; the path is what counts.)
+    image_id = encryptor.get(urlsplit(url).path).headers["x-pecbir-image-id"]
 
     def searchable():
         status = gateway.get(f"/v1/collections/brain/images/{image_id}/status").json()

@@ -42,6 +42,9 @@ class EncryptorSettings(BaseSettings):
     # PACS accounts and the SHA-256 of their API keys (`pecbir token mint --kind pacs`); a
     # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
     pacs_credentials: Path | None = Path("var/pacs-credentials.json")
+    # The encryptor's URL as its clients reach it (behind a proxy, another host name), for the
+    # RetrieveURLs of STOW answers; unset, taken from each request's Host header.
+    public_url: str | None = None
     max_upload_bytes: int = 64 * 1024 * 1024
     # A STOW-RS request (a PACS sends one job as one request: a whole study, or 130 of them)
     # is spooled to disk part by part, never held in memory: its own, much larger limit.

@@ -167,7 +167,7 @@ async def stow_rs(
             content_type=request.headers.get("content-type", ""),
             label=label,
             role=role,
-            base_url=str(request.base_url).rstrip("/"),
+            base_url=(ctx.settings.public_url or str(request.base_url)).rstrip("/"),
             max_pixels=ctx.settings.max_pixels,
         )
     finally:
