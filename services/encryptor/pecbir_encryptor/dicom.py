@@ -229,9 +229,10 @@ def read_instance(
     # pydicom keeps the stream it read from (`buffer`): that would hold every part's bytes.
     if hasattr(dataset, "buffer"):
         dataset.buffer = None
-    if source is not None and not is_seg_object:
-        # A SEG's 1-bit frames are small and decoded while pairing; an image's are not.
-        if has_pixels:
+    if source is not None:
+        # The bytes are read again from the spool file if needed (an image, when decoded).
+        # A SEG keeps its 1-bit frames (decoded while pairing); an image keeps no pixels.
+        if has_pixels and not is_seg_object:
             del dataset.PixelData
         payload = b""
     return Instance(
@@ -266,6 +267,9 @@ def read_seg(dataset: Dataset) -> SegMask:
         frames = np.asarray(dataset.pixel_array)
     except Exception as exc:
         raise ValueError(f"cannot decode SEG pixel data: {exc}") from None
+    # pydicom keeps the decoded frames on the dataset (a byte per pixel); the mask is kept
+    # bit-packed instead, so a push of many SEGs costs 1 bit per pixel each, not 8.
+    dataset._pixel_array = None
     if frames.ndim == 2:
         frames = frames[None]
     if frames.ndim != 3:
