@@ -127,6 +127,9 @@ def _sort_parts(
                     (instance.sop_class, instance.sop_instance, FAILURE_CANNOT_UNDERSTAND, str(exc))
                 )
                 continue
+            if instance.source is not None and "PixelData" in instance.dataset:
+                # Spooled: its mask is in `seg` now (bit-packed); the frames are not needed.
+                del instance.dataset.PixelData
             if seg.referenced:
                 segs.append((seg, instance))
             else:
