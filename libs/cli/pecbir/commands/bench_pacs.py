@@ -146,18 +146,21 @@ def measure(pacs, child: dict, transport: str, studies, pid: int) -> dict[str, A
 
     pusher = threading.Thread(target=push)
     pusher.start()
-    pending = {image_id for _, image_id in studies}
+    # Checked in push order, each sweep stopping at the first image not yet searchable: the
+    # encryptor takes them in that order, and a poll of every image every second would load
+    # the very process being measured (an image out of order is seen one sweep late at most).
+    order = [image_id for _, image_id in studies]
     searchable: dict[str, float] = {}
     http = httpx.Client(
         base_url=child["url"], headers={"authorization": f"Bearer {child['token']}"}, timeout=60
     )
-    while pending and time.monotonic() - started < 3600:
-        time.sleep(1.0)
-        for image_id in list(pending):
+    while len(searchable) < len(order) and time.monotonic() - started < 3600:
+        time.sleep(0.5)
+        for image_id in order[len(searchable) :]:
             answer = http.get(f"/v1/collections/bench/images/{image_id}/status")
-            if answer.status_code == 200 and answer.json().get("state") == "searchable":
-                searchable[image_id] = time.monotonic() - started
-                pending.discard(image_id)
+            if answer.status_code != 200 or answer.json().get("state") != "searchable":
+                break
+            searchable[image_id] = time.monotonic() - started
         if not pusher.is_alive() and results.get("job", {}).get("State") == "Failure":
             break
     pusher.join()
