@@ -23,6 +23,7 @@ __all__ = [
     "ENCRYPTOR_SEARCH",
     "ENCRYPTOR_STOW_STUDIES",
     "ENCRYPTOR_STOW_STUDY",
+    "ENCRYPTOR_WADO_INSTANCE",
     "GATEWAY_BLOB",
     "GATEWAY_IMAGE",
     "GATEWAY_IMAGES",
@@ -81,5 +82,9 @@ ENCRYPTOR_SEARCH = "/v1/collections/{collection}/search"
 ENCRYPTOR_PLAIN_IMAGE = "/v1/collections/{collection}/images/{image_id}/plain"
 ENCRYPTOR_STOW_STUDIES = "/dicomweb/{collection}/studies"
 ENCRYPTOR_STOW_STUDY = "/dicomweb/{collection}/studies/{study}"
+# DICOMweb WADO-RS retrieve of one stored instance, decrypted (the STOW answer's RetrieveURL).
+ENCRYPTOR_WADO_INSTANCE = (
+    "/dicomweb/{collection}/studies/{study}/series/{series}/instances/{instance}"
+)
 ENCRYPTOR_KEY_RELEASE = "/v1/keys/release"
 ENCRYPTOR_PATCH_MODEL = "/v1/collections/{collection}/patch-model"

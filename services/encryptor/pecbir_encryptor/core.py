@@ -27,6 +27,7 @@ import numpy as np
 from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
 from pecbir_contracts.schemas import (
+    MAX_K,
     ImageMetadata,
     SealedImageMetadata,
     SearchResponse,
@@ -34,10 +35,11 @@ from pecbir_contracts.schemas import (
 )
 from pecbir_contracts.vectors import encode_vector_npy
 from pecbir_encryptor.audit import AuditLog
-from pecbir_encryptor.gateway_client import GatewayClient
+from pecbir_encryptor.gateway_client import GatewayClient, GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
 from pecbir_encryptor.pe_roi import RoiUpload, protect_roi
+from pecbir_encryptor.pending import PendingPairs
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
 from pecore.cipher import to_uint8
@@ -74,12 +76,15 @@ class Opened:
     label
         Its class label: a training template's from the record, any other sealed (or
         pe-roi) image's from inside its blob (the cloud never read it); None when unknown.
+    lossy
+        A sealed image that went through lossy compression before it came (its blob says so).
     """
 
     image: np.ndarray
     mask: np.ndarray | None
     record: ImageMetadata | SealedImageMetadata
     label: int | None
+    lossy: bool = False
 
 
 def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -172,6 +177,7 @@ class Encryptor:
         accept_unbound_records: bool = False,
         pe_roi_collections: Collection[str] = (),
         pe_roi_scheme: str = DEFAULT_ROI_SCHEME,
+        pending_dir: Path | None = None,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -191,6 +197,12 @@ class Encryptor:
         self.pe_roi_scheme = RoiCipher.from_name(pe_roi_scheme).legacy_name
         self.patch_models = PatchModels(patch_models, self.gateway)
         self.accept_unbound_records = accept_unbound_records
+        # Halves of image <-> SEG pairs waiting for the other (None: not kept, refused).
+        self.pending = (
+            PendingPairs(pending_dir, self.keyring, tenant, self.opaque_id_for)
+            if pending_dir is not None
+            else None
+        )
 
     # -- the owner's choice of protection ------------------------------------------------------
     def mode_of(self, collection: str, owner: str | None = None) -> Mode:
@@ -289,6 +301,7 @@ class Encryptor:
         label: int | None = None,
         role: str = "template",
         train: bool = True,
+        lossy: bool = False,
     ) -> SealedUpload:
         """`seal_for_cloud` with this encryptor's active key and the collection's patch model."""
         return seal_for_cloud(
@@ -302,6 +315,7 @@ class Encryptor:
             label=label,
             role=role,
             train=train,
+            lossy=lossy,
         )
 
     def protect_roi(
@@ -343,6 +357,7 @@ class Encryptor:
         role: str = "template",
         train: bool = True,
         idempotency_key: str | None = None,
+        lossy: bool = False,
     ) -> dict:
         """Protect one image as its collection's mode says and upload it; the gateway's answer.
 
@@ -362,6 +377,9 @@ class Encryptor:
             blob).
         idempotency_key
             Sent to the gateway.
+        lossy
+            The pixels went through lossy compression: sealed collections mark it inside the
+            blob (a pe record has no place for it; its 8-bit rule loses more anyway).
 
         Raises
         ------
@@ -385,7 +403,14 @@ class Encryptor:
             )
         if mode == "sealed":
             sealed = self.seal(
-                collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
+                collection,
+                pixels,
+                mask,
+                opaque_id=opaque_id,
+                label=label,
+                role=role,
+                train=train,
+                lossy=lossy,
             )
             return self.gateway.upload_sealed(
                 collection,
@@ -562,10 +587,35 @@ class Encryptor:
             master, identity, blob = self._sealed_blob(*requested, metadata)
             contents = open_sealed(blob, master, identity)
             label = contents.metadata.get("label")
-            return Opened(contents.image, contents.mask, metadata, label)
+            lossy = bool(contents.metadata.get("lossy", False))
+            return Opened(contents.image, contents.mask, metadata, label, lossy)
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
         plain = self.open(cipher, mask, metadata, requested=requested)
         return Opened(plain, mask, metadata, metadata.label)
+
+    # -- corrected masks: versions of an image ---------------------------------------------------
+    def retired_versions(self, collection: str) -> frozenset[str]:
+        """Cloud ids of images of this owner replaced by a newer version (a corrected SEG) that
+        is searchable now; a newer version that is not yet searchable is promoted here first."""
+        if self.pending is None:
+            return frozenset()
+
+        def searchable(image_id: str) -> bool:
+            try:
+                status = self.gateway.status(collection, image_id, owner=None)
+            except GatewayError:
+                return False
+            return status.get("state") == "searchable"
+
+        return self.pending.promote(collection, searchable)
+
+    def image_id_of(self, collection: str, source_uid: str) -> str:
+        """The cloud id of the version served of the image with SOP Instance UID `source_uid`."""
+        self.retired_versions(collection)
+        version = self.pending.version(collection, source_uid) if self.pending else None
+        if version is not None:
+            return version.current
+        return image_id_for(self._bound_tenant(None), collection, self.opaque_id_for(source_uid))
 
     def search(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None
@@ -578,6 +628,8 @@ class Encryptor:
         the same, through the collection's pe-roi cipher (ROI only, scrambled).
         """
         mode, scheme = self.protection_of(collection, owner)
+        # Versions replaced by a corrected SEG stay in the cloud's index: asked for and dropped.
+        retired = self.retired_versions(collection) if owner in (None, self.tenant) else frozenset()
         if mode == "sealed":
             model = (
                 self.patch_models.own(collection)
@@ -587,9 +639,13 @@ class Encryptor:
             if model is None:
                 raise ValueError(f"collection {collection!r} has no published patch model")
             fisher = features_of(model[0], pixels, _check_mask(mask, pixels.shape))
-            return self.gateway.search_fisher(
-                collection, fisher_npy=encode_vector_npy(fisher), k=k, owner=owner
+            answer = self.gateway.search_fisher(
+                collection,
+                fisher_npy=encode_vector_npy(fisher),
+                k=min(k + len(retired), MAX_K),
+                owner=owner,
             )
+            return _without(answer, retired, k)
         query_id = self.query_id_for(pixels, mask)
         if mode == "pe-roi":
             query = self.protect_roi(
@@ -605,13 +661,14 @@ class Encryptor:
             query = self.protect(
                 pixels, mask, opaque_id=query_id, role="query", collection=collection, owner=owner
             )
-        return self.gateway.search(
+        answer = self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),
             mask_png=encode_png(query.mask),
-            k=k,
+            k=min(k + len(retired), MAX_K),
             owner=owner,
         )
+        return _without(answer, retired, k)
 
     def release_key(
         self,
@@ -681,3 +738,12 @@ def _check_bound_id(tenant: str, collection: str, image_id: str, opaque_id: str)
             f"the record returned for image {image_id} in {tenant}/{collection} is another "
             f"image's (opaque id {opaque_id}); refusing it"
         )
+
+
+def _without(answer: SearchResponse, retired: frozenset[str], k: int) -> SearchResponse:
+    """`answer` without the hits of retired versions, at most `k` hits."""
+    if not retired and len(answer.hits) <= k:
+        return answer
+    kept = [hit for hit in answer.hits if hit.image_id not in retired][:k]
+    hits = [hit.model_copy(update={"rank": rank}) for rank, hit in enumerate(kept, 1)]
+    return answer.model_copy(update={"hits": hits, "k": k})
