@@ -367,10 +367,11 @@ def test_a_tenant_budget_holds_across_its_tokens(tmp_path):
     from tests.services.helpers import auth
 
     client, _ = _gateway(tmp_path, rate_limits="train=0.0001/1")
+    # one base time: with time.time() per request, a slow request (> 1 s under load) made the
+    # next token's iat equal an earlier one's, i.e. the same token twice
+    base = time.time()
     statuses = [
-        client.post(
-            "/v1/collections/brain/model/train", headers=auth(now=time.time() - i)
-        ).status_code
+        client.post("/v1/collections/brain/model/train", headers=auth(now=base - i)).status_code
         for i in range(8)  # eight tokens (another iat each) of one tenant: 4 tokens' worth
     ]
     assert statuses.count(202) == 4 and statuses[-1] == 429
