@@ -77,6 +77,10 @@ class RequestGuard:
         Path prefixes that authenticate otherwise (the gateway's capability URLs).
     on_unauthenticated
         Called with the reason for each request refused with 401 (the encryptor audits).
+    session_prefixes
+        Path prefixes whose routes authenticate the request themselves (the encryptor's web
+        pages: a session cookie and a CSRF token instead of a bearer header); their bodies
+        are capped at `max_body_bytes` like any other.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class RequestGuard:
         max_body_bytes: int,
         public_prefixes: Collection[str] = (),
         on_unauthenticated: Callable[[str], None] | None = None,
+        session_prefixes: Collection[str] = (),
     ) -> None:
         self.app = app
         self.secret = secret
@@ -95,6 +100,7 @@ class RequestGuard:
         self.max_body_bytes = max_body_bytes
         self.public_prefixes = tuple(public_prefixes)
         self.on_unauthenticated = on_unauthenticated
+        self.session_prefixes = tuple(session_prefixes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -107,7 +113,8 @@ class RequestGuard:
             or path.startswith(self.public_prefixes)
         )
         headers = {name: value for name, value in scope.get("headers", [])}
-        if not public:
+        own_auth = bool(self.session_prefixes) and path.startswith(self.session_prefixes)
+        if not public and not own_auth:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             try:
                 verify_token(self.secret, bearer(authorization), kind=self.kind)
@@ -173,6 +180,7 @@ def guard_requests(
     max_body_bytes: int,
     public_prefixes: Collection[str] = (),
     on_unauthenticated: Callable[[str], None] | None = None,
+    session_prefixes: Collection[str] = (),
 ) -> None:
     """Install `RequestGuard` on `app` (add it before the observability middleware, so that
     refusals are counted and carry a request id).
@@ -181,7 +189,7 @@ def guard_requests(
     ----------
     app
         The application.
-    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated
+    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated, session_prefixes
         As for `RequestGuard`.
     """
     app.add_middleware(
@@ -191,6 +199,7 @@ def guard_requests(
         max_body_bytes=max_body_bytes,
         public_prefixes=public_prefixes,
         on_unauthenticated=on_unauthenticated,
+        session_prefixes=session_prefixes,
     )
 
 

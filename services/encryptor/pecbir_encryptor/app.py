@@ -15,8 +15,11 @@ from pecbir_contracts.auth import ENCRYPTOR_TOKEN, check_secret
 from pecbir_encryptor import ops
 from pecbir_encryptor.deps import EncryptorContext, build_encryptor
 from pecbir_encryptor.keyring import Keyring
+from pecbir_encryptor.peers import PeerKeys
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_encryptor.web import UI_PREFIX
+from pecbir_encryptor.web import install as install_pages
 from pecbir_platform.config import settings_from_env
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import (
@@ -69,6 +72,8 @@ def create_app(
     app.state.encryptor = encryptor
     for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
+    # The radiologist's pages (/ui): their own sign-in (session cookie + CSRF token).
+    install_pages(app, peers=PeerKeys.from_settings(settings.peers, settings.gateway_timeout_s))
     guard_requests(
         app,
         secret=secret,
@@ -76,6 +81,7 @@ def create_app(
         # An image and its mask, each up to the limit (a STOW body has the limit for itself).
         max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         on_unauthenticated=encryptor.audit.unauthenticated,
+        session_prefixes=(UI_PREFIX,),
     )
 
     document_api(app)
