@@ -1,8 +1,9 @@
 """The radiologist's view (issue 16): the encryptor's pages, in a real browser.
 
 Three hospitals on one embedded cloud: hospital-a (whose encryptor serves the page) searches
-its own collection and those that hospital-b and hospital-c share with it. hospital-b
-releases the keys of its images to hospital-a, hospital-c refuses. The page is served over
+its own collection and those that hospital-b and hospital-c share with it. hospital-a's and
+hospital-c's collections are pe, hospital-b's is sealed; hospital-b releases the keys of its
+images to hospital-a, hospital-c refuses. The page is served over
 real HTTP on loopback and driven by Debian's chromium (Playwright); the hits it shows must be
 the originals, bit for bit. The session and CSRF checks are also tested without a browser.
 """
@@ -33,9 +34,17 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _upload_and_train(client, gateway, system, tenant, seed) -> dict[str, np.ndarray]:
+def _upload_and_train(client, gateway, system, tenant, seed, sealed=False) -> dict[str, np.ndarray]:
     """N_IMAGES 8-bit images into `tenant`'s "brain", a model trained; image id → original."""
     images, masks, labels = labelled_set(N_IMAGES, shape=(48, 48), seed=seed)
+    if sealed:
+        published = client.post(
+            "/v1/collections/brain/patch-model",
+            files=[("images", (f"{i}.npy", npy_bytes(im))) for i, im in enumerate(images)]
+            + [("masks", (f"{i}.npy", npy_bytes(m))) for i, m in enumerate(masks)],
+            data={"n_components": "4", "n_regions": "2", "patch_size": "5", "radius": "2"},
+        )
+        assert published.status_code == 201, published.text
     originals = {}
     for image, mask, label in zip(images, masks, labels, strict=True):
         # 8-bit and full range (as the dataset's slices are): the pe mode's 8-bit rule leaves
@@ -52,7 +61,8 @@ def _upload_and_train(client, gateway, system, tenant, seed) -> dict[str, np.nda
         assert answer.status_code == 202, answer.text
         originals[answer.json()["upload"]["image_id"]] = plain
     headers = {"authorization": f"Bearer {system.cloud_token(tenant=tenant)}"}
-    trained = gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL, headers=headers)
+    model = {"dim": 2} if sealed else SMALL_MODEL
+    trained = gateway.post("/v1/collections/brain/model/train", json=model, headers=headers)
     assert trained.status_code == 202, trained.text
     return originals
 
@@ -66,7 +76,9 @@ def world(tmp_path_factory):
         shared_collections="hospital-b/brain=hospital-a;hospital-c/brain=hospital-a",
         ui_collections=("brain", "hospital-b/brain", "hospital-c/brain"),
     ) as system:
-        b = system.add_hospital("hospital-b", master=MasterKey.from_seed(17))
+        b = system.add_hospital(
+            "hospital-b", master=MasterKey.from_seed(17), sealed_collections=frozenset({"brain"})
+        )
         c = system.add_hospital("hospital-c", master=MasterKey.from_seed(18), releases_keys=False)
         originals = {}
         for client, tenant, seed in (
@@ -74,7 +86,10 @@ def world(tmp_path_factory):
             (b.encryptor, "hospital-b", 2),
             (c.encryptor, "hospital-c", 3),
         ):
-            originals.update(_upload_and_train(client, system.gateway, system, tenant, seed))
+            sealed = tenant == "hospital-b"
+            originals.update(
+                _upload_and_train(client, system.gateway, system, tenant, seed, sealed)
+            )
         system.wait_searchable("brain", N_IMAGES)
         for tenant in ("hospital-b", "hospital-c"):
             _wait_shared(system, tenant)
@@ -178,7 +193,10 @@ def test_bad_query_input_is_refused_with_a_message(world, anonymous):
     assert answer.status_code == 422 and 'id="query-error"' in answer.text
     too_many = anonymous.post(
         "/ui/search",
-        files={"image": ("q.png", world["query"]["image"]), "mask": ("m.png", world["query"]["mask"])},
+        files={
+            "image": ("q.png", world["query"]["image"]),
+            "mask": ("m.png", world["query"]["mask"]),
+        },
         data={"k": "500", "hospital": "hospital-a", "query_from": "upload", "csrf": csrf},
     )
     assert too_many.status_code == 422 and "k must be between" in too_many.text
@@ -269,7 +287,11 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
         assert np.array_equal(shown, world["originals"][image_id]), (owner, image_id)
         caption = tile.locator(".caption").inner_text()
         assert re.search(r"#\d+\s+(meningioma|glioma|pituitary)\s+\d+", caption), caption
-    # ours and hospital-b's (keys released) are shown; hospital-c refused every key
+    # ours (pe) and hospital-b's (sealed, keys released) are shown; hospital-c refused
+    modes = page.locator(".tile").evaluate_all(
+        "ts => ts.map(t => t.dataset.owner + t.dataset.mode)"
+    )
+    assert {"hospital-ape", "hospital-bsealed", "hospital-cpe"} == set(modes)
     assert states == {
         "hospital-a": {"shown"},
         "hospital-b": {"shown"},
@@ -298,8 +320,11 @@ def test_filters_exports_keyboard_and_the_audit_trail(world, page, tmp_path):
     assert owners <= {"hospital-a", "hospital-b"}
     assert all("meningioma" in tiles.nth(i).inner_text() for i in range(tiles.count()))
     # exports: the same ids and scores as the tiles
-    rows = list(csv.DictReader(io.StringIO(page.request.get(
-        page.get_attribute("#export-csv", "href")).text())))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(page.request.get(page.get_attribute("#export-csv", "href")).text())
+        )
+    )
     assert [r["image_id"] for r in rows] == [
         tiles.nth(i).get_attribute("data-image-id") for i in range(tiles.count())
     ]

@@ -137,7 +137,12 @@ class EmbeddedSystem:
         self.gateway.headers["authorization"] = f"Bearer {self.cloud_token()}"
 
     def add_hospital(
-        self, tenant: str, *, master: MasterKey | None = None, releases_keys: bool = True
+        self,
+        tenant: str,
+        *,
+        master: MasterKey | None = None,
+        releases_keys: bool = True,
+        sealed_collections: frozenset[str] = frozenset(),
     ) -> Hospital:
         """Another hospital on this cloud, whose encryptor this system's encryptor may ask for
         the keys of its images (with a token of scope key-release, or, with `releases_keys`
@@ -153,6 +158,7 @@ class EmbeddedSystem:
                 user_token_secret=user_secret.hex(),
                 audit_log=self.root / f"{tenant}-audit.jsonl",
                 patch_models=self.root / f"{tenant}-patch-models",
+                sealed_collections=sealed_collections,
             ),
             master=master,
             gateway_client=self._stack.enter_context(TestClient(self.gateway_app)),

@@ -91,7 +91,9 @@ class AuditLog:
             finally:
                 os.close(fd)
 
-    def read(self, *, actions: Collection[str] | None = None, last: int | None = None) -> list[dict]:
+    def read(
+        self, *, actions: Collection[str] | None = None, last: int | None = None
+    ) -> list[dict]:
         """The records written so far, oldest first (none when auditing is off).
 
         Parameters

@@ -113,7 +113,8 @@ class PeerKeys:
                 ENCRYPTOR_KEY_RELEASE, json={"collection": collection, "image_id": image_id}
             )
         except httpx.HTTPError as exc:
-            raise NotReleased(owner, f"its encryptor did not answer ({type(exc).__name__})")
+            reason = f"its encryptor did not answer ({type(exc).__name__})"
+            raise NotReleased(owner, reason) from None
         if answer.status_code != 200:
             try:
                 detail = str(answer.json().get("detail", ""))[:160]

@@ -510,9 +510,7 @@ def audit_page(request: Request, ctx: Ctx, user: User, who: str = "") -> HTMLRes
     rows = []
     for record in reversed(records[-300:]):
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(record.get("at", 0))))
-        details = {
-            k: v for k, v in record.items() if k not in {"at", "action", "sub", "outcome"}
-        }
+        details = {k: v for k, v in record.items() if k not in {"at", "action", "sub", "outcome"}}
         rows.append(
             {
                 "at": at,
@@ -522,9 +520,7 @@ def audit_page(request: Request, ctx: Ctx, user: User, who: str = "") -> HTMLRes
                 "details": ", ".join(f"{k}={v}" for k, v in sorted(details.items())),
             }
         )
-    return _page(
-        request, "audit.html", user=user, tenant=ctx.settings.tenant, rows=rows, who=who
-    )
+    return _page(request, "audit.html", user=user, tenant=ctx.settings.tenant, rows=rows, who=who)
 
 
 def _login_required(request: Request, exc: Exception) -> Response:
@@ -552,9 +548,7 @@ def install(app: FastAPI, *, peers: PeerKeys, cache_size: int = 16) -> None:
     """
     app.state.web = WebState(ResultCache(cache_size), peers)
     app.include_router(router)
-    app.mount(
-        f"{UI_PREFIX}/static", StaticFiles(directory=HERE / "static"), name="ui-static"
-    )
+    app.mount(f"{UI_PREFIX}/static", StaticFiles(directory=HERE / "static"), name="ui-static")
     app.add_exception_handler(LoginRequired, _login_required)
 
     @app.get(UI_PREFIX, include_in_schema=False)
