@@ -358,7 +358,7 @@ def test_query_by_a_stored_study_leaves_the_study_out(world, page):
     assert options.count() == N_IMAGES  # hospital-a's own uploads only
     value = options.first.get_attribute("value")
     page.select_option("#study", value)
-    page.wait_for_function("document.getElementById('study-preview').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('study-preview').naturalWidth > 0")
     page.uncheck("input[name=hospital][value=hospital-b]")
     page.uncheck("input[name=hospital][value=hospital-c]")
     page.fill("#k", "5")

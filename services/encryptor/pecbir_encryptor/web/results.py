@@ -22,7 +22,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,6 +54,8 @@ __all__ = [
 CLASS_NAMES: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
 # Hits opened at most per query, whatever the class filter skips: bounds one query's work.
 MAX_OPENED_PER_HIT = 4
+# Hits opened at once (fetch from the cloud, key stream, decryption).
+OPEN_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -140,9 +145,12 @@ class QueryResult:
     query_png, query_outline
         The query as shown (8-bit) and its outline.
     cloud_png
-        What the cloud saw of the query, when it is an image (pe); else None.
+        What the cloud saw of the query, once made (`cloud_image`).
     cloud_text
         What the cloud saw, in words.
+    cloud_maker
+        Makes `cloud_png` when it is first asked for (pe: the query's cipher image; None when
+        the cloud got no image).
     filters
         k, class and hospitals asked for.
     hits
@@ -162,9 +170,16 @@ class QueryResult:
     cloud_png: bytes | None
     cloud_text: str
     filters: dict[str, object]
+    cloud_maker: Callable[[], bytes] | None = None
     hits: list[Hit] = field(default_factory=list)
     sources: list[dict[str, object]] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def cloud_image(self) -> bytes | None:
+        """The query's image as the cloud got it (made on first use: most views never ask)."""
+        if self.cloud_png is None and self.cloud_maker is not None:
+            self.cloud_png = self.cloud_maker()
+        return self.cloud_png
 
     def hit(self, rank: int) -> Hit:
         """The tile at `rank` (KeyError if none)."""
@@ -337,14 +352,21 @@ def shown_uint8(image: np.ndarray) -> np.ndarray:
 
 def _cloud_view(
     encryptor: Encryptor, sources: list[Source], pixels: np.ndarray, mask: np.ndarray
-) -> tuple[bytes | None, str]:
-    """What the cloud got of the query from the first source (image for pe, words otherwise)."""
+) -> tuple[Callable[[], bytes] | None, str]:
+    """What the cloud got of the query from the first source: (maker of its image, words)."""
     if not sources:
         return None, "nothing was sent"
     source = sources[0]
     owner = None if source.owner == encryptor.tenant else source.owner
     mode = encryptor.mode_of(source.collection, owner)
-    if mode == "pe":
+    if mode != "pe":
+        return None, (
+            f"{mode}: only a feature vector computed here from the query's tumour region; "
+            "no image, no mask"
+        )
+
+    def cipher_png() -> bytes:
+        # The same content-derived id, key and cipher as the search sent (`Encryptor.search`).
         protected = encryptor.protect(
             pixels,
             mask,
@@ -353,13 +375,11 @@ def _cloud_view(
             collection=source.collection,
             owner=owner,
         )
-        return encode_png(protected.cipher), (
-            "pe: the query's cipher image and its mask (the tumour's shape is visible; the "
-            "pixels are encrypted under a key derived from the query's content)"
-        )
-    return None, (
-        f"{mode}: only a feature vector computed here from the query's tumour region; no "
-        "image, no mask"
+        return encode_png(protected.cipher)
+
+    return cipher_png, (
+        "pe: the query's cipher image and its mask (the tumour's shape is visible; the pixels "
+        "are encrypted under a key derived from the query's content)"
     )
 
 
@@ -375,6 +395,7 @@ def run_query(
     k: int,
     label: int | None = None,
     exclude: str | None = None,
+    budget: Callable[[], str | None] | None = None,
 ) -> QueryResult:
     """Search `sources` with a plain query, open the `k` most similar hits, audit every step.
 
@@ -398,6 +419,9 @@ def run_query(
         Keep hits of this class only (None: all).
     exclude
         Image id to leave out (the stored study the query was taken from).
+    budget
+        Called before each hit is opened: None to go on, or why the user's decryption
+        budget refuses it (the tile then says so).
 
     Returns
     -------
@@ -454,29 +478,50 @@ def run_query(
         candidates=len(candidates),
     )
     searched = time.perf_counter()
-    result.cloud_png, result.cloud_text = _cloud_view(encryptor, sources, pixels, mask)
+    result.cloud_maker, result.cloud_text = _cloud_view(encryptor, sources, pixels, mask)
     candidates.sort(key=lambda c: (-c[0], c[1]))
-    opened = 0
-    for score, distance, source, hit, mode in candidates:
-        if len(result.hits) >= k or opened >= MAX_OPENED_PER_HIT * k:
-            break
-        if label is not None and hit.label is not None and hit.label != label:
-            continue  # the cloud's own label of a template already says it is another class
-        opened += 1
-        tile = Hit(
-            rank=len(result.hits) + 1,
-            source=source,
-            image_id=hit.image_id,
-            source_rank=hit.rank,
-            distance=float(distance),
-            similarity=score,
-            label=hit.label,
-            mode=mode,
-        )
-        _open_hit(encryptor, peers, tile, sub=sub, query_id=result.id)
-        if label is not None and tile.label != label:
-            continue  # class known only now (sealed), or never (not released): not this class
-        result.hits.append(tile)
+    if label is not None:
+        # the cloud's own label of a pe template already says whether it is of that class
+        candidates = [c for c in candidates if c[3].label is None or c[3].label == label]
+    queue = iter(candidates[: MAX_OPENED_PER_HIT * k])
+    # Hits open in parallel (the key streams release the GIL); in order, batch after batch,
+    # until k are shown: with a class filter, an opened hit may turn out to be of another.
+    with ThreadPoolExecutor(max_workers=OPEN_THREADS) as pool:
+        while len(result.hits) < k:
+            batch = [
+                Hit(
+                    rank=0,
+                    source=source,
+                    image_id=hit.image_id,
+                    source_rank=hit.rank,
+                    distance=float(distance),
+                    similarity=score,
+                    label=hit.label,
+                    mode=mode,
+                )
+                for score, distance, source, hit, mode in islice(queue, k - len(result.hits))
+            ]
+            if not batch:
+                break
+            to_open = []
+            for tile in batch:
+                refusal = budget() if budget is not None else None
+                if refusal is None:
+                    to_open.append(tile)
+                else:
+                    tile.state, tile.reason = "failed", refusal
+            list(
+                pool.map(
+                    lambda t: _open_hit(encryptor, peers, t, sub=sub, query_id=result.id), to_open
+                )
+            )
+            for tile in batch:
+                if label is not None and tile.state == "shown" and tile.label != label:
+                    continue  # its class was known only once opened (sealed)
+                if label is not None and tile.state != "shown" and tile.label is None:
+                    continue  # of unknown class: not shown under a class filter
+                tile.rank = len(result.hits) + 1
+                result.hits.append(tile)
     result.timings_ms = {
         "search": round(1000 * (searched - started), 1),
         "open": round(1000 * (time.perf_counter() - searched), 1),

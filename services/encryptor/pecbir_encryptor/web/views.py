@@ -313,6 +313,7 @@ def search(
             k=k,
             label=form["class"],
             exclude=exclude,
+            budget=lambda: _decrypt_budget(ctx, user),
         )
     except HTTPException as exc:
         if exc.status_code not in (403, 429):
@@ -325,6 +326,15 @@ def search(
         return _home(request, ctx, user, error=message, status=502, form=form)
     state.results.put(result)
     return RedirectResponse(f"{UI_PREFIX}/queries/{result.id}", status_code=303)
+
+
+def _decrypt_budget(ctx: EncryptorContext, user: Session) -> str | None:
+    """None while the user may decrypt one more image; else why not (the API's budget)."""
+    try:
+        ctx.limiter.check("decrypt", user.claims)
+    except HTTPException as exc:
+        return f"decryption budget spent ({exc.detail}); run the query again in a moment"
+    return None
 
 
 def _query_input(
@@ -360,8 +370,13 @@ def _query_input(
 
 
 def _open_study(ctx: EncryptorContext, collection: str, image_id: str, user: Session):
-    """One of this hospital's stored images, decrypted (audited)."""
+    """One of this hospital's stored images, decrypted (scope, budget and outcome audited)."""
     record = {"action": "decrypt", "sub": user.claims.sub, "via": "ui", "image_id": image_id}
+    try:
+        ctx.permit(user.claims, "decrypt")
+    except HTTPException as exc:
+        ctx.encryptor.audit.write(**record, outcome="denied", reason=str(exc.detail)[:200])
+        raise
     try:
         opened = ctx.encryptor.fetch_plain(collection, image_id)
     except (IntegrityError, GatewayError) as exc:
@@ -404,10 +419,10 @@ def query_outline(user: User, state: State, query_id: str) -> Response:
 
 @router.get("/queries/{query_id}/query-cloud.png")
 def query_cloud(user: User, state: State, query_id: str) -> Response:
-    result = _result(state, user, query_id)
-    if result.cloud_png is None:
+    image = _result(state, user, query_id).cloud_image()
+    if image is None:
         raise HTTPException(404, "the cloud got no image of this query")
-    return _png(result.cloud_png)
+    return _png(image)
 
 
 def _shown_hit(state: WebState, user: Session, query_id: str, rank: int):
@@ -484,7 +499,6 @@ def export(ctx: Ctx, user: User, state: State, query_id: str, kind: str) -> Resp
 @router.get("/studies/{collection}/{image_id}.png")
 def study_png(ctx: Ctx, user: User, collection: str, image_id: str) -> Response:
     """A stored study of this hospital, decrypted for the preview (audited), outline drawn."""
-    require_scope(user.claims, "decrypt")
     try:
         check_name(collection, "collection")
         check_image_id(image_id)
