@@ -301,6 +301,18 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
     assert "Not released" in refused.inner_text() and "refused (403)" in refused.inner_text()
     ranks = [int(tiles.nth(i).get_attribute("data-rank")) for i in range(tiles.count())]
     assert ranks == list(range(1, 3 * N_IMAGES + 1))
+    # what the cloud sees (key c): the query's and hospital-a's hits' cipher images
+    page.keyboard.press("c")
+    assert page.locator(".query.cloud-only img").is_visible()
+    own = page.locator(".tile[data-owner=hospital-a] img.cloud").first
+    own.wait_for(state="visible")
+    page.wait_for_function(
+        "i => i.complete && i.naturalWidth === 48", arg=own.element_handle(), polling=50
+    )
+    cipher = _decoded(page, own.get_attribute("src"))
+    image_id = own.evaluate("i => i.closest('.tile').dataset.imageId")
+    assert cipher.shape == (48, 48)
+    assert not np.array_equal(cipher, world["originals"][image_id])
 
 
 def test_filters_exports_keyboard_and_the_audit_trail(world, page, tmp_path):
