@@ -393,3 +393,21 @@ def test_a_signed_in_page_refuses_a_cross_site_post(world, page, served):
     page.context.clear_cookies()
     page.goto("/ui/audit")
     assert "/ui/login" in page.url
+
+
+def test_sign_in_goes_nowhere_but_the_pages_and_sign_out_needs_the_csrf_token(world, anonymous):
+    page = anonymous.get("/ui/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    for target in ("https://elsewhere.example/", "//elsewhere.example/ui/", "/v1/keys/release"):
+        answer = anonymous.post(
+            "/ui/login",
+            data={"token": world["system"].user_token(), "csrf": csrf, "next": target},
+            follow_redirects=False,
+        )
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/", target
+    assert anonymous.post("/ui/logout", data={"csrf": "x"}).status_code == 403
+    assert anonymous.get("/ui/audit").url.path == "/ui/audit"  # still signed in
+    home = anonymous.get("/ui/")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', home.text).group(1)
+    assert anonymous.post("/ui/logout", data={"csrf": csrf}).url.path == "/ui/login"
+    assert anonymous.get("/ui/audit").url.path == "/ui/login"

@@ -6,7 +6,10 @@ real HTTP on loopback): hospital-a, whose encryptor serves the page (pe), hospit
 headless (Playwright), signs in and runs `--queries` queries by upload with all three
 hospitals and k = `--k`; for each, the time from pressing "Find similar cases" to the first
 hit decrypted and displayed (the image decoded in the page). Prints a table and writes JSON;
-with --screenshots, also the page's main states as PNGs (1280×800).
+with --screenshots, also the page's main states as PNGs (1280×800). `--stack processes`
+times the same page through the real processes instead (radosgw, Redis, Celery worker,
+uvicorn gateway, search and encryptor on loopback: `pecbir_harness.procs.Cluster`), with one
+hospital, since that stack runs one encryptor.
 """
 
 from __future__ import annotations
@@ -52,7 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--synthetic", action="store_true", help="use generated images")
     parser.add_argument("--seed", type=int, default=0, help="sample and key seed")
     parser.add_argument("--radius", type=int, default=24, help="ROI dilation radius")
-    parser.add_argument("--out", type=Path, default=Path("results/ui/bench.json"))
+    parser.add_argument(
+        "--stack",
+        choices=("embedded", "processes"),
+        default="embedded",
+        help="every service in this process (three hospitals), or real processes (one)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON (default results/ui/bench-<stack>.json)"
+    )
     parser.add_argument(
         "--screenshots",
         type=Path,
@@ -181,7 +192,64 @@ def _query(page, image: Path, mask: Path, k: int) -> tuple[float, float, float]:
     return shown, int(search_ms) / 1000, int(open_ms) / 1000
 
 
+def _processes_world(args, dataset, source, database, workdir, stack) -> tuple[str, str]:
+    """One hospital on the real processes; (the encryptor's URL, a user token)."""
+    import httpx
+
+    from pecbir_harness.procs import Cluster
+
+    cluster = stack.enter_context(Cluster(workdir / "cluster", own_redis=True))
+    token = cluster.user_token()
+    encryptor = stack.enter_context(
+        httpx.Client(
+            base_url=cluster.encryptor_url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=120,
+        )
+    )
+    for row in database:
+        answer = encryptor.post(
+            "/v1/collections/brain/images",
+            files={
+                "image": ("slice.npy", _npy(dataset.images[row])),
+                "mask": ("mask.npy", _npy(dataset.masks[row])),
+            },
+            data={"label": str(int(dataset.labels[row]))},
+        )
+        if answer.status_code != 202:
+            raise RuntimeError(f"upload of row {row} failed: {answer.text}")
+    gateway = stack.enter_context(
+        httpx.Client(
+            base_url=cluster.gateway_url,
+            headers={"authorization": f"Bearer {cluster.token()}"},
+            timeout=120,
+        )
+    )
+    radius = args.radius if source == "figshare" else min(args.radius, 8)
+    params = {
+        "n_components": args.n_components,
+        "n_regions": 8,
+        "patch_size": 9,
+        "radius": radius,
+        "n_train_patches": args.n_train_patches,
+        "dim": 10,
+        "random_state": args.seed,
+    }
+    trained = gateway.post("/v1/collections/brain/model/train", json=params)
+    if trained.status_code != 202:
+        raise RuntimeError(f"training refused: {trained.text}")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = gateway.get("/v1/collections/brain/model").json()
+        if status["serving_version"] and status["n_vectors"] >= len(database):
+            print(f"hospital-a: {len(database)} images, model trained and indexed", flush=True)
+            return cluster.encryptor_url, token
+        time.sleep(0.5)
+    raise TimeoutError(f"the collection did not become searchable: {status}")
+
+
 def run(args: argparse.Namespace) -> int:
+    import contextlib
     import logging
 
     from pecbir_harness.browser import chromium
@@ -189,53 +257,65 @@ def run(args: argparse.Namespace) -> int:
 
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = args.out or Path(f"results/ui/bench-{args.stack}.json")
     dataset, source = _load(args)
     database, queries = _pick(dataset, args.images, 1, args.seed)
     queries = np.resize(queries, args.queries)  # repeated when the sample has fewer
-    print(f"{len(database)} images over three hospitals; {args.queries} queries (fold 1)")
+    where = "three hospitals" if args.stack == "embedded" else "one hospital"
+    print(f"{len(database)} images over {where}; {args.queries} queries (fold 1)")
     workdir = Path(tempfile.mkdtemp(prefix="pecbir-bench-ui-"))
     started = time.perf_counter()
     try:
-        system = _world(args, dataset, source, database, workdir)
-        setup_s = time.perf_counter() - started
-        files = []
-        for i, row in enumerate(queries):
-            image, mask = workdir / f"q{i}.png", workdir / f"q{i}-mask.png"
-            plain = np.asarray(dataset.images[row])
-            image.write_bytes(_png(plain if plain.dtype == np.uint8 else _to8(plain)))
-            mask.write_bytes(_png(np.asarray(dataset.masks[row], dtype=np.uint8) * 255))
-            files.append((image, mask))
-        token = system.user_token()
-        with (
-            serve_in_thread(system.encryptor_app) as url,
-            chromium() as browser,
-        ):
+        with contextlib.ExitStack() as stack:
+            if args.stack == "embedded":
+                system = _world(args, dataset, source, database, workdir)
+                stack.callback(system.close)
+                url = stack.enter_context(serve_in_thread(system.encryptor_app))
+                token = system.user_token()
+            else:
+                url, token = _processes_world(args, dataset, source, database, workdir, stack)
+            setup_s = time.perf_counter() - started
+            files = []
+            for i, row in enumerate(queries):
+                image, mask = workdir / f"q{i}.png", workdir / f"q{i}-mask.png"
+                plain = np.asarray(dataset.images[row])
+                image.write_bytes(_png(plain if plain.dtype == np.uint8 else _to8(plain)))
+                mask.write_bytes(_png(np.asarray(dataset.masks[row], dtype=np.uint8) * 255))
+                files.append((image, mask))
+            browser = stack.enter_context(chromium())
             context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=url)
             page = context.new_page()
             _sign_in(page, token)
+            load_before = os.getloadavg()
             timed = [_query(page, image, mask, args.k) for image, mask in files]
+            load_after = os.getloadavg()
             seconds = [t[0] for t in timed]
             tiles = page.locator(".tile").evaluate_all(
                 "ts => ts.map(t => t.dataset.owner + ':' + t.dataset.state)"
             )
             shots = []
-            if args.screenshots:
+            if args.screenshots and args.stack == "embedded":
                 shots = _take_screenshots(page, args.screenshots, files, token, args.k)
             context.close()
-        system.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ms = np.asarray(seconds) * 1000
     result = {
         "what": "query submitted → first decrypted hit displayed, in headless chromium",
-        "stack": "embedded (every service in one process; the page over HTTP on loopback)",
+        "stack": args.stack,
+        "stack_is": {
+            "embedded": "every service in one process; the page over HTTP on loopback",
+            "processes": "radosgw, Redis, Celery worker, uvicorn gateway/search/encryptor",
+        }[args.stack],
         "source": source,
         "n_images": len(database),
         "hospitals": {
             "hospital-a": "pe (ours)",
             "hospital-b": "sealed, releases keys",
             "hospital-c": "pe, refuses",
-        },
+        }
+        if args.stack == "embedded"
+        else {"hospital-a": "pe (ours)"},
         "n_queries": len(seconds),
         "k": args.k,
         "p50_ms": round(float(np.percentile(ms, 50)), 1),
@@ -250,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         "setup_s": round(setup_s, 1),
         "machine": {
             "cpus": os.cpu_count(),
+            # other jobs share this machine: its 1-minute load before and after the queries
+            "load_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
@@ -258,20 +340,20 @@ def run(args: argparse.Namespace) -> int:
         + " ".join(
             f"--{k.replace('_', '-')} {v}"
             for k, v in sorted(vars(args).items())
-            if k in {"images", "queries", "k", "n_components", "seed"}
+            if k in {"images", "queries", "k", "n_components", "seed", "stack"}
         ),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print("| stack | queries | k | p50 | p90 | min | max | server: search / decrypt p50 |")
     print("|---|---|---|---|---|---|---|---|")
     print(
-        f"| embedded | {len(seconds)} | {args.k} | {result['p50_ms']:.0f} ms "
+        f"| {args.stack} | {len(seconds)} | {args.k} | {result['p50_ms']:.0f} ms "
         f"| {result['p90_ms']:.0f} ms | {result['min_ms']:.0f} ms | {result['max_ms']:.0f} ms "
         f"| {result['server_search_p50_ms']:.0f} / {result['server_decrypt_p50_ms']:.0f} ms |"
     )
-    print(f"wrote {args.out}" + (f" and {len(shots)} screenshots" if shots else ""))
+    print(f"wrote {out}" + (f" and {len(shots)} screenshots" if shots else ""))
     return 0
 
 

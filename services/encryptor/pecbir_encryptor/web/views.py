@@ -18,10 +18,11 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Requ
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from PIL import Image
 
 from pecbir_contracts.auth import ENCRYPTOR_TOKEN, AuthError, Claims, verify_token
 from pecbir_contracts.layout import check_image_id, check_name
-from pecbir_contracts.png import encode_png
+from pecbir_contracts.png import decode_image_png, encode_png
 from pecbir_encryptor.deps import EncryptorContext, context
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
@@ -37,6 +38,7 @@ from pecbir_encryptor.web.results import (
     shown_uint8,
 )
 from pecbir_encryptor.web.session import (
+    SESSION_COOKIE,
     LoginRequired,
     check_csrf,
     check_login_csrf,
@@ -258,7 +260,7 @@ def logout(request: Request, ctx: Ctx, user: User, csrf: Annotated[str, Form()] 
     check_csrf(request, ctx.user_token_secret, user.token, csrf)
     ctx.encryptor.audit.write(action="ui-logout", sub=user.claims.sub, outcome="ok")
     response = RedirectResponse(UI_PREFIX + "/login", status_code=303)
-    response.delete_cookie("pecbir_session", path=UI_PREFIX)
+    response.delete_cookie(SESSION_COOKIE, path=UI_PREFIX)
     return response
 
 
@@ -445,8 +447,6 @@ def hit_png(user: User, state: State, query_id: str, rank: int) -> Response:
 def hit_npy(user: User, state: State, query_id: str, rank: int) -> Response:
     """A hit decrypted exactly (its own depth: a sealed image's 12/16 bits)."""
     hit = _shown_hit(state, user, query_id, rank)
-    from pecbir_contracts.png import decode_image_png
-
     image = hit.exact if hit.exact is not None else decode_image_png(hit.png, "hit")
     buffer = io.BytesIO()
     np.save(buffer, image, allow_pickle=False)
@@ -505,8 +505,6 @@ def study_png(ctx: Ctx, user: User, collection: str, image_id: str) -> Response:
         opened = _open_study(ctx, collection, image_id, user)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    from PIL import Image
-
     image = Image.open(io.BytesIO(encode_png(shown_uint8(opened.image)))).convert("RGBA")
     outline = Image.open(io.BytesIO(outline_png(opened.mask, np.shape(opened.image))))
     image.alpha_composite(outline.convert("RGBA"))
