@@ -396,9 +396,10 @@ def test_a_signed_in_page_refuses_a_cross_site_post(world, page, served):
 
 
 def test_sign_in_goes_nowhere_but_the_pages_and_sign_out_needs_the_csrf_token(world, anonymous):
-    page = anonymous.get("/ui/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     for target in ("https://elsewhere.example/", "//elsewhere.example/ui/", "/v1/keys/release"):
+        # each sign-in uses up its form's CSRF cookie: a fresh form each time
+        page = anonymous.get("/ui/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
         answer = anonymous.post(
             "/ui/login",
             data={"token": world["system"].user_token(), "csrf": csrf, "next": target},
