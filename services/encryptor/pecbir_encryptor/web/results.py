@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 
+import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -454,6 +455,10 @@ def run_query(
         except GatewayError as exc:
             result.sources.append({"source": source.label, "error": f"{exc.status}: {exc.detail}"})
             continue
+        except httpx.HTTPError as exc:
+            error = f"the cloud did not answer ({type(exc).__name__})"
+            result.sources.append({"source": source.label, "error": error})
+            continue
         mode = encryptor.mode_of(source.collection, owner)
         result.sources.append(
             {
@@ -557,8 +562,8 @@ def _open_hit(encryptor: Encryptor, peers: PeerKeys, tile: Hit, *, sub: str, que
             opened = encryptor.open_released(
                 source.collection, tile.image_id, source.owner, released
             )
-    except (IntegrityError, GatewayError, ValueError) as exc:
-        tile.state, tile.reason = "failed", str(exc)[:200]
+    except (IntegrityError, GatewayError, ValueError, httpx.HTTPError) as exc:
+        tile.state, tile.reason = "failed", str(exc)[:200] or type(exc).__name__
         encryptor.audit.write(action="decrypt", outcome="refused", reason=tile.reason, **record)
         return
     encryptor.audit.write(action="decrypt", outcome="ok", **record)
