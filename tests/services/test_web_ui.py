@@ -412,3 +412,38 @@ def test_sign_in_goes_nowhere_but_the_pages_and_sign_out_needs_the_csrf_token(wo
     csrf = re.search(r'name="csrf" value="([^"]+)"', home.text).group(1)
     assert anonymous.post("/ui/logout", data={"csrf": csrf}).url.path == "/ui/login"
     assert anonymous.get("/ui/audit").url.path == "/ui/login"
+
+
+def test_a_drawn_outline_becomes_the_querys_mask(world, page, tmp_path):
+    """No mask, no SEG: the radiologist outlines the tumour on the uploaded slice; the page
+    sends the filled outline as the mask (an NPY array of the image's size)."""
+    _browser_sign_in(page, world["system"].user_token())
+    image, _ = _query_files(world, tmp_path)
+    page.set_input_files("#image", str(image))
+    page.click("#draw-open")
+    canvas = page.locator("#draw-canvas")
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    # an octagon of radius 8 px around the 48×48 slice's centre (the tumour is near it)
+    for angle in np.linspace(0, 2 * np.pi, 8, endpoint=False):
+        x = (24 + 8 * np.cos(angle)) / 48 * box["width"]
+        y = (24 + 8 * np.sin(angle)) / 48 * box["height"]
+        canvas.click(position={"x": float(x), "y": float(y)})
+    assert page.inner_text("#draw-status") == "8 points"
+    page.click("#draw-use")
+    sent = page.evaluate(
+        "async () => Array.from(new Uint8Array("
+        "await document.getElementById('mask').files[0].arrayBuffer()))"
+    )
+    mask = np.load(io.BytesIO(bytes(sent)))
+    assert mask.shape == (48, 48) and mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert 150 <= int(mask.sum()) <= 230  # the octagon's area, 181 px, give or take its edge
+    assert mask[24, 24] == 1 and mask[0, 0] == 0
+    page.uncheck("input[name=hospital][value=hospital-b]")
+    page.uncheck("input[name=hospital][value=hospital-c]")
+    page.fill("#k", "3")
+    page.click("#run-query")
+    page.wait_for_url("**/ui/queries/*")
+    assert page.locator(".tile[data-state=shown]").count() == 3
+    outline = _decoded(page, page.get_attribute(".query img.outline", "src"))
+    assert outline[24 - 8, 24, 3] == 255 or outline[24, 24 + 8, 3] == 255  # drawn edge shown

@@ -363,6 +363,26 @@ def _to8(image: np.ndarray) -> np.ndarray:
     return to_uint8(image)[0]
 
 
+def _draw_outline(page, image: Path, mask: Path) -> None:
+    """Open the outline drawing on `image` and click an octagon around the tumour of `mask`."""
+    from PIL import Image
+
+    inside = np.asarray(Image.open(mask)) > 0
+    rows, cols = np.nonzero(inside)
+    cy, cx = rows.mean(), cols.mean()
+    radius = max(np.ptp(rows), np.ptp(cols)) / 2 + 4
+    page.set_input_files("#image", str(image))
+    page.click("#draw-open")
+    canvas = page.locator("#draw-canvas")
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    height, width = inside.shape
+    for angle in np.linspace(0, 2 * np.pi, 10, endpoint=False):
+        x = (cx + radius * np.cos(angle)) / width * box["width"]
+        y = (cy + radius * np.sin(angle)) / height * box["height"]
+        canvas.click(position={"x": float(x), "y": float(y)})
+
+
 def _take_screenshots(page, folder: Path, files, token: str, k: int) -> list[str]:
     """login, query form, result (with "not released" tiles), cloud view, zoom, audit."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -380,6 +400,9 @@ def _take_screenshots(page, folder: Path, files, token: str, k: int) -> list[str
     page.wait_for_function("() => document.getElementById('study-preview').naturalWidth > 0")
     shot("query-form.png")
     image, mask = files[0]
+    _draw_outline(page, image, mask)
+    shot("draw-outline.png")
+    page.click("#draw-cancel")
     page.set_input_files("#image", str(image))
     page.set_input_files("#mask", str(mask))
     page.fill("#k", str(max(k, 15)))

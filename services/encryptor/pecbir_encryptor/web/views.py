@@ -60,7 +60,7 @@ router = APIRouter(prefix=UI_PREFIX, include_in_schema=False)
 
 # Pages and decrypted images: nothing from elsewhere, never framed, never cached.
 PAGE_HEADERS = {
-    "content-security-policy": "default-src 'self'; img-src 'self' data:; "
+    "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
