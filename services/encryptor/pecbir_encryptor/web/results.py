@@ -448,18 +448,24 @@ def run_query(
         filters={"k": k, "class": label, "hospitals": sorted({s.owner for s in sources})},
     )
     candidates: list[tuple[int, float, Source, object, str]] = []
-    for source in sources:
+
+    def search(source: Source) -> tuple[Source, object, str]:
         owner = None if source.owner == encryptor.tenant else source.owner
         try:
             answer = encryptor.search(source.collection, pixels, mask, MAX_K, owner)
         except GatewayError as exc:
-            result.sources.append({"source": source.label, "error": f"{exc.status}: {exc.detail}"})
-            continue
+            return source, None, f"{exc.status}: {exc.detail}"
         except httpx.HTTPError as exc:
-            error = f"the cloud did not answer ({type(exc).__name__})"
-            result.sources.append({"source": source.label, "error": error})
+            return source, None, f"the cloud did not answer ({type(exc).__name__})"
+        return source, answer, encryptor.mode_of(source.collection, owner)
+
+    # The collections are searched at once (a bad query raises here, before anything opens).
+    with ThreadPoolExecutor(max_workers=OPEN_THREADS) as pool:
+        answers = list(pool.map(search, sources))
+    for source, answer, mode in answers:
+        if answer is None:
+            result.sources.append({"source": source.label, "error": mode})
             continue
-        mode = encryptor.mode_of(source.collection, owner)
         result.sources.append(
             {
                 "source": source.label,
