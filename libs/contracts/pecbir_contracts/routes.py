@@ -34,6 +34,7 @@ __all__ = [
     "GATEWAY_MODEL_TRAIN",
     "GATEWAY_MODEL_VERSION",
     "GATEWAY_PATCH_MODEL",
+    "GATEWAY_PROTECTION",
     "GATEWAY_SEALED_IMAGES",
     "GATEWAY_SEARCH",
     "GATEWAY_SEARCH_FISHER",
@@ -60,6 +61,7 @@ GATEWAY_MODEL_TRAIN = "/v1/collections/{collection}/model/train"
 GATEWAY_MODEL_VERSION = "/v1/collections/{collection}/model/{version}"
 # sealed mode: the owner's patch model, sealed uploads and their blobs, Fisher-vector queries
 GATEWAY_PATCH_MODEL = "/v1/collections/{collection}/patch-model"
+GATEWAY_PROTECTION = "/v1/collections/{collection}/protection"
 GATEWAY_SEALED_IMAGES = "/v1/collections/{collection}/sealed-images"
 GATEWAY_IMAGE_SEALED = "/v1/collections/{collection}/images/{image_id}/sealed"
 GATEWAY_SEARCH_FISHER = "/v1/collections/{collection}/search/fisher-vector"

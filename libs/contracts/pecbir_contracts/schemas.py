@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
 
 __all__ = [
     "MAX_K",
+    "CollectionProtection",
     "HexTag",
     "ImageMetadata",
     "IndexStatus",
@@ -24,6 +26,8 @@ __all__ = [
     "ModelStatus",
     "OpaqueId",
     "ProtectionMode",
+    "ReindexPlan",
+    "ReindexProgress",
     "RescaleInfo",
     "Scheme",
     "SealedImageMetadata",
@@ -36,6 +40,7 @@ __all__ = [
     "UploadState",
     "UploadStatus",
     "VectorQuery",
+    "is_pe_roi_scheme",
     "parse_stored_record",
 ]
 
@@ -122,8 +127,43 @@ class ImageMetadata(_Strict):
 
 
 #: How a collection's images are protected: the paper's perceptual cipher (the cloud sees the
-#: cipher image and extracts the features) or sealed (AES-256-GCM; the owner sends the features).
-ProtectionMode = Literal["pe", "sealed"]
+#: cipher image and extracts the features), sealed (AES-256-GCM; the owner sends the features)
+#: or pe-roi (the image sealed; the cloud extracts the features from a scrambled, ROI-only
+#: perceptual cipher).
+ProtectionMode = Literal["pe", "sealed", "pe-roi"]
+
+
+#: A pe-roi scheme as a record names it: always the explicit spelling of `pecore.cipher_roi`
+#: ("pe-roi-t<tile>[d|dn]"), never "pe-roi", whose meaning follows the chosen configuration.
+PE_ROI_SCHEME_PATTERN = r"^pe-roi-t[1-9][0-9]*(?:d|dn)?$"
+
+
+def is_pe_roi_scheme(scheme: str) -> bool:
+    """Whether a record's key scheme is a pe-roi scheme in its explicit spelling.
+
+    Parameters
+    ----------
+    scheme : str
+        `KeyInfo.scheme` of a record.
+
+    Returns
+    -------
+    bool
+        True for "pe-roi-t<tile>[d|dn]" (the cloud then expects the image sealed beside it).
+    """
+    return re.fullmatch(PE_ROI_SCHEME_PATTERN, scheme) is not None
+
+
+class CollectionProtection(_Strict):
+    """A collection's protection mode as the cloud holds it (what a searcher must send).
+
+    `scheme`: the pe-roi scheme of a pe-roi collection (a query goes through the same
+    cipher); None for the other modes.
+    """
+
+    collection: str
+    mode: ProtectionMode
+    scheme: Scheme | None = None
 
 
 class SealedImageMetadata(_Strict):
@@ -244,6 +284,27 @@ class ModelManifest(BaseModel):
     feature_backend: str = "numpy"
 
 
+class ReindexPlan(BaseModel):
+    """Written once by the re-index fan-out (a redelivered fan-out keeps the first one)."""
+
+    version: str
+    total: int = Field(ge=0)  # the collection's images when the fan-out ran
+    batches: int = Field(ge=0)
+    started_at: float
+
+
+class ReindexProgress(BaseModel):
+    """How far the re-index of the version being indexed is: vectors the search service holds
+    for it against the plan's total, the rate since the fan-out and the time left at that rate."""
+
+    version: str
+    done: int
+    total: int
+    started_at: float
+    images_per_s: float | None = None
+    eta_seconds: float | None = None
+
+
 class ModelStatus(BaseModel):
     collection: str
     owner: str
@@ -254,6 +315,7 @@ class ModelStatus(BaseModel):
     pending_version: str | None = None
     pending_vectors: int = 0
     n_images: int | None = None
+    reindex: ReindexProgress | None = None
 
 
 class TrainAccepted(BaseModel):

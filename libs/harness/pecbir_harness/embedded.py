@@ -76,6 +76,7 @@ class EmbeddedSystem:
         encode_threads: int | None = None,
         reindex_chunk: int = 32,
         sealed_collections: frozenset[str] = frozenset(),
+        pe_roi_collections: frozenset[str] = frozenset(),
         shared_collections: str = "",
         ui_collections: tuple[str, ...] = ("brain",),
     ) -> None:
@@ -126,6 +127,7 @@ class EmbeddedSystem:
                 user_token_secret=self.user_secret.hex(),
                 audit_log=self.root / "encryptor-audit.jsonl",
                 sealed_collections=sealed_collections,
+                pe_roi_collections=pe_roi_collections,
                 patch_models=self.root / "patch-models",
                 ui_collections=ui_collections,
             ),

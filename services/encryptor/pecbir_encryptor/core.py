@@ -1,10 +1,12 @@
 """Owner-side operations: protect (8-bit + encrypt + tag) or seal, upload, fetch-verify-open.
 
-Every collection is protected in one of two modes, chosen by the owner (`mode_of`): `pe`, the
-paper's perceptual cipher, and `sealed` (`pecbir_encryptor.sealed`).  Records of both modes are
-bound to their identity: a v3 tag (pe) or the AEAD's associated data (sealed) covers tenant,
-collection and the owner's opaque id, and the cloud's image id is a public function of those
-(`pecbir_contracts.layout.image_id_for`), so a record handed back for another id is refused.
+Every collection is protected in one of three modes, chosen by the owner (`mode_of`): `pe`,
+the paper's perceptual cipher, `sealed` (`pecbir_encryptor.sealed`) and `pe-roi`
+(`pecbir_encryptor.pe_roi`: the image sealed, the cloud's features read a scrambled ROI-only
+cipher).  Records of every mode are bound to their identity: a v3 tag (pe, pe-roi) or the
+AEAD's associated data (sealed, pe-roi) covers tenant, collection and the owner's opaque id, and
+the cloud's image id is a public function of those (`pecbir_contracts.layout.image_id_for`), so
+a record handed back for another id is refused.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from pecbir_encryptor.audit import AuditLog
 from pecbir_encryptor.gateway_client import GatewayClient
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
+from pecbir_encryptor.pe_roi import RoiUpload, protect_roi
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
 from pecore.cipher import decrypt, to_uint8
+from pecore.cipher_roi import DEFAULT_ROI_SCHEME, RoiCipher, is_roi_scheme
 from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
 from pecore.owner_features import PatchModelFeaturizer
@@ -50,7 +54,7 @@ from pecore.sealing import (
     unwrap_data_key,
 )
 
-Mode = Literal["pe", "sealed"]
+Mode = Literal["pe", "sealed", "pe-roi"]
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,14 @@ class Opened:
     Attributes
     ----------
     image
-        pe: the 8-bit plain image; sealed: the image exactly as the owner held it.
+        pe: the 8-bit plain image; sealed, pe-roi: the image exactly as the owner held it.
     mask
         Its tumour mask.
     record
         The cloud's record of it.
     label
-        Its class label: a training template's from the record, any other sealed image's
-        from inside its blob (the cloud never read it); None when unknown.
+        Its class label: a training template's from the record, any other sealed (or
+        pe-roi) image's from inside its blob (the cloud never read it); None when unknown.
     """
 
     image: np.ndarray
@@ -173,6 +177,8 @@ class Encryptor:
         sealed_collections: Collection[str] = (),
         patch_models: Path | None = None,
         accept_unbound_records: bool = False,
+        pe_roi_collections: Collection[str] = (),
+        pe_roi_scheme: str = DEFAULT_ROI_SCHEME,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -184,16 +190,35 @@ class Encryptor:
         # None only for offline use (tests, benchmarks): records are then v2, not bound.
         self.tenant = tenant
         self.sealed_collections = frozenset(sealed_collections)
+        self.pe_roi_collections = frozenset(pe_roi_collections)
+        both = self.sealed_collections & self.pe_roi_collections
+        if both:
+            raise ValueError(f"collections {sorted(both)} cannot be both sealed and pe-roi")
+        # The explicit spelling: what the records name, whatever "pe-roi" means later.
+        self.pe_roi_scheme = RoiCipher.from_name(pe_roi_scheme).legacy_name
         self.patch_models = PatchModels(patch_models, self.gateway)
         self.accept_unbound_records = accept_unbound_records
 
     # -- the owner's choice of protection ------------------------------------------------------
     def mode_of(self, collection: str, owner: str | None = None) -> Mode:
-        """How `collection` is protected: the owner's setting for its own collections; for a
-        collection shared by another owner, "sealed" iff that owner published a patch model."""
+        """How `collection` is protected (see `protection_of`)."""
+        return self.protection_of(collection, owner)[0]
+
+    def protection_of(self, collection: str, owner: str | None = None) -> tuple[Mode, str | None]:
+        """(mode, pe-roi scheme or None) of `collection`.
+
+        The owner's setting for its own collections; for a collection shared by another
+        owner, what the cloud says (sealed: a published patch model; pe-roi: its images'
+        scheme), so that a query never goes out in a weaker form than the collection's images.
+        """
         if owner is None or owner == self.tenant:
-            return "sealed" if collection in self.sealed_collections else "pe"
-        return "sealed" if self.patch_models.shared(owner, collection) is not None else "pe"
+            if collection in self.sealed_collections:
+                return "sealed", None
+            if collection in self.pe_roi_collections:
+                return "pe-roi", self.pe_roi_scheme
+            return "pe", None
+        held = self.gateway.protection(collection, owner=owner)
+        return held.mode, held.scheme
 
     def _bound_tenant(self, owner: str | None) -> str:
         tenant = owner or self.tenant
@@ -286,6 +311,34 @@ class Encryptor:
             train=train,
         )
 
+    def protect_roi(
+        self,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        *,
+        opaque_id: str,
+        label: int | None = None,
+        role: str = "template",
+        train: bool = True,
+        scheme: str | None = None,
+        owner: str | None = None,
+    ) -> RoiUpload:
+        """`protect_roi` with this encryptor's active key, bound to (owner or tenant,
+        collection); `scheme` defaults to this owner's pe-roi scheme."""
+        return protect_roi(
+            pixels,
+            _check_mask(mask, pixels.shape),
+            master=self.master,
+            tenant=self._bound_tenant(owner),
+            collection=collection,
+            opaque_id=opaque_id,
+            scheme=scheme or self.pe_roi_scheme,
+            label=label,
+            role=role,
+            train=train,
+        )
+
     def ingest(
         self,
         collection: str,
@@ -312,7 +365,8 @@ class Encryptor:
             Class label and role.
         train
             A training template: only then is the label readable by the cloud (pe: a
-            non-training image's label is not sent at all; sealed: it is inside the blob).
+            non-training image's label is not sent at all; sealed, pe-roi: it is inside the
+            blob).
         idempotency_key
             Sent to the gateway.
 
@@ -324,7 +378,19 @@ class Encryptor:
             The cloud refused or failed the upload.
         """
         mode = self.mode_of(collection)
-        if mode == "sealed":
+        if mode == "pe-roi":
+            roi = self.protect_roi(
+                collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
+            )
+            answer = self.gateway.upload(
+                collection,
+                cipher_png=encode_png(roi.cipher),
+                mask_png=encode_png(roi.mask),
+                metadata_json=roi.metadata.model_dump_json(),
+                idempotency_key=idempotency_key,
+                blob=roi.blob,
+            )
+        elif mode == "sealed":
             sealed = self.seal(
                 collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
             )
@@ -466,9 +532,13 @@ class Encryptor:
         return unseal(cipher, record, master)
 
     def _sealed_blob(
-        self, tenant: str, collection: str, image_id: str, metadata: SealedImageMetadata
+        self,
+        tenant: str,
+        collection: str,
+        image_id: str,
+        metadata: SealedImageMetadata | ImageMetadata,
     ) -> tuple[MasterKey, SealedIdentity, bytes]:
-        """(master key its wrap names, expected identity, blob) of a sealed record."""
+        """(master key its wrap names, expected identity, blob) of a sealed or pe-roi record."""
         _check_bound_id(tenant, collection, image_id, metadata.opaque_id)
         blob = self.gateway.sealed(collection, image_id, owner=tenant)
         header = read_header(blob)
@@ -508,7 +578,8 @@ class Encryptor:
         the owner's record of exactly this tenant, collection and id, or changed)."""
         requested = (self._bound_tenant(owner), collection, image_id)
         metadata = self.fetch_record(collection, image_id, owner)
-        if isinstance(metadata, SealedImageMetadata):
+        if isinstance(metadata, SealedImageMetadata) or is_roi_scheme(metadata.key.scheme):
+            # pe-roi: the cloud's cipher holds the ROI only; the image is in the blob
             master, identity, blob = self._sealed_blob(*requested, metadata)
             contents = open_sealed(blob, master, identity)
             label = contents.metadata.get("label")
@@ -589,9 +660,11 @@ class Encryptor:
 
         Sealed collection: the query's Fisher vector, computed here with the collection's
         patch model. pe collection: the query encrypted under its content-derived key
-        (`query_id_for`), so the same query gives the same cipher and the same hits.
+        (`query_id_for`), so the same query gives the same cipher and the same hits; pe-roi:
+        the same, through the collection's pe-roi cipher (ROI only, scrambled).
         """
-        if self.mode_of(collection, owner) == "sealed":
+        mode, scheme = self.protection_of(collection, owner)
+        if mode == "sealed":
             model = (
                 self.patch_models.own(collection)
                 if owner is None or owner == self.tenant
@@ -603,14 +676,21 @@ class Encryptor:
             return self.gateway.search_fisher(
                 collection, fisher_npy=encode_vector_npy(fisher), k=k, owner=owner
             )
-        query = self.protect(
-            pixels,
-            mask,
-            opaque_id=self.query_id_for(pixels, mask),
-            role="query",
-            collection=collection,
-            owner=owner,
-        )
+        query_id = self.query_id_for(pixels, mask)
+        if mode == "pe-roi":
+            query = self.protect_roi(
+                collection,
+                pixels,
+                mask,
+                opaque_id=query_id,
+                role="query",
+                scheme=scheme,
+                owner=owner,
+            )
+        else:
+            query = self.protect(
+                pixels, mask, opaque_id=query_id, role="query", collection=collection, owner=owner
+            )
         return self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),
@@ -645,7 +725,7 @@ class Encryptor:
         """
         requested = (self._bound_tenant(None), collection, image_id)
         metadata = self.fetch_record(collection, image_id)
-        if not isinstance(metadata, SealedImageMetadata):
+        if not isinstance(metadata, SealedImageMetadata) and not is_roi_scheme(metadata.key.scheme):
             raise ValueError(f"image {image_id} is not sealed: a pe key cannot be re-wrapped")
         master, identity, blob = self._sealed_blob(*requested, metadata)
         if master.key_id != self.master.key_id:
@@ -657,17 +737,18 @@ class Encryptor:
     def release(self, collection: str, image_id: str) -> tuple[str, dict[str, object]]:
         """(opaque id, what is released) for one stored image of this owner, either mode.
 
-        pe: the image's SSLM key; sealed: the data key of that one image (base64), after
-        the blob's identity, wrap and payload all authenticated.
+        pe: the image's SSLM key; sealed and pe-roi: the data key of that one image's blob
+        (base64), after the blob's identity, wrap and payload all authenticated (a pe-roi
+        image's SSLM key would open its ROI only).
         """
         requested = (self._bound_tenant(None), collection, image_id)
         metadata = self.fetch_record(collection, image_id)
-        if isinstance(metadata, SealedImageMetadata):
+        if isinstance(metadata, SealedImageMetadata) or is_roi_scheme(metadata.key.scheme):
             master, identity, blob = self._sealed_blob(*requested, metadata)
             data_key = unwrap_data_key(blob, master, identity)
             return metadata.opaque_id, {
-                "mode": "sealed",
-                "format": metadata.format,
+                "mode": "sealed" if isinstance(metadata, SealedImageMetadata) else "pe-roi",
+                "format": read_header(blob).format,
                 "data_key": base64.b64encode(data_key).decode(),
             }
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, None, metadata)

@@ -100,6 +100,8 @@ def build_encryptor(
         sealed_collections=settings.sealed_collections,
         patch_models=settings.patch_models,
         accept_unbound_records=settings.accept_unbound_records,
+        pe_roi_collections=settings.pe_roi_collections,
+        pe_roi_scheme=settings.pe_roi_scheme,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pecore.cipher import Scheme
@@ -37,6 +37,12 @@ class EncryptorSettings(BaseSettings):
     # images are sealed with AES-256-GCM and featurised here (pecbir_encryptor.sealed); every
     # other collection is protected by the perceptual cipher ("pe").
     sealed_collections: frozenset[str] = frozenset()
+    # The owner's pe-roi collections (JSON list): their images are sealed as in a sealed
+    # collection, and the cloud extracts the features from a scrambled ROI-only cipher
+    # (pecbir_encryptor.pe_roi), with the scheme below: "pe-roi" (the configuration chosen in
+    # results/pe-roi/selection/) or an explicit "pe-roi-t<tile>[d|dn]".
+    pe_roi_collections: frozenset[str] = frozenset()
+    pe_roi_scheme: str = "pe-roi"
     # Records from before tag v3 name no tenant, collection or id, so a cloud could serve one
     # image's record for another's: refused unless this is set, for a migration window only.
     accept_unbound_records: bool = False
@@ -62,3 +68,11 @@ class EncryptorSettings(BaseSettings):
     # The page's session cookie Secure (sent over HTTPS only): None, when the page was loaded
     # over HTTPS; set true behind a proxy that terminates TLS.
     ui_secure_cookie: bool | None = None
+
+    @field_validator("pe_roi_scheme")
+    @classmethod
+    def _known_pe_roi_scheme(cls, value: str) -> str:
+        from pecore.cipher_roi import RoiCipher
+
+        RoiCipher.from_name(value)  # ValueError names the accepted spellings
+        return value

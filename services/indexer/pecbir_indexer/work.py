@@ -28,6 +28,7 @@ from pecbir_contracts.records import FeatureRecord, read_current_version, write_
 from pecbir_contracts.schemas import (
     ImageMetadata,
     ModelManifest,
+    ReindexPlan,
     SealedImageMetadata,
     TrainRequest,
     parse_stored_record,
@@ -165,6 +166,7 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         patch_model = None
     if patch_model is not None:
         return _fit_sealed_version(rt, layout, version, params, patch_model)
+    params = _pe_roi_params(rt, layout, params)
     templates = []
     for image_id in list_images(rt, layout):
         meta, cipher, mask = load_image(rt, layout, image_id)
@@ -183,6 +185,27 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
     seconds = time.perf_counter() - started
     probe = pipeline.fisher_vectors(images[:1], masks[:1])
     return _store_version(rt, layout, version, params, pipeline, probe, counts, seconds)
+
+
+def _pe_roi_params(rt: Runtime, layout: CollectionLayout, params: TrainRequest) -> TrainRequest:
+    """A pe-roi collection's training parameters: its masks are the ROI already.
+
+    The owner dilated the tumour mask and moved the ROI with the tiles; dilating it again
+    here would read blank pixels and neighbouring tiles, so the radius is 0 (the manifest
+    records it).  The owner kept a margin of ⌊P/2⌋ pixels for its patch size; larger patches
+    would read blank pixels at the ROI's border.
+    """
+    try:
+        marker = json.loads(rt.store.get(layout.pe_roi))
+    except ObjectNotFound:
+        return params
+    from pecore.cipher_roi import RoiCipher
+
+    try:
+        RoiCipher.from_name(marker["scheme"]).check_patch_size(params.patch_size)
+    except ValueError as exc:
+        raise PoisonMessage(f"collection {layout.collection}: {exc}") from None
+    return params.model_copy(update={"radius": 0})
 
 
 def _check_counts(labels: list[int]) -> Counter:
@@ -265,16 +288,26 @@ def _store_version(
     return manifest
 
 
-def reindex_plan(rt: Runtime, tenant: str, collection: str, version: str) -> list[list[str]]:
-    """Chunks of image ids still lacking features for `version`."""
+def reindex_plan(
+    rt: Runtime, tenant: str, collection: str, version: str, size: int | None = None
+) -> list[list[str]]:
+    """Chunks of `size` (default: the reindex_chunk setting) image ids still lacking features
+    for `version`. Records the plan (`ReindexPlan`: the collection's total, for progress and
+    ETA) unless one exists: a redelivered fan-out keeps the first plan's start and total."""
     layout = CollectionLayout(tenant, collection)
     done = {
         layout.image_id_of_features(version, key)
         for key in rt.store.list(layout.features_prefix(version))
     }
-    todo = [image_id for image_id in list_images(rt, layout) if image_id not in done]
-    size = max(1, rt.settings.reindex_chunk)
-    return [todo[i : i + size] for i in range(0, len(todo), size)]
+    images = list_images(rt, layout)
+    todo = [image_id for image_id in images if image_id not in done]
+    size = max(1, size or rt.settings.reindex_chunk)
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    plan = ReindexPlan(
+        version=version, total=len(images), batches=len(chunks), started_at=time.time()
+    )
+    rt.store.put_if_absent(layout.reindex_plan(version), plan.model_dump_json().encode())
+    return chunks
 
 
 def describe(value: object) -> str:

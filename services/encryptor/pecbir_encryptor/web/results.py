@@ -361,10 +361,11 @@ def _cloud_view(
     owner = None if source.owner == encryptor.tenant else source.owner
     mode = encryptor.mode_of(source.collection, owner)
     if mode != "pe":
-        return None, (
-            f"{mode}: only a feature vector computed here from the query's tumour region; "
-            "no image, no mask"
-        )
+        what = {
+            "sealed": "only a feature vector computed here from the query's tumour region",
+            "pe-roi": "the query's tumour region in scrambled, encrypted tiles",
+        }.get(mode, "no image of the query")
+        return None, f"{mode}: {what} (not shown here)"
 
     def cipher_png() -> bytes:
         # The same content-derived id, key and cipher as the search sent (`Encryptor.search`).

@@ -466,7 +466,7 @@ def hit_cloud(ctx: Ctx, user: User, state: State, query_id: str, rank: int) -> R
     except KeyError:
         raise HTTPException(404, f"no hit {rank}") from None
     if hit.mode != "pe":
-        raise HTTPException(404, f"a {hit.mode} image is stored as an opaque blob, not an image")
+        raise HTTPException(404, f"a {hit.mode} image is not stored as a viewable image")
     owner = None if hit.source.owner == ctx.settings.tenant else hit.source.owner
     try:
         return _png(ctx.encryptor.gateway.cipher(hit.source.collection, hit.image_id, owner=owner))
