@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -27,10 +28,45 @@ from pecore.keys import MasterKey
 __all__ = [
     "USER_SCOPES",
     "EmbeddedSystem",
+    "Hospital",
     "served",
 ]
 
 USER_SCOPES = ("upload", "search", "read", "train", "decrypt", "key-release")
+
+
+@dataclass
+class Hospital:
+    """Another hospital on the same embedded cloud: its own keys, encryptor and users.
+
+    Attributes
+    ----------
+    tenant
+        Its tenant name.
+    master
+        Its master key.
+    user_secret
+        HMAC secret of its encryptor's user tokens.
+    encryptor_app, encryptor
+        Its encryptor and an in-process client of it (signed in as its radiologist).
+    """
+
+    tenant: str
+    master: MasterKey
+    user_secret: bytes
+    encryptor_app: object
+    encryptor: TestClient
+
+    def user_token(self, scopes=USER_SCOPES, sub: str | None = None) -> str:
+        """A user token of this hospital's encryptor."""
+        return mint_token(
+            self.user_secret.hex().encode(),
+            kind=ENCRYPTOR_TOKEN,
+            sub=sub or f"radiologist@{self.tenant}",
+            tenant=self.tenant,
+            scopes=scopes,
+            ttl_s=ENCRYPTOR_TOKEN.max_ttl_s,
+        )
 
 
 class EmbeddedSystem:
@@ -44,6 +80,8 @@ class EmbeddedSystem:
         reindex_chunk: int = 32,
         sealed_collections: frozenset[str] = frozenset(),
         pe_roi_collections: frozenset[str] = frozenset(),
+        shared_collections: str = "",
+        ui_collections: tuple[str, ...] = ("brain",),
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -77,7 +115,7 @@ class EmbeddedSystem:
         )
         self.search = self._stack.enter_context(TestClient(self.search_app))
         self.gateway_app = gateway.load()(
-            gateway.load_settings()(token_secret=cloud),
+            gateway.load_settings()(token_secret=cloud, shared_collections=shared_collections),
             store=self.store,
             dispatcher=CallableDispatcher(run_eagerly),
             search_client=self.search,
@@ -96,6 +134,7 @@ class EmbeddedSystem:
                 patch_models=self.root / "patch-models",
                 pending_dir=self.root / "pending",
                 pacs_credentials=self.root / "pacs-credentials.json",
+                ui_collections=ui_collections,
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,
@@ -104,12 +143,52 @@ class EmbeddedSystem:
         self.encryptor.headers["authorization"] = f"Bearer {self.user_token()}"
         self.gateway.headers["authorization"] = f"Bearer {self.cloud_token()}"
 
-    def cloud_token(self, scopes=("upload", "search", "read", "train")) -> str:
+    def add_hospital(
+        self,
+        tenant: str,
+        *,
+        master: MasterKey | None = None,
+        releases_keys: bool = True,
+        sealed_collections: frozenset[str] = frozenset(),
+    ) -> Hospital:
+        """Another hospital on this cloud, whose encryptor this system's encryptor may ask for
+        the keys of its images (with a token of scope key-release, or, with `releases_keys`
+        false, one without it: every request is then refused, as an owner that says no)."""
+        create_app, settings = SERVICES["encryptor"].load(), SERVICES["encryptor"].load_settings()
+        user_secret = secrets.token_bytes(32)
+        master = master or MasterKey.generate()
+        app = create_app(
+            settings(
+                tenant=tenant,
+                master_key=self.root / "unused.key",
+                gateway_token=self.cloud_token(tenant=tenant),
+                user_token_secret=user_secret.hex(),
+                audit_log=self.root / f"{tenant}-audit.jsonl",
+                patch_models=self.root / f"{tenant}-patch-models",
+                sealed_collections=sealed_collections,
+            ),
+            master=master,
+            gateway_client=self._stack.enter_context(TestClient(self.gateway_app)),
+        )
+        hospital = Hospital(
+            tenant, master, user_secret, app, self._stack.enter_context(TestClient(app))
+        )
+        hospital.encryptor.headers["authorization"] = f"Bearer {hospital.user_token()}"
+        peer = self._stack.enter_context(TestClient(app))
+        scopes = ("key-release",) if releases_keys else ("search",)
+        peer.headers["authorization"] = (
+            f"Bearer {hospital.user_token(scopes, sub=f'peer@{self.tenant}')}"
+        )
+        self.encryptor_app.state.web.peers.add(tenant, peer)
+        return hospital
+
+    def cloud_token(self, scopes=("upload", "search", "read", "train"), tenant=None) -> str:
+        tenant = tenant or self.tenant
         return mint_token(
             self.cloud_secret.hex().encode(),
             kind=GATEWAY_TOKEN,
-            sub=f"encryptor@{self.tenant}",
-            tenant=self.tenant,
+            sub=f"encryptor@{tenant}",
+            tenant=tenant,
             scopes=scopes,
             ttl_s=24 * 3600,
         )

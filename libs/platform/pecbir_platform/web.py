@@ -95,6 +95,10 @@ class RequestGuard:
         the encryptor also takes its PACS credentials. Default: `verify_bearer`.
     challenge
         The ``WWW-Authenticate`` value of a 401.
+    session_prefixes
+        Path prefixes whose routes authenticate the request themselves (the encryptor's web
+        pages: a session cookie and a CSRF token instead of a bearer header); their bodies
+        are capped at `max_body_bytes` like any other.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class RequestGuard:
         authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
         challenge: str = "Bearer",
         body_limits: Sequence[tuple[str, int]] = (),
+        session_prefixes: Collection[str] = (),
     ) -> None:
         self.app = app
         self.body_limits = tuple(body_limits)
@@ -119,6 +124,7 @@ class RequestGuard:
         self.max_body_bytes = max_body_bytes
         self.public_prefixes = tuple(public_prefixes)
         self.on_unauthenticated = on_unauthenticated
+        self.session_prefixes = tuple(session_prefixes)
 
     def _limit(self, path: str) -> int:
         """The largest body accepted on `path`."""
@@ -136,7 +142,8 @@ class RequestGuard:
             or path.startswith(self.public_prefixes)
         )
         headers = {name: value for name, value in scope.get("headers", [])}
-        if not public:
+        own_auth = bool(self.session_prefixes) and path.startswith(self.session_prefixes)
+        if not public and not own_auth:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             try:
                 if self.authenticate is not None:
@@ -244,6 +251,7 @@ def guard_requests(
     authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
     challenge: str = "Bearer",
     body_limits: Sequence[tuple[str, int]] = (),
+    session_prefixes: Collection[str] = (),
 ) -> None:
     """Install `RequestGuard` on `app` (add it before the observability middleware, so that
     refusals are counted and carry a request id).
@@ -254,7 +262,7 @@ def guard_requests(
         The application.
     secret, kind, max_body_bytes, public_prefixes, on_unauthenticated, authenticate, challenge
         As for `RequestGuard`.
-    body_limits
+    body_limits, session_prefixes
         As for `RequestGuard`.
     """
     app.add_middleware(
@@ -267,6 +275,7 @@ def guard_requests(
         authenticate=authenticate,
         challenge=challenge,
         body_limits=body_limits,
+        session_prefixes=session_prefixes,
     )
 
 

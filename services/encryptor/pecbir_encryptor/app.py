@@ -22,8 +22,11 @@ from pecbir_encryptor.deps import (
     build_encryptor,
 )
 from pecbir_encryptor.keyring import Keyring
+from pecbir_encryptor.peers import PeerKeys
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
+from pecbir_encryptor.web import UI_PREFIX
+from pecbir_encryptor.web import install as install_pages
 from pecbir_platform.config import settings_from_env
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import (
@@ -84,6 +87,8 @@ def create_app(
     app.state.encryptor = encryptor
     for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
+    # The radiologist's pages (/ui): their own sign-in (session cookie + CSRF token).
+    install_pages(app, peers=PeerKeys.from_settings(settings.peers, settings.gateway_timeout_s))
     guard_requests(
         app,
         secret=secret,
@@ -95,6 +100,7 @@ def create_app(
         challenge=CHALLENGE,
         # STOW-RS bodies are spooled to disk (routes.dicomweb): their own limit.
         body_limits=(("/dicomweb/", settings.max_stow_bytes),),
+        session_prefixes=(UI_PREFIX,),
     )
 
     document_api(app, security_schemes=SECURITY_SCHEMES)

@@ -1,4 +1,5 @@
-"""The encryptor's audit log: one JSON line per decryption, key release, refusal or STOW.
+"""The encryptor's audit log: one JSON line per upload, decryption, key release, refusal,
+STOW or page view.
 
 Each record is appended with O_APPEND and fsync'ed before the request is answered, so a
 crash cannot lose the trace of a key that was handed out; the file is created 0600. Requests
@@ -12,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 __all__ = ["AuditLog"]
@@ -88,3 +90,34 @@ class AuditLog:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def read(
+        self, *, actions: Collection[str] | None = None, last: int | None = None
+    ) -> list[dict]:
+        """The records written so far, oldest first (none when auditing is off).
+
+        Parameters
+        ----------
+        actions
+            Keep only records of these actions (all when None).
+        last
+            Keep only the newest `last` of them.
+
+        Returns
+        -------
+        list of dict
+            The records as written; a torn last line (a crash mid-write) is skipped.
+        """
+        if self.path is None or not self.path.exists():
+            return []
+        records = []
+        with self._lock:
+            lines = self.path.read_text().splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if actions is None or record.get("action") in actions:
+                records.append(record)
+        return records[-last:] if last else records

@@ -42,12 +42,19 @@ from pecbir_encryptor.pe_roi import RoiUpload, protect_roi
 from pecbir_encryptor.pending import PendingPairs
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
-from pecore.cipher import to_uint8
+from pecore.cipher import decrypt, to_uint8
 from pecore.cipher_roi import DEFAULT_ROI_SCHEME, RoiCipher, is_roi_scheme
 from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
 from pecore.owner_features import PatchModelFeaturizer
-from pecore.sealing import SealedIdentity, open_sealed, read_header, rewrap, unwrap_data_key
+from pecore.sealing import (
+    SealedIdentity,
+    open_sealed,
+    open_with_data_key,
+    read_header,
+    rewrap,
+    unwrap_data_key,
+)
 
 Mode = Literal["pe", "sealed", "pe-roi"]
 
@@ -393,7 +400,7 @@ class Encryptor:
             roi = self.protect_roi(
                 collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
             )
-            return self.gateway.upload(
+            answer = self.gateway.upload(
                 collection,
                 cipher_png=encode_png(roi.cipher),
                 mask_png=encode_png(roi.mask),
@@ -401,7 +408,7 @@ class Encryptor:
                 idempotency_key=idempotency_key,
                 blob=roi.blob,
             )
-        if mode == "sealed":
+        elif mode == "sealed":
             sealed = self.seal(
                 collection,
                 pixels,
@@ -412,22 +419,36 @@ class Encryptor:
                 train=train,
                 lossy=lossy,
             )
-            return self.gateway.upload_sealed(
+            answer = self.gateway.upload_sealed(
                 collection,
                 blob=sealed.blob,
                 fisher_npy=encode_vector_npy(sealed.fisher_vector),
                 metadata_json=sealed.metadata.model_dump_json(),
                 idempotency_key=idempotency_key,
             )
-        protected = self.protect(
-            pixels,
-            mask,
-            opaque_id=opaque_id,
-            label=label if train else None,
-            role=role,
+        else:
+            protected = self.protect(
+                pixels,
+                mask,
+                opaque_id=opaque_id,
+                label=label if train else None,
+                role=role,
+                collection=collection,
+            )
+            answer = self.upload(collection, protected, idempotency_key)
+        # The hospital's own list of what it stored (the web page's "stored studies"): the
+        # cloud keeps no list a hospital could read without trusting it.
+        self.audit.write(
+            action="upload",
+            outcome="stored",
             collection=collection,
+            image_id=answer.get("image_id"),
+            opaque_id=opaque_id,
+            mode=mode,
+            role=role,
+            label=label,
         )
-        return self.upload(collection, protected, idempotency_key)
+        return answer
 
     def publish_patch_model(
         self,
@@ -616,6 +637,71 @@ class Encryptor:
         if version is not None:
             return version.current
         return image_id_for(self._bound_tenant(None), collection, self.opaque_id_for(source_uid))
+
+    def open_released(
+        self, collection: str, image_id: str, owner: str, released: dict[str, object]
+    ) -> Opened:
+        """Another owner's stored image, opened with the key its owner released for it.
+
+        The owner's integrity tag needs the owner's master key, so it is checked there, before
+        the release (`release`); here the record must be bound to exactly this owner,
+        collection and id, the released key must be that image's, and its check value (pe)
+        or the AEAD (sealed) must hold.
+
+        Parameters
+        ----------
+        collection, image_id
+            The hit: the owner's collection and the cloud's image id.
+        owner
+            The owning hospital's tenant.
+        released
+            Its encryptor's key-release answer (``mode`` and ``key`` or ``data_key``).
+
+        Returns
+        -------
+        Opened
+            The plain image (pe: 8-bit; sealed: as the owner held it), mask and label.
+
+        Raises
+        ------
+        IntegrityError
+            The record, the key or the blob do not belong together.
+        GatewayError
+            The cloud refused or failed a read.
+        """
+        metadata = self.fetch_record(collection, image_id, owner)
+        _check_bound_id(owner, collection, image_id, metadata.opaque_id)
+        mode = "sealed" if isinstance(metadata, SealedImageMetadata) else "pe"
+        if released.get("mode") != mode:
+            raise IntegrityError(f"image {image_id} is {mode}; the released key is not")
+        if isinstance(metadata, SealedImageMetadata):
+            blob = self.gateway.sealed(collection, image_id, owner=owner)
+            identity = SealedIdentity(
+                tenant=owner, collection=collection, image_id=metadata.opaque_id
+            )
+            try:
+                data_key = base64.b64decode(str(released["data_key"]), validate=True)
+                contents = open_with_data_key(blob, data_key, identity)
+            except (KeyError, ValueError) as exc:
+                raise IntegrityError(f"sealed image {image_id} does not open: {exc}") from None
+            return Opened(contents.image, contents.mask, metadata, contents.metadata.get("label"))
+        cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
+        try:
+            key = ImageKey.model_validate(released["key"])
+        except (KeyError, ValueError) as exc:
+            raise IntegrityError(f"released key of {image_id} is unreadable: {exc}") from None
+        facts = metadata.key
+        if (
+            key.image_id != metadata.opaque_id
+            or key.n_pixels != cipher.size
+            or (key.counter, key.check) != (facts.counter, facts.check)
+        ):
+            raise IntegrityError(f"the released key is not the key of image {image_id}")
+        try:
+            plain = decrypt(cipher, key.stream(), facts.scheme)
+        except ValueError as exc:
+            raise IntegrityError(str(exc)) from None
+        return Opened(plain, mask, metadata, metadata.label)
 
     def search(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None

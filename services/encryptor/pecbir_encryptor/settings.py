@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pecore.cipher import Scheme
+
+
+class PeerEncryptor(BaseModel):
+    """Another hospital's encryptor, asked for the keys of its images among this one's hits."""
+
+    url: str = Field(description="Base URL of that hospital's encryptor")
+    token: SecretStr = Field(description="A user token of that encryptor (scope key-release)")
 
 
 class EncryptorSettings(BaseSettings):
@@ -77,6 +84,16 @@ class EncryptorSettings(BaseSettings):
     rate_limits: str = "key-release=2/20,decrypt=20/100,search=10/40,upload=20/200"
     rate_limits_url: str | None = None
     gateway_timeout_s: float = 60.0
+    # Other hospitals' encryptors (JSON: {"hospital-b": {"url": "...", "token": "..."}}): the
+    # keys of their images among this hospital's hits are asked of them (audited on both
+    # sides); a hit of an owner not listed, or one that refuses, is shown "not released".
+    peers: dict[str, PeerEncryptor] = {}
+    # What the web page (/ui) searches: this hospital's collections by name, shared ones of
+    # other hospitals as "owner/collection" (JSON list in the environment).
+    ui_collections: tuple[str, ...] = ("brain",)
+    # The page's session cookie Secure (sent over HTTPS only): None, when the page was loaded
+    # over HTTPS; set true behind a proxy that terminates TLS.
+    ui_secure_cookie: bool | None = None
 
     @field_validator("pe_roi_scheme")
     @classmethod

@@ -4,7 +4,8 @@ A hospital's encryptor encrypts N dataset images (per-image keys) and uploads th
 tumour masks; the cloud gateway stores them, the indexer trains a model version on the cipher
 templates and indexes every image, the search service answers k-NN queries for encrypted
 query images; the hits come back encrypted and only the encryptor decrypts them (after
-checking the owner's integrity tag). Prints mAP and P@10 and writes a montage PNG.
+checking the owner's integrity tag). Prints mAP and P@10 and writes a montage PNG; then, in a
+terminal, serves the radiologist's page on the demo data until Ctrl-C (--serve).
 
 Embedded mode: filesystem object store, in-process event bus, Celery in eager mode (tasks run
 inside the request that queued them), FastAPI apps reached in-process. `pecbir serve` runs
@@ -17,6 +18,7 @@ import argparse
 import io
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="run folder (default: a new results/runs/demo-<UTC time>; results/demo holds the "
         "committed reference run)",
+    )
+    parser.add_argument(
+        "--serve",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="then serve the radiologist's page (/ui) on the demo data until Ctrl-C: yes, no, "
+        "or auto = when run in a terminal (default %(default)s; scripts get 'no')",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8765, help="port of the page (default %(default)s; 0: any)"
     )
     parser.set_defaults(func=run)
 
@@ -205,37 +217,74 @@ def run(args: argparse.Namespace) -> int:
         p_at_10 = float(precision_at(relevant, min(10, relevant.shape[1])).mean())
 
         montage = _montage(system, dataset, queries, hits_of, image_ids, args)
-    timings["total_s"] = time.perf_counter() - started
-    summary = {
-        "source": source,
-        "n_database": len(database),
-        "n_queries": len(queries),
-        "query_fold": args.query_fold,
-        "params": params,
-        "scheme": "ours",
-        "key_mode": "per-image",
-        "mAP": round(mean_ap, 4),
-        "P@10": round(p_at_10, 4),
-        "feature_dim": manifest["feature_dim"],
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "mode": "embedded (filesystem store, in-process bus, Celery eager)",
-    }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print()
-    print("| images (db/query) | D | mAP | P@10 | total |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| {len(database)}/{len(queries)} | {args.n_components} | {mean_ap:.4f} | {p_at_10:.4f} "
-        f"| {timings['total_s']:.0f} s |"
-    )
-    print(f"wrote {args.out / 'summary.json'} and {montage}")
-    for what, folder in (("store", workdir / "store"), ("dataset cache", Path("cache"))):
-        if folder.exists():
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            print(f"{what}: {folder.resolve()} ({size / 2**20:.1f} MiB)")
-    if source == "figshare" and len(database) < 2000:
-        print("note: a subset with a small D and patch sample; the paper's figures use all 3064.")
+        timings["total_s"] = time.perf_counter() - started
+        summary = {
+            "source": source,
+            "n_database": len(database),
+            "n_queries": len(queries),
+            "query_fold": args.query_fold,
+            "params": params,
+            "scheme": "ours",
+            "key_mode": "per-image",
+            "mAP": round(mean_ap, 4),
+            "P@10": round(p_at_10, 4),
+            "feature_dim": manifest["feature_dim"],
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "mode": "embedded (filesystem store, in-process bus, Celery eager)",
+        }
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print()
+        print("| images (db/query) | D | mAP | P@10 | total |")
+        print("|---|---|---|---|---|")
+        print(
+            f"| {len(database)}/{len(queries)} | {args.n_components} | {mean_ap:.4f} "
+            f"| {p_at_10:.4f} | {timings['total_s']:.0f} s |"
+        )
+        print(f"wrote {args.out / 'summary.json'} and {montage}")
+        for what, folder in (("store", workdir / "store"), ("dataset cache", Path("cache"))):
+            if folder.exists():
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                print(f"{what}: {folder.resolve()} ({size / 2**20:.1f} MiB)")
+        if source == "figshare" and len(database) < 2000:
+            print(
+                "note: a subset with a small D and patch sample; the paper's figures use all 3064."
+            )
+        if _should_serve(args.serve):
+            _serve_page(system, args.port)
     return 0
+
+
+def _should_serve(choice: str) -> bool:
+    """`--serve`: auto serves when a person runs the demo in a terminal, never in a script."""
+    if choice == "auto":
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    return choice == "yes"
+
+
+def _serve_page(system, port: int) -> None:
+    """The radiologist's page of the demo's encryptor on loopback, until Ctrl-C."""
+    from pecbir_harness.http import serve_in_thread
+
+    with serve_in_thread(system.encryptor_app, port=port) as url:
+        print(
+            f"""
+The radiologist's view of these {system.tenant} images (loopback only):
+
+    {url}/ui/
+
+Sign in with this demo user token (12 h; made for this run only):
+
+    {system.user_token()}
+
+Pick a stored study (or upload a slice and its mask) and press "Find similar cases".
+Ctrl-C stops the page (`pecbir demo --serve no` runs without it).""",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\npage stopped")
 
 
 def _montage(system, dataset, queries, hits_of, image_ids, args) -> Path:
