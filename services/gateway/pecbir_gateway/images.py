@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Annotated
@@ -46,7 +47,7 @@ from pecbir_contracts.schemas import (
     UploadStatus,
     parse_stored_record,
 )
-from pecbir_contracts.store import ObjectNotFound
+from pecbir_contracts.store import ObjectNotFound, UnsupportedStore
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE
 from pecbir_gateway.deps import (
     Access,
@@ -57,6 +58,7 @@ from pecbir_gateway.deps import (
     authorise,
 )
 from pecbir_gateway.dispatch import DispatchError
+from pecbir_platform.store import list_modified
 from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
@@ -344,9 +346,24 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
         pass
     version = current_version(ctx, layout)
     if version is None:
-        return UploadStatus(**base, state="awaiting_model", detail="no model trained yet")
+        waited = _waiting_s(ctx, layout, image_id, with_model=False)
+        return UploadStatus(
+            **base,
+            state="awaiting_model",
+            detail="no model trained yet: indexed once the collection's first model is",
+            waiting_s=waited,
+        )
     if not ctx.store.exists(layout.features(version, image_id)):
-        return UploadStatus(**base, state="stored", model_version=version)
+        waited = _waiting_s(ctx, layout, image_id, with_model=True)
+        return UploadStatus(
+            **base,
+            state="stored",
+            model_version=version,
+            detail=f"waiting for an indexer worker to index it with {version}; work waiting "
+            "longer than the indexer's redelivery bound (a worker lost mid-task) is queued "
+            "again by its reconciler",
+            waiting_s=waited,
+        )
     try:
         held = ctx.search.get(
             SEARCH_IMAGE.format(collection=layout.collection, image_id=image_id),
@@ -360,6 +377,20 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     return UploadStatus(
         **base, state="searchable" if searchable else "indexed", model_version=version
     )
+
+
+def _waiting_s(
+    ctx: GatewayContext, layout: CollectionLayout, image_id: str, *, with_model: bool
+) -> float | None:
+    """Seconds since the image was stored, or since its model became current if later."""
+    try:
+        times = list_modified(ctx.store, layout.image_prefix(image_id))
+        since = times.get(layout.meta(image_id))
+        if with_model:
+            since = max([since or 0.0, *list_modified(ctx.store, layout.current_model).values()])
+    except UnsupportedStore:
+        return None
+    return None if since is None else round(max(0.0, time.time() - since), 1)
 
 
 @router.get(GATEWAY_IMAGE, response_model=ImageMetadata | SealedImageMetadata)
