@@ -21,7 +21,7 @@ from pecbir_contracts.layout import idempotency_record_key
 from pecbir_contracts.records import FeatureRecord
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_TRAIN_MODEL
 from pecbir_indexer import work
-from pecbir_indexer.recovery import RedisLeases, sweep, train_lease
+from pecbir_indexer.recovery import InFlight, RedisLeases, requeue_stale, sweep, train_lease
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.bus import InMemoryBus
 from pecbir_search.engine import SearchEngine
@@ -109,6 +109,38 @@ def test_index_work_waiting_longer_than_the_bound_is_queued_again_once(
     assert sent == []
     text = _metrics()
     assert 'pecbir_reconciler_requeued_total{task="pecbir.index.image"}' in text
+
+
+def test_a_task_whose_heartbeat_stopped_is_queued_again_once_per_bound(leases):
+    in_flight = InFlight(leases.redis)
+    now = time.time()
+    killed = (TASK_INDEX_IMAGE, ["hosp-a", "brain", "0" * 32])
+    alive = (TASK_INDEX_IMAGE, ["hosp-a", "brain", "1" * 32])
+    in_flight.beat(*killed, now=now - BOUND - 1)  # its worker was killed a bound ago
+    in_flight.beat(*alive, now=now - 1)
+    sent = Sent()
+    assert requeue_stale(in_flight, sent, BOUND, now) == [killed]
+    assert sent == [(killed[0], tuple(killed[1]))]
+    sent.clear()
+    assert requeue_stale(in_flight, sent, BOUND, now + 1) == []  # the copy has a bound to start
+    # A task that ends is no longer watched; one whose retry is scheduled stays watched.
+    with in_flight.running(*alive, every_s=0.05):
+        time.sleep(0.2)
+    kept = (TASK_TRAIN_MODEL, ["hosp-a", "brain", "v0002"])
+    with in_flight.running(*kept, every_s=0.05) as watch:
+        watch.keep = True
+    assert in_flight.stale(-1.0) == [killed, kept]  # every member, oldest first
+    text = _metrics()
+    assert 'pecbir_reconciler_requeued_total{task="pecbir.index.image"}' in text
+    # A task that kills every worker it runs on is dead-lettered, not queued for ever.
+    given_up = []
+    for _ in range(2):  # queued again once before: twice more is one too many
+        in_flight.beat(*killed, now=now - BOUND - 1)
+        requeue_stale(
+            in_flight, sent, BOUND, now, max_requeues=2, give_up=lambda *a: given_up.append(a)
+        )
+    assert len(given_up) == 1 and given_up[0][:2] == killed
+    assert killed not in in_flight.stale(-1.0)
 
 
 def test_training_is_queued_again_only_when_nobody_holds_its_lease(

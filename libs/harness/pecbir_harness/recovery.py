@@ -95,6 +95,7 @@ class RecoveryConfig:
     # The recovery settings (recovery_env): kept short so that a loop ends in minutes.
     redelivery_bound_s: float = 10.0
     reconcile_interval_s: float = 2.0
+    janitor_interval_s: float = 4.0
     train_lease_s: float = 6.0
     debris_grace_s: float = 5.0
     # Above every task: only the reconciler brings a killed worker's index work back in time.
@@ -119,6 +120,7 @@ def recovery_env(cfg: RecoveryConfig, delay_file: Path, train_delay_file: Path) 
     return {
         "PECBIR_VISIBILITY_TIMEOUT_S": str(cfg.visibility_timeout_s),
         "PECBIR_RECONCILE_INTERVAL_S": str(cfg.reconcile_interval_s),
+        "PECBIR_JANITOR_INTERVAL_S": str(cfg.janitor_interval_s),
         "PECBIR_REDELIVERY_BOUND_S": str(cfg.redelivery_bound_s),
         "PECBIR_TRAIN_LEASE_S": str(cfg.train_lease_s),
         "PECBIR_DEBRIS_GRACE_S": str(cfg.debris_grace_s),
@@ -462,7 +464,7 @@ class _Loop:
         stop_watch.set()
         watcher.join(5)
         # The janitor's grace period and two sweeps after the last write.
-        time.sleep(self.cfg.debris_grace_s + 3 * self.cfg.reconcile_interval_s)
+        time.sleep(self.cfg.debris_grace_s + 2 * self.cfg.janitor_interval_s)
         return self.report(started, seeded, quiet_from, all_searchable)
 
     def report(self, started: float, seeded: float, quiet_from: float, settled: bool) -> dict:

@@ -2,32 +2,39 @@
 
 A worker killed mid-task (OOM, node loss, kill -9) leaves its message unacknowledged in Redis
 until the visibility timeout, which must stay above the longest task (training) or that task
-runs twice. So index work does not wait for it: a `sweep` finds every complete image still
-lacking features of its collection's current model longer than `redelivery_bound_s` and
-queues its index task again. Indexing is idempotent (the feature record is written once, the
-search service upserts by image id), so the late redelivery of the original message only
-finds the record and publishes the same vector again.
+runs twice. So work does not wait for it:
 
-Training is not queued again while its lease (`train_lease`, renewed by the running task) is
-held: a version is never trained twice at once. A training killed mid-way loses its lease
-`train_lease_s` later; the next sweep after `redelivery_bound_s` queues it again.
+- Every running task keeps a heartbeat in the Redis sorted set `IN_FLIGHT_KEY` (member: the
+  task name and arguments; score: the last beat), renewed every quarter of
+  `redelivery_bound_s` and removed when the task ends. A task whose beat is older than the
+  bound lost its worker; `requeue_stale` queues it again. That costs one range query per
+  pass, whatever the size of the store. Training is queued again too, but never runs twice at
+  once: the task itself holds `train_lease` while it trains and skips a version whose lease
+  someone holds (a late redelivery finds the manifest and only publishes again).
+- Less often (`janitor_interval_s`), `sweep` lists the store: every complete image still
+  lacking features of its collection's current model longer than `redelivery_bound_s` is
+  queued again (what no heartbeat covers: an upload answered "stored, not queued"), so is a
+  requested version nobody trains; and it removes crash debris older than `debris_grace_s`:
+  objects of an image whose `meta.json` (the commit marker, written last) never came — a
+  gateway killed mid-upload — and the filesystem store's temporary files of writes that never
+  finished. A complete image, or an upload whose newest object is younger than the grace
+  period, is never touched.
 
-The janitor part removes crash debris older than `debris_grace_s`: objects of an image whose
-`meta.json` (the commit marker, written last) never came — a gateway killed mid-upload — and
-the filesystem store's temporary files of writes that never finished. A complete image, or an
-upload whose newest object is younger than the grace period, is never touched.
-
-One worker of the cluster sweeps per interval (`RedisLeases.claim` of `RECONCILER_LEASE`);
+Indexing is idempotent (the feature record is written once, the search service upserts by
+image id), so a task queued again while its original is late only finds the record and
+publishes the same vector again. One worker of the cluster runs each pass (a Redis lease);
 `Reconciler` runs the loop in a thread of each worker's main process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +48,15 @@ from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.store import list_modified
 
 __all__ = [
+    "IN_FLIGHT_KEY",
+    "JANITOR_LEASE",
     "RECONCILER_LEASE",
+    "InFlight",
     "Reconciler",
     "RedisLeases",
     "SweepReport",
+    "Watch",
+    "requeue_stale",
     "sweep",
     "train_lease",
 ]
@@ -52,6 +64,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECONCILER_LEASE = "pecbir:lease:reconciler"
+JANITOR_LEASE = "pecbir:lease:janitor"
+IN_FLIGHT_KEY = "pecbir:in-flight"
 _REQUEUED_PREFIX = "pecbir:requeued:"
 
 REQUEUED = Counter(
@@ -65,6 +79,8 @@ REMOVED = Counter(
     ["kind"],
 )
 SWEEPS = Counter("pecbir_reconciler_sweeps", "Reconciler passes, by outcome", ["outcome"])
+
+Send = Callable[[str, Sequence[object]], None]
 
 _COLLECTION_KEY = re.compile(
     rf"^{TENANTS_PREFIX}(?P<tenant>[^/]+)/collections/(?P<collection>[^/]+)/"
@@ -91,6 +107,140 @@ class RedisLeases:
         return bool(self.redis.exists(name))
 
 
+class InFlight:
+    """Heartbeats of running tasks in a Redis sorted set (module docstring).
+
+    Parameters
+    ----------
+    client
+        A `redis.Redis` client.
+    key
+        The sorted set's key.
+    """
+
+    def __init__(self, client: Any, key: str = IN_FLIGHT_KEY) -> None:
+        self.redis = client
+        self.key = key
+
+    @staticmethod
+    def member(task_name: str, args: Sequence[object]) -> str:
+        """The set member of a task: its name and arguments, as JSON."""
+        return json.dumps([task_name, list(args)], separators=(",", ":"))
+
+    def beat(self, task_name: str, args: Sequence[object], now: float | None = None) -> None:
+        """Record that the task runs now."""
+        now = time.time() if now is None else now
+        self.redis.zadd(self.key, {self.member(task_name, args): now})
+
+    def done(self, task_name: str, args: Sequence[object]) -> None:
+        """The task ended (done, failed for good, or handed back): no heartbeat to watch."""
+        member = self.member(task_name, args)
+        self.redis.pipeline().zrem(self.key, member).delete(self.requeue_counter(member)).execute()
+
+    @staticmethod
+    def requeue_counter(member: str) -> str:
+        """The key counting how often the task `member` was queued again (lost its worker)."""
+        return f"{_REQUEUED_PREFIX}count:{member}"
+
+    def stale(self, older_than_s: float, now: float | None = None) -> list[tuple[str, list]]:
+        """Tasks whose last beat is older than `older_than_s` seconds."""
+        now = time.time() if now is None else now
+        found = self.redis.zrangebyscore(self.key, "-inf", now - older_than_s)
+        return [tuple(json.loads(member)) for member in found]  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def running(self, task_name: str, args: Sequence[object], every_s: float) -> Iterator[Watch]:
+        """Beat every `every_s` seconds while the block runs, then mark the task done unless
+        the block set `keep` on the yielded `Watch` (a retry is scheduled: the entry stays
+        and goes stale, so the task is queued again, unless the retry runs and beats)."""
+        stop = threading.Event()
+        watch = Watch()
+
+        def keep_beating() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.beat(task_name, args)
+                except Exception as exc:  # Redis down a moment: the next beat tries again
+                    log.debug("heartbeat of %s failed: %s", task_name, exc)
+
+        self.beat(task_name, args)
+        beater = threading.Thread(target=keep_beating, name="pecbir-heartbeat", daemon=True)
+        beater.start()
+        try:
+            yield watch
+        finally:
+            stop.set()
+            beater.join(5)
+            if not watch.keep:
+                with contextlib.suppress(Exception):  # Redis down: it goes stale, harmless
+                    self.done(task_name, args)
+
+
+@dataclass
+class Watch:
+    """A running task's heartbeat; `keep` = leave its entry when the task returns."""
+
+    keep: bool = False
+
+
+def requeue_stale(
+    in_flight: InFlight,
+    send: Send,
+    older_than_s: float,
+    now: float | None = None,
+    *,
+    max_requeues: int = 8,
+    give_up: Callable[[str, list, str], None] | None = None,
+) -> list[tuple[str, list]]:
+    """Queue again every task whose heartbeat is older than `older_than_s` seconds.
+
+    Parameters
+    ----------
+    in_flight
+        The heartbeats.
+    send
+        Queues a task: ``send(task_name, args)``.
+    older_than_s
+        How old a last beat means "its worker is gone" (`redelivery_bound_s`).
+    now
+        The time to judge against (epoch seconds); the clock when None.
+    max_requeues
+        A task that lost its worker more often than this (one that kills every worker it
+        runs on: out of memory) is not queued again but handed to `give_up`.
+    give_up
+        ``give_up(task_name, args, reason)``: dead-letter it (None: only log).
+
+    Returns
+    -------
+    list of (str, list)
+        The tasks queued again (each gets a fresh beat: queued once per bound at most).
+    """
+    now = time.time() if now is None else now
+    requeued = []
+    for task_name, args in in_flight.stale(older_than_s, now):
+        member = in_flight.member(task_name, args)
+        counter = in_flight.requeue_counter(member)
+        count, _ = in_flight.redis.pipeline().incr(counter).expire(counter, 7 * 86400).execute()
+        if int(count) > max_requeues:
+            in_flight.done(task_name, args)
+            reason = f"lost its worker {int(count)} times (killed each time?)"
+            log.error("reconciler: %s %s %s: dead-lettered", task_name, member[:200], reason)
+            if give_up is not None:
+                give_up(task_name, args, reason)
+            continue
+        send(task_name, args)
+        in_flight.beat(task_name, args, now)  # the copy now has a bound's time to start
+        REQUEUED.labels(task_name).inc()
+        requeued.append((task_name, args))
+        log.warning(
+            "reconciler: %s %s lost its heartbeat (> %.0f s): queued again",
+            task_name,
+            json.dumps(args)[:200],
+            older_than_s,
+        )
+    return requeued
+
+
 @dataclass
 class SweepReport:
     """What one pass found and did."""
@@ -100,9 +250,6 @@ class SweepReport:
     waiting_images: int = 0
     removed_image_objects: list[str] = field(default_factory=list)
     removed_temp_files: list[str] = field(default_factory=list)
-
-
-Send = Callable[[str, Sequence[object]], None]
 
 
 def sweep(
@@ -279,47 +426,69 @@ def _requeue_training(
 
 
 class Reconciler:
-    """The sweep loop, in a daemon thread: one pass per interval in the whole cluster.
+    """The recovery loop, in a daemon thread: each interval one worker of the cluster queues
+    stale tasks again; each janitor interval one of them also sweeps the store.
 
     Parameters
     ----------
     settings
-        `reconcile_interval_s` and the bounds of `sweep`.
+        `reconcile_interval_s`, `janitor_interval_s` and the bounds of `sweep`.
     store
         The object store.
     send
         Queues a task by name.
     leases
-        Redis leases (also elects the worker that sweeps this interval).
+        Redis leases (also elect the worker that runs a pass).
+    in_flight
+        The running tasks' heartbeats.
+    give_up
+        Dead-letters a task that lost its worker too often (see `requeue_stale`).
     """
 
     def __init__(
-        self, settings: IndexerSettings, store: ObjectStore, send: Send, leases: RedisLeases
+        self,
+        settings: IndexerSettings,
+        store: ObjectStore,
+        send: Send,
+        leases: RedisLeases,
+        in_flight: InFlight,
+        give_up: Callable[[str, list, str], None] | None = None,
     ) -> None:
+        self.give_up = give_up
         self.settings = settings
         self.store = store
         self.send = send
         self.leases = leases
+        self.in_flight = in_flight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> SweepReport | None:
-        """One pass if no other worker swept this interval; None when another did."""
-        interval = self.settings.reconcile_interval_s
-        if not self.leases.claim(RECONCILER_LEASE, interval * 0.9):
+        """One pass if no other worker ran this interval's; the sweep's report when this
+        pass also swept the store, else None."""
+        settings = self.settings
+        if not self.leases.claim(RECONCILER_LEASE, settings.reconcile_interval_s * 0.9):
             return None
-        return sweep(self.store, self.send, self.leases, self.settings)
+        requeue_stale(
+            self.in_flight,
+            self.send,
+            settings.redelivery_bound_s,
+            max_requeues=settings.max_deliveries,
+            give_up=self.give_up,
+        )
+        if not self.leases.claim(JANITOR_LEASE, settings.janitor_interval_s * 0.9):
+            return None
+        return sweep(self.store, self.send, self.leases, settings)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval_s):
             try:
-                report = self.run_once()
+                self.run_once()
             except Exception as exc:  # Redis or the store down: the next pass tries again
                 SWEEPS.labels("error").inc()
                 log.warning("reconciler pass failed: %s", exc)
                 continue
-            if report is not None:
-                SWEEPS.labels("done").inc()
+            SWEEPS.labels("done").inc()
 
     def start(self) -> None:
         """Start the loop (a daemon thread; `stop` ends it)."""

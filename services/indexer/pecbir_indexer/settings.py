@@ -35,14 +35,16 @@ class IndexerSettings(StoreSettings):
     # A lost worker's unacknowledged message is handed out again after this many seconds
     # (Redis transport). Keep it above the longest task (training) or a slow task runs twice.
     visibility_timeout_s: int = 3600
-    # Recovery (pecbir_indexer.recovery, issue 15). Every `reconcile_interval_s` one worker of
-    # the cluster (a Redis lease) re-queues index work waiting longer than
-    # `redelivery_bound_s` — a message lost with a worker killed mid-task sits unacknowledged
-    # until `visibility_timeout_s` — and training whose lease expired; and removes crash
-    # debris (incomplete image folders, temporary files) older than `debris_grace_s`.
-    # 0 turns the reconciler off.
+    # Recovery (pecbir_indexer.recovery, issue 15). Every running task beats every quarter
+    # of `redelivery_bound_s`; every `reconcile_interval_s` one worker of the cluster (a Redis
+    # lease) queues again the tasks whose beat is older than the bound (their worker was
+    # killed: their message sits unacknowledged until `visibility_timeout_s`). Every
+    # `janitor_interval_s` it also lists the store: images waiting longer than the bound and
+    # untrained versions are queued again, crash debris (incomplete image folders, temporary
+    # files) older than `debris_grace_s` removed. 0 turns the reconciler off.
     reconcile_interval_s: float = 15.0
     redelivery_bound_s: float = 60.0
+    janitor_interval_s: float = 600.0
     debris_grace_s: float = 900.0
     # At most this many index tasks re-queued per pass (a slow re-index is not flooded).
     reconcile_max_requeue: int = 1000

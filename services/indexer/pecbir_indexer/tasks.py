@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
 from pecbir_contracts.layout import CollectionLayout
@@ -33,7 +33,7 @@ from pecbir_contracts.tasks import (
 )
 from pecbir_indexer import batch, work
 from pecbir_indexer.celery import app, settings
-from pecbir_indexer.recovery import train_lease
+from pecbir_indexer.recovery import InFlight, train_lease
 from pecbir_indexer.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,16 @@ def dead_letter(task_name: str, task_id: str, args: list[Any], reason: str) -> N
     log.error("dead-lettered %s %s: %s", task_name, task_id, reason)
 
 
+@cache
+def _lease_redis() -> Any:
+    return redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+
+
+@cache
+def _in_flight() -> InFlight:
+    return InFlight(_lease_redis())
+
+
 class IndexerTask(Task):
     """Retry storage errors with backoff; dead-letter everything that fails for good."""
 
@@ -82,7 +92,17 @@ class IndexerTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._run_counted(*args, **kwargs)
+            if self.request.is_eager or not self.request.id or settings.reconcile_interval_s <= 0:
+                return self._run_counted(*args, **kwargs)
+            # A heartbeat while it runs: if this worker is killed, the reconciler queues the
+            # task again `redelivery_bound_s` later instead of the visibility timeout's hour.
+            every = settings.redelivery_bound_s / 4
+            with _in_flight().running(self.name, args, every) as watch:
+                try:
+                    return self._run_counted(*args, **kwargs)
+                except Retry:
+                    watch.keep = True  # the retry is due later; watched until it runs
+                    raise
         except BROKER_DOWN as exc:
             # Redis (broker and event stream) went away mid-task: not the message's fault, so
             # no dead letter. Hand it back: requeued if Redis is back by now, else it stays
@@ -148,11 +168,6 @@ def index_batch(tenant: str, collection: str, version: str, image_ids: list[str]
         # One bad image must not block its batch: record it, go on.
         dead_letter(TASK_INDEX_IMAGE, f"batch:{image_id}", [tenant, collection, image_id], reason)
     return len(outcome.indexed) + len(outcome.already_indexed)
-
-
-@cache
-def _lease_redis() -> Any:
-    return redis.Redis.from_url(settings.broker_url, socket_timeout=5)
 
 
 @contextlib.contextmanager
