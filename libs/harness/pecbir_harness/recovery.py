@@ -47,6 +47,7 @@ from pecbir_harness.workload import percentile
 
 __all__ = [
     "FAULT_KINDS",
+    "NOT_INJECTED",
     "RecoveryConfig",
     "as_dict",
     "checks",
@@ -65,6 +66,8 @@ FAULT_KINDS = (
     "store",
     "search_while_redis_down",
 )
+# The start of a fault's description when it could not be injected (not counted).
+NOT_INJECTED = "not injected"
 MODEL = {
     "n_components": 4,
     "n_regions": 2,
@@ -333,7 +336,8 @@ class _Loop:
         delay_file.write_text("60")
         try:
             trigger()
-            deadline = time.monotonic() + 30
+            # Behind a backlog the task may start late: wait as long as a settle.
+            deadline = time.monotonic() + self.cfg.settle_timeout_s
             while time.monotonic() < deadline:
                 now = self._hook_lines(hook)
                 held = [i for i, (a, b) in enumerate(zip(before, now, strict=True)) if b > a]
@@ -341,7 +345,7 @@ class _Loop:
                     break
                 time.sleep(0.1)
             else:
-                return "no task was held in 30 s: nothing killed"
+                return f"{NOT_INJECTED}: no task started in {self.cfg.settle_timeout_s:.0f} s"
         finally:
             delay_file.unlink(missing_ok=True)
         index = held[0]
@@ -412,7 +416,7 @@ class _Loop:
                 try:
                     what = self.inject(kind)
                 except Exception as exc:  # the report says so; the loop goes on
-                    what = f"fault failed: {type(exc).__name__}: {exc}"
+                    what = f"{NOT_INJECTED}: {type(exc).__name__}: {exc}"
                 self.last_fault_end = time.time()
                 self.faults.append(
                     {"kind": kind, "at": started, "s": self.last_fault_end - started, "what": what}
@@ -518,7 +522,19 @@ class _Loop:
             "debris": len(debris),
             "debris_ids": debris[:20],
             "faults": self.faults,
-            "n_faults": len(self.faults),
+            "n_faults": sum(not f["what"].startswith(NOT_INJECTED) for f in self.faults),
+            # Per acknowledged upload: (acknowledged, searchable) in seconds from the loop's
+            # start (searchable None: never), and the faults' starts on the same clock.
+            "timeline": {
+                "uploads": [
+                    [
+                        round(u.acked_at - started, 2),
+                        round(u.searchable_at - started, 2) if u.searchable_at else None,
+                    ]
+                    for u in acked
+                ],
+                "faults": [round(f["at"] - started, 2) for f in self.faults],
+            },
             "ack_to_searchable_s": {
                 "n": len(delays),
                 "p50": percentile(delays, 50) if delays else None,
