@@ -33,3 +33,23 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
     assert main([*argv, "--limit-gib", "8", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert all(r["outcome"] == "fitted" and r["peak_rss_bytes"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
+    pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    crops, out = tmp_path / "crops.npz", tmp_path / "index.json"
+    assert main(["bench-gpu", "--synthetic", "24", "--export-crops", str(crops)]) == 0
+    argv = ["bench-index", "--crops", str(crops), "--size", "2", "--train-images", "24"]
+    argv += ["--n-train-patches", "2000", "--images", "6,10", "--feature-images", "4"]
+    argv += ["--distinct", "4", "--cpu-images", "3", "--batch-size", "4", "--device", "cpu"]
+    argv += ["--discard-features"] if discard else []
+    assert main([*argv, "--store", str(tmp_path / "store"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    # every id indexed once, hard-linked ids included; records written or counted, not both
+    assert [(r["images"], r["indexed"]) for r in report["whole_task"]] == [(6, 6), (10, 10)]
+    features = list((tmp_path / "store").rglob("features/*/*.npz"))
+    assert (report["feature_record_bytes_discarded"] > 0) == discard
+    # the CPU reference (a warm-up image + 3 timed) always writes its records
+    assert len(features) == (4 if discard else 6 + 10 + 4)
+    assert report["cpu_whole_task_one_process"]["images"] == 3

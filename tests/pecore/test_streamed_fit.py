@@ -64,6 +64,49 @@ def test_cfml_from_chunks_on_a_torch_device():
     assert _close(whole.components_, streamed.components_)
 
 
+def _same_up_to_sign(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+    signs = np.sign(np.sum(a * b, axis=0))
+    return _close(a, b * signs, rtol)
+
+
+def _ranked_data(n: int, features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    X = rng.standard_normal((n, features)) + 1.5 * np.eye(features)[labels * 5]
+    return X, labels
+
+
+def test_rank_capped_fit_is_exact_where_the_cap_spans_the_data():
+    # 200 samples in 50 dimensions: rank 50 ≤ max_rank, so the randomised basis spans the
+    # data and the subspace solve must give the exact metric (W up to each column's sign)
+    X, labels = _ranked_data(200, 50, seed=6)
+    whole = CFML(n_components=4).fit(X, labels)
+    capped = CFML(n_components=4, max_rank=60).fit_chunks(np.split(X, [70, 150]), labels)
+    assert capped.rank_ == whole.rank_ == 50
+    assert _close(whole.eigenvalues_, capped.eigenvalues_, 1e-8)
+    assert _same_up_to_sign(whole.components_, capped.components_, 1e-7)
+
+
+def test_rank_capped_fit_below_the_data_rank_is_bounded_by_the_exact_one():
+    # in a k-dimensional subspace the generalised eigenvalues interlace: none can exceed the
+    # exact fit's (Cauchy); the capped W still projects onto n_components dimensions
+    X, labels = _ranked_data(300, 120, seed=7)
+    whole = CFML(n_components=5).fit(X, labels)
+    capped = CFML(n_components=5, max_rank=40).fit_chunks([X[:100], X[100:]], labels)
+    assert capped.rank_ == 40 and capped.components_.shape == (120, 5)
+    assert np.all(capped.eigenvalues_ <= whole.eigenvalues_ * (1 + 1e-9))
+    assert capped.eigenvalues_[0] > 0.5 * whole.eigenvalues_[0]  # the class directions survive
+
+
+def test_rank_capped_fit_on_a_torch_device_equals_numpy():
+    pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    X, labels = _ranked_data(200, 50, seed=8)
+    X = X.astype(np.float32)
+    numpy_fit = CFML(n_components=3, max_rank=60).fit_chunks([X[:90], X[90:]], labels)
+    torch_fit = CFML(n_components=3, max_rank=60).fit_chunks([X[:90], X[90:]], labels, device="cpu")
+    assert _same_up_to_sign(numpy_fit.components_, torch_fit.components_, 1e-4)
+
+
 def test_patch_model_from_lazy_sequences_is_identical():
     data = make_synthetic(n_images=24, size=48, seed=2)
     images, masks = LazyStack(data.images), LazyStack(data.masks)

@@ -74,6 +74,10 @@ def test_reindex_runs_as_gpu_batches_and_a_killed_batch_is_redone_exactly_once(c
         second = _train(cluster)
         _poll(lambda: "test hook: index_batch sleeps" in log.read_text(), "batch started", 150)
         assert len(_features(cluster, second)) < 12
+        # the model status shows the stalled re-index: its plan's total, what is done
+        progress = _model(cluster)["reindex"]
+        assert (progress["version"], progress["total"]) == (second, 12)
+        assert progress["done"] < 12
         cluster.kill_worker()
     finally:
         cluster.delay_file.unlink()
@@ -85,3 +89,6 @@ def test_reindex_runs_as_gpu_batches_and_a_killed_batch_is_redone_exactly_once(c
         lambda: _model(cluster)["serving_version"] == second and _model(cluster)["n_vectors"] == 12,
         "search serves the new version",
     )
+    final = _model(cluster)["reindex"]
+    assert (final["version"], final["done"], final["total"]) == (second, 12, 12)
+    assert final["eta_seconds"] == 0 and final["images_per_s"] > 0

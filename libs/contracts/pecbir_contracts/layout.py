@@ -191,6 +191,10 @@ class CollectionLayout:
     def train_request(self, version: str) -> str:
         return f"{self.models_prefix}{check_version(version)}/request.json"
 
+    def reindex_plan(self, version: str) -> str:
+        """What the re-index of `version` set out to do (`schemas.ReindexPlan`)."""
+        return f"{self.models_prefix}{check_version(version)}/reindex.json"
+
     def model_failure(self, version: str) -> str:
         return f"{self.models_prefix}{check_version(version)}/failure.json"
 

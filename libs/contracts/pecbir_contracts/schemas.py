@@ -24,6 +24,8 @@ __all__ = [
     "ModelStatus",
     "OpaqueId",
     "ProtectionMode",
+    "ReindexPlan",
+    "ReindexProgress",
     "RescaleInfo",
     "Scheme",
     "SealedImageMetadata",
@@ -247,6 +249,27 @@ class ModelManifest(BaseModel):
     feature_backend: str = "numpy"
 
 
+class ReindexPlan(BaseModel):
+    """Written once by the re-index fan-out (a redelivered fan-out keeps the first one)."""
+
+    version: str
+    total: int = Field(ge=0)  # the collection's images when the fan-out ran
+    batches: int = Field(ge=0)
+    started_at: float
+
+
+class ReindexProgress(BaseModel):
+    """How far the re-index of the version being indexed is: vectors the search service holds
+    for it against the plan's total, the rate since the fan-out and the time left at that rate."""
+
+    version: str
+    done: int
+    total: int
+    started_at: float
+    images_per_s: float | None = None
+    eta_seconds: float | None = None
+
+
 class ModelStatus(BaseModel):
     collection: str
     owner: str
@@ -257,6 +280,7 @@ class ModelStatus(BaseModel):
     pending_version: str | None = None
     pending_vectors: int = 0
     n_images: int | None = None
+    reindex: ReindexProgress | None = None
 
 
 class TrainAccepted(BaseModel):

@@ -12,6 +12,15 @@ U is obtained from the n×n Gram matrix of the centred data, so nothing F×F is 
 two at a time (a store, memory-mapped files): the Gram matrix is assembled block by block and W
 accumulated chunk by chunk, so memory grows with n² (the Gram) and one chunk, never with n·F
 (issue 17: consortium-scale training).
+
+At consortium scale even the n×n Gram is too much (n = 10⁵: 80 GB, and its eigendecomposition
+O(n³)). With `max_rank = k` and more than k + 1 templates, `fit_chunks` solves the same problem
+in the k leading principal directions of the centred data instead of their whole span: a
+randomised range finder (Halko, Martinsson & Tropp 2011, with power iterations) over the
+chunks gives an orthonormal F×k basis V, the samples' exact coordinates Z = X_c V follow in one
+more pass, and CFML is solved on Z (k×k). Memory grows with n·k and F·k, never n² or n·F.
+Where the data's rank is at most k the basis spans the data and the fit is the exact one; below
+that it is an approximation whose retrieval cost is measured (`pecbir bench-training`).
 """
 
 from __future__ import annotations
@@ -88,6 +97,14 @@ class CFML(BaseEstimator):
         the basis of its span.
     copy : bool, default=True
         False lets `fit` centre a float32/float64 X in place (saves one n×F copy).
+    max_rank : int or None, default=None
+        `fit_chunks` only: with more than ``max_rank + 1`` samples, solve in the `max_rank`
+        leading principal directions (randomised, see the module doc) instead of the n×n Gram.
+        None: always the exact Gram solve.
+    power_iterations : int, default=2
+        Power iterations of the randomised range finder (`max_rank` only).
+    random_state : int, default=0
+        Seed of the range finder's test matrix (`max_rank` only).
 
     Attributes
     ----------
@@ -121,11 +138,17 @@ class CFML(BaseEstimator):
         n_components: int = 10,
         rtol: float = 1e-10,
         copy: bool = True,
+        max_rank: int | None = None,
+        power_iterations: int = 2,
+        random_state: int = 0,
     ) -> None:
         self.reg = reg
         self.n_components = n_components
         self.rtol = rtol
         self.copy = copy
+        self.max_rank = max_rank
+        self.power_iterations = power_iterations
+        self.random_state = random_state
 
     def fit(self, X: np.ndarray, labels: np.ndarray) -> CFML:
         """Learn W from labelled training vectors.
@@ -176,7 +199,9 @@ class CFML(BaseEstimator):
 
         Equal to `fit` on the concatenated chunks up to float32 summation order. With c chunks,
         each is read at most c + 2 times (mean, Gram blocks, W); two chunks and the n×n Gram
-        (with LAPACK's work space) are in memory.
+        (with LAPACK's work space) are in memory. With `max_rank` below n − 1, the randomised
+        subspace solve instead (module doc): each chunk is read 2·`power_iterations` + 4 times
+        and memory holds one chunk, n×(k + 64) and F×(k + 64) floats.
 
         Parameters
         ----------
@@ -217,6 +242,14 @@ class CFML(BaseEstimator):
         def centred(i: int) -> np.ndarray:
             return np.asarray(chunks[i], dtype=dtype) - mean
 
+        if self.max_rank is not None and offsets[-1] - 1 > self.max_rank:
+            basis = self._principal_basis(centred, offsets, first.shape[1], products)
+            Z = np.concatenate(
+                [products.numpy(products.put(centred(i)) @ basis) for i in range(len(chunks))]
+            ).astype(np.float64)
+            A_scaled = self._solve_coordinates(Z, labels)
+            self.components_ = products.numpy(basis).astype(np.float64) @ A_scaled
+            return self
         gram = np.empty((offsets[-1], offsets[-1]), dtype=np.float64)
         for i in range(len(chunks)):
             rows = slice(offsets[i], offsets[i + 1])
@@ -245,7 +278,12 @@ class CFML(BaseEstimator):
         keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
         s = np.sqrt(eigenvalues[keep])
         V = V[:, keep]
-        Z = V * s  # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
+        # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
+        return (V / s) @ self._solve_coordinates(V * s, labels)  # n × m
+
+    def _solve_coordinates(self, Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """A·√γ (r × m) from the samples' coordinates Z (n × r) in an orthonormal basis of the
+        space solved in; sets `eigenvalues_` and `rank_`."""
         m_same, m_diff = pair_scatter(Z, labels)
         r = Z.shape[1]
         # only the leading n_components eigenpairs are ever used: ask LAPACK for just those
@@ -264,8 +302,38 @@ class CFML(BaseEstimator):
         gammas, A = gammas[positive], A[:, positive]
         self.eigenvalues_ = gammas  # the leading (≤ n_components) positive eigenvalues
         self.rank_ = int(r)
-        m = gammas.size
-        return (V / s) @ (A[:, :m] * np.sqrt(gammas[:m]))  # n × m
+        return A * np.sqrt(gammas)
+
+    def _principal_basis(self, centred, offsets: np.ndarray, n_features: int, products):
+        """An orthonormal F × k basis of the centred data's k leading principal directions
+        (randomised range finder with power iterations, over the chunks; in `products`'
+        array type). k = min(max_rank, F); directions below `rtol` are dropped."""
+        k = min(int(self.max_rank), n_features)
+        width = min(k + 64, n_features)  # oversampling: the range finder's accuracy margin
+        rng = np.random.default_rng(self.random_state)
+        test = products.put(rng.standard_normal((n_features, width)).astype(products.dtype))
+        parts = range(len(offsets) - 1)
+
+        def times(right):  # X_c @ right, n × width
+            return products.qr(products.cat([products.put(centred(i)) @ right for i in parts]))
+
+        def transposed_times(left):  # X_cᵀ @ left, F × width
+            total = None
+            for i in parts:
+                block = products.put(centred(i)).T @ left[offsets[i] : offsets[i + 1]]
+                total = block if total is None else total + block
+            return total
+
+        Q = times(test)
+        for _ in range(self.power_iterations):
+            Q = times(products.qr(transposed_times(Q)))
+        B = products.numpy(transposed_times(Q)).astype(np.float64)  # F × width, X_cᵀ Q
+        squares, G = np.linalg.eigh(B.T @ B)  # B = V S Gᵀ: S² and G, ascending
+        order = np.argsort(squares)[::-1][:k]
+        squares, G = squares[order], G[:, order]
+        keep = squares > self.rtol * max(float(squares[0]), 1e-300)
+        V = (B @ G[:, keep]) / np.sqrt(squares[keep])
+        return products.put(V.astype(products.dtype))
 
     def transform(self, X: np.ndarray, n_components: int | None = None) -> np.ndarray:
         """Project the rows of X with the first columns of W.
@@ -322,3 +390,15 @@ class _BlockProducts:
             return (a.T @ coeffs).astype(np.float64)
         weights = self.torch.as_tensor(coeffs, device=self.device)
         return (a.T @ weights).to(self.torch.float64).cpu().numpy()
+
+    def numpy(self, a) -> np.ndarray:
+        return a if self.torch is None else a.cpu().numpy()
+
+    def qr(self, a):
+        """An orthonormal basis of a's columns (reduced QR's Q)."""
+        if self.torch is None:
+            return np.linalg.qr(a, mode="reduced")[0]
+        return self.torch.linalg.qr(a, mode="reduced")[0]
+
+    def cat(self, blocks: list):
+        return np.concatenate(blocks) if self.torch is None else self.torch.cat(blocks)

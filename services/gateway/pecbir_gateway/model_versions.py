@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Annotated
 
 import httpx
@@ -17,7 +18,14 @@ from pecbir_contracts.routes import (
     GATEWAY_MODEL_VERSION,
     SEARCH_STATUS,
 )
-from pecbir_contracts.schemas import ModelManifest, ModelStatus, TrainAccepted, TrainRequest
+from pecbir_contracts.schemas import (
+    ModelManifest,
+    ModelStatus,
+    ReindexPlan,
+    ReindexProgress,
+    TrainAccepted,
+    TrainRequest,
+)
 from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.tasks import TASK_TRAIN_MODEL
 from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
@@ -121,4 +129,33 @@ def model_status(
             status.pending_vectors = index.get("pending_vectors", 0)
     except httpx.HTTPError:
         pass
+    status.reindex = _reindex_progress(ctx, layout, status)
     return status
+
+
+def _reindex_progress(
+    ctx: GatewayContext, layout: CollectionLayout, status: ModelStatus
+) -> ReindexProgress | None:
+    """done/total of the version being indexed, and an ETA at the rate since its fan-out."""
+    version = status.indexing_version
+    if version is None:
+        return None
+    try:
+        plan = ReindexPlan.model_validate_json(ctx.store.get(layout.reindex_plan(version)))
+    except ObjectNotFound:
+        return None  # not trained yet, or the fan-out has not run
+    if status.serving_version == version:
+        done = status.n_vectors
+    elif status.pending_version == version:
+        done = status.pending_vectors
+    else:
+        done = 0
+    done = min(done, plan.total)
+    progress = ReindexProgress(
+        version=version, done=done, total=plan.total, started_at=plan.started_at
+    )
+    elapsed = time.time() - plan.started_at
+    if done > 0 and elapsed > 0:
+        progress.images_per_s = done / elapsed
+        progress.eta_seconds = (plan.total - done) / progress.images_per_s
+    return progress

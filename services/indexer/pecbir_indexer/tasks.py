@@ -228,11 +228,9 @@ def reindex_collection(tenant: str, collection: str, version: str) -> int:
     """Fan out: one `index_chunk` task per chunk of images still lacking `version` features,
     or with `reindex_gpu_batch` set, one `index_batch` task per batch for the GPU workers."""
     rt = get_runtime()
-    chunks = work.reindex_plan(rt, tenant, collection, version)
-    size, task = rt.settings.reindex_gpu_batch, index_chunk
-    if size > 0:
-        todo = [image_id for chunk in chunks for image_id in chunk]
-        chunks, task = [todo[i : i + size] for i in range(0, len(todo), size)], index_batch
+    size = rt.settings.reindex_gpu_batch
+    task = index_batch if size > 0 else index_chunk
+    chunks = work.reindex_plan(rt, tenant, collection, version, size if size > 0 else None)
     for chunk in chunks:
         task.apply_async(args=[tenant, collection, version, chunk])
     return len(chunks)

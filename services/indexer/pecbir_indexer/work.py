@@ -28,6 +28,7 @@ from pecbir_contracts.records import FeatureRecord, read_current_version, write_
 from pecbir_contracts.schemas import (
     ImageMetadata,
     ModelManifest,
+    ReindexPlan,
     SealedImageMetadata,
     TrainRequest,
     parse_stored_record,
@@ -265,16 +266,26 @@ def _store_version(
     return manifest
 
 
-def reindex_plan(rt: Runtime, tenant: str, collection: str, version: str) -> list[list[str]]:
-    """Chunks of image ids still lacking features for `version`."""
+def reindex_plan(
+    rt: Runtime, tenant: str, collection: str, version: str, size: int | None = None
+) -> list[list[str]]:
+    """Chunks of `size` (default: the reindex_chunk setting) image ids still lacking features
+    for `version`. Records the plan (`ReindexPlan`: the collection's total, for progress and
+    ETA) unless one exists: a redelivered fan-out keeps the first plan's start and total."""
     layout = CollectionLayout(tenant, collection)
     done = {
         layout.image_id_of_features(version, key)
         for key in rt.store.list(layout.features_prefix(version))
     }
-    todo = [image_id for image_id in list_images(rt, layout) if image_id not in done]
-    size = max(1, rt.settings.reindex_chunk)
-    return [todo[i : i + size] for i in range(0, len(todo), size)]
+    images = list_images(rt, layout)
+    todo = [image_id for image_id in images if image_id not in done]
+    size = max(1, size or rt.settings.reindex_chunk)
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    plan = ReindexPlan(
+        version=version, total=len(images), batches=len(chunks), started_at=time.time()
+    )
+    rt.store.put_if_absent(layout.reindex_plan(version), plan.model_dump_json().encode())
+    return chunks
 
 
 def describe(value: object) -> str:

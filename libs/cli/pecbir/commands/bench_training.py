@@ -38,7 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sizes", default="2000,4000,8000", help="template counts N")
     parser.add_argument("--features", type=int, default=81_920, help="Fisher-vector length F")
     parser.add_argument("--chunk", type=int, default=500, help="templates per chunk")
-    parser.add_argument("--limit-gib", type=float, default=5.0, help="address-space limit")
+    parser.add_argument(
+        "--limit-gib",
+        type=float,
+        default=5.0,
+        help="address-space limit (0: none; CUDA needs none)",
+    )
+    parser.add_argument("--modes", default="memory,streamed", help="memory, streamed, capped")
+    parser.add_argument("--max-rank", type=int, default=4096, help="k of the capped mode")
+    parser.add_argument("--device", default=None, help="torch device for the block products")
     parser.add_argument("--model-sizes", default="10000,50000,100000")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/gpu/training_memory.json"))
@@ -75,14 +83,18 @@ class _Reads(Sequence[np.ndarray]):
         return np.load(self.paths[i])
 
 
-def child(mode: str, paths: list[str], n: int, limit_bytes: int) -> None:
+def child(
+    mode: str, paths: list[str], n: int, limit_bytes: int, device: str, max_rank: int
+) -> None:
     """One measurement, in its own process (peak RSS is per process)."""
     import resource
 
     from pecore.metric import CFML
 
-    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    if limit_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
     labels = _labels(n)
+    device = device or None
     started = time.perf_counter()
     try:
         if mode == "memory":
@@ -91,22 +103,39 @@ def child(mode: str, paths: list[str], n: int, limit_bytes: int) -> None:
         else:
             # read on access, as from a store (a memory map would count every chunk's pages
             # in RSS and in the address space)
-            CFML(n_components=10).fit_chunks(_Reads(paths), labels)
+            rank = max_rank if mode == "capped" else None
+            CFML(n_components=10, max_rank=rank).fit_chunks(_Reads(paths), labels, device=device)
         outcome = "fitted"
     except MemoryError:
         outcome = "MemoryError"
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"outcome": outcome, "seconds": seconds, "peak_rss_bytes": peak}))
+    result = {"outcome": outcome, "seconds": seconds, "peak_rss_bytes": peak}
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+    print(json.dumps(result))
 
 
-def _measure(mode: str, paths: list[str], n: int, limit_bytes: int) -> dict[str, object]:
+def _measure(
+    mode: str, paths: list[str], n: int, limit_bytes: int, args: argparse.Namespace
+) -> dict[str, object]:
     code = (
         "import json, sys; from pecbir.commands.bench_training import child; "
-        "child(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
+        "child(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
+        "sys.argv[5], int(sys.argv[6]))"
     )
+    argv = [
+        mode,
+        json.dumps(paths),
+        str(n),
+        str(limit_bytes),
+        args.device or "",
+        str(args.max_rank),
+    ]
     done = subprocess.run(
-        [sys.executable, "-c", code, mode, json.dumps(paths), str(n), str(limit_bytes)],
+        [sys.executable, "-c", code, *argv],
         capture_output=True,
         text=True,
         check=False,
@@ -118,8 +147,19 @@ def _measure(mode: str, paths: list[str], n: int, limit_bytes: int) -> dict[str,
     return json.loads(lines[-1])
 
 
-def memory_model(mode: str, n: int, features: int, chunk: int) -> int:
+def memory_model(mode: str, n: int, features: int, chunk: int, rank: int = 4096) -> int:
     """Bytes of the big arrays each path allocates (not a measurement)."""
+    if mode == "capped":
+        width = min(rank + 64, features)
+        # the range finder's float32 n×width and F×width, B and V (float64 F×width), the
+        # float64 coordinates Z (n×k), the k×k scatters and eigh work space, two chunks
+        return (
+            (n + features) * width * 4
+            + 2 * features * width * 8
+            + n * rank * 8
+            + 5 * rank * rank * 8
+            + 3 * chunk * features * 4
+        )
     # both: the float64 Gram and LAPACK evd's ~2 n² float64 work space (the dual solve's n²)
     solve = 3 * n * n * 8
     if mode == "memory":
@@ -137,22 +177,24 @@ def run(args: argparse.Namespace) -> int:
         paths = _write_chunks(Path(folder), max(sizes), args.features, args.chunk, args.seed)
         for n in sizes:
             used = paths[: -(-n // args.chunk)]
-            for mode in ("memory", "streamed"):
+            for mode in args.modes.split(","):
                 print(f"N={n} {mode} …", flush=True)
-                result = _measure(mode, used, n, limit)
+                result = _measure(mode, used, n, limit, args)
                 rows.append(
                     {
                         "n_templates": n,
                         "mode": mode,
                         **result,
-                        "model_bytes": memory_model(mode, n, args.features, args.chunk),
+                        "model_bytes": memory_model(
+                            mode, n, args.features, args.chunk, args.max_rank
+                        ),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
     model = {
         str(n): {
-            mode: memory_model(mode, n, args.features, args.chunk)
-            for mode in ("memory", "streamed")
+            mode: memory_model(mode, n, args.features, args.chunk, args.max_rank)
+            for mode in ("memory", "streamed", "capped")
         }
         for n in (int(s) for s in args.model_sizes.split(","))
     }
@@ -161,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         "features": args.features,
         "chunk": args.chunk,
         "address_space_limit_gib": args.limit_gib,
+        "device": args.device or "numpy (CPU)",
+        "max_rank": args.max_rank,
         "seed": args.seed,
         "machine": {
             "python": platform.python_version(),
@@ -173,18 +217,22 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"F = {args.features}, chunk = {args.chunk}, limit {args.limit_gib} GiB")
-    print(f"{'N':>7} {'mode':>9} {'outcome':>14} {'peak RSS GiB':>12} {'model GiB':>9} {'s':>7}")
+    print(
+        f"{'N':>7} {'mode':>9} {'outcome':>14} {'peak RSS GiB':>12} {'GPU GiB':>8} "
+        f"{'model GiB':>9} {'s':>7}"
+    )
     for r in rows:
-        peak = r.get("peak_rss_bytes")
+        peak, gpu = r.get("peak_rss_bytes"), r.get("peak_gpu_bytes")
         print(
             f"{r['n_templates']:>7} {r['mode']:>9} {r['outcome']:>14} "
-            f"{(peak / GIB if peak else float('nan')):>12.2f} {r['model_bytes'] / GIB:>9.2f} "
+            f"{(peak / GIB if peak else float('nan')):>12.2f} "
+            f"{(gpu / GIB if gpu else float('nan')):>8.2f} {r['model_bytes'] / GIB:>9.2f} "
             f"{r.get('seconds', float('nan')):>7.1f}"
         )
     for n, modes in model.items():
         print(
             f"model N={n}: memory {modes['memory'] / GIB:.1f} GiB, "
-            f"streamed {modes['streamed'] / GIB:.1f} GiB"
+            f"streamed {modes['streamed'] / GIB:.1f} GiB, capped {modes['capped'] / GIB:.1f} GiB"
         )
     print(f"wrote {args.out}")
     return 0

@@ -1,0 +1,353 @@
+"""`pecbir bench-index`: the indexer's whole task, one CPU process vs the torch device (issue 17).
+
+What a re-index costs per image, measured on the indexer's own code over a filesystem store:
+
+- **feature step**: `CBIRPipeline.fisher_vectors` + `project` on decoded images already in
+  memory, in batches (the device's share of the work);
+- **whole task**: `pecbir_indexer.batch.index_batch` (the GPU worker's task without Celery) over
+  stored images: read and decode the cipher PNG, mask and metadata, features, write the feature
+  record (fsync'd), publish the vector event (an in-process bus: the device machine has no
+  Redis); `--concurrency` batches in flight, as a worker with that many threads;
+- **CPU reference**: `pecbir_indexer.work.index_image` (the CPU worker's task) image by image in
+  one process, one encode thread, in the same run.
+
+Stored images are cipher slices rebuilt from `bench-gpu --export-crops --cipher` crops: each
+crop (the ROI's bounding box plus the patch margin, encrypted with the paper's cipher under a
+per-image key) sits in a 512 × 512 canvas of keyed noise, so that the PNG read and decode cost
+that of a full cipher slice. `--distinct` images are written; the other ids are hard links to
+them (the dataset stored again under new ids: a 10⁶-image store of distinct 512² cipher PNGs
+would not fit the lent machine's disk). With `--discard-features` the feature records are
+counted but not written (10⁶ records of D = 64 are 328 GB); the run without it gives the cost
+of the writes. The model (PCA + GMM fitted by the reference code on the crops, CFML on their
+Fisher vectors) is cached at `--model-cache`, so the device does not spend its minutes fitting.
+
+Prints a table and writes JSON, with where the whole task's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+TENANT, COLLECTION = "bench", "reindex"
+CANVAS = 512
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench-index", help="indexing images/s: whole task and feature step, CPU vs torch device"
+    )
+    parser.add_argument("--crops", type=Path, required=True, help="bench-gpu --export-crops file")
+    parser.add_argument("--size", type=int, default=64, help="dictionary size D")
+    parser.add_argument("--model-cache", type=Path, default=None, help="fitted model (pickle)")
+    parser.add_argument("--train-images", type=int, default=600, help="crops the model is fit on")
+    parser.add_argument("--n-train-patches", type=int, default=100_000)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per index batch")
+    parser.add_argument("--concurrency", type=int, default=2, help="batches in flight")
+    parser.add_argument("--io-threads", type=int, default=8, help="store threads per batch")
+    parser.add_argument("--feature-images", type=int, default=4096, help="feature-step images")
+    parser.add_argument("--images", default="4096", help="comma-separated whole-task runs (ids)")
+    parser.add_argument("--distinct", type=int, default=2000, help="distinct stored images")
+    parser.add_argument("--cpu-images", type=int, default=100, help="images the CPU task indexes")
+    parser.add_argument("--discard-features", action="store_true", help="count, do not write")
+    parser.add_argument("--store", type=Path, default=None, help="store root (default: a tmp dir)")
+    parser.add_argument("--out", type=Path, default=Path("results/gpu/index.json"))
+    parser.set_defaults(func=run)
+
+
+def _model(args: argparse.Namespace, data) -> object:
+    """The pipeline (numpy back end), fitted on the first `--train-images` crops or loaded."""
+    from pecore.pipeline import CBIRPipeline
+
+    if args.model_cache is not None and args.model_cache.exists():
+        return CBIRPipeline.load(args.model_cache)
+    n = min(args.train_images, len(data.labels))
+    pipeline = CBIRPipeline(n_components=args.size, n_train_patches=args.n_train_patches)
+    pipeline.set_params(n_jobs=os.cpu_count())
+    pipeline.fit(list(data.images[:n]), list(data.masks[:n]), data.labels[:n])
+    if args.model_cache is not None:
+        args.model_cache.parent.mkdir(parents=True, exist_ok=True)
+        pipeline.save(args.model_cache)
+    return pipeline
+
+
+def _canvases(data, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Full-size cipher slices: crop i at the top left of 512² keyed noise, its mask likewise."""
+    images, masks = [], []
+    for i in range(n):
+        crop, mask = data.images[i % len(data.labels)], data.masks[i % len(data.labels)]
+        rng = np.random.default_rng(i)
+        canvas = rng.integers(0, 256, (CANVAS, CANVAS), dtype=np.uint8)
+        full = np.zeros((CANVAS, CANVAS), dtype=bool)
+        h, w = min(crop.shape[0], CANVAS), min(crop.shape[1], CANVAS)
+        canvas[:h, :w], full[:h, :w] = crop[:h, :w], mask[:h, :w]
+        images.append(canvas)
+        masks.append(full)
+    return images, masks
+
+
+def _fill_store(store, layout, images, masks, labels, n_ids: int, bar_desc: str) -> list[str]:
+    """Write the distinct images, then hard-link them under new ids up to `n_ids`."""
+    from tqdm import tqdm
+
+    from pecbir_contracts.layout import new_image_id
+    from pecbir_contracts.png import encode_png
+    from pecbir_contracts.schemas import ImageMetadata
+
+    ids: list[str] = []
+    for image, mask, label in zip(images, masks, labels, strict=True):
+        image_id = new_image_id()
+        meta = ImageMetadata(
+            opaque_id=f"opaque-{image_id[:12]}",
+            label=int(label),
+            height=CANVAS,
+            width=CANVAS,
+            key={"counter": 0, "check": "sha256:0123456789abcdef"},
+        )
+        store.put(layout.cipher(image_id), encode_png(image))
+        store.put(layout.mask(image_id), encode_png(mask))
+        store.put(layout.meta(image_id), meta.model_dump_json().encode())
+        ids.append(image_id)
+    root = Path(store.root)
+    distinct = list(ids)
+    for k in tqdm(range(len(ids), n_ids), desc=bar_desc, unit="id", mininterval=2):
+        source, image_id = distinct[k % len(distinct)], new_image_id()
+        for key_of in (layout.cipher, layout.mask, layout.meta):
+            target = root / key_of(image_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(root / key_of(source), target)
+        ids.append(image_id)
+    return ids
+
+
+class _Timed:
+    """Wall seconds spent inside a callable (summed over calls; concurrent calls overlap)."""
+
+    def __init__(self, func) -> None:
+        self.func, self.seconds, self.calls = func, 0.0, 0
+
+    def __call__(self, *a, **kw):
+        started = time.perf_counter()
+        try:
+            return self.func(*a, **kw)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+
+
+class _DiscardFeatures:
+    """A store wrapper that counts feature-record writes instead of making them."""
+
+    def __init__(self, store, prefix: str) -> None:
+        self._store, self._prefix = store, prefix
+        self.discarded_bytes = 0
+        self.root = store.root
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
+        if key.startswith(self._prefix):
+            self.discarded_bytes += len(data)
+            return None
+        return self._store.put(key, data, content_type)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def _feature_step(pipeline, images, masks, batch: int) -> float:
+    """Images/s of fisher_vectors + project on decoded images (one warm-up batch first)."""
+    pipeline.project(pipeline.fisher_vectors(images[:batch], masks[:batch]))
+    started = time.perf_counter()
+    for start in range(0, len(images), batch):
+        fv = pipeline.fisher_vectors(images[start : start + batch], masks[start : start + batch])
+        pipeline.project(fv)
+    _sync(pipeline)
+    return len(images) / (time.perf_counter() - started)
+
+
+def _sync(pipeline) -> None:
+    if pipeline.backend == "torch" and str(pipeline.device or "").startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _whole_task(rt, ids: list[str], version: str, args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from pecbir_indexer import batch
+
+    compute = _Timed(batch._features)
+    publish = _Timed(rt.bus.publish)
+    batch._features, rt.bus.publish = compute, publish
+    chunks = [ids[i : i + args.batch_size] for i in range(0, len(ids), args.batch_size)]
+    indexed = 0
+    try:
+        started = time.perf_counter()
+        with (
+            ThreadPoolExecutor(args.concurrency) as pool,
+            tqdm(total=len(ids), desc=f"index {version}", unit="img", mininterval=2) as bar,
+        ):
+            for outcome in pool.map(
+                lambda chunk: batch.index_batch(rt, TENANT, COLLECTION, version, chunk), chunks
+            ):
+                if outcome.poison:
+                    raise RuntimeError(f"poison in the benchmark: {outcome.poison}")
+                indexed += len(outcome.indexed)
+                bar.update(len(outcome.indexed) + len(outcome.already_indexed))
+        wall = time.perf_counter() - started
+    finally:
+        batch._features, rt.bus.publish = compute.func, publish.func
+    return {
+        "images": len(ids),
+        "indexed": indexed,
+        "wall_seconds": wall,
+        "images_per_s": len(ids) / wall,
+        # summed over the batches in flight: with concurrency > 1 these overlap the reads
+        "feature_seconds_summed": compute.seconds,
+        "publish_seconds": publish.seconds,
+        "feature_share_of_wall": compute.seconds / wall / args.concurrency,
+    }
+
+
+def _cpu_task(store, layout, version: str, ids: list[str]) -> dict:
+    from tqdm import tqdm
+
+    from pecbir_indexer import work
+    from pecbir_indexer.runtime import Runtime
+    from pecbir_indexer.settings import IndexerSettings
+    from pecbir_platform.bus import InMemoryBus
+
+    rt = Runtime(IndexerSettings(encode_threads=1), store, InMemoryBus())
+    work.index_image(rt, TENANT, COLLECTION, ids[0], version)  # loads the model
+    started = time.perf_counter()
+    for image_id in tqdm(ids[1:], desc="cpu index_image", unit="img"):
+        work.index_image(rt, TENANT, COLLECTION, image_id, version)
+    wall = time.perf_counter() - started
+    return {"images": len(ids) - 1, "wall_seconds": wall, "images_per_s": (len(ids) - 1) / wall}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pecbir.commands.bench_gpu import _load_crops
+    from pecbir_contracts.layout import CollectionLayout
+    from pecbir_contracts.records import write_current_version
+    from pecbir_indexer.runtime import Runtime
+    from pecbir_indexer.settings import IndexerSettings
+    from pecbir_platform.bus import InMemoryBus
+    from pecbir_platform.store import FilesystemStore
+    from pecore.pipeline import CBIRPipeline
+    from pecore.torch_features import resolve_device
+
+    device = resolve_device(args.device)
+    data = _load_crops(args.crops)
+    started = time.perf_counter()
+    reference = _model(args, data)
+    model_seconds = time.perf_counter() - started
+    blob = io.BytesIO()
+    reference.save(blob)
+    runs = [int(n) for n in args.images.split(",")]
+    distinct = min(args.distinct, max(runs))
+    images, masks = _canvases(data, max(distinct, args.feature_images))
+    labels = np.resize(data.labels, len(images))
+
+    # the feature step, both back ends on the same decoded slices
+    torch_pipe = CBIRPipeline.load(io.BytesIO(blob.getvalue()))
+    torch_pipe.set_params(backend="torch", device=device)
+    feature_torch = _feature_step(
+        torch_pipe, images[: args.feature_images], masks[: args.feature_images], args.batch_size
+    )
+    cpu_pipe = CBIRPipeline.load(io.BytesIO(blob.getvalue()))
+    cpu_pipe.set_params(n_jobs=1)
+    n_cpu = min(args.cpu_images, len(images))
+    feature_cpu = _feature_step(cpu_pipe, images[:n_cpu], masks[:n_cpu], 32)
+
+    root = args.store or Path(tempfile.mkdtemp(prefix="pecbir-bench-index-"))
+    layout = CollectionLayout(TENANT, COLLECTION)
+    rows = []
+    try:
+        base = FilesystemStore(root)
+        store = _DiscardFeatures(base, f"{layout.root}features/") if args.discard_features else base
+        settings = IndexerSettings(
+            feature_backend="torch", feature_device=device, batch_io_threads=args.io_threads
+        )
+        rt = Runtime(settings, store, InMemoryBus())
+        filled = _fill_store(
+            base,
+            layout,
+            images[:distinct],
+            masks[:distinct],
+            labels[:distinct],
+            max(runs),
+            "hard links",
+        )
+        for k, n in enumerate(runs):
+            version = f"v{k + 1:04d}"
+            base.put(layout.model(version), blob.getvalue())
+            write_current_version(base, layout, version)
+            row = _whole_task(rt, filled[:n], version, args)
+            rt.bus = InMemoryBus()  # drop the events of this run
+            rows.append(row)
+        cpu_version = f"v{len(runs) + 1:04d}"
+        base.put(layout.model(cpu_version), blob.getvalue())
+        cpu = _cpu_task(base, layout, cpu_version, filled[: args.cpu_images + 1])
+        discarded = getattr(store, "discarded_bytes", 0)
+    finally:
+        if args.store is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    fisher_dim = int(2 * args.size * reference.pca_.n_components_ * reference.n_regions)
+    report = {
+        "benchmark": "index",
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        "dictionary_size": args.size,
+        "pca_dims": int(reference.pca_.n_components_),
+        "fisher_vector_length": fisher_dim,
+        "model": {"fit_or_load_seconds": model_seconds, "train_images": args.train_images},
+        "images": "cipher crops of the figshare slices in 512x512 keyed noise",
+        "distinct_stored_images": distinct,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "io_threads": args.io_threads,
+        "feature_records": "discarded (counted)" if args.discard_features else "written, fsync'd",
+        "feature_record_bytes_discarded": discarded,
+        "bus": "in-process (no Redis on the device machine)",
+        "feature_step_images_per_s": {"torch": feature_torch, "cpu_one_process": feature_cpu},
+        "whole_task": rows,
+        "cpu_whole_task_one_process": cpu,
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "load_average_at_end": list(os.getloadavg()),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"device {device} ({report['device_name']}), D = {args.size}, d = {report['pca_dims']}, "
+        f"FV {fisher_dim}"
+    )
+    print(f"feature step: torch {feature_torch:,.0f} img/s, CPU process {feature_cpu:,.1f} img/s")
+    print(f"{'images':>9} {'wall s':>8} {'img/s':>9} {'features %':>10} {'publish s':>9}")
+    for r in rows:
+        print(
+            f"{r['images']:>9} {r['wall_seconds']:>8.1f} {r['images_per_s']:>9,.0f} "
+            f"{100 * r['feature_share_of_wall']:>9.0f}% {r['publish_seconds']:>9.1f}"
+        )
+    print(f"CPU index_image, one process: {cpu['images_per_s']:.1f} img/s")
+    print(f"wrote {args.out}")
+    return 0
