@@ -40,6 +40,7 @@ def test_a_seeded_fault_loop_loses_nothing_duplicates_nothing_and_leaves_no_debr
         encryptor=False,
         own_redis=True,
         workers=2,
+        start_timeout_s=180.0,
         s3=S3Bucket.on(radosgw, "recovery"),
         extra_env=recovery_env(cfg, delay, train_delay),
     ) as cluster:

@@ -275,6 +275,7 @@ class Cluster:
         extra_env: dict[str, str] | None = None,
         sealed_collections: tuple[str, ...] = (),
         workers: int = 1,
+        start_timeout_s: float = 60.0,
     ) -> None:
         import secrets
 
@@ -283,6 +284,9 @@ class Cluster:
         self.extra_env = extra_env or {}
         self.redis: RedisProcess | None = None
         self.n_workers = workers
+        # How long a (re)started HTTP service may take to answer its health path: the search
+        # service loads every collection from the store first (minutes on a loaded machine).
+        self.start_timeout_s = start_timeout_s
         # Worker i's context manager (None while it is stopped); worker 0 logs to worker.log.
         self._worker_cms: dict[int, contextlib.AbstractContextManager] = {}
         self.workers: dict[int, subprocess.Popen] = {}
@@ -449,6 +453,7 @@ class Cluster:
             "gateway",
             self.env,
             self.logs / "gateway.log",
+            timeout=self.start_timeout_s,
             port=self._gateway_port,
             on_start=self._track("gateway"),
         )
@@ -472,6 +477,7 @@ class Cluster:
             "search",
             self.env,
             self.logs / "search.log",
+            timeout=self.start_timeout_s,
             port=self._search_port,
             on_start=self._track("search"),
         )

@@ -365,8 +365,9 @@ class _Loop:
     def _restart(self, name: str) -> str:
         self.cluster.kill_service(name)
         time.sleep(self.rng.uniform(0.2, 1.5))
+        started = time.monotonic()
         getattr(self.cluster, f"start_{name}")()
-        return f"{name} killed and restarted"
+        return f"{name} killed and restarted (up again after {time.monotonic() - started:.1f} s)"
 
     def inject(self, kind: str) -> str:
         cluster = self.cluster
@@ -403,7 +404,9 @@ class _Loop:
             def search_restart() -> None:
                 time.sleep(0.5)
                 cluster.kill_service("search")
-                cluster.start_search()  # while Redis is down: catches up from the store
+                # Started while Redis is down: it catches up from the store and serves; Redis
+                # comes back once it answers (an outage longer than a start-up is the fault).
+                cluster.start_search()
 
             return self._restart_redis(during=search_restart) + ", search restarted meanwhile"
         raise ValueError(f"unknown fault {kind!r}")

@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--redelivery-bound", type=float, default=30.0, help="seconds")
     parser.add_argument("--reconcile-interval", type=float, default=5.0, help="seconds")
     parser.add_argument("--settle-timeout", type=float, default=300.0, help="seconds")
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a restarted service may take to answer (search loads every collection)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/recovery"))
     parser.set_defaults(func=run)
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             encryptor=False,
             own_redis=True,
             workers=args.workers,
+            start_timeout_s=args.start_timeout,
             extra_env=recovery_env(base, delay, train_delay),
         ) as cluster:
             cluster.delay_file, cluster.train_delay_file = delay, train_delay
@@ -83,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                 reports.append(report)
                 print(_row(loop, report), flush=True)
     results = {
-        "config": as_dict(base) | {"loops": args.loops, "workers": args.workers},
+        "config": as_dict(base)
+        | {"loops": args.loops, "workers": args.workers, "start_timeout_s": args.start_timeout},
         "summary": summary(reports),
         "loops": reports,
         "machine": {
