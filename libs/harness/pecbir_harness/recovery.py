@@ -644,11 +644,10 @@ def summary(reports: list[dict]) -> dict:
         "p50_ack_to_searchable_s_per_loop": [r["ack_to_searchable_s"]["p50"] for r in reports],
         "p99_ack_to_searchable_s_per_loop": [r["ack_to_searchable_s"]["p99"] for r in reports],
         "max_ack_to_searchable_s": max(delays_max) if delays_max else None,
-        "worst_last_fault_to_all_searchable_s": max(
-            (r["last_fault_to_all_searchable_s"] or float("inf")) for r in reports
-        )
-        if reports
-        else None,
+        # None when a loop never got all-searchable (its own entry says so).
+        "worst_last_fault_to_all_searchable_s": None
+        if not reports or any(r["last_fault_to_all_searchable_s"] is None for r in reports)
+        else max(r["last_fault_to_all_searchable_s"] for r in reports),
     }
 
 

@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uploads", type=int, default=300, help="uploads per loop")
     parser.add_argument("--faults", type=int, default=12, help="faults per loop")
     parser.add_argument("--workers", type=int, default=2, help="Celery workers (solo pool)")
+    parser.add_argument(
+        "--fault-kinds",
+        default="all",
+        help="comma-separated kinds of pecbir_harness.recovery.FAULT_KINDS, or 'all'",
+    )
     parser.add_argument("--upload-threads", type=int, default=3)
     parser.add_argument("--upload-pace", type=float, default=0.05, help="s between uploads")
     parser.add_argument("--redelivery-bound", type=float, default=30.0, help="seconds")
@@ -50,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pecbir_harness.procs import Cluster
     from pecbir_harness.recovery import (
+        FAULT_KINDS,
         RecoveryConfig,
         as_dict,
         checks,
@@ -59,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    kinds = FAULT_KINDS if args.fault_kinds == "all" else tuple(args.fault_kinds.split(","))
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown:
+        raise SystemExit(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
     base = RecoveryConfig(
+        fault_kinds=kinds,
         uploads=args.uploads,
         faults=args.faults,
         seed=args.seed,
