@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from pecbir.cli import main
+from pecbir_harness.dicom import save_mr
 from pecore.cipher import to_uint8
 from pecore.io import read_image, write_image
-from tests.dicom_factory import make_dicom
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_encrypt_decrypt_round_trip_all_formats(tmp_path, master_key, scheme, ke
     paths = []
     for name, pixels in sources.items():
         if name.endswith(".dcm"):
-            paths.append(make_dicom(tmp_path / name, pixels, bits_stored=12))
+            paths.append(save_mr(tmp_path / name, pixels, bits_stored=12))
         else:
             paths.append(write_image(tmp_path / name, pixels))
     cipher_dir, plain_dir = tmp_path / "cipher", tmp_path / "plain"

@@ -298,17 +298,37 @@ def test_pe_roi_condition_caches_its_cloud_masks_and_uses_them_undilated(tmp_pat
     assert _unit_key(config, roi, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")
 
 
-def test_pe_roi_selection_rule_prefers_small_tiles_and_more_transforms_within_tolerance():
-    from pecbir.commands.pe_roi_select import choose
+def test_pe_roi_selection_is_privacy_first_then_training_map():
+    from pecbir.commands.pe_roi_select import choose, roi_privacy
 
-    measured = {
-        "pe-roi-t16dn": 81.47,
-        "pe-roi-t16": 81.9,
-        "pe-roi-t32": 85.36,
-        "pe-roi-t32dn": 80.7,
+    measured = {"pe-roi-t16dn": 81.47, "pe-roi-t16": 81.9, "pe-roi-t32": 85.36}
+    # per slice, the best attack stage counts; the oracle (true keys) is no attack
+    slices = {
+        "pe-roi-t16dn": [(0.10, 0.20), (0.05, 0.26)],
+        "pe-roi-t16": [(0.10, 0.39), (0.02, 0.17)],
+        "pe-roi-t32": [(0.01, 0.84), (0.01, 0.20)],
     }
-    assert choose(measured, 1.0) == "pe-roi-t32"
-    assert choose(measured, 4.0) == "pe-roi-t16dn"
-    assert (
-        choose({"pe-roi-t32": 85.0, "pe-roi-t32d": 84.5, "pe-roi-t16": 82.0}, 1.0) == "pe-roi-t32d"
-    )
+    report = {
+        "per_slice": {
+            name: [
+                {
+                    "pixel": {"ssim_roi": pixel},
+                    "jigsaw": {"ssim_roi": jigsaw},
+                    "oracle": {"ssim_roi": 0.9},
+                    "id": {"row": row},
+                }
+                for row, (pixel, jigsaw) in enumerate(values)
+            ]
+            for name, values in slices.items()
+        }
+    }
+    folds = np.array([2, 3])
+    privacy = roi_privacy(report, folds, outer_fold=1)
+    assert privacy["pe-roi-t16"] == {"median": pytest.approx(0.28), "worst": 0.39, "n_slices": 2}
+    assert choose(measured, privacy, 0.30) == "pe-roi-t16dn"
+    assert choose(measured, privacy, 0.40) == "pe-roi-t16"
+    assert choose(measured, privacy, 0.20) is None
+    # a slice of the outer (query) fold never counts: without row 0, t32's worst is 0.20
+    assert choose(measured, roi_privacy(report, np.array([1, 3]), 1), 0.30) == "pe-roi-t32"
+    # a candidate the report did not attack is not eligible
+    assert choose({**measured, "pe-roi-t8": 99.0}, privacy, 0.30) == "pe-roi-t16dn"

@@ -28,7 +28,9 @@ def _case(seed: int, size: int = 64):
     return image, mask, stream
 
 
-@pytest.mark.parametrize("name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32dn"])
+@pytest.mark.parametrize(
+    "name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn"]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
     scheme = RoiCipher.from_name(name)
@@ -93,8 +95,9 @@ def test_tile_keys_known_answer():
 
 
 def test_names_and_errors():
-    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t32").name == "pe-roi"
-    assert RoiCipher().legacy_name == "pe-roi-t32"
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t16dn"
+    assert RoiCipher.from_name("pe-roi-t32").name == "pe-roi-t32"
     assert RoiCipher.from_name("pe-roi-t16dn").transforms == "dihedral+negative"
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
     assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
@@ -122,3 +125,18 @@ def test_tiles_are_moved_as_the_per_tile_definition_says():
         moved.reshape(4, 8, 4, 8).swapaxes(1, 2).reshape(-1, 8, 8), np.stack(expected)
     )
     np.testing.assert_array_equal(invert_tile_transforms(moved, keys, 8), image)
+
+
+def test_records_name_pe_roi_schemes_as_the_cloud_expects():
+    from pecbir_contracts.schemas import is_pe_roi_scheme
+
+    for name in ("pe-roi", "pe-roi-t16dn", "pe-roi-t32", "pe-roi-t8d", "pe-roi-t128"):
+        assert is_pe_roi_scheme(RoiCipher.from_name(name).legacy_name)
+    for other in ("pe-roi", "pe-roi-t0", "pe-roi-t16q", "ours", "ours-bs32"):
+        assert not is_pe_roi_scheme(other)
+
+
+def test_patches_wider_than_the_margin_are_refused():
+    RoiCipher().check_patch_size(9)
+    with pytest.raises(ValueError, match="at most 9"):
+        RoiCipher().check_patch_size(11)

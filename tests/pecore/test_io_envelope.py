@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pecbir_harness.dicom import save_mr
 from pecore.cipher import to_uint8
 from pecore.envelope import CipherMetadata, seal, unseal
 from pecore.io import png_bytes, read_dicom, read_image, read_png, write_image
 from pecore.keys import MasterKey
-from tests.dicom_factory import make_dicom
 
 
 def test_png_and_npy_round_trip(tmp_path):
@@ -52,7 +52,7 @@ def test_png_decompression_bomb_refused():
 @pytest.mark.parametrize("bits", [12, 16])
 def test_dicom_monochrome2(tmp_path, bits):
     pixels = np.random.default_rng(bits).integers(0, 2**bits, (16, 20), dtype=np.uint16)
-    path = make_dicom(tmp_path / "slice.dcm", pixels, bits_stored=bits)
+    path = save_mr(tmp_path / "slice.dcm", pixels, bits_stored=bits)
     array, dataset = read_dicom(path)
     assert np.array_equal(array, pixels)
     assert dataset.PatientName == "Doe^Jane"
@@ -62,10 +62,10 @@ def test_dicom_monochrome2(tmp_path, bits):
 def test_dicom_errors(tmp_path):
     with pytest.raises(ValueError, match="not a readable DICOM"):
         read_dicom(b"\x00" * 128 + b"DICM" + b"\x01\x02")
-    whole = make_dicom(tmp_path / "ok.dcm", np.ones((64, 64), np.uint16)).read_bytes()
+    whole = save_mr(tmp_path / "ok.dcm", np.ones((64, 64), np.uint16)).read_bytes()
     with pytest.raises(ValueError, match="DICOM"):
         read_dicom(whole[: len(whole) - 5000])
-    path = make_dicom(tmp_path / "m1.dcm", np.zeros((4, 4), np.uint16), photometric="MONOCHROME1")
+    path = save_mr(tmp_path / "m1.dcm", np.zeros((4, 4), np.uint16), photometric="MONOCHROME1")
     with pytest.raises(ValueError, match="MONOCHROME2"):
         read_dicom(path)
 

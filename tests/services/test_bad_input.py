@@ -24,12 +24,12 @@ from pecbir_contracts.auth import SEARCH_TOKEN
 from pecbir_contracts.png import encode_png
 from pecbir_gateway.app import create_app
 from pecbir_gateway.settings import GatewaySettings
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecbir_platform.store import FilesystemStore
 from pecbir_search.app import create_app as search_app
 from pecbir_search.settings import SearchSettings
 from pecore.keys import MasterKey
-from tests.dicom_factory import make_dataset
 from tests.services.conftest import RecordingDispatcher
 from tests.services.helpers import (
     TOKEN_SECRET,
@@ -155,7 +155,7 @@ def test_mutated_png_uploads_are_accepted_whole_or_refused_clearly(cloud, mutate
 def _encryptor_cases():
     images, masks, _ = labelled_set(1)
     image, mask = images[0], masks[0]
-    dataset = make_dataset(image.astype(np.uint16), bits_stored=12)
+    dataset = make_mr(image.astype(np.uint16), bits_stored=12)
     dicom = dicom_bytes(dataset)
     seg = dicom_bytes(make_seg(mask, dataset))
     big = npy_bytes(np.zeros((5000, 5000), np.uint8))

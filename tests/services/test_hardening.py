@@ -123,18 +123,28 @@ def test_a_body_over_the_limit_is_refused_by_its_length_or_at_the_first_byte_ove
     assert pulled < sum(map(len, endless))
 
 
-def test_stow_body_is_refused_by_its_length_before_it_is_read(system):
-    limit = system.encryptor_app.state.context.settings.max_upload_bytes
+def test_stow_body_is_refused_by_its_length_before_it_is_read(system, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pecbir_encryptor.app import create_app
+
+    # The STOW root has its own limit (its body is spooled to disk, not held): a small one here.
+    limit = 8 * 1024 * 1024
+    settings = system.encryptor_app.state.context.settings.model_copy(
+        update={"max_stow_bytes": limit, "spool_dir": tmp_path}
+    )
+    app = create_app(settings, master=system.master, gateway_client=TestClient(system.gateway_app))
     headers = {
         "content-type": 'multipart/related; type="application/dicom"; boundary=x',
         "authorization": f"Bearer {system.user_token()}",
         "content-length": str(limit + 1),
     }
-    status, pulled = _call(system.encryptor_app, "/dicomweb/brain/studies", headers, BIG)
+    status, pulled = _call(app, "/dicomweb/brain/studies", headers, BIG)
     assert (status, pulled) == (413, 0)
     headers.pop("content-length")
-    status, pulled = _call(system.encryptor_app, "/dicomweb/brain/studies", headers, [*BIG, *BIG])
+    status, pulled = _call(app, "/dicomweb/brain/studies", headers, [*BIG, *BIG])
     assert status == 413 and pulled <= limit + len(BIG[0])
+    assert list(tmp_path.iterdir()) == []  # the partial spool file is gone
 
 
 # -- secrets ----------------------------------------------------------------------------------
@@ -252,10 +262,10 @@ def _dicom(rows: int = 48, columns: int = 48, *, pixel_bytes: int | None = None,
     import numpy as np
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from tests.dicom_factory import make_dataset
+    from pecbir_harness.dicom import make_mr
     from tests.services.helpers import dicom_bytes
 
-    dataset = make_dataset(np.zeros((2, 2), np.uint16))
+    dataset = make_mr(np.zeros((2, 2), np.uint16))
     dataset.Rows, dataset.Columns = rows, columns
     dataset.PixelData = bytes(2 * rows * columns if pixel_bytes is None else pixel_bytes)
     if extra.get("deflated"):
@@ -357,10 +367,11 @@ def test_a_tenant_budget_holds_across_its_tokens(tmp_path):
     from tests.services.helpers import auth
 
     client, _ = _gateway(tmp_path, rate_limits="train=0.0001/1")
+    # one base time: with time.time() per request, a slow request (> 1 s under load) made the
+    # next token's iat equal an earlier one's, i.e. the same token twice
+    base = time.time()
     statuses = [
-        client.post(
-            "/v1/collections/brain/model/train", headers=auth(now=time.time() - i)
-        ).status_code
+        client.post("/v1/collections/brain/model/train", headers=auth(now=base - i)).status_code
         for i in range(8)  # eight tokens (another iat each) of one tenant: 4 tokens' worth
     ]
     assert statuses.count(202) == 4 and statuses[-1] == 429

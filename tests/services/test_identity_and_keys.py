@@ -13,11 +13,11 @@ import pytest
 from pecbir_contracts.layout import CollectionLayout, image_id_for
 from pecbir_contracts.png import encode_png
 from pecbir_encryptor.core import Encryptor, protect_image
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.envelope import image_key_for
 from pecore.keys import MasterKey
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import SMALL_MODEL, blob_image, labelled_set, npy_bytes
 
 
@@ -107,7 +107,7 @@ def test_other_pixels_under_the_same_uid_never_share_a_key_and_are_refused(tmp_p
     image, mask = blob_image(4)
     other = image.copy()
     other[10, 10] ^= 1  # one pixel differs
-    dataset = make_dataset(image.astype(np.uint16))
+    dataset = make_mr(image.astype(np.uint16))
     with EmbeddedSystem(tmp_path, master=MasterKey.from_seed(33)) as system:
         encryptor = system.encryptor_app.state.encryptor
         first = encryptor.protect(image, mask, opaque_id="same-uid-01", collection="brain")

@@ -99,3 +99,28 @@ def test_reindex_fans_out_gpu_batches_on_their_own_queue(trained, monkeypatch):
     assert [len(args[3]) for _, args in sent] == [5, 5, 2]
     assert {name for name, _ in sent} == {TASK_INDEX_BATCH}
     assert sorted(i for _, args in sent for i in args[3]) == sorted(ids)
+
+
+def test_a_batch_too_big_for_the_device_is_halved_until_it_fits(trained, store, monkeypatch):
+    torch = pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    rt, ids, _ = trained
+    pipeline = rt.model(LAYOUT, "v0001")
+    real = pipeline.fisher_vectors
+    sizes: list[int] = []
+
+    def fisher_vectors(images, masks):
+        sizes.append(len(images))
+        if len(images) > 3:  # the device's memory holds at most 3 of these images
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real(images, masks)
+
+    monkeypatch.setattr(pipeline, "fisher_vectors", fisher_vectors)
+    outcome = batch.index_batch(rt, "hosp-a", "brain", "v0001", ids)
+    assert sorted(outcome.indexed) == sorted(ids) and not outcome.poison
+    assert sizes[0] == len(ids) and max(s for s in sizes if s <= 3) == 3
+    assert sum(s for s in sizes if s <= 3) == len(ids)  # every image computed exactly once
+    for image_id in ids:
+        record = FeatureRecord.from_bytes(store.get(LAYOUT.features("v0001", image_id)))
+        _, cipher, mask = work.load_image(rt, LAYOUT, image_id)
+        expected = real([cipher], [mask])[0]
+        assert float(np.abs(record.fisher_vector - expected).max()) <= 2e-4

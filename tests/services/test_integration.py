@@ -13,14 +13,15 @@ import os
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import pytest
 
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.procs import free_port
 from pecore.cipher import to_uint8
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import SMALL_MODEL, labelled_set, make_seg, npy_bytes
 
 pytestmark = pytest.mark.integration
@@ -80,7 +81,7 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
 
     # A PACS pushes one 12-bit MR slice and its DICOM SEG over DICOMweb STOW-RS.
     pixels, mask = labelled_set(1, shape=(48, 48), seed=99)[0][0], labelled_set(1, seed=99)[1][0]
-    dataset = make_dataset(pixels.astype(np.uint16), bits_stored=12)
+    dataset = make_mr(pixels.astype(np.uint16), bits_stored=12)
     seg = make_seg(mask, dataset, label="meningioma")
     pacs = DICOMwebClient(
         url=f"{cluster.encryptor_url}/dicomweb/brain",
@@ -90,7 +91,20 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
     stored = {item.ReferencedSOPInstanceUID: item for item in response.ReferencedSOPSequence}
     assert set(stored) == {dataset.SOPInstanceUID, seg.SOPInstanceUID}
     assert "FailedSOPSequence" not in response
-    image_id = stored[dataset.SOPInstanceUID].RetrieveURL.rstrip("/").split("/")[-2]
+    # The RetrieveURL is WADO-RS: a DICOMweb client opens the decrypted instance there.
+    url = stored[dataset.SOPInstanceUID].RetrieveURL
+    assert url.endswith(
+        f"/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+        f"/instances/{dataset.SOPInstanceUID}"
+    )
+    retrieved = pacs.retrieve_instance(
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+    )
+    np.testing.assert_array_equal(retrieved.pixel_array, to_uint8(pixels.astype(np.uint16))[0])
+    assert retrieved.LossyImageCompression == "01" and str(retrieved.PatientName) == ""
+    # (dicomweb-client sends a Host header without the port, so the URL's authority is off
+    # here: PECBIR_ENCRYPTOR_PUBLIC_URL fixes it in a deployment; the path is what counts.)
+    image_id = encryptor.get(urlsplit(url).path).headers["x-pecbir-image-id"]
 
     def searchable():
         status = gateway.get(f"/v1/collections/brain/images/{image_id}/status").json()
@@ -266,7 +280,7 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
     _poll(lambda: served(12), "12 sealed vectors served")
     # A PACS pushes one more slice with its SEG over STOW-RS into the sealed collection.
     pixels, mask = labelled_set(1, shape=(48, 48), seed=98)[0][0], labelled_set(1, seed=98)[1][0]
-    dataset = make_dataset(pixels.astype(np.uint16), bits_stored=12)
+    dataset = make_mr(pixels.astype(np.uint16), bits_stored=12)
     pacs = DICOMwebClient(
         url=f"{cluster.encryptor_url}/dicomweb/{SEALED}",
         headers={"Authorization": f"Bearer {cluster.user_token()}"},

@@ -11,9 +11,9 @@ from pecbir_encryptor.dicom import (
     Instance,
     read_instance,
 )
-from pecbir_encryptor.stow import Pairing, pair_instances, seg_outcomes
+from pecbir_encryptor.stow import Pairing, pair_instances, settle_seg
+from pecbir_harness.dicom import make_mr
 from pecore.io import MAX_PIXELS
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import dicom_bytes, make_seg
 
 
@@ -26,7 +26,7 @@ def image_and_mask(seed: int) -> tuple:
     pixels = rng.integers(0, 4096, (16, 16)).astype(np.uint16)
     mask = np.zeros((16, 16), bool)
     mask[4:9, 5:11] = True
-    return make_dataset(pixels, bits_stored=12), mask
+    return make_mr(pixels, bits_stored=12), mask
 
 
 def test_each_image_gets_the_seg_that_references_it_whatever_the_order():
@@ -43,10 +43,11 @@ def test_each_image_gets_the_seg_that_references_it_whatever_the_order():
     assert paired[first.SOPInstanceUID].seg_instance.sop_instance == seg_first.SOPInstanceUID
     assert paired[second.SOPInstanceUID].seg.label == 1  # "meningioma"
     np.testing.assert_array_equal(paired[first.SOPInstanceUID].seg.mask, first_mask)
-    assert [s.sop_instance for s in plan.segs] == [
+    assert [s.instance.sop_instance for s in plan.segs] == [
         seg_second.SOPInstanceUID,
         seg_first.SOPInstanceUID,
     ]
+    assert all(s.outside == () for s in plan.segs)  # both images are in the request
 
 
 def test_unpaired_images_unreadable_parts_and_empty_segs_are_reported():
@@ -74,18 +75,37 @@ def test_unpaired_images_unreadable_parts_and_empty_segs_are_reported():
         FAILURE_CANNOT_UNDERSTAND,
     ]
     assert isinstance(plan.images[0], Pairing)
-    assert plan.images[1][1:3] == (lonely.SOPInstanceUID, FAILURE_PROCESSING)
+    assert isinstance(plan.images[1], Instance)  # no SEG here: it may wait for one
+    assert plan.images[1].sop_instance == lonely.SOPInstanceUID
     assert plan.images[2][1:3] == (no_pixels.SOPInstanceUID, FAILURE_SOP_CLASS_MISMATCH)
-    assert [s.sop_instance for s in plan.segs] == [seg.SOPInstanceUID]
+    assert [s.instance.sop_instance for s in plan.segs] == [seg.SOPInstanceUID]
 
 
-def test_a_seg_is_stored_only_with_one_of_its_images():
+def test_a_seg_names_the_images_outside_its_request():
     image, mask = image_and_mask(0)
-    other, _ = image_and_mask(1)
-    used = instance_of(make_seg(mask, image))
-    unused = instance_of(make_seg(mask, other))
-    stored, failed = seg_outcomes([used, unused], {used.sop_instance})
-    assert stored == [(used.sop_class, used.sop_instance, None)]
-    assert [(uid, code) for _cls, uid, code, _text in failed] == [
-        (unused.sop_instance, FAILURE_PROCESSING)
-    ]
+    later, _ = image_and_mask(1)
+    seg = make_seg(mask, image)
+    seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence.append(
+        make_seg(mask, later).ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    )
+    plan = pair_instances([instance_of(image), instance_of(seg)])
+    assert isinstance(plan.images[0], Pairing)
+    assert plan.segs[0].outside == (later.SOPInstanceUID,)
+
+
+def test_a_seg_is_stored_when_one_of_its_images_is_or_waits():
+    image, mask = image_and_mask(0)
+    seg = instance_of(make_seg(mask, image))
+    image_failed = (image.SOPClassUID, image.SOPInstanceUID, FAILURE_PROCESSING, "gateway down")
+    waits = (0xB000, "waits")
+    assert settle_seg(seg, [None]) == ((seg.sop_class, seg.sop_instance, None, None), None)
+    assert settle_seg(seg, [image_failed, waits]) == (
+        (seg.sop_class, seg.sop_instance, None, waits),
+        None,
+    )
+    stored, failed = settle_seg(seg, [image_failed])
+    assert stored is None
+    assert failed[1:3] == (seg.sop_instance, FAILURE_PROCESSING)
+    assert failed[3] == "SEG source image not stored: gateway down"
+    own = (seg.sop_class, seg.sop_instance, FAILURE_PROCESSING, "corrected SEG")
+    assert settle_seg(seg, [own]) == (None, own)  # its own refusal, as it is

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from pecbir_contracts.layout import CollectionLayout
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.keys import MasterKey
-from tests.dicom_factory import make_dataset
 from tests.services.helpers import (
     SMALL_MODEL,
     dicom_bytes,
@@ -168,8 +168,8 @@ def test_ingest_refuses_images_without_a_usable_mask(system):
 
 def test_stow_rs_stores_images_with_seg_and_reports_failures(system, loaded):
     images, masks, _, _ = loaded
-    with_mask = make_dataset(images[0].astype(np.uint16), bits_stored=12)
-    without_mask = make_dataset(images[1].astype(np.uint16), bits_stored=12)
+    with_mask = make_mr(images[0].astype(np.uint16), bits_stored=12)
+    without_mask = make_mr(images[1].astype(np.uint16), bits_stored=12)
     seg = make_seg(masks[0], with_mask, label="meningioma")
     body, content_type = multipart_related(
         [dicom_bytes(with_mask), dicom_bytes(without_mask), dicom_bytes(seg)]
@@ -177,14 +177,21 @@ def test_stow_rs_stores_images_with_seg_and_reports_failures(system, loaded):
     answer = system.encryptor.post(
         "/dicomweb/brain/studies", content=body, headers={"content-type": content_type}
     )
+    # The image without a SEG is stored at the hospital with a warning, not refused.
     assert answer.status_code == 202, answer.text
     assert answer.headers["content-type"].startswith("application/dicom+json")
     response = answer.json()
-    stored = {i["00081155"]["Value"][0] for i in response["00081199"]["Value"]}
-    failed = {i["00081155"]["Value"][0]: i for i in response["00081198"]["Value"]}
-    assert stored == {with_mask.SOPInstanceUID, seg.SOPInstanceUID}
-    assert set(failed) == {without_mask.SOPInstanceUID}
-    assert failed[without_mask.SOPInstanceUID]["00081197"]["Value"] == [0x0110]
+    stored = {i["00081155"]["Value"][0]: i for i in response["00081199"]["Value"]}
+    assert set(stored) == {
+        with_mask.SOPInstanceUID,
+        seg.SOPInstanceUID,
+        without_mask.SOPInstanceUID,
+    }
+    assert "00081198" not in response
+    waiting = stored[without_mask.SOPInstanceUID]
+    assert waiting["00081196"]["Value"] == [0xB000] and "00081190" not in waiting
+    assert "SEG" in waiting["00000902"]["Value"][0]
+    assert "00081196" not in stored[with_mask.SOPInstanceUID]
     # Same push again: idempotent (same opaque id, same cloud object).
     again = system.encryptor.post(
         "/dicomweb/brain/studies", content=body, headers={"content-type": content_type}
@@ -195,9 +202,9 @@ def test_stow_rs_stores_images_with_seg_and_reports_failures(system, loaded):
     for value in ("Doe^Jane", "PID-0001", "Test Hospital", with_mask.SOPInstanceUID,
                   with_mask.StudyInstanceUID):  # fmt: skip
         assert value.encode() not in everything
-    only_images, ct = multipart_related([dicom_bytes(without_mask)])
+    nothing, ct = multipart_related([b"not dicom"])
     none = system.encryptor.post(
-        "/dicomweb/brain/studies", content=only_images, headers={"content-type": ct}
+        "/dicomweb/brain/studies", content=nothing, headers={"content-type": ct}
     )
     assert none.status_code == 409
     wrong_type = system.encryptor.post(

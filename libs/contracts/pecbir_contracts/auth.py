@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -94,6 +95,9 @@ class Claims(BaseModel):
     scopes: tuple[str, ...] = ()
     iat: int
     exp: int
+    # The token's id (RFC 7519 `jti`), what a revocation names; None in tokens minted before
+    # it was added, which can be revoked only by subject.
+    jti: str | None = None
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
@@ -181,6 +185,7 @@ def mint_token(
         "iat": issued,
         "nbf": issued,
         "exp": issued + int(ttl_s),
+        "jti": secrets.token_hex(8),
     }
     return jwt.encode(payload, _signing_key(secret), algorithm="HS256")
 

@@ -7,9 +7,12 @@ image set, or a consortium's shared set) under ``tenants/<tenant>/collections/<c
     images/<image_id>/mask.png        plain tumour mask (0/255 PNG)
     images/<image_id>/meta.json       ImageMetadata (or SealedImageMetadata); written last: the
                                       image exists iff it does
-    images/<image_id>/sealed.bin      sealed mode: the owner's AES-GCM blob (image + mask + labels)
+    images/<image_id>/sealed.bin      sealed and pe-roi modes: the owner's AES-GCM blob (image +
+                                      mask + labels)
     images/<image_id>/fisher.npy      sealed mode: the Fisher vector the owner computed
     patch-model.npz                   sealed mode: the patch model (PCA + GMM) the owner published
+    pe-roi.json                       pe-roi mode: {"scheme": ...}, written by the first pe-roi
+                                      upload; the collection is pe-roi iff it exists
     features/<version>/<image_id>.npz Fisher vector + projected vector for one model version
     failures/<image_id>.json          why indexing gave up (dead-lettered)
     models/<version>/model.npz        trained pipeline (npz, no pickle)
@@ -154,6 +157,10 @@ class CollectionLayout:
     @property
     def patch_model(self) -> str:
         return self.root + "patch-model.npz"
+
+    @property
+    def pe_roi(self) -> str:
+        return self.root + "pe-roi.json"
 
     def image_id_of_meta(self, key: str) -> str | None:
         """The image id if `key` is an image's meta.json (the commit marker), else None."""

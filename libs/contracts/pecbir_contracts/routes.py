@@ -23,6 +23,7 @@ __all__ = [
     "ENCRYPTOR_SEARCH",
     "ENCRYPTOR_STOW_STUDIES",
     "ENCRYPTOR_STOW_STUDY",
+    "ENCRYPTOR_WADO_INSTANCE",
     "GATEWAY_BLOB",
     "GATEWAY_IMAGE",
     "GATEWAY_IMAGES",
@@ -34,6 +35,7 @@ __all__ = [
     "GATEWAY_MODEL_TRAIN",
     "GATEWAY_MODEL_VERSION",
     "GATEWAY_PATCH_MODEL",
+    "GATEWAY_PROTECTION",
     "GATEWAY_SEALED_IMAGES",
     "GATEWAY_SEARCH",
     "GATEWAY_SEARCH_FISHER",
@@ -60,6 +62,7 @@ GATEWAY_MODEL_TRAIN = "/v1/collections/{collection}/model/train"
 GATEWAY_MODEL_VERSION = "/v1/collections/{collection}/model/{version}"
 # sealed mode: the owner's patch model, sealed uploads and their blobs, Fisher-vector queries
 GATEWAY_PATCH_MODEL = "/v1/collections/{collection}/patch-model"
+GATEWAY_PROTECTION = "/v1/collections/{collection}/protection"
 GATEWAY_SEALED_IMAGES = "/v1/collections/{collection}/sealed-images"
 GATEWAY_IMAGE_SEALED = "/v1/collections/{collection}/images/{image_id}/sealed"
 GATEWAY_SEARCH_FISHER = "/v1/collections/{collection}/search/fisher-vector"
@@ -79,5 +82,9 @@ ENCRYPTOR_SEARCH = "/v1/collections/{collection}/search"
 ENCRYPTOR_PLAIN_IMAGE = "/v1/collections/{collection}/images/{image_id}/plain"
 ENCRYPTOR_STOW_STUDIES = "/dicomweb/{collection}/studies"
 ENCRYPTOR_STOW_STUDY = "/dicomweb/{collection}/studies/{study}"
+# DICOMweb WADO-RS retrieve of one stored instance, decrypted (the STOW answer's RetrieveURL).
+ENCRYPTOR_WADO_INSTANCE = (
+    "/dicomweb/{collection}/studies/{study}/series/{series}/instances/{instance}"
+)
 ENCRYPTOR_KEY_RELEASE = "/v1/keys/release"
 ENCRYPTOR_PATCH_MODEL = "/v1/collections/{collection}/patch-model"

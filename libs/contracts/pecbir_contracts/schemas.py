@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
 
 __all__ = [
     "MAX_K",
+    "CollectionProtection",
     "HexTag",
     "ImageMetadata",
     "IndexStatus",
@@ -38,6 +40,7 @@ __all__ = [
     "UploadState",
     "UploadStatus",
     "VectorQuery",
+    "is_pe_roi_scheme",
     "parse_stored_record",
 ]
 
@@ -124,8 +127,43 @@ class ImageMetadata(_Strict):
 
 
 #: How a collection's images are protected: the paper's perceptual cipher (the cloud sees the
-#: cipher image and extracts the features) or sealed (AES-256-GCM; the owner sends the features).
-ProtectionMode = Literal["pe", "sealed"]
+#: cipher image and extracts the features), sealed (AES-256-GCM; the owner sends the features)
+#: or pe-roi (the image sealed; the cloud extracts the features from a scrambled, ROI-only
+#: perceptual cipher).
+ProtectionMode = Literal["pe", "sealed", "pe-roi"]
+
+
+#: A pe-roi scheme as a record names it: always the explicit spelling of `pecore.cipher_roi`
+#: ("pe-roi-t<tile>[d|dn]"), never "pe-roi", whose meaning follows the chosen configuration.
+PE_ROI_SCHEME_PATTERN = r"^pe-roi-t[1-9][0-9]*(?:d|dn)?$"
+
+
+def is_pe_roi_scheme(scheme: str) -> bool:
+    """Whether a record's key scheme is a pe-roi scheme in its explicit spelling.
+
+    Parameters
+    ----------
+    scheme : str
+        `KeyInfo.scheme` of a record.
+
+    Returns
+    -------
+    bool
+        True for "pe-roi-t<tile>[d|dn]" (the cloud then expects the image sealed beside it).
+    """
+    return re.fullmatch(PE_ROI_SCHEME_PATTERN, scheme) is not None
+
+
+class CollectionProtection(_Strict):
+    """A collection's protection mode as the cloud holds it (what a searcher must send).
+
+    `scheme`: the pe-roi scheme of a pe-roi collection (a query goes through the same
+    cipher); None for the other modes.
+    """
+
+    collection: str
+    mode: ProtectionMode
+    scheme: Scheme | None = None
 
 
 class SealedImageMetadata(_Strict):

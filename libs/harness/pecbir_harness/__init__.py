@@ -6,8 +6,9 @@ soaks and benchmarks. Not part of any service image.
 - `procs`     free ports, child processes, private Redis, S3 buckets, uvicorn apps, Celery
               workers, and `Cluster` (the whole cloud side on loopback)
 - `radosgw`   a single-node Ceph radosgw (real S3) on loopback; `deploy/local/radosgw`
-- `embedded`  `EmbeddedSystem`: every service in one process (the demo's mode)
+- `embedded`  `EmbeddedSystem`: every service in one process (the demo's mode); `served`
 - `workload`  sealing images for upload, percentiles
-- `dicom`     synthetic MR images, SEG masks and STOW-RS bodies
+- `dicom`     synthetic MR images, SEG masks, STOW-RS bodies, real encoders per transfer syntax
+- `orthanc`   a real PACS on loopback (Debian's Orthanc + DICOMweb plugin) wired to the encryptor
 - `soak`      the bounded soak run behind `pecbir soak`
 """

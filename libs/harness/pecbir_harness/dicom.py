@@ -1,4 +1,5 @@
-"""Synthetic DICOM for tests and benchmarks: MR images, SEG masks, STOW-RS bodies (pydicom).
+"""Synthetic DICOM for tests and benchmarks: MR images, SEG masks, STOW-RS bodies (pydicom),
+and the same images re-encoded by real encoders (DCMTK, GDCM, OpenJPH) in each transfer syntax.
 
 Nothing here is real patient data: every name and id is generated.
 """
@@ -6,14 +7,63 @@ Nothing here is real patient data: every name and id is generated.
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["dicom_bytes", "make_mr", "make_seg", "multipart_related", "stow_body"]
+__all__ = [
+    "ENCODINGS",
+    "Encoding",
+    "dicom_bytes",
+    "encode",
+    "make_mr",
+    "make_seg",
+    "missing_encoders",
+    "multipart_related",
+    "save_mr",
+    "stow_body",
+    "synthetic_slice",
+]
 
 
-def make_mr(pixels: np.ndarray):  # -> pydicom FileDataset
-    """A minimal single-frame MONOCHROME2 MR image holding `pixels` (uint16)."""
+def synthetic_slice(bits: int = 12, seed: int = 0, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """A smooth grey slice with some noise over most of `bits` (compresses like an image).
+
+    Parameters
+    ----------
+    bits
+        Depth: uint8 up to 8 bits, else uint16.
+    seed
+        Seed of the noise.
+    shape
+        (rows, columns).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    top = (1 << bits) - 1
+    wave = 0.5 + 0.35 * np.sin(xx / 7.0) * np.cos(yy / 9.0)
+    noisy = wave * top + rng.normal(0, top / 200, shape)
+    return np.clip(noisy, 0, top).astype(np.uint16 if bits > 8 else np.uint8)
+
+
+def make_mr(
+    pixels: np.ndarray, bits_stored: int = 16, photometric: str = "MONOCHROME2"
+):  # -> pydicom FileDataset
+    """A minimal single-frame grey MR image holding `pixels`, with made-up patient attributes.
+
+    Parameters
+    ----------
+    pixels
+        2-D image; stored as 8-bit when `bits_stored` <= 8, else as 16-bit.
+    bits_stored
+        BitsStored (HighBit follows).
+    photometric
+        PhotometricInterpretation (MONOCHROME2 unless a test wants another).
+    """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -27,17 +77,138 @@ def make_mr(pixels: np.ndarray):  # -> pydicom FileDataset
     dataset.StudyInstanceUID = generate_uid()
     dataset.SeriesInstanceUID = generate_uid()
     dataset.Modality = "MR"
-    dataset.PatientName = "Synthetic^Patient"
-    dataset.PatientID = "SYN-0001"
+    # Values a test can look for in what reaches the cloud (they must never be there).
+    dataset.PatientName = "Doe^Jane"
+    dataset.PatientID = "PID-0001"
+    dataset.PatientBirthDate = "19700101"
+    dataset.InstitutionName = "Test Hospital"
     dataset.Rows, dataset.Columns = pixels.shape
     dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 16
-    dataset.HighBit = 15
+    dataset.PhotometricInterpretation = photometric
+    allocated = 8 if bits_stored <= 8 else 16
+    dataset.BitsAllocated = allocated
+    dataset.BitsStored = bits_stored
+    dataset.HighBit = bits_stored - 1
     dataset.PixelRepresentation = 0
-    dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    dtype = np.uint8 if allocated == 8 else np.uint16
+    dataset.PixelData = np.ascontiguousarray(pixels, dtype=dtype).tobytes()
     return dataset
+
+
+def save_mr(path: Path, pixels: np.ndarray, **kwargs: object) -> Path:
+    """`make_mr(pixels, **kwargs)` written to `path` as a DICOM file; the path."""
+    make_mr(pixels, **kwargs).save_as(path, enforce_file_format=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One transfer syntax as a real encoder writes it.
+
+    Attributes
+    ----------
+    name
+        Short name (test ids, benchmark rows).
+    syntax
+        The transfer syntax UID the encoder writes.
+    tool, args
+        The encoder's executable and its options (input and output file follow).
+    lossless
+        Whether decoding gives the input back exactly.
+    bits_stored
+        Depth of the input the encoder takes (JPEG baseline: 8 bits, else 12).
+    """
+
+    name: str
+    syntax: str
+    tool: str
+    args: tuple[str, ...]
+    lossless: bool
+    bits_stored: int = 12
+
+
+# What a PACS commonly sends, each written by DCMTK (dcmconv, dcmcrle, dcmcjpeg, dcmcjpls),
+# GDCM (gdcmconv: JPEG 2000) or OpenJPH (ojph_compress: HTJ2K, wrapped here): encoders that
+# are not this project's, so decoding is tested on what other software writes.
+ENCODINGS: tuple[Encoding, ...] = (
+    Encoding("explicit-le", "1.2.840.10008.1.2.1", "dcmconv", ("+te",), True),
+    Encoding("implicit-le", "1.2.840.10008.1.2", "dcmconv", ("+ti",), True),
+    Encoding("explicit-be", "1.2.840.10008.1.2.2", "dcmconv", ("+tb",), True),
+    Encoding("deflate", "1.2.840.10008.1.2.1.99", "dcmconv", ("+td",), True),
+    Encoding("rle", "1.2.840.10008.1.2.5", "dcmcrle", (), True),
+    Encoding("jpeg-baseline", "1.2.840.10008.1.2.4.50", "dcmcjpeg", ("+eb", "+sr"), False, 8),
+    Encoding("jpeg-extended", "1.2.840.10008.1.2.4.51", "dcmcjpeg", ("+ee", "+sr"), False),
+    Encoding("jpeg-lossless", "1.2.840.10008.1.2.4.57", "dcmcjpeg", ("+el",), True),
+    Encoding("jpeg-lossless-sv1", "1.2.840.10008.1.2.4.70", "dcmcjpeg", ("+e1",), True),
+    Encoding("jpeg-ls", "1.2.840.10008.1.2.4.80", "dcmcjpls", (), True),
+    Encoding("jpeg-ls-near", "1.2.840.10008.1.2.4.81", "dcmcjpls", ("+en",), False),
+    Encoding("j2k-lossless", "1.2.840.10008.1.2.4.90", "gdcmconv", ("--j2k",), True),
+    Encoding("j2k", "1.2.840.10008.1.2.4.91", "gdcmconv", ("--j2k", "--lossy", "-r", "10"), False),
+    Encoding(
+        "htj2k-lossless", "1.2.840.10008.1.2.4.201", "ojph_compress", ("-reversible", "true"), True
+    ),
+)
+
+
+def missing_encoders(encodings: tuple[Encoding, ...] = ENCODINGS) -> list[str]:
+    """The encoders of `encodings` not installed (Debian: dcmtk, libgdcm-tools, openjph-tools)."""
+    return sorted({e.tool for e in encodings if shutil.which(e.tool) is None})
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[:500]}")
+
+
+def _htj2k(dataset, folder: Path, encoding: Encoding) -> bytes:
+    """`dataset` with its pixels as one HTJ2K codestream (ojph_compress writes bare .j2c)."""
+    from pydicom.encaps import encapsulate
+
+    pixels = np.asarray(dataset.pixel_array)
+    depth = int(dataset.BitsStored)
+    pgm = folder / "in.pgm"
+    header = f"P5 {pixels.shape[1]} {pixels.shape[0]} {(1 << depth) - 1}\n".encode()
+    body = pixels.astype(">u2" if depth > 8 else np.uint8).tobytes()  # PGM: big-endian
+    pgm.write_bytes(header + body)
+    _run([encoding.tool, "-i", str(pgm), "-o", str(folder / "out.j2c"), *encoding.args])
+    dataset.PixelData = encapsulate([(folder / "out.j2c").read_bytes()])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = encoding.syntax
+    return dicom_bytes(dataset)
+
+
+def encode(data: bytes, encoding: Encoding) -> bytes:
+    """DICOM file `data` (uncompressed) re-encoded by `encoding`'s real encoder.
+
+    Parameters
+    ----------
+    data
+        A DICOM file, e.g. ``dicom_bytes(make_mr(pixels, bits_stored=encoding.bits_stored))``.
+    encoding
+        One of `ENCODINGS`.
+
+    Returns
+    -------
+    bytes
+        The file the encoder wrote.
+
+    Raises
+    ------
+    RuntimeError
+        The encoder is missing or failed.
+    """
+    import pydicom
+
+    if shutil.which(encoding.tool) is None:
+        raise RuntimeError(f"{encoding.tool} is not installed")
+    with tempfile.TemporaryDirectory(prefix="pecbir-encode-") as tmp:
+        folder = Path(tmp)
+        if encoding.tool == "ojph_compress":
+            return _htj2k(pydicom.dcmread(io.BytesIO(data)), folder, encoding)
+        (folder / "in.dcm").write_bytes(data)
+        _run([encoding.tool, *encoding.args, str(folder / "in.dcm"), str(folder / "out.dcm")])
+        return (folder / "out.dcm").read_bytes()
 
 
 def make_seg(mask: np.ndarray, source, label: str = "glioma"):

@@ -8,8 +8,10 @@ are the real ones; only the transports differ from `pecbir serve`.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from pecore.keys import MasterKey
 __all__ = [
     "USER_SCOPES",
     "EmbeddedSystem",
+    "served",
 ]
 
 USER_SCOPES = ("upload", "search", "read", "train", "decrypt", "key-release")
@@ -40,6 +43,7 @@ class EmbeddedSystem:
         encode_threads: int | None = None,
         reindex_chunk: int = 32,
         sealed_collections: frozenset[str] = frozenset(),
+        pe_roi_collections: frozenset[str] = frozenset(),
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -88,7 +92,10 @@ class EmbeddedSystem:
                 user_token_secret=self.user_secret.hex(),
                 audit_log=self.root / "encryptor-audit.jsonl",
                 sealed_collections=sealed_collections,
+                pe_roi_collections=pe_roi_collections,
                 patch_models=self.root / "patch-models",
+                pending_dir=self.root / "pending",
+                pacs_credentials=self.root / "pacs-credentials.json",
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,
@@ -155,3 +162,37 @@ class EmbeddedSystem:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def served(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve an ASGI `app` (e.g. an `EmbeddedSystem`'s encryptor) over real HTTP from a
+    thread of this process until the block ends; its base URL (for a real PACS to push to).
+
+    Parameters
+    ----------
+    app
+        The ASGI application.
+    host
+        Address to listen on (loopback).
+    """
+    import threading
+
+    import uvicorn
+
+    from pecbir_harness.procs import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -392,6 +392,8 @@ class Cluster:
                     "audit_log": str(self.tmp / "audit.jsonl"),
                     "sealed_collections": json.dumps(list(self.sealed_collections)),
                     "patch_models": str(self.tmp / "patch-models"),
+                    "pending_dir": str(self.tmp / "pending"),
+                    "pacs_credentials": str(self.tmp / "pacs-credentials.json"),
                 }.items()
             }
             self.encryptor_url = stack.enter_context(

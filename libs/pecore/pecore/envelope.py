@@ -20,12 +20,13 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterator, Sequence
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from pecore.cipher import IntensityRescale, Scheme, decrypt, encrypt, to_uint8
+from pecore.cipher import IntensityRescale, cipher_scheme, decrypt, encrypt, to_uint8
+from pecore.cipher_roi import RoiCipher, is_roi_scheme
 from pecore.keys import (
     ImageKey,
     MasterKey,
@@ -54,6 +55,7 @@ __all__ = [
     "integrity_tag",
     "scenario_key_stream",
     "seal",
+    "seal_roi",
     "tag",
     "unseal",
     "verify_tag",
@@ -111,6 +113,18 @@ _V1_SIDECAR_FIELDS: Final = frozenset(
 )
 
 
+def _record_scheme(name: str) -> str:
+    # a registered scheme of pecore.cipher (or an alias), or a pe-roi scheme ("pe-roi-t16dn")
+    if not is_roi_scheme(name):
+        cipher_scheme(name)
+    return name
+
+
+#: A scheme as a record names it: one of `pecore.cipher` (kept as written, aliases included)
+#: or a pe-roi scheme of `pecore.cipher_roi`, by its explicit spelling.
+RecordScheme = Annotated[str, AfterValidator(_record_scheme)]
+
+
 class CipherMetadata(BaseModel):
     """Everything a key holder needs, besides the master key, to check and decrypt a cipher image.
 
@@ -125,7 +139,9 @@ class CipherMetadata(BaseModel):
     label : int or None
         Class label of a template (0..255), None when unknown or for queries.
     scheme : str
-        Cipher scheme (pecore.cipher).
+        Cipher scheme (pecore.cipher), or a pe-roi scheme (pecore.cipher_roi, explicit
+        spelling "pe-roi-t<b>[d|dn]"): its cipher holds only the scrambled ROI, and the
+        image itself travels sealed (`seal_roi`).
     key_mode : {"per-image", "same"}
         How the key was chosen (see `KeyMode`).
     key_id : str
@@ -156,7 +172,7 @@ class CipherMetadata(BaseModel):
     image_id: str = Field(min_length=1, max_length=128)
     role: Role = "template"
     label: int | None = Field(default=None, ge=0, le=255)
-    scheme: Scheme
+    scheme: RecordScheme
     key_mode: KeyMode
     key_id: str
     key_counter: int = Field(ge=0)
@@ -228,7 +244,7 @@ def seal(
     image: np.ndarray,
     master: MasterKey,
     image_id: str,
-    scheme: Scheme = "ours",
+    scheme: str = "ours",
     key_mode: KeyMode = "per-image",
     *,
     role: Role = "template",
@@ -266,6 +282,8 @@ def seal(
     metadata : CipherMetadata
         The record, without a tag yet (see `tag`).
     """
+    if is_roi_scheme(scheme):
+        raise ValueError(f"{scheme} needs the tumour mask and seals the image: use seal_roi")
     plain, rescale = to_uint8(image)
     salt = None
     if tenant is not None and key_mode == "per-image":
@@ -288,6 +306,81 @@ def seal(
         key_salt=salt,
     )
     return cipher, metadata
+
+
+def seal_roi(
+    image: np.ndarray,
+    mask: np.ndarray,
+    master: MasterKey,
+    image_id: str,
+    scheme: str = "pe-roi",
+    *,
+    role: Role = "template",
+    label: int | None = None,
+    tenant: str | None = None,
+    collection: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, CipherMetadata]:
+    """pe-roi's feature image for the cloud, its cloud mask and its (untagged) record.
+
+    The owner-side half of the `pe-roi` protection mode (`pecore.cipher_roi`): only the
+    owner-dilated ROI and the patch margin of the 8-bit image, tile-scrambled and encrypted
+    under the image's per-image key (pe-roi has no shared-key mode: one key for all images
+    would give every image the same tile permutation).  The image itself goes to the cloud
+    only sealed (`pecore.sealing`); the record names the scheme by its explicit spelling, so a
+    later change of the chosen configuration leaves stored records as they are.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Plain 2-D grey image, any integer or float depth (brought to 8 bits by min–max).
+    mask : numpy.ndarray
+        Its tumour mask (bool, same shape).
+    master : MasterKey
+        The owner's master key; the image key is derived from it.
+    image_id : str
+        Opaque id of the image: selects its key and is the tile keys' nonce.
+    scheme : str
+        "pe-roi" (the chosen configuration) or "pe-roi-t<b>[d|dn]".
+    role : {"template", "query"}
+        Recorded in the metadata (and covered by the tag).
+    label : int or None
+        Class label of a template.
+    tenant, collection : str or None
+        Where the record will be stored (a v3 record, content-bound key), as for `seal`.
+
+    Returns
+    -------
+    cipher : numpy.ndarray
+        uint8 feature image for the cloud (ROI and margin only, scrambled, encrypted).
+    cloud_mask : numpy.ndarray
+        bool: the ROI moved with the tiles, the only mask the cloud gets.
+    metadata : CipherMetadata
+        The record, without a tag yet (see `tag`, with ``mask=cloud_mask``).
+    """
+    roi = RoiCipher.from_name(scheme)
+    plain, rescale = to_uint8(image)
+    mask = np.asarray(mask, dtype=bool)
+    salt = content_key_salt(master, plain) if tenant is not None else None
+    key = image_key_for(master, image_id, "per-image", plain.size, salt=salt)
+    stream = key.stream()
+    cipher = roi.encrypt(plain, stream, mask=mask, nonce=image_id)
+    cloud_mask = roi.cloud_mask(mask, stream, nonce=image_id)
+    metadata = CipherMetadata(
+        image_id=image_id,
+        role=role,
+        label=label,
+        scheme=roi.legacy_name,
+        key_mode="per-image",
+        key_id=master.key_id,
+        key_counter=key.counter,
+        key_check=key.check,
+        shape=plain.shape,
+        rescale=rescale,
+        tenant=tenant,
+        collection=collection,
+        key_salt=salt,
+    )
+    return cipher, cloud_mask, metadata
 
 
 class TamperedError(ValueError):
@@ -521,6 +614,11 @@ def unseal(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> n
         )
     if tuple(cipher.shape) != tuple(metadata.shape):
         raise ValueError(f"cipher image has shape {cipher.shape}, metadata says {metadata.shape}")
+    if is_roi_scheme(metadata.scheme):
+        raise ValueError(
+            f"image {metadata.image_id!r} is {metadata.scheme}: its cipher holds the ROI only; "
+            "the image opens from its sealed blob"
+        )
     key = image_key_for(
         master, metadata.image_id, metadata.key_mode, cipher.size, salt=metadata.key_salt
     )

@@ -19,6 +19,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
     "check_dicom_size",
+    "dicom_is_lossy",
     "is_dicom",
     "open_dicom",
     "png_bytes",
@@ -39,6 +40,28 @@ def is_dicom(head: bytes) -> bool:
 
 
 _DEFLATED = "1.2.840.10008.1.2.1.99"
+# Transfer syntaxes that are always lossy (JPEG baseline and extended) and those that may be
+# (JPEG-LS near-lossless, JPEG 2000, HTJ2K): the latter are lossy unless the file says
+# LossyImageCompression "00".
+_ALWAYS_LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+_MAYBE_LOSSY = frozenset(
+    {"1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
+)
+# JPEG-LS: CharLS (pyjpegls) decodes it about 4x faster than libjpeg (bench-dicom), but pydicom
+# prefers libjpeg when both are there; asked for by name where it is installed.
+_JPEG_LS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+
+
+def _prefer_charls(dataset: object) -> None:
+    syntax = str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", ""))
+    if syntax not in _JPEG_LS:
+        return
+    from pydicom.pixels.decoders import JPEGLSLosslessDecoder
+
+    if "pyjpegls" in JPEGLSLosslessDecoder.available_plugins:
+        dataset.pixel_array_options(decoding_plugin="pyjpegls")
+
+
 # Room for the attributes around the pixels when bounding an inflated (deflated) dataset.
 _HEADER_ROOM_BYTES = 1 << 20
 
@@ -116,6 +139,26 @@ def check_dicom_size(dataset: object, *, max_pixels: int = MAX_PIXELS, max_frame
         raise ValueError(f"DICOM BitsAllocated = {bits}; expected at most 16")
 
 
+def dicom_is_lossy(dataset: object) -> bool:
+    """Whether a DICOM image's pixels went through lossy compression, now or before.
+
+    True when LossyImageCompression is "01" (at any point in its history, PS3.3 C.7.6.1.1.5),
+    when its transfer syntax is JPEG baseline or extended, or when the syntax may be lossy
+    (JPEG-LS near-lossless, JPEG 2000, HTJ2K) and the file does not say "00".
+
+    Parameters
+    ----------
+    dataset
+        A pydicom dataset, as `open_dicom` or `read_dicom` return it.
+    """
+    flag = str(getattr(dataset, "LossyImageCompression", "") or "").strip()
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if flag == "01" or syntax in _ALWAYS_LOSSY:
+        return True
+    return syntax in _MAYBE_LOSSY and flag != "00"
+
+
 def read_dicom(
     source: str | os.PathLike[str] | bytes | BinaryIO, *, max_pixels: int = MAX_PIXELS
 ) -> tuple[np.ndarray, object]:
@@ -148,12 +191,19 @@ def read_dicom(
         raise ValueError(f"DICOM BitsStored = {bits_stored}; expected 8 to 16 (e.g. 12 or 16)")
     check_dicom_size(dataset, max_pixels=max_pixels)
     try:
+        # pydicom picks the codec of the transfer syntax: its own for the uncompressed,
+        # deflated and RLE ones, the pylibjpeg plugins (libjpeg, openjpeg, rle) for JPEG,
+        # JPEG-LS, JPEG 2000 and HTJ2K (JPEG-LS: CharLS where installed).
+        _prefer_charls(dataset)
         pixels = dataset.pixel_array
     except Exception as exc:  # pydicom raises many types for broken or unsupported pixel data
-        raise ValueError(f"cannot decode DICOM pixel data: {exc}") from None
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        name = f" ({syntax.name}, {syntax})" if syntax is not None else ""
+        raise ValueError(f"cannot decode DICOM pixel data{name}: {exc}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise ValueError(f"DICOM pixel data has shape {pixels.shape}; expected one 2-D slice")
-    return np.asarray(pixels), dataset
+    # Big-endian syntaxes decode to big-endian arrays; everything downstream wants native.
+    return np.asarray(pixels, dtype=pixels.dtype.newbyteorder("=")), dataset
 
 
 def read_png(source: str | os.PathLike[str] | bytes | BinaryIO) -> np.ndarray:

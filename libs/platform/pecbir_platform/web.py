@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection
+import os
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, UploadFile
@@ -20,22 +23,29 @@ from fastapi.responses import JSONResponse
 from pecbir_contracts.auth import AuthError, Claims, Forbidden, TokenKind, bearer, verify_token
 from pecbir_contracts.routes import HEALTHZ
 from pecbir_contracts.store import ObjectNotFound, StorageError
+from pecbir_platform.revocation import check_not_revoked
 
 __all__ = [
+    "BEARER_SCHEME",
     "DOCS_ASSETS",
     "ERROR_EXAMPLES",
     "MULTIPART_OVERHEAD_BYTES",
     "PUBLIC_PATHS",
+    "REASON_HEADER",
     "STORE_RETRY_AFTER_S",
     "RequestGuard",
     "add_healthz",
+    "add_reason_headers",
     "add_store_error_handlers",
     "bearer_claims",
     "document_api",
     "guard_requests",
     "read_body_limited",
     "read_limited",
+    "reason_header",
     "require_scope",
+    "spool_body_limited",
+    "verify_bearer",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +87,14 @@ class RequestGuard:
         Path prefixes that authenticate otherwise (the gateway's capability URLs).
     on_unauthenticated
         Called with the reason for each request refused with 401 (the encryptor audits).
+    body_limits
+        (path prefix, largest body) pairs that replace `max_body_bytes` on those paths (the
+        encryptor's STOW-RS root, which spools its body to disk); the first match wins.
+    authenticate
+        Checks a request's headers instead of the bearer token alone (raises `AuthError`):
+        the encryptor also takes its PACS credentials. Default: `verify_bearer`.
+    challenge
+        The ``WWW-Authenticate`` value of a 401.
     """
 
     def __init__(
@@ -88,13 +106,24 @@ class RequestGuard:
         max_body_bytes: int,
         public_prefixes: Collection[str] = (),
         on_unauthenticated: Callable[[str], None] | None = None,
+        authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
+        challenge: str = "Bearer",
+        body_limits: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.app = app
+        self.body_limits = tuple(body_limits)
+        self.authenticate = authenticate
+        self.challenge = challenge
         self.secret = secret
         self.kind = kind
         self.max_body_bytes = max_body_bytes
         self.public_prefixes = tuple(public_prefixes)
         self.on_unauthenticated = on_unauthenticated
+
+    def _limit(self, path: str) -> int:
+        """The largest body accepted on `path`."""
+        matches = (n for prefix, n in self.body_limits if path.startswith(prefix))
+        return next(matches, self.max_body_bytes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -110,13 +139,16 @@ class RequestGuard:
         if not public:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             try:
-                verify_token(self.secret, bearer(authorization), kind=self.kind)
+                if self.authenticate is not None:
+                    self.authenticate(headers)
+                else:
+                    verify_bearer(self.secret, authorization, kind=self.kind)
             except AuthError as exc:
                 if self.on_unauthenticated is not None:
                     self.on_unauthenticated(str(exc))
-                await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"})
+                await _answer(send, 401, str(exc), {"www-authenticate": self.challenge})
                 return
-        limit = 0 if public else self.max_body_bytes
+        limit = 0 if public else self._limit(path)
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -150,11 +182,47 @@ class RequestGuard:
             await _answer(send, 413, str(exc.detail))
 
 
+def reason_header(text: str, limit: int = 200) -> str:
+    """`text` as a header value: printable ASCII without quotes, at most `limit` characters.
+
+    Parameters
+    ----------
+    text
+        A human-readable reason.
+    limit
+        Longest value.
+    """
+    return "".join(c if 32 <= ord(c) < 127 and c != '"' else "?" for c in text)[:limit]
+
+
+#: The header that repeats an error's reason: machines (a PACS) log headers, not JSON bodies.
+REASON_HEADER = "X-Pecbir-Reason"
+
+
+def add_reason_headers(app: FastAPI) -> None:
+    """Every error answer of `app` (HTTPException) also carries its detail in `REASON_HEADER`.
+
+    Parameters
+    ----------
+    app
+        The application.
+    """
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def with_reason(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        headers.setdefault(REASON_HEADER, reason_header(str(exc.detail)))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    app.add_exception_handler(StarletteHTTPException, with_reason)
+
+
 async def _answer(
     send: Any, status: int, detail: str, headers: dict[str, str] | None = None
 ) -> None:
     body = json.dumps({"detail": detail}).encode()
     raw_headers = [
+        (REASON_HEADER.lower().encode(), reason_header(detail).encode()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         # The body was not read: the connection cannot carry another request.
@@ -173,6 +241,9 @@ def guard_requests(
     max_body_bytes: int,
     public_prefixes: Collection[str] = (),
     on_unauthenticated: Callable[[str], None] | None = None,
+    authenticate: Callable[[dict[bytes, bytes]], Claims] | None = None,
+    challenge: str = "Bearer",
+    body_limits: Sequence[tuple[str, int]] = (),
 ) -> None:
     """Install `RequestGuard` on `app` (add it before the observability middleware, so that
     refusals are counted and carry a request id).
@@ -181,7 +252,9 @@ def guard_requests(
     ----------
     app
         The application.
-    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated
+    secret, kind, max_body_bytes, public_prefixes, on_unauthenticated, authenticate, challenge
+        As for `RequestGuard`.
+    body_limits
         As for `RequestGuard`.
     """
     app.add_middleware(
@@ -191,6 +264,9 @@ def guard_requests(
         max_body_bytes=max_body_bytes,
         public_prefixes=public_prefixes,
         on_unauthenticated=on_unauthenticated,
+        authenticate=authenticate,
+        challenge=challenge,
+        body_limits=body_limits,
     )
 
 
@@ -227,6 +303,73 @@ async def read_body_limited(request: Request, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def spool_body_limited(
+    request: Request, *, limit: int, directory: Path | None = None
+) -> Path:
+    """The request's body written to a new temporary file (0600), never held in memory whole;
+    refused with 413 by its Content-Length or at the first byte over `limit` (the file is
+    then removed). The caller removes the file when done.
+
+    Parameters
+    ----------
+    request
+        The incoming request.
+    limit
+        Largest accepted body in bytes.
+    directory
+        Where the file goes (default: the system's temporary directory).
+
+    Returns
+    -------
+    Path
+        The file holding the body.
+
+    Raises
+    ------
+    HTTPException
+        413 when the body is (or declares to be) larger than `limit`.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    descriptor, name = tempfile.mkstemp(prefix="pecbir-body-", dir=directory)
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(descriptor, "wb") as handle:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                handle.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def verify_bearer(secret: bytes, authorization: str | None, *, kind: TokenKind) -> Claims:
+    """The claims of an ``Authorization: Bearer <token>`` header's token, not revoked.
+
+    Parameters
+    ----------
+    secret
+        HMAC secret the token must be signed with.
+    authorization
+        The header's value.
+    kind
+        The kind of token the service accepts.
+
+    Raises
+    ------
+    AuthError
+        As `verify_token`, or the token is revoked (`pecbir_platform.revocation`).
+    """
+    claims = verify_token(secret, bearer(authorization), kind=kind)
+    check_not_revoked(claims)
+    return claims
+
+
 def bearer_claims(request: Request, *, secret: bytes, kind: TokenKind) -> Claims:
     """The verified claims of the request's bearer token.
 
@@ -251,7 +394,7 @@ def bearer_claims(request: Request, *, secret: bytes, kind: TokenKind) -> Claims
         signed or expired; the detail is the reason.
     """
     try:
-        return verify_token(secret, bearer(request.headers.get("authorization")), kind=kind)
+        return verify_bearer(secret, request.headers.get("authorization"), kind=kind)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
 
@@ -449,12 +592,44 @@ def _with_error_responses(document: dict) -> dict:
     return document
 
 
-def document_api(app: FastAPI) -> None:
+#: The security scheme every service declares: its own signed JWTs (`pecbir_contracts.auth`).
+BEARER_SCHEME = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A token of this service (HS256; `pecbir token mint --kind …`)",
+    }
+}
+
+
+def _with_security(document: dict, schemes: dict[str, dict]) -> dict:
+    """Declare `schemes` and require one of them on every operation but the public ones."""
+    document.setdefault("components", {})["securitySchemes"] = schemes
+    requirement = [{name: []} for name in schemes]
+    for path, operations in document.get("paths", {}).items():
+        public = path in PUBLIC_PATHS or path.startswith("/v1/blobs/")
+        for operation in operations.values():
+            operation["security"] = [{}] if public else requirement
+    return document
+
+
+def document_api(app: FastAPI, *, security_schemes: dict[str, dict] | None = None) -> None:
     """The API documentation of a service: the error responses of every operation in the
-    OpenAPI document (`ERROR_EXAMPLES`), and `/docs` served with the Swagger UI files of the
-    swagger-ui-bundle package, so that the docs work without internet access, as hospitals'
-    machines often are (FastAPI's default page loads them from a CDN; ReDoc, CDN only, is
-    removed)."""
+    OpenAPI document (`ERROR_EXAMPLES`), its security schemes, and `/docs` served with the
+    Swagger UI files of the swagger-ui-bundle package, so that the docs work without internet
+    access, as hospitals' machines often are (FastAPI's default page loads them from a CDN;
+    ReDoc, CDN only, is removed).
+
+    Parameters
+    ----------
+    app
+        The application.
+    security_schemes
+        OpenAPI security schemes the service accepts (default `BEARER_SCHEME`); an operation
+        needs one of them, except the public paths.
+    """
+    schemes = security_schemes or BEARER_SCHEME
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
     from swagger_ui_bundle import swagger_ui_path
@@ -463,7 +638,7 @@ def document_api(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _with_error_responses(plain_openapi())
+            app.openapi_schema = _with_security(_with_error_responses(plain_openapi()), schemes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

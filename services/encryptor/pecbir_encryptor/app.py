@@ -13,7 +13,14 @@ from fastapi import FastAPI
 
 from pecbir_contracts.auth import ENCRYPTOR_TOKEN, check_secret
 from pecbir_encryptor import ops
-from pecbir_encryptor.deps import EncryptorContext, build_encryptor
+from pecbir_encryptor.credentials import PacsCredentials
+from pecbir_encryptor.deps import (
+    CHALLENGE,
+    SECURITY_SCHEMES,
+    EncryptorContext,
+    authenticator,
+    build_encryptor,
+)
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
 from pecbir_encryptor.settings import EncryptorSettings
@@ -22,6 +29,7 @@ from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import (
     MULTIPART_OVERHEAD_BYTES,
     add_healthz,
+    add_reason_headers,
     document_api,
     guard_requests,
 )
@@ -60,10 +68,17 @@ def create_app(
         version="1",
         description="Plain images in, cipher images to the cloud; decryption for key holders.",
     )
+    credentials = (
+        PacsCredentials(settings.pacs_credentials, settings.tenant)
+        if settings.pacs_credentials is not None
+        else None
+    )
+    authenticate = authenticator(secret, credentials)
     app.state.context = EncryptorContext(
         settings=settings,
         encryptor=encryptor,
         limiter=RateLimiter.from_settings(settings.rate_limits, settings.rate_limits_url),
+        authenticate=authenticate,
     )
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
@@ -76,9 +91,15 @@ def create_app(
         # An image and its mask, each up to the limit (a STOW body has the limit for itself).
         max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         on_unauthenticated=encryptor.audit.unauthenticated,
+        authenticate=authenticate,
+        challenge=CHALLENGE,
+        # STOW-RS bodies are spooled to disk (routes.dicomweb): their own limit.
+        body_limits=(("/dicomweb/", settings.max_stow_bytes),),
     )
 
-    document_api(app)
+    document_api(app, security_schemes=SECURITY_SCHEMES)
+    # A PACS logs status and headers (Orthanc with HttpVerbose), not our JSON: the reason too.
+    add_reason_headers(app)
     add_healthz(
         app,
         secret=lambda: secret,
@@ -87,4 +108,29 @@ def create_app(
     )
 
     ops.instrument(app, encryptor)
+    if settings.dimse_port is not None:
+        _serve_dimse(app, encryptor, settings)
     return app
+
+
+def _serve_dimse(app: FastAPI, encryptor, settings: EncryptorSettings) -> None:
+    """Run the DIMSE C-STORE SCP beside the HTTP app, for the app's lifetime."""
+    from pecbir_encryptor.dimse import DimseConfig, start_scp
+
+    config = DimseConfig(
+        port=settings.dimse_port,
+        host=settings.dimse_host,
+        ae_title=settings.dimse_ae_title,
+        allowed=settings.dimse_allowed_aes,
+        collection=settings.dimse_collection,
+        max_associations=settings.dimse_max_associations,
+        tls_cert=settings.dimse_tls_cert,
+        tls_key=settings.dimse_tls_key,
+        tls_ca=settings.dimse_tls_ca,
+    )
+    servers = []
+    app.router.add_event_handler(
+        "startup",
+        lambda: servers.append(start_scp(encryptor, config, max_pixels=settings.max_pixels)),
+    )
+    app.router.add_event_handler("shutdown", lambda: [s.shutdown() for s in servers])

@@ -1,10 +1,12 @@
 """Owner-side operations: protect (8-bit + encrypt + tag) or seal, upload, fetch-verify-open.
 
-Every collection is protected in one of two modes, chosen by the owner (`mode_of`): `pe`, the
-paper's perceptual cipher, and `sealed` (`pecbir_encryptor.sealed`).  Records of both modes are
-bound to their identity: a v3 tag (pe) or the AEAD's associated data (sealed) covers tenant,
-collection and the owner's opaque id, and the cloud's image id is a public function of those
-(`pecbir_contracts.layout.image_id_for`), so a record handed back for another id is refused.
+Every collection is protected in one of three modes, chosen by the owner (`mode_of`): `pe`,
+the paper's perceptual cipher, `sealed` (`pecbir_encryptor.sealed`) and `pe-roi`
+(`pecbir_encryptor.pe_roi`: the image sealed, the cloud's features read a scrambled ROI-only
+cipher).  Records of every mode are bound to their identity: a v3 tag (pe, pe-roi) or the
+AEAD's associated data (sealed, pe-roi) covers tenant, collection and the owner's opaque id, and
+the cloud's image id is a public function of those (`pecbir_contracts.layout.image_id_for`), so
+a record handed back for another id is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
 from pecbir_contracts.schemas import (
+    MAX_K,
     ImageMetadata,
     SealedImageMetadata,
     SearchResponse,
@@ -32,18 +35,21 @@ from pecbir_contracts.schemas import (
 )
 from pecbir_contracts.vectors import encode_vector_npy
 from pecbir_encryptor.audit import AuditLog
-from pecbir_encryptor.gateway_client import GatewayClient
+from pecbir_encryptor.gateway_client import GatewayClient, GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
+from pecbir_encryptor.pe_roi import RoiUpload, protect_roi
+from pecbir_encryptor.pending import PendingPairs
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
 from pecore.cipher import to_uint8
+from pecore.cipher_roi import DEFAULT_ROI_SCHEME, RoiCipher, is_roi_scheme
 from pecore.envelope import CipherMetadata, image_key_for, seal, tag, unseal, verify_tag
 from pecore.keys import ImageKey, MasterKey
 from pecore.owner_features import PatchModelFeaturizer
 from pecore.sealing import SealedIdentity, open_sealed, read_header, rewrap, unwrap_data_key
 
-Mode = Literal["pe", "sealed"]
+Mode = Literal["pe", "sealed", "pe-roi"]
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +68,23 @@ class Opened:
     Attributes
     ----------
     image
-        pe: the 8-bit plain image; sealed: the image exactly as the owner held it.
+        pe: the 8-bit plain image; sealed, pe-roi: the image exactly as the owner held it.
     mask
         Its tumour mask.
     record
         The cloud's record of it.
     label
-        Its class label: a training template's from the record, any other sealed image's
-        from inside its blob (the cloud never read it); None when unknown.
+        Its class label: a training template's from the record, any other sealed (or
+        pe-roi) image's from inside its blob (the cloud never read it); None when unknown.
+    lossy
+        A sealed image that went through lossy compression before it came (its blob says so).
     """
 
     image: np.ndarray
     mask: np.ndarray | None
     record: ImageMetadata | SealedImageMetadata
     label: int | None
+    lossy: bool = False
 
 
 def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -166,6 +175,9 @@ class Encryptor:
         sealed_collections: Collection[str] = (),
         patch_models: Path | None = None,
         accept_unbound_records: bool = False,
+        pe_roi_collections: Collection[str] = (),
+        pe_roi_scheme: str = DEFAULT_ROI_SCHEME,
+        pending_dir: Path | None = None,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -177,16 +189,41 @@ class Encryptor:
         # None only for offline use (tests, benchmarks): records are then v2, not bound.
         self.tenant = tenant
         self.sealed_collections = frozenset(sealed_collections)
+        self.pe_roi_collections = frozenset(pe_roi_collections)
+        both = self.sealed_collections & self.pe_roi_collections
+        if both:
+            raise ValueError(f"collections {sorted(both)} cannot be both sealed and pe-roi")
+        # The explicit spelling: what the records name, whatever "pe-roi" means later.
+        self.pe_roi_scheme = RoiCipher.from_name(pe_roi_scheme).legacy_name
         self.patch_models = PatchModels(patch_models, self.gateway)
         self.accept_unbound_records = accept_unbound_records
+        # Halves of image <-> SEG pairs waiting for the other (None: not kept, refused).
+        self.pending = (
+            PendingPairs(pending_dir, self.keyring, tenant, self.opaque_id_for)
+            if pending_dir is not None
+            else None
+        )
 
     # -- the owner's choice of protection ------------------------------------------------------
     def mode_of(self, collection: str, owner: str | None = None) -> Mode:
-        """How `collection` is protected: the owner's setting for its own collections; for a
-        collection shared by another owner, "sealed" iff that owner published a patch model."""
+        """How `collection` is protected (see `protection_of`)."""
+        return self.protection_of(collection, owner)[0]
+
+    def protection_of(self, collection: str, owner: str | None = None) -> tuple[Mode, str | None]:
+        """(mode, pe-roi scheme or None) of `collection`.
+
+        The owner's setting for its own collections; for a collection shared by another
+        owner, what the cloud says (sealed: a published patch model; pe-roi: its images'
+        scheme), so that a query never goes out in a weaker form than the collection's images.
+        """
         if owner is None or owner == self.tenant:
-            return "sealed" if collection in self.sealed_collections else "pe"
-        return "sealed" if self.patch_models.shared(owner, collection) is not None else "pe"
+            if collection in self.sealed_collections:
+                return "sealed", None
+            if collection in self.pe_roi_collections:
+                return "pe-roi", self.pe_roi_scheme
+            return "pe", None
+        held = self.gateway.protection(collection, owner=owner)
+        return held.mode, held.scheme
 
     def _bound_tenant(self, owner: str | None) -> str:
         tenant = owner or self.tenant
@@ -264,6 +301,7 @@ class Encryptor:
         label: int | None = None,
         role: str = "template",
         train: bool = True,
+        lossy: bool = False,
     ) -> SealedUpload:
         """`seal_for_cloud` with this encryptor's active key and the collection's patch model."""
         return seal_for_cloud(
@@ -274,6 +312,35 @@ class Encryptor:
             collection=collection,
             opaque_id=opaque_id,
             model=self.patch_models.own(collection),
+            label=label,
+            role=role,
+            train=train,
+            lossy=lossy,
+        )
+
+    def protect_roi(
+        self,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        *,
+        opaque_id: str,
+        label: int | None = None,
+        role: str = "template",
+        train: bool = True,
+        scheme: str | None = None,
+        owner: str | None = None,
+    ) -> RoiUpload:
+        """`protect_roi` with this encryptor's active key, bound to (owner or tenant,
+        collection); `scheme` defaults to this owner's pe-roi scheme."""
+        return protect_roi(
+            pixels,
+            _check_mask(mask, pixels.shape),
+            master=self.master,
+            tenant=self._bound_tenant(owner),
+            collection=collection,
+            opaque_id=opaque_id,
+            scheme=scheme or self.pe_roi_scheme,
             label=label,
             role=role,
             train=train,
@@ -290,6 +357,7 @@ class Encryptor:
         role: str = "template",
         train: bool = True,
         idempotency_key: str | None = None,
+        lossy: bool = False,
     ) -> dict:
         """Protect one image as its collection's mode says and upload it; the gateway's answer.
 
@@ -305,9 +373,13 @@ class Encryptor:
             Class label and role.
         train
             A training template: only then is the label readable by the cloud (pe: a
-            non-training image's label is not sent at all; sealed: it is inside the blob).
+            non-training image's label is not sent at all; sealed, pe-roi: it is inside the
+            blob).
         idempotency_key
             Sent to the gateway.
+        lossy
+            The pixels went through lossy compression: sealed collections mark it inside the
+            blob (a pe record has no place for it; its 8-bit rule loses more anyway).
 
         Raises
         ------
@@ -316,9 +388,29 @@ class Encryptor:
         GatewayError
             The cloud refused or failed the upload.
         """
-        if self.mode_of(collection) == "sealed":
-            sealed = self.seal(
+        mode = self.mode_of(collection)
+        if mode == "pe-roi":
+            roi = self.protect_roi(
                 collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
+            )
+            return self.gateway.upload(
+                collection,
+                cipher_png=encode_png(roi.cipher),
+                mask_png=encode_png(roi.mask),
+                metadata_json=roi.metadata.model_dump_json(),
+                idempotency_key=idempotency_key,
+                blob=roi.blob,
+            )
+        if mode == "sealed":
+            sealed = self.seal(
+                collection,
+                pixels,
+                mask,
+                opaque_id=opaque_id,
+                label=label,
+                role=role,
+                train=train,
+                lossy=lossy,
             )
             return self.gateway.upload_sealed(
                 collection,
@@ -444,9 +536,13 @@ class Encryptor:
         return unseal(cipher, record, master)
 
     def _sealed_blob(
-        self, tenant: str, collection: str, image_id: str, metadata: SealedImageMetadata
+        self,
+        tenant: str,
+        collection: str,
+        image_id: str,
+        metadata: SealedImageMetadata | ImageMetadata,
     ) -> tuple[MasterKey, SealedIdentity, bytes]:
-        """(master key its wrap names, expected identity, blob) of a sealed record."""
+        """(master key its wrap names, expected identity, blob) of a sealed or pe-roi record."""
         _check_bound_id(tenant, collection, image_id, metadata.opaque_id)
         blob = self.gateway.sealed(collection, image_id, owner=tenant)
         header = read_header(blob)
@@ -486,14 +582,40 @@ class Encryptor:
         the owner's record of exactly this tenant, collection and id, or changed)."""
         requested = (self._bound_tenant(owner), collection, image_id)
         metadata = self.fetch_record(collection, image_id, owner)
-        if isinstance(metadata, SealedImageMetadata):
+        if isinstance(metadata, SealedImageMetadata) or is_roi_scheme(metadata.key.scheme):
+            # pe-roi: the cloud's cipher holds the ROI only; the image is in the blob
             master, identity, blob = self._sealed_blob(*requested, metadata)
             contents = open_sealed(blob, master, identity)
             label = contents.metadata.get("label")
-            return Opened(contents.image, contents.mask, metadata, label)
+            lossy = bool(contents.metadata.get("lossy", False))
+            return Opened(contents.image, contents.mask, metadata, label, lossy)
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, owner, metadata)
         plain = self.open(cipher, mask, metadata, requested=requested)
         return Opened(plain, mask, metadata, metadata.label)
+
+    # -- corrected masks: versions of an image ---------------------------------------------------
+    def retired_versions(self, collection: str) -> frozenset[str]:
+        """Cloud ids of images of this owner replaced by a newer version (a corrected SEG) that
+        is searchable now; a newer version that is not yet searchable is promoted here first."""
+        if self.pending is None:
+            return frozenset()
+
+        def searchable(image_id: str) -> bool:
+            try:
+                status = self.gateway.status(collection, image_id, owner=None)
+            except GatewayError:
+                return False
+            return status.get("state") == "searchable"
+
+        return self.pending.promote(collection, searchable)
+
+    def image_id_of(self, collection: str, source_uid: str) -> str:
+        """The cloud id of the version served of the image with SOP Instance UID `source_uid`."""
+        self.retired_versions(collection)
+        version = self.pending.version(collection, source_uid) if self.pending else None
+        if version is not None:
+            return version.current
+        return image_id_for(self._bound_tenant(None), collection, self.opaque_id_for(source_uid))
 
     def search(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray, k: int, owner: str | None
@@ -502,9 +624,13 @@ class Encryptor:
 
         Sealed collection: the query's Fisher vector, computed here with the collection's
         patch model. pe collection: the query encrypted under its content-derived key
-        (`query_id_for`), so the same query gives the same cipher and the same hits.
+        (`query_id_for`), so the same query gives the same cipher and the same hits; pe-roi:
+        the same, through the collection's pe-roi cipher (ROI only, scrambled).
         """
-        if self.mode_of(collection, owner) == "sealed":
+        mode, scheme = self.protection_of(collection, owner)
+        # Versions replaced by a corrected SEG stay in the cloud's index: asked for and dropped.
+        retired = self.retired_versions(collection) if owner in (None, self.tenant) else frozenset()
+        if mode == "sealed":
             model = (
                 self.patch_models.own(collection)
                 if owner is None or owner == self.tenant
@@ -513,24 +639,36 @@ class Encryptor:
             if model is None:
                 raise ValueError(f"collection {collection!r} has no published patch model")
             fisher = features_of(model[0], pixels, _check_mask(mask, pixels.shape))
-            return self.gateway.search_fisher(
-                collection, fisher_npy=encode_vector_npy(fisher), k=k, owner=owner
+            answer = self.gateway.search_fisher(
+                collection,
+                fisher_npy=encode_vector_npy(fisher),
+                k=min(k + len(retired), MAX_K),
+                owner=owner,
             )
-        query = self.protect(
-            pixels,
-            mask,
-            opaque_id=self.query_id_for(pixels, mask),
-            role="query",
-            collection=collection,
-            owner=owner,
-        )
-        return self.gateway.search(
+            return _without(answer, retired, k)
+        query_id = self.query_id_for(pixels, mask)
+        if mode == "pe-roi":
+            query = self.protect_roi(
+                collection,
+                pixels,
+                mask,
+                opaque_id=query_id,
+                role="query",
+                scheme=scheme,
+                owner=owner,
+            )
+        else:
+            query = self.protect(
+                pixels, mask, opaque_id=query_id, role="query", collection=collection, owner=owner
+            )
+        answer = self.gateway.search(
             collection,
             cipher_png=encode_png(query.cipher),
             mask_png=encode_png(query.mask),
-            k=k,
+            k=min(k + len(retired), MAX_K),
             owner=owner,
         )
+        return _without(answer, retired, k)
 
     def release_key(
         self,
@@ -558,7 +696,7 @@ class Encryptor:
         """
         requested = (self._bound_tenant(None), collection, image_id)
         metadata = self.fetch_record(collection, image_id)
-        if not isinstance(metadata, SealedImageMetadata):
+        if not isinstance(metadata, SealedImageMetadata) and not is_roi_scheme(metadata.key.scheme):
             raise ValueError(f"image {image_id} is not sealed: a pe key cannot be re-wrapped")
         master, identity, blob = self._sealed_blob(*requested, metadata)
         if master.key_id != self.master.key_id:
@@ -570,17 +708,18 @@ class Encryptor:
     def release(self, collection: str, image_id: str) -> tuple[str, dict[str, object]]:
         """(opaque id, what is released) for one stored image of this owner, either mode.
 
-        pe: the image's SSLM key; sealed: the data key of that one image (base64), after
-        the blob's identity, wrap and payload all authenticated.
+        pe: the image's SSLM key; sealed and pe-roi: the data key of that one image's blob
+        (base64), after the blob's identity, wrap and payload all authenticated (a pe-roi
+        image's SSLM key would open its ROI only).
         """
         requested = (self._bound_tenant(None), collection, image_id)
         metadata = self.fetch_record(collection, image_id)
-        if isinstance(metadata, SealedImageMetadata):
+        if isinstance(metadata, SealedImageMetadata) or is_roi_scheme(metadata.key.scheme):
             master, identity, blob = self._sealed_blob(*requested, metadata)
             data_key = unwrap_data_key(blob, master, identity)
             return metadata.opaque_id, {
-                "mode": "sealed",
-                "format": metadata.format,
+                "mode": "sealed" if isinstance(metadata, SealedImageMetadata) else "pe-roi",
+                "format": read_header(blob).format,
                 "data_key": base64.b64encode(data_key).decode(),
             }
         cipher, mask, metadata = self._fetch_pixels(collection, image_id, None, metadata)
@@ -599,3 +738,12 @@ def _check_bound_id(tenant: str, collection: str, image_id: str, opaque_id: str)
             f"the record returned for image {image_id} in {tenant}/{collection} is another "
             f"image's (opaque id {opaque_id}); refusing it"
         )
+
+
+def _without(answer: SearchResponse, retired: frozenset[str], k: int) -> SearchResponse:
+    """`answer` without the hits of retired versions, at most `k` hits."""
+    if not retired and len(answer.hits) <= k:
+        return answer
+    kept = [hit for hit in answer.hits if hit.image_id not in retired][:k]
+    hits = [hit.model_copy(update={"rank": rank}) for rank, hit in enumerate(kept, 1)]
+    return answer.model_copy(update={"hits": hits, "k": k})

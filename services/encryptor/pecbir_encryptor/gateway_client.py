@@ -18,11 +18,12 @@ from pecbir_contracts.routes import (
     GATEWAY_IMAGE_STATUS,
     GATEWAY_IMAGES,
     GATEWAY_PATCH_MODEL,
+    GATEWAY_PROTECTION,
     GATEWAY_SEALED_IMAGES,
     GATEWAY_SEARCH,
     GATEWAY_SEARCH_FISHER,
 )
-from pecbir_contracts.schemas import SearchResponse
+from pecbir_contracts.schemas import CollectionProtection, SearchResponse
 from pecbir_encryptor.settings import EncryptorSettings
 
 __all__ = ["GatewayClient", "GatewayError", "gateway_http_client"]
@@ -101,8 +102,12 @@ class GatewayClient:
         mask_png: bytes,
         metadata_json: str,
         idempotency_key: str | None,
+        blob: bytes | None = None,
     ) -> dict:
         """Upload one protected image; the gateway's 202 answer (UploadAccepted as a dict).
+
+        `blob`: a pe-roi image's sealed blob (the image itself; the cipher and mask are then
+        its ROI-only feature image and the scrambled ROI).
 
         Raises
         ------
@@ -114,6 +119,8 @@ class GatewayClient:
             "mask": ("mask.png", mask_png, "image/png"),
             "metadata": (None, metadata_json),
         }
+        if blob is not None:
+            files["blob"] = ("sealed.bin", blob, "application/octet-stream")
         return self._post_upload(
             GATEWAY_IMAGES.format(collection=collection), files, idempotency_key
         )
@@ -167,6 +174,15 @@ class GatewayClient:
         if answer.status_code != 200:
             raise GatewayError(answer.status_code, _detail(answer))
         return answer.content
+
+    def protection(self, collection: str, *, owner: str | None) -> CollectionProtection:
+        """A collection's protection mode as the cloud holds it (GatewayError unless 200)."""
+        answer = self.http.get(
+            GATEWAY_PROTECTION.format(collection=collection), params=_owner_params(owner)
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return CollectionProtection.model_validate_json(answer.content)
 
     def sealed(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
         """The stored sealed blob of an image. GatewayError unless 200."""

@@ -69,6 +69,7 @@ def seal_for_cloud(
     label: int | None,
     role: str = "template",
     train: bool = True,
+    lossy: bool = False,
 ) -> SealedUpload:
     """Seal one image for a sealed collection and compute its Fisher vector.
 
@@ -87,6 +88,9 @@ def seal_for_cloud(
     train
         Whether the image is a training template: only then does the cloud's record carry
         its label (which CFML needs).
+    lossy
+        The pixels went through lossy compression (`pecore.io.dicom_is_lossy`): marked inside
+        the blob, so whoever opens it knows they are not the acquisition's.
 
     Returns
     -------
@@ -99,12 +103,17 @@ def seal_for_cloud(
     identity = SealedIdentity(tenant=tenant, collection=collection, image_id=opaque_id)
     # Content-bound keys: a re-push of the same image is the same blob (idempotent upload);
     # other pixels under the same opaque id get an unrelated data key and are refused (409).
+    private: dict[str, object] = {"role": role, "label": label, "train": train}
+    if lossy:
+        # Only when true: the blobs of lossless images stay byte-identical to those sealed
+        # before this mark existed (a re-push is still idempotent).
+        private["lossy"] = True
     blob = seal_image(
         pixels,
         mask,
         master,
         identity,
-        metadata={"role": role, "label": label, "train": train},
+        metadata=private,
         content_bound=True,
     )
     metadata = SealedImageMetadata(

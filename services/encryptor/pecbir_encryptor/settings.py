@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pecore.cipher import Scheme
@@ -30,12 +30,44 @@ class EncryptorSettings(BaseSettings):
     # images are sealed with AES-256-GCM and featurised here (pecbir_encryptor.sealed); every
     # other collection is protected by the perceptual cipher ("pe").
     sealed_collections: frozenset[str] = frozenset()
+    # The owner's pe-roi collections (JSON list): their images are sealed as in a sealed
+    # collection, and the cloud extracts the features from a scrambled ROI-only cipher
+    # (pecbir_encryptor.pe_roi), with the scheme below: "pe-roi" (the configuration chosen in
+    # results/pe-roi/selection/) or an explicit "pe-roi-t<tile>[d|dn]".
+    pe_roi_collections: frozenset[str] = frozenset()
+    pe_roi_scheme: str = "pe-roi"
     # Records from before tag v3 name no tenant, collection or id, so a cloud could serve one
     # image's record for another's: refused unless this is set, for a migration window only.
     accept_unbound_records: bool = False
     # Where the patch models of the sealed collections are kept (`<collection>.npz`).
     patch_models: Path = Path("var/patch-models")
+    # Images waiting for their DICOM SEG and SEG masks waiting for their image (sealed under
+    # the master key, fsync'ed; a volume of its own: it must survive restarts). Unset: an
+    # image without a SEG in its own request is refused, as before issue 14.
+    pending_dir: Path | None = Path("var/pending")
+    # PACS accounts and the SHA-256 of their API keys (`pecbir token mint --kind pacs`); a
+    # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
+    pacs_credentials: Path | None = Path("var/pacs-credentials.json")
+    # The encryptor's URL as its clients reach it (behind a proxy, another host name), for the
+    # RetrieveURLs of STOW answers; unset, taken from each request's Host header.
+    public_url: str | None = None
     max_upload_bytes: int = 64 * 1024 * 1024
+    # A STOW-RS request (a PACS sends one job as one request: a whole study, or 130 of them)
+    # is spooled to disk part by part, never held in memory: its own, much larger limit.
+    max_stow_bytes: int = 4 * 1024 * 1024 * 1024
+    # DIMSE C-STORE / C-ECHO SCP (pecbir_encryptor.dimse): off unless a port is set. Only the
+    # calling AE titles listed (JSON list) may associate; every C-STORE goes to one collection.
+    dimse_port: int | None = None
+    dimse_host: str = "0.0.0.0"
+    dimse_ae_title: str = "PECBIR"
+    dimse_allowed_aes: frozenset[str] = frozenset()
+    dimse_collection: str = "brain"
+    dimse_max_associations: int = 4
+    dimse_tls_cert: Path | None = None
+    dimse_tls_key: Path | None = None
+    dimse_tls_ca: Path | None = None
+    # Where STOW bodies are spooled while they are processed (default: the system's temp).
+    spool_dir: Path | None = None
     # Largest image (rows x columns) accepted, checked from the file's header before any
     # pixel is decoded, on every path (ingest, search, STOW): the gateway's default limit, so
     # that nothing the cloud would refuse is decoded and encrypted first.
@@ -45,3 +77,11 @@ class EncryptorSettings(BaseSettings):
     rate_limits: str = "key-release=2/20,decrypt=20/100,search=10/40,upload=20/200"
     rate_limits_url: str | None = None
     gateway_timeout_s: float = 60.0
+
+    @field_validator("pe_roi_scheme")
+    @classmethod
+    def _known_pe_roi_scheme(cls, value: str) -> str:
+        from pecore.cipher_roi import RoiCipher
+
+        RoiCipher.from_name(value)  # ValueError names the accepted spellings
+        return value

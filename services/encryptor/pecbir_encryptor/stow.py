@@ -1,31 +1,45 @@
 """The image ↔ SEG pairing of a DICOMweb STOW-RS request, as pure functions.
 
-A STOW request carries MR images and DICOM SEG tumour masks in any order. An image can be
-stored only with a SEG that references it; a SEG counts as stored only when an image it
-references was. `pair_instances` decides, before anything is encrypted or uploaded, which
-image goes with which SEG and which parts are refused; `seg_outcomes` settles the SEGs once
-the uploads are done. Neither touches keys, the network or the audit log.
+A STOW request carries MR images and DICOM SEG tumour masks in any order, and either half of
+a pair may come in another request (`pecbir_encryptor.pending` keeps the first until the
+other arrives). `pair_instances` decides, before anything is encrypted or uploaded, which
+image of the request goes with which SEG of the same request, which images have none here,
+which images each SEG names outside the request, and which parts are refused; `settle_seg`
+gives a SEG its answer once each of its images has one. Neither touches keys, the network,
+the pending store or the audit log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pecbir_encryptor.dicom import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_PROCESSING,
     FAILURE_SOP_CLASS_MISMATCH,
+    SEG_SOP_CLASS,
     Instance,
     SegMask,
     is_seg,
     read_seg,
 )
 
-__all__ = ["Failed", "Pairing", "Stored", "StowPlan", "pair_instances", "seg_outcomes"]
+__all__ = [
+    "Failed",
+    "Pairing",
+    "SegPart",
+    "Stored",
+    "StowPlan",
+    "Warning",
+    "pair_instances",
+    "settle_seg",
+]
 
-# (SOP class, SOP instance, retrieve URL or None): a stored entry of the STOW response.
-Stored = tuple[str, str, str | None]
+# (PS3.18 warning reason code, text): why an instance was stored with a warning.
+Warning = tuple[int, str]
+# (SOP class, SOP instance, retrieve URL or None, warning or None): a stored entry.
+Stored = tuple[str, str, str | None, Warning | None]
 # (SOP class, SOP instance, PS3.18 failure reason code, text): a failed entry.
 Failed = tuple[str, str, int, str]
 
@@ -50,6 +64,30 @@ class Pairing:
 
 
 @dataclass(frozen=True)
+class SegPart:
+    """A readable SEG of the request that references at least one image.
+
+    Attributes
+    ----------
+    instance
+        The SEG instance.
+    seg
+        Its decoded mask, references and label.
+    outside
+        The images it references that are not in this request (sorted): they came earlier
+        (waiting, or already stored) or will come later.
+    refused
+        The failures of the images it references that this request carried but that were
+        refused while reading them (too large, undecodable).
+    """
+
+    instance: Instance
+    seg: SegMask
+    outside: tuple[str, ...]
+    refused: tuple[Failed, ...] = ()
+
+
+@dataclass(frozen=True)
 class StowPlan:
     """What to do with each part of a STOW request.
 
@@ -59,27 +97,28 @@ class StowPlan:
         Parts refused while reading them (undecodable, unsupported, a SEG that cannot be
         read or references no image), in request order.
     images
-        One entry per image part, in request order: its `Pairing`, or the `Failed` entry
-        saying why it cannot be stored (no pixel data, no SEG references it).
+        One entry per image part, in request order: its `Pairing` with a SEG of this
+        request, the `Instance` itself when no SEG of this request references it, or the
+        `Failed` entry saying why it cannot be stored (no pixel data).
     segs
-        Each SEG instance that masks some image, once, in the order of its first reference.
+        Each SEG that references some image, in request order.
     """
 
     refused: list[Failed]
-    images: list[Pairing | Failed]
-    segs: list[Instance]
+    images: list[Pairing | Instance | Failed]
+    segs: list[SegPart]
 
 
 def _sort_parts(
     instances: Sequence[Instance],
-) -> tuple[list[Failed], dict[str, tuple[SegMask, Instance]], list[Instance]]:
-    """(refused parts, SEG of each referenced image UID, image parts), in request order."""
+) -> tuple[list[Failed], list[tuple[SegMask, Instance]], list[Instance]]:
+    """(refused parts, readable SEGs that reference images, image parts), in request order."""
     refused: list[Failed] = []
-    masks: dict[str, tuple[SegMask, Instance]] = {}
+    segs: list[tuple[SegMask, Instance]] = []
     image_parts: list[Instance] = []
     for instance in instances:
         if instance.error is not None:
-            refused.append(("", "", *instance.error))
+            refused.append((instance.sop_class, instance.sop_instance, *instance.error))
         elif is_seg(instance):
             try:
                 seg = read_seg(instance.dataset)
@@ -88,9 +127,12 @@ def _sort_parts(
                     (instance.sop_class, instance.sop_instance, FAILURE_CANNOT_UNDERSTAND, str(exc))
                 )
                 continue
-            for uid in seg.referenced:
-                masks[uid] = (seg, instance)
-            if not seg.referenced:
+            if instance.source is not None and "PixelData" in instance.dataset:
+                # Spooled: its mask is in `seg` now (bit-packed); the frames are not needed.
+                del instance.dataset.PixelData
+            if seg.referenced:
+                segs.append((seg, instance))
+            else:
                 refused.append(
                     (
                         instance.sop_class,
@@ -101,11 +143,11 @@ def _sort_parts(
                 )
         else:
             image_parts.append(instance)
-    return refused, masks, image_parts
+    return refused, segs, image_parts
 
 
 def pair_instances(instances: Sequence[Instance]) -> StowPlan:
-    """Pair the images of a STOW request with the SEGs that reference them.
+    """Pair the images of a STOW request with the SEGs of the same request that reference them.
 
     Parameters
     ----------
@@ -115,61 +157,67 @@ def pair_instances(instances: Sequence[Instance]) -> StowPlan:
     Returns
     -------
     StowPlan
-        The refused parts, each image's pairing or failure, and the SEGs in use. When two
-        SEGs reference the same image, the later one masks it.
+        The refused parts, each image's pairing (or the image alone, or its failure), and
+        every SEG with the images it references outside the request. When two SEGs of the
+        request reference the same image, the later one masks it.
     """
-    refused, masks, image_parts = _sort_parts(instances)
-    images: list[Pairing | Failed] = []
+    refused, segs, image_parts = _sort_parts(instances)
+    masks = {uid: (seg, instance) for seg, instance in segs for uid in seg.referenced}
+    # Images this request carried, readable or not: a SEG's reference to one is settled here.
+    refused_images = {
+        entry[1]: entry for entry in refused if entry[1] and entry[0] != SEG_SOP_CLASS
+    }
+    in_request = {instance.sop_instance for instance in image_parts} | set(refused_images)
+    images: list[Pairing | Instance | Failed] = []
     for instance in image_parts:
         uid = instance.sop_instance
-        if "PixelData" not in instance.dataset:
+        if not instance.has_pixels:
             images.append((instance.sop_class, uid, FAILURE_SOP_CLASS_MISMATCH, "no pixel data"))
-        elif uid not in masks:
-            images.append(
-                (
-                    instance.sop_class,
-                    uid,
-                    FAILURE_PROCESSING,
-                    "no DICOM SEG tumour mask references this image",
-                )
-            )
-        else:
+        elif uid in masks:
             seg, seg_instance = masks[uid]
             images.append(Pairing(image=instance, seg=seg, seg_instance=seg_instance))
-    # One entry per SEG instance (it may reference several images), first reference first.
-    segs = {id(seg_instance): seg_instance for _seg, seg_instance in masks.values()}
-    return StowPlan(refused=refused, images=images, segs=list(segs.values()))
+        else:
+            images.append(instance)
+    parts = [
+        SegPart(
+            instance,
+            seg,
+            tuple(sorted(seg.referenced - in_request)),
+            tuple(refused_images[uid] for uid in sorted(seg.referenced & set(refused_images))),
+        )
+        for seg, instance in segs
+    ]
+    return StowPlan(refused=refused, images=images, segs=parts)
 
 
-def seg_outcomes(
-    segs: Sequence[Instance], stored_seg_uids: Collection[str]
-) -> tuple[list[Stored], list[Failed]]:
-    """Stored and failed entries of the SEGs, once the images have been uploaded.
+def settle_seg(
+    seg: Instance, outcomes: Sequence[Warning | Failed | None]
+) -> tuple[Stored | None, Failed | None]:
+    """A SEG's entry in the answer, from the outcome for each image it masks.
 
     Parameters
     ----------
-    segs
-        `StowPlan.segs`.
-    stored_seg_uids
-        SOP Instance UIDs of the SEGs whose image (at least one) was stored.
+    seg
+        The SEG instance.
+    outcomes
+        For each image it masks (in this request or outside it): None (its pair was stored),
+        a `Warning` (stored, with that warning: e.g. the image has not come yet) or a
+        `Failed` entry (the image's, or the SEG's own when it was refused for that image).
 
     Returns
     -------
-    tuple of (list of Stored, list of Failed)
-        A SEG is stored (without a retrieve URL) when one of its images was, else failed.
+    tuple of (Stored or None, Failed or None)
+        Stored (with the first warning, if any) when at least one of its images was stored
+        or it waits for one; failed when none was (or it masks nothing that was sent).
     """
-    stored: list[Stored] = []
-    failed: list[Failed] = []
-    for seg_instance in segs:
-        if seg_instance.sop_instance in stored_seg_uids:
-            stored.append((seg_instance.sop_class, seg_instance.sop_instance, None))
-        else:
-            failed.append(
-                (
-                    seg_instance.sop_class,
-                    seg_instance.sop_instance,
-                    FAILURE_PROCESSING,
-                    "SEG source image not stored in this request",
-                )
-            )
-    return stored, failed
+    ok = [o for o in outcomes if o is None or len(o) == 2]
+    if ok:
+        warning = next((o for o in ok if o is not None), None)
+        return (seg.sop_class, seg.sop_instance, None, warning), None
+    failures = [o for o in outcomes if o is not None and len(o) == 4]
+    if not failures:
+        return None, (seg.sop_class, seg.sop_instance, FAILURE_PROCESSING, "no image it masks")
+    _cls, uid, reason, text = failures[0]
+    if uid != seg.sop_instance:  # its image's failure
+        text = f"SEG source image not stored: {text}"
+    return None, (seg.sop_class, seg.sop_instance, reason, text)

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from pecbir_contracts.auth import GATEWAY_TOKEN, check_secret
 from pecbir_contracts.routes import GATEWAY_BLOB
 from pecbir_contracts.store import ObjectStore
-from pecbir_gateway import images, model_versions, ops, sealed, search
+from pecbir_gateway import images, model_versions, ops, protection, sealed, search
 from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
@@ -57,6 +57,7 @@ def create_app(
     app.include_router(search.router)
     app.include_router(model_versions.router)
     app.include_router(sealed.router)
+    app.include_router(protection.router)
     add_store_error_handlers(app)
     guard_requests(
         app,

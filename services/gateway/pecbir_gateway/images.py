@@ -45,6 +45,7 @@ from pecbir_contracts.schemas import (
     SealedImageMetadata,
     UploadAccepted,
     UploadStatus,
+    is_pe_roi_scheme,
     parse_stored_record,
 )
 from pecbir_contracts.store import ObjectNotFound, UnsupportedStore
@@ -63,6 +64,10 @@ from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["images"])
+
+# The framing every sealed blob starts with (pecore.sealing.SEALED_MAGIC; the gateway reaches no
+# pecore code): of a sealed blob, sealed or pe-roi, the gateway checks nothing else.
+SEALED_MAGIC = b"PECBSLD1"
 
 IdempotencyKey = Annotated[
     str | None,
@@ -112,7 +117,12 @@ Presign = Annotated[bool, Query(description="answer with a time-limited URL inst
     GATEWAY_IMAGES,
     status_code=202,
     response_model=UploadAccepted,
-    responses={409: {"description": "Idempotency key reused with another body"}},
+    responses={
+        409: {
+            "description": "Idempotency key reused with another body, or a record of another "
+            "protection mode than the collection's (pe, pe-roi, sealed)"
+        }
+    },
 )
 def upload_image(
     collection: str,
@@ -122,19 +132,28 @@ def upload_image(
     claims: Caller,
     ctx: Ctx,
     idempotency_key: IdempotencyKey = None,
+    blob: Annotated[
+        UploadFile | None,
+        File(description="pe-roi records only: the image itself, sealed (AES-256-GCM blob)"),
+    ] = None,
 ) -> JSONResponse:
     """Store one protected image: cipher PNG, mask PNG and the owner's metadata record, then queue
     its indexing. With an `Idempotency-Key`, a replay of the same body answers the first
-    upload's id and another body under the same key gets 409. Scope `upload`."""
+    upload's id and another body under the same key gets 409. A pe-roi record (key scheme
+    `pe-roi-t<b>[d|dn]`) sends the ROI-only cipher and the scrambled ROI as image and mask,
+    and the image itself as a sealed `blob`; the first one makes the collection pe-roi.
+    Scope `upload`."""
     access = authorise(ctx, claims, collection, None, "upload")
     layout = access.layout
     limit = ctx.settings.max_upload_bytes
     cipher_bytes = read_limited(cipher, limit=limit, what="cipher")
     mask_bytes = read_limited(mask, limit=limit, what="mask")
+    blob_bytes = read_limited(blob, limit=limit, what="blob") if blob is not None else None
     try:
         meta = ImageMetadata.model_validate_json(metadata)
     except ValidationError as exc:
         raise HTTPException(422, f"metadata: {exc.errors(include_url=False)}") from None
+    roi_scheme = _check_pe_roi_parts(meta, blob_bytes)
     image, plain_mask = validate_pair(ctx, cipher_bytes, mask_bytes)
     height, width = image.shape
     if (meta.height, meta.width) != (height, width):
@@ -148,11 +167,18 @@ def upload_image(
         raise HTTPException(
             409, f"collection {layout.collection} is sealed: upload sealed images to it"
         )
+    claim_pe_roi(ctx, layout, roi_scheme)
     bound = meta.integrity is not None and meta.integrity.version >= 3
+    parts: list[UploadPart] = [
+        (layout.cipher, cipher_bytes, "image/png"),
+        (layout.mask, mask_bytes, "image/png"),
+    ]
+    if blob_bytes is not None:
+        parts.append((layout.sealed, blob_bytes, "application/octet-stream"))
     return accept_upload(
         ctx,
         layout,
-        [(layout.cipher, cipher_bytes, "image/png"), (layout.mask, mask_bytes, "image/png")],
+        parts,
         meta.model_dump_json().encode(),
         idempotency_key=idempotency_key,
         bound_opaque_id=meta.opaque_id if bound else None,
@@ -166,6 +192,65 @@ UploadPart = tuple[Callable[[str], str], bytes, str]
 def is_sealed_collection(ctx: GatewayContext, layout: CollectionLayout) -> bool:
     """A collection is sealed once its owner published a patch model to it."""
     return ctx.store.exists(layout.patch_model)
+
+
+def _check_pe_roi_parts(meta: ImageMetadata, blob: bytes | None) -> str | None:
+    """The record's pe-roi scheme (None for pe); 422 unless the parts fit its mode.
+
+    A pe-roi image reaches the cloud only sealed: its record must come with a sealed blob
+    and be bound to its identity (v3 tag), like the blob itself; a pe record has no blob.
+    """
+    scheme = meta.key.scheme
+    if not scheme.startswith("pe-roi"):
+        if blob is not None:
+            raise HTTPException(422, f"blob: a {scheme} record has no sealed blob (pe-roi only)")
+        return None
+    if not is_pe_roi_scheme(scheme):
+        raise HTTPException(
+            422, f"metadata: name the pe-roi scheme explicitly (pe-roi-t<b>[d|dn]), not {scheme}"
+        )
+    if blob is None:
+        raise HTTPException(422, "blob: a pe-roi image travels sealed; the blob part is missing")
+    if not blob.startswith(SEALED_MAGIC):
+        raise HTTPException(422, "blob: not a sealed blob")
+    if meta.integrity is None or meta.integrity.version < 3:
+        raise HTTPException(422, "metadata: a pe-roi record needs a v3 tag (bound to its identity)")
+    if meta.key.mode != "per-image":
+        raise HTTPException(422, "metadata: pe-roi needs per-image keys")
+    return scheme
+
+
+def pe_roi_scheme(ctx: GatewayContext, layout: CollectionLayout) -> str | None:
+    """The pe-roi scheme of a pe-roi collection, None for any other."""
+    try:
+        return str(json.loads(ctx.store.get(layout.pe_roi))["scheme"])
+    except ObjectNotFound:
+        return None
+
+
+def claim_pe_roi(ctx: GatewayContext, layout: CollectionLayout, scheme: str | None) -> None:
+    """409 unless a record of `scheme` (None: pe) fits the collection's mode.
+
+    A collection's features share one metric space, so it holds pe images or pe-roi images of
+    one scheme, never a mix.  The first pe-roi upload to an empty collection makes it pe-roi.
+    """
+    held = pe_roi_scheme(ctx, layout)
+    name = layout.collection
+    if scheme is None:
+        if held is not None:
+            raise HTTPException(409, f"collection {name} is pe-roi ({held}): upload pe-roi images")
+        return
+    if held is None:
+        if any(layout.image_id_of_meta(key) for key in ctx.store.list(layout.images_prefix)):
+            raise HTTPException(
+                409, f"collection {name} already holds pe images; pe-roi needs its own collection"
+            )
+        marker = json.dumps({"scheme": scheme}).encode()
+        if ctx.store.put_if_absent(layout.pe_roi, marker, "application/json"):
+            return
+        held = pe_roi_scheme(ctx, layout)
+    if held != scheme:
+        raise HTTPException(409, f"collection {name} holds {held} images, this record is {scheme}")
 
 
 def accept_upload(

@@ -28,6 +28,7 @@ from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.vectors import InvalidVector, decode_vector_npy
 from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.images import (
+    SEALED_MAGIC,
     IdempotencyKey,
     accept_upload,
     checked_image,
@@ -37,9 +38,6 @@ from pecbir_platform.web import read_limited
 
 router = APIRouter(tags=["sealed"])
 
-# The framing every sealed blob starts with (pecore.sealing.SEALED_MAGIC); the gateway checks
-# nothing else of it.
-_SEALED_MAGIC = b"PECBSLD1"
 _NPZ_MAGIC = b"PK\x03\x04"
 # A patch model is PCA + GMM arrays (tens of kB for the paper's sizes).
 _MAX_PATCH_MODEL_BYTES = 16 * 1024 * 1024
@@ -116,7 +114,7 @@ def upload_sealed(
         meta = SealedImageMetadata.model_validate_json(metadata)
     except ValidationError as exc:
         raise HTTPException(422, f"metadata: {exc.errors(include_url=False)}") from None
-    if not blob_bytes.startswith(_SEALED_MAGIC):
+    if not blob_bytes.startswith(SEALED_MAGIC):
         raise HTTPException(422, "blob: not a sealed blob")
     try:
         vector = decode_vector_npy(vector_bytes)
@@ -158,10 +156,10 @@ def download_sealed(
 
 def _ciphertext_of(blob: bytes) -> bytes | None:
     """The payload ciphertext of a sealed blob (after its header), None if not framed as one."""
-    start = len(_SEALED_MAGIC) + 4
-    if len(blob) < start or not blob.startswith(_SEALED_MAGIC):
+    start = len(SEALED_MAGIC) + 4
+    if len(blob) < start or not blob.startswith(SEALED_MAGIC):
         return None
-    return blob[start + int.from_bytes(blob[len(_SEALED_MAGIC) : start], "big") :]
+    return blob[start + int.from_bytes(blob[len(SEALED_MAGIC) : start], "big") :]
 
 
 @router.put(GATEWAY_IMAGE_SEALED, responses={409: {"description": "The payload changed"}})

@@ -120,8 +120,21 @@ def _features(
             for k, image_id in enumerate(ids)
         }
 
+    def compute_fitting(ids: list[str]) -> dict[str, FeatureRecord]:
+        """`compute`, halving the batch while the device runs out of memory (a batch sized for
+        one card or one image mix can exceed another's); one image that does not fit fails."""
+        try:
+            return compute(ids)
+        except RuntimeError as exc:
+            if not _out_of_device_memory(exc) or len(ids) == 1:
+                raise
+        log.warning("device out of memory on a batch of %d images; halving it", len(ids))
+        _release_device_cache()
+        half = len(ids) // 2
+        return {**compute_fitting(ids[:half]), **compute_fitting(ids[half:])}
+
     try:
-        return compute(list(loaded))
+        return compute_fitting(list(loaded))
     except ValueError:
         log.warning(
             "batch feature extraction failed; retrying its %d images one by one", len(loaded)
@@ -129,7 +142,20 @@ def _features(
     records = {}
     for image_id in loaded:
         try:
-            records.update(compute([image_id]))
+            records.update(compute_fitting([image_id]))
         except ValueError as exc:
             outcome.poison[image_id] = f"feature extraction failed for {image_id}: {exc}"
     return records
+
+
+def _out_of_device_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (a RuntimeError), recognised without importing torch."""
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def _release_device_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -166,6 +166,7 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         patch_model = None
     if patch_model is not None:
         return _fit_sealed_version(rt, layout, version, params, patch_model)
+    params = _pe_roi_params(rt, layout, params)
     templates = []
     for image_id in list_images(rt, layout):
         meta, cipher, mask = load_image(rt, layout, image_id)
@@ -184,6 +185,27 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
     seconds = time.perf_counter() - started
     probe = pipeline.fisher_vectors(images[:1], masks[:1])
     return _store_version(rt, layout, version, params, pipeline, probe, counts, seconds)
+
+
+def _pe_roi_params(rt: Runtime, layout: CollectionLayout, params: TrainRequest) -> TrainRequest:
+    """A pe-roi collection's training parameters: its masks are the ROI already.
+
+    The owner dilated the tumour mask and moved the ROI with the tiles; dilating it again
+    here would read blank pixels and neighbouring tiles, so the radius is 0 (the manifest
+    records it).  The owner kept a margin of ⌊P/2⌋ pixels for its patch size; larger patches
+    would read blank pixels at the ROI's border.
+    """
+    try:
+        marker = json.loads(rt.store.get(layout.pe_roi))
+    except ObjectNotFound:
+        return params
+    from pecore.cipher_roi import RoiCipher
+
+    try:
+        RoiCipher.from_name(marker["scheme"]).check_patch_size(params.patch_size)
+    except ValueError as exc:
+        raise PoisonMessage(f"collection {layout.collection}: {exc}") from None
+    return params.model_copy(update={"radius": 0})
 
 
 def _check_counts(labels: list[int]) -> Counter:

@@ -2,10 +2,23 @@
 
 Inside the training folds of one outer query fold (default: fold 1 is left out entirely), one
 inner fold (default 2) queries the other training folds, per-image keys, D = 16, for every
-candidate "pe-roi-t<b>[d|dn]" (`pecore.cipher_roi`).  The rule: among the candidates whose mAP
-is at least `--tolerance` points below the best candidate's at most, take the smallest tile,
-then the largest transform set (both make a jigsaw solver's work harder).  Writes
-results.json and selection.md to --out; (candidate) results are cached under --cache.
+candidate "pe-roi-t<b>[d|dn]" (`pecore.cipher_roi`).
+
+The rule (issue 13): the privacy target is a hard constraint, retrieval decides among the
+candidates that meet it.
+
+1. Privacy: from `pecbir jigsaw-report`'s report.json (--jigsaw-report), on the attacked
+   slices of the training folds only (a slice of the outer fold is dropped), the best attack
+   per slice (the highest ROI SSIM of the pixel-level and the jigsaw stage; the oracle uses the
+   true keys and is a bound, not an attack) must stay at or below --roi-ssim-max (0.30) on
+   every slice: the worst slice decides.  A candidate the report did not attack is not
+   eligible.
+2. Retrieval: among the eligible candidates, the highest training-split mAP.
+
+No number of the outer (query) fold enters the choice.  Writes results.json and selection.md
+to --out; candidate units are cached under --cache, or taken from an earlier results.json of
+this command with the same split, D and seeds (--reuse), so that the rule can be re-applied
+without recomputing them.
 """
 
 from __future__ import annotations
@@ -47,7 +60,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--outer-fold", type=int, default=1, help="query fold left out entirely")
     parser.add_argument("--inner-fold", type=int, default=2, help="training fold used as queries")
     parser.add_argument("--dict-size", type=int, default=16)
-    parser.add_argument("--tolerance", type=float, default=1.0, help="mAP points")
+    parser.add_argument(
+        "--roi-ssim-max",
+        type=float,
+        default=0.30,
+        help="privacy constraint: worst training-fold slice's best-attack ROI SSIM (default 0.30)",
+    )
+    parser.add_argument(
+        "--jigsaw-report",
+        type=Path,
+        default=Path("results/security/jigsaw/report.json"),
+        help="pecbir jigsaw-report's report.json (the attacks the constraint reads)",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier results.json of this command: its units (same split, D, seeds) are "
+        "used instead of recomputing them",
+    )
     parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
     parser.add_argument("--cache", type=Path, default=Path("cache"))
     parser.add_argument("--out", type=Path, default=Path("results/pe-roi/selection"))
@@ -57,14 +88,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def choose(rows: dict[str, float], tolerance: float) -> str:
-    """The selection rule (see the module docstring) on {scheme name: mAP %}."""
-    from pecore.cipher_roi import ROI_TRANSFORM_SETS, RoiCipher
+#: Stages of `pecore.jigsaw.attack_slice` that are attacks (the oracle uses the true keys).
+ATTACK_STAGES = ("pixel", "jigsaw")
 
-    best = max(rows.values())
-    eligible = [RoiCipher.from_name(n) for n, m in rows.items() if m >= best - tolerance]
-    order = list(ROI_TRANSFORM_SETS)
-    return min(eligible, key=lambda s: (s.tile, -order.index(s.transforms))).legacy_name
+
+def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, dict[str, float]]:
+    """Per scheme of a jigsaw report: the best attack's ROI SSIM on its training-fold slices.
+
+    Parameters
+    ----------
+    report : dict
+        `pecbir jigsaw-report`'s report.json.
+    folds : numpy.ndarray
+        Fold of every dataset row (the report names slices by row).
+    outer_fold : int
+        The query fold left out: its slices are dropped.
+
+    Returns
+    -------
+    dict
+        {explicit scheme name: {"median", "worst", "n_slices"}}, the best of `ATTACK_STAGES`
+        per slice, then median and worst (max) over the slices.
+    """
+    from pecore.cipher_variants import any_scheme
+
+    privacy = {}
+    for scheme, entries in report["per_slice"].items():
+        best = [
+            max(entry[stage]["ssim_roi"] for stage in ATTACK_STAGES if stage in entry)
+            for entry in entries
+            if int(folds[entry["id"]["row"]]) != outer_fold
+        ]
+        if best:
+            privacy[any_scheme(scheme).legacy_name] = {
+                "median": float(np.median(best)),
+                "worst": float(np.max(best)),
+                "n_slices": len(best),
+            }
+    return privacy
+
+
+def choose(
+    rows: dict[str, float], privacy: dict[str, dict[str, float]], roi_ssim_max: float
+) -> str | None:
+    """The selection rule (see the module docstring); None when no candidate is private enough.
+
+    Parameters
+    ----------
+    rows : dict
+        {explicit scheme name: training-split mAP %}.
+    privacy : dict
+        `roi_privacy` of the candidates (a candidate missing from it is not eligible).
+    roi_ssim_max : float
+        The constraint on the worst slice's best-attack ROI SSIM.
+
+    Returns
+    -------
+    str or None
+        The chosen candidate's explicit name.
+    """
+    eligible = {
+        name: value
+        for name, value in rows.items()
+        if name in privacy and privacy[name]["worst"] <= roi_ssim_max
+    }
+    if not eligible:
+        return None
+    return max(eligible, key=lambda name: (eligible[name], name))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,24 +169,34 @@ def run(args: argparse.Namespace) -> int:
     names = [RoiCipher.from_name(c.strip()).name for c in args.candidates.split(",") if c.strip()]
     if not names:
         raise ValueError("no candidates")
+    if not args.jigsaw_report.is_file():
+        raise ValueError(
+            f"--jigsaw-report {args.jigsaw_report}: no such file (pecbir jigsaw-report)"
+        )
     data_path = Path(args.data) if args.data else default_data_path()
     data = load_figshare(data_path, cache_dir=args.cache)
     keep = np.flatnonzero(data.folds != args.outer_fold)
     folds = np.asarray(data.folds)[keep]
     if not np.any(folds == args.inner_fold):
         raise ValueError(f"inner fold {args.inner_fold} has no images outside the outer fold")
-    images = _Rows(data.images, keep)
-    masks = _Rows(data.masks, keep)
-    labels = np.asarray(data.labels)[keep]
-    ids = np.asarray(data.index)[keep]
     conditions = [Condition(n, "per-image") for n in names]
-    stacks = cipher_images(images, ids, conditions, args.key_seed, args.cache, masks=masks)
-    clouds = condition_masks(masks, ids, conditions, args.key_seed, args.cache)
-    params = ExperimentConfig(n_jobs=args.jobs, radius=0).fold_params()
-    units = args.cache / "pe_roi_selection"
-    units.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, object]] = {}
-    for condition in conditions:
+    explicit = {c.name: RoiCipher.from_name(c.scheme).legacy_name for c in conditions}
+    reused = _reusable_units(args, int(keep.size))
+    results: dict[str, dict[str, object]] = {
+        c.name: reused[explicit[c.name]] for c in conditions if explicit[c.name] in reused
+    }
+    todo = [c for c in conditions if c.name not in results]
+    if todo:
+        images = _Rows(data.images, keep)
+        masks = _Rows(data.masks, keep)
+        labels = np.asarray(data.labels)[keep]
+        ids = np.asarray(data.index)[keep]
+        stacks = cipher_images(images, ids, todo, args.key_seed, args.cache, masks=masks)
+        clouds = condition_masks(masks, ids, todo, args.key_seed, args.cache)
+        params = ExperimentConfig(n_jobs=args.jobs, radius=0).fold_params()
+        units = args.cache / "pe_roi_selection"
+        units.mkdir(parents=True, exist_ok=True)
+    for condition in todo:
         file = units / (
             f"{condition.slug}_o{args.outer_fold}_i{args.inner_fold}_D{args.dict_size}"
             f"_s{args.seed}_k{args.key_seed}.json"
@@ -122,25 +222,36 @@ def run(args: argparse.Namespace) -> int:
         file.write_text(json.dumps(fresh))
         results[condition.name] = fresh
     # by the explicit spelling pe-roi-t<b>[d|dn]: "pe-roi" names the configuration chosen
-    explicit = {name: RoiCipher.from_name(name.split("/")[0]).legacy_name for name in results}
     headline = {explicit[n]: 100.0 * float(r["by_dim"]["10"]["mAP"]) for n, r in results.items()}
-    chosen = choose(headline, args.tolerance)
+    report = json.loads(args.jigsaw_report.read_text())
+    privacy = {
+        name: value
+        for name, value in roi_privacy(report, np.asarray(data.folds), args.outer_fold).items()
+        if name in headline
+    }
+    chosen = choose(headline, privacy, args.roi_ssim_max)
     document = {
-        "description": "pe-roi selection on training folds only: inner fold queries the other "
-        "training folds (per-image keys, CFML dim 10)",
+        "description": "pe-roi selection on training folds only: privacy constraint (worst "
+        "training-fold slice's best-attack ROI SSIM), then the best mAP of the inner fold "
+        "against the other training folds (per-image keys, CFML dim 10)",
         "command": "pecbir " + " ".join(sys.argv[1:]),
         "outer_fold_left_out": args.outer_fold,
         "inner_query_fold": args.inner_fold,
         "n_images": int(keep.size),
         "dictionary_size": args.dict_size,
-        "tolerance_map_points": args.tolerance,
+        "roi_ssim_max": args.roi_ssim_max,
+        "attack_stages": list(ATTACK_STAGES),
+        "jigsaw_report": str(args.jigsaw_report),
+        "jigsaw_report_commands": report.get("commands", [report.get("command")]),
         "seed": args.seed,
         "key_seed": args.key_seed,
         "map_percent": headline,
         "p10_percent": {
             explicit[n]: 100.0 * float(r["by_dim"]["10"]["P@10"]) for n, r in results.items()
         },
+        "roi_privacy": privacy,
         "chosen": chosen,
+        "reused_units_from": str(args.reuse) if reused else None,
         "wall_time_s": time.perf_counter() - start,
         "units": {explicit[n]: r for n, r in results.items()},
     }
@@ -150,23 +261,50 @@ def run(args: argparse.Namespace) -> int:
         f"# pe-roi selection (training folds of fold {args.outer_fold} only; inner query fold "
         f"{args.inner_fold}, D = {args.dict_size}, per-image keys, CFML dim 10)",
         "",
-        "| candidate | tile | transforms | mAP % | P@10 % |",
-        "|---|---|---|---|---|",
+        "| candidate | tile | transforms | best attack ROI SSIM, median / worst "
+        "(training-fold slices) | meets ≤ "
+        f"{args.roi_ssim_max:.2f} | mAP % | P@10 % |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, value in headline.items():
         scheme = RoiCipher.from_name(name)
+        held = privacy.get(name)
+        attack = f"{held['median']:.2f} / {held['worst']:.2f}" if held else "not attacked"
+        meets = "yes" if held and held["worst"] <= args.roi_ssim_max else "no"
         lines.append(
-            f"| {name} | {scheme.tile} | {scheme.transforms} | {value:.2f} | "
-            f"{document['p10_percent'][name]:.2f} |"
+            f"| {name} | {scheme.tile} | {scheme.transforms} | {attack} | {meets} | "
+            f"{value:.2f} | {document['p10_percent'][name]:.2f} |"
         )
+    n_slices = max((v["n_slices"] for v in privacy.values()), default=0)
     lines += [
         "",
-        f"Rule: within {args.tolerance} mAP points of the best candidate, smallest tile, then "
-        f"largest transform set. Chosen: **{chosen}**.",
+        f"Rule: privacy first, as a hard constraint (the best of the {'/'.join(ATTACK_STAGES)} "
+        f"attacks, per slice, on the {n_slices} attacked slices outside fold "
+        f"{args.outer_fold}: worst slice ≤ {args.roi_ssim_max:.2f}), then the highest "
+        f"training-split mAP. Chosen: **{chosen or 'none (no candidate meets the constraint)'}**.",
         "",
         f"Command: `{document['command']}`",
         "",
     ]
     (args.out / "selection.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    return 0
+    return 0 if chosen else 1
+
+
+def _reusable_units(args: argparse.Namespace, n_images: int) -> dict[str, dict[str, object]]:
+    """Units of an earlier results.json (--reuse) made with this split, D and seeds."""
+    if args.reuse is None:
+        return {}
+    previous = json.loads(args.reuse.read_text())
+    same = {
+        "outer_fold_left_out": args.outer_fold,
+        "inner_query_fold": args.inner_fold,
+        "n_images": n_images,
+        "dictionary_size": args.dict_size,
+        "seed": args.seed,
+        "key_seed": args.key_seed,
+    }
+    differs = [key for key, value in same.items() if previous.get(key) != value]
+    if differs:
+        raise ValueError(f"--reuse {args.reuse} was made with other {', '.join(differs)}")
+    return dict(previous["units"])

@@ -9,11 +9,13 @@ import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 
+from pecbir_contracts.auth import Claims
 from pecbir_contracts.layout import check_image_id
 from pecbir_contracts.png import encode_png
 from pecbir_contracts.routes import ENCRYPTOR_PLAIN_IMAGE, ENCRYPTOR_SEARCH
 from pecbir_contracts.schemas import MAX_K
-from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
+from pecbir_encryptor.core import Opened
+from pecbir_encryptor.deps import Caller, Ctx, EncryptorContext, collection_name, gateway_failed
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_encryptor.integrity import IntegrityError
@@ -58,21 +60,17 @@ def search(
     return body
 
 
-@router.get(
-    ENCRYPTOR_PLAIN_IMAGE,
-    responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
-)
-def plain_image(
-    collection: str,
-    image_id: str,
-    claims: Caller,
-    ctx: Ctx,
-    format: Annotated[str, Query(pattern="^(png|npy)$")] = "png",
-) -> Response:
-    """Fetch a cipher image from the cloud, verify the owner's tag, decrypt bit-exactly.
+def open_audited(ctx: EncryptorContext, claims: Claims, collection: str, image_id: str) -> Opened:
+    """A stored image of this owner, fetched, verified and decrypted; every decision audited
+    (refused for scope, budget, a bad name, the gateway's refusal or failure, a record whose
+    tag does not verify; or done). Scope `decrypt`; HTTPException otherwise.
 
-    Every decision is audited: refused (scope, budget, a bad name, the gateway's refusal or
-    failure, a record whose tag does not verify) or done.
+    Parameters
+    ----------
+    ctx, claims
+        The service's context and the caller.
+    collection, image_id
+        Which image.
     """
     audit = ctx.encryptor.audit
     record = {"action": "decrypt", "sub": claims.sub, "image_id": image_id[:64]}
@@ -95,6 +93,26 @@ def plain_image(
         audit.write(**record, outcome="refused", reason=str(exc)[:200])
         raise HTTPException(422, str(exc)) from None
     audit.write(**record, outcome="ok")
+    return opened
+
+
+@router.get(
+    ENCRYPTOR_PLAIN_IMAGE,
+    responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
+)
+def plain_image(
+    collection: str,
+    image_id: str,
+    claims: Caller,
+    ctx: Ctx,
+    format: Annotated[str, Query(pattern="^(png|npy)$")] = "png",
+) -> Response:
+    """Fetch a cipher image from the cloud, verify the owner's tag, decrypt bit-exactly.
+
+    Every decision is audited: refused (scope, budget, a bad name, the gateway's refusal or
+    failure, a record whose tag does not verify) or done.
+    """
+    opened = open_audited(ctx, claims, collection, image_id)
     plain = opened.image
     headers = {"X-Opaque-Id": opened.record.opaque_id}
     if opened.label is not None:
