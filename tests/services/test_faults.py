@@ -81,6 +81,7 @@ def cluster(tmp_path_factory, radosgw):
         )
         running.gateway = gateway
         running.uploaded = []
+        running.stored_unacknowledged = []
         for seed in range(12):
             answer = gateway.post("/v1/collections/brain/images", files=_files(seed))
             assert answer.status_code == 202, answer.text
@@ -118,11 +119,16 @@ def _searchable(cluster, image_id: str) -> bool:
 
 
 def _consistent(cluster) -> None:
-    """Every acknowledged upload has one feature record and one vector in the search service."""
+    """Every acknowledged upload has one feature record and one vector in the search service.
+
+    An upload answered 503 "stored, but indexing could not be queued" (Redis down) is in the
+    store, unacknowledged; the reconciler may index it later (issue 15): allowed, not required.
+    """
     features = _feature_ids(cluster)
     assert len(features) == len(set(features))
-    assert sorted(features) == sorted(cluster.uploaded)
-    _poll(lambda: _served(cluster) == len(cluster.uploaded), "search holds every vector")
+    assert set(cluster.uploaded) <= set(features)
+    assert set(features) - set(cluster.uploaded) <= set(cluster.stored_unacknowledged)
+    _poll(lambda: _served(cluster) == len(_feature_ids(cluster)), "search holds every vector")
 
 
 def test_worker_killed_mid_task_redelivers_and_indexes_exactly_once(cluster):
@@ -165,6 +171,8 @@ def test_redis_killed_and_restarted_loses_no_acknowledged_upload(cluster):
                 acknowledged.append(answer.json()["image_id"])
             else:
                 refused.append((answer.status_code, answer.json().get("detail")))
+                if answer.json().get("image_id"):
+                    cluster.stored_unacknowledged.append(answer.json()["image_id"])
             seed += 1
             time.sleep(0.05)
 
@@ -212,7 +220,7 @@ def test_store_unreachable_refuses_uploads_and_indexing_retries_until_it_is_back
 
 def test_search_restart_comes_back_with_every_vector(cluster):
     before = _served(cluster)
-    assert before == len(cluster.uploaded)
+    assert before == len(_feature_ids(cluster))
     cluster.stop_search()
     cluster.start_search()
     _poll(lambda: _served(cluster) == before, "search caught up after restart", timeout=60)
@@ -220,4 +228,4 @@ def test_search_restart_comes_back_with_every_vector(cluster):
         "/v1/collections/brain/search", files=_files(3) | {"k": (None, str(before))}
     )
     assert answer.status_code == 200, answer.text
-    assert {hit["image_id"] for hit in answer.json()["hits"]} == set(cluster.uploaded)
+    assert {hit["image_id"] for hit in answer.json()["hits"]} == set(_feature_ids(cluster))

@@ -70,6 +70,8 @@ def test_upload_is_stored_then_queued_with_ids_only(client, store, dispatcher):
     status = client.get(body["status_url"], headers=auth())
     assert status.status_code == 200
     assert status.json()["state"] == "awaiting_model"
+    assert 0 <= status.json()["waiting_s"] < 3600  # how long it has waited, and why
+    assert "no model" in status.json()["detail"]
     cipher = client.get(f"{URL}/{image_id}/cipher", headers=auth())
     assert cipher.status_code == 200 and cipher.content == encode_png(image)
 

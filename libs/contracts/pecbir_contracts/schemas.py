@@ -225,6 +225,9 @@ class UploadStatus(BaseModel):
     state: UploadState
     model_version: str | None = None
     detail: str | None = None
+    # Seconds the image has waited for its index (stored, awaiting a model): since it was
+    # stored, or since its collection's current model was published (a re-index).
+    waiting_s: float | None = None
 
 
 class SearchHit(BaseModel):

@@ -274,6 +274,8 @@ class Cluster:
         s3: S3Bucket | None = None,
         extra_env: dict[str, str] | None = None,
         sealed_collections: tuple[str, ...] = (),
+        workers: int = 1,
+        start_timeout_s: float = 60.0,
     ) -> None:
         import secrets
 
@@ -281,7 +283,13 @@ class Cluster:
         self.s3 = s3
         self.extra_env = extra_env or {}
         self.redis: RedisProcess | None = None
-        self._worker_cm: contextlib.AbstractContextManager | None = None
+        self.n_workers = workers
+        # How long a (re)started HTTP service may take to answer its health path: the search
+        # service loads every collection from the store first (minutes on a loaded machine).
+        self.start_timeout_s = start_timeout_s
+        # Worker i's context manager (None while it is stopped); worker 0 logs to worker.log.
+        self._worker_cms: dict[int, contextlib.AbstractContextManager] = {}
+        self.workers: dict[int, subprocess.Popen] = {}
         self.tmp = Path(tmp)
         self.tenant = tenant
         self.with_encryptor = encryptor
@@ -361,17 +369,11 @@ class Cluster:
             "MKL_NUM_THREADS": "1",
             **self.extra_env,
         }
-        self.start_worker()
+        for index in range(self.n_workers):
+            self.start_worker(index)
         self.start_search()
         self.env["PECBIR_SEARCH_URL"] = self.search_url
-        self.gateway_url = stack.enter_context(
-            service_app(
-                "gateway",
-                self.env,
-                self.logs / "gateway.log",
-                on_start=self._track("gateway"),
-            )
-        )
+        self.start_gateway()
         if self.with_encryptor:
             from pecore.keys import MasterKey
 
@@ -415,25 +417,61 @@ class Cluster:
             pids.update(self.s3.gateway.pids())
         return pids
 
-    def start_worker(self) -> subprocess.Popen:
-        self._worker_cm = celery_worker(self.env, self.logs / "worker.log")
-        self.worker = self._worker_cm.__enter__()
-        self.processes["worker"] = self.worker
-        return self.worker
+    def worker_log(self, index: int = 0) -> Path:
+        """The log file of worker `index` (worker 0: worker.log, as with one worker)."""
+        return self.logs / ("worker.log" if index == 0 else f"worker-{index}.log")
 
-    def kill_worker(self) -> None:
-        """SIGKILL the worker's whole process group (no shutdown, no ack)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.worker.pid, signal.SIGKILL)
-        self.worker.wait(10)
-        if self._worker_cm is not None:
-            self._worker_cm.__exit__(None, None, None)
-            self._worker_cm = None
+    def start_worker(self, index: int = 0) -> subprocess.Popen:
+        """Start worker `index` (0 to `workers` - 1); `self.worker` is worker 0."""
+        cm = celery_worker(self.env, self.worker_log(index))
+        proc = cm.__enter__()
+        self._worker_cms[index] = cm
+        self.workers[index] = proc
+        self.processes["worker" if index == 0 else f"worker-{index}"] = proc
+        if index == 0:
+            self.worker = proc
+        return proc
+
+    def kill_worker(self, index: int = 0) -> None:
+        """SIGKILL worker `index`'s whole process group (no shutdown, no ack)."""
+        proc = self.workers.get(index)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        cm = self._worker_cms.pop(index, None)
+        if cm is not None:
+            cm.__exit__(None, None, None)
 
     def stop_worker(self) -> None:
-        if self._worker_cm is not None:
-            self._worker_cm.__exit__(None, None, None)
-            self._worker_cm = None
+        """Stop every worker (SIGTERM)."""
+        for index in list(self._worker_cms):
+            self._worker_cms.pop(index).__exit__(None, None, None)
+
+    def start_gateway(self) -> None:
+        """Start the gateway (again, on the same port after a stop or kill)."""
+        self._gateway_port = getattr(self, "_gateway_port", None) or free_port()
+        self._gateway_cm = service_app(
+            "gateway",
+            self.env,
+            self.logs / "gateway.log",
+            timeout=self.start_timeout_s,
+            port=self._gateway_port,
+            on_start=self._track("gateway"),
+        )
+        self.gateway_url = self._gateway_cm.__enter__()
+
+    def kill_service(self, name: str) -> None:
+        """SIGKILL the gateway or the search service (no shutdown); start_<name> restarts it."""
+        cm = getattr(self, f"_{name}_cm", None)
+        setattr(self, f"_{name}_cm", None)
+        proc = self.processes.get(name)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if cm is not None:
+            cm.__exit__(None, None, None)
 
     def start_search(self) -> None:
         self._search_port = getattr(self, "_search_port", None) or free_port()
@@ -441,6 +479,7 @@ class Cluster:
             "search",
             self.env,
             self.logs / "search.log",
+            timeout=self.start_timeout_s,
             port=self._search_port,
             on_start=self._track("search"),
         )
@@ -453,6 +492,9 @@ class Cluster:
             self._search_cm = None
 
     def close(self) -> None:
+        if getattr(self, "_gateway_cm", None) is not None:
+            self._gateway_cm.__exit__(None, None, None)
+            self._gateway_cm = None
         self.stop_search()
         self.stop_worker()
         self._stack.close()

@@ -206,12 +206,15 @@ class RadosGateway:
             **self.env(),
         }
 
-    def stop_daemon(self, daemon: str, timeout: float = 60.0) -> None:
-        """SIGTERM and wait (a clean stop: memstore writes its objects out)."""
+    def stop_daemon(
+        self, daemon: str, timeout: float = 60.0, sig: signal.Signals = signal.SIGTERM
+    ) -> None:
+        """SIGTERM and wait (a clean stop: memstore writes its objects out); `sig=SIGKILL`
+        for a hard kill (the S3 gateway only: it holds no data, the OSD does)."""
         pid = self._pid(daemon)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             deadline = time.monotonic() + timeout
             while self._pid(daemon) is not None and time.monotonic() < deadline:
                 time.sleep(0.05)

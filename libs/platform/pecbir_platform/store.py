@@ -13,9 +13,11 @@ gateway's claims need it (its start-up check, `check_put_if_absent`, refuses suc
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +41,7 @@ __all__ = [
     "MinioStore",
     "StoreSettings",
     "check_put_if_absent",
+    "list_modified",
     "store_from_url",
 ]
 
@@ -159,6 +162,33 @@ class FilesystemStore:
 
     def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
         return None
+
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        """Every key under `prefix` with the time of its last write (epoch seconds)."""
+        times = {}
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted since the listing
+                times[key] = self._path(key).stat().st_mtime
+        return times
+
+    def stale_temp_files(self, older_than_s: float) -> list[Path]:
+        """Temporary files of writes that never finished (a process killed between its
+        write and its rename) last touched more than `older_than_s` seconds ago.
+
+        A write in progress keeps its temporary file for milliseconds; a crash leaves it
+        for ever. `list` never shows them; the janitor (pecbir_indexer.recovery) removes them.
+        """
+        cutoff = time.time() - older_than_s
+        stale = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = Path(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < cutoff:
+                        stale.append(path)
+        return sorted(stale)
 
 
 def _file_chunks(handle: io.BufferedReader, chunk_size: int) -> Iterator[bytes]:
@@ -384,12 +414,48 @@ class MinioStore:
 
         return self._guard(prefix, collect)
 
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        """Every key under `prefix` with the time of its last write (epoch seconds)."""
+
+        def collect() -> dict[str, float]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return {obj.object_name: obj.last_modified.timestamp() for obj in objects}
+
+        return self._guard(prefix, collect)
+
     def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
         if self._ssec is not None:
             return None  # the GET would need the key in its headers
         return self._guard(
             key, self._client.presigned_get_object, self.bucket, check_key(key), expires=expires
         )
+
+
+def list_modified(store: ObjectStore, prefix: str) -> dict[str, float]:
+    """Every key under `prefix` with the time of its last write, in epoch seconds.
+
+    Parameters
+    ----------
+    store
+        A back end of this module (both list modification times; others need a
+        `list_modified` method of their own).
+    prefix
+        Key prefix to list.
+
+    Returns
+    -------
+    dict of str to float
+        Key → last-modified time (seconds since the epoch).
+
+    Raises
+    ------
+    UnsupportedStore
+        When the store cannot tell when its objects were written.
+    """
+    method = getattr(store, "list_modified", None)
+    if method is None:
+        raise UnsupportedStore(f"{store!r} cannot tell when its objects were written")
+    return method(prefix)
 
 
 def check_put_if_absent(store: ObjectStore) -> None:

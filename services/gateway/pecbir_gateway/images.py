@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Annotated
@@ -47,7 +48,7 @@ from pecbir_contracts.schemas import (
     is_pe_roi_scheme,
     parse_stored_record,
 )
-from pecbir_contracts.store import ObjectNotFound
+from pecbir_contracts.store import ObjectNotFound, UnsupportedStore
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE
 from pecbir_gateway.deps import (
     Access,
@@ -58,6 +59,7 @@ from pecbir_gateway.deps import (
     authorise,
 )
 from pecbir_gateway.dispatch import DispatchError
+from pecbir_platform.store import list_modified
 from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
@@ -271,36 +273,61 @@ def accept_upload(
     if bound_opaque_id is not None:
         image_id = image_id_for(layout.tenant, layout.collection, bound_opaque_id)
         return _accept_bound(ctx, layout, image_id, parts, meta_bytes, fingerprint)
-    record_key = idempotency_record_key(layout.tenant, idempotency_key) if idempotency_key else None
-    if record_key:
-        replay = _replay(ctx, record_key, fingerprint)
-        if replay is not None:
-            return replay
-
+    if idempotency_key:
+        record_key = idempotency_record_key(layout.tenant, idempotency_key)
+        return _accept_keyed(ctx, layout, record_key, parts, meta_bytes, fingerprint)
     image_id = new_image_id()
     _store_image(ctx, layout, image_id, parts, meta_bytes)
-    store = ctx.store
-    answer = UploadAccepted(
+    return _queue_indexing(ctx, layout, image_id, _answer(layout, image_id))
+
+
+def _answer(layout: CollectionLayout, image_id: str) -> UploadAccepted:
+    return UploadAccepted(
         image_id=image_id,
         collection=layout.collection,
         state="stored",
         status_url=_status_url(layout, image_id),
     )
-    if record_key:
-        record = {
-            "fingerprint": fingerprint,
-            "tenant": layout.tenant,
-            "collection": layout.collection,
-            "image_id": image_id,
-            "answer": answer.model_dump(mode="json"),
-        }
-        if not store.put_if_absent(record_key, json.dumps(record).encode(), "application/json"):
-            # A concurrent request with the same key won; undo ours and answer like it.
-            for key in [layout.meta(image_id), *(key_of(image_id) for key_of, _, _ in parts)]:
-                store.delete(key)
-            replay = _replay(ctx, record_key, fingerprint)
-            if replay is not None:
-                return replay
+
+
+def _accept_keyed(
+    ctx: GatewayContext,
+    layout: CollectionLayout,
+    record_key: str,
+    parts: Sequence[UploadPart],
+    meta_bytes: bytes,
+    fingerprint: str,
+) -> JSONResponse:
+    """An upload under an Idempotency-Key: the image id is reserved under the key (create-only)
+    before any object is written, so a retry after a failure at any point — between two
+    writes, before the queueing, after a gateway crash — resumes the same image instead of
+    starting another one (issue 15). The record is the original answer from the start."""
+    image_id = new_image_id()
+    answer = _answer(layout, image_id)
+    record = {
+        "fingerprint": fingerprint,
+        "tenant": layout.tenant,
+        "collection": layout.collection,
+        "image_id": image_id,
+        "answer": answer.model_dump(mode="json"),
+    }
+    if not ctx.store.put_if_absent(record_key, json.dumps(record).encode(), "application/json"):
+        # Reserved before (a replay, a retry after a failure, or a concurrent request).
+        record = json.loads(ctx.store.get(record_key))
+        if record["fingerprint"] != fingerprint:
+            raise HTTPException(
+                409, "Idempotency-Key was already used for a different upload; use a new key"
+            )
+        layout = CollectionLayout(record["tenant"], record["collection"])
+        answer = UploadAccepted.model_validate(record["answer"])
+        image_id = answer.image_id
+        if _is_indexed(ctx, layout, image_id):
+            return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
+    # Same body as the reservation: (re)write what an earlier attempt may have left unwritten.
+    # Rewriting an object with the same bytes is harmless, also under a concurrent retry.
+    if not ctx.store.exists(layout.meta(image_id)):
+        _store_image(ctx, layout, image_id, parts, meta_bytes)
+    # Re-queue (tasks are idempotent) so that a retry after a broker failure completes.
     return _queue_indexing(ctx, layout, image_id, answer)
 
 
@@ -313,12 +340,7 @@ def _accept_bound(
     fingerprint: str,
 ) -> JSONResponse:
     store = ctx.store
-    answer = UploadAccepted(
-        image_id=image_id,
-        collection=layout.collection,
-        state="stored",
-        status_url=_status_url(layout, image_id),
-    )
+    answer = _answer(layout, image_id)
     claim_key = idempotency_record_key(layout.tenant, f"image:{layout.collection}/{image_id}")
     claim = {"fingerprint": fingerprint, "image_id": image_id}
     claimed = store.put_if_absent(claim_key, json.dumps(claim).encode(), "application/json")
@@ -376,23 +398,6 @@ def _queue_indexing(
     return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
 
 
-def _replay(ctx: GatewayContext, record_key: str, fingerprint: str) -> JSONResponse | None:
-    try:
-        record = json.loads(ctx.store.get(record_key))
-    except ObjectNotFound:
-        return None
-    if record["fingerprint"] != fingerprint:
-        raise HTTPException(
-            409, "Idempotency-Key was already used for a different upload; use a new key"
-        )
-    layout = CollectionLayout(record["tenant"], record["collection"])
-    answer = UploadAccepted.model_validate(record["answer"])
-    # Re-queue (tasks are idempotent) so that a retry after a broker failure completes.
-    if not _is_indexed(ctx, layout, answer.image_id):
-        return _queue_indexing(ctx, layout, answer.image_id, answer)
-    return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
-
-
 def current_version(ctx: GatewayContext, layout: CollectionLayout) -> str | None:
     return read_current_version(ctx.store, layout)
 
@@ -426,9 +431,24 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
         pass
     version = current_version(ctx, layout)
     if version is None:
-        return UploadStatus(**base, state="awaiting_model", detail="no model trained yet")
+        waited = _waiting_s(ctx, layout, image_id, with_model=False)
+        return UploadStatus(
+            **base,
+            state="awaiting_model",
+            detail="no model trained yet: indexed once the collection's first model is",
+            waiting_s=waited,
+        )
     if not ctx.store.exists(layout.features(version, image_id)):
-        return UploadStatus(**base, state="stored", model_version=version)
+        waited = _waiting_s(ctx, layout, image_id, with_model=True)
+        return UploadStatus(
+            **base,
+            state="stored",
+            model_version=version,
+            detail=f"waiting for an indexer worker to index it with {version}; work waiting "
+            "longer than the indexer's redelivery bound (a worker lost mid-task) is queued "
+            "again by its reconciler",
+            waiting_s=waited,
+        )
     try:
         held = ctx.search.get(
             SEARCH_IMAGE.format(collection=layout.collection, image_id=image_id),
@@ -442,6 +462,20 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     return UploadStatus(
         **base, state="searchable" if searchable else "indexed", model_version=version
     )
+
+
+def _waiting_s(
+    ctx: GatewayContext, layout: CollectionLayout, image_id: str, *, with_model: bool
+) -> float | None:
+    """Seconds since the image was stored, or since its model became current if later."""
+    try:
+        times = list_modified(ctx.store, layout.image_prefix(image_id))
+        since = times.get(layout.meta(image_id))
+        if with_model:
+            since = max([since or 0.0, *list_modified(ctx.store, layout.current_model).values()])
+    except UnsupportedStore:
+        return None
+    return None if since is None else round(max(0.0, time.time() - since), 1)
 
 
 @router.get(GATEWAY_IMAGE, response_model=ImageMetadata | SealedImageMetadata)

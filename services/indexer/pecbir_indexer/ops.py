@@ -106,8 +106,40 @@ def readiness_checks(settings: IndexerSettings) -> dict[str, Check]:
     }
 
 
+def start_reconciler(celery_app: Any, settings: IndexerSettings) -> None:
+    """Run the reconciler and janitor (pecbir_indexer.recovery) in every worker's main
+    process once the worker is ready; a Redis lease makes one of them act per interval."""
+    from celery import signals
+
+    if settings.reconcile_interval_s <= 0:
+        return
+
+    def on_ready(**_kw: Any) -> None:
+        import redis
+
+        from pecbir_contracts.tasks import TASK_QUEUES
+        from pecbir_indexer.recovery import InFlight, Reconciler, RedisLeases
+
+        def send(task_name: str, args: Any) -> None:
+            celery_app.send_task(task_name, args=list(args), queue=TASK_QUEUES[task_name])
+
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        store = get_runtime().store
+
+        def give_up(task_name: str, args: Any, reason: str) -> None:
+            from pecbir_indexer.tasks import dead_letter
+
+            dead_letter(task_name, "reconciler", list(args), reason)
+
+        leases, in_flight = RedisLeases(client), InFlight(client)
+        Reconciler(settings, store, send, leases, in_flight, give_up).start()
+
+    signals.worker_ready.connect(on_ready, weak=False)
+
+
 def instrument(celery_app: Any, settings: IndexerSettings) -> None:
     ops = WorkerOpsSettings()
+    start_reconciler(celery_app, settings)
     if ops.soft_shutdown_s > 0:
         celery_app.conf.update(
             worker_soft_shutdown_timeout=ops.soft_shutdown_s,

@@ -35,6 +35,24 @@ class IndexerSettings(StoreSettings):
     # A lost worker's unacknowledged message is handed out again after this many seconds
     # (Redis transport). Keep it above the longest task (training) or a slow task runs twice.
     visibility_timeout_s: int = 3600
+    # Recovery (pecbir_indexer.recovery, issue 15). Every running task beats every quarter
+    # of `redelivery_bound_s`; every `reconcile_interval_s` one worker of the cluster (a Redis
+    # lease) queues again the tasks whose beat is older than the bound (their worker was
+    # killed: their message sits unacknowledged until `visibility_timeout_s`). Every
+    # `janitor_interval_s` it also lists the store: images waiting longer than the bound and
+    # untrained versions are queued again, crash debris (incomplete image folders, temporary
+    # files) older than `debris_grace_s` removed. 0 turns the reconciler off.
+    reconcile_interval_s: float = 15.0
+    redelivery_bound_s: float = 60.0
+    janitor_interval_s: float = 600.0
+    debris_grace_s: float = 900.0
+    # At most this many index tasks re-queued per pass (a slow re-index is not flooded).
+    reconcile_max_requeue: int = 1000
+    # A training holds a lease renewed every third of this; a killed one loses it this long
+    # after, and only then may the reconciler queue the version again: never two at once.
+    train_lease_s: float = 30.0
     # Fault-injection hook for tests only: while this file exists, `index_image` first sleeps
     # as many seconds as it holds (makes "kill the worker mid-task" deterministic).
     test_index_delay_file: str | None = None
+    # The same for `train_model` (a kill mid-training).
+    test_train_delay_file: str | None = None

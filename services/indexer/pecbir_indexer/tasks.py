@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
 from pecbir_contracts.layout import CollectionLayout
@@ -31,6 +33,7 @@ from pecbir_contracts.tasks import (
 )
 from pecbir_indexer import batch, work
 from pecbir_indexer.celery import app, settings
+from pecbir_indexer.recovery import InFlight, train_lease
 from pecbir_indexer.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,16 @@ def dead_letter(task_name: str, task_id: str, args: list[Any], reason: str) -> N
     log.error("dead-lettered %s %s: %s", task_name, task_id, reason)
 
 
+@cache
+def _lease_redis() -> Any:
+    return redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+
+
+@cache
+def _in_flight() -> InFlight:
+    return InFlight(_lease_redis())
+
+
 class IndexerTask(Task):
     """Retry storage errors with backoff; dead-letter everything that fails for good."""
 
@@ -79,7 +92,17 @@ class IndexerTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._run_counted(*args, **kwargs)
+            if self.request.is_eager or not self.request.id or settings.reconcile_interval_s <= 0:
+                return self._run_counted(*args, **kwargs)
+            # A heartbeat while it runs: if this worker is killed, the reconciler queues the
+            # task again `redelivery_bound_s` later instead of the visibility timeout's hour.
+            every = settings.redelivery_bound_s / 4
+            with _in_flight().running(self.name, args, every) as watch:
+                try:
+                    return self._run_counted(*args, **kwargs)
+                except Retry:
+                    watch.keep = True  # the retry is due later; watched until it runs
+                    raise
         except BROKER_DOWN as exc:
             # Redis (broker and event stream) went away mid-task: not the message's fault, so
             # no dead letter. Hand it back: requeued if Redis is back by now, else it stays
@@ -105,9 +128,11 @@ class IndexerTask(Task):
 
 def _test_delay(task: str = "index_image") -> None:
     """The fault-injection hook (see IndexerSettings.test_index_delay_file)."""
-    if settings.test_index_delay_file:
+    delay_file = settings.test_train_delay_file if task == "train_model" else None
+    delay_file = delay_file or (settings.test_index_delay_file if task != "train_model" else None)
+    if delay_file:
         with contextlib.suppress(FileNotFoundError, ValueError):
-            seconds = float(Path(settings.test_index_delay_file).read_text())
+            seconds = float(Path(delay_file).read_text())
             log.warning("test hook: %s sleeps %.1f s", task, seconds)
             time.sleep(seconds)
 
@@ -145,9 +170,55 @@ def index_batch(tenant: str, collection: str, version: str, image_ids: list[str]
     return len(outcome.indexed) + len(outcome.already_indexed)
 
 
-@app.task(base=IndexerTask, name=TASK_TRAIN_MODEL, throws=(work.PoisonMessage,))
-def train_model(tenant: str, collection: str, version: str) -> str:
-    manifest = work.train_model(get_runtime(), tenant, collection, version)
+@contextlib.contextmanager
+def _training_lease(tenant: str, collection: str, version: str, eager: bool):
+    """Yields False when another worker trains this version now (its lease is held).
+
+    The lease expires `train_lease_s` after its holder stops renewing it (killed), so the
+    reconciler may then queue the version again; while it is held, nobody trains it twice.
+    """
+    if eager:  # embedded mode: one process, no broker
+        yield True
+        return
+    lease = _lease_redis().lock(
+        train_lease(tenant, collection, version), timeout=settings.train_lease_s
+    )
+    if not lease.acquire(blocking=False):
+        yield False
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(settings.train_lease_s / 3):
+            try:
+                lease.reacquire()
+            except Exception as exc:  # Redis down a moment: the next renewal tries again
+                log.warning("could not renew the training lease of %s: %s", version, exc)
+
+    renewer = threading.Thread(target=renew, name="pecbir-train-lease", daemon=True)
+    renewer.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        renewer.join(5)
+        with contextlib.suppress(Exception):  # expired or Redis down: it lapses by itself
+            lease.release()
+
+
+@app.task(base=IndexerTask, name=TASK_TRAIN_MODEL, throws=(work.PoisonMessage,), bind=True)
+def train_model(self: Task, tenant: str, collection: str, version: str) -> str:
+    with _training_lease(tenant, collection, version, bool(self.request.is_eager)) as mine:
+        if not mine:
+            log.warning(
+                "training %s of %s/%s is running elsewhere (lease held); not a second time",
+                version,
+                tenant,
+                collection,
+            )
+            return version
+        _test_delay("train_model")
+        manifest = work.train_model(get_runtime(), tenant, collection, version)
     reindex_collection.apply_async(args=[tenant, collection, version])
     return manifest.version
 

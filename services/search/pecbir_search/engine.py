@@ -204,7 +204,17 @@ class SearchEngine:
     def start(self) -> None:
         """Catch up from the store, then follow the event stream from before the catch-up."""
         compile_kernels()  # before serving: the first query must not pay the JIT compile
-        after = self.bus.last_id() if self.bus is not None else None
+        after = None
+        if self.bus is not None:
+            try:
+                after = self.bus.last_id()
+            except Exception as exc:
+                # Redis down while the service (re)starts (issue 15): serve what the store
+                # holds, and once the stream is back follow it from its start. The position
+                # before the catch-up is unknown, so an event may have come during it;
+                # replaying is harmless (vectors are upserted by id, old versions ignored).
+                log.warning("event stream unavailable at start (%s): will replay it", exc)
+                after = "0-0"
         self.catch_up_all()
         if self.bus is None:
             return
