@@ -8,12 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
 
 from pecbir_contracts.layout import CollectionLayout, image_id_for
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
+from pecbir_encryptor.integrity import IntegrityError
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.cipher_roi import RoiCipher
@@ -279,3 +281,47 @@ def test_the_gateway_frames_sealed_blobs_as_pecore_does():
     from pecore.sealing import SEALED_MAGIC as PECORE_MAGIC
 
     assert SEALED_MAGIC == PECORE_MAGIC
+
+
+def test_another_hospitals_pe_roi_hits_open_with_its_released_data_key(tmp_path):
+    """hospital-a searches hospital-b's pe-roi collection and opens the hits with the data
+    keys hospital-b releases (the blob holds the whole image; the ROI cipher would not do);
+    a release of another mode is refused."""
+    with EmbeddedSystem(
+        tmp_path,
+        master=MasterKey.from_seed(MASTER_SEED),
+        shared_collections=f"hospital-b/{COLLECTION}=hospital-a",
+    ) as system:
+        b = system.add_hospital(
+            "hospital-b",
+            master=MasterKey.from_seed(MASTER_SEED + 1),
+            pe_roi_collections=frozenset({COLLECTION}),
+        )
+        images, masks, labels = labelled_set(N_TRAIN, shape=SHAPE, seed=8)
+        originals = {}
+        for image, mask, label in zip(images, masks, labels, strict=True):
+            answer = _ingest(b, image, mask, label, train=True)
+            assert answer.status_code == 202, answer.text
+            originals[answer.json()["upload"]["image_id"]] = image
+        headers = {"authorization": f"Bearer {system.cloud_token(tenant='hospital-b')}"}
+        trained = system.gateway.post(
+            f"/v1/collections/{COLLECTION}/model/train", json=SMALL_MODEL, headers=headers
+        )
+        assert trained.status_code == 202, trained.text
+        a, owner = system.encryptor_app.state.encryptor, b.encryptor_app.state.encryptor
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = system.gateway.get(f"/v1/collections/{COLLECTION}/model", headers=headers)
+            if status.json()["n_vectors"] >= N_TRAIN:
+                break
+            time.sleep(0.05)
+        answer = a.search(COLLECTION, images[0], masks[0], k=5, owner="hospital-b")
+        assert len(answer.hits) == 5
+        for hit in answer.hits:
+            _, released = owner.release(COLLECTION, hit.image_id)
+            assert released["mode"] == "pe-roi"
+            opened = a.open_released(COLLECTION, hit.image_id, "hospital-b", released)
+            np.testing.assert_array_equal(opened.image, originals[hit.image_id])
+        wrong = {**released, "mode": "pe"}
+        with pytest.raises(IntegrityError, match="pe-roi"):
+            a.open_released(COLLECTION, hit.image_id, "hospital-b", wrong)

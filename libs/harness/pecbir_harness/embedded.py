@@ -150,6 +150,7 @@ class EmbeddedSystem:
         master: MasterKey | None = None,
         releases_keys: bool = True,
         sealed_collections: frozenset[str] = frozenset(),
+        pe_roi_collections: frozenset[str] = frozenset(),
     ) -> Hospital:
         """Another hospital on this cloud, whose encryptor this system's encryptor may ask for
         the keys of its images (with a token of scope key-release, or, with `releases_keys`
@@ -166,6 +167,7 @@ class EmbeddedSystem:
                 audit_log=self.root / f"{tenant}-audit.jsonl",
                 patch_models=self.root / f"{tenant}-patch-models",
                 sealed_collections=sealed_collections,
+                pe_roi_collections=pe_roi_collections,
             ),
             master=master,
             gateway_client=self._stack.enter_context(TestClient(self.gateway_app)),

@@ -646,7 +646,7 @@ class Encryptor:
         The owner's integrity tag needs the owner's master key, so it is checked there, before
         the release (`release`); here the record must be bound to exactly this owner,
         collection and id, the released key must be that image's, and its check value (pe)
-        or the AEAD (sealed) must hold.
+        or the AEAD (sealed, pe-roi: the blob's data key) must hold.
 
         Parameters
         ----------
@@ -660,7 +660,7 @@ class Encryptor:
         Returns
         -------
         Opened
-            The plain image (pe: 8-bit; sealed: as the owner held it), mask and label.
+            The plain image (pe: 8-bit; sealed, pe-roi: as the owner held it), mask and label.
 
         Raises
         ------
@@ -671,10 +671,13 @@ class Encryptor:
         """
         metadata = self.fetch_record(collection, image_id, owner)
         _check_bound_id(owner, collection, image_id, metadata.opaque_id)
-        mode = "sealed" if isinstance(metadata, SealedImageMetadata) else "pe"
+        if isinstance(metadata, SealedImageMetadata):
+            mode = "sealed"
+        else:
+            mode = "pe-roi" if is_roi_scheme(metadata.key.scheme) else "pe"
         if released.get("mode") != mode:
             raise IntegrityError(f"image {image_id} is {mode}; the released key is not")
-        if isinstance(metadata, SealedImageMetadata):
+        if mode != "pe":  # the whole image is in the blob (a pe-roi cipher holds its ROI only)
             blob = self.gateway.sealed(collection, image_id, owner=owner)
             identity = SealedIdentity(
                 tenant=owner, collection=collection, image_id=metadata.opaque_id
