@@ -22,10 +22,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FeatureRecord:
-    """One image's features under one model version (features/<version>/<image_id>.npz)."""
+    """One image's features under one model version (features/<version>/<image_id>.npz).
+
+    The projected vector only: the Fisher vector it came from (F = 2·D·d·R floats, 332 KB at
+    D = 64 on cipher images) is never read back (training recomputes it under the version's
+    patch model; a sealed image's owner-sent vector is stored beside its blob), so it is not
+    written. Records of earlier releases that hold one still load.
+    """
 
     version: str
-    fisher_vector: np.ndarray  # float32 (F,)
     vector: np.ndarray  # float32 (dim,), projected by the learned metric
     label: int | None
 
@@ -34,21 +39,17 @@ class FeatureRecord:
         np.savez(
             buffer,
             version=np.array(self.version),
-            fisher_vector=np.asarray(self.fisher_vector, dtype=np.float32),
             vector=np.asarray(self.vector, dtype=np.float32),
             label=np.array(-1 if self.label is None else self.label, dtype=np.int64),
         )
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, with_fisher_vector: bool = True) -> FeatureRecord:
+    def from_bytes(cls, data: bytes) -> FeatureRecord:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             label = int(arrays["label"])
             return cls(
                 version=str(arrays["version"]),
-                fisher_vector=arrays["fisher_vector"]
-                if with_fisher_vector
-                else np.empty(0, np.float32),
                 vector=arrays["vector"].astype(np.float32),
                 label=None if label < 0 else label,
             )

@@ -43,9 +43,7 @@ def index_batch(
         # 3.11 before 3.11.8 cannot run in two threads at once (gh-106905)
         stored = list(pool.map(lambda i: _stored(rt, layout.features(version, i)), image_ids))
         records = {
-            image_id: None
-            if data is None
-            else FeatureRecord.from_bytes(data, with_fisher_vector=False)
+            image_id: None if data is None else FeatureRecord.from_bytes(data)
             for image_id, data in zip(image_ids, stored, strict=True)
         }
         todo = [image_id for image_id, record in records.items() if record is None]
@@ -116,7 +114,7 @@ def _features(
         fisher = pipeline.fisher_vectors([loaded[i][1] for i in ids], [loaded[i][2] for i in ids])
         vectors = pipeline.project(fisher)
         return {
-            image_id: FeatureRecord(version, fisher[k], vectors[k], loaded[image_id][0].label)
+            image_id: FeatureRecord(version, vectors[k], loaded[image_id][0].label)
             for k, image_id in enumerate(ids)
         }
 

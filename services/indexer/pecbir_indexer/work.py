@@ -109,7 +109,7 @@ def index_image(
         return IndexOutcome(image_id, "awaiting_model", None)
     key = layout.features(version, image_id)
     try:
-        record = FeatureRecord.from_bytes(rt.store.get(key), with_fisher_vector=False)
+        record = FeatureRecord.from_bytes(rt.store.get(key))
         state = "already_indexed"
     except ObjectNotFound:
         meta = load_record(rt, layout, image_id)
@@ -123,7 +123,7 @@ def index_image(
             vector = pipeline.project(fisher)[0]
         except ValueError as exc:
             raise PoisonMessage(f"feature extraction failed for {image_id}: {exc}") from None
-        record = FeatureRecord(version, fisher[0], vector, meta.label)
+        record = FeatureRecord(version, vector, meta.label)
         rt.store.put(key, record.to_bytes())
         state = "indexed"
     # Publishing again on a redelivery is harmless: the search service upserts by image id.

@@ -119,7 +119,7 @@ class SearchEngine:
             image_id = layout.image_id_of_features(version, key)
             if image_id is None:
                 continue
-            record = FeatureRecord.from_bytes(self.store.get(key), with_fisher_vector=False)
+            record = FeatureRecord.from_bytes(self.store.get(key))
             if index is None:
                 index = self.index_factory(version, record.vector.shape[0])
             index.upsert(image_id, record.vector, record.label)

@@ -343,7 +343,7 @@ def store_bytes_per_image(
     fit_s = time.perf_counter() - started
     fisher = pipeline.fisher_vectors([np.asarray(data.images[0])], [data.masks[0]])
     vector = pipeline.project(fisher)[0]
-    record = FeatureRecord("v0001", fisher[0], vector, 1).to_bytes()
+    record = FeatureRecord("v0001", vector, 1).to_bytes()
     sizes["features.npz"] = [len(record)]
     model = __import__("io").BytesIO()
     pipeline.save(model)
@@ -542,7 +542,7 @@ def _cost_split(root: Path, image_ids: list[str]) -> dict[str, float]:
         fisher = pipeline.encoder_.encode(y, patches.bounds, moments(y))[None, :]
         vector = pipeline.project(fisher)[0]
         t3 = time.perf_counter()
-        record = FeatureRecord(_VERSION, fisher[0], vector, meta.label)
+        record = FeatureRecord(_VERSION, vector, meta.label)
         rt.store.put(layout.features("v9999", image_id), record.to_bytes())
         rt.bus.publish(
             VectorEvent(

@@ -248,7 +248,7 @@ def _knn_in_process(cluster) -> dict[str, float]:
     vectors = []
     index = None
     for key in store.list(layout.features_prefix(version)):
-        record = FeatureRecord.from_bytes(store.get(key), with_fisher_vector=False)
+        record = FeatureRecord.from_bytes(store.get(key))
         index = index or VectorIndex(version, record.vector.shape[0])
         index.upsert(key, record.vector, record.label)
         vectors.append(record.vector)
