@@ -17,8 +17,9 @@ per-image key) sits in a 512 × 512 canvas of keyed noise, so that the PNG read 
 that of a full cipher slice. `--distinct` images are written; the other ids are hard links to
 them (the dataset stored again under new ids: a 10⁶-image store of distinct 512² cipher PNGs
 would not fit the lent machine's disk). With `--discard-features` the feature records are
-counted but not written: the run without it gives the cost of the writes. The model (PCA + GMM fitted by the reference code on the crops, CFML on their
-Fisher vectors) is cached at `--model-cache`, so the device does not spend its minutes fitting.
+counted but not written: the run without it gives the cost of the writes. The model (PCA +
+GMM fitted by the reference code on the crops, CFML on their Fisher vectors) is cached at
+`--model-cache`, so the device does not spend its minutes fitting.
 
 Prints a table and writes JSON, with where the whole task's time goes.
 """
