@@ -314,7 +314,7 @@ class CFML(BaseEstimator):
         test = products.put(rng.standard_normal((n_features, width)).astype(products.dtype))
         parts = range(len(offsets) - 1)
 
-        def times(right):  # X_c @ right, n × width
+        def range_of(right):  # an orthonormal basis of X_c @ right's columns, n × width
             return products.qr(products.cat([products.put(centred(i)) @ right for i in parts]))
 
         def transposed_times(left):  # X_cᵀ @ left, F × width
@@ -324,9 +324,9 @@ class CFML(BaseEstimator):
                 total = block if total is None else total + block
             return total
 
-        Q = times(test)
+        Q = range_of(test)
         for _ in range(self.power_iterations):
-            Q = times(products.qr(transposed_times(Q)))
+            Q = range_of(products.qr(transposed_times(Q)))
         B = products.numpy(transposed_times(Q)).astype(np.float64)  # F × width, X_cᵀ Q
         squares, G = np.linalg.eigh(B.T @ B)  # B = V S Gᵀ: S² and G, ascending
         order = np.argsort(squares)[::-1][:k]
