@@ -30,8 +30,10 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["memory", "streamed"]
     assert all(r["outcome"] != "fitted" for r in rows)
+    argv += ["--modes", "memory,streamed,capped,primal", "--max-rank", "20"]
     assert main([*argv, "--limit-gib", "8", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["memory", "streamed", "capped", "primal"]
     assert all(r["outcome"] == "fitted" and r["peak_rss_bytes"] > 0 for r in rows)
 
 
