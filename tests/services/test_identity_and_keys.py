@@ -25,7 +25,7 @@ def _upload(system, image, mask, label=1, collection="brain"):
     answer = system.encryptor.post(
         f"/v1/collections/{collection}/images",
         files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-        data={"label": str(label)},
+        data={"label": str(label), "train": "true"},
     )
     assert answer.status_code == 202, answer.text
     return answer.json()

@@ -67,7 +67,7 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
         answer = encryptor.post(
             "/v1/collections/brain/images",
             files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-            data={"label": str(label)},
+            data={"label": str(label), "train": "true"},
         )
         assert answer.status_code == 202, answer.text
     trained = gateway.post("/v1/collections/brain/model/train", json=MODEL)

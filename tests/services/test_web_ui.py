@@ -56,7 +56,7 @@ def _upload_and_train(client, gateway, system, tenant, seed, sealed=False) -> di
                 "image": ("slice.png", _png(plain)),
                 "mask": ("mask.png", _png(mask.astype(np.uint8) * 255)),
             },
-            data={"label": str(label)},
+            data={"label": str(label), "train": "true"},
         )
         assert answer.status_code == 202, answer.text
         originals[answer.json()["upload"]["image_id"]] = plain

@@ -110,7 +110,7 @@ def _ingest(system, collection: str, image, mask, label: int) -> None:
     answer = system.encryptor.post(
         ENCRYPTOR_IMAGES.format(collection=collection),
         files={"image": ("i.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
-        data={"label": str(label)},
+        data={"label": str(label), "train": "true"},
     )
     if answer.status_code != 202:
         raise RuntimeError(f"upload refused: {answer.status_code} {answer.text}")
