@@ -428,3 +428,25 @@ def test_no_label_of_a_non_template_reaches_store_features_or_search(tmp_path):
             assert by_id[image_id] == expected
         manifest = json.loads(system.store.get(layout.manifest(version)))
         assert sum(manifest["label_counts"].values()) == n_train
+
+
+def test_the_signing_key_file_is_private_never_overwritten_and_checked(tmp_path, capsys):
+    from pecbir_encryptor.protection import load_signing_key, public_key_b64
+
+    path = tmp_path / "signing.key"
+    assert cli.main(["signing-key", "--out", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    printed = capsys.readouterr().out
+    assert public_key_b64(load_signing_key(path)) in printed
+    before = path.read_bytes()
+    assert cli.main(["signing-key", "--out", str(path)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    bad = tmp_path / "bad.key"
+    bad.write_text("not base64!\n")
+    with pytest.raises(ValueError, match=r"bad\.key"):
+        load_signing_key(bad)
+    short = tmp_path / "short.key"
+    short.write_text("AAAA\n")
+    with pytest.raises(ValueError, match="32 bytes"):
+        load_signing_key(short)

@@ -72,7 +72,10 @@ def signing_key_from_master(master: MasterKey) -> Ed25519PrivateKey:
 def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     """Write a fresh signing key (base64 of 32 bytes, 0600); refuses to overwrite a file."""
     seed = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ValueError(f"{path} exists: refusing to overwrite a signing key") from None
     try:
         os.write(fd, base64.b64encode(seed) + b"\n")
         os.fsync(fd)
