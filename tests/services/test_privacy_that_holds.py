@@ -385,21 +385,47 @@ def test_a_re_push_after_rotation_is_answered_like_the_first_time(tmp_path, mode
             k: system.store.get(k)
             for k in system.store.list(layout.image_prefix(first["image_id"]))
         }
-        rotated = _rotated(
+        sent = Sent(system)
+        uploads = {
+            f"/v1/collections/{collection}/images",
+            f"/v1/collections/{collection}/sealed-images",
+        }
+        # With the hospital's content index (the encryptor restarted with the new key): the
+        # image is known, nothing is sent again. Without it (an image stored before the index
+        # existed): the cloud's 409 is checked against the stored record, opened with the
+        # retired key.
+        for index in (system.root / "content-index", None):
+            sent.clear()
+            rotated = _rotated(
+                system,
+                old,
+                new,
+                sealed_collections=kw["sealed_collections"],
+                pe_roi_collections=kw["pe_roi_collections"],
+                content_index=index,
+            )
+            again = rotated.ingest(collection, images[0], masks[0], opaque_id=opaque_id, label=1)
+            assert again == first
+            posted = {path for method, path in sent.requests if method == "POST"}
+            assert not posted & uploads if index else posted & uploads
+            # the cloud's objects are the first upload's, untouched
+            assert {k: system.store.get(k) for k in stored} == stored
+        # other pixels under the same id are still refused
+        with pytest.raises(GatewayError) as refused:
+            rotated.ingest(collection, images[1], masks[1], opaque_id=opaque_id, label=1)
+        assert refused.value.status == 409
+        # so is the same image under its id with a label the cloud did not read before
+        marked = _rotated(
             system,
             old,
             new,
             sealed_collections=kw["sealed_collections"],
             pe_roi_collections=kw["pe_roi_collections"],
+            content_index=system.root / "content-index",
         )
-        again = rotated.ingest(collection, images[0], masks[0], opaque_id=opaque_id, label=1)
-        assert again == first
-        # the cloud's objects are the first upload's, untouched
-        assert {k: system.store.get(k) for k in stored} == stored
-        # other pixels under the same id are still refused
-        with pytest.raises(GatewayError) as refused:
-            rotated.ingest(collection, images[1], masks[1], opaque_id=opaque_id, label=1)
-        assert refused.value.status == 409
+        with pytest.raises(GatewayError) as relabelled:
+            marked.ingest(collection, images[0], masks[0], opaque_id=opaque_id, label=1, train=True)
+        assert relabelled.value.status == 409
 
 
 def test_no_label_of_a_non_template_reaches_store_features_or_search(tmp_path):

@@ -36,11 +36,14 @@ _DOMAIN = b"pecbir/content-index/v1\x00"
 
 @dataclass(frozen=True)
 class StoredRef:
-    """A stored image of this hospital: where it is in the cloud."""
+    """A stored image of this hospital: where it is in the cloud, and what the cloud's record
+    says of it (`cloud_label`: the label the cloud reads, None unless a template)."""
 
     collection: str
     image_id: str
     opaque_id: str
+    role: str = "template"
+    cloud_label: int | None = None
 
 
 def _index_key(master: MasterKey) -> bytes:
@@ -83,7 +86,13 @@ class ContentIndex:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = content_digest(master, ref.collection, pixels, mask)
         body = json.dumps(
-            {"collection": ref.collection, "image_id": ref.image_id, "opaque_id": ref.opaque_id}
+            {
+                "collection": ref.collection,
+                "image_id": ref.image_id,
+                "opaque_id": ref.opaque_id,
+                "role": ref.role,
+                "cloud_label": ref.cloud_label,
+            }
         ).encode()
         path = self.directory / f"{name}.json"
         staged = self.directory / f".{name}.{os.getpid()}.new"
@@ -114,5 +123,11 @@ class ContentIndex:
             except (OSError, ValueError):
                 continue  # a damaged entry: the query goes the normal way
             if entry.get("collection") == collection:
-                return StoredRef(entry["collection"], entry["image_id"], entry["opaque_id"])
+                return StoredRef(
+                    entry["collection"],
+                    entry["image_id"],
+                    entry["opaque_id"],
+                    entry.get("role", "template"),
+                    entry.get("cloud_label"),
+                )
         return None

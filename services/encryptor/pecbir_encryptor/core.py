@@ -476,8 +476,19 @@ class Encryptor:
         if train is None:
             train = collection in self.template_collections
         mode = self.mode_of(collection)
-        try:
-            answer = self._protect_and_upload(
+        cloud_label = label if train and role == "template" else None
+        known = self.stored_match(collection, pixels, mask)
+        if (
+            known is not None
+            and (known.opaque_id, known.role, known.cloud_label) == (opaque_id, role, cloud_label)
+            and self._in_cloud(collection, known.image_id)
+        ):
+            # A re-push of an image stored as it is now (e.g. a PACS re-sending a study, also
+            # after a rotation): answered like the first time, and nothing is sent again, so
+            # the cloud never receives a second cipher of it.
+            answer = self._answer_for(collection, opaque_id)
+        else:
+            answer = self._upload_once(
                 mode,
                 collection,
                 pixels,
@@ -489,14 +500,8 @@ class Encryptor:
                 idempotency_key,
                 lossy,
             )
-        except GatewayError as exc:
-            # A re-push of an image stored under a master key since rotated: its content-bound
-            # key changed with the master key, so the cloud sees other bytes under its id.
-            if exc.status != 409 or not self._stored_as(collection, opaque_id, mode, pixels, mask):
-                raise
-            answer = self._answer_for(collection, opaque_id)
         if role == "template" and answer.get("image_id"):
-            ref = StoredRef(collection, str(answer["image_id"]), opaque_id)
+            ref = StoredRef(collection, str(answer["image_id"]), opaque_id, role, cloud_label)
             self.content_index.add(self.master, ref, pixels, mask)
             if mode == "pe":
                 # the pe hit opens 8-bit: a query taken from it (a stored study) is that
@@ -517,11 +522,75 @@ class Encryptor:
         )
         return answer
 
+    def _in_cloud(self, collection: str, image_id: str) -> bool:
+        """Whether the cloud holds a record under `image_id` (GatewayError if it cannot say)."""
+        try:
+            self.gateway.metadata(collection, image_id, owner=None)
+        except GatewayError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _upload_once(
+        self,
+        mode: Mode,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        opaque_id: str,
+        label: int | None,
+        role: str,
+        train: bool,
+        idempotency_key: str | None,
+        lossy: bool,
+    ) -> dict:
+        """`_protect_and_upload`; a 409 for an image the cloud holds with exactly these pixels
+        and mask under a retired master key is answered like the first upload."""
+        try:
+            answer = self._protect_and_upload(
+                mode,
+                collection,
+                pixels,
+                mask,
+                opaque_id,
+                label,
+                role,
+                train,
+                idempotency_key,
+                lossy,
+            )
+        except GatewayError as exc:
+            # A re-push of an image stored under a master key since rotated: its content-bound
+            # key changed with the master key, so the cloud sees other bytes under its id.
+            cloud_label = label if train and role == "template" else None
+            if exc.status != 409 or not self._stored_as(
+                collection,
+                opaque_id,
+                mode,
+                pixels,
+                mask,
+                (role, cloud_label),
+                label if role == "template" else None,
+            ):
+                raise
+            answer = self._answer_for(collection, opaque_id)
+        return answer
+
     def _stored_as(
-        self, collection: str, opaque_id: str, mode: Mode, pixels: np.ndarray, mask: np.ndarray
+        self,
+        collection: str,
+        opaque_id: str,
+        mode: Mode,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        public: tuple[str, int | None],
+        private_label: int | None,
     ) -> bool:
         """Whether the cloud's record under `opaque_id` opens (verified) to exactly these
-        pixels and mask (pe: their 8-bit version)."""
+        pixels and mask (pe: their 8-bit version), says the same (role, label) as `public` (a
+        re-push that would make a template of it is another upload, refused) and, sealed or
+        pe-roi, holds `private_label` inside its blob."""
         image_id = image_id_for(self._bound_tenant(None), collection, opaque_id)
         try:
             opened = self.fetch_plain(collection, image_id)
@@ -531,6 +600,8 @@ class Encryptor:
         checked = _check_mask(mask, pixels.shape)
         return (
             opened.mask is not None
+            and (opened.record.role, opened.record.label) == public
+            and (mode == "pe" or opened.label == private_label)
             and opened.image.dtype == expected.dtype
             and opened.image.shape == expected.shape
             and opened.image.tobytes() == expected.tobytes()
