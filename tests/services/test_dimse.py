@@ -27,7 +27,12 @@ MR, SEG = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"
 
 @pytest.fixture(scope="module")
 def scp(tmp_path_factory):
-    with EmbeddedSystem(tmp_path_factory.mktemp("dimse"), master=MasterKey.from_seed(13)) as system:
+    # The PACS cannot mark templates: by the owner's policy its collection's uploads are.
+    with EmbeddedSystem(
+        tmp_path_factory.mktemp("dimse"),
+        master=MasterKey.from_seed(13),
+        template_collections=frozenset({"brain"}),
+    ) as system:
         encryptor = system.encryptor_app.state.encryptor
         port = free_port()
         config = DimseConfig(

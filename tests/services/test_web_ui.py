@@ -56,7 +56,7 @@ def _upload_and_train(client, gateway, system, tenant, seed, sealed=False) -> di
                 "image": ("slice.png", _png(plain)),
                 "mask": ("mask.png", _png(mask.astype(np.uint8) * 255)),
             },
-            data={"label": str(label)},
+            data={"label": str(label), "train": "true"},
         )
         assert answer.status_code == 202, answer.text
         originals[answer.json()["upload"]["image_id"]] = plain
@@ -379,6 +379,9 @@ def test_query_by_a_stored_study_leaves_the_study_out(world, page):
     ids = page.locator(".tile").evaluate_all("ts => ts.map(t => t.dataset.imageId)")
     assert len(ids) == 5 and value.split(":")[1] not in ids
     assert "stored study" in page.locator(".query figcaption").first.inner_text()
+    # the study is one of this hospital's stored images: searched by reference, nothing sent
+    cloud = page.locator(".query.cloud-only figcaption").text_content()
+    assert "by reference" in cloud
 
 
 def test_a_signed_in_page_refuses_a_cross_site_post(world, page, served):

@@ -8,6 +8,7 @@ are the real ones; only the transports differ from `pecbir serve`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
 import time
@@ -82,6 +83,7 @@ class EmbeddedSystem:
         pe_roi_collections: frozenset[str] = frozenset(),
         shared_collections: str = "",
         ui_collections: tuple[str, ...] = ("brain",),
+        template_collections: frozenset[str] = frozenset(),
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -133,14 +135,17 @@ class EmbeddedSystem:
                 pe_roi_collections=pe_roi_collections,
                 patch_models=self.root / "patch-models",
                 pending_dir=self.root / "pending",
+                content_index=self.root / "content-index",
                 pacs_credentials=self.root / "pacs-credentials.json",
                 ui_collections=ui_collections,
+                template_collections=template_collections,
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,
         )
         self.encryptor = self._stack.enter_context(TestClient(self.encryptor_app))
         self.encryptor.headers["authorization"] = f"Bearer {self.user_token()}"
+        self.hospitals: list[Hospital] = []
         self.gateway.headers["authorization"] = f"Bearer {self.cloud_token()}"
 
     def add_hospital(
@@ -166,6 +171,7 @@ class EmbeddedSystem:
                 user_token_secret=user_secret.hex(),
                 audit_log=self.root / f"{tenant}-audit.jsonl",
                 patch_models=self.root / f"{tenant}-patch-models",
+                content_index=self.root / f"{tenant}-content-index",
                 sealed_collections=sealed_collections,
                 pe_roi_collections=pe_roi_collections,
             ),
@@ -182,6 +188,12 @@ class EmbeddedSystem:
             f"Bearer {hospital.user_token(scopes, sub=f'peer@{self.tenant}')}"
         )
         self.encryptor_app.state.web.peers.add(tenant, peer)
+        # Every hospital of this cloud trusts the others' signed protection records, as each
+        # would list the others' public keys in PECBIR_ENCRYPTOR_TRUSTED_OWNERS.
+        for other in [self.encryptor_app, *(h.encryptor_app for h in self.hospitals)]:
+            trust(other, app)
+            trust(app, other)
+        self.hospitals.append(hospital)
         return hospital
 
     def cloud_token(self, scopes=("upload", "search", "read", "train"), tenant=None) -> str:
@@ -243,6 +255,17 @@ class EmbeddedSystem:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def trust(truster, owner) -> None:
+    """Make the encryptor app `truster` hold the public key of the encryptor app `owner`."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    signing = owner.state.encryptor.signing_key
+    raw = signing.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    truster.state.encryptor.trusted_owners[owner.state.encryptor.tenant] = base64.b64encode(
+        raw
+    ).decode()
 
 
 @contextlib.contextmanager

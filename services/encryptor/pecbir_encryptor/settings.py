@@ -43,6 +43,23 @@ class EncryptorSettings(BaseSettings):
     # results/pe-roi/selection/) or an explicit "pe-roi-t<tile>[d|dn]".
     pe_roi_collections: frozenset[str] = frozenset()
     pe_roi_scheme: str = "pe-roi"
+    # The owner's policy for uploads that do not say whether they are training templates (a
+    # PACS push, DIMSE, or an upload without `train`): templates in these collections (JSON
+    # list), whose labels the cloud then reads to train; in every other collection an upload
+    # is not a template unless it says so, and its label never reaches the cloud.
+    template_collections: frozenset[str] = frozenset()
+    # The hospital's keyed index of the images it stored (content digest -> cloud id): a query
+    # pixel-identical to one of them is searched by reference, never sent as a second cipher.
+    # A volume of its own, like the pending store; unset: no index.
+    content_index: Path | None = Path("var/content-index")
+    # The owner's Ed25519 key that signs its collections' protection records (base64 of 32
+    # bytes, 0600; `pecbir-encryptor signing-key --out F`); unset: derived from the active
+    # master key (a rotation then changes the public key peers must hold).
+    signing_key: Path | None = None
+    # Other owners whose shared collections this hospital searches, and their public keys
+    # (JSON: {"hospital-b": "<base64>"}, from `pecbir-encryptor public-key` there): their
+    # signed protection records are checked against these; an owner not listed is refused.
+    trusted_owners: dict[str, str] = {}
     # Records from before tag v3 name no tenant, collection or id, so a cloud could serve one
     # image's record for another's: refused unless this is set, for a migration window only.
     accept_unbound_records: bool = False

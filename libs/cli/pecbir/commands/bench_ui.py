@@ -140,7 +140,7 @@ def _world(args, dataset, source, database, workdir):
                     "image": ("slice.npy", _npy(dataset.images[row])),
                     "mask": ("mask.npy", _npy(dataset.masks[row])),
                 },
-                data={"label": str(int(dataset.labels[row]))},
+                data={"label": str(int(dataset.labels[row])), "train": "true"},
             )
             if answer.status_code != 202:
                 raise RuntimeError(f"upload of row {row} to {tenant} failed: {answer.text}")
@@ -214,7 +214,7 @@ def _processes_world(args, dataset, source, database, workdir, stack) -> tuple[s
                 "image": ("slice.npy", _npy(dataset.images[row])),
                 "mask": ("mask.npy", _npy(dataset.masks[row])),
             },
-            data={"label": str(int(dataset.labels[row]))},
+            data={"label": str(int(dataset.labels[row])), "train": "true"},
         )
         if answer.status_code != 202:
             raise RuntimeError(f"upload of row {row} failed: {answer.text}")

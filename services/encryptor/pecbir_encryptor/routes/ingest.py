@@ -27,8 +27,12 @@ def ingest(
     label: Annotated[int | None, Form(ge=0, le=255)] = None,
     role: Annotated[str, Form(pattern="^(template|query)$")] = "template",
     train: Annotated[
-        bool, Form(description="a training template: only then may the cloud read its label")
-    ] = True,
+        bool | None,
+        Form(
+            description="a training template: only then may the cloud read its label; unset: "
+            "the owner's policy (a template only in PECBIR_ENCRYPTOR_TEMPLATE_COLLECTIONS)"
+        ),
+    ] = None,
 ) -> dict[str, object]:
     """Encrypt one plain image (DICOM, PNG or NPY) with its tumour mask and upload it to the cloud.
     Everything is checked before anything is sent: a refused file leaves nothing stored.

@@ -359,6 +359,11 @@ def _cloud_view(
         return None, "nothing was sent"
     source = sources[0]
     owner = None if source.owner == encryptor.tenant else source.owner
+    if owner is None and encryptor.stored_match(source.collection, pixels, mask) is not None:
+        return None, (
+            "no image and no vector: the query is one of this hospital's stored images, "
+            "searched by reference to it"
+        )
     mode = encryptor.mode_of(source.collection, owner)
     if mode != "pe":
         what = {
