@@ -82,6 +82,7 @@ class EmbeddedSystem:
         pe_roi_collections: frozenset[str] = frozenset(),
         shared_collections: str = "",
         ui_collections: tuple[str, ...] = ("brain",),
+        viewer_url: str | None = None,
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -133,6 +134,8 @@ class EmbeddedSystem:
                 pe_roi_collections=pe_roi_collections,
                 patch_models=self.root / "patch-models",
                 pending_dir=self.root / "pending",
+                dicom_refs_dir=self.root / "dicom-refs",
+                viewer_url=viewer_url,
                 pacs_credentials=self.root / "pacs-credentials.json",
                 ui_collections=ui_collections,
             ),
@@ -166,6 +169,7 @@ class EmbeddedSystem:
                 user_token_secret=user_secret.hex(),
                 audit_log=self.root / f"{tenant}-audit.jsonl",
                 patch_models=self.root / f"{tenant}-patch-models",
+                dicom_refs_dir=self.root / f"{tenant}-dicom-refs",
                 sealed_collections=sealed_collections,
                 pe_roi_collections=pe_roi_collections,
             ),

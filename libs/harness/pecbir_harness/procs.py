@@ -393,6 +393,7 @@ class Cluster:
                     "sealed_collections": json.dumps(list(self.sealed_collections)),
                     "patch_models": str(self.tmp / "patch-models"),
                     "pending_dir": str(self.tmp / "pending"),
+                    "dicom_refs_dir": str(self.tmp / "dicom-refs"),
                     "pacs_credentials": str(self.tmp / "pacs-credentials.json"),
                 }.items()
             }

@@ -135,6 +135,7 @@ def build_encryptor(
         pe_roi_collections=settings.pe_roi_collections,
         pe_roi_scheme=settings.pe_roi_scheme,
         pending_dir=settings.pending_dir,
+        dicom_refs_dir=settings.dicom_refs_dir,
     )
 
 
