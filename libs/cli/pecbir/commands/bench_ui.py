@@ -92,11 +92,19 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _dicom(pixels: np.ndarray) -> bytes:
+def _dicom(pixels: np.ndarray, row: int, seed: int) -> bytes:
+    """Row `row` as a DICOM file, its UIDs derived from row and seed: the same pseudonyms,
+    keys and ciphers every run (random UIDs would change the pe features, so the numbers)."""
+    from pydicom.uid import generate_uid
+
     from pecbir_harness.dicom import dicom_bytes, make_mr
 
     pixels = np.asarray(pixels)
-    return dicom_bytes(make_mr(pixels, bits_stored=8 if pixels.dtype == np.uint8 else 16))
+    mr = make_mr(pixels, bits_stored=8 if pixels.dtype == np.uint8 else 16)
+    for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(mr, name, generate_uid(entropy_srcs=["pecbir bench-ui", name, str(seed), str(row)]))
+    mr.file_meta.MediaStorageSOPInstanceUID = mr.SOPInstanceUID
+    return dicom_bytes(mr)
 
 
 def _world(args, dataset, source, database, workdir):
@@ -149,7 +157,7 @@ def _world(args, dataset, source, database, workdir):
         for i, row in enumerate(rows):
             # half of hospital-a's images come as DICOM files (a viewer link on the page)
             image = (
-                ("slice.dcm", _dicom(dataset.images[row]))
+                ("slice.dcm", _dicom(dataset.images[row], row, args.seed))
                 if tenant == "hospital-a" and i % 2 == 0
                 else ("slice.npy", _npy(dataset.images[row]))
             )
