@@ -339,6 +339,11 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
     assert "Not released" in refused.inner_text() and "refused (403)" in refused.inner_text()
     ranks = [int(tiles.nth(i).get_attribute("data-rank")) for i in range(tiles.count())]
     assert ranks == list(range(1, 3 * N_IMAGES + 1))
+    # the similarity falls with the rank, and the page's legend says how it is made
+    exported = json.loads(page.request.get(page.get_attribute("#export-json", "href")).text())
+    similarities = [hit["similarity"] for hit in exported["hits"]]
+    assert similarities == sorted(similarities, reverse=True) and similarities[0] > 0
+    assert "less one point per case searched that is closer" in page.inner_text(".legend")
     # what the cloud sees (key c): the query's and hospital-a's hits' cipher images
     page.keyboard.press("c")
     assert page.locator(".query.cloud-only img").is_visible()

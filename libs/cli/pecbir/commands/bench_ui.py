@@ -418,7 +418,8 @@ def _draw_outline(page, image: Path, mask: Path) -> None:
 
 
 def _take_screenshots(page, folder: Path, files, token: str, k: int) -> list[str]:
-    """login, query form, result (with "not released" tiles), cloud view, zoom, audit."""
+    """login, query form, result (while it opens, and with "not released" tiles), cloud view,
+    zoom, audit."""
     folder.mkdir(parents=True, exist_ok=True)
     shots: list[str] = []
 
@@ -443,6 +444,7 @@ def _take_screenshots(page, folder: Path, files, token: str, k: int) -> list[str
     page.click("#run-query")
     page.wait_for_url("**/ui/queries/*")
     page.wait_for_function(FIRST_HIT_SHOWN)
+    shot("results-opening.png")  # the first cases shown, the others still opening
     page.wait_for_function(ALL_TILES_SETTLED)
     page.wait_for_load_state("networkidle")
     shot("results.png")
