@@ -179,7 +179,9 @@
       for (let tile = tiles.shift(); tile; tile = tiles.shift()) {
         try {
           const answer = await fetch(tile.dataset.tile, { headers: { accept: "text/html" } });
-          if (!answer.ok) {
+          if (answer.redirected && new URL(answer.url).pathname === "/ui/login") {
+            failed(tile, "the session has ended: sign in again to see this case");
+          } else if (!answer.ok) {
             const detail = await answer.text();
             failed(tile, answer.status + ": " + (detail.match(/"detail":\s*"([^"]*)"/) || [, detail.slice(0, 120)])[1]);
           } else {
