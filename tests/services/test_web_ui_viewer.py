@@ -90,7 +90,13 @@ def dicom_world(tmp_path_factory):
             "image": ("q.png", _png(to_uint8(query_images[0])[0])),
             "mask": ("m.png", _png(query_masks[0].astype(np.uint8) * 255)),
         }
-        yield {"system": system, "expected": expected, "query": query, "root": root}
+        yield {
+            "system": system,
+            "expected": expected,
+            "query": query,
+            "root": root,
+            "first": mrs[0],
+        }
 
 
 def test_a_dicom_hit_links_to_the_viewer_by_its_uids_and_no_other_hit_does(dicom_world):
@@ -138,6 +144,19 @@ def test_no_dicom_uid_reaches_the_cloud_or_lies_in_plain_at_the_hospital(dicom_w
     for path in store + refs:
         data = path.read_bytes()
         assert not any(uid.encode() in data for uid in uids), path
+
+
+def test_an_instance_sent_again_gets_its_uids_noted_again(dicom_world):
+    """An image stored before its UIDs were kept (here: its file removed) is noted when the
+    PACS sends it again, though nothing else happens."""
+    system, mr = dicom_world["system"], dicom_world["first"]
+    encryptor = system.encryptor_app.state.context.encryptor
+    image_id = encryptor.image_id_of("brain", str(mr.SOPInstanceUID))
+    path = dicom_world["root"] / "dicom-refs" / "brain" / f"{image_id}.ref"
+    path.unlink()
+    assert encryptor.dicom_refs.get("brain", image_id) is None
+    assert _stow(system.encryptor, [dicom_bytes(mr)]) == 200  # in the cloud already
+    assert encryptor.dicom_refs.get("brain", image_id) == DicomRef(*_ref(mr))
 
 
 def test_a_ref_opens_only_under_its_own_name(tmp_path):

@@ -240,8 +240,12 @@ class _Batch:
                 except GatewayError as exc:
                     return (instance.sop_class, uid, FAILURE_PROCESSING, exc.detail)
                 if stored_before:
-                    # Re-sent after its pair was stored: nothing to do (but to note its UIDs).
-                    self._remember(instance, self._image_id(uid))
+                    # Re-sent after its pair was stored: nothing to do but note its UIDs (for
+                    # each version in the cloud: a corrected SEG's too).
+                    version = self.pending.version(self.collection, uid)
+                    newer = (version.current, version.candidate) if version else ()
+                    for image_id in {self._image_id(uid), *newer} - {None}:
+                        self._remember(instance, image_id)
                     url = self.retrieve_url(instance, self._image_id(uid))
                     return (instance.sop_class, uid, url, None)
                 self.pending.put_image(
