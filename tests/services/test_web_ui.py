@@ -297,6 +297,8 @@ def _decoded(page, url):
 
 
 def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_path):
+    messages = []
+    page.on("console", lambda message: messages.append(message.text))
     _browser_sign_in(page, world["system"].user_token())
     image, mask = _query_files(world, tmp_path)
     page.set_input_files("#image", str(image))
@@ -356,6 +358,8 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
     image_id = own.evaluate("i => i.closest('.tile').dataset.imageId")
     assert cipher.shape == (48, 48)
     assert not np.array_equal(cipher, world["originals"][image_id])
+    # the tiles came through the page's script under the strict CSP, which refused nothing
+    assert not [m for m in messages if "Content Security Policy" in m], messages
 
 
 def test_filters_exports_keyboard_and_the_audit_trail(world, page, tmp_path):
