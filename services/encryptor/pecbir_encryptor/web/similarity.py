@@ -5,7 +5,7 @@ per model), so it is first made relative to the query's median distance to that 
 ``r = d / median``; ``closeness = max(0, 1 − r)`` is 1 for the query's own features and 0 for
 a case no closer than a typical one of that collection. That alone is not readable enough:
 the learned metric pulls the cases of one class so close together that, seen from a query,
-they lie within a fraction of a percent of each other (measured on the demo data: the ten
+they lie within a fraction of a percent of each other (measured on the bench-ui data: the ten
 nearest of 72 within 0.3 %, median of 12 queries), so every hit of a page would read the same
 number.
 
