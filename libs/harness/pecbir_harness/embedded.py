@@ -84,6 +84,7 @@ class EmbeddedSystem:
         shared_collections: str = "",
         ui_collections: tuple[str, ...] = ("brain",),
         template_collections: frozenset[str] = frozenset(),
+        viewer_url: str | None = None,
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -136,6 +137,8 @@ class EmbeddedSystem:
                 patch_models=self.root / "patch-models",
                 pending_dir=self.root / "pending",
                 content_index=self.root / "content-index",
+                dicom_refs_dir=self.root / "dicom-refs",
+                viewer_url=viewer_url,
                 pacs_credentials=self.root / "pacs-credentials.json",
                 ui_collections=ui_collections,
                 template_collections=template_collections,
@@ -172,6 +175,7 @@ class EmbeddedSystem:
                 audit_log=self.root / f"{tenant}-audit.jsonl",
                 patch_models=self.root / f"{tenant}-patch-models",
                 content_index=self.root / f"{tenant}-content-index",
+                dicom_refs_dir=self.root / f"{tenant}-dicom-refs",
                 sealed_collections=sealed_collections,
                 pe_roi_collections=pe_roi_collections,
             ),

@@ -397,6 +397,7 @@ class Cluster:
                     "patch_models": str(self.tmp / "patch-models"),
                     "pending_dir": str(self.tmp / "pending"),
                     "content_index": str(self.tmp / "content-index"),
+                    "dicom_refs_dir": str(self.tmp / "dicom-refs"),
                     "pacs_credentials": str(self.tmp / "pacs-credentials.json"),
                 }.items()
             }

@@ -41,6 +41,7 @@ from pecbir_contracts.schemas import (
 from pecbir_contracts.vectors import encode_vector_npy
 from pecbir_encryptor.audit import AuditLog
 from pecbir_encryptor.content_index import ContentIndex, StoredRef
+from pecbir_encryptor.dicom_refs import DicomRefs
 from pecbir_encryptor.gateway_client import GatewayClient, GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
@@ -212,6 +213,7 @@ class Encryptor:
         content_index: Path | None = None,
         signing_key: Ed25519PrivateKey | None = None,
         trusted_owners: dict[str, str] | None = None,
+        dicom_refs_dir: Path | None = None,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -247,6 +249,10 @@ class Encryptor:
             PendingPairs(pending_dir, self.keyring, tenant, self.opaque_id_for)
             if pending_dir is not None
             else None
+        )
+        # Image id -> DICOM UIDs of what came as DICOM (the page's viewer links; None: none kept).
+        self.dicom_refs = (
+            DicomRefs(dicom_refs_dir, self.keyring, tenant) if dicom_refs_dir is not None else None
         )
 
     # -- the owner's choice of protection ------------------------------------------------------

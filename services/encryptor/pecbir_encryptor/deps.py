@@ -140,6 +140,7 @@ def build_encryptor(
         content_index=settings.content_index,
         signing_key=load_signing_key(settings.signing_key) if settings.signing_key else None,
         trusted_owners=settings.trusted_owners,
+        dicom_refs_dir=settings.dicom_refs_dir,
     )
 
 

@@ -69,6 +69,15 @@ class EncryptorSettings(BaseSettings):
     # the master key, fsync'ed; a volume of its own: it must survive restarts). Unset: an
     # image without a SEG in its own request is refused, as before issue 14.
     pending_dir: Path | None = Path("var/pending")
+    # Study/Series/SOP Instance UIDs of the images that came as DICOM, by cloud image id (sealed
+    # under the master key; never sent to the cloud): the page's "open in viewer" links.
+    # Unset: none kept, no links.
+    dicom_refs_dir: Path | None = Path("var/dicom-refs")
+    # A DICOMweb viewer (e.g. OHIF) that opens this hospital's studies, as a URL template with
+    # {study}, {series}, {instance} and {collection}: the page links each of this hospital's
+    # DICOM-ingested hits to it, e.g. "https://viewer.example/viewer?StudyInstanceUIDs={study}".
+    # Unset: no links.
+    viewer_url: str | None = None
     # PACS accounts and the SHA-256 of their API keys (`pecbir token mint --kind pacs`); a
     # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
     pacs_credentials: Path | None = Path("var/pacs-credentials.json")
@@ -111,6 +120,13 @@ class EncryptorSettings(BaseSettings):
     # The page's session cookie Secure (sent over HTTPS only): None, when the page was loaded
     # over HTTPS; set true behind a proxy that terminates TLS.
     ui_secure_cookie: bool | None = None
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_template(cls, value: str | None) -> str | None:
+        from pecbir_encryptor.dicom_refs import check_viewer_template
+
+        return check_viewer_template(value) if value else None
 
     @field_validator("pe_roi_scheme")
     @classmethod
