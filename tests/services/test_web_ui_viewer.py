@@ -45,7 +45,13 @@ def _stow(client, parts: list[bytes]) -> int:
 @pytest.fixture(scope="module")
 def dicom_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("web-ui-viewer")
-    with EmbeddedSystem(root, master=MasterKey.from_seed(19), viewer_url=TEMPLATE) as system:
+    # every image of "brain" is a training template (STOW pushes name no template flag)
+    with EmbeddedSystem(
+        root,
+        master=MasterKey.from_seed(19),
+        viewer_url=TEMPLATE,
+        template_collections=frozenset({"brain"}),
+    ) as system:
         encryptor = system.encryptor_app.state.context.encryptor
         client = system.encryptor
         images, masks, labels = labelled_set(12, seed=5)
