@@ -176,6 +176,7 @@ class EmbeddedSystem:
                 patch_models=self.root / f"{tenant}-patch-models",
                 content_index=self.root / f"{tenant}-content-index",
                 dicom_refs_dir=self.root / f"{tenant}-dicom-refs",
+                pending_dir=self.root / f"{tenant}-pending",  # not the default, under the cwd
                 sealed_collections=sealed_collections,
                 pe_roi_collections=pe_roi_collections,
             ),
