@@ -19,6 +19,10 @@ runs twice. So work does not wait for it:
   gateway killed mid-upload — and the filesystem store's temporary files of writes that never
   finished. A complete image, or an upload whose newest object is younger than the grace
   period, is never touched.
+- The same pass records a version whose features cover every complete image as *indexed*
+  (`records.live_versions`: uploads stop being indexed with older versions too) and writes
+  a snapshot of the served versions' records (`records.FeatureSnapshot`) once enough
+  records are not in it, so that a search service starts with one read per version.
 
 Indexing is idempotent (the feature record is written once, the search service upserts by
 image id), so a task queued again while its original is late only finds the record and
@@ -35,15 +39,22 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
 
 from pecbir_contracts.layout import TENANTS_PREFIX, CollectionLayout, version_number
-from pecbir_contracts.records import read_current_version
-from pecbir_contracts.store import ObjectStore
-from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_TRAIN_MODEL
+from pecbir_contracts.records import (
+    FeatureRecord,
+    FeatureSnapshot,
+    read_current_version,
+    read_indexed_version,
+    write_indexed_version,
+)
+from pecbir_contracts.store import ObjectNotFound, ObjectStore
+from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_REINDEX_COLLECTION, TASK_TRAIN_MODEL
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.store import list_modified
 
@@ -247,7 +258,10 @@ class SweepReport:
 
     requeued_images: list[str] = field(default_factory=list)
     requeued_trains: list[str] = field(default_factory=list)
+    requeued_reindexes: list[str] = field(default_factory=list)
     waiting_images: int = 0
+    indexed_versions: list[str] = field(default_factory=list)
+    snapshots: dict[str, int] = field(default_factory=dict)
     removed_image_objects: list[str] = field(default_factory=list)
     removed_temp_files: list[str] = field(default_factory=list)
 
@@ -292,8 +306,13 @@ def sweep(
         except ValueError:
             continue  # not written by the gateway: leave it alone
         _collect_debris(store, layout, objects, now - settings.debris_grace_s, report)
+        _mark_indexed(store, layout, objects, report)
         _requeue_index(store, send, leases, settings, layout, objects, now, report)
         _requeue_training(send, leases, settings, layout, objects, now, report)
+        try:
+            _write_snapshots(store, settings, layout, objects, report)
+        except Exception as exc:  # only start-up speed depends on it: the pass goes on
+            log.warning("janitor: no snapshot of %s this pass: %s", layout.root, exc)
     stale_temp_files = getattr(store, "stale_temp_files", None)
     if stale_temp_files is not None:
         for path in stale_temp_files(settings.debris_grace_s):
@@ -340,6 +359,52 @@ def _collect_debris(
         )
 
 
+def _complete_images(layout: CollectionLayout, objects: dict[str, float]) -> set[str]:
+    return {image_id for key in objects if (image_id := layout.image_id_of_meta(key))}
+
+
+def _with_features(layout: CollectionLayout, version: str, objects: dict[str, float]) -> set[str]:
+    prefix = layout.features_prefix(version)
+    return {
+        image_id
+        for key in objects
+        if key.startswith(prefix) and (image_id := layout.image_id_of_features(version, key))
+    }
+
+
+def _trained(layout: CollectionLayout, objects: dict[str, float]) -> list[str]:
+    """Versions with a manifest, oldest first."""
+    versions = {v for key in objects if (v := layout.version_of_manifest_key(key)) is not None}
+    return sorted(versions, key=version_number)
+
+
+def _mark_indexed(
+    store: ObjectStore, layout: CollectionLayout, objects: dict[str, float], report: SweepReport
+) -> None:
+    """Record the newest trained version whose features cover every complete image (its
+    re-index finished): uploads stop being indexed with older versions (`live_versions`)."""
+    if layout.current_model not in objects:
+        return
+    current = read_current_version(store, layout)
+    if current is None:
+        return
+    indexed = read_indexed_version(store, layout)
+    floor = version_number(indexed) if indexed else 0
+    images = _complete_images(layout, objects)
+    images -= {image_id for image_id in images if layout.failure(image_id) in objects}
+    for version in reversed(_trained(layout, objects)):
+        number = version_number(version)
+        if number <= floor:
+            return
+        if number > version_number(current):
+            continue
+        if images <= _with_features(layout, version, objects):
+            if write_indexed_version(store, layout, version):
+                report.indexed_versions.append(version)
+                log.info("reconciler: %s of %s holds every image: indexed", version, layout.root)
+            return
+
+
 def _requeue_index(
     store: ObjectStore,
     send: Send,
@@ -350,20 +415,45 @@ def _requeue_index(
     now: float,
     report: SweepReport,
 ) -> None:
+    """Queue again the index task of every image whose record of a served version is
+    missing longer than the bound (what no heartbeat covers: "stored, not queued").
+
+    While a new version is re-indexed (its features do not yet cover the collection), the
+    images stored before it became current are the re-index's work, not single index tasks:
+    queueing each again would fill the uploads' queue with the whole collection and delay
+    new uploads. Only images lacking the indexed version's record, or stored after the new
+    version became current and lacking its record (an upload's task does both), are queued
+    again then; a re-index that made no progress for ten bounds is fanned out again.
+    """
     if layout.current_model not in objects:
         return  # no model yet: uploads wait for the first training, nothing is lost
     version = read_current_version(store, layout)
     if version is None:
         return
-    indexed = {layout.image_id_of_features(version, key) for key in objects}
+    indexed = read_indexed_version(store, layout)
+    reindexing = indexed is not None and version_number(indexed) < version_number(version)
+    with_current = _with_features(layout, version, objects)
+    with_indexed = _with_features(layout, indexed, objects) if reindexing else with_current
+    became_current = objects[layout.current_model]
     bound = settings.redelivery_bound_s
+    left_to_reindex = 0
     for image_id, parts in sorted(_images(layout, objects).items()):
         meta = f"{layout.images_prefix}{image_id}/meta.json"
-        if meta not in parts or image_id in indexed or layout.failure(image_id) in objects:
+        if meta not in parts or layout.failure(image_id) in objects:
             continue
+        if reindexing:
+            if image_id in with_indexed and image_id in with_current:
+                continue
+            if image_id in with_indexed and parts[meta] < became_current:
+                left_to_reindex += 1  # served meanwhile; the re-index brings it over
+                continue
+            since = parts[meta]
+        else:
+            if image_id in with_current:
+                continue
+            # Waiting since it was stored, or since its model became current (a re-index).
+            since = max(parts[meta], became_current)
         report.waiting_images += 1
-        # Waiting since it was stored, or since its model became current (a re-index).
-        since = max(parts[meta], objects[layout.current_model])
         if now - since <= bound:
             continue
         if len(report.requeued_images) >= settings.reconcile_max_requeue:
@@ -382,6 +472,89 @@ def _requeue_index(
             now - since,
             bound,
         )
+    if left_to_reindex:
+        _requeue_stalled_reindex(send, leases, bound, layout, version, objects, now, report)
+
+
+def _requeue_stalled_reindex(
+    send: Send,
+    leases: RedisLeases,
+    bound: float,
+    layout: CollectionLayout,
+    version: str,
+    objects: dict[str, float],
+    now: float,
+    report: SweepReport,
+) -> None:
+    """Fan a re-index out again (it plans only the images still lacking records) when no
+    record of `version` was written for ten bounds: its messages were lost, not slow."""
+    prefix = layout.features_prefix(version)
+    progress = max(
+        [
+            objects[layout.current_model],
+            *(m for key, m in objects.items() if key.startswith(prefix)),
+        ]
+    )
+    stalled = 10 * bound
+    if now - progress <= stalled:
+        return
+    marker = f"{_REQUEUED_PREFIX}reindex/{layout.tenant}/{layout.collection}/{version}"
+    if not leases.claim(marker, stalled):
+        return
+    send(TASK_REINDEX_COLLECTION, [layout.tenant, layout.collection, version])
+    REQUEUED.labels(TASK_REINDEX_COLLECTION).inc()
+    report.requeued_reindexes.append(version)
+    log.warning(
+        "reconciler: re-index of %s of %s made no progress for %.0f s; fanned out again",
+        version,
+        layout.root,
+        now - progress,
+    )
+
+
+# Snapshots this process read or wrote: key -> the snapshot (a record never changes, so a
+# cached snapshot stays valid; another writer's newer one only means more to read).
+_SNAPSHOTS: dict[str, FeatureSnapshot] = {}
+
+
+def _write_snapshots(
+    store: ObjectStore,
+    settings: IndexerSettings,
+    layout: CollectionLayout,
+    objects: dict[str, float],
+    report: SweepReport,
+) -> None:
+    """Consolidate the served versions' feature records into one snapshot each, once at
+    least `snapshot_min_records` records are not in it: the search service's start-up then
+    reads one object and the few newer records instead of one GET per record."""
+    if settings.snapshot_min_records <= 0 or layout.current_model not in objects:
+        return
+    versions = {read_current_version(store, layout), read_indexed_version(store, layout)}
+    for version in sorted(v for v in versions if v is not None):
+        key = layout.features_snapshot(version)
+        snapshot = _SNAPSHOTS.get(key)
+        if snapshot is None and key in objects:
+            try:
+                snapshot = FeatureSnapshot.from_bytes(store.get(key))
+            except (ObjectNotFound, ValueError, KeyError, OSError) as exc:
+                log.warning("janitor: snapshot %s unreadable (%s); writing it again", key, exc)
+        records = snapshot.records() if snapshot is not None else {}
+        missing = sorted(_with_features(layout, version, objects) - set(records))
+        if len(missing) < settings.snapshot_min_records:
+            continue
+        with ThreadPoolExecutor(settings.batch_io_threads) as pool:
+            keys = [layout.features(version, image_id) for image_id in missing]
+            read = pool.map(store.get, keys)
+            records.update(
+                (image_id, FeatureRecord.from_bytes(data))
+                for image_id, data in zip(missing, read, strict=True)
+            )
+        dim = next(iter(records.values())).vector.shape[0]
+        snapshot = FeatureSnapshot.of(version, records, dim)
+        store.put(key, snapshot.to_bytes())
+        _SNAPSHOTS[key] = snapshot
+        report.snapshots[key] = len(snapshot.ids)
+        log.info("janitor: snapshot of %s %s holds %d records", layout.root, version, len(records))
 
 
 def _requeue_training(
