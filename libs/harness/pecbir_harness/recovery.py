@@ -101,6 +101,8 @@ class RecoveryConfig:
     janitor_interval_s: float = 4.0
     train_lease_s: float = 6.0
     debris_grace_s: float = 5.0
+    # Small, so that the search restarts of a loop start from snapshots (plus a few records).
+    snapshot_min_records: int = 32
     # Above every task: only the reconciler brings a killed worker's index work back in time.
     visibility_timeout_s: int = 3600
 
@@ -127,6 +129,7 @@ def recovery_env(cfg: RecoveryConfig, delay_file: Path, train_delay_file: Path) 
         "PECBIR_REDELIVERY_BOUND_S": str(cfg.redelivery_bound_s),
         "PECBIR_TRAIN_LEASE_S": str(cfg.train_lease_s),
         "PECBIR_DEBRIS_GRACE_S": str(cfg.debris_grace_s),
+        "PECBIR_SNAPSHOT_MIN_RECORDS": str(cfg.snapshot_min_records),
         "PECBIR_TEST_INDEX_DELAY_FILE": str(delay_file),
         "PECBIR_TEST_TRAIN_DELAY_FILE": str(train_delay_file),
         "PECBIR_MAX_RETRIES": "12",

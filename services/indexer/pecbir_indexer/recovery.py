@@ -272,6 +272,7 @@ def sweep(
     leases: RedisLeases,
     settings: IndexerSettings,
     now: float | None = None,
+    snapshots: dict[str, FeatureSnapshot] | None = None,
 ) -> SweepReport:
     """One reconciler and janitor pass over every collection of the store.
 
@@ -287,6 +288,11 @@ def sweep(
         The bounds: `redelivery_bound_s`, `debris_grace_s`, `reconcile_max_requeue`.
     now
         The time to judge ages against (epoch seconds); the clock when None.
+    snapshots
+        The feature snapshots of this store read or written by earlier passes (key →
+        snapshot), kept by the caller so that a pass does not read them again (a record
+        never changes, so a kept snapshot stays right; another writer's newer one only means
+        more to read); None: read them.
 
     Returns
     -------
@@ -310,7 +316,7 @@ def sweep(
         _requeue_index(store, send, leases, settings, layout, objects, now, report)
         _requeue_training(send, leases, settings, layout, objects, now, report)
         try:
-            _write_snapshots(store, settings, layout, objects, report)
+            _write_snapshots(store, settings, layout, objects, report, snapshots)
         except Exception as exc:  # only start-up speed depends on it: the pass goes on
             log.warning("janitor: no snapshot of %s this pass: %s", layout.root, exc)
     stale_temp_files = getattr(store, "stale_temp_files", None)
@@ -512,17 +518,13 @@ def _requeue_stalled_reindex(
     )
 
 
-# Snapshots this process read or wrote: key -> the snapshot (a record never changes, so a
-# cached snapshot stays valid; another writer's newer one only means more to read).
-_SNAPSHOTS: dict[str, FeatureSnapshot] = {}
-
-
 def _write_snapshots(
     store: ObjectStore,
     settings: IndexerSettings,
     layout: CollectionLayout,
     objects: dict[str, float],
     report: SweepReport,
+    kept: dict[str, FeatureSnapshot] | None,
 ) -> None:
     """Consolidate the served versions' feature records into one snapshot each, once at
     least `snapshot_min_records` records are not in it: the search service's start-up then
@@ -530,9 +532,10 @@ def _write_snapshots(
     if settings.snapshot_min_records <= 0 or layout.current_model not in objects:
         return
     versions = {read_current_version(store, layout), read_indexed_version(store, layout)}
+    kept = {} if kept is None else kept
     for version in sorted(v for v in versions if v is not None):
         key = layout.features_snapshot(version)
-        snapshot = _SNAPSHOTS.get(key)
+        snapshot = kept.get(key) if key in objects else None
         if snapshot is None and key in objects:
             try:
                 snapshot = FeatureSnapshot.from_bytes(store.get(key))
@@ -552,7 +555,7 @@ def _write_snapshots(
         dim = next(iter(records.values())).vector.shape[0]
         snapshot = FeatureSnapshot.of(version, records, dim)
         store.put(key, snapshot.to_bytes())
-        _SNAPSHOTS[key] = snapshot
+        kept[key] = snapshot
         report.snapshots[key] = len(snapshot.ids)
         log.info("janitor: snapshot of %s %s holds %d records", layout.root, version, len(records))
 
@@ -633,6 +636,7 @@ class Reconciler:
         self.send = send
         self.leases = leases
         self.in_flight = in_flight
+        self._snapshots: dict[str, FeatureSnapshot] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -651,7 +655,7 @@ class Reconciler:
         )
         if not self.leases.claim(JANITOR_LEASE, settings.janitor_interval_s * 0.9):
             return None
-        return sweep(self.store, self.send, self.leases, settings)
+        return sweep(self.store, self.send, self.leases, settings, snapshots=self._snapshots)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval_s):
