@@ -28,7 +28,7 @@ from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
 from pecbir_contracts.layout import (
     TENANTS_PREFIX,
     CollectionLayout,
-    collection_of_current_model_key,
+    check_name,
     version_number,
 )
 from pecbir_contracts.records import (
@@ -40,6 +40,7 @@ from pecbir_contracts.records import (
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
 from pecbir_platform.observability import request_context
+from pecbir_platform.store import list_children
 from pecbir_search.index import ExactVectorIndex, VectorIndex, compile_kernels
 
 log = logging.getLogger(__name__)
@@ -252,13 +253,25 @@ class SearchEngine:
         log.info("caught up %s: %s", layout.root, state.status().model_dump())
 
     def catch_up_all(self) -> int:
-        """Load every collection that has a current model (service start)."""
+        """Load every collection that has a current model (service start).
+
+        Finds them level by level (tenants, then their collections: one delimited listing
+        each) rather than by listing every object of the store.
+        """
         count = 0
-        for key in self.store.list(TENANTS_PREFIX):
-            layout = collection_of_current_model_key(key)
-            if layout is not None:
-                self.collection(layout.tenant, layout.collection)
-                count += 1
+        for tenant in list_children(self.store, TENANTS_PREFIX):
+            try:
+                check_name(tenant, "tenant")
+            except ValueError:
+                continue  # not written by the gateway
+            for collection in list_children(self.store, f"{TENANTS_PREFIX}{tenant}/collections/"):
+                try:
+                    layout = CollectionLayout(tenant, collection)
+                except ValueError:
+                    continue
+                if self.store.exists(layout.current_model):
+                    self.collection(layout.tenant, layout.collection)
+                    count += 1
         return count
 
     # -- events --------------------------------------------------------------------------------
