@@ -106,6 +106,36 @@ def _time_load(store, layout, read_threads: int, repeats: int) -> tuple[float, i
     return best, held
 
 
+def _time_finding(store, repeats: int) -> dict:
+    """Finding the collections with a model (every start): the whole store listed, as before,
+    vs one delimited listing per level (`catch_up_all` now)."""
+    from pecbir_contracts.layout import TENANTS_PREFIX, CollectionLayout
+    from pecbir_contracts.layout import collection_of_current_model_key as of_key
+    from pecbir_platform.store import list_children
+
+    def whole_listing() -> int:
+        return sum(of_key(key) is not None for key in store.list(TENANTS_PREFIX))
+
+    def by_level() -> int:
+        found = 0
+        for tenant in list_children(store, TENANTS_PREFIX):
+            for collection in list_children(store, f"{TENANTS_PREFIX}{tenant}/collections/"):
+                found += store.exists(CollectionLayout(tenant, collection).current_model)
+        return found
+
+    timings = {}
+    for name, find in (("whole_store_listing", whole_listing), ("by_level", by_level)):
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            found = find()
+            best = min(best, time.perf_counter() - started)
+        timings[f"{name}_s"] = round(best, 3)
+        timings["collections"] = found
+    timings["objects_in_store"] = len(store.list(TENANTS_PREFIX))
+    return timings
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -155,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
+        finding = _time_finding(store, args.repeats)
+        print(json.dumps(finding), flush=True)
     results = {
         "what": "SearchEngine.collection: catch-up of one collection of N vectors (issue 15)",
         "store": "Ceph radosgw S3 over HTTP on loopback (memstore OSD)"
@@ -164,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         "uncovered_fraction": args.uncovered,
         "repeats_best_of": args.repeats,
         "rows": rows,
+        "find_collections": finding,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -194,4 +227,11 @@ def _table(results: dict) -> str:
             f"| {row['snapshot_s']:.2f} | {row['records_read_one_by_one_with_snapshot']} "
             f"| {row['speed_up_snapshot_vs_one_get_per_record']}× |"
         )
+    find = results["find_collections"]
+    lines += [
+        "",
+        f"Finding the {find['collections']} collections among {find['objects_in_store']} "
+        f"objects: whole store listed {find['whole_store_listing_s']:.2f} s, one delimited "
+        f"listing per level {find['by_level_s']:.3f} s.",
+    ]
     return "\n".join(lines) + "\n"
