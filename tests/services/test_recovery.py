@@ -111,6 +111,23 @@ def test_index_work_waiting_longer_than_the_bound_is_queued_again_once(
     assert 'pecbir_reconciler_requeued_total{task="pecbir.index.image"}' in text
 
 
+def test_an_overdue_image_whose_task_is_queued_or_running_is_not_queued_again(
+    runtime, trained, leases
+):
+    """A backlog is late, not lost: queueing its tasks again only lengthens the queue."""
+    from pecbir_gateway.dispatch import CeleryDispatcher
+
+    ids, _ = trained
+    kwargs = leases.redis.connection_pool.connection_kwargs
+    broker = CeleryDispatcher(f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}")
+    broker.send(TASK_INDEX_IMAGE, ["hosp-a", "brain", ids[0]])  # waits in the index queue
+    InFlight(leases.redis).beat(TASK_INDEX_IMAGE, ["hosp-a", "brain", ids[1]])  # runs
+    sent = Sent()
+    late = sweep(runtime.store, sent, leases, SETTINGS, now=time.time() + BOUND + 1)
+    assert sorted(late.requeued_images) == sorted(ids[2:])
+    assert late.queued_behind == 2
+
+
 def test_a_task_whose_heartbeat_stopped_is_queued_again_once_per_bound(leases):
     in_flight = InFlight(leases.redis)
     now = time.time()

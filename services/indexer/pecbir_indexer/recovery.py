@@ -32,6 +32,7 @@ publishes the same vector again. One worker of the cluster runs each pass (a Red
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -54,7 +55,12 @@ from pecbir_contracts.records import (
     write_indexed_version,
 )
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
-from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_REINDEX_COLLECTION, TASK_TRAIN_MODEL
+from pecbir_contracts.tasks import (
+    QUEUE_INDEX,
+    TASK_INDEX_IMAGE,
+    TASK_REINDEX_COLLECTION,
+    TASK_TRAIN_MODEL,
+)
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.store import list_modified
 
@@ -70,6 +76,7 @@ __all__ = [
     "requeue_stale",
     "sweep",
     "train_lease",
+    "waiting_tasks",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,6 +259,34 @@ def requeue_stale(
     return requeued
 
 
+def waiting_tasks(client: Any, queues: Sequence[str] = (QUEUE_INDEX,)) -> set[str]:
+    """Tasks queued in Redis (not yet delivered) or running with a heartbeat, as
+    `InFlight.member` strings: index work the sweep must not queue a second time.
+
+    A backlog is not a loss: an upload whose task waits behind others longer than the bound
+    is in the queue, and one whose task runs beats. Queueing those again would only lengthen
+    the queue it waits in. Reads each queue (kombu's Redis list of JSON messages; Celery
+    protocol 2: a base64 JSON body of ``[args, kwargs, embed]``) and the heartbeats.
+    """
+    members = {
+        member.decode() if isinstance(member, bytes) else member
+        for member in client.zrange(IN_FLIGHT_KEY, 0, -1)
+    }
+    for queue in queues:
+        for raw in client.lrange(queue, 0, -1):
+            try:
+                message = json.loads(raw)
+                task = message["headers"]["task"]
+                body = message["body"]
+                if message.get("properties", {}).get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                args = json.loads(body)[0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue  # not a Celery message: nothing of ours
+            members.add(InFlight.member(task, args))
+    return members
+
+
 @dataclass
 class SweepReport:
     """What one pass found and did."""
@@ -260,6 +295,8 @@ class SweepReport:
     requeued_trains: list[str] = field(default_factory=list)
     requeued_reindexes: list[str] = field(default_factory=list)
     waiting_images: int = 0
+    # Overdue images whose index task is still queued (a backlog) or running: not queued again.
+    queued_behind: int = 0
     indexed_versions: list[str] = field(default_factory=list)
     snapshots: dict[str, int] = field(default_factory=dict)
     removed_image_objects: list[str] = field(default_factory=list)
@@ -443,6 +480,7 @@ def _requeue_index(
     became_current = objects[layout.current_model]
     bound = settings.redelivery_bound_s
     left_to_reindex = 0
+    waiting: set[str] | None = None  # read once, when the first image is overdue
     for image_id, parts in sorted(_images(layout, objects).items()):
         meta = f"{layout.images_prefix}{image_id}/meta.json"
         if meta not in parts or layout.failure(image_id) in objects:
@@ -464,11 +502,17 @@ def _requeue_index(
             continue
         if len(report.requeued_images) >= settings.reconcile_max_requeue:
             continue
+        args = [layout.tenant, layout.collection, image_id]
+        if waiting is None:
+            waiting = waiting_tasks(leases.redis)
+        if InFlight.member(TASK_INDEX_IMAGE, args) in waiting:
+            report.queued_behind += 1
+            continue  # queued behind others, or running: late, not lost
         # At most once per bound per image: a backlog is not queued again and again.
         marker = f"{_REQUEUED_PREFIX}{layout.tenant}/{layout.collection}/{image_id}"
         if not leases.claim(marker, bound):
             continue
-        send(TASK_INDEX_IMAGE, [layout.tenant, layout.collection, image_id])
+        send(TASK_INDEX_IMAGE, args)
         REQUEUED.labels(TASK_INDEX_IMAGE).inc()
         report.requeued_images.append(image_id)
         log.warning(
