@@ -256,3 +256,21 @@ def test_search_starting_while_redis_is_down_serves_the_store_and_follows_once_i
         assert len(state.serving.index) == 2
     finally:
         engine.stop()
+
+
+def test_a_running_training_keeps_its_lease_beyond_the_lease_time(leases, monkeypatch):
+    """The lease is renewed from a thread of its own while the task trains: held past
+    `train_lease_s`, so the reconciler never starts the same training a second time; a
+    second taker is refused meanwhile; released at the end."""
+    from pecbir_indexer import tasks
+
+    monkeypatch.setattr(tasks, "_lease_redis", lambda: leases.redis)
+    monkeypatch.setattr(tasks.settings, "train_lease_s", 0.6)
+    key = train_lease("hosp-a", "brain", "v0002")
+    with tasks._training_lease("hosp-a", "brain", "v0002", eager=False) as mine:
+        assert mine
+        time.sleep(2.0)  # over three lease times: only renewals keep it
+        assert leases.held(key)
+        with tasks._training_lease("hosp-a", "brain", "v0002", eager=False) as second:
+            assert not second
+    assert not leases.held(key)

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,10 +199,14 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         return _fit_sealed_version(rt, layout, version, params, patch_model)
     params = _pe_roi_params(rt, layout, params)
     templates = []
-    for image_id in list_images(rt, layout):
-        meta, cipher, mask = load_image(rt, layout, image_id)
-        if meta.role == "template" and meta.label is not None:
-            templates.append((meta.opaque_id, image_id, cipher, mask, meta.label))
+    image_ids = list_images(rt, layout)
+    # Several reads at once: a training reads every image of the collection (three objects
+    # each), one after the other it spent most of its time waiting for the store.
+    with ThreadPoolExecutor(max(1, rt.settings.batch_io_threads)) as pool:
+        loaded = pool.map(lambda image_id: load_image(rt, layout, image_id), image_ids)
+        for image_id, (meta, cipher, mask) in zip(image_ids, loaded, strict=True):
+            if meta.role == "template" and meta.label is not None:
+                templates.append((meta.opaque_id, image_id, cipher, mask, meta.label))
     # In the owner's pseudonym order, not the image ids' (random for unbound uploads): the
     # patch sample, and so the model, is then the same for the same images, whatever their ids.
     templates.sort(key=lambda template: template[:2])
