@@ -21,6 +21,7 @@ from pecbir_contracts.records import (
     live_versions,
     read_indexed_version,
 )
+from pecbir_contracts.tasks import TASK_INDEX_CHUNK
 from pecbir_indexer import work
 from pecbir_indexer.recovery import RedisLeases, sweep
 from pecbir_indexer.runtime import Runtime
@@ -98,7 +99,9 @@ def _served(engine: SearchEngine):
     return state.serving, state.pending
 
 
-def test_an_upload_during_a_reindex_is_served_at_once_and_held_once_after_the_swap(cluster):
+def test_an_upload_during_a_reindex_is_served_at_once_and_held_once_after_the_swap(
+    cluster, redis_url
+):
     runtime, leases = cluster
     store, sent = runtime.store, Sent()
     seeded = _upload(store, seed=1, n=12)
@@ -139,11 +142,20 @@ def test_an_upload_during_a_reindex_is_served_at_once_and_held_once_after_the_sw
         assert (serving_r.name, pending_r.name) == ("v0001", "v0002")
         assert upload in serving_r.index and len(serving_r.index) == 13
 
-        # The janitor: v0002 is not complete; the images it lacks are the re-index's work,
-        # not one index task each (they would queue ahead of new uploads).
+        # The janitor: v0002 is not complete; the images it lacks wait in re-index chunks
+        # queued in Redis, so they are not queued again one by one (they would queue ahead of
+        # new uploads). An upload whose task was lost is queued again.
+        from pecbir_gateway.dispatch import CeleryDispatcher
+
+        broker = CeleryDispatcher(redis_url)
+        for chunk in chunks[len(chunks) // 2 :]:
+            broker.send(TASK_INDEX_CHUNK, [TENANT, COLLECTION, "v0002", chunk])
+        (lost,) = _upload(store, seed=7)
         report = sweep(store, sent, leases, SETTINGS, now=time.time() + BOUND + 1)
-        assert report.indexed_versions == [] and report.requeued_images == []
+        assert report.indexed_versions == [] and report.requeued_images == [lost]
+        assert report.queued_behind == sum(len(c) for c in chunks[len(chunks) // 2 :])
         assert read_indexed_version(store, LAYOUT) == "v0001"
+        work.index_image(runtime, TENANT, COLLECTION, lost)  # the task queued again
 
         _reindex(runtime, "v0002", chunks[len(chunks) // 2 :])
 
@@ -154,7 +166,7 @@ def test_an_upload_during_a_reindex_is_served_at_once_and_held_once_after_the_sw
         _until(swapped, "the swap to v0002")
         serving, _ = _served(engine)
         held = serving.index.ids()
-        assert sorted(held) == sorted([*seeded, upload]) and held.count(upload) == 1
+        assert sorted(held) == sorted([*seeded, upload, lost]) and held.count(upload) == 1
         assert serving.index.dim == 1
 
         # Once the janitor sees v0002 complete, uploads are indexed with it alone.
@@ -162,7 +174,7 @@ def test_an_upload_during_a_reindex_is_served_at_once_and_held_once_after_the_sw
         (later,) = _upload(store, seed=3)
         assert work.index_image(runtime, TENANT, COLLECTION, later).versions == ("v0002",)
         _until(lambda: later in _served(engine)[0].index, "the later upload is served")
-        assert len(_served(engine)[0].index) == 14
+        assert len(_served(engine)[0].index) == 15
     finally:
         engine.stop()
 

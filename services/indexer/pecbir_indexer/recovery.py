@@ -57,6 +57,10 @@ from pecbir_contracts.records import (
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
 from pecbir_contracts.tasks import (
     QUEUE_INDEX,
+    QUEUE_REINDEX,
+    QUEUE_REINDEX_GPU,
+    TASK_INDEX_BATCH,
+    TASK_INDEX_CHUNK,
     TASK_INDEX_IMAGE,
     TASK_REINDEX_COLLECTION,
     TASK_TRAIN_MODEL,
@@ -259,19 +263,23 @@ def requeue_stale(
     return requeued
 
 
-def waiting_tasks(client: Any, queues: Sequence[str] = (QUEUE_INDEX,)) -> set[str]:
-    """Tasks queued in Redis (not yet delivered) or running with a heartbeat, as
-    `InFlight.member` strings: index work the sweep must not queue a second time.
+def waiting_tasks(
+    client: Any, queues: Sequence[str] = (QUEUE_INDEX, QUEUE_REINDEX, QUEUE_REINDEX_GPU)
+) -> set[str]:
+    """Index work queued in Redis (not yet delivered) or running with a heartbeat, as
+    `InFlight.member` strings: what the sweep must not queue a second time.
 
-    A backlog is not a loss: an upload whose task waits behind others longer than the bound
-    is in the queue, and one whose task runs beats. Queueing those again would only lengthen
-    the queue it waits in. Reads each queue (kombu's Redis list of JSON messages; Celery
-    protocol 2: a base64 JSON body of ``[args, kwargs, embed]``) and the heartbeats.
+    A backlog is not a loss: an image whose task waits behind others longer than the bound
+    is in a queue, and one whose task runs beats; queueing those again would only lengthen
+    the queue. A re-index chunk or batch counts as an index task for each of its images; a
+    re-index fan-out as itself. Reads each queue (kombu's Redis list of JSON messages;
+    Celery protocol 2: a base64 JSON body of ``[args, kwargs, embed]``) and the heartbeats.
     """
-    members = {
-        member.decode() if isinstance(member, bytes) else member
-        for member in client.zrange(IN_FLIGHT_KEY, 0, -1)
-    }
+    tasks: list[tuple[str, list]] = []
+    for member in client.zrange(IN_FLIGHT_KEY, 0, -1):
+        with contextlib.suppress(ValueError, TypeError):
+            task, args = json.loads(member)
+            tasks.append((task, args))
     for queue in queues:
         for raw in client.lrange(queue, 0, -1):
             try:
@@ -280,9 +288,18 @@ def waiting_tasks(client: Any, queues: Sequence[str] = (QUEUE_INDEX,)) -> set[st
                 body = message["body"]
                 if message.get("properties", {}).get("body_encoding") == "base64":
                     body = base64.b64decode(body)
-                args = json.loads(body)[0]
+                tasks.append((task, json.loads(body)[0]))
             except (ValueError, KeyError, IndexError, TypeError):
                 continue  # not a Celery message: nothing of ours
+    members = set()
+    for task, args in tasks:
+        if task in (TASK_INDEX_CHUNK, TASK_INDEX_BATCH) and len(args) == 4:
+            tenant, collection, _, image_ids = args
+            members.update(
+                InFlight.member(TASK_INDEX_IMAGE, [tenant, collection, image_id])
+                for image_id in image_ids
+            )
+        else:
             members.add(InFlight.member(task, args))
     return members
 
@@ -293,7 +310,6 @@ class SweepReport:
 
     requeued_images: list[str] = field(default_factory=list)
     requeued_trains: list[str] = field(default_factory=list)
-    requeued_reindexes: list[str] = field(default_factory=list)
     waiting_images: int = 0
     # Overdue images whose index task is still queued (a backlog) or running: not queued again.
     queued_behind: int = 0
@@ -402,10 +418,6 @@ def _collect_debris(
         )
 
 
-def _complete_images(layout: CollectionLayout, objects: dict[str, float]) -> set[str]:
-    return {image_id for key in objects if (image_id := layout.image_id_of_meta(key))}
-
-
 def _with_features(layout: CollectionLayout, version: str, objects: dict[str, float]) -> set[str]:
     prefix = layout.features_prefix(version)
     return {
@@ -415,37 +427,29 @@ def _with_features(layout: CollectionLayout, version: str, objects: dict[str, fl
     }
 
 
-def _trained(layout: CollectionLayout, objects: dict[str, float]) -> list[str]:
-    """Versions with a manifest, oldest first."""
-    versions = {v for key in objects if (v := layout.version_of_manifest_key(key)) is not None}
-    return sorted(versions, key=version_number)
-
-
 def _mark_indexed(
     store: ObjectStore, layout: CollectionLayout, objects: dict[str, float], report: SweepReport
 ) -> None:
-    """Record the newest trained version whose features cover every complete image (its
-    re-index finished): uploads stop being indexed with older versions (`live_versions`)."""
+    """Record the current version as indexed once its re-index finished: every complete image
+    stored before it became current holds its record (an image stored since is indexed with
+    it by its own upload task, `live_versions`). Uploads then stop being indexed with older
+    versions too."""
     if layout.current_model not in objects:
         return
     current = read_current_version(store, layout)
-    if current is None:
+    if current is None or read_indexed_version(store, layout) == current:
         return
-    indexed = read_indexed_version(store, layout)
-    floor = version_number(indexed) if indexed else 0
-    images = _complete_images(layout, objects)
-    images -= {image_id for image_id in images if layout.failure(image_id) in objects}
-    for version in reversed(_trained(layout, objects)):
-        number = version_number(version)
-        if number <= floor:
-            return
-        if number > version_number(current):
+    became_current = objects[layout.current_model]
+    with_current = _with_features(layout, current, objects)
+    for image_id, parts in _images(layout, objects).items():
+        meta = f"{layout.images_prefix}{image_id}/meta.json"
+        if meta not in parts or parts[meta] >= became_current or image_id in with_current:
             continue
-        if images <= _with_features(layout, version, objects):
-            if write_indexed_version(store, layout, version):
-                report.indexed_versions.append(version)
-                log.info("reconciler: %s of %s holds every image: indexed", version, layout.root)
-            return
+        if layout.failure(image_id) not in objects:
+            return  # the re-index still has work
+    if write_indexed_version(store, layout, current):
+        report.indexed_versions.append(current)
+        log.info("reconciler: %s of %s holds every image: indexed", current, layout.root)
 
 
 def _requeue_index(
@@ -458,15 +462,12 @@ def _requeue_index(
     now: float,
     report: SweepReport,
 ) -> None:
-    """Queue again the index task of every image whose record of a served version is
-    missing longer than the bound (what no heartbeat covers: "stored, not queued").
+    """Queue again the index task of every image still lacking the record of the current or
+    the served (indexed) version longer than the bound, unless its task is queued or running
+    (`waiting_tasks`): what no heartbeat covers ("stored, not queued", a message Redis lost).
 
-    While a new version is re-indexed (its features do not yet cover the collection), the
-    images stored before it became current are the re-index's work, not single index tasks:
-    queueing each again would fill the uploads' queue with the whole collection and delay
-    new uploads. Only images lacking the indexed version's record, or stored after the new
-    version became current and lacking its record (an upload's task does both), are queued
-    again then; a re-index that made no progress for ten bounds is fanned out again.
+    The wait counts from when the image was stored, or for the current version's record of an
+    image stored before that version became current (its re-index), from then.
     """
     if layout.current_model not in objects:
         return  # no model yet: uploads wait for the first training, nothing is lost
@@ -474,30 +475,21 @@ def _requeue_index(
     if version is None:
         return
     indexed = read_indexed_version(store, layout)
-    reindexing = indexed is not None and version_number(indexed) < version_number(version)
+    served = indexed if indexed is not None and indexed != version else None
     with_current = _with_features(layout, version, objects)
-    with_indexed = _with_features(layout, indexed, objects) if reindexing else with_current
+    with_served = _with_features(layout, served, objects) if served else set()
     became_current = objects[layout.current_model]
     bound = settings.redelivery_bound_s
-    left_to_reindex = 0
     waiting: set[str] | None = None  # read once, when the first image is overdue
     for image_id, parts in sorted(_images(layout, objects).items()):
         meta = f"{layout.images_prefix}{image_id}/meta.json"
         if meta not in parts or layout.failure(image_id) in objects:
             continue
-        if reindexing:
-            if image_id in with_indexed and image_id in with_current:
-                continue
-            if image_id in with_indexed and parts[meta] < became_current:
-                left_to_reindex += 1  # served meanwhile; the re-index brings it over
-                continue
-            since = parts[meta]
-        else:
-            if image_id in with_current:
-                continue
-            # Waiting since it was stored, or since its model became current (a re-index).
-            since = max(parts[meta], became_current)
+        lacks_served = served is not None and image_id not in with_served
+        if image_id in with_current and not lacks_served:
+            continue
         report.waiting_images += 1
+        since = parts[meta] if lacks_served else max(parts[meta], became_current)
         if now - since <= bound:
             continue
         if len(report.requeued_images) >= settings.reconcile_max_requeue:
@@ -505,7 +497,10 @@ def _requeue_index(
         args = [layout.tenant, layout.collection, image_id]
         if waiting is None:
             waiting = waiting_tasks(leases.redis)
-        if InFlight.member(TASK_INDEX_IMAGE, args) in waiting:
+        if (
+            InFlight.member(TASK_INDEX_IMAGE, args) in waiting
+            or InFlight.member(TASK_REINDEX_COLLECTION, [*args[:2], version]) in waiting
+        ):
             report.queued_behind += 1
             continue  # queued behind others, or running: late, not lost
         # At most once per bound per image: a backlog is not queued again and again.
@@ -522,44 +517,6 @@ def _requeue_index(
             now - since,
             bound,
         )
-    if left_to_reindex:
-        _requeue_stalled_reindex(send, leases, bound, layout, version, objects, now, report)
-
-
-def _requeue_stalled_reindex(
-    send: Send,
-    leases: RedisLeases,
-    bound: float,
-    layout: CollectionLayout,
-    version: str,
-    objects: dict[str, float],
-    now: float,
-    report: SweepReport,
-) -> None:
-    """Fan a re-index out again (it plans only the images still lacking records) when no
-    record of `version` was written for ten bounds: its messages were lost, not slow."""
-    prefix = layout.features_prefix(version)
-    progress = max(
-        [
-            objects[layout.current_model],
-            *(m for key, m in objects.items() if key.startswith(prefix)),
-        ]
-    )
-    stalled = 10 * bound
-    if now - progress <= stalled:
-        return
-    marker = f"{_REQUEUED_PREFIX}reindex/{layout.tenant}/{layout.collection}/{version}"
-    if not leases.claim(marker, stalled):
-        return
-    send(TASK_REINDEX_COLLECTION, [layout.tenant, layout.collection, version])
-    REQUEUED.labels(TASK_REINDEX_COLLECTION).inc()
-    report.requeued_reindexes.append(version)
-    log.warning(
-        "reconciler: re-index of %s of %s made no progress for %.0f s; fanned out again",
-        version,
-        layout.root,
-        now - progress,
-    )
 
 
 def _write_snapshots(
