@@ -159,6 +159,9 @@ def _row(loop: int, r: dict) -> str:
         f"| {loop} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | {r['debris']} "
         f"| {r['n_faults']} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} "
         f"| {_fmt(r['last_fault_to_all_searchable_s'])} "
+        f"| {_fmt(r['breakdown_s']['ack_to_first_record']['max'])} "
+        f"| {_fmt(r['breakdown_s']['first_record_to_searchable']['max'])} "
+        f"| {_fmt(r['load_1m']['mean'])} / {_fmt(r['load_1m']['max'])} "
         f"| {'pass' if all(c['ok'] for c in r['checks'].values()) else 'FAIL'} |"
     )
 
@@ -172,8 +175,9 @@ def _table(results: dict) -> str:
         f"redelivery bound {results['config']['redelivery_bound_s']:.0f} s)",
         "",
         "| loop | acknowledged | lost | duplicated | debris | faults | p50 s | p99 s | max s "
-        "| last fault → all searchable s | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| last fault → all searchable s | max ack → first record s "
+        "| max first record → searchable s | load 1 min mean / max | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(i, r) for i, r in enumerate(results["loops"])),
         "",
         f"Total: {s['acknowledged']} acknowledged, {s['lost']} lost, {s['duplicated']} "
