@@ -13,7 +13,7 @@ writes N feature records of one version (and a trained model) into the store, th
   janitor pass leaves: the records written since are read one by one).
 
 The store is Ceph radosgw (S3 over HTTP on loopback, as the services use it) or, with
-`--store file`, the filesystem store. Prints a table and writes JSON.
+`--store file`, the filesystem store. Prints a table and writes JSON and the table (.md).
 """
 
 from __future__ import annotations
@@ -206,8 +206,12 @@ def run(args: argparse.Namespace) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(_table(results))
-    print(f"wrote {args.out}")
+    table = _table(results)
+    args.out.with_suffix(".md").write_text(
+        table + f"\n`pecbir bench-search-startup --sizes {args.sizes} --store {args.store}`\n"
+    )
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
