@@ -262,3 +262,37 @@ def test_a_corrupt_snapshot_is_ignored_and_the_records_read(store):
     engine = SearchEngine(store, None)
     engine.catch_up_all()
     assert len(_served(engine)[0].index) == 12
+
+
+def test_a_replica_whose_swap_lagged_serves_the_indexed_version_before_a_newer_one_fills(store):
+    """The store records v0002 as indexed (uploads now skip v0001) while this replica, behind
+    on the stream, still serves v0001; v0003 is trained. The replica serves v0002 from the
+    store before v0003 starts filling, so an upload made now is searchable at once."""
+    from pecbir_contracts.events import ModelEvent
+    from pecbir_contracts.records import write_indexed_version
+    from pecbir_platform.bus import InMemoryBus
+
+    runtime = Runtime(SETTINGS, store, InMemoryBus())
+    seeded = _upload(store, seed=8, n=12)
+    _train(runtime, "v0001")
+    _reindex(runtime, "v0001", work.reindex_plan(runtime, TENANT, COLLECTION, "v0001"))
+    write_indexed_version(store, LAYOUT, "v0001")
+    engine = SearchEngine(store, None)
+    engine.catch_up_all()
+    _train(runtime, "v0002", dim=1)
+    engine.apply(ModelEvent(tenant=TENANT, collection=COLLECTION, version="v0002"))
+    _reindex(runtime, "v0002", work.reindex_plan(runtime, TENANT, COLLECTION, "v0002"))
+    write_indexed_version(store, LAYOUT, "v0002")  # its events not applied here: lagging
+    assert [v.name for v in _served(engine) if v] == ["v0001", "v0002"]
+
+    _train(runtime, "v0003")
+    engine.apply(ModelEvent(tenant=TENANT, collection=COLLECTION, version="v0003"))
+    serving, pending = _served(engine)
+    assert (serving.name, pending.name) == ("v0002", "v0003")
+    assert sorted(serving.index.ids()) == sorted(seeded)
+    (upload,) = _upload(store, seed=9)
+    start = runtime.bus.last_id()
+    assert work.index_image(runtime, TENANT, COLLECTION, upload).versions == ("v0002", "v0003")
+    for _, event in runtime.bus.read(start, block_ms=0):
+        engine.apply(event)
+    assert upload in _served(engine)[0].index

@@ -297,8 +297,36 @@ class SearchEngine:
         if loaded is None:
             log.warning("event for unknown model %s of %s", version, state.layout.root)
             return None
+        self._catch_up_indexed(state, version)
         state.set_pending(loaded)
         return loaded
+
+    def _catch_up_indexed(self, state: CollectionState, newer: str) -> None:
+        """Before a newer version starts filling, serve the version the store records as
+        indexed if this replica still serves an older one (its swap lagged behind the store):
+        new uploads are no longer indexed with versions older than the indexed one, so
+        keeping an older one until `newer` is complete would hide them that long."""
+        indexed = read_indexed_version(self.store, state.layout)
+        serving = state.serving
+        if indexed is None or serving is None:
+            return
+        if not version_number(serving.name) < version_number(indexed) < version_number(newer):
+            return
+        pending = state.pending
+        promoted = pending if pending is not None and pending.name == indexed else None
+        # Loaded from the store: every record written so far (an event of it not yet applied
+        # included); later ones arrive as events and are upserted.
+        promoted = self._load_version(state.layout, indexed) or promoted
+        if promoted is None:
+            return
+        state.serving, state.pending = promoted, None
+        state.set_pending(None)
+        log.info(
+            "%s now serves %s (indexed in the store; %d vectors)",
+            state.layout.root,
+            promoted.name,
+            len(promoted.index),
+        )
 
     def start(self) -> None:
         """Catch up from the store, then follow the event stream from before the catch-up."""
