@@ -12,9 +12,10 @@ runs twice. So work does not wait for it:
   once: the task itself holds `train_lease` while it trains and skips a version whose lease
   someone holds (a late redelivery finds the manifest and only publishes again).
 - Less often (`janitor_interval_s`), `sweep` lists the store: every complete image still
-  lacking features of its collection's current model longer than `redelivery_bound_s` is
-  queued again (what no heartbeat covers: an upload answered "stored, not queued"), so is a
-  requested version nobody trains; and it removes crash debris older than `debris_grace_s`:
+  lacking features of its collection's current (or served) model longer than
+  `redelivery_bound_s`, and whose task is neither queued nor running (`waiting_tasks`), is
+  queued again (what no heartbeat covers: a message Redis lost), so is a requested version
+  nobody trains; and it removes crash debris older than `debris_grace_s`:
   objects of an image whose `meta.json` (the commit marker, written last) never came — a
   gateway killed mid-upload — and the filesystem store's temporary files of writes that never
   finished. A complete image, or an upload whose newest object is younger than the grace

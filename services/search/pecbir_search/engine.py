@@ -312,14 +312,12 @@ class SearchEngine:
             return
         if not version_number(serving.name) < version_number(indexed) < version_number(newer):
             return
-        pending = state.pending
-        promoted = pending if pending is not None and pending.name == indexed else None
-        # Loaded from the store: every record written so far (an event of it not yet applied
-        # included); later ones arrive as events and are upserted.
-        promoted = self._load_version(state.layout, indexed) or promoted
+        # Loaded from the store: every record written so far (also those whose events this
+        # replica has not applied yet); later ones arrive as events and are upserted.
+        promoted = self._load_version(state.layout, indexed)
         if promoted is None:
             return
-        state.serving, state.pending = promoted, None
+        state.serving = promoted
         state.set_pending(None)
         log.info(
             "%s now serves %s (indexed in the store; %d vectors)",
