@@ -111,6 +111,23 @@ def test_index_work_waiting_longer_than_the_bound_is_queued_again_once(
     assert 'pecbir_reconciler_requeued_total{task="pecbir.index.image"}' in text
 
 
+def test_an_overdue_image_whose_task_is_queued_or_running_is_not_queued_again(
+    runtime, trained, leases
+):
+    """A backlog is late, not lost: queueing its tasks again only lengthens the queue."""
+    from pecbir_gateway.dispatch import CeleryDispatcher
+
+    ids, _ = trained
+    kwargs = leases.redis.connection_pool.connection_kwargs
+    broker = CeleryDispatcher(f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}")
+    broker.send(TASK_INDEX_IMAGE, ["hosp-a", "brain", ids[0]])  # waits in the index queue
+    InFlight(leases.redis).beat(TASK_INDEX_IMAGE, ["hosp-a", "brain", ids[1]])  # runs
+    sent = Sent()
+    late = sweep(runtime.store, sent, leases, SETTINGS, now=time.time() + BOUND + 1)
+    assert sorted(late.requeued_images) == sorted(ids[2:])
+    assert late.queued_behind == 2
+
+
 def test_a_task_whose_heartbeat_stopped_is_queued_again_once_per_bound(leases):
     in_flight = InFlight(leases.redis)
     now = time.time()
@@ -239,3 +256,21 @@ def test_search_starting_while_redis_is_down_serves_the_store_and_follows_once_i
         assert len(state.serving.index) == 2
     finally:
         engine.stop()
+
+
+def test_a_running_training_keeps_its_lease_beyond_the_lease_time(leases, monkeypatch):
+    """The lease is renewed from a thread of its own while the task trains: held past
+    `train_lease_s`, so the reconciler never starts the same training a second time; a
+    second taker is refused meanwhile; released at the end."""
+    from pecbir_indexer import tasks
+
+    monkeypatch.setattr(tasks, "_lease_redis", lambda: leases.redis)
+    monkeypatch.setattr(tasks.settings, "train_lease_s", 0.6)
+    key = train_lease("hosp-a", "brain", "v0002")
+    with tasks._training_lease("hosp-a", "brain", "v0002", eager=False) as mine:
+        assert mine
+        time.sleep(2.0)  # over three lease times: only renewals keep it
+        assert leases.held(key)
+        with tasks._training_lease("hosp-a", "brain", "v0002", eager=False) as second:
+            assert not second
+    assert not leases.held(key)

@@ -21,6 +21,7 @@ from pecbir_platform.store import (
     MinioStore,
     StoreSettings,
     check_put_if_absent,
+    list_children,
     store_from_url,
 )
 from tests.services.helpers import OverwritingStore
@@ -37,6 +38,10 @@ def _exercise(store) -> None:
     assert store.list("tenants/a/") == ["tenants/a/x/1.bin", "tenants/a/x/2.bin"]
     assert store.list("tenants/a/x/1") == ["tenants/a/x/1.bin"]
     assert store.list("tenants/zzz/") == []
+    # One level at a time (the search service's start-up finds collections this way).
+    assert list_children(store, "tenants/") == ["a", "b"]
+    assert list_children(store, "tenants/a/") == ["x"]
+    assert list_children(store, "tenants/a/x/") == list_children(store, "tenants/zzz/") == []
     assert store.exists("tenants/b/y.bin") and not store.exists("tenants/b/none")
     assert store.put_if_absent("tenants/b/once", b"1") is True
     assert store.put_if_absent("tenants/b/once", b"2") is False

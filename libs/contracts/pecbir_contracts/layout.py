@@ -20,6 +20,11 @@ image set, or a consortium's shared set) under ``tenants/<tenant>/collections/<c
     models/<version>/request.json     TrainRequest the version was trained from
     models/<version>/failure.json     why training failed
     models/current.json               pointer to the version new images are indexed with
+    models/indexed.json               the newest version whose features cover every image (its
+                                      re-index finished): what the search service serves until
+                                      a newer one is complete
+    snapshots/<version>.npz           many feature records of a version in one object (the
+                                      search service's start-up reads it instead of one GET each)
 idempotency records:
     tenants/<tenant>/idempotency/<sha256(idempotency key)>.json
 start-up checks of the store (written and deleted at once):
@@ -213,6 +218,22 @@ class CollectionLayout:
     @property
     def current_model(self) -> str:
         return self.models_prefix + "current.json"
+
+    @property
+    def indexed_model(self) -> str:
+        """Pointer to the newest version whose re-index finished (`records.live_versions`)."""
+        return self.models_prefix + "indexed.json"
+
+    def features_snapshot(self, version: str) -> str:
+        """Feature records of `version` consolidated into one object (`records.FeatureSnapshot`)."""
+        return f"{self.root}snapshots/{check_version(version)}.npz"
+
+    def version_of_manifest_key(self, key: str) -> str | None:
+        """The version if `key` is a trained version's manifest.json, else None."""
+        if not (key.startswith(self.models_prefix) and key.endswith("/manifest.json")):
+            return None
+        candidate = key[len(self.models_prefix) : -len("/manifest.json")]
+        return candidate if _VERSION.fullmatch(candidate) else None
 
     def version_of_model_key(self, key: str) -> str | None:
         if not (key.startswith(self.models_prefix) and key.endswith("/request.json")):

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,9 +248,14 @@ def service_app(
 
 
 @contextlib.contextmanager
-def celery_worker(env: dict[str, str], log: Path | None = None) -> Iterator[subprocess.Popen]:
-    """One solo-pool indexer worker on every queue of the table's indexer."""
+def celery_worker(
+    env: dict[str, str], log: Path | None = None, queues: Sequence[str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """One solo-pool indexer worker on every queue of the table's indexer, or on `queues`
+    (deploy/k8s gives training a pool of its own)."""
     args = SERVICES["indexer"].command(bin_dir=BIN)
+    if queues:
+        args[args.index("-Q") + 1] = ",".join(queues)
     args += ["--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     args += ["--without-heartbeat", "-n", f"test-{os.getpid()}-{free_port()}@localhost"]
     with process(args, "celery worker", env=env, log=log) as proc:
@@ -277,6 +282,7 @@ class Cluster:
         template_collections: tuple[str, ...] = (),
         workers: int = 1,
         start_timeout_s: float = 60.0,
+        worker_queues: Sequence[Sequence[str] | None] = (),
     ) -> None:
         import secrets
 
@@ -285,6 +291,8 @@ class Cluster:
         self.extra_env = extra_env or {}
         self.redis: RedisProcess | None = None
         self.n_workers = workers
+        # Worker i consumes worker_queues[i] (every queue where None or not given).
+        self.worker_queues = tuple(worker_queues)
         # How long a (re)started HTTP service may take to answer its health path: the search
         # service loads every collection from the store first (minutes on a loaded machine).
         self.start_timeout_s = start_timeout_s
@@ -428,7 +436,8 @@ class Cluster:
 
     def start_worker(self, index: int = 0) -> subprocess.Popen:
         """Start worker `index` (0 to `workers` - 1); `self.worker` is worker 0."""
-        cm = celery_worker(self.env, self.worker_log(index))
+        queues = self.worker_queues[index] if index < len(self.worker_queues) else None
+        cm = celery_worker(self.env, self.worker_log(index), queues)
         proc = cm.__enter__()
         self._worker_cms[index] = cm
         self.workers[index] = proc

@@ -28,6 +28,7 @@ test (tests/services/test_recovery_faults.py) one short one.
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -101,6 +102,8 @@ class RecoveryConfig:
     janitor_interval_s: float = 4.0
     train_lease_s: float = 6.0
     debris_grace_s: float = 5.0
+    # Small, so that the search restarts of a loop start from snapshots (plus a few records).
+    snapshot_min_records: int = 32
     # Above every task: only the reconciler brings a killed worker's index work back in time.
     visibility_timeout_s: int = 3600
 
@@ -127,6 +130,7 @@ def recovery_env(cfg: RecoveryConfig, delay_file: Path, train_delay_file: Path) 
         "PECBIR_REDELIVERY_BOUND_S": str(cfg.redelivery_bound_s),
         "PECBIR_TRAIN_LEASE_S": str(cfg.train_lease_s),
         "PECBIR_DEBRIS_GRACE_S": str(cfg.debris_grace_s),
+        "PECBIR_SNAPSHOT_MIN_RECORDS": str(cfg.snapshot_min_records),
         "PECBIR_TEST_INDEX_DELAY_FILE": str(delay_file),
         "PECBIR_TEST_TRAIN_DELAY_FILE": str(train_delay_file),
         "PECBIR_MAX_RETRIES": "12",
@@ -189,6 +193,8 @@ class _Loop:
         self.last_fault_end = 0.0
         self.killed_trainings: list[str] = []
         self.planted_debris: list[str] = []
+        # (seconds since the epoch, 1-minute load average) every few seconds of the loop.
+        self.load_samples: list[tuple[float, float]] = []
 
     # -- clients ------------------------------------------------------------------------------
     def gateway(self, timeout: float = 30.0) -> httpx.Client:
@@ -319,6 +325,8 @@ class _Loop:
 
     def _watch(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            if not self.load_samples or time.time() - self.load_samples[-1][0] >= 5.0:
+                self.load_samples.append((time.time(), os.getloadavg()[0]))
             self.poll_searchable()
             stop.wait(1.0)
 
@@ -474,6 +482,27 @@ class _Loop:
         time.sleep(self.cfg.debris_grace_s + 2 * self.cfg.janitor_interval_s)
         return self.report(started, seeded, quiet_from, all_searchable)
 
+    def _breakdown(self, store: Any, acked: list[_Upload]) -> dict:
+        from pecbir_platform.store import list_modified
+
+        first_record: dict[str, float] = {}
+        prefix = self.layout.root + "features/"
+        for key, modified in list_modified(store, prefix).items():
+            image_id = key.rsplit("/", 1)[-1].removesuffix(".npz")
+            first_record[image_id] = min(modified, first_record.get(image_id, modified))
+        to_record, to_searchable = [], []
+        for upload in acked:
+            written = first_record.get(upload.image_id)
+            if written is None or upload.acked_at is None:
+                continue
+            to_record.append(max(0.0, written - upload.acked_at))
+            if upload.searchable_at is not None:
+                to_searchable.append(max(0.0, upload.searchable_at - written))
+        return {
+            "ack_to_first_record": _stats(to_record),
+            "first_record_to_searchable": _stats(to_searchable),
+        }
+
     def report(self, started: float, seeded: float, quiet_from: float, settled: bool) -> dict:
         store = self.cluster.s3.open()
         keys = store.list(self.layout.images_prefix)
@@ -509,6 +538,8 @@ class _Loop:
             statuses.update(upload.statuses)
         last_fault_end = self.last_fault_end or quiet_from
         trained = [v for v in self.killed_trainings if store.exists(self.layout.manifest(v))]
+        breakdown = self._breakdown(store, acked)
+        loads = [load for _, load in self.load_samples]
         return {
             "collection": self.collection,
             "planted_debris": len(self.planted_debris),
@@ -544,6 +575,15 @@ class _Loop:
                 "p99": percentile(delays, 99) if delays else None,
                 "max": max(delays) if delays else None,
             },
+            # Where the time went: acknowledged → its first feature record written (queue wait
+            # and the index task), that record → searchable (event, search service, the 1 s
+            # poll, or the wait for a swap when the first record was of a version not served).
+            "breakdown_s": breakdown,
+            "load_1m": {
+                "min": min(loads) if loads else None,
+                "mean": sum(loads) / len(loads) if loads else None,
+                "max": max(loads) if loads else None,
+            },
             "last_fault_to_all_searchable_s": (
                 max(0.0, max(searchable_times) - last_fault_end)
                 if settled and searchable_times
@@ -556,6 +596,15 @@ class _Loop:
             "seed_and_train_s": seeded - started,
             "duration_s": time.time() - started,
         }
+
+
+def _stats(values: list[float]) -> dict:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50) if values else None,
+        "p99": percentile(values, 99) if values else None,
+        "max": max(values) if values else None,
+    }
 
 
 def run_loop(cluster: Any, cfg: RecoveryConfig, collection: str) -> dict:
@@ -644,6 +693,23 @@ def summary(reports: list[dict]) -> dict:
         "p50_ack_to_searchable_s_per_loop": [r["ack_to_searchable_s"]["p50"] for r in reports],
         "p99_ack_to_searchable_s_per_loop": [r["ack_to_searchable_s"]["p99"] for r in reports],
         "max_ack_to_searchable_s": max(delays_max) if delays_max else None,
+        "max_ack_to_first_record_s": max(
+            (r["breakdown_s"]["ack_to_first_record"]["max"] or 0.0 for r in reports), default=None
+        ),
+        "max_first_record_to_searchable_s": max(
+            (r["breakdown_s"]["first_record_to_searchable"]["max"] or 0.0 for r in reports),
+            default=None,
+        ),
+        "load_1m_range": [
+            min(
+                (r["load_1m"]["min"] for r in reports if r["load_1m"]["min"] is not None),
+                default=None,
+            ),
+            max(
+                (r["load_1m"]["max"] for r in reports if r["load_1m"]["max"] is not None),
+                default=None,
+            ),
+        ],
         # None when a loop never got all-searchable (its own entry says so).
         "worst_last_fault_to_all_searchable_s": None
         if not reports or any(r["last_fault_to_all_searchable_s"] is None for r in reports)

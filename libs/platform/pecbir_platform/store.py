@@ -41,6 +41,7 @@ __all__ = [
     "MinioStore",
     "StoreSettings",
     "check_put_if_absent",
+    "list_children",
     "list_modified",
     "store_from_url",
 ]
@@ -162,6 +163,13 @@ class FilesystemStore:
 
     def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
         return None
+
+    def list_children(self, prefix: str) -> list[str]:
+        """Names of the "folders" directly under `prefix` (which ends with '/')."""
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
 
     def list_modified(self, prefix: str) -> dict[str, float]:
         """Every key under `prefix` with the time of its last write (epoch seconds)."""
@@ -414,6 +422,18 @@ class MinioStore:
 
         return self._guard(prefix, collect)
 
+    def list_children(self, prefix: str) -> list[str]:
+        """Names of the "folders" directly under `prefix` (which ends with '/'): one
+        delimited listing, whatever the number of objects below them."""
+
+        def collect() -> list[str]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix, recursive=False)
+            return sorted(
+                obj.object_name[len(prefix) :].rstrip("/") for obj in objects if obj.is_dir
+            )
+
+        return self._guard(prefix, collect)
+
     def list_modified(self, prefix: str) -> dict[str, float]:
         """Every key under `prefix` with the time of its last write (epoch seconds)."""
 
@@ -456,6 +476,35 @@ def list_modified(store: ObjectStore, prefix: str) -> dict[str, float]:
     if method is None:
         raise UnsupportedStore(f"{store!r} cannot tell when its objects were written")
     return method(prefix)
+
+
+def list_children(store: ObjectStore, prefix: str) -> list[str]:
+    """Names of the "folders" directly under `prefix` (ending with '/'), sorted.
+
+    The back ends of this module ask the store for one level only (S3: a delimited listing);
+    any other store's full listing under `prefix` stands in.
+
+    Parameters
+    ----------
+    store
+        An object store.
+    prefix
+        A key prefix ending with '/'.
+
+    Returns
+    -------
+    list of str
+        The distinct next path segments of the keys below `prefix` that have one more '/'.
+    """
+    method = getattr(store, "list_children", None)
+    if method is not None:
+        return method(prefix)
+    names = {
+        key[len(prefix) :].split("/", 1)[0]
+        for key in store.list(prefix)
+        if "/" in key[len(prefix) :]
+    }
+    return sorted(names)
 
 
 def check_put_if_absent(store: ObjectStore) -> None:

@@ -4,10 +4,11 @@ Celery's own layout: this module makes the app, `pecbir_indexer.tasks` defines t
 (imported by the worker at start through ``include``), `pecbir_indexer.work` does the work.
 
 Reliability settings: late acks and requeue on worker loss (a task interrupted by a crash runs
-again), prefetch 1 (a slow training never holds indexing messages hostage), retries with
-exponential backoff on storage errors, and a dead-letter queue for poison messages: a task that
-failed for good, or was delivered more than `max_deliveries` times, is recorded in the object
-store (`failures/…`) and copied to `QUEUE_DEAD_LETTER`, which no worker consumes.
+again), uploads before re-index chunks (queue order), prefetch 1 (a slow training never holds
+indexing messages hostage), retries with exponential backoff on storage errors, and a
+dead-letter queue for poison messages: a task that failed for good, or was delivered more
+than `max_deliveries` times, is recorded in the object store (`failures/…`) and copied to
+`QUEUE_DEAD_LETTER`, which no worker consumes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ app.conf.update(
     # A lost worker's unacked message comes back after this many seconds (Redis transport).
     # kombu sweeps for such messages every `unacked_restore_interval` s but by default scans
     # only on every 10th sweep; scan on each (one ZRANGE on the unacked index).
+    # "priority": a worker takes from its queues in the order it consumes them (`-Q
+    # pecbir.index,pecbir.reindex,…`), so an upload's index task never waits behind re-index
+    # chunks (kombu's default round-robin gave each queue turns: behind a re-index an upload
+    # waited a chunk per task ahead of it, minutes under load, issue 15). A re-index
+    # progresses whenever no upload waits.
     broker_transport_options={
+        "queue_order_strategy": "priority",
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s)),
         "unacked_restore_throttle": 1,

@@ -12,13 +12,18 @@ runs twice. So work does not wait for it:
   once: the task itself holds `train_lease` while it trains and skips a version whose lease
   someone holds (a late redelivery finds the manifest and only publishes again).
 - Less often (`janitor_interval_s`), `sweep` lists the store: every complete image still
-  lacking features of its collection's current model longer than `redelivery_bound_s` is
-  queued again (what no heartbeat covers: an upload answered "stored, not queued"), so is a
-  requested version nobody trains; and it removes crash debris older than `debris_grace_s`:
+  lacking features of its collection's current (or served) model longer than
+  `redelivery_bound_s`, and whose task is neither queued nor running (`waiting_tasks`), is
+  queued again (what no heartbeat covers: a message Redis lost), so is a requested version
+  nobody trains; and it removes crash debris older than `debris_grace_s`:
   objects of an image whose `meta.json` (the commit marker, written last) never came — a
   gateway killed mid-upload — and the filesystem store's temporary files of writes that never
   finished. A complete image, or an upload whose newest object is younger than the grace
   period, is never touched.
+- The same pass records a version whose features cover every complete image as *indexed*
+  (`records.live_versions`: uploads stop being indexed with older versions too) and writes
+  a snapshot of the served versions' records (`records.FeatureSnapshot`) once enough
+  records are not in it, so that a search service starts with one read per version.
 
 Indexing is idempotent (the feature record is written once, the search service upserts by
 image id), so a task queued again while its original is late only finds the record and
@@ -28,6 +33,7 @@ publishes the same vector again. One worker of the cluster runs each pass (a Red
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -35,15 +41,31 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
 
 from pecbir_contracts.layout import TENANTS_PREFIX, CollectionLayout, version_number
-from pecbir_contracts.records import read_current_version
-from pecbir_contracts.store import ObjectStore
-from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_TRAIN_MODEL
+from pecbir_contracts.records import (
+    FeatureRecord,
+    FeatureSnapshot,
+    read_current_version,
+    read_indexed_version,
+    write_indexed_version,
+)
+from pecbir_contracts.store import ObjectNotFound, ObjectStore
+from pecbir_contracts.tasks import (
+    QUEUE_INDEX,
+    QUEUE_REINDEX,
+    QUEUE_REINDEX_GPU,
+    TASK_INDEX_BATCH,
+    TASK_INDEX_CHUNK,
+    TASK_INDEX_IMAGE,
+    TASK_REINDEX_COLLECTION,
+    TASK_TRAIN_MODEL,
+)
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.store import list_modified
 
@@ -59,6 +81,7 @@ __all__ = [
     "requeue_stale",
     "sweep",
     "train_lease",
+    "waiting_tasks",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,6 +264,47 @@ def requeue_stale(
     return requeued
 
 
+def waiting_tasks(
+    client: Any, queues: Sequence[str] = (QUEUE_INDEX, QUEUE_REINDEX, QUEUE_REINDEX_GPU)
+) -> set[str]:
+    """Index work queued in Redis (not yet delivered) or running with a heartbeat, as
+    `InFlight.member` strings: what the sweep must not queue a second time.
+
+    A backlog is not a loss: an image whose task waits behind others longer than the bound
+    is in a queue, and one whose task runs beats; queueing those again would only lengthen
+    the queue. A re-index chunk or batch counts as an index task for each of its images; a
+    re-index fan-out as itself. Reads each queue (kombu's Redis list of JSON messages;
+    Celery protocol 2: a base64 JSON body of ``[args, kwargs, embed]``) and the heartbeats.
+    """
+    tasks: list[tuple[str, list]] = []
+    for member in client.zrange(IN_FLIGHT_KEY, 0, -1):
+        with contextlib.suppress(ValueError, TypeError):
+            task, args = json.loads(member)
+            tasks.append((task, args))
+    for queue in queues:
+        for raw in client.lrange(queue, 0, -1):
+            try:
+                message = json.loads(raw)
+                task = message["headers"]["task"]
+                body = message["body"]
+                if message.get("properties", {}).get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                tasks.append((task, json.loads(body)[0]))
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue  # not a Celery message: nothing of ours
+    members = set()
+    for task, args in tasks:
+        if task in (TASK_INDEX_CHUNK, TASK_INDEX_BATCH) and len(args) == 4:
+            tenant, collection, _, image_ids = args
+            members.update(
+                InFlight.member(TASK_INDEX_IMAGE, [tenant, collection, image_id])
+                for image_id in image_ids
+            )
+        else:
+            members.add(InFlight.member(task, args))
+    return members
+
+
 @dataclass
 class SweepReport:
     """What one pass found and did."""
@@ -248,6 +312,10 @@ class SweepReport:
     requeued_images: list[str] = field(default_factory=list)
     requeued_trains: list[str] = field(default_factory=list)
     waiting_images: int = 0
+    # Overdue images whose index task is still queued (a backlog) or running: not queued again.
+    queued_behind: int = 0
+    indexed_versions: list[str] = field(default_factory=list)
+    snapshots: dict[str, int] = field(default_factory=dict)
     removed_image_objects: list[str] = field(default_factory=list)
     removed_temp_files: list[str] = field(default_factory=list)
 
@@ -258,6 +326,7 @@ def sweep(
     leases: RedisLeases,
     settings: IndexerSettings,
     now: float | None = None,
+    snapshots: dict[str, FeatureSnapshot] | None = None,
 ) -> SweepReport:
     """One reconciler and janitor pass over every collection of the store.
 
@@ -273,6 +342,11 @@ def sweep(
         The bounds: `redelivery_bound_s`, `debris_grace_s`, `reconcile_max_requeue`.
     now
         The time to judge ages against (epoch seconds); the clock when None.
+    snapshots
+        The feature snapshots of this store read or written by earlier passes (key →
+        snapshot), kept by the caller so that a pass does not read them again (a record
+        never changes, so a kept snapshot stays right; another writer's newer one only means
+        more to read); None: read them.
 
     Returns
     -------
@@ -292,8 +366,13 @@ def sweep(
         except ValueError:
             continue  # not written by the gateway: leave it alone
         _collect_debris(store, layout, objects, now - settings.debris_grace_s, report)
+        _mark_indexed(store, layout, objects, report)
         _requeue_index(store, send, leases, settings, layout, objects, now, report)
         _requeue_training(send, leases, settings, layout, objects, now, report)
+        try:
+            _write_snapshots(store, settings, layout, objects, report, snapshots)
+        except Exception as exc:  # only start-up speed depends on it: the pass goes on
+            log.warning("janitor: no snapshot of %s this pass: %s", layout.root, exc)
     stale_temp_files = getattr(store, "stale_temp_files", None)
     if stale_temp_files is not None:
         for path in stale_temp_files(settings.debris_grace_s):
@@ -340,6 +419,40 @@ def _collect_debris(
         )
 
 
+def _with_features(layout: CollectionLayout, version: str, objects: dict[str, float]) -> set[str]:
+    prefix = layout.features_prefix(version)
+    return {
+        image_id
+        for key in objects
+        if key.startswith(prefix) and (image_id := layout.image_id_of_features(version, key))
+    }
+
+
+def _mark_indexed(
+    store: ObjectStore, layout: CollectionLayout, objects: dict[str, float], report: SweepReport
+) -> None:
+    """Record the current version as indexed once its re-index finished: every complete image
+    stored before it became current holds its record (an image stored since is indexed with
+    it by its own upload task, `live_versions`). Uploads then stop being indexed with older
+    versions too."""
+    if layout.current_model not in objects:
+        return
+    current = read_current_version(store, layout)
+    if current is None or read_indexed_version(store, layout) == current:
+        return
+    became_current = objects[layout.current_model]
+    with_current = _with_features(layout, current, objects)
+    for image_id, parts in _images(layout, objects).items():
+        meta = f"{layout.images_prefix}{image_id}/meta.json"
+        if meta not in parts or parts[meta] >= became_current or image_id in with_current:
+            continue
+        if layout.failure(image_id) not in objects:
+            return  # the re-index still has work
+    if write_indexed_version(store, layout, current):
+        report.indexed_versions.append(current)
+        log.info("reconciler: %s of %s holds every image: indexed", current, layout.root)
+
+
 def _requeue_index(
     store: ObjectStore,
     send: Send,
@@ -350,29 +463,52 @@ def _requeue_index(
     now: float,
     report: SweepReport,
 ) -> None:
+    """Queue again the index task of every image still lacking the record of the current or
+    the served (indexed) version longer than the bound, unless its task is queued or running
+    (`waiting_tasks`): what no heartbeat covers ("stored, not queued", a message Redis lost).
+
+    The wait counts from when the image was stored, or for the current version's record of an
+    image stored before that version became current (its re-index), from then.
+    """
     if layout.current_model not in objects:
         return  # no model yet: uploads wait for the first training, nothing is lost
     version = read_current_version(store, layout)
     if version is None:
         return
-    indexed = {layout.image_id_of_features(version, key) for key in objects}
+    indexed = read_indexed_version(store, layout)
+    served = indexed if indexed is not None and indexed != version else None
+    with_current = _with_features(layout, version, objects)
+    with_served = _with_features(layout, served, objects) if served else set()
+    became_current = objects[layout.current_model]
     bound = settings.redelivery_bound_s
+    waiting: set[str] | None = None  # read once, when the first image is overdue
     for image_id, parts in sorted(_images(layout, objects).items()):
         meta = f"{layout.images_prefix}{image_id}/meta.json"
-        if meta not in parts or image_id in indexed or layout.failure(image_id) in objects:
+        if meta not in parts or layout.failure(image_id) in objects:
+            continue
+        lacks_served = served is not None and image_id not in with_served
+        if image_id in with_current and not lacks_served:
             continue
         report.waiting_images += 1
-        # Waiting since it was stored, or since its model became current (a re-index).
-        since = max(parts[meta], objects[layout.current_model])
+        since = parts[meta] if lacks_served else max(parts[meta], became_current)
         if now - since <= bound:
             continue
         if len(report.requeued_images) >= settings.reconcile_max_requeue:
             continue
+        args = [layout.tenant, layout.collection, image_id]
+        if waiting is None:
+            waiting = waiting_tasks(leases.redis)
+        if (
+            InFlight.member(TASK_INDEX_IMAGE, args) in waiting
+            or InFlight.member(TASK_REINDEX_COLLECTION, [*args[:2], version]) in waiting
+        ):
+            report.queued_behind += 1
+            continue  # queued behind others, or running: late, not lost
         # At most once per bound per image: a backlog is not queued again and again.
         marker = f"{_REQUEUED_PREFIX}{layout.tenant}/{layout.collection}/{image_id}"
         if not leases.claim(marker, bound):
             continue
-        send(TASK_INDEX_IMAGE, [layout.tenant, layout.collection, image_id])
+        send(TASK_INDEX_IMAGE, args)
         REQUEUED.labels(TASK_INDEX_IMAGE).inc()
         report.requeued_images.append(image_id)
         log.warning(
@@ -382,6 +518,48 @@ def _requeue_index(
             now - since,
             bound,
         )
+
+
+def _write_snapshots(
+    store: ObjectStore,
+    settings: IndexerSettings,
+    layout: CollectionLayout,
+    objects: dict[str, float],
+    report: SweepReport,
+    kept: dict[str, FeatureSnapshot] | None,
+) -> None:
+    """Consolidate the served versions' feature records into one snapshot each, once at
+    least `snapshot_min_records` records are not in it: the search service's start-up then
+    reads one object and the few newer records instead of one GET per record."""
+    if settings.snapshot_min_records <= 0 or layout.current_model not in objects:
+        return
+    versions = {read_current_version(store, layout), read_indexed_version(store, layout)}
+    kept = {} if kept is None else kept
+    for version in sorted(v for v in versions if v is not None):
+        key = layout.features_snapshot(version)
+        snapshot = kept.get(key) if key in objects else None
+        if snapshot is None and key in objects:
+            try:
+                snapshot = FeatureSnapshot.from_bytes(store.get(key))
+            except (ObjectNotFound, ValueError, KeyError, OSError) as exc:
+                log.warning("janitor: snapshot %s unreadable (%s); writing it again", key, exc)
+        records = snapshot.records() if snapshot is not None else {}
+        missing = sorted(_with_features(layout, version, objects) - set(records))
+        if len(missing) < settings.snapshot_min_records:
+            continue
+        with ThreadPoolExecutor(settings.batch_io_threads) as pool:
+            keys = [layout.features(version, image_id) for image_id in missing]
+            read = pool.map(store.get, keys)
+            records.update(
+                (image_id, FeatureRecord.from_bytes(data))
+                for image_id, data in zip(missing, read, strict=True)
+            )
+        dim = next(iter(records.values())).vector.shape[0]
+        snapshot = FeatureSnapshot.of(version, records, dim)
+        store.put(key, snapshot.to_bytes())
+        kept[key] = snapshot
+        report.snapshots[key] = len(snapshot.ids)
+        log.info("janitor: snapshot of %s %s holds %d records", layout.root, version, len(records))
 
 
 def _requeue_training(
@@ -460,6 +638,7 @@ class Reconciler:
         self.send = send
         self.leases = leases
         self.in_flight = in_flight
+        self._snapshots: dict[str, FeatureSnapshot] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -478,7 +657,7 @@ class Reconciler:
         )
         if not self.leases.claim(JANITOR_LEASE, settings.janitor_interval_s * 0.9):
             return None
-        return sweep(self.store, self.send, self.leases, settings)
+        return sweep(self.store, self.send, self.leases, settings, snapshots=self._snapshots)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.reconcile_interval_s):

@@ -46,6 +46,10 @@ class IndexerSettings(StoreSettings):
     redelivery_bound_s: float = 60.0
     janitor_interval_s: float = 600.0
     debris_grace_s: float = 900.0
+    # The janitor's pass rewrites a served version's snapshot (one object holding its feature
+    # records, read by the search service at start-up) once this many records are not in it;
+    # 0 writes none.
+    snapshot_min_records: int = 256
     # At most this many index tasks re-queued per pass (a slow re-index is not flooded).
     reconcile_max_requeue: int = 1000
     # A training holds a lease renewed every third of this; a killed one loses it this long

@@ -180,8 +180,13 @@ def _training_lease(tenant: str, collection: str, version: str, eager: bool):
     if eager:  # embedded mode: one process, no broker
         yield True
         return
+    # thread_local=False: the renewing thread below must see the token the task thread took
+    # (redis-py keeps it thread-local by default, and every renewal then failed: the lease
+    # lapsed after train_lease_s and the reconciler started the same training a second time).
     lease = _lease_redis().lock(
-        train_lease(tenant, collection, version), timeout=settings.train_lease_s
+        train_lease(tenant, collection, version),
+        timeout=settings.train_lease_s,
+        thread_local=False,
     )
     if not lease.acquire(blocking=False):
         yield False

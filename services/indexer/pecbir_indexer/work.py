@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,11 @@ from pydantic import ValidationError
 from pecbir_contracts.events import ModelEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import InvalidImage, check_pair, decode_image_png, decode_mask_png
-from pecbir_contracts.records import FeatureRecord, read_current_version, write_current_version
+from pecbir_contracts.records import (
+    FeatureRecord,
+    live_versions,
+    write_current_version,
+)
 from pecbir_contracts.schemas import (
     ImageMetadata,
     ModelManifest,
@@ -48,7 +53,8 @@ class PoisonMessage(Exception):
 class IndexOutcome:
     image_id: str
     state: str  # "indexed" | "already_indexed" | "awaiting_model"
-    version: str | None
+    version: str | None  # the newest version it was indexed with
+    versions: tuple[str, ...] = ()  # every version it was indexed with, oldest first
 
 
 def list_images(rt: Runtime, layout: CollectionLayout) -> list[str]:
@@ -103,22 +109,47 @@ def load_image(rt: Runtime, layout: CollectionLayout, image_id: str):
 def index_image(
     rt: Runtime, tenant: str, collection: str, image_id: str, version: str | None = None
 ) -> IndexOutcome:
+    """Index one image with `version`, or (None: an upload) with every live version.
+
+    An upload is indexed with each version a search service may serve now
+    (`records.live_versions`): while a new version is trained or re-indexed, that is the
+    serving one too, so the image is searchable within the redelivery bound instead of at
+    the swap, and the new version holds it when it takes over. The serving version's record
+    is written first (it is the one queries see).
+    """
     layout = CollectionLayout(tenant, collection)
-    version = version or read_current_version(rt.store, layout)
-    if version is None:
+    versions = [version] if version else live_versions(rt.store, layout)
+    if not versions:
         return IndexOutcome(image_id, "awaiting_model", None)
+    loaded: dict[str, object] = {}
+    states = [_index_one(rt, layout, image_id, v, loaded) for v in versions]
+    state = "indexed" if "indexed" in states else "already_indexed"
+    return IndexOutcome(image_id, state, versions[-1], tuple(versions))
+
+
+def _index_one(
+    rt: Runtime, layout: CollectionLayout, image_id: str, version: str, loaded: dict[str, object]
+) -> str:
+    """Write (unless there) and publish the image's record of `version`; "indexed" or
+    "already_indexed". `loaded` keeps the stored image between versions of one call."""
     key = layout.features(version, image_id)
     try:
         record = FeatureRecord.from_bytes(rt.store.get(key))
         state = "already_indexed"
     except ObjectNotFound:
-        meta = load_record(rt, layout, image_id)
+        if "meta" not in loaded:
+            loaded["meta"] = load_record(rt, layout, image_id)
+        meta = loaded["meta"]
         pipeline = rt.model(layout, version)
         try:
             if isinstance(meta, SealedImageMetadata):
-                fisher = load_fisher_vector(rt, layout, image_id, meta)[None, :]
+                if "fisher" not in loaded:
+                    loaded["fisher"] = load_fisher_vector(rt, layout, image_id, meta)[None, :]
+                fisher = loaded["fisher"]
             else:
-                _, cipher, mask = load_image(rt, layout, image_id)
+                if "pixels" not in loaded:
+                    loaded["pixels"] = load_image(rt, layout, image_id)[1:]
+                cipher, mask = loaded["pixels"]
                 fisher = pipeline.fisher_vectors([cipher], [mask])
             vector = pipeline.project(fisher)[0]
         except ValueError as exc:
@@ -129,15 +160,15 @@ def index_image(
     # Publishing again on a redelivery is harmless: the search service upserts by image id.
     rt.bus.publish(
         VectorEvent(
-            tenant=tenant,
-            collection=collection,
+            tenant=layout.tenant,
+            collection=layout.collection,
             version=version,
             image_id=image_id,
             label=record.label,
             vector=[float(v) for v in record.vector],
         )
     )
-    return IndexOutcome(image_id, state, version)
+    return state
 
 
 def train_model(rt: Runtime, tenant: str, collection: str, version: str) -> ModelManifest:
@@ -168,10 +199,14 @@ def _fit_version(rt: Runtime, layout: CollectionLayout, version: str) -> ModelMa
         return _fit_sealed_version(rt, layout, version, params, patch_model)
     params = _pe_roi_params(rt, layout, params)
     templates = []
-    for image_id in list_images(rt, layout):
-        meta, cipher, mask = load_image(rt, layout, image_id)
-        if meta.role == "template" and meta.label is not None:
-            templates.append((meta.opaque_id, image_id, cipher, mask, meta.label))
+    image_ids = list_images(rt, layout)
+    # Several reads at once: a training reads every image of the collection (three objects
+    # each), one after the other it spent most of its time waiting for the store.
+    with ThreadPoolExecutor(max(1, rt.settings.batch_io_threads)) as pool:
+        loaded = pool.map(lambda image_id: load_image(rt, layout, image_id), image_ids)
+        for image_id, (meta, cipher, mask) in zip(image_ids, loaded, strict=True):
+            if meta.role == "template" and meta.label is not None:
+                templates.append((meta.opaque_id, image_id, cipher, mask, meta.label))
     # In the owner's pseudonym order, not the image ids' (random for unbound uploads): the
     # patch sample, and so the model, is then the same for the same images, whatever their ids.
     templates.sort(key=lambda template: template[:2])

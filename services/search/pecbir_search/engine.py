@@ -2,8 +2,14 @@
 
 For each (tenant, collection) the engine holds a *serving* version (model + vector index) and
 possibly a *pending* one that a re-index is filling. The pending version replaces the serving
-one, in a single reference swap, as soon as it holds at least as many vectors; queries always
-see one consistent (model, matrix) pair.
+one, in a single reference swap, as soon as it holds every image the serving one holds;
+queries always see one consistent (model, matrix) pair. While a version is pending, uploads
+are indexed with both (`records.live_versions`), so they are searchable at once and present
+once after the swap.
+
+Start-up reads a version's snapshot (`records.FeatureSnapshot`, written by the indexer's
+janitor) and then only the feature records it lacks, several at a time, instead of one GET
+per record.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +28,19 @@ from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
 from pecbir_contracts.layout import (
     TENANTS_PREFIX,
     CollectionLayout,
-    collection_of_current_model_key,
+    check_name,
     version_number,
 )
-from pecbir_contracts.records import FeatureRecord, read_current_version
+from pecbir_contracts.records import (
+    FeatureRecord,
+    FeatureSnapshot,
+    read_current_version,
+    read_indexed_version,
+)
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
 from pecbir_platform.observability import request_context
+from pecbir_platform.store import list_children
 from pecbir_search.index import ExactVectorIndex, VectorIndex, compile_kernels
 
 log = logging.getLogger(__name__)
@@ -47,7 +60,31 @@ class CollectionState:
         self.layout = layout
         self.serving: Version | None = None
         self.pending: Version | None = None
+        # Ids the serving version holds and the pending one not yet: the swap waits for none.
+        self._missing: set[str] = set()
         self.lock = threading.RLock()
+
+    def set_pending(self, version: Version | None) -> None:
+        """Start filling `version` (call with `lock` held); it takes over once it holds every
+        image the serving version holds."""
+        self.pending = version
+        serving = self.serving
+        if version is None or serving is None:
+            self._missing = set()
+        else:
+            self._missing = {i for i in serving.index.ids() if i not in version.index}
+        self._maybe_swap()
+
+    def upsert(self, target: Version, image_id: str, vector: np.ndarray, label: int | None) -> None:
+        """Add a vector to the serving or pending version (call with `lock` held)."""
+        target.index.upsert(image_id, vector, label)
+        pending = self.pending
+        if pending is None:
+            return
+        if target is pending:
+            self._missing.discard(image_id)
+        elif target is self.serving and image_id not in pending.index:
+            self._missing.add(image_id)
 
     def status(self) -> IndexStatus:
         serving, pending = self.serving, self.pending
@@ -64,8 +101,8 @@ class CollectionState:
         pending, serving = self.pending, self.serving
         if pending is None:
             return
-        if serving is None or len(pending.index) >= len(serving.index):
-            self.serving, self.pending = pending, None
+        if serving is None or not self._missing:
+            self.serving, self.pending, self._missing = pending, None, set()
             log.info(
                 "%s now serves %s (%d vectors)", self.layout.root, pending.name, len(pending.index)
             )
@@ -85,6 +122,8 @@ class SearchEngine:
     index_factory
         Makes the empty index of a version from ``(version, dim)``: any `VectorIndex`
         (default: the exact in-memory index).
+    read_threads
+        Feature records read at once when a version is loaded (those its snapshot lacks).
     """
 
     def __init__(
@@ -94,11 +133,13 @@ class SearchEngine:
         encode_threads: int | None = 1,
         *,
         index_factory: Callable[[str, int], VectorIndex] = ExactVectorIndex,
+        read_threads: int = 8,
     ) -> None:
         self.store = store
         self.bus = bus
         self.encode_threads = encode_threads
         self.index_factory = index_factory
+        self.read_threads = max(1, read_threads)
         self._collections: dict[tuple[str, str], CollectionState] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,18 +155,48 @@ class SearchEngine:
         except ObjectNotFound:
             return None
         pipeline.n_jobs = self.encode_threads
-        index = None
+        records = self._snapshot_records(layout, version)
+        keys = {}
         for key in self.store.list(layout.features_prefix(version)):
             image_id = layout.image_id_of_features(version, key)
-            if image_id is None:
-                continue
-            record = FeatureRecord.from_bytes(self.store.get(key))
-            if index is None:
-                index = self.index_factory(version, record.vector.shape[0])
+            if image_id is not None and image_id not in records:
+                keys[image_id] = key
+        if keys:
+            with ThreadPoolExecutor(min(self.read_threads, len(keys))) as pool:
+                read = pool.map(self.store.get, keys.values())
+                for image_id, data in zip(keys, read, strict=True):
+                    records[image_id] = FeatureRecord.from_bytes(data)
+        dim = next(iter(records.values())).vector.shape[0] if records else int(pipeline.dim)
+        index = self.index_factory(version, dim)
+        # In id order whatever came from where: the same insertion order (ties) every start.
+        for image_id in sorted(records):
+            record = records[image_id]
             index.upsert(image_id, record.vector, record.label)
-        if index is None:
-            index = self.index_factory(version, int(pipeline.dim))
+        log.info(
+            "loaded %s %s: %d vectors, %d read one by one",
+            layout.root,
+            version,
+            len(index),
+            len(keys),
+        )
         return Version(version, pipeline, index)
+
+    def _snapshot_records(self, layout: CollectionLayout, version: str) -> dict[str, FeatureRecord]:
+        try:
+            snapshot = FeatureSnapshot.from_bytes(self.store.get(layout.features_snapshot(version)))
+        except ObjectNotFound:
+            return {}
+        except (ValueError, KeyError, OSError) as exc:  # the records are the truth: read them
+            log.warning(
+                "snapshot of %s %s unreadable (%s): reading records", layout.root, version, exc
+            )
+            return {}
+        if snapshot.version != version:
+            log.warning(
+                "snapshot of %s %s names %s: ignored", layout.root, version, snapshot.version
+            )
+            return {}
+        return snapshot.records()
 
     def collection(self, tenant: str, collection: str) -> CollectionState:
         """The state of a collection, caught up from the store on first use."""
@@ -147,6 +218,21 @@ class SearchEngine:
         current = read_current_version(self.store, layout)
         if current is None:
             return
+        indexed = read_indexed_version(self.store, layout)
+        if indexed is not None:
+            # Serve the newest version whose re-index finished; a newer current one fills.
+            serving = None
+            if version_number(indexed) < version_number(current):
+                serving = self._load_version(layout, indexed)
+            if serving is None:
+                state.serving = self._load_version(layout, current)
+            else:
+                state.serving = serving
+                state.set_pending(self._load_version(layout, current))
+            log.info("caught up %s: %s", layout.root, state.status().model_dump())
+            return
+        # A store of an earlier release (no indexed.json): the previous version serves while
+        # it holds more vectors.
         newest = self._load_version(layout, current)
         previous = None
         number = version_number(current)
@@ -160,19 +246,32 @@ class SearchEngine:
                 previous = self._load_version(layout, version)
                 break
         if previous is not None and (newest is None or len(previous.index) > len(newest.index)):
-            state.serving, state.pending = previous, newest
+            state.serving = previous
+            state.set_pending(newest)
         else:
             state.serving = newest
         log.info("caught up %s: %s", layout.root, state.status().model_dump())
 
     def catch_up_all(self) -> int:
-        """Load every collection that has a current model (service start)."""
+        """Load every collection that has a current model (service start).
+
+        Finds them level by level (tenants, then their collections: one delimited listing
+        each) rather than by listing every object of the store.
+        """
         count = 0
-        for key in self.store.list(TENANTS_PREFIX):
-            layout = collection_of_current_model_key(key)
-            if layout is not None:
-                self.collection(layout.tenant, layout.collection)
-                count += 1
+        for tenant in list_children(self.store, TENANTS_PREFIX):
+            try:
+                check_name(tenant, "tenant")
+            except ValueError:
+                continue  # not written by the gateway
+            for collection in list_children(self.store, f"{TENANTS_PREFIX}{tenant}/collections/"):
+                try:
+                    layout = CollectionLayout(tenant, collection)
+                except ValueError:
+                    continue
+                if self.store.exists(layout.current_model):
+                    self.collection(layout.tenant, layout.collection)
+                    count += 1
         return count
 
     # -- events --------------------------------------------------------------------------------
@@ -181,7 +280,7 @@ class SearchEngine:
         with state.lock:
             target = self._version_for(state, event.version)
             if target is not None and isinstance(event, VectorEvent):
-                target.index.upsert(event.image_id, np.asarray(event.vector), event.label)
+                state.upsert(target, event.image_id, np.asarray(event.vector), event.label)
             state._maybe_swap()
         self.events_applied += 1
 
@@ -198,8 +297,34 @@ class SearchEngine:
         if loaded is None:
             log.warning("event for unknown model %s of %s", version, state.layout.root)
             return None
-        state.pending = loaded
+        self._catch_up_indexed(state, version)
+        state.set_pending(loaded)
         return loaded
+
+    def _catch_up_indexed(self, state: CollectionState, newer: str) -> None:
+        """Before a newer version starts filling, serve the version the store records as
+        indexed if this replica still serves an older one (its swap lagged behind the store):
+        new uploads are no longer indexed with versions older than the indexed one, so
+        keeping an older one until `newer` is complete would hide them that long."""
+        indexed = read_indexed_version(self.store, state.layout)
+        serving = state.serving
+        if indexed is None or serving is None:
+            return
+        if not version_number(serving.name) < version_number(indexed) < version_number(newer):
+            return
+        # Loaded from the store: every record written so far (also those whose events this
+        # replica has not applied yet); later ones arrive as events and are upserted.
+        promoted = self._load_version(state.layout, indexed)
+        if promoted is None:
+            return
+        state.serving = promoted
+        state.set_pending(None)
+        log.info(
+            "%s now serves %s (indexed in the store; %d vectors)",
+            state.layout.root,
+            promoted.name,
+            len(promoted.index),
+        )
 
     def start(self) -> None:
         """Catch up from the store, then follow the event stream from before the catch-up."""

@@ -119,6 +119,10 @@ class VectorIndex(Protocol):
         """Add the vector of `image_id`, or replace it (re-delivery), with its label."""
         ...
 
+    def ids(self) -> list[str]:
+        """The ids held, in insertion order."""
+        ...
+
     def search(self, query: np.ndarray, k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, squared distances, labels with -1 for none) of the k nearest, nearest first."""
         ...
@@ -168,6 +172,10 @@ class ExactVectorIndex:
         """Bytes allocated by the matrix and labels (capacity, not only the rows in use)."""
         view = self._view
         return view.columns.nbytes + view.labels.nbytes
+
+    def ids(self) -> list[str]:
+        view = self._view
+        return view.ids[: view.n]
 
     @property
     def capacity(self) -> int:

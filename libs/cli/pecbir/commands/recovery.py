@@ -1,7 +1,9 @@
 """`pecbir recovery`: seeded fault loops over the real services, for operators (issue 15).
 
-Starts a private Redis (append-only, fsync always), Ceph radosgw, two Celery workers and
-uvicorn gateway + search on loopback (`pecbir_harness.procs.Cluster`), then runs `--loops`
+Starts a private Redis (append-only, fsync always), Ceph radosgw, two Celery workers for
+uploads and re-index plus one for training (deploy/k8s's pools; `--train-workers 0`: two
+workers on every queue) and uvicorn gateway + search on loopback
+(`pecbir_harness.procs.Cluster`), then runs `--loops`
 loops of `pecbir_harness.recovery.run_loop`, each on a fresh collection: seed and train, then
 `--uploads` uploads under `--faults` seeded faults (kill -9 of workers mid-task and
 mid-training, Redis, search — also while Redis is down —, gateway mid-request, radosgw).
@@ -30,7 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--loops", type=int, default=5)
     parser.add_argument("--uploads", type=int, default=300, help="uploads per loop")
     parser.add_argument("--faults", type=int, default=12, help="faults per loop")
-    parser.add_argument("--workers", type=int, default=2, help="Celery workers (solo pool)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="Celery workers (solo pool) for uploads and re-index"
+    )
+    parser.add_argument(
+        "--train-workers",
+        type=int,
+        default=1,
+        help="workers of their own for training, as deploy/k8s's indexer-train pool (0: the "
+        "--workers train too, on every queue)",
+    )
     parser.add_argument(
         "--fault-kinds",
         default="all",
@@ -53,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pecbir_contracts.tasks import QUEUE_TRAIN, WORKER_QUEUES
     from pecbir_harness.procs import Cluster
     from pecbir_harness.recovery import (
         FAULT_KINDS,
@@ -80,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
         reconcile_interval_s=args.reconcile_interval,
         settle_timeout_s=args.settle_timeout,
     )
+    # As deploy/k8s: indexer pods on every queue but training, indexer-train pods on training.
+    if args.train_workers > 0:
+        indexing = tuple(q for q in WORKER_QUEUES if q != QUEUE_TRAIN)
+        worker_queues = [indexing] * args.workers + [(QUEUE_TRAIN,)] * args.train_workers
+    else:
+        worker_queues = []
     load_before = os.getloadavg()
     started = time.time()
     reports = []
@@ -89,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             Path(tmp),
             encryptor=False,
             own_redis=True,
-            workers=args.workers,
+            workers=args.workers + args.train_workers,
+            worker_queues=worker_queues,
             start_timeout_s=args.start_timeout,
             extra_env=recovery_env(base, delay, train_delay),
         ) as cluster:
@@ -102,7 +121,12 @@ def run(args: argparse.Namespace) -> int:
                 print(_row(loop, report), flush=True)
     results = {
         "config": as_dict(base)
-        | {"loops": args.loops, "workers": args.workers, "start_timeout_s": args.start_timeout},
+        | {
+            "loops": args.loops,
+            "workers": args.workers,
+            "train_workers": args.train_workers,
+            "start_timeout_s": args.start_timeout,
+        },
         "summary": summary(reports),
         "loops": reports,
         "machine": {
@@ -135,6 +159,9 @@ def _row(loop: int, r: dict) -> str:
         f"| {loop} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | {r['debris']} "
         f"| {r['n_faults']} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} "
         f"| {_fmt(r['last_fault_to_all_searchable_s'])} "
+        f"| {_fmt(r['breakdown_s']['ack_to_first_record']['max'])} "
+        f"| {_fmt(r['breakdown_s']['first_record_to_searchable']['max'])} "
+        f"| {_fmt(r['load_1m']['mean'])} / {_fmt(r['load_1m']['max'])} "
         f"| {'pass' if all(c['ok'] for c in r['checks'].values()) else 'FAIL'} |"
     )
 
@@ -143,12 +170,14 @@ def _table(results: dict) -> str:
     s = results["summary"]
     lines = [
         f"# Recovery loops ({s['loops']} loops, {results['config']['uploads']} uploads and "
-        f"{results['config']['faults']} faults each, {results['config']['workers']} workers; "
+        f"{results['config']['faults']} faults each, {results['config']['workers']} workers + "
+        f"{results['config'].get('train_workers', 0)} for training; "
         f"redelivery bound {results['config']['redelivery_bound_s']:.0f} s)",
         "",
         "| loop | acknowledged | lost | duplicated | debris | faults | p50 s | p99 s | max s "
-        "| last fault → all searchable s | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| last fault → all searchable s | max ack → first record s "
+        "| max first record → searchable s | load 1 min mean / max | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(i, r) for i, r in enumerate(results["loops"])),
         "",
         f"Total: {s['acknowledged']} acknowledged, {s['lost']} lost, {s['duplicated']} "
