@@ -129,6 +129,7 @@ def _serve_dimse(app: FastAPI, encryptor, settings: EncryptorSettings) -> None:
         ae_title=settings.dimse_ae_title,
         allowed=settings.dimse_allowed_aes,
         collection=settings.dimse_collection,
+        collections=settings.dimse_ae_collections,
         max_associations=settings.dimse_max_associations,
         tls_cert=settings.dimse_tls_cert,
         tls_key=settings.dimse_tls_key,

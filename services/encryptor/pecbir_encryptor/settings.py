@@ -69,6 +69,10 @@ class EncryptorSettings(BaseSettings):
     dimse_ae_title: str = "PECBIR"
     dimse_allowed_aes: frozenset[str] = frozenset()
     dimse_collection: str = "brain"
+    # Calling AE title -> collection of this tenant (JSON object, e.g. '{"MR3T": "brain",
+    # "NEURO_PACS": "neuro"}'): that AE's C-STOREs go there; a mapped AE title is allowed.
+    # Unmapped allowed AE titles go to dimse_collection.
+    dimse_ae_collections: dict[str, str] = {}
     dimse_max_associations: int = 4
     dimse_tls_cert: Path | None = None
     dimse_tls_key: Path | None = None
@@ -94,6 +98,28 @@ class EncryptorSettings(BaseSettings):
     # The page's session cookie Secure (sent over HTTPS only): None, when the page was loaded
     # over HTTPS; set true behind a proxy that terminates TLS.
     ui_secure_cookie: bool | None = None
+
+    @field_validator("dimse_allowed_aes")
+    @classmethod
+    def _ae_titles(cls, value: frozenset[str]) -> frozenset[str]:
+        from pecbir_encryptor.dimse import check_ae_title
+
+        return frozenset(check_ae_title(title) for title in value)
+
+    @field_validator("dimse_ae_collections")
+    @classmethod
+    def _ae_collections(cls, value: dict[str, str]) -> dict[str, str]:
+        from pecbir_contracts.layout import check_name
+        from pecbir_encryptor.dimse import check_ae_title
+
+        return {check_ae_title(t): check_name(c, "collection") for t, c in value.items()}
+
+    @field_validator("dimse_collection")
+    @classmethod
+    def _dimse_collection(cls, value: str) -> str:
+        from pecbir_contracts.layout import check_name
+
+        return check_name(value, "collection")
 
     @field_validator("pe_roi_scheme")
     @classmethod
