@@ -15,6 +15,7 @@ from pecbir_contracts.store import ObjectNotFound, ObjectStore
 __all__ = [
     "FeatureRecord",
     "read_current_version",
+    "read_retired",
     "write_current_version",
     "write_failure",
 ]
@@ -76,3 +77,9 @@ def write_current_version(store: ObjectStore, layout: CollectionLayout, version:
 def write_failure(store: ObjectStore, key: str, reason: str, **extra: object) -> None:
     body = {"reason": reason, "at": time.time(), **extra}
     store.put(key, json.dumps(body, default=str).encode(), "application/json")
+
+
+def read_retired(store: ObjectStore, layout: CollectionLayout) -> frozenset[str]:
+    """Ids of the images the owner retired from the collection (one listing of the store)."""
+    ids = (layout.image_id_of_retired(key) for key in store.list(layout.retired_prefix))
+    return frozenset(image_id for image_id in ids if image_id)

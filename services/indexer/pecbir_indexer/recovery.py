@@ -340,6 +340,13 @@ def _collect_debris(
         )
 
 
+def _is_retired_key(layout: CollectionLayout, image_id: str, objects: dict[str, float]) -> bool:
+    try:
+        return layout.retired(image_id) in objects
+    except ValueError:
+        return False  # not an image id the gateway writes
+
+
 def _requeue_index(
     store: ObjectStore,
     send: Send,
@@ -361,6 +368,8 @@ def _requeue_index(
         meta = f"{layout.images_prefix}{image_id}/meta.json"
         if meta not in parts or image_id in indexed or layout.failure(image_id) in objects:
             continue
+        if _is_retired_key(layout, image_id, objects):
+            continue  # the owner retired it: it is not indexed on purpose
         report.waiting_images += 1
         # Waiting since it was stored, or since its model became current (a re-index).
         since = max(parts[meta], objects[layout.current_model])

@@ -21,10 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from pecbir_contracts.events import ModelEvent, VectorEvent
+from pecbir_contracts.events import ModelEvent, RetireEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import InvalidImage, check_pair, decode_image_png, decode_mask_png
-from pecbir_contracts.records import FeatureRecord, read_current_version, write_current_version
+from pecbir_contracts.records import (
+    FeatureRecord,
+    read_current_version,
+    read_retired,
+    write_current_version,
+)
 from pecbir_contracts.schemas import (
     ImageMetadata,
     ModelManifest,
@@ -47,14 +52,31 @@ class PoisonMessage(Exception):
 @dataclass(frozen=True)
 class IndexOutcome:
     image_id: str
-    state: str  # "indexed" | "already_indexed" | "awaiting_model"
+    state: str  # "indexed" | "already_indexed" | "awaiting_model" | "retired"
     version: str | None
 
 
 def list_images(rt: Runtime, layout: CollectionLayout) -> list[str]:
-    """Ids of the complete images of a collection (meta.json written), in key order."""
+    """Ids of the complete images of a collection (meta.json written) that the owner has not
+    retired, in key order: what a re-index indexes and a training fits."""
+    retired = read_retired(rt.store, layout)
     ids = (layout.image_id_of_meta(key) for key in rt.store.list(layout.images_prefix))
-    return [image_id for image_id in ids if image_id]
+    return [image_id for image_id in ids if image_id and image_id not in retired]
+
+
+def is_retired(rt: Runtime, layout: CollectionLayout, image_id: str) -> bool:
+    return rt.store.exists(layout.retired(image_id))
+
+
+def retire_image(rt: Runtime, tenant: str, collection: str, image_id: str) -> bool:
+    """Tell the search services that the owner retired `image_id` (its marker is written by
+    the gateway before this task is queued); False if no marker is there (nothing to say).
+    Publishing again on a redelivery is harmless: dropping an absent vector is a no-op."""
+    layout = CollectionLayout(tenant, collection)
+    if not is_retired(rt, layout, image_id):
+        return False
+    rt.bus.publish(RetireEvent(tenant=tenant, collection=collection, image_id=image_id))
+    return True
 
 
 def load_record(
@@ -107,6 +129,9 @@ def index_image(
     version = version or read_current_version(rt.store, layout)
     if version is None:
         return IndexOutcome(image_id, "awaiting_model", None)
+    if is_retired(rt, layout, image_id):
+        # A vector published now would only be dropped again by the search services.
+        return IndexOutcome(image_id, "retired", version)
     key = layout.features(version, image_id)
     try:
         record = FeatureRecord.from_bytes(rt.store.get(key))

@@ -4,6 +4,11 @@ For each (tenant, collection) the engine holds a *serving* version (model + vect
 possibly a *pending* one that a re-index is filling. The pending version replaces the serving
 one, in a single reference swap, as soon as it holds at least as many vectors; queries always
 see one consistent (model, matrix) pair.
+
+Images the owner retired (a corrected version replaced them) are kept out: their ids are
+read from the store at catch-up (`retired/`), a `RetireEvent` drops the vector from every
+version held, and a vector of a retired id that arrives later (a redelivered or re-indexed
+one) is ignored.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
+from pecbir_contracts.events import EventBus, ModelEvent, RetireEvent, VectorEvent
 from pecbir_contracts.layout import (
     TENANTS_PREFIX,
     CollectionLayout,
     collection_of_current_model_key,
     version_number,
 )
-from pecbir_contracts.records import FeatureRecord, read_current_version
+from pecbir_contracts.records import FeatureRecord, read_current_version, read_retired
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
 from pecbir_platform.observability import request_context
@@ -47,6 +52,8 @@ class CollectionState:
         self.layout = layout
         self.serving: Version | None = None
         self.pending: Version | None = None
+        # Ids the owner retired: never (again) in an index of this collection.
+        self.retired: set[str] = set()
         self.lock = threading.RLock()
 
     def status(self) -> IndexStatus:
@@ -106,7 +113,12 @@ class SearchEngine:
         self.events_applied = 0
 
     # -- loading -------------------------------------------------------------------------------
-    def _load_version(self, layout: CollectionLayout, version: str) -> Version | None:
+    def _load_version(
+        self,
+        layout: CollectionLayout,
+        version: str,
+        retired: set[str] | frozenset[str] = frozenset(),
+    ) -> Version | None:
         from pecore.pipeline import CBIRPipeline
 
         try:
@@ -117,7 +129,7 @@ class SearchEngine:
         index = None
         for key in self.store.list(layout.features_prefix(version)):
             image_id = layout.image_id_of_features(version, key)
-            if image_id is None:
+            if image_id is None or image_id in retired:
                 continue
             record = FeatureRecord.from_bytes(self.store.get(key))
             if index is None:
@@ -144,10 +156,11 @@ class SearchEngine:
 
     def _catch_up(self, state: CollectionState) -> None:
         layout = state.layout
+        state.retired.update(read_retired(self.store, layout))
         current = read_current_version(self.store, layout)
         if current is None:
             return
-        newest = self._load_version(layout, current)
+        newest = self._load_version(layout, current, state.retired)
         previous = None
         number = version_number(current)
         for key in reversed(self.store.list(layout.models_prefix)):
@@ -157,7 +170,7 @@ class SearchEngine:
                 and version_number(version) < number
                 and self.store.exists(layout.manifest(version))
             ):
-                previous = self._load_version(layout, version)
+                previous = self._load_version(layout, version, state.retired)
                 break
         if previous is not None and (newest is None or len(previous.index) > len(newest.index)):
             state.serving, state.pending = previous, newest
@@ -176,12 +189,22 @@ class SearchEngine:
         return count
 
     # -- events --------------------------------------------------------------------------------
-    def apply(self, event: VectorEvent | ModelEvent) -> None:
+    def apply(self, event: VectorEvent | ModelEvent | RetireEvent) -> None:
         state = self.collection(event.tenant, event.collection)
         with state.lock:
-            target = self._version_for(state, event.version)
-            if target is not None and isinstance(event, VectorEvent):
-                target.index.upsert(event.image_id, np.asarray(event.vector), event.label)
+            if isinstance(event, RetireEvent):
+                state.retired.add(event.image_id)
+                for held in (state.serving, state.pending):
+                    if held is not None:
+                        held.index.remove(event.image_id)
+            else:
+                target = self._version_for(state, event.version)
+                if (
+                    target is not None
+                    and isinstance(event, VectorEvent)
+                    and event.image_id not in state.retired
+                ):
+                    target.index.upsert(event.image_id, np.asarray(event.vector), event.label)
             state._maybe_swap()
         self.events_applied += 1
 
@@ -194,7 +217,7 @@ class SearchEngine:
         )
         if version_number(version) < newest:
             return None  # an old version: ignore
-        loaded = self._load_version(state.layout, version)
+        loaded = self._load_version(state.layout, version, state.retired)
         if loaded is None:
             log.warning("event for unknown model %s of %s", version, state.layout.root)
             return None
