@@ -21,6 +21,7 @@ from pecbir_encryptor.deps import (
     authenticator,
     build_encryptor,
 )
+from pecbir_encryptor.janitor import PendingJanitor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.peers import PeerKeys
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
@@ -85,6 +86,11 @@ def create_app(
     )
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
+    # Expiry of waiting halves, cloud retirement of replaced versions: for the app's lifetime.
+    janitor = PendingJanitor(encryptor, settings.pending_ttl_s, settings.pending_sweep_interval_s)
+    app.state.janitor = janitor
+    app.router.add_event_handler("startup", janitor.start)
+    app.router.add_event_handler("shutdown", janitor.stop)
     for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
     # The radiologist's pages (/ui): their own sign-in (session cookie + CSRF token).
@@ -110,7 +116,11 @@ def create_app(
         app,
         secret=lambda: secret,
         kind=ENCRYPTOR_TOKEN,
-        details=lambda: {"tenant": settings.tenant, "key_id": encryptor.master.key_id},
+        details=lambda: {
+            "tenant": settings.tenant,
+            "key_id": encryptor.master.key_id,
+            "pending": janitor.status(),
+        },
     )
 
     ops.instrument(app, encryptor)

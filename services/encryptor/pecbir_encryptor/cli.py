@@ -6,6 +6,9 @@
     pecbir-encryptor rotate [--master-key F --keyring-dir D]   new master key, old one retired
     pecbir-encryptor rewrap IMAGE_ID [IMAGE_ID ...] --collection C   after a rotation: re-wrap
                                                      sealed images' data keys (active key)
+    pecbir-encryptor pending [--sweep]                  what waits in the pending store (image
+                                                     without SEG, SEG without image) and for
+                                                     how long; --sweep: expire and settle now
     pecbir-encryptor patch-model --collection C IMAGE MASK [IMAGE MASK ...] [--components K]
                                                      fit a sealed collection's patch model on
                                                      plain images, keep it, publish it
@@ -111,6 +114,24 @@ def _rewrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pending(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.janitor import PendingJanitor
+    from pecbir_encryptor.settings import EncryptorSettings
+    from pecbir_platform.config import settings_from_env
+
+    settings = settings_from_env(EncryptorSettings)
+    encryptor = _encryptor()
+    if encryptor.pending is None:
+        raise ValueError("no pending store: PECBIR_ENCRYPTOR_PENDING_DIR is unset")
+    janitor = PendingJanitor(encryptor, settings.pending_ttl_s, settings.pending_sweep_interval_s)
+    if args.sweep:
+        expired = janitor.sweep()
+        for half in expired:
+            print(f"expired {half.collection} {half.kind} {half.key} after {half.age_s:.0f} s")
+    print(json.dumps(janitor.status(), indent=2, sort_keys=True))
+    return 0
+
+
 def _rotate(args: argparse.Namespace) -> int:
     import os
 
@@ -169,6 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rewrap_cmd.add_argument("image_ids", nargs="+")
     rewrap_cmd.add_argument("--collection", required=True)
     rewrap_cmd.set_defaults(func=_rewrap)
+    pending = commands.add_parser(
+        "pending", help="halves of image <-> SEG pairs waiting for the other, and their age"
+    )
+    pending.add_argument(
+        "--sweep", action="store_true", help="expire what waited too long, settle versions"
+    )
+    pending.set_defaults(func=_pending)
     rotate = commands.add_parser("rotate", help="rotate the master key (keeps the old one)")
     rotate.add_argument("--master-key", type=Path, default=None)
     rotate.add_argument("--keyring-dir", type=Path, default=None)

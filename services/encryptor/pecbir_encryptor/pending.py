@@ -29,7 +29,7 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -279,6 +279,39 @@ class PendingPairs:
         record.update(number=number, candidate=new)
         records[key] = record
         self._save_versions(collection, records)
+
+    def unsettled(self, collection: str) -> list[tuple[str, str]]:
+        """(retired cloud id, the cloud id that replaced it) of versions retired here but not
+        yet in the cloud."""
+        pairs = []
+        for record in self._versions(collection).values():
+            done = set(record.get("cloud_retired", []))
+            pairs += [(i, record["current"]) for i in record["retired"] if i not in done]
+        return pairs
+
+    def settle(self, collection: str, cloud_ids: Collection[str]) -> None:
+        """Record that the cloud retired `cloud_ids` (so they are not asked for again)."""
+        if not cloud_ids:
+            return
+        with self.locked(collection):
+            records = self._versions(collection)
+            for record in records.values():
+                done = record.setdefault("cloud_retired", [])
+                done += [i for i in record["retired"] if i in cloud_ids and i not in done]
+            self._save_versions(collection, records)
+
+    def collections_with_versions(self) -> list[str]:
+        """Collections with a newer version waiting to be served or an old one for the cloud
+        to retire (what a housekeeping sweep settles)."""
+        names = []
+        for collection in self._collections():
+            records = self._versions(collection).values()
+            if any(
+                r["candidate"] is not None or set(r["retired"]) - set(r.get("cloud_retired", []))
+                for r in records
+            ):
+                names.append(collection)
+        return names
 
     def promote(self, collection: str, searchable: Callable[[str], bool]) -> frozenset[str]:
         """Serve each candidate that is searchable now (retire the version it replaces); the

@@ -52,6 +52,11 @@ class EncryptorSettings(BaseSettings):
     # the master key, fsync'ed; a volume of its own: it must survive restarts). Unset: an
     # image without a SEG in its own request is refused, as before issue 14.
     pending_dir: Path | None = Path("var/pending")
+    # A waiting half expires after this many seconds without its other half (90 days; a
+    # re-sent half starts again; unset: never), swept every pending_sweep_interval_s
+    # (pecbir_encryptor.janitor, which also retires replaced versions in the cloud).
+    pending_ttl_s: float | None = Field(default=90 * 86400, gt=0)
+    pending_sweep_interval_s: float = Field(default=3600, gt=0)
     # PACS accounts and the SHA-256 of their API keys (`pecbir token mint --kind pacs`); a
     # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
     pacs_credentials: Path | None = Path("var/pacs-credentials.json")
