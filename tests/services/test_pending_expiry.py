@@ -63,7 +63,7 @@ def test_halves_older_than_the_ttl_expire_and_younger_ones_stay(system):
     encryptor = system.encryptor_app.state.encryptor
     old_image, _ = _pair(1)
     young_image, _ = _pair(2)
-    lonely_seg_image, lonely_seg = _pair(3)
+    _, lonely_seg = _pair(3)
     _stow(system, [old_image])
     old_file = _waiting(system, "image")[0]
     _stow(system, [young_image])

@@ -509,22 +509,24 @@ def retire_image(
     ctx: Ctx,
     collection: str,
     body: RetireRequest | None = None,
+    owner: Owner = None,
 ) -> JSONResponse:
     """Retire one of the caller's own images (a corrected version replaced it): it leaves
     every search index and every later training set; its stored objects are kept (so an
     operator can restore it, and its owner can still open it). Idempotent: retiring it again
     answers the same. The search services drop it once the indexer announces it (queued
     here). Scope `upload`, owner only (a tenant a collection is shared with gets 403)."""
-    access = authorise(ctx, claims, collection, None, "upload")
+    # Scope upload: never granted on another tenant's collection, shared or not (403).
+    access = authorise(ctx, claims, collection, owner, "upload")
     layout = access.layout
     checked_image(access, ctx, image_id)
     reason = (body or RetireRequest()).reason
     marker = {"reason": reason, "at": time.time(), "by": claims.sub}
     # The marker first: training, re-indexing and every search replica's catch-up read it,
     # so the retirement holds even if the announcement below is lost.
-    ctx.store.put_if_absent(
-        layout.retired(image_id), json.dumps(marker).encode(), "application/json"
-    )
+    key = layout.retired(image_id)
+    if not ctx.store.put_if_absent(key, json.dumps(marker).encode(), "application/json"):
+        reason = json.loads(ctx.store.get(key)).get("reason", reason)  # retired before
     answer = UploadStatus(
         image_id=image_id, collection=layout.collection, state="retired", detail=reason
     )
