@@ -29,6 +29,7 @@ from pecbir_encryptor.settings import EncryptorSettings
 from pecbir_encryptor.web import UI_PREFIX
 from pecbir_encryptor.web import install as install_pages
 from pecbir_platform.config import settings_from_env
+from pecbir_platform.heap import freeze_startup_heap
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import (
     MULTIPART_OVERHEAD_BYTES,
@@ -126,6 +127,8 @@ def create_app(
     ops.instrument(app, encryptor)
     if settings.dimse_port is not None:
         _serve_dimse(app, encryptor, settings)
+    # Last: full collections then walk only what requests allocate (pecbir_platform.heap).
+    app.router.add_event_handler("startup", freeze_startup_heap)
     return app
 
 
