@@ -152,3 +152,24 @@ def test_a_bad_ttl_stops_the_service_naming_the_variable(tmp_path):
     )
     assert done.returncode == 1
     assert "PECBIR_ENCRYPTOR_PENDING_TTL_S" in done.stderr.strip().splitlines()[0]
+
+
+def test_the_running_app_sweeps_by_itself(system):
+    from fastapi.testclient import TestClient
+
+    from pecbir_encryptor.app import create_app
+
+    image, _ = _pair(5)
+    before = set(_waiting(system, "image"))
+    _stow(system, [image])
+    (mine,) = set(_waiting(system, "image")) - before
+    _age(mine, 40)
+    settings = system.encryptor_app.state.context.settings.model_copy(
+        update={"pending_ttl_s": 30 * DAY, "pending_sweep_interval_s": 0.2}
+    )
+    app = create_app(settings, master=system.master, gateway_client=TestClient(system.gateway_app))
+    with TestClient(app):  # started: its housekeeping task sweeps every 0.2 s
+        deadline = time.monotonic() + 30
+        while mine.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not mine.exists()

@@ -8,6 +8,8 @@ dependencies in `deps`, one router per resource in `routes`, the owner-side oper
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from fastapi import FastAPI
 
@@ -90,8 +92,19 @@ def create_app(
     # Expiry of waiting halves, cloud retirement of replaced versions: for the app's lifetime.
     janitor = PendingJanitor(encryptor, settings.pending_ttl_s, settings.pending_sweep_interval_s)
     app.state.janitor = janitor
-    app.router.add_event_handler("startup", janitor.start)
-    app.router.add_event_handler("shutdown", janitor.stop)
+    sweeping: list[asyncio.Task] = []
+
+    async def start_sweeping() -> None:
+        if not sweeping:  # once, though an app may be started twice (a test client, uvicorn)
+            sweeping.append(asyncio.get_running_loop().create_task(janitor.run()))
+
+    async def stop_sweeping() -> None:
+        for task in sweeping:
+            task.cancel()
+        sweeping.clear()
+
+    app.router.add_event_handler("startup", start_sweeping)
+    app.router.add_event_handler("shutdown", stop_sweeping)
     for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
     # The radiologist's pages (/ui): their own sign-in (session cookie + CSRF token).

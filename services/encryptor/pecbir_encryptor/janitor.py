@@ -1,5 +1,6 @@
-"""The encryptor's housekeeping, run in a background thread: waiting halves that expire, and
-the cloud told which versions of corrected images are replaced.
+"""The encryptor's housekeeping, run periodically: waiting halves that expire, and
+the cloud told which versions of corrected images are replaced (`PendingJanitor.run`, a task
+of the app's event loop).
 
 * **Expiry** (issue 14): an image whose SEG never comes, or a SEG whose image never comes,
   would wait in the pending store (`pecbir_encryptor.pending`) for ever. Each sweep removes
@@ -19,7 +20,6 @@ the cloud told which versions of corrected images are replaced.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from prometheus_client import Counter, Gauge
@@ -66,8 +66,6 @@ class PendingJanitor:
         self.ttl_s = ttl_s
         self.interval_s = interval_s
         self.last_sweep: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def sweep(self, now: float | None = None) -> list[Expired]:
         """One pass: expire, retire replaced versions in the cloud, update the gauges."""
@@ -112,26 +110,16 @@ class PendingJanitor:
             "collections": pending.status() if pending is not None else {},
         }
 
-    def start(self) -> None:
-        """Sweep now and then every `interval_s` seconds, in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._run, name="pecbir-pending-janitor", daemon=True
-        )
-        self._thread.start()
+    async def run(self) -> None:
+        """Sweep now and then every `interval_s` seconds, until cancelled: a task of the
+        app's event loop, each sweep on its worker threads. Not a thread of its own: one more
+        long-lived thread in the process made glibc keep ~130 MB more of the ingest's
+        allocations resident (measured with bench-pacs)."""
+        import anyio
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             try:
-                self.sweep()
+                await anyio.to_thread.run_sync(self.sweep)
             except Exception:
                 log.exception("pending-store sweep failed; next in %.0f s", self.interval_s)
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+            await anyio.sleep(self.interval_s)
