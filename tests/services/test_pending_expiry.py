@@ -173,3 +173,30 @@ def test_the_running_app_sweeps_by_itself(system):
         while mine.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert not mine.exists()
+
+
+def test_the_cli_prints_what_waits_and_sweeps(system, tmp_path, monkeypatch, capsys):
+    from pecbir_encryptor.cli import main
+
+    key = system.master.save(tmp_path / "master.key")
+    for name, value in {
+        "TENANT": system.tenant,
+        "MASTER_KEY": str(key),
+        "GATEWAY_TOKEN": system.cloud_token(),
+        "USER_TOKEN_SECRET": system.user_secret.hex(),
+        "AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "PENDING_DIR": str(system.root / "pending"),
+        "PENDING_TTL_S": str(30 * DAY),
+    }.items():
+        monkeypatch.setenv(f"PECBIR_ENCRYPTOR_{name}", value)
+    _stow(system, [_pair(6)[0]])
+    waiting = _waiting(system, "image")
+    assert main(["pending"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["collections"]["expiry"]["image"]["waiting"] == len(waiting) > 0
+    for path in waiting:
+        _age(path, 40)
+    assert main(["pending", "--sweep"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("expired expiry image") == len(waiting)
+    assert not _waiting(system, "image")
