@@ -30,8 +30,10 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["memory", "streamed"]
     assert all(r["outcome"] != "fitted" for r in rows)
+    argv += ["--modes", "memory,streamed,capped,primal", "--max-rank", "20"]
     assert main([*argv, "--limit-gib", "8", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["memory", "streamed", "capped", "primal"]
     assert all(r["outcome"] == "fitted" and r["peak_rss_bytes"] > 0 for r in rows)
 
 
@@ -43,11 +45,19 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
     argv = ["bench-index", "--crops", str(crops), "--size", "2", "--train-images", "24"]
     argv += ["--n-train-patches", "2000", "--images", "6,10", "--feature-images", "4"]
     argv += ["--distinct", "4", "--cpu-images", "3", "--batch-size", "4", "--device", "cpu"]
-    argv += ["--discard-features"] if discard else []
+    # discarding: also by two worker processes; writing: also the device's stage profile
+    argv += ["--discard-features", "--processes", "1,2"] if discard else ["--stages"]
     assert main([*argv, "--store", str(tmp_path / "store"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     # every id indexed once, hard-linked ids included; records written or counted, not both
-    assert [(r["images"], r["indexed"]) for r in report["whole_task"]] == [(6, 6), (10, 10)]
+    rows = [(r["images"], r["processes"], r["indexed"]) for r in report["whole_task"]]
+    if discard:
+        assert rows == [(6, 1, 6), (6, 2, 6), (10, 1, 10), (10, 2, 10)]
+    else:
+        assert rows == [(6, 1, 6), (10, 1, 10)]
+        stages = report["device_stages_ms_per_image"]
+        assert {"upload", "roi_pixels", "patches_pca", "fisher"} <= set(stages)
+        assert all(v > 0 for v in stages.values())
     features = list((tmp_path / "store").rglob("features/*/*.npz"))
     assert (report["feature_record_bytes_discarded"] > 0) == discard
     # the CPU reference (a warm-up image + 3 timed) always writes its records

@@ -59,7 +59,7 @@ def test_one_box_serves_an_upload_with_the_printed_token_and_stops_clean(tmp_pat
             f"{encryptor}/v1/collections/brain/images",
             headers={"authorization": f"Bearer {user_token}"},
             files={"image": ("s.png", encode_png(image)), "mask": ("m.png", encode_png(mask))},
-            data={"label": "1"},
+            data={"label": "1", "train": "true"},
             timeout=60,
         )
         assert answer.status_code == 202, answer.text

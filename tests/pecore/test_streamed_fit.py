@@ -107,6 +107,40 @@ def test_rank_capped_fit_on_a_torch_device_equals_numpy():
     assert _same_up_to_sign(numpy_fit.components_, torch_fit.components_, 1e-4)
 
 
+@pytest.mark.parametrize("n, features", [(200, 50), (60, 90)])
+def test_primal_fit_from_streamed_statistics_equals_the_exact_fit(n, features):
+    # n > F (the consortium case) and n < F (directions outside the data's span get γ = 0)
+    X, labels = _ranked_data(n, features, seed=9)
+    whole = CFML(n_components=4).fit(X, labels)
+    chunks = LazyStack(np.stack(np.split(X, 4)))
+    primal = CFML(n_components=4, solver="primal").fit_chunks(chunks, labels)
+    # shapes, the first chunk's dtype, the mean, the statistics: each chunk read 3 times + 1
+    assert primal.rank_ == features and chunks.reads == 4 + 1 + 4 + 4
+    assert _close(whole.eigenvalues_, primal.eigenvalues_, 1e-8)
+    assert _same_up_to_sign(whole.components_, primal.components_, 1e-6)
+    with pytest.raises(ValueError, match="solver"):
+        CFML(solver="gram").fit_chunks([X], labels)
+    with pytest.raises(ValueError, match="two classes"):
+        CFML(solver="primal").fit_chunks([X], np.arange(n))
+
+
+def test_primal_fit_on_a_torch_device_equals_numpy():
+    pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    X, labels = _ranked_data(300, 60, seed=10)
+    numpy_fit = CFML(n_components=3, solver="primal").fit_chunks(np.split(X, 3), labels)
+    torch_fit = CFML(n_components=3, solver="primal").fit_chunks(
+        np.split(X, 3), labels, device="cpu"
+    )
+    assert _close(numpy_fit.eigenvalues_, torch_fit.eigenvalues_, 1e-5)
+    assert _same_up_to_sign(numpy_fit.components_, torch_fit.components_, 1e-4)
+    # float32 statistics and LOBPCG (the GPU's precision) on the two class directions; the
+    # third γ lies in a cluster equal to 6 digits, where any vector of the cluster solves it
+    chunks32 = np.split(X.astype(np.float32), 3)
+    torch32 = CFML(n_components=2, solver="primal").fit_chunks(chunks32, labels, device="cpu")
+    assert _close(numpy_fit.eigenvalues_[:2], torch32.eigenvalues_, 1e-5)
+    assert _same_up_to_sign(numpy_fit.components_[:, :2], torch32.components_, 1e-3)
+
+
 def test_patch_model_from_lazy_sequences_is_identical():
     data = make_synthetic(n_images=24, size=48, seed=2)
     images, masks = LazyStack(data.images), LazyStack(data.masks)

@@ -14,11 +14,12 @@ import pytest
 from pecore.datasets import make_synthetic
 from pecore.evaluate import rank_database
 from pecore.pipeline import CBIRPipeline, dilated_rois
-from pecore.roi import intensity_regions
+from pecore.roi import dilate_mask, intensity_regions
 
 torch = pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
 
-from pecore.torch_features import TorchFeatures, resolve_device  # noqa: E402
+from pecore import torch_features  # noqa: E402
+from pecore.torch_features import TorchFeatures, dilate_masks, resolve_device  # noqa: E402
 
 FV_MAX_ABS = 2e-4
 FV_REL_L2 = 1e-4
@@ -63,6 +64,42 @@ def test_fisher_vectors_match_the_reference(data, fitted):
         fitted.fisher_vectors(crops, [m[2:-2, 1:] for m in data.masks[:1]] + list(data.masks[1:4])),
         features.fisher_vectors(crops, crop_rois),
     )
+
+
+def test_runs_of_any_length_give_the_same_fisher_vectors(data, fitted, monkeypatch):
+    """Segments longer than a run are summed over several runs, the last one padded: a run
+    length of 7 patches cuts every segment into many runs and must change nothing."""
+    features = TorchFeatures(fitted.pca_, fitted.gmm_, n_regions=8, patch_size=9, device="cpu")
+    rois = dilated_rois(data.masks[:12], 3)
+    whole = features.fisher_vectors(data.images[:12], rois)
+    monkeypatch.setattr(torch_features, "_RUN", 7)
+    _assert_fv_close(whole, features.fisher_vectors(data.images[:12], rois))
+    assert np.abs(whole).max() > 0
+
+
+def test_device_dilation_equals_dilate_mask():
+    rng = np.random.default_rng(3)
+    masks = rng.random((6, 40, 57)) > 0.995
+    masks[1] = False  # an empty mask among others
+    masks[2, 0, 0] = masks[2, 39, 56] = True  # corners: the disk is clipped
+    masks[3, 10:30, 5:50] = True  # a block wider than the disk
+    for radius in (0, 1, 2, 5, 24, 70):
+        device = dilate_masks(torch.from_numpy(masks), radius).numpy()
+        expected = np.stack([dilate_mask(m, radius) for m in masks])
+        np.testing.assert_array_equal(device, expected, err_msg=f"radius {radius}")
+    assert not dilate_masks(torch.from_numpy(masks[1:2]), 24).any()
+    # masks dilated on the device give the Fisher vectors of masks dilated on the host
+    data = make_synthetic(n_images=8, size=48, seed=2)
+    pipe = CBIRPipeline(**PARAMS).fit(data.images, data.masks, data.labels)
+    features = TorchFeatures(pipe.pca_, pipe.gmm_, n_regions=8, patch_size=9, device="cpu")
+    np.testing.assert_array_equal(
+        features.fisher_vectors(data.images, data.masks, radius=3),
+        features.fisher_vectors(data.images, dilated_rois(data.masks, 3)),
+    )
+    with pytest.raises(ValueError, match="radius"):
+        dilate_masks(torch.from_numpy(masks), -1)
+    with pytest.raises(ValueError, match="n, height, width"):
+        dilate_masks(torch.from_numpy(masks[0]), 1)
 
 
 def test_subregions_and_patches_are_exact_on_tie_heavy_images():

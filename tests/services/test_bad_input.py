@@ -219,7 +219,7 @@ def test_bad_plain_inputs_at_the_encryptor(system, case):
     answer = system.encryptor.post(
         "/v1/collections/brain/images",
         files={"image": ("image", image), "mask": ("mask", mask)},
-        data={"label": "1"},
+        data={"label": "1", "train": "true"},
     )
     assert answer.status_code == status, (case, answer.text[:300])
     assert message in answer.json()["detail"], (case, answer.text[:300])

@@ -27,7 +27,12 @@ MR, SEG = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"
 
 @pytest.fixture(scope="module")
 def scp(tmp_path_factory):
-    with EmbeddedSystem(tmp_path_factory.mktemp("dimse"), master=MasterKey.from_seed(13)) as system:
+    # The PACS cannot mark templates: by the owner's policy its collection's uploads are.
+    with EmbeddedSystem(
+        tmp_path_factory.mktemp("dimse"),
+        master=MasterKey.from_seed(13),
+        template_collections=frozenset({"brain"}),
+    ) as system:
         encryptor = system.encryptor_app.state.encryptor
         port = free_port()
         config = DimseConfig(
@@ -128,6 +133,13 @@ def test_c_store_statuses_and_pairing_across_c_stores(scp):
     image_id = image_id_for(system.tenant, "brain", encryptor.opaque_id_for(image.SOPInstanceUID))
     record = system.gateway.get(f"/v1/collections/brain/images/{image_id}")
     assert record.status_code == 200 and record.json()["label"] == 2  # glioma, from the SEG
+    # its UIDs stay at the hospital, for the page's viewer link (issue 16)
+    ref = encryptor.dicom_refs.get("brain", image_id)
+    assert (ref.study, ref.series, ref.instance) == (
+        image.StudyInstanceUID,
+        image.SeriesInstanceUID,
+        image.SOPInstanceUID,
+    )
     audit = (system.root / "encryptor-audit.jsonl").read_text()
     assert '"action": "c-store"' in audit and '"calling": "ORTHANC"' in audit
 

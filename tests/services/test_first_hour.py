@@ -117,7 +117,9 @@ def test_the_same_images_give_the_same_model_whatever_ids_they_get(system):
                 "mask": ("m.npy", npy_bytes(masks[i])),
             }
             answer = system.encryptor.post(
-                f"/v1/collections/{collection}/images", files=files, data={"label": labels[i]}
+                f"/v1/collections/{collection}/images",
+                files=files,
+                data={"label": labels[i], "train": "true"},
             )
             assert answer.status_code == 202, answer.text
         trained = system.gateway.post(

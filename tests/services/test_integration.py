@@ -45,8 +45,13 @@ def cluster(tmp_path_factory, radosgw):
 
     # SSE-C on: the store encrypts every object at rest under a key it does not keep.
     s3 = S3Bucket.on(radosgw, "integration", sse_c=True)
+    # "brain" takes PACS pushes: its uploads are templates by the owner's policy; the sealed
+    # collection's are not unless marked.
     with Cluster(
-        tmp_path_factory.mktemp("cluster"), s3=s3, sealed_collections=(SEALED,)
+        tmp_path_factory.mktemp("cluster"),
+        s3=s3,
+        sealed_collections=(SEALED,),
+        template_collections=("brain",),
     ) as running:
         yield running
 
@@ -67,7 +72,7 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
         answer = encryptor.post(
             "/v1/collections/brain/images",
             files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-            data={"label": str(label)},
+            data={"label": str(label), "train": "true"},
         )
         assert answer.status_code == 202, answer.text
     trained = gateway.post("/v1/collections/brain/model/train", json=MODEL)
@@ -331,10 +336,12 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
     assert published.status_code == 201, published.text
     ids = []
     for i, (image, mask, label) in enumerate(zip(images, masks, labels, strict=True)):
+        # 0-8 marked templates, 9-10 marked not, 11 not marked (the default: not a template)
+        data = {"label": str(label)} | ({"train": "true" if i < 9 else "false"} if i < 11 else {})
         answer = encryptor.post(
             f"/v1/collections/{SEALED}/images",
             files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-            data={"label": str(label), "train": "true" if i < 9 else "false"},
+            data=data,
         )
         assert answer.status_code == 202, answer.text
         ids.append(answer.json()["upload"]["image_id"])
@@ -391,7 +398,10 @@ def test_sealed_collection_leaks_no_pixel_mask_or_private_label(cluster):
     for name, needle in needles.items():
         for where, haystack in (("store", cloud), ("Redis", redis_bytes), ("logs", logs)):
             assert needle not in haystack, f"{name} found in the {where}"
-    for image_id in ids[9:]:
+    stored = {item.ReferencedSOPInstanceUID: item for item in response.ReferencedSOPSequence}
+    retrieve = urlsplit(stored[dataset.SOPInstanceUID].RetrieveURL).path
+    stow_id = encryptor.get(retrieve).headers["x-pecbir-image-id"]
+    for image_id in [*ids[9:], stow_id]:
         meta = json.loads(
             store.get(f"tenants/{cluster.tenant}/collections/{SEALED}/images/{image_id}/meta.json")
         )

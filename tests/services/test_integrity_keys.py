@@ -32,7 +32,7 @@ from tests.services.helpers import SMALL_MODEL, labelled_set, npy_bytes
 
 
 def _upload(client, image, mask, label=None, collection="brain") -> dict:
-    data = {"label": str(label)} if label is not None else {}
+    data = {"label": str(label), "train": "true"} if label is not None else {}
     answer = client.post(
         f"/v1/collections/{collection}/images",
         files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},

@@ -44,7 +44,7 @@ def site(tmp_path_factory):
             answer = system.encryptor.post(
                 "/v1/collections/brain/images",
                 files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-                data={"label": str(label)},
+                data={"label": str(label), "train": "true"},
             )
             assert answer.status_code == 202, answer.text
         trained = system.gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)

@@ -291,7 +291,7 @@ def _pe_upload(system, collection, image, mask):
     return system.encryptor.post(
         f"/v1/collections/{collection}/images",
         files={"image": ("i.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-        data={"label": "1"},
+        data={"label": "1", "train": "true"},
     )
 
 

@@ -38,7 +38,7 @@ def system(tmp_path_factory):
             answer = running.encryptor.post(
                 "/v1/collections/brain/images",
                 files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-                data={"label": str(label)},
+                data={"label": str(label), "train": "true"},
             )
             assert answer.status_code == 202, answer.text
         trained = running.gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)
@@ -245,6 +245,9 @@ def test_a_corrected_seg_makes_a_new_version_served_once_searchable(system):
     np.testing.assert_array_equal(encryptor.fetch_plain("brain", new_id).mask, corrected_mask)
     np.testing.assert_array_equal(dataset.pixel_array, to_uint8(pixels.astype(np.uint16))[0])
     assert old_id in encryptor.retired_versions("brain")
+    # the new version is the same DICOM instance for the page's viewer link (issue 16)
+    assert encryptor.dicom_refs.get("brain", new_id) == encryptor.dicom_refs.get("brain", old_id)
+    assert encryptor.dicom_refs.get("brain", new_id).instance == image.SOPInstanceUID
     answer = system.encryptor.post(
         "/v1/collections/brain/search",
         files={"image": ("q.npy", npy_bytes(pixels)), "mask": ("m.npy", npy_bytes(mask))},

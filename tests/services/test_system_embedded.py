@@ -38,7 +38,7 @@ def loaded(system):
         answer = system.encryptor.post(
             "/v1/collections/brain/images",
             files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-            data={"label": str(label)},
+            data={"label": str(label), "train": "true"},
         )
         assert answer.status_code == 202, answer.text
         uploads.append(answer.json())

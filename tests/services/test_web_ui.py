@@ -56,7 +56,7 @@ def _upload_and_train(client, gateway, system, tenant, seed, sealed=False) -> di
                 "image": ("slice.png", _png(plain)),
                 "mask": ("mask.png", _png(mask.astype(np.uint8) * 255)),
             },
-            data={"label": str(label)},
+            data={"label": str(label), "train": "true"},
         )
         assert answer.status_code == 202, answer.text
         originals[answer.json()["upload"]["image_id"]] = plain
@@ -202,12 +202,41 @@ def test_bad_query_input_is_refused_with_a_message(world, anonymous):
     assert too_many.status_code == 422 and "k must be between" in too_many.text
 
 
-def test_similarity_is_a_0_to_100_score_relative_to_the_collections_median():
-    from pecbir_encryptor.web.results import similarity_scores
+def test_similarity_keeps_its_ends_and_is_monotone_across_collections():
+    from pecbir_encryptor.web.similarity import similarity_scores
 
-    scores = similarity_scores(np.array([0.0, 1.0, 4.0, 4.0, 8.0]))  # median 4
-    assert scores.tolist() == [100, 75, 0, 0, 0]
-    assert similarity_scores(np.array([0.0, 0.0])).tolist() == [100, 100]
+    # 100: the query's own features and nothing closer; 0: at or past the collection's median
+    own, other = similarity_scores([np.array([0.0, 2.0, 4.0, 4.0, 8.0]), np.array([3.0, 6.0])])
+    assert own[0] == 100 and own[2] == own[3] == 0 and own[4] == 0  # median 4: r = 1, 1, 2
+    assert other[1] == 0  # median 4.5: r = 1.33
+    # pooled on d / median: own[1] (r = 0.5) is closer than other[0] (r = 0.67)
+    assert own[1] > other[0] > 0
+    twins = similarity_scores([np.array([0.0, 0.0])])[0]  # a tie counts half: 99.5 each
+    assert twins[0] == twins[1] and np.rint(twins).tolist() == [100, 100]
+
+
+def test_similarity_tells_apart_hits_that_the_metric_puts_almost_together():
+    """The learned metric leaves a class's cases within a fraction of a percent of each other
+    (seen from a query): their similarities must still read different numbers, in order."""
+    from pecbir_encryptor.web.similarity import similarity_scores
+
+    rng = np.random.default_rng(16)
+    near = 0.2 * (1 + np.sort(rng.uniform(0, 0.003, 24)))  # one class, within 0.3 %
+    far = 1 + rng.uniform(-0.001, 0.2, 48)
+    distances = np.concatenate([near, far])
+    scores = similarity_scores([distances * 7.5e6])[0]
+    order = np.argsort(distances, kind="stable")
+    shown = np.rint(scores[order]).astype(int)
+    assert np.all(np.diff(scores[order]) <= 0)  # monotone: a closer case never scores lower
+    top = shown[:24]
+    assert len(set(top.tolist())) == 24 and np.all(np.diff(top) < 0)  # distinct, in order
+    # the absolute level stays: the nearest reads its closeness, 100 · (1 − d / median)
+    assert top[0] == round(100 * (1 - near[0] / np.median(distances)))
+    # equal distances, equal scores; and the scale does not depend on the metric's units
+    tied = similarity_scores([np.array([1.0, 2.0, 2.0, 9.0, 9.0])])[0]
+    assert tied[1] == tied[2]
+    again = similarity_scores([distances])[0]
+    assert np.allclose(again, scores)
 
 
 # -- in the browser --------------------------------------------------------------------------------
@@ -254,6 +283,13 @@ def _query_files(world, tmp_path):
     return tmp_path / "image.png", tmp_path / "mask.png"
 
 
+def _settled(page):
+    """Wait until every tile of the result is opened (they open one by one, in rank order)."""
+    page.wait_for_function(
+        "() => document.getElementById('hits')?.dataset.settled === 'true'", polling=50
+    )
+
+
 def _decoded(page, url):
     answer = page.request.get(url)
     assert answer.status == 200, url
@@ -261,6 +297,8 @@ def _decoded(page, url):
 
 
 def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_path):
+    messages = []
+    page.on("console", lambda message: messages.append(message.text))
     _browser_sign_in(page, world["system"].user_token())
     image, mask = _query_files(world, tmp_path)
     page.set_input_files("#image", str(image))
@@ -269,8 +307,10 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
     page.click("#run-query")
     page.wait_for_url("**/ui/queries/*")
     page.wait_for_selector(".tile[data-state=shown] img.plain")
+    _settled(page)
     tiles = page.locator(".tile")
     assert tiles.count() == 3 * N_IMAGES
+    assert page.locator(".tile a.viewer").count() == 0  # no hit came as DICOM
     states = {}
     for i in range(tiles.count()):
         tile = tiles.nth(i)
@@ -301,6 +341,11 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
     assert "Not released" in refused.inner_text() and "refused (403)" in refused.inner_text()
     ranks = [int(tiles.nth(i).get_attribute("data-rank")) for i in range(tiles.count())]
     assert ranks == list(range(1, 3 * N_IMAGES + 1))
+    # the similarity falls with the rank, and the page's legend says how it is made
+    exported = json.loads(page.request.get(page.get_attribute("#export-json", "href")).text())
+    similarities = [hit["similarity"] for hit in exported["hits"]]
+    assert similarities == sorted(similarities, reverse=True) and similarities[0] > 0
+    assert "less one point per case searched that is closer" in page.inner_text(".legend")
     # what the cloud sees (key c): the query's and hospital-a's hits' cipher images
     page.keyboard.press("c")
     assert page.locator(".query.cloud-only img").is_visible()
@@ -313,6 +358,8 @@ def test_the_page_shows_decrypted_hits_equal_to_the_originals(world, page, tmp_p
     image_id = own.evaluate("i => i.closest('.tile').dataset.imageId")
     assert cipher.shape == (48, 48)
     assert not np.array_equal(cipher, world["originals"][image_id])
+    # the tiles came through the page's script under the strict CSP, which refused nothing
+    assert not [m for m in messages if "Content Security Policy" in m], messages
 
 
 def test_filters_exports_keyboard_and_the_audit_trail(world, page, tmp_path):
@@ -326,6 +373,7 @@ def test_filters_exports_keyboard_and_the_audit_trail(world, page, tmp_path):
     page.select_option("#class", "1")
     page.click("#run-query")
     page.wait_for_url("**/ui/queries/*")
+    _settled(page)
     tiles = page.locator(".tile")
     assert 1 <= tiles.count() <= 4
     owners = {tiles.nth(i).get_attribute("data-owner") for i in range(tiles.count())}
@@ -376,9 +424,13 @@ def test_query_by_a_stored_study_leaves_the_study_out(world, page):
     page.fill("#k", "5")
     page.click("#run-query")
     page.wait_for_url("**/ui/queries/*")
+    _settled(page)
     ids = page.locator(".tile").evaluate_all("ts => ts.map(t => t.dataset.imageId)")
     assert len(ids) == 5 and value.split(":")[1] not in ids
     assert "stored study" in page.locator(".query figcaption").first.inner_text()
+    # the study is one of this hospital's stored images: searched by reference, nothing sent
+    cloud = page.locator(".query.cloud-only figcaption").text_content()
+    assert "by reference" in cloud
 
 
 def test_a_signed_in_page_refuses_a_cross_site_post(world, page, served):
@@ -393,6 +445,46 @@ def test_a_signed_in_page_refuses_a_cross_site_post(world, page, served):
     page.context.clear_cookies()
     page.goto("/ui/audit")
     assert "/ui/login" in page.url
+
+
+def test_the_result_page_comes_before_any_hit_is_opened_and_each_tile_opens_once(world, anonymous):
+    """Progressive result: the page lists the k tiles pending, and a tile is opened (and its
+    decryption and view audited) only when it is asked for, once however often."""
+    system = world["system"]
+    _sign_in(anonymous, system.user_token())
+    csrf = re.search(r'name="csrf" value="([^"]+)"', anonymous.get("/ui/").text).group(1)
+    files = {"image": ("q.png", world["query"]["image"]), "mask": ("m.png", world["query"]["mask"])}
+    answer = anonymous.post(
+        "/ui/search",
+        files=files,
+        data={"k": "5", "hospital": ["hospital-a", "hospital-c"], "csrf": csrf},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303, answer.text
+    page = anonymous.get(answer.headers["location"])
+    query = answer.headers["location"].rsplit("/", 1)[1]
+    states = re.findall(r'class="tile state-([a-z-]+)"', page.text)
+    assert states == ["pending"] * 5
+    assert len(re.findall(rf'data-tile="/ui/queries/{query}/hits/\d+"', page.text)) == 5
+
+    def records(action):
+        audit = system.encryptor_app.state.context.encryptor.audit
+        return [r for r in audit.read(actions={action}) if r.get("query") == query]
+
+    assert records("decrypt") == [] and records("key-request") == []
+    for _ in range(2):
+        tile = anonymous.get(f"/ui/queries/{query}/hits/1")
+        assert tile.status_code == 200 and 'data-rank="1"' in tile.text
+        assert "state-pending" not in tile.text and "data-tile=" not in tile.text
+    opened = records("decrypt") + records("key-request")
+    assert len(opened) == 1 and opened[0]["image_id"] in tile.text  # opened once
+    views = [r for r in records("ui-view") if r.get("rank") == 1]
+    assert len(views) == 2  # each view of the tile is audited
+    assert anonymous.get(f"/ui/queries/{query}/hits/99").status_code == 404
+    # the exports list every tile: they open the rest
+    exported = json.loads(anonymous.get(f"/ui/queries/{query}/export.json").text)
+    assert [h["state"] for h in exported["hits"]].count("pending") == 0
+    assert len(records("decrypt") + records("key-request")) == 5
 
 
 def test_sign_in_goes_nowhere_but_the_pages_and_sign_out_needs_the_csrf_token(world, anonymous):
@@ -444,6 +536,7 @@ def test_a_drawn_outline_becomes_the_querys_mask(world, page, tmp_path):
     page.fill("#k", "3")
     page.click("#run-query")
     page.wait_for_url("**/ui/queries/*")
+    _settled(page)
     assert page.locator(".tile[data-state=shown]").count() == 3
     outline = _decoded(page, page.get_attribute(".query img.outline", "src"))
     assert outline[24 - 8, 24, 3] == 255 or outline[24, 24 + 8, 3] == 255  # drawn edge shown

@@ -165,6 +165,11 @@ class CollectionLayout:
     def pe_roi(self) -> str:
         return self.root + "pe-roi.json"
 
+    @property
+    def signed_protection(self) -> str:
+        """The owner's signed protection record (`SignedProtection`), served to its peers."""
+        return self.root + "protection.signed.json"
+
     def image_id_of_meta(self, key: str) -> str | None:
         """The image id if `key` is an image's meta.json (the commit marker), else None."""
         if not (key.startswith(self.images_prefix) and key.endswith("/meta.json")):

@@ -39,11 +39,13 @@ __all__ = [
     "GATEWAY_SEALED_IMAGES",
     "GATEWAY_SEARCH",
     "GATEWAY_SEARCH_FISHER",
+    "GATEWAY_SEARCH_STORED",
     "HEALTHZ",
     "SEARCH_IMAGE",
     "SEARCH_KNN",
     "SEARCH_SEARCH",
     "SEARCH_SEARCH_FISHER",
+    "SEARCH_SEARCH_STORED",
     "SEARCH_STATUS",
 ]
 
@@ -66,10 +68,13 @@ GATEWAY_PROTECTION = "/v1/collections/{collection}/protection"
 GATEWAY_SEALED_IMAGES = "/v1/collections/{collection}/sealed-images"
 GATEWAY_IMAGE_SEALED = "/v1/collections/{collection}/images/{image_id}/sealed"
 GATEWAY_SEARCH_FISHER = "/v1/collections/{collection}/search/fisher-vector"
+# a query that is one of the caller's own stored images, by reference: no new cipher is sent
+GATEWAY_SEARCH_STORED = "/v1/collections/{collection}/images/{image_id}/search"
 
 # -- search service (behind the gateway) -------------------------------------------------------
 SEARCH_SEARCH = "/v1/collections/{collection}/search"
 SEARCH_SEARCH_FISHER = "/v1/collections/{collection}/search/fisher-vector"
+SEARCH_SEARCH_STORED = "/v1/collections/{collection}/images/{image_id}/search"
 SEARCH_KNN = "/v1/collections/{collection}/knn"
 SEARCH_STATUS = "/v1/collections/{collection}/status"
 SEARCH_IMAGE = "/v1/collections/{collection}/images/{image_id}"

@@ -26,6 +26,7 @@ __all__ = [
     "ModelStatus",
     "OpaqueId",
     "ProtectionMode",
+    "ProtectionRecord",
     "ReindexPlan",
     "ReindexProgress",
     "RescaleInfo",
@@ -34,6 +35,7 @@ __all__ = [
     "SearchHit",
     "SearchResponse",
     "SearchTimings",
+    "SignedProtection",
     "TrainAccepted",
     "TrainRequest",
     "UploadAccepted",
@@ -154,16 +156,37 @@ def is_pe_roi_scheme(scheme: str) -> bool:
     return re.fullmatch(PE_ROI_SCHEME_PATTERN, scheme) is not None
 
 
+class ProtectionRecord(_Strict):
+    """What an owner signs about one of its collections, so that its peers need not trust the
+    cloud's word: the mode, the pe-roi scheme and the SHA-256 of the published patch model."""
+
+    tenant: str
+    collection: str
+    mode: ProtectionMode
+    scheme: Scheme | None = None
+    patch_model: HexTag | None = None
+
+
+class SignedProtection(_Strict):
+    """A `ProtectionRecord` with its owner's Ed25519 signature (base64) over its canonical
+    bytes (`pecbir_encryptor.protection`); the cloud stores and serves it unopened."""
+
+    record: ProtectionRecord
+    signature: Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class CollectionProtection(_Strict):
     """A collection's protection mode as the cloud holds it (what a searcher must send).
 
     `scheme`: the pe-roi scheme of a pe-roi collection (a query goes through the same
-    cipher); None for the other modes.
+    cipher); None for the other modes. `signed`: the owner's signed record of it (None until
+    the owner published one); a peer checks it against the owner's public key.
     """
 
     collection: str
     mode: ProtectionMode
     scheme: Scheme | None = None
+    signed: SignedProtection | None = None
 
 
 class SealedImageMetadata(_Strict):

@@ -14,6 +14,7 @@ where an upload is indexed when its request returns.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import queue
@@ -136,6 +137,8 @@ class EmbeddedSystem:
         shared_collections: str = "",
         ui_collections: tuple[str, ...] = ("brain",),
         background_tasks: bool = False,
+        template_collections: frozenset[str] = frozenset(),
+        viewer_url: str | None = None,
     ) -> None:
         from pecbir_gateway.dispatch import CallableDispatcher
         from pecbir_indexer.runtime import configure_runtime
@@ -194,14 +197,19 @@ class EmbeddedSystem:
                 pe_roi_collections=pe_roi_collections,
                 patch_models=self.root / "patch-models",
                 pending_dir=self.root / "pending",
+                content_index=self.root / "content-index",
+                dicom_refs_dir=self.root / "dicom-refs",
+                viewer_url=viewer_url,
                 pacs_credentials=self.root / "pacs-credentials.json",
                 ui_collections=ui_collections,
+                template_collections=template_collections,
             ),
             master=self.master,
             gateway_client=gateway_for_encryptor,
         )
         self.encryptor = self._stack.enter_context(TestClient(self.encryptor_app))
         self.encryptor.headers["authorization"] = f"Bearer {self.user_token()}"
+        self.hospitals: list[Hospital] = []
         self.gateway.headers["authorization"] = f"Bearer {self.cloud_token()}"
 
     def add_hospital(
@@ -227,6 +235,8 @@ class EmbeddedSystem:
                 user_token_secret=user_secret.hex(),
                 audit_log=self.root / f"{tenant}-audit.jsonl",
                 patch_models=self.root / f"{tenant}-patch-models",
+                content_index=self.root / f"{tenant}-content-index",
+                dicom_refs_dir=self.root / f"{tenant}-dicom-refs",
                 sealed_collections=sealed_collections,
                 pe_roi_collections=pe_roi_collections,
             ),
@@ -243,6 +253,12 @@ class EmbeddedSystem:
             f"Bearer {hospital.user_token(scopes, sub=f'peer@{self.tenant}')}"
         )
         self.encryptor_app.state.web.peers.add(tenant, peer)
+        # Every hospital of this cloud trusts the others' signed protection records, as each
+        # would list the others' public keys in PECBIR_ENCRYPTOR_TRUSTED_OWNERS.
+        for other in [self.encryptor_app, *(h.encryptor_app for h in self.hospitals)]:
+            trust(other, app)
+            trust(app, other)
+        self.hospitals.append(hospital)
         return hospital
 
     def cloud_token(self, scopes=("upload", "search", "read", "train"), tenant=None) -> str:
@@ -304,6 +320,17 @@ class EmbeddedSystem:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def trust(truster, owner) -> None:
+    """Make the encryptor app `truster` hold the public key of the encryptor app `owner`."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    signing = owner.state.encryptor.signing_key
+    raw = signing.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    truster.state.encryptor.trusted_owners[owner.state.encryptor.tenant] = base64.b64encode(
+        raw
+    ).decode()
 
 
 @contextlib.contextmanager

@@ -274,6 +274,7 @@ class Cluster:
         s3: S3Bucket | None = None,
         extra_env: dict[str, str] | None = None,
         sealed_collections: tuple[str, ...] = (),
+        template_collections: tuple[str, ...] = (),
         workers: int = 1,
         start_timeout_s: float = 60.0,
     ) -> None:
@@ -294,6 +295,7 @@ class Cluster:
         self.tenant = tenant
         self.with_encryptor = encryptor
         self.sealed_collections = sealed_collections
+        self.template_collections = template_collections
         self.cloud_secret = secrets.token_hex(32)
         self.user_secret = secrets.token_hex(32)
         self.logs = self.tmp / "logs"
@@ -391,8 +393,11 @@ class Cluster:
                     "user_token_secret": self.user_secret,
                     "audit_log": str(self.tmp / "audit.jsonl"),
                     "sealed_collections": json.dumps(list(self.sealed_collections)),
+                    "template_collections": json.dumps(list(self.template_collections)),
                     "patch_models": str(self.tmp / "patch-models"),
                     "pending_dir": str(self.tmp / "pending"),
+                    "content_index": str(self.tmp / "content-index"),
+                    "dicom_refs_dir": str(self.tmp / "dicom-refs"),
                     "pacs_credentials": str(self.tmp / "pacs-credentials.json"),
                 }.items()
             }

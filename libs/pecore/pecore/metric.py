@@ -21,6 +21,16 @@ chunks gives an orthonormal F×k basis V, the samples' exact coordinates Z = X_c
 more pass, and CFML is solved on Z (k×k). Memory grows with n·k and F·k, never n² or n·F.
 Where the data's rank is at most k the basis spans the data and the fit is the exact one; below
 that it is an approximation whose retrieval cost is measured (`pecbir bench-training`).
+
+With `solver="primal"`, `fit_chunks` solves the exact problem in the F-dimensional feature space
+instead, from sufficient statistics streamed over the chunks: the F×F Gram Σ x xᵀ of the centred
+samples, the same Gram with each sample weighted by its class size, and the per-class sums give
+M_S and M_D directly (`pair_scatter`'s identities), whatever n is. Memory is 2·F² floats and a
+chunk, time n·F² for the statistics plus the F×F generalised eigensolve of the leading
+`n_components` pairs (LAPACK on the CPU; LOBPCG on a torch device). It equals the dual solve:
+directions outside the data's span have M_S w = M_D w = 0, so γ = 0 and they are never kept.
+It is the consortium-scale path where n ≫ F (10⁵ templates, F ≈ 8·10⁴ at D = 64), where the
+n×n Gram cannot be held and the rank cap loses the discriminative directions.
 """
 
 from __future__ import annotations
@@ -103,6 +113,10 @@ class CFML(BaseEstimator):
         None: always the exact Gram solve.
     power_iterations : int, default=2
         Power iterations of the randomised range finder (`max_rank` only).
+    solver : {"dual", "primal"}, default="dual"
+        `fit_chunks` only: "dual" solves in the span of the samples (the n×n Gram, or the
+        `max_rank` cap); "primal" in the feature space from streamed F×F statistics (module
+        doc), exact and independent of n in memory.
     random_state : int, default=0
         Seed of the range finder's test matrix (`max_rank` only).
 
@@ -141,6 +155,7 @@ class CFML(BaseEstimator):
         max_rank: int | None = None,
         power_iterations: int = 2,
         random_state: int = 0,
+        solver: str = "dual",
     ) -> None:
         self.reg = reg
         self.n_components = n_components
@@ -149,6 +164,7 @@ class CFML(BaseEstimator):
         self.max_rank = max_rank
         self.power_iterations = power_iterations
         self.random_state = random_state
+        self.solver = solver
 
     def fit(self, X: np.ndarray, labels: np.ndarray) -> CFML:
         """Learn W from labelled training vectors.
@@ -242,6 +258,11 @@ class CFML(BaseEstimator):
         def centred(i: int) -> np.ndarray:
             return np.asarray(chunks[i], dtype=dtype) - mean
 
+        if self.solver not in ("dual", "primal"):
+            raise ValueError(f"solver must be 'dual' or 'primal', got {self.solver!r}")
+        if self.solver == "primal":
+            self.components_ = self._fit_primal(centred, offsets, labels, first.shape[1], products)
+            return self
         if self.max_rank is not None and offsets[-1] - 1 > self.max_rank:
             basis = self._principal_basis(centred, offsets, first.shape[1], products)
             Z = np.concatenate(
@@ -281,16 +302,61 @@ class CFML(BaseEstimator):
         # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
         return (V / s) @ self._solve_coordinates(V * s, labels)  # n × m
 
+    def _fit_primal(
+        self, centred, offsets: np.ndarray, labels: np.ndarray, n_features: int, products
+    ):
+        """W (F × m) from the F×F statistics of the centred chunks (module doc)."""
+        classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        n = int(offsets[-1])
+        n_same = int((counts * (counts - 1)).sum())
+        n_diff = n * (n - 1) - n_same
+        if n_same == 0 or n_diff == 0:
+            raise ValueError("CFML needs at least two classes and one class with two samples")
+        gram = products.zeros((n_features, n_features))  # Σ x xᵀ
+        weighted = products.zeros((n_features, n_features))  # Σ 2·n_c(x) x xᵀ
+        class_sums = np.zeros((len(classes), n_features))
+        for i in range(len(offsets) - 1):
+            rows = slice(offsets[i], offsets[i + 1])
+            host = centred(i)
+            np.add.at(class_sums, inverse[rows], host.astype(np.float64))
+            block = products.put(host)
+            gram += block.T @ block
+            weights = (2.0 * counts[inverse[rows]]).astype(products.dtype)[:, None]
+            weighted += block.T @ (block * products.put(weights))
+            del block
+        total = class_sums.sum(axis=0)
+        # pair_scatter's identities: all pairs = 2n·G − 2 t tᵀ, same = Σ_c 2 n_c G_c − 2 s_c s_cᵀ
+        outer = 2.0 * sum(np.outer(sc, sc) for sc in class_sums)
+        weighted -= products.put(outer.astype(products.dtype))  # same-class pair sum
+        gram *= 2.0 * n
+        gram -= products.put((2.0 * np.outer(total, total)).astype(products.dtype))
+        gram -= weighted  # different-class pair sum
+        gram /= n_diff  # M_D
+        weighted /= n_same  # M_S
+        del outer
+        A_scaled = self._solve_scatter(weighted, gram, products)
+        return A_scaled  # the basis is the identity: W = A·√γ
+
     def _solve_coordinates(self, Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """A·√γ (r × m) from the samples' coordinates Z (n × r) in an orthonormal basis of the
         space solved in; sets `eigenvalues_` and `rank_`."""
         m_same, m_diff = pair_scatter(Z, labels)
-        r = Z.shape[1]
+        return self._solve_scatter(m_same, m_diff, _BlockProducts(None, np.float64))
+
+    def _solve_scatter(self, m_same, m_diff, products) -> np.ndarray:
+        """A·√γ (r × m): the leading `n_components` positive generalised eigenpairs of
+        M_D a = γ (M_S + λI) a, B-normalised, from r×r scatter matrices (numpy or on a torch
+        device, whose arrays it overwrites); sets `eigenvalues_` and `rank_`."""
+        r = m_same.shape[0]
+        if products.torch is not None:
+            gammas, A = products.generalized_top(m_diff, m_same, self.reg, self.n_components)
+            self.eigenvalues_, self.rank_ = gammas, int(r)
+            return A * np.sqrt(gammas)
         # only the leading n_components eigenpairs are ever used: ask LAPACK for just those
         # (B-normalised like the full solve; about 10x faster than all r of them)
         n_wanted = min(self.n_components, r)
         gammas, A = scipy.linalg.eigh(
-            m_diff,
+            np.asarray(m_diff, dtype=np.float64),
             m_same + self.reg * np.eye(r),
             subset_by_index=[r - n_wanted, r - 1],
             overwrite_a=True,
@@ -402,3 +468,29 @@ class _BlockProducts:
 
     def cat(self, blocks: list):
         return np.concatenate(blocks) if self.torch is None else self.torch.cat(blocks)
+
+    def zeros(self, shape: tuple[int, ...]):
+        if self.torch is None:
+            return np.zeros(shape, dtype=self.dtype)
+        dtype = self.torch.float32 if self.dtype == np.float32 else self.torch.float64
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def generalized_top(self, m_diff, m_same, reg: float, n_wanted: int):
+        """(γ, A) of the leading positive pairs of M_D a = γ (M_S + reg·I) a on the device,
+        float64 on return, B-normalised: LOBPCG (torch.lobpcg), which needs only products
+        with the two F×F matrices (it overwrites m_same with M_S + reg·I)."""
+        torch = self.torch
+        m_same.diagonal().add_(reg)
+        r = m_same.shape[0]
+        k = min(n_wanted, max(r // 3, 1))
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        start = torch.randn((r, k), generator=generator, dtype=m_same.dtype).to(m_same.device)
+        # converged to a residual near the precision's square root of ε (float32: 1e-4 of
+        # the matrices' scale, float64: 1e-8), as far as that precision can resolve pairs
+        tol = 1e-4 if m_same.dtype == torch.float32 else 1e-8
+        gammas, A = torch.lobpcg(m_diff, k=k, B=m_same, X=start, largest=True, niter=-1, tol=tol)
+        gammas, A = gammas.double().cpu().numpy(), A.double().cpu().numpy()
+        order = np.argsort(gammas)[::-1]
+        gammas, A = gammas[order], A[:, order]
+        positive = gammas > 0
+        return gammas[positive], A[:, positive]

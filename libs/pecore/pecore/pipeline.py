@@ -513,8 +513,8 @@ class CBIRPipeline(BaseEstimator):
         if self.backend == "torch":
             if len(masks) != len(images):
                 raise ValueError(f"{len(images)} images but {len(masks)} masks")
-            if rois is None:
-                rois = dilated_rois(masks, self.radius)
+            if rois is None:  # the masks are dilated on the device
+                return self._torch_features().fisher_vectors(images, masks, radius=self.radius)
             return self._torch_features().fisher_vectors(images, rois)
         (fv,) = encode_images(
             images,

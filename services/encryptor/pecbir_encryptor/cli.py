@@ -4,8 +4,12 @@
     pecbir-encryptor upload IMAGE MASK --collection C [--label L]
     pecbir-encryptor fetch  IMAGE_ID --collection C --out plain.png|.npy
     pecbir-encryptor rotate [--master-key F --keyring-dir D]   new master key, old one retired
-    pecbir-encryptor rewrap IMAGE_ID [IMAGE_ID ...] --collection C   after a rotation: re-wrap
-                                                     sealed images' data keys (active key)
+    pecbir-encryptor rewrap [IMAGE_ID ...] --collection C [--workers N]   after a rotation:
+                                                     re-wrap sealed images' data keys (active
+                                                     key); default: every sealed upload recorded
+    pecbir-encryptor signing-key --out F | public-key | publish-protection --collection C
+                                                     the owner's signature over its collections'
+                                                     protection (peers check it)
     pecbir-encryptor pending [--sweep]                  what waits in the pending store (image
                                                      without SEG, SEG without image) and for
                                                      how long; --sweep: expire and settle now
@@ -56,7 +60,7 @@ def _upload(args: argparse.Namespace) -> int:
         mask,
         opaque_id=opaque_id,
         label=args.label if args.label is not None else seg_label,
-        train=not args.no_train,
+        train=args.train,
         idempotency_key=f"owner-{args.collection}-{opaque_id}",
     )
     print(json.dumps({"opaque_id": opaque_id, "upload": answer}))
@@ -106,11 +110,61 @@ def _patch_model(args: argparse.Namespace) -> int:
 
 
 def _rewrap(args: argparse.Namespace) -> int:
+    import time
+
     encryptor = _encryptor()
-    for image_id in args.image_ids:
-        old, new = encryptor.rewrap(args.collection, image_id)
-        encryptor.audit.write(action="rewrap", sub="cli", image_id=image_id, outcome="ok")
-        print(f"{image_id}: {'re-wrapped from ' + old if old != new else 'already'} under {new}")
+    image_ids = list(args.image_ids) or encryptor.sealed_uploads(args.collection)
+    if not image_ids:
+        print(f"no sealed or pe-roi uploads of {args.collection} in this hospital's records")
+        return 0
+    started = time.monotonic()
+
+    def progress(result, done: int, total: int) -> None:
+        rate = done / max(time.monotonic() - started, 1e-9)
+        what = {
+            "rewrapped": f"re-wrapped from {result.old_key_id} under {result.new_key_id}",
+            "current": f"already under {result.new_key_id}",
+            "failed": f"FAILED: {result.reason}",
+        }[result.state]
+        print(f"[{done}/{total} {rate:.1f}/s] {result.image_id}: {what}", flush=True)
+
+    results = encryptor.rewrap_many(
+        args.collection, image_ids, workers=args.workers, progress=progress
+    )
+    counts = {state: sum(r.state == state for r in results) for state in ("rewrapped", "current")}
+    failed = [r for r in results if r.state == "failed"]
+    print(
+        f"{len(results)} images: {counts['rewrapped']} re-wrapped, {counts['current']} already "
+        f"current, {len(failed)} failed ({time.monotonic() - started:.1f} s)"
+    )
+    if failed:
+        print(
+            "run it again for the failed ones (each re-wrap is whole or nothing)", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+def _signing_key(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.protection import generate_signing_key, public_key_b64
+
+    key = generate_signing_key(args.out)
+    print(f"wrote {args.out} (0600); set PECBIR_ENCRYPTOR_SIGNING_KEY={args.out}")
+    print(f"public key (for the peers' PECBIR_ENCRYPTOR_TRUSTED_OWNERS): {public_key_b64(key)}")
+    return 0
+
+
+def _public_key(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.protection import public_key_b64
+
+    encryptor = _encryptor()
+    print(json.dumps({encryptor.tenant: public_key_b64(encryptor.signing_key)}))
+    return 0
+
+
+def _publish_protection(args: argparse.Namespace) -> int:
+    record = _encryptor().publish_protection(args.collection)
+    print(f"published the signed protection record of {args.collection}: {record.model_dump()}")
     return 0
 
 
@@ -166,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     upload.add_argument("--collection", required=True)
     upload.add_argument("--label", type=int, default=None)
     upload.add_argument(
-        "--no-train", action="store_true", help="not a training template: the cloud gets no label"
+        "--train",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a training template (the cloud reads its label) or not (--no-train); default: "
+        "the owner's policy (PECBIR_ENCRYPTOR_TEMPLATE_COLLECTIONS)",
     )
     upload.set_defaults(func=_upload)
     fetch = commands.add_parser("fetch", help="download, verify and decrypt one image")
@@ -187,8 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rewrap_cmd = commands.add_parser(
         "rewrap", help="re-wrap sealed images' data keys under the active master key"
     )
-    rewrap_cmd.add_argument("image_ids", nargs="+")
+    rewrap_cmd.add_argument(
+        "image_ids",
+        nargs="*",
+        help="cloud ids (default: every sealed/pe-roi upload in this hospital's records)",
+    )
     rewrap_cmd.add_argument("--collection", required=True)
+    rewrap_cmd.add_argument("--workers", type=int, default=4, help="re-wraps in flight")
     rewrap_cmd.set_defaults(func=_rewrap)
     pending = commands.add_parser(
         "pending", help="halves of image <-> SEG pairs waiting for the other, and their age"
@@ -197,6 +260,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sweep", action="store_true", help="expire what waited too long, settle versions"
     )
     pending.set_defaults(func=_pending)
+    signing = commands.add_parser(
+        "signing-key", help="make the owner's Ed25519 key that signs protection records"
+    )
+    signing.add_argument("--out", type=Path, required=True)
+    signing.set_defaults(func=_signing_key)
+    public = commands.add_parser(
+        "public-key", help="print this owner's public key, for its peers' trust lists"
+    )
+    public.set_defaults(func=_public_key)
+    publish = commands.add_parser(
+        "publish-protection", help="sign and publish a collection's protection record"
+    )
+    publish.add_argument("--collection", required=True)
+    publish.set_defaults(func=_publish_protection)
     rotate = commands.add_parser("rotate", help="rotate the master key (keeps the old one)")
     rotate.add_argument("--master-key", type=Path, default=None)
     rotate.add_argument("--keyring-dir", type=Path, default=None)

@@ -15,31 +15,43 @@ import base64
 import hashlib
 import hmac
 import logging
+import threading
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import httpx
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pecbir_contracts.layout import image_id_for
 from pecbir_contracts.png import decode_image_png, decode_mask_png, encode_png
+from pecbir_contracts.routes import GATEWAY_IMAGE_STATUS
 from pecbir_contracts.schemas import (
     MAX_K,
     ImageMetadata,
+    ProtectionRecord,
     SealedImageMetadata,
     SearchResponse,
     parse_stored_record,
 )
 from pecbir_contracts.vectors import encode_vector_npy
 from pecbir_encryptor.audit import AuditLog
+from pecbir_encryptor.content_index import ContentIndex, StoredRef
+from pecbir_encryptor.dicom_refs import DicomRefs
 from pecbir_encryptor.gateway_client import GatewayClient, GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.keyring import Keyring, UnknownKey
 from pecbir_encryptor.pe_roi import RoiUpload, protect_roi
 from pecbir_encryptor.pending import PendingPairs
+from pecbir_encryptor.protection import (
+    sign_protection,
+    signing_key_from_master,
+    verify_protection,
+)
 from pecbir_encryptor.sealed import PatchModels, SealedUpload, features_of, seal_for_cloud
 from pecbir_encryptor.wire import from_wire, to_wire
 from pecore.cipher import decrypt, to_uint8
@@ -66,6 +78,18 @@ class Protected:
     cipher: np.ndarray
     mask: np.ndarray
     metadata: ImageMetadata
+
+
+@dataclass(frozen=True)
+class RewrapResult:
+    """One image of a batch re-wrap: ``rewrapped`` (from `old` to `new` key id), ``current``
+    (already under the active key) or ``failed`` (with the reason)."""
+
+    image_id: str
+    state: Literal["rewrapped", "current", "failed"]
+    old_key_id: str | None = None
+    new_key_id: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +209,11 @@ class Encryptor:
         pe_roi_collections: Collection[str] = (),
         pe_roi_scheme: str = DEFAULT_ROI_SCHEME,
         pending_dir: Path | None = None,
+        template_collections: Collection[str] = (),
+        content_index: Path | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+        trusted_owners: dict[str, str] | None = None,
+        dicom_refs_dir: Path | None = None,
     ) -> None:
         # New uploads use the active key; stored images are opened with the key they name.
         self.keyring = master if isinstance(master, Keyring) else Keyring(master)
@@ -204,11 +233,26 @@ class Encryptor:
         self.pe_roi_scheme = RoiCipher.from_name(pe_roi_scheme).legacy_name
         self.patch_models = PatchModels(patch_models, self.gateway)
         self.accept_unbound_records = accept_unbound_records
+        # The owner's policy for uploads that do not say whether they are training templates
+        # (a PACS push): templates in these collections, not templates anywhere else.
+        self.template_collections = frozenset(template_collections)
+        # What this hospital stored, by keyed content digest: a query of a stored image goes
+        # by reference (`search`), never as a second cipher of it.
+        self.content_index = ContentIndex(content_index)
+        # Signs this owner's protection records; its peers' public keys check theirs.
+        self.signing_key = signing_key or signing_key_from_master(self.master)
+        self.trusted_owners = dict(trusted_owners or {})
+        self._protection_published: set[str] = set()
+        self._protection_lock = threading.Lock()
         # Halves of image <-> SEG pairs waiting for the other (None: not kept, refused).
         self.pending = (
             PendingPairs(pending_dir, self.keyring, tenant, self.opaque_id_for)
             if pending_dir is not None
             else None
+        )
+        # Image id -> DICOM UIDs of what came as DICOM (the page's viewer links; None: none kept).
+        self.dicom_refs = (
+            DicomRefs(dicom_refs_dir, self.keyring, tenant) if dicom_refs_dir is not None else None
         )
 
     # -- the owner's choice of protection ------------------------------------------------------
@@ -229,8 +273,47 @@ class Encryptor:
             if collection in self.pe_roi_collections:
                 return "pe-roi", self.pe_roi_scheme
             return "pe", None
+        record = self.peer_protection(collection, owner)
+        return record.mode, record.scheme
+
+    def peer_protection(self, collection: str, owner: str) -> ProtectionRecord:
+        """Another owner's signed record of `collection`'s protection, checked against that
+        owner's public key (UntrustedProtection: missing, forged, or not what the cloud says)."""
         held = self.gateway.protection(collection, owner=owner)
-        return held.mode, held.scheme
+        return verify_protection(
+            held, owner=owner, collection=collection, trusted=self.trusted_owners
+        )
+
+    def protection_record(self, collection: str) -> ProtectionRecord:
+        """This owner's record of one of its collections, as it signs it."""
+        mode, scheme = self.protection_of(collection)
+        digest = self.patch_models.own(collection)[1] if mode == "sealed" else None
+        return ProtectionRecord(
+            tenant=self._bound_tenant(None),
+            collection=collection,
+            mode=mode,
+            scheme=scheme,
+            patch_model=digest,
+        )
+
+    def publish_protection(self, collection: str) -> ProtectionRecord:
+        """Sign this owner's protection record of `collection` and publish it to the cloud."""
+        record = self.protection_record(collection)
+        self.gateway.put_protection(collection, sign_protection(self.signing_key, record))
+        with self._protection_lock:
+            self._protection_published.add(collection)
+        return record
+
+    def _ensure_protection_published(self, collection: str) -> None:
+        """Publish the signed record once per collection and process (after an upload, when
+        the cloud holds the collection in its mode); a refusal is logged, tried again later."""
+        with self._protection_lock:
+            if collection in self._protection_published:
+                return
+        try:
+            self.publish_protection(collection)
+        except (GatewayError, ValueError, httpx.HTTPError) as exc:
+            log.warning("protection record of %s not published yet: %s", collection, exc)
 
     def _bound_tenant(self, owner: str | None) -> str:
         tenant = owner or self.tenant
@@ -307,7 +390,7 @@ class Encryptor:
         opaque_id: str,
         label: int | None = None,
         role: str = "template",
-        train: bool = True,
+        train: bool = False,
         lossy: bool = False,
     ) -> SealedUpload:
         """`seal_for_cloud` with this encryptor's active key and the collection's patch model."""
@@ -334,7 +417,7 @@ class Encryptor:
         opaque_id: str,
         label: int | None = None,
         role: str = "template",
-        train: bool = True,
+        train: bool = False,
         scheme: str | None = None,
         owner: str | None = None,
     ) -> RoiUpload:
@@ -362,7 +445,7 @@ class Encryptor:
         opaque_id: str,
         label: int | None = None,
         role: str = "template",
-        train: bool = True,
+        train: bool | None = None,
         idempotency_key: str | None = None,
         lossy: bool = False,
     ) -> dict:
@@ -381,7 +464,8 @@ class Encryptor:
         train
             A training template: only then is the label readable by the cloud (pe: a
             non-training image's label is not sent at all; sealed, pe-roi: it is inside the
-            blob).
+            blob). None (not said, e.g. a PACS push): the owner's policy, a template only in
+            the `template_collections`.
         idempotency_key
             Sent to the gateway.
         lossy
@@ -395,7 +479,167 @@ class Encryptor:
         GatewayError
             The cloud refused or failed the upload.
         """
+        if train is None:
+            train = collection in self.template_collections
         mode = self.mode_of(collection)
+        cloud_label = label if train and role == "template" else None
+        known = self.stored_match(collection, pixels, mask)
+        if (
+            known is not None
+            and (known.opaque_id, known.role, known.cloud_label) == (opaque_id, role, cloud_label)
+            and self._in_cloud(collection, known.image_id)
+        ):
+            # A re-push of an image stored as it is now (e.g. a PACS re-sending a study, also
+            # after a rotation): answered like the first time, and nothing is sent again, so
+            # the cloud never receives a second cipher of it.
+            answer = self._answer_for(collection, opaque_id)
+        else:
+            answer = self._upload_once(
+                mode,
+                collection,
+                pixels,
+                mask,
+                opaque_id,
+                label,
+                role,
+                train,
+                idempotency_key,
+                lossy,
+            )
+        if role == "template" and answer.get("image_id"):
+            ref = StoredRef(collection, str(answer["image_id"]), opaque_id, role, cloud_label)
+            self.content_index.add(self.master, ref, pixels, mask)
+            if mode == "pe":
+                # the pe hit opens 8-bit: a query taken from it (a stored study) is that
+                self.content_index.add(self.master, ref, to_uint8(pixels)[0], mask)
+        self._ensure_protection_published(collection)
+        # The hospital's own list of what it stored (the web page's "stored studies"): the
+        # cloud keeps no list a hospital could read without trusting it.
+        self.audit.write(
+            action="upload",
+            outcome="stored",
+            collection=collection,
+            image_id=answer.get("image_id"),
+            opaque_id=opaque_id,
+            mode=mode,
+            role=role,
+            label=label,
+            train=train,
+        )
+        return answer
+
+    def _in_cloud(self, collection: str, image_id: str) -> bool:
+        """Whether the cloud holds a record under `image_id` (GatewayError if it cannot say)."""
+        try:
+            self.gateway.metadata(collection, image_id, owner=None)
+        except GatewayError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _upload_once(
+        self,
+        mode: Mode,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        opaque_id: str,
+        label: int | None,
+        role: str,
+        train: bool,
+        idempotency_key: str | None,
+        lossy: bool,
+    ) -> dict:
+        """`_protect_and_upload`; a 409 for an image the cloud holds with exactly these pixels
+        and mask under a retired master key is answered like the first upload."""
+        try:
+            answer = self._protect_and_upload(
+                mode,
+                collection,
+                pixels,
+                mask,
+                opaque_id,
+                label,
+                role,
+                train,
+                idempotency_key,
+                lossy,
+            )
+        except GatewayError as exc:
+            # A re-push of an image stored under a master key since rotated: its content-bound
+            # key changed with the master key, so the cloud sees other bytes under its id.
+            cloud_label = label if train and role == "template" else None
+            if exc.status != 409 or not self._stored_as(
+                collection,
+                opaque_id,
+                mode,
+                pixels,
+                mask,
+                (role, cloud_label),
+                label if role == "template" else None,
+            ):
+                raise
+            answer = self._answer_for(collection, opaque_id)
+        return answer
+
+    def _stored_as(
+        self,
+        collection: str,
+        opaque_id: str,
+        mode: Mode,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        public: tuple[str, int | None],
+        private_label: int | None,
+    ) -> bool:
+        """Whether the cloud's record under `opaque_id` opens (verified) to exactly these
+        pixels and mask (pe: their 8-bit version), says the same (role, label) as `public` (a
+        re-push that would make a template of it is another upload, refused) and, sealed or
+        pe-roi, holds `private_label` inside its blob."""
+        image_id = image_id_for(self._bound_tenant(None), collection, opaque_id)
+        try:
+            opened = self.fetch_plain(collection, image_id)
+        except (GatewayError, IntegrityError, ValueError):
+            return False
+        expected = to_uint8(pixels)[0] if mode == "pe" else np.asarray(pixels)
+        checked = _check_mask(mask, pixels.shape)
+        return (
+            opened.mask is not None
+            and (opened.record.role, opened.record.label) == public
+            and (mode == "pe" or opened.label == private_label)
+            and opened.image.dtype == expected.dtype
+            and opened.image.shape == expected.shape
+            and opened.image.tobytes() == expected.tobytes()
+            and np.array_equal(opened.mask.astype(bool), checked)
+        )
+
+    def _answer_for(self, collection: str, opaque_id: str) -> dict:
+        """The gateway's answer to the first upload of `opaque_id` (same id, same status URL)."""
+        tenant = self._bound_tenant(None)
+        image_id = image_id_for(tenant, collection, opaque_id)
+        status = GATEWAY_IMAGE_STATUS.format(collection=collection, image_id=image_id)
+        return {
+            "image_id": image_id,
+            "collection": collection,
+            "state": "stored",
+            "status_url": f"{status}?owner={tenant}",
+        }
+
+    def _protect_and_upload(
+        self,
+        mode: Mode,
+        collection: str,
+        pixels: np.ndarray,
+        mask: np.ndarray,
+        opaque_id: str,
+        label: int | None,
+        role: str,
+        train: bool,
+        idempotency_key: str | None,
+        lossy: bool,
+    ) -> dict:
+        """Protect one image in `mode` and upload it; the gateway's answer."""
         if mode == "pe-roi":
             roi = self.protect_roi(
                 collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
@@ -436,18 +680,6 @@ class Encryptor:
                 collection=collection,
             )
             answer = self.upload(collection, protected, idempotency_key)
-        # The hospital's own list of what it stored (the web page's "stored studies"): the
-        # cloud keeps no list a hospital could read without trusting it.
-        self.audit.write(
-            action="upload",
-            outcome="stored",
-            collection=collection,
-            image_id=answer.get("image_id"),
-            opaque_id=opaque_id,
-            mode=mode,
-            role=role,
-            label=label,
-        )
         return answer
 
     def publish_patch_model(
@@ -480,7 +712,9 @@ class Encryptor:
         plain = [to_uint8(np.asarray(image))[0] for image in images]
         checked = [_check_mask(m, p.shape) for m, p in zip(masks, plain, strict=True)]
         featurizer = PatchModelFeaturizer(**params).fit(plain, checked)
-        return self.patch_models.publish(collection, featurizer)
+        digest = self.patch_models.publish(collection, featurizer)
+        self._ensure_protection_published(collection)
+        return digest
 
     def upload(self, collection: str, protected: Protected, idempotency_key: str | None) -> dict:
         return self.gateway.upload(
@@ -733,14 +967,26 @@ class Encryptor:
         (`query_id_for`), so the same query gives the same cipher and the same hits; pe-roi:
         the same, through the collection's pe-roi cipher (ROI only, scrambled).
         """
-        mode, scheme = self.protection_of(collection, owner)
+        own = owner in (None, self.tenant)
+        stored = self.stored_match(collection, pixels, mask) if own else None
+        if stored is not None:
+            return self.search_stored(collection, stored.image_id, k)
+        signed = None if own else self.peer_protection(collection, owner)
+        mode, scheme = (
+            self.protection_of(collection)
+            if signed is None
+            else (
+                signed.mode,
+                signed.scheme,
+            )
+        )
         # Versions replaced by a corrected SEG stay in the cloud's index: asked for and dropped.
-        retired = self.retired_versions(collection) if owner in (None, self.tenant) else frozenset()
+        retired = self.retired_versions(collection) if own else frozenset()
         if mode == "sealed":
             model = (
                 self.patch_models.own(collection)
-                if owner is None or owner == self.tenant
-                else self.patch_models.shared(owner, collection)
+                if signed is None
+                else self.patch_models.shared(owner, collection, expected=signed.patch_model)
             )
             if model is None:
                 raise ValueError(f"collection {collection!r} has no published patch model")
@@ -774,6 +1020,22 @@ class Encryptor:
             k=min(k + len(retired), MAX_K),
             owner=owner,
         )
+        return _without(answer, retired, k)
+
+    def stored_match(
+        self, collection: str, pixels: np.ndarray, mask: np.ndarray
+    ) -> StoredRef | None:
+        """This hospital's stored image of `collection` with exactly these pixels and mask (its
+        keyed content index, under every key of the keyring), or None."""
+        return self.content_index.find(
+            self.keyring.masters(), collection, pixels, _check_mask(mask, pixels.shape)
+        )
+
+    def search_stored(self, collection: str, image_id: str, k: int) -> SearchResponse:
+        """Search with one of this owner's stored images, by reference: the cloud ranks with
+        the vector it holds for it and receives no new cipher (or vector) of it."""
+        retired = self.retired_versions(collection)
+        answer = self.gateway.search_stored(collection, image_id, k=min(k + len(retired), MAX_K))
         return _without(answer, retired, k)
 
     def release_key(
@@ -810,6 +1072,63 @@ class Encryptor:
                 collection, image_id, rewrap(blob, master, self.master, identity)
             )
         return master.key_id, self.master.key_id
+
+    def sealed_uploads(self, collection: str) -> list[str]:
+        """Cloud ids of the sealed and pe-roi images this hospital uploaded to `collection`
+        (its own upload records, oldest first, each once): what a rotation must re-wrap."""
+        seen: dict[str, None] = {}
+        for record in self.audit.read(actions={"upload"}):
+            if (
+                record.get("collection") == collection
+                and record.get("mode") in ("sealed", "pe-roi")
+                and record.get("role", "template") == "template"
+                and record.get("image_id")
+            ):
+                seen.setdefault(str(record["image_id"]), None)
+        return list(seen)
+
+    def rewrap_many(
+        self,
+        collection: str,
+        image_ids: list[str],
+        *,
+        workers: int = 4,
+        progress: Callable[[RewrapResult, int, int], None] | None = None,
+    ) -> list[RewrapResult]:
+        """`rewrap` for many images, `workers` at a time; one result per image, in order.
+
+        An image that fails (not sealed, refused, the cloud down) is reported with its reason
+        and the others go on: each re-wrap replaces one blob whole or not at all (the cloud
+        accepts only the same payload), so a run can be repeated until none fails.
+        `progress(result, done, total)` is called as each finishes.
+        """
+        total = len(image_ids)
+        done = 0
+        lock = threading.Lock()
+
+        def one(image_id: str) -> RewrapResult:
+            nonlocal done
+            try:
+                old, new = self.rewrap(collection, image_id)
+                result = RewrapResult(image_id, "rewrapped" if old != new else "current", old, new)
+            except (GatewayError, IntegrityError, ValueError, httpx.HTTPError) as exc:
+                result = RewrapResult(image_id, "failed", reason=str(exc))
+            self.audit.write(
+                action="rewrap",
+                collection=collection,
+                image_id=image_id,
+                outcome="failed" if result.state == "failed" else "ok",
+                state=result.state,
+                reason=result.reason,
+            )
+            with lock:
+                done += 1
+                if progress is not None:
+                    progress(result, done, total)
+            return result
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(one, image_ids))
 
     def release(self, collection: str, image_id: str) -> tuple[str, dict[str, object]]:
         """(opaque id, what is released) for one stored image of this owner, either mode.

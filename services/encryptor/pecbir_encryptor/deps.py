@@ -19,6 +19,7 @@ from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.credentials import PacsCredentials, looks_like_api_key
 from pecbir_encryptor.gateway_client import GatewayError, gateway_http_client
 from pecbir_encryptor.keyring import Keyring
+from pecbir_encryptor.protection import load_signing_key
 from pecbir_encryptor.settings import EncryptorSettings
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import require_scope, verify_bearer
@@ -135,6 +136,11 @@ def build_encryptor(
         pe_roi_collections=settings.pe_roi_collections,
         pe_roi_scheme=settings.pe_roi_scheme,
         pending_dir=settings.pending_dir,
+        template_collections=settings.template_collections,
+        content_index=settings.content_index,
+        signing_key=load_signing_key(settings.signing_key) if settings.signing_key else None,
+        trusted_owners=settings.trusted_owners,
+        dicom_refs_dir=settings.dicom_refs_dir,
     )
 
 

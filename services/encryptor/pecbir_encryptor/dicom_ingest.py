@@ -40,6 +40,7 @@ from pecbir_encryptor.dicom import (
     Instance,
     SegMask,
 )
+from pecbir_encryptor.dicom_refs import DicomRef
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.pending import PendingImage, PendingMask
@@ -170,7 +171,15 @@ class _Batch:
             self.pending.add_candidate(
                 self.collection, uid, self._image_id(uid), number + 1, result
             )
+            if self.encryptor.dicom_refs is not None:
+                self.encryptor.dicom_refs.copy(self.collection, self._image_id(uid), result)
         return result
+
+    def _remember(self, instance: Instance, image_id: str) -> None:
+        """Keep, at the hospital, which DICOM instance cloud image `image_id` is (viewer links)."""
+        ref = DicomRef.of(instance.dataset)
+        if self.encryptor.dicom_refs is not None and ref is not None:
+            self.encryptor.dicom_refs.put(self.collection, image_id, ref)
 
     def _label_warning(self, label: int | None, role: str) -> Warning | None:
         return (WARNING_STORED, NO_LABEL) if role == "template" and label is None else None
@@ -201,6 +210,8 @@ class _Batch:
         result = self._upload(
             uid, pixels, pairing.seg.mask, label=label, role=self.role, lossy=lossy
         )
+        if not isinstance(result, tuple):
+            self._remember(instance, result)
         if not isinstance(result, tuple) and self.pending is not None:
             # Halves of the same pair sent earlier are superseded by this one.
             self.pending.drop(self.collection, "image", uid)
@@ -229,16 +240,24 @@ class _Batch:
                 except GatewayError as exc:
                     return (instance.sop_class, uid, FAILURE_PROCESSING, exc.detail)
                 if stored_before:
-                    # Re-sent after its pair was stored: nothing to do.
+                    # Re-sent after its pair was stored: nothing to do but note its UIDs (for
+                    # each version in the cloud: a corrected SEG's too).
+                    version = self.pending.version(self.collection, uid)
+                    newer = (version.current, version.candidate) if version else ()
+                    for image_id in {self._image_id(uid), *newer} - {None}:
+                        self._remember(instance, image_id)
                     url = self.retrieve_url(instance, self._image_id(uid))
                     return (instance.sop_class, uid, url, None)
                 self.pending.put_image(
                     self.collection, uid, PendingImage(pixels, self.role, self.label, lossy)
                 )
+                # The cloud id it will have once its SEG comes (the pending file keeps no UID).
+                self._remember(instance, self._image_id(uid))
                 return (instance.sop_class, uid, None, (WARNING_STORED, WAITS_FOR_SEG))
         label = self.label if self.label is not None else mask.label
         result = self._upload(uid, pixels, mask.mask, label=label, role=self.role, lossy=lossy)
         if not isinstance(result, tuple):
+            self._remember(instance, result)
             self.pending.drop(self.collection, "mask", uid)
         return self._paired(instance, uid, result, self._label_warning(label, self.role))
 

@@ -22,8 +22,9 @@ from pecbir_contracts.routes import (
     GATEWAY_SEALED_IMAGES,
     GATEWAY_SEARCH,
     GATEWAY_SEARCH_FISHER,
+    GATEWAY_SEARCH_STORED,
 )
-from pecbir_contracts.schemas import CollectionProtection, SearchResponse
+from pecbir_contracts.schemas import CollectionProtection, SearchResponse, SignedProtection
 from pecbir_encryptor.settings import EncryptorSettings
 
 __all__ = ["GatewayClient", "GatewayError", "gateway_http_client"]
@@ -184,6 +185,17 @@ class GatewayClient:
             raise GatewayError(answer.status_code, _detail(answer))
         return CollectionProtection.model_validate_json(answer.content)
 
+    def put_protection(self, collection: str, signed: SignedProtection) -> None:
+        """Publish the owner's signed protection record of a collection (GatewayError unless
+        200)."""
+        answer = self.http.put(
+            GATEWAY_PROTECTION.format(collection=collection),
+            content=signed.model_dump_json(),
+            headers={"content-type": "application/json"},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+
     def sealed(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
         """The stored sealed blob of an image. GatewayError unless 200."""
         return self._get(GATEWAY_IMAGE_SEALED, collection, image_id, owner)
@@ -211,6 +223,23 @@ class GatewayClient:
             GATEWAY_SEARCH_FISHER.format(collection=collection),
             params=_owner_params(owner),
             files={"fisher_vector": ("query.npy", fisher_npy, "application/octet-stream")},
+            data={"k": str(k)},
+        )
+        if answer.status_code != 200:
+            raise GatewayError(answer.status_code, _detail(answer))
+        return SearchResponse.model_validate_json(answer.content)
+
+    def search_stored(self, collection: str, image_id: str, *, k: int) -> SearchResponse:
+        """k-NN search with one of this tenant's stored images, by reference (nothing new is
+        sent: the cloud ranks with the vector it holds for that image).
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 200 (404: no such image; 409: not yet indexed).
+        """
+        answer = self.http.post(
+            GATEWAY_SEARCH_STORED.format(collection=collection, image_id=image_id),
             data={"k": str(k)},
         )
         if answer.status_code != 200:

@@ -32,6 +32,10 @@ class Keyring:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
+    def masters(self) -> list[MasterKey]:
+        """Every key held, the active one first."""
+        return [self.active, *(key for key in self._keys.values() if key is not self.active)]
+
     def get(self, key_id: str) -> MasterKey:
         try:
             return self._keys[key_id]

@@ -55,7 +55,7 @@ def protect_roi(
     scheme: str,
     label: int | None,
     role: str = "template",
-    train: bool = True,
+    train: bool = False,
 ) -> RoiUpload:
     """Protect one image for a pe-roi collection (a query: no blob, no label).
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from pecbir_contracts.schemas import SealedImageMetadata
 from pecbir_encryptor.gateway_client import GatewayClient, GatewayError
+from pecbir_encryptor.protection import UntrustedProtection
 from pecore.cipher import to_uint8
 from pecore.keys import MasterKey
 from pecore.owner_features import PatchModelFeaturizer
@@ -68,7 +69,7 @@ def seal_for_cloud(
     model: tuple[PatchModelFeaturizer, str],
     label: int | None,
     role: str = "template",
-    train: bool = True,
+    train: bool = False,
     lossy: bool = False,
 ) -> SealedUpload:
     """Seal one image for a sealed collection and compute its Fisher vector.
@@ -177,14 +178,26 @@ class PatchModels:
             ) from None
         return self._load(data)
 
-    def shared(self, owner: str, collection: str) -> tuple[PatchModelFeaturizer, str] | None:
-        """The model another owner published for `collection`; None if it is not sealed."""
+    def shared(
+        self, owner: str, collection: str, expected: str | None = None
+    ) -> tuple[PatchModelFeaturizer, str] | None:
+        """The model another owner published for `collection`; None if it is not sealed.
+
+        `expected`: the SHA-256 its owner signed (`pecbir_encryptor.protection`); a model
+        the cloud serves with another digest is refused before it is parsed.
+        """
         try:
             data = self.gateway.patch_model(collection, owner=owner)
         except GatewayError as exc:
             if exc.status == 404:
                 return None
             raise
+        digest = PatchModelFeaturizer.digest(data)
+        if expected is not None and digest != expected:
+            raise UntrustedProtection(
+                f"the patch model the cloud serves for {owner}/{collection} (sha256 {digest}) "
+                f"is not the one its owner signed ({expected})"
+            )
         return self._load(data)
 
     def publish(self, collection: str, featurizer: PatchModelFeaturizer) -> str:

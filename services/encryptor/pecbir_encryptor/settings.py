@@ -43,6 +43,23 @@ class EncryptorSettings(BaseSettings):
     # results/pe-roi/selection/) or an explicit "pe-roi-t<tile>[d|dn]".
     pe_roi_collections: frozenset[str] = frozenset()
     pe_roi_scheme: str = "pe-roi"
+    # The owner's policy for uploads that do not say whether they are training templates (a
+    # PACS push, DIMSE, or an upload without `train`): templates in these collections (JSON
+    # list), whose labels the cloud then reads to train; in every other collection an upload
+    # is not a template unless it says so, and its label never reaches the cloud.
+    template_collections: frozenset[str] = frozenset()
+    # The hospital's keyed index of the images it stored (content digest -> cloud id): a query
+    # pixel-identical to one of them is searched by reference, never sent as a second cipher.
+    # A volume of its own, like the pending store; unset: no index.
+    content_index: Path | None = Path("var/content-index")
+    # The owner's Ed25519 key that signs its collections' protection records (base64 of 32
+    # bytes, 0600; `pecbir-encryptor signing-key --out F`); unset: derived from the active
+    # master key (a rotation then changes the public key peers must hold).
+    signing_key: Path | None = None
+    # Other owners whose shared collections this hospital searches, and their public keys
+    # (JSON: {"hospital-b": "<base64>"}, from `pecbir-encryptor public-key` there): their
+    # signed protection records are checked against these; an owner not listed is refused.
+    trusted_owners: dict[str, str] = {}
     # Records from before tag v3 name no tenant, collection or id, so a cloud could serve one
     # image's record for another's: refused unless this is set, for a migration window only.
     accept_unbound_records: bool = False
@@ -57,6 +74,15 @@ class EncryptorSettings(BaseSettings):
     # (pecbir_encryptor.janitor, which also retires replaced versions in the cloud).
     pending_ttl_s: float | None = Field(default=90 * 86400, gt=0)
     pending_sweep_interval_s: float = Field(default=3600, gt=0)
+    # Study/Series/SOP Instance UIDs of the images that came as DICOM, by cloud image id (sealed
+    # under the master key; never sent to the cloud): the page's "open in viewer" links.
+    # Unset: none kept, no links.
+    dicom_refs_dir: Path | None = Path("var/dicom-refs")
+    # A DICOMweb viewer (e.g. OHIF) that opens this hospital's studies, as a URL template with
+    # {study}, {series}, {instance} and {collection}: the page links each of this hospital's
+    # DICOM-ingested hits to it, e.g. "https://viewer.example/viewer?StudyInstanceUIDs={study}".
+    # Unset: no links.
+    viewer_url: str | None = None
     # PACS accounts and the SHA-256 of their API keys (`pecbir token mint --kind pacs`); a
     # PACS authenticates with X-API-Key, Bearer <key> or HTTP basic <account>:<key>.
     pacs_credentials: Path | None = Path("var/pacs-credentials.json")
@@ -125,6 +151,13 @@ class EncryptorSettings(BaseSettings):
         from pecbir_contracts.layout import check_name
 
         return check_name(value, "collection")
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_template(cls, value: str | None) -> str | None:
+        from pecbir_encryptor.dicom_refs import check_viewer_template
+
+        return check_viewer_template(value) if value else None
 
     @field_validator("pe_roi_scheme")
     @classmethod

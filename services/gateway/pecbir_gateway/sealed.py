@@ -43,7 +43,7 @@ _NPZ_MAGIC = b"PK\x03\x04"
 _MAX_PATCH_MODEL_BYTES = 16 * 1024 * 1024
 
 
-def _patch_model_digest(ctx: GatewayContext, layout: CollectionLayout) -> str:
+def patch_model_sha256(ctx: GatewayContext, layout: CollectionLayout) -> str:
     try:
         return hashlib.sha256(ctx.store.get(layout.patch_model)).hexdigest()
     except ObjectNotFound:
@@ -72,7 +72,7 @@ def put_patch_model(
         raise HTTPException(409, f"collection {layout.collection} already holds pe images")
     if ctx.store.put_if_absent(layout.patch_model, data, "application/octet-stream"):
         return JSONResponse(status_code=201, content=body)
-    if _patch_model_digest(ctx, layout) == digest:
+    if patch_model_sha256(ctx, layout) == digest:
         return JSONResponse(status_code=200, content=body)
     raise HTTPException(
         409, f"collection {layout.collection} already has another patch model; use a new one"
@@ -124,7 +124,7 @@ def upload_sealed(
         raise HTTPException(
             422, f"fisher_vector has {vector.shape[0]} values, metadata says {meta.feature_dim}"
         )
-    if _patch_model_digest(ctx, layout) != meta.patch_model:
+    if patch_model_sha256(ctx, layout) != meta.patch_model:
         raise HTTPException(
             409, f"the features were computed with another patch model than {collection}'s"
         )

@@ -9,10 +9,17 @@ import httpx
 import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
-from pecbir_contracts.routes import GATEWAY_IMAGE_CIPHER, GATEWAY_SEARCH, SEARCH_SEARCH
+from pecbir_contracts.routes import (
+    GATEWAY_IMAGE_CIPHER,
+    GATEWAY_IMAGE_SEALED,
+    GATEWAY_SEARCH,
+    GATEWAY_SEARCH_STORED,
+    SEARCH_SEARCH,
+    SEARCH_SEARCH_STORED,
+)
 from pecbir_contracts.schemas import MAX_K, SearchResponse
 from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
-from pecbir_gateway.images import is_sealed_collection, validate_pair
+from pecbir_gateway.images import checked_image, is_sealed_collection, validate_pair
 from pecbir_platform.web import read_limited
 
 log = logging.getLogger(__name__)
@@ -73,5 +80,48 @@ def search(
     result = SearchResponse.model_validate_json(answer.content)
     for hit in result.hits:
         path = GATEWAY_IMAGE_CIPHER.format(collection=collection, image_id=hit.image_id)
+        hit.cipher_url = f"{path}?owner={access.owner}"
+    return result
+
+
+@router.post(
+    GATEWAY_SEARCH_STORED,
+    response_model=SearchResponse,
+    responses={
+        404: {"description": "No such image in the caller's own collection"},
+        409: {"description": "The image is not indexed in the serving model version yet"},
+    },
+)
+def search_stored(
+    collection: str,
+    image_id: str,
+    claims: Caller,
+    ctx: Ctx,
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+) -> SearchResponse:
+    """k nearest stored images to one of the caller's own stored images, by reference: the
+    owner's query that is pixel-identical to an image it stored sends no new cipher (or vector);
+    the search ranks with the vector the cloud already holds. Only in the caller's own
+    collection (no `owner`). Scope `search`."""
+    access = authorise(ctx, claims, collection, None, "search")
+    checked_image(access, ctx, image_id)
+    try:
+        answer = ctx.search.post(
+            SEARCH_SEARCH_STORED.format(collection=collection, image_id=image_id),
+            params={"owner": access.owner, "k": k},
+            headers=ctx.search_headers(access),
+        )
+    except httpx.HTTPError as exc:
+        log.error("search service unreachable: %s", exc)
+        raise HTTPException(503, "search service unavailable") from None
+    if answer.status_code != 200:
+        detail = answer.json().get("detail") if answer.content else answer.reason_phrase
+        status = answer.status_code if answer.status_code in (404, 409, 422) else 502
+        raise HTTPException(status, f"search service: {detail}")
+    result = SearchResponse.model_validate_json(answer.content)
+    sealed = is_sealed_collection(ctx, access.layout)
+    for hit in result.hits:
+        template = GATEWAY_IMAGE_SEALED if sealed else GATEWAY_IMAGE_CIPHER
+        path = template.format(collection=collection, image_id=hit.image_id)
         hit.cipher_url = f"{path}?owner={access.owner}"
     return result

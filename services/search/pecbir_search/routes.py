@@ -8,6 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
 
+from pecbir_contracts.layout import check_image_id
 from pecbir_contracts.png import (
     ImageTooLarge,
     InvalidImage,
@@ -15,11 +16,13 @@ from pecbir_contracts.png import (
     decode_image_png,
     decode_mask_png,
 )
+from pecbir_contracts.records import FeatureRecord
 from pecbir_contracts.routes import (
     SEARCH_IMAGE,
     SEARCH_KNN,
     SEARCH_SEARCH,
     SEARCH_SEARCH_FISHER,
+    SEARCH_SEARCH_STORED,
     SEARCH_STATUS,
 )
 from pecbir_contracts.schemas import (
@@ -30,8 +33,9 @@ from pecbir_contracts.schemas import (
     SearchTimings,
     VectorQuery,
 )
+from pecbir_contracts.store import ObjectNotFound
 from pecbir_contracts.vectors import InvalidVector, decode_vector_npy
-from pecbir_search.deps import State
+from pecbir_search.deps import Engine, State
 from pecbir_search.engine import CollectionState, Version
 
 router = APIRouter()
@@ -130,6 +134,37 @@ def search_fisher(
         raise HTTPException(422, f"cannot project the query: {exc}") from None
     timings.featurise_ms = (time.perf_counter() - started) * 1000
     return _answer(state, vector, k, timings, serving)
+
+
+@router.post(SEARCH_SEARCH_STORED, response_model=SearchResponse)
+def search_stored(
+    state: State,
+    search_engine: Engine,
+    image_id: str,
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+) -> SearchResponse:
+    """k-NN with the vector the serving version holds for one of the collection's own images
+    (its owner's query of a stored image, by reference: no new cipher). 409 while that image is
+    not indexed in the serving version."""
+    try:
+        check_image_id(image_id)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    serving = _serving_of(state)
+    timings = SearchTimings()
+    started = time.perf_counter()
+    try:
+        record = FeatureRecord.from_bytes(
+            search_engine.store.get(state.layout.features(serving.name, image_id))
+        )
+    except ObjectNotFound:
+        raise HTTPException(
+            409,
+            f"image {image_id} is not indexed in {serving.name} yet: search with it once it is "
+            "searchable",
+        ) from None
+    timings.decode_ms = (time.perf_counter() - started) * 1000
+    return _answer(state, record.vector, k, timings, serving)
 
 
 @router.post(SEARCH_KNN, response_model=SearchResponse)

@@ -307,7 +307,7 @@ def _authenticated(system: Any, repeats: int, large_query: bool) -> list[dict[st
         encryptor.post(
             "/v1/collections/brain/images",
             files={"image": ("x.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
-            data={"label": str(1 + seed % 3)},
+            data={"label": str(1 + seed % 3), "train": "true"},
         )
     trained = gateway.post("/v1/collections/brain/model/train", json=BENCH_MODEL)
     gateway.get(trained.json()["status_url"])
@@ -327,7 +327,7 @@ def _authenticated(system: Any, repeats: int, large_query: bool) -> list[dict[st
         return lambda: encryptor.post(
             "/v1/collections/brain/images",
             files={"image": ("i.dcm", image_bytes), "mask": ("m.png", mask_bytes)},
-            data={"label": "1"},
+            data={"label": "1", "train": "true"},
         )
 
     case(ingest, "normal: 512² DICOM", ingest_call(normal, mask_png))

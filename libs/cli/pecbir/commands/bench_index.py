@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per index batch")
     parser.add_argument("--concurrency", type=int, default=2, help="batches in flight")
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help="comma-separated worker-process counts sharing the device (whole task per count)",
+    )
+    parser.add_argument(
+        "--stages", action="store_true", help="profile the device's stages (torch.profiler)"
+    )
     parser.add_argument("--io-threads", type=int, default=8, help="store threads per batch")
     parser.add_argument("--feature-images", type=int, default=4096, help="feature-step images")
     parser.add_argument("--images", default="4096", help="comma-separated whole-task runs (ids)")
@@ -83,7 +92,8 @@ def _model(args: argparse.Namespace, data) -> object:
 
 
 def _canvases(data, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Full-size cipher slices: crop i at the top left of 512² keyed noise, its mask likewise."""
+    """Full-size cipher slices: crop i at a seeded place in 512² keyed noise, its mask likewise
+    (tumours lie anywhere in a slice: a batch's masks do not share one corner)."""
     images, masks = [], []
     for i in range(n):
         crop, mask = data.images[i % len(data.labels)], data.masks[i % len(data.labels)]
@@ -91,7 +101,9 @@ def _canvases(data, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         canvas = rng.integers(0, 256, (CANVAS, CANVAS), dtype=np.uint8)
         full = np.zeros((CANVAS, CANVAS), dtype=bool)
         h, w = min(crop.shape[0], CANVAS), min(crop.shape[1], CANVAS)
-        canvas[:h, :w], full[:h, :w] = crop[:h, :w], mask[:h, :w]
+        top, left = rng.integers(0, CANVAS - h + 1), rng.integers(0, CANVAS - w + 1)
+        canvas[top : top + h, left : left + w] = crop[:h, :w]
+        full[top : top + h, left : left + w] = mask[:h, :w]
         images.append(canvas)
         masks.append(full)
     return images, masks
@@ -121,13 +133,23 @@ def _fill_store(store, layout, images, masks, labels, n_ids: int, bar_desc: str)
         ids.append(image_id)
     root = Path(store.root)
     distinct = list(ids)
-    for k in tqdm(range(len(ids), n_ids), desc=bar_desc, unit="id", mininterval=2):
+
+    def link(k: int) -> str:
         source, image_id = distinct[k % len(distinct)], new_image_id()
         for key_of in (layout.cipher, layout.mask, layout.meta):
             target = root / key_of(image_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(root / key_of(source), target)
-        ids.append(image_id)
+        return image_id
+
+    with (
+        ThreadPoolExecutor(16) as pool,  # link and mkdir wait on the file system, not the GIL
+        tqdm(total=n_ids - len(ids), desc=bar_desc, unit="id", mininterval=2) as bar,
+    ):
+        for start in range(len(ids), n_ids, 10_000):
+            linked = list(pool.map(link, range(start, min(start + 10_000, n_ids))))
+            ids.extend(linked)
+            bar.update(len(linked))
     return ids
 
 
@@ -164,6 +186,141 @@ class _DiscardFeatures:
         return getattr(self._store, name)
 
 
+class _SerialisingBus:
+    """The vector stream without Redis (the device machine has none): each event is serialised
+    as the Redis bus would, and counted."""
+
+    def __init__(self) -> None:
+        self.events, self.bytes = 0, 0
+        self._lock = threading.Lock()
+
+    def publish(self, event) -> str:
+        data = event.model_dump_json()
+        with self._lock:
+            self.events += 1
+            self.bytes += len(data)
+            return f"{self.events}-0"
+
+
+def _runtime(root: Path, discard: bool, device: str, io_threads: int):
+    """The GPU worker's runtime over the filesystem store at `root`."""
+    from pecbir_contracts.layout import CollectionLayout
+    from pecbir_indexer.runtime import Runtime
+    from pecbir_indexer.settings import IndexerSettings
+    from pecbir_platform.store import FilesystemStore
+
+    base = FilesystemStore(root)
+    prefix = f"{CollectionLayout(TENANT, COLLECTION).root}features/"
+    store = _DiscardFeatures(base, prefix) if discard else base
+    settings = IndexerSettings(
+        feature_backend="torch", feature_device=device, batch_io_threads=io_threads
+    )
+    return Runtime(settings, store, _SerialisingBus())
+
+
+def _process_worker(
+    root: str, discard: bool, device: str, version: str, first: str, args: dict, queues
+) -> None:
+    """One worker process of `--processes`: warm up, wait for the start, index chunks."""
+    from pecbir_contracts.layout import CollectionLayout
+    from pecbir_indexer import batch
+    from pecbir_indexer.work import load_image
+
+    tasks, out, start = queues
+    rt = _runtime(Path(root), discard, device, args["io_threads"])
+    layout = CollectionLayout(TENANT, COLLECTION)
+    _, cipher, mask = load_image(rt, layout, first)
+    rt.model(layout, version).fisher_vectors([cipher], [mask])  # model, kernels, allocator
+    compute = _Timed(batch._features)
+    batch._features = compute
+    out.put(("ready", 0, {}))
+    start.wait()
+
+    def loop() -> None:
+        while (chunk := tasks.get()) is not None:
+            outcome = batch.index_batch(rt, TENANT, COLLECTION, version, chunk)
+            counts = (len(outcome.indexed), len(outcome.already_indexed))
+            out.put(("done", counts, outcome.poison))
+
+    threads = [threading.Thread(target=loop) for _ in range(args["concurrency"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out.put(("exit", compute.seconds, {}))
+
+
+def _whole_task_processes(
+    root: Path, ids: list[str], version: str, processes: int, device: str, args
+) -> dict:
+    """`_whole_task` run by `processes` worker processes sharing the device, as a GPU worker
+    with `--concurrency processes` (prefork) would; the clock starts once all are warm."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    tasks, out, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+    for i in range(0, len(ids), args.batch_size):
+        tasks.put(ids[i : i + args.batch_size])
+    for _ in range(processes * args.concurrency):
+        tasks.put(None)
+    options = {"io_threads": args.io_threads, "concurrency": args.concurrency}
+    workers = [
+        ctx.Process(
+            target=_process_worker,
+            args=(
+                str(root),
+                args.discard_features,
+                device,
+                version,
+                ids[0],
+                options,
+                (tasks, out, start),
+            ),
+        )
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in workers:
+            kind, _, _ = out.get(timeout=900)
+            if kind != "ready":
+                raise RuntimeError(f"worker process failed to start ({kind})")
+        started = time.perf_counter()
+        start.set()
+        done, indexed, feature_seconds, exited = 0, 0, 0.0, 0
+        with tqdm(total=len(ids), desc=f"index {version} x{processes}", unit="img") as bar:
+            while exited < processes:
+                kind, value, poison = out.get(timeout=900)
+                if poison:
+                    raise RuntimeError(f"poison in the benchmark: {poison}")
+                if kind == "done":
+                    indexed += value[0]
+                    done += value[0] + value[1]
+                    bar.update(value[0] + value[1])
+                    if done == len(ids):
+                        wall = time.perf_counter() - started
+                else:
+                    exited += 1
+                    feature_seconds += value
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    return {
+        "images": len(ids),
+        "indexed": indexed,
+        "processes": processes,
+        "wall_seconds": wall,
+        "images_per_s": len(ids) / wall,
+        "feature_seconds_summed": feature_seconds,
+        "feature_share_of_wall": feature_seconds / wall / (args.concurrency * processes),
+    }
+
+
 def _feature_step(pipeline, images, masks, batch: int) -> float:
     """Images/s of fisher_vectors + project on decoded images (one warm-up batch first)."""
     pipeline.project(pipeline.fisher_vectors(images[:batch], masks[:batch]))
@@ -173,6 +330,28 @@ def _feature_step(pipeline, images, masks, batch: int) -> float:
         pipeline.project(fv)
     _sync(pipeline)
     return len(images) / (time.perf_counter() - started)
+
+
+def _stage_profile(pipeline, images, masks, batch: int) -> dict[str, float]:
+    """Device (else CPU) milliseconds per image of each named stage of the torch back end
+    (`TorchFeatures._batch`'s record_function names), over at most four batches."""
+    import torch
+
+    n = min(len(images), 4 * batch)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = str(pipeline.device or "").startswith("cuda")
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        for start in range(0, n, batch):
+            pipeline.fisher_vectors(images[start : start + batch], masks[start : start + batch])
+        _sync(pipeline)
+    out = {}
+    for event in profile.key_averages():
+        if event.key.startswith("pecbir."):
+            micros = event.device_time_total if on_cuda else event.cpu_time_total
+            out[event.key.removeprefix("pecbir.")] = micros / 1000 / n
+    return out
 
 
 def _sync(pipeline) -> None:
@@ -243,10 +422,6 @@ def run(args: argparse.Namespace) -> int:
     from pecbir.commands.bench_gpu import _load_crops
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_contracts.records import write_current_version
-    from pecbir_indexer.runtime import Runtime
-    from pecbir_indexer.settings import IndexerSettings
-    from pecbir_platform.bus import InMemoryBus
-    from pecbir_platform.store import FilesystemStore
     from pecore.pipeline import CBIRPipeline
     from pecore.torch_features import resolve_device
 
@@ -258,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
     blob = io.BytesIO()
     reference.save(blob)
     runs = [int(n) for n in args.images.split(",")]
+    process_counts = [int(n) for n in args.processes.split(",")]
     distinct = min(args.distinct, max(runs))
     images, masks = _canvases(data, max(distinct, args.feature_images))
     labels = np.resize(data.labels, len(images))
@@ -268,6 +444,13 @@ def run(args: argparse.Namespace) -> int:
     feature_torch = _feature_step(
         torch_pipe, images[: args.feature_images], masks[: args.feature_images], args.batch_size
     )
+    stages = (
+        _stage_profile(
+            torch_pipe, images[: args.feature_images], masks[: args.feature_images], args.batch_size
+        )
+        if args.stages
+        else None
+    )
     cpu_pipe = CBIRPipeline.load(io.BytesIO(blob.getvalue()))
     cpu_pipe.set_params(n_jobs=1)
     n_cpu = min(args.cpu_images, len(images))
@@ -277,12 +460,8 @@ def run(args: argparse.Namespace) -> int:
     layout = CollectionLayout(TENANT, COLLECTION)
     rows = []
     try:
-        base = FilesystemStore(root)
-        store = _DiscardFeatures(base, f"{layout.root}features/") if args.discard_features else base
-        settings = IndexerSettings(
-            feature_backend="torch", feature_device=device, batch_io_threads=args.io_threads
-        )
-        rt = Runtime(settings, store, InMemoryBus())
+        rt = _runtime(root, args.discard_features, device, args.io_threads)
+        base = rt.store._store if args.discard_features else rt.store
         filled = _fill_store(
             base,
             layout,
@@ -292,17 +471,22 @@ def run(args: argparse.Namespace) -> int:
             max(runs),
             "hard links",
         )
-        for k, n in enumerate(runs):
-            version = f"v{k + 1:04d}"
-            base.put(layout.model(version), blob.getvalue())
-            write_current_version(base, layout, version)
-            row = _whole_task(rt, filled[:n], version, args)
-            rt.bus = InMemoryBus()  # drop the events of this run
-            rows.append(row)
-        cpu_version = f"v{len(runs) + 1:04d}"
+        versions = 0
+        for n in runs:
+            for processes in process_counts:
+                versions += 1
+                version = f"v{versions:04d}"
+                base.put(layout.model(version), blob.getvalue())
+                write_current_version(base, layout, version)
+                if processes == 1:
+                    row = {**_whole_task(rt, filled[:n], version, args), "processes": 1}
+                else:
+                    row = _whole_task_processes(root, filled[:n], version, processes, device, args)
+                rows.append(row)
+        cpu_version = f"v{versions + 1:04d}"
         base.put(layout.model(cpu_version), blob.getvalue())
         cpu = _cpu_task(base, layout, cpu_version, filled[: args.cpu_images + 1])
-        discarded = getattr(store, "discarded_bytes", 0)
+        discarded = getattr(rt.store, "discarded_bytes", 0)
     finally:
         if args.store is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -325,6 +509,7 @@ def run(args: argparse.Namespace) -> int:
         "feature_record_bytes_discarded": discarded,
         "bus": "in-process (no Redis on the device machine)",
         "feature_step_images_per_s": {"torch": feature_torch, "cpu_one_process": feature_cpu},
+        "device_stages_ms_per_image": stages,
         "whole_task": rows,
         "cpu_whole_task_one_process": cpu,
         "machine": {
@@ -342,11 +527,13 @@ def run(args: argparse.Namespace) -> int:
         f"FV {fisher_dim}"
     )
     print(f"feature step: torch {feature_torch:,.0f} img/s, CPU process {feature_cpu:,.1f} img/s")
-    print(f"{'images':>9} {'wall s':>8} {'img/s':>9} {'features %':>10} {'publish s':>9}")
+    if stages:
+        print("device time per image, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    print(f"{'images':>9} {'procs':>5} {'wall s':>8} {'img/s':>9} {'features %':>10}")
     for r in rows:
         print(
-            f"{r['images']:>9} {r['wall_seconds']:>8.1f} {r['images_per_s']:>9,.0f} "
-            f"{100 * r['feature_share_of_wall']:>9.0f}% {r['publish_seconds']:>9.1f}"
+            f"{r['images']:>9} {r['processes']:>5} {r['wall_seconds']:>8.1f} "
+            f"{r['images_per_s']:>9,.0f} {100 * r['feature_share_of_wall']:>9.0f}%"
         )
     print(f"CPU index_image, one process: {cpu['images_per_s']:.1f} img/s")
     print(f"wrote {args.out}")

@@ -49,7 +49,7 @@ with EmbeddedSystem(root, master=MasterKey.from_seed(3), background_tasks=backgr
     for image, mask, label in zip(seed.images, seed.masks, seed.labels):
         system.encryptor.post("/v1/collections/bench/images",
             files={"image": ("x.npy", npy(image)), "mask": ("m.npy", npy(mask))},
-            data={"label": str(int(label))}).raise_for_status()
+            data={"label": str(int(label)), "train": "true"}).raise_for_status()
     system.gateway.post("/v1/collections/bench/model/train", json=model).raise_for_status()
     system.wait_searchable("bench", 24, timeout=600)
     settings = system.encryptor_app.state.context.settings

@@ -47,7 +47,9 @@ def _load(args: argparse.Namespace):
 
     if not args.synthetic and default_data_path().is_file():
         return load_figshare(cache_dir=Path("cache")), "figshare"
-    return make_synthetic(n_images=args.images, size=256, seed=0), "synthetic"
+    # stored images, new queries and the STOW push: all distinct
+    n_images = args.images + args.queries + args.stow_images
+    return make_synthetic(n_images=n_images, size=256, seed=0), "synthetic"
 
 
 def _ms(seconds: list[float]) -> dict[str, float]:
@@ -110,7 +112,7 @@ def _ingest(system, collection: str, image, mask, label: int) -> None:
     answer = system.encryptor.post(
         ENCRYPTOR_IMAGES.format(collection=collection),
         files={"image": ("i.npy", _npy(image)), "mask": ("m.npy", _npy(mask))},
-        data={"label": str(label)},
+        data={"label": str(label), "train": "true"},
     )
     if answer.status_code != 202:
         raise RuntimeError(f"upload refused: {answer.status_code} {answer.text}")
@@ -124,31 +126,56 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _stability(system, collection: str, images, masks, args) -> dict[str, object]:
+def _stability(system, collection: str, images, masks, args, *, stored: bool) -> dict[str, object]:
+    """Each of `args.queries` images searched `args.repeats` times: identical top-10s, and what
+    the encryptor sent the cloud (a stored image goes by reference: no cipher, no vector)."""
     from tqdm import tqdm
 
     from pecbir_contracts.routes import ENCRYPTOR_SEARCH
 
+    sent: list[str] = []
+
+    def keep(request) -> None:
+        if request.method == "POST" and request.url.path.endswith(("/search", "/fisher-vector")):
+            sent.append(request.url.path)
+
+    hooks = system.encryptor_app.state.encryptor.gateway.http.event_hooks["request"]
+    hooks.append(keep)
     identical, seconds = 0, []
-    for q in tqdm(range(args.queries), desc=f"stability {collection}", unit="query"):
-        rankings = set()
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            answer = system.encryptor.post(
-                ENCRYPTOR_SEARCH.format(collection=collection),
-                files={"image": ("q.npy", _npy(images[q])), "mask": ("m.npy", _npy(masks[q]))},
-                data={"k": "10"},
-            )
-            seconds.append(time.perf_counter() - started)
-            if answer.status_code != 200:
-                raise RuntimeError(f"search refused: {answer.status_code} {answer.text}")
-            rankings.add(tuple(hit["image_id"] for hit in answer.json()["hits"]))
-        identical += len(rankings) == 1
+    try:
+        for q in tqdm(range(args.queries), desc=f"stability {collection}", unit="query"):
+            rankings = set()
+            for _ in range(args.repeats):
+                while True:
+                    started = time.perf_counter()
+                    answer = system.encryptor.post(
+                        ENCRYPTOR_SEARCH.format(collection=collection),
+                        files={
+                            "image": ("q.npy", _npy(images[q])),
+                            "mask": ("m.npy", _npy(masks[q])),
+                        },
+                        data={"k": "10"},
+                    )
+                    if answer.status_code != 429:
+                        break
+                    # the user's search budget (10/s): wait as a client would, untimed
+                    time.sleep(float(answer.headers.get("retry-after", "1")))
+                seconds.append(time.perf_counter() - started)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"search refused: {answer.status_code} {answer.text}")
+                rankings.add(tuple(hit["image_id"] for hit in answer.json()["hits"]))
+            identical += len(rankings) == 1
+    finally:
+        hooks.remove(keep)
+    by_reference = sum("/images/" in path for path in sent)
     return {
         "queries": args.queries,
+        "stored_images": stored,
         "repeats": args.repeats,
         "identical_top10": identical,
         "identical_top10_pct": round(100 * identical / args.queries, 1),
+        "searches_by_reference": by_reference,
+        "searches_sending_a_query_cipher_or_vector": len(sent) - by_reference,
         "search_through_encryptor": _ms(seconds),
     }
 
@@ -233,8 +260,18 @@ def run(args: argparse.Namespace) -> int:
             "images_per_s": round(args.stow_images / stow_s, 2),
             "note": "embedded: encryptor, gateway, indexer (eager) and search in one process",
         }
+        # Queries of stored images (by reference) and of images the hospital never stored
+        # (a cipher, or in the sealed mode a vector, under the query's content-derived key).
+        excluded = {int(r) for r in rows} | {int(r) for r in stow_rows}
+        unseen = [r for r in rng.permutation(len(dataset)) if int(r) not in excluded]
+        new_images = [dataset.images[r] for r in unseen[: args.queries]]
+        new_masks = [dataset.masks[r] for r in unseen[: args.queries]]
         results["stability"] = {
-            mode: _stability(system, mode, images, masks, args) for mode in (sealed, pe)
+            f"{mode}, stored": _stability(system, mode, images, masks, args, stored=True)
+            for mode in (sealed, pe)
+        } | {
+            f"{mode}, new": _stability(system, mode, new_images, new_masks, args, stored=False)
+            for mode in (sealed, pe)
         }
     _print(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +298,13 @@ def _print(results: dict[str, object]) -> None:
                 f"{mode}: identical top-10 over {stable['repeats']} repeats, "
                 f"% of {stable['queries']} queries",
                 stable["identical_top10_pct"],
+            )
+        )
+        rows.append(
+            (
+                f"{mode}: searches that sent a query cipher/vector (by reference)",
+                f"{stable['searches_sending_a_query_cipher_or_vector']} "
+                f"({stable['searches_by_reference']})",
             )
         )
     width = max(len(name) for name, _ in rows)

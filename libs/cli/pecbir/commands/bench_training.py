@@ -6,7 +6,9 @@ runs in a fresh process under an address-space limit (`--limit-gib`, a stand-in 
 memory) and reports its peak RSS:
 
 - `memory`: today's path, all N vectors loaded into one array, `CFML.fit` (one centred copy);
-- `streamed`: `CFML.fit_chunks` over the memory-mapped chunks (two chunks + the N×N Gram).
+- `streamed`: `CFML.fit_chunks` over the memory-mapped chunks (two chunks + the N×N Gram);
+- `capped`: the same with `max_rank` (the randomised k-dimensional subspace);
+- `primal`: `CFML(solver="primal").fit_chunks`, the exact solve from streamed F×F statistics.
 
 A run that does not fit under the limit is recorded as such. The table also gives each mode's
 memory model (bytes, fitted to nothing: the arrays each path allocates) at larger N, labelled
@@ -44,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=5.0,
         help="address-space limit (0: none; CUDA needs none)",
     )
-    parser.add_argument("--modes", default="memory,streamed", help="memory, streamed, capped")
+    parser.add_argument(
+        "--modes", default="memory,streamed", help="memory, streamed, capped, primal"
+    )
     parser.add_argument("--max-rank", type=int, default=4096, help="k of the capped mode")
     parser.add_argument("--device", default=None, help="torch device for the block products")
     parser.add_argument("--model-sizes", default="10000,50000,100000")
@@ -104,7 +108,9 @@ def child(
             # read on access, as from a store (a memory map would count every chunk's pages
             # in RSS and in the address space)
             rank = max_rank if mode == "capped" else None
-            CFML(n_components=10, max_rank=rank).fit_chunks(_Reads(paths), labels, device=device)
+            solver = "primal" if mode == "primal" else "dual"
+            metric = CFML(n_components=10, max_rank=rank, solver=solver)
+            metric.fit_chunks(_Reads(paths), labels, device=device)
         outcome = "fitted"
     except MemoryError:
         outcome = "MemoryError"
@@ -149,6 +155,10 @@ def _measure(
 
 def memory_model(mode: str, n: int, features: int, chunk: int, rank: int = 4096) -> int:
     """Bytes of the big arrays each path allocates (not a measurement)."""
+    if mode == "primal":
+        # the two float32 F×F statistics, LAPACK's float64 copies of M_D and M_S + λI and its
+        # work space (on a torch device: the two float32 matrices there, LOBPCG's F×3m), chunks
+        return 2 * features * features * 4 + 3 * features * features * 8 + 3 * chunk * features * 4
     if mode == "capped":
         width = min(rank + 64, features)
         # the range finder's float32 n×width and F×width, B and V (float64 F×width), the
@@ -194,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     model = {
         str(n): {
             mode: memory_model(mode, n, args.features, args.chunk, args.max_rank)
-            for mode in ("memory", "streamed", "capped")
+            for mode in ("memory", "streamed", "capped", "primal")
         }
         for n in (int(s) for s in args.model_sizes.split(","))
     }
@@ -232,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
     for n, modes in model.items():
         print(
             f"model N={n}: memory {modes['memory'] / GIB:.1f} GiB, "
-            f"streamed {modes['streamed'] / GIB:.1f} GiB, capped {modes['capped'] / GIB:.1f} GiB"
+            f"streamed {modes['streamed'] / GIB:.1f} GiB, capped {modes['capped'] / GIB:.1f} GiB, "
+            f"primal {modes['primal'] / GIB:.1f} GiB"
         )
     print(f"wrote {args.out}")
     return 0

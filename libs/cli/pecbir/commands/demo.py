@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     "image": ("slice.npy", _npy(dataset.images[row])),
                     "mask": ("mask.npy", _npy(dataset.masks[row])),
                 },
-                data={"label": str(int(dataset.labels[row]))},
+                data={"label": str(int(dataset.labels[row])), "train": "true"},
             )
             if answer.status_code != 202:
                 raise RuntimeError(f"upload of row {row} failed: {answer.text}")

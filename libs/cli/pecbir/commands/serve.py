@@ -133,6 +133,8 @@ def _one_box(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str,
         encryptor.env_name("user_token_secret"): _secret(folder / "user_token_secret"),
         encryptor.env_name("audit_log"): str(folder / "audit.jsonl"),
         encryptor.env_name("pending_dir"): str(folder / "pending"),
+        encryptor.env_name("content_index"): str(folder / "content-index"),
+        encryptor.env_name("dicom_refs_dir"): str(folder / "dicom-refs"),
         encryptor.env_name("pacs_credentials"): str(folder / "pacs-credentials.json"),
     }
     # The encryptor calls the gateway as the tenant's operator.

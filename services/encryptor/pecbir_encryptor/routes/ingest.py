@@ -10,9 +10,11 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from pecbir_contracts.layout import check_image_id
 from pecbir_contracts.routes import ENCRYPTOR_IMAGE_STATUS, ENCRYPTOR_IMAGES
 from pecbir_encryptor.deps import Caller, Ctx, collection_name, gateway_failed
+from pecbir_encryptor.dicom_refs import DicomRef
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_platform.web import read_limited, require_scope
+from pecore.io import open_dicom
 
 router = APIRouter()
 
@@ -27,8 +29,12 @@ def ingest(
     label: Annotated[int | None, Form(ge=0, le=255)] = None,
     role: Annotated[str, Form(pattern="^(template|query)$")] = "template",
     train: Annotated[
-        bool, Form(description="a training template: only then may the cloud read its label")
-    ] = True,
+        bool | None,
+        Form(
+            description="a training template: only then may the cloud read its label; unset: "
+            "the owner's policy (a template only in PECBIR_ENCRYPTOR_TEMPLATE_COLLECTIONS)"
+        ),
+    ] = None,
 ) -> dict[str, object]:
     """Encrypt one plain image (DICOM, PNG or NPY) with its tumour mask and upload it to the cloud.
     Everything is checked before anything is sent: a refused file leaves nothing stored.
@@ -61,6 +67,11 @@ def ingest(
         raise HTTPException(422, str(exc)) from None
     except GatewayError as exc:
         raise gateway_failed(exc) from None
+    if source_uid and encryptor.dicom_refs is not None:
+        # Which DICOM instance it is, kept here only (the page's viewer links).
+        ref = DicomRef.of(open_dicom(image_bytes, max_pixels=ctx.settings.max_pixels))
+        if ref is not None:
+            encryptor.dicom_refs.put(collection, str(answer["image_id"]), ref)
     return {"opaque_id": opaque_id, "upload": answer}
 
 

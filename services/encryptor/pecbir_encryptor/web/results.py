@@ -5,12 +5,9 @@ encryptor's own operations (`Encryptor.search`, `fetch_plain`, `open_released`),
 works for every mode those do. This hospital's hits are opened with its keys; another
 hospital's through that owner's audited key release (`PeerKeys`), or shown "not released".
 
-Similarity: the cloud answers with distances in a learned feature space, which mean nothing
-to a clinician. The page shows ``100 · max(0, 1 − d / d_median)``, where d_median is the
-query's median distance to the images of that collection: 100 is an identical feature
-vector, 0 is no closer than a typical image of the collection. The score is per query and
-per collection, so hits of several collections (each with its own model) can be ordered on
-one scale.
+The result page is shown as soon as the collections are searched: each tile is opened when
+the page asks for it (`QueryResult.open_tile`, once per tile, audited), so the first hit shows
+as soon as it is open, not when all k are. Similarity: `pecbir_encryptor.web.similarity`.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.peers import NotReleased, PeerKeys
+from pecbir_encryptor.web.similarity import relative_distances, similarity_scores
 from pecore.cipher import to_uint8
 
 __all__ = [
@@ -47,7 +45,6 @@ __all__ = [
     "Source",
     "outline_png",
     "run_query",
-    "similarity_scores",
 ]
 
 # The dataset's classes (pecore.datasets.CLASS_NAMES), spelled here too: the encryptor image
@@ -100,7 +97,8 @@ class Hit:
     label
         Its class, when known (after opening, or the cloud's label of a pe template).
     state
-        "shown", "not-released" (the owner refused its key) or "failed" (it did not open).
+        "pending" (not opened yet), "shown", "not-released" (the owner refused its key) or
+        "failed" (it did not open).
     reason
         Why it is not shown.
     mode
@@ -108,6 +106,10 @@ class Hit:
     png, outline, exact
         The plain image for display (8-bit PNG), its tumour outline (RGBA PNG), and the
         exact plain array when it is not 8-bit (sealed images keep their depth).
+    open_ms
+        How long opening it took (fetch, key release, decryption), once opened.
+    lock
+        Held while it is opened (the page's requests for one tile open it once).
     """
 
     rank: int
@@ -117,12 +119,14 @@ class Hit:
     distance: float
     similarity: int
     label: int | None
-    state: str = "shown"
+    state: str = "pending"
     reason: str = ""
     mode: str = "pe"
     png: bytes = b""
     outline: bytes = b""
     exact: np.ndarray | None = None
+    open_ms: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def class_name(self) -> str:
@@ -159,7 +163,9 @@ class QueryResult:
     sources
         Per source: mode, model version, collection size, or the error.
     timings_ms
-        search and open, in milliseconds.
+        search (and, with a class filter, the opening of hits of unknown class), in ms.
+    opener
+        Opens one pending tile (set by `run_query`).
     """
 
     id: str
@@ -175,6 +181,20 @@ class QueryResult:
     hits: list[Hit] = field(default_factory=list)
     sources: list[dict[str, object]] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    opener: Callable[[Hit], None] | None = field(default=None, repr=False)
+
+    def open_tile(self, rank: int) -> Hit:
+        """The tile at `rank`, opened first if it is pending (KeyError if none)."""
+        hit = self.hit(rank)
+        with hit.lock:
+            if hit.state == "pending" and self.opener is not None:
+                self.opener(hit)
+        return hit
+
+    def open_all(self) -> None:
+        """Open every pending tile (the exports need them all), a few at a time."""
+        with ThreadPoolExecutor(max_workers=OPEN_THREADS) as pool:
+            list(pool.map(self.open_tile, [h.rank for h in self.hits]))
 
     def cloud_image(self) -> bytes | None:
         """The query's image as the cloud got it (made on first use: most views never ask)."""
@@ -290,29 +310,6 @@ class ResultCache:
         return result if result is not None and result.sub == sub else None
 
 
-def similarity_scores(distances: np.ndarray) -> np.ndarray:
-    """0–100 similarities of a query's distances to every image of one collection.
-
-    Parameters
-    ----------
-    distances
-        The query's distances to the collection's images (all of them, or as many as the
-        cloud returned).
-
-    Returns
-    -------
-    numpy.ndarray
-        ``round(100 · max(0, 1 − d / median(d)))`` per distance, as integers.
-    """
-    distances = np.asarray(distances, dtype=np.float64)
-    if distances.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    reference = float(np.median(distances))
-    if reference <= 0:
-        return np.where(distances <= 0, 100, 0).astype(np.int64)
-    return np.rint(100 * np.clip(1 - distances / reference, 0, 1)).astype(np.int64)
-
-
 def outline_png(mask: np.ndarray | None, shape: tuple[int, ...]) -> bytes:
     """The tumour outline of `mask` as an RGBA PNG: a two-pixel red line, transparent elsewhere.
 
@@ -359,6 +356,11 @@ def _cloud_view(
         return None, "nothing was sent"
     source = sources[0]
     owner = None if source.owner == encryptor.tenant else source.owner
+    if owner is None and encryptor.stored_match(source.collection, pixels, mask) is not None:
+        return None, (
+            "no image and no vector: the query is one of this hospital's stored images, "
+            "searched by reference to it"
+        )
     mode = encryptor.mode_of(source.collection, owner)
     if mode != "pe":
         what = {
@@ -399,7 +401,12 @@ def run_query(
     exclude: str | None = None,
     budget: Callable[[], str | None] | None = None,
 ) -> QueryResult:
-    """Search `sources` with a plain query, open the `k` most similar hits, audit every step.
+    """Search `sources` with a plain query and choose its `k` tiles; every step audited.
+
+    The tiles are left pending: each is opened when the page asks for it
+    (`QueryResult.open_tile`). Only with a class filter are the candidates whose class the
+    cloud does not know (a sealed image that is no training template) opened here, in order,
+    since whether they belong on the page is known only then.
 
     Parameters
     ----------
@@ -448,7 +455,6 @@ def run_query(
         cloud_text="",
         filters={"k": k, "class": label, "hospitals": sorted({s.owner for s in sources})},
     )
-    candidates: list[tuple[int, float, Source, object, str]] = []
 
     def search(source: Source) -> tuple[Source, object, str]:
         owner = None if source.owner == encryptor.tenant else source.owner
@@ -463,6 +469,7 @@ def run_query(
     # The collections are searched at once (a bad query raises here, before anything opens).
     with ThreadPoolExecutor(max_workers=OPEN_THREADS) as pool:
         answers = list(pool.map(search, sources))
+    found: list[tuple[Source, list, str]] = []
     for source, answer, mode in answers:
         if answer is None:
             result.sources.append({"source": source.label, "error": mode})
@@ -475,11 +482,17 @@ def run_query(
                 "n_database": answer.n_database,
             }
         )
-        hits = [h for h in answer.hits if h.image_id != exclude]
-        scores = similarity_scores(np.array([h.distance for h in hits]))
+        found.append((source, [h for h in answer.hits if h.image_id != exclude], mode))
+    # One scale for every collection searched (pooled ranks: `similarity`).
+    distances = [np.array([h.distance for h in hits]) for _, hits, _ in found]
+    scores = similarity_scores(distances)
+    candidates: list[tuple[float, float, Source, object, str]] = []
+    for (source, hits, mode), score, relative in zip(
+        found, scores, map(relative_distances, distances), strict=True
+    ):
         candidates += [
-            (int(score), hit.distance, source, hit, mode)
-            for score, hit in zip(scores, hits, strict=True)
+            (float(s), float(r), source, hit, mode)
+            for s, r, hit in zip(score, relative, hits, strict=True)
         ]
     audit.write(
         action="ui-search",
@@ -489,15 +502,21 @@ def run_query(
         sources=[s.label for s in sources],
         candidates=len(candidates),
     )
-    searched = time.perf_counter()
     result.cloud_maker, result.cloud_text = _cloud_view(encryptor, sources, pixels, mask)
     candidates.sort(key=lambda c: (-c[0], c[1]))
     if label is not None:
-        # the cloud's own label of a pe template already says whether it is of that class
+        # the cloud's own label of a template already says whether it is of that class
         candidates = [c for c in candidates if c[3].label is None or c[3].label == label]
+
+    def open_one(tile: Hit) -> None:
+        refusal = budget() if budget is not None else None
+        if refusal is not None:
+            tile.state, tile.reason = "failed", refusal
+            return
+        _open_hit(encryptor, peers, tile, sub=sub, query_id=result.id)
+
+    result.opener = open_one
     queue = iter(candidates[: MAX_OPENED_PER_HIT * k])
-    # Hits open in parallel (the key streams release the GIL); in order, batch after batch,
-    # until k are shown: with a class filter, an opened hit may turn out to be of another.
     with ThreadPoolExecutor(max_workers=OPEN_THREADS) as pool:
         while len(result.hits) < k:
             batch = [
@@ -506,27 +525,18 @@ def run_query(
                     source=source,
                     image_id=hit.image_id,
                     source_rank=hit.rank,
-                    distance=float(distance),
-                    similarity=score,
+                    distance=float(hit.distance),
+                    similarity=round(score),
                     label=hit.label,
                     mode=mode,
                 )
-                for score, distance, source, hit, mode in islice(queue, k - len(result.hits))
+                for score, _, source, hit, mode in islice(queue, k - len(result.hits))
             ]
             if not batch:
                 break
-            to_open = []
-            for tile in batch:
-                refusal = budget() if budget is not None else None
-                if refusal is None:
-                    to_open.append(tile)
-                else:
-                    tile.state, tile.reason = "failed", refusal
-            list(
-                pool.map(
-                    lambda t: _open_hit(encryptor, peers, t, sub=sub, query_id=result.id), to_open
-                )
-            )
+            # With a class filter, a hit of unknown class is opened now (in parallel, in
+            # order, batch after batch until k are chosen): only then is its class known.
+            list(pool.map(open_one, [t for t in batch if label is not None and t.label is None]))
             for tile in batch:
                 if label is not None and tile.state == "shown" and tile.label != label:
                     continue  # its class was known only once opened (sealed)
@@ -534,10 +544,7 @@ def run_query(
                     continue  # of unknown class: not shown under a class filter
                 tile.rank = len(result.hits) + 1
                 result.hits.append(tile)
-    result.timings_ms = {
-        "search": round(1000 * (searched - started), 1),
-        "open": round(1000 * (time.perf_counter() - searched), 1),
-    }
+    result.timings_ms = {"search": round(1000 * (time.perf_counter() - started), 1)}
     return result
 
 
@@ -553,6 +560,7 @@ def _open_hit(encryptor: Encryptor, peers: PeerKeys, tile: Hit, *, sub: str, que
         "image_id": tile.image_id,
     }
     own = source.owner == encryptor.tenant
+    started = time.perf_counter()
     try:
         if own:
             opened = encryptor.fetch_plain(source.collection, tile.image_id)
@@ -580,3 +588,5 @@ def _open_hit(encryptor: Encryptor, peers: PeerKeys, tile: Hit, *, sub: str, que
     tile.exact = None if image.dtype == np.uint8 else image
     if opened.label is not None:
         tile.label = int(opened.label)
+    tile.open_ms = round(1000 * (time.perf_counter() - started), 1)
+    tile.state = "shown"

@@ -24,12 +24,14 @@ from pecbir_contracts.auth import ENCRYPTOR_TOKEN, AuthError, Claims, verify_tok
 from pecbir_contracts.layout import check_image_id, check_name
 from pecbir_contracts.png import decode_image_png, encode_png
 from pecbir_encryptor.deps import EncryptorContext, context
+from pecbir_encryptor.dicom_refs import viewer_link
 from pecbir_encryptor.gateway_client import GatewayError
 from pecbir_encryptor.inputs import read_mask, read_pixels
 from pecbir_encryptor.integrity import IntegrityError
 from pecbir_encryptor.peers import PeerKeys
 from pecbir_encryptor.web.results import (
     CLASS_NAMES,
+    Hit,
     QueryResult,
     ResultCache,
     Source,
@@ -196,6 +198,7 @@ def _home(
         error=error,
         form=form,
         max_k=MAX_UI_K,
+        viewer_url=lambda hit: _viewer_url(ctx, hit),
     )
 
 
@@ -397,16 +400,61 @@ def _result(state: WebState, user: Session, query_id: str) -> QueryResult:
 
 @router.get("/queries/{query_id}")
 def result_page(request: Request, ctx: Ctx, user: User, state: State, query_id: str) -> Response:
-    """A query's result: the query, the tiles, the exports (the view is audited)."""
+    """A query's result: the query, the tiles (each opened when the page asks for it), the
+    exports (the view is audited, and each tile's view)."""
     result = _result(state, user, query_id)
     ctx.encryptor.audit.write(
         action="ui-view",
         sub=user.claims.sub,
         outcome="ok",
         query=query_id,
-        image_ids=[h.image_id for h in result.hits if h.state == "shown"],
+        tiles=len(result.hits),
     )
     return _home(request, ctx, user, result=result)
+
+
+@router.get("/queries/{query_id}/hits/{rank:int}")
+def hit_tile(
+    request: Request, ctx: Ctx, user: User, state: State, query_id: str, rank: int
+) -> HTMLResponse:
+    """One tile of a result, opened first if it was not (the page asks for each in turn, so
+    the first shows as soon as it is open); its view is audited."""
+    result = _result(state, user, query_id)
+    hit = _open_tile(result, rank)
+    ctx.encryptor.audit.write(
+        action="ui-view",
+        sub=user.claims.sub,
+        outcome=hit.state,
+        query=query_id,
+        rank=rank,
+        owner=hit.source.owner,
+        image_id=hit.image_id,
+    )
+    return _page(
+        request,
+        "tile.html",
+        result=result,
+        hit=hit,
+        tenant=ctx.settings.tenant,
+        viewer_url=lambda h: _viewer_url(ctx, h),
+    )
+
+
+def _open_tile(result: QueryResult, rank: int) -> Hit:
+    try:
+        return result.open_tile(rank)
+    except KeyError:
+        raise HTTPException(404, f"no hit {rank}") from None
+
+
+def _viewer_url(ctx: EncryptorContext, hit: Hit) -> str | None:
+    """The DICOMweb viewer's URL of one of this hospital's hits that came as DICOM; None for
+    another hospital's (its UIDs never leave it), a non-DICOM one, or no viewer configured."""
+    refs = ctx.encryptor.dicom_refs
+    if not ctx.settings.viewer_url or refs is None or hit.source.owner != ctx.settings.tenant:
+        return None
+    ref = refs.get(hit.source.collection, hit.image_id)
+    return viewer_link(ctx.settings.viewer_url, hit.source.collection, ref)
 
 
 @router.get("/queries/{query_id}/query.png")
@@ -427,11 +475,8 @@ def query_cloud(user: User, state: State, query_id: str) -> Response:
     return _png(image)
 
 
-def _shown_hit(state: WebState, user: Session, query_id: str, rank: int):
-    try:
-        hit = _result(state, user, query_id).hit(rank)
-    except KeyError:
-        raise HTTPException(404, f"no hit {rank}") from None
+def _shown_hit(state: WebState, user: Session, query_id: str, rank: int) -> Hit:
+    hit = _open_tile(_result(state, user, query_id), rank)
     if hit.state != "shown":
         raise HTTPException(404, f"hit {rank} is not shown: {hit.reason}")
     return hit
@@ -486,6 +531,7 @@ def export(ctx: Ctx, user: User, state: State, query_id: str, kind: str) -> Resp
     if kind not in makers:
         raise HTTPException(404, "exports: png, csv or json")
     make, media = makers[kind]
+    result.open_all()  # every tile, as the export lists them all
     ctx.encryptor.audit.write(
         action="ui-export", sub=user.claims.sub, outcome="ok", query=query_id, kind=kind
     )

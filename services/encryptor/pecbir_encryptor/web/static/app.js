@@ -141,7 +141,63 @@
     document.getElementById("zoom-caption").textContent = tile.getAttribute("aria-label");
     zoom.showModal();
   }
-  tiles().forEach((tile) => tile.addEventListener("dblclick", () => enlarge(tile)));
+  document.addEventListener("dblclick", (event) => {
+    const tile = event.target.closest && event.target.closest(".tile");
+    if (tile) enlarge(tile);
+  });
+
+  // The result's tiles come pending: each is asked for in rank order, a few at a time (the
+  // server opens it: fetch, key release, decryption) and replaces its placeholder when open,
+  // so the first case shows as soon as it is open rather than when all are.
+  const OPENING_AT_ONCE = 4;
+  function settle(tile, html) {
+    const holder = document.createElement("template");
+    holder.innerHTML = html.trim();
+    const opened = holder.content.firstElementChild;
+    if (!opened || !opened.classList.contains("tile")) throw new Error("not a tile");
+    const focused = document.activeElement === tile;
+    tile.replaceWith(opened);
+    if (focused) opened.focus();
+    if (body.classList.contains("cloud-view")) toggle("cloud-view", true);
+  }
+  function failed(tile, why) {
+    tile.dataset.state = "failed";
+    tile.className = "tile state-failed";
+    const frame = tile.querySelector(".frame");
+    frame.className = "frame locked failed";
+    frame.textContent = "";
+    const title = document.createElement("p");
+    title.innerHTML = "<strong>Could not be opened</strong>";
+    const reason = document.createElement("p");
+    reason.className = "reason";
+    reason.textContent = why;
+    frame.append(title, reason);
+  }
+  async function openTiles() {
+    const queue = Array.from(document.querySelectorAll(".tile[data-tile]"));
+    async function worker(tiles) {
+      for (let tile = tiles.shift(); tile; tile = tiles.shift()) {
+        try {
+          const answer = await fetch(tile.dataset.tile, { headers: { accept: "text/html" } });
+          if (answer.redirected && new URL(answer.url).pathname === "/ui/login") {
+            failed(tile, "the session has ended: sign in again to see this case");
+          } else if (!answer.ok) {
+            const detail = await answer.text();
+            failed(tile, answer.status + ": " + (detail.match(/"detail":\s*"([^"]*)"/) || [, detail.slice(0, 120)])[1]);
+          } else {
+            settle(tile, await answer.text());
+          }
+        } catch (error) {
+          failed(tile, "the page could not reach the encryptor (" + error.message + ")");
+        }
+      }
+    }
+    // the first case alone (it has the machine to itself), then the rest a few at a time
+    if (queue.length) await worker(queue.splice(0, 1));
+    await Promise.all(Array.from({ length: OPENING_AT_ONCE }, () => worker(queue)));
+    document.getElementById("hits").dataset.settled = "true";
+  }
+  if (document.getElementById("hits")) openTiles();
 
   function move(from, key) {
     const all = tiles();
@@ -184,6 +240,9 @@
       const first = document.querySelector("#query-form input[type=radio]:checked") || document.getElementById("k");
       if (first) first.focus();
       event.preventDefault();
+    } else if (event.key === "v" && target.classList && target.classList.contains("tile")) {
+      const link = target.querySelector("a.viewer");
+      if (link) window.open(link.href, "_blank", "noopener,noreferrer");
     } else if (event.key === "?" && help) {
       help.showModal();
     }
