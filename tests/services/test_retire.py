@@ -36,14 +36,17 @@ N_SEED = 18
 def system(tmp_path_factory):
     root = tmp_path_factory.mktemp("retire")
     with EmbeddedSystem(
-        root, master=MasterKey.from_seed(19), shared_collections="hospital-a/brain=hospital-b"
+        root,
+        master=MasterKey.from_seed(19),
+        shared_collections="hospital-a/brain=hospital-b",
+        template_collections=frozenset({"brain"}),  # a PACS push is a training template here
     ) as running:
         images, masks, labels = labelled_set(N_SEED, seed=7)
         for image, mask, label in zip(images, masks, labels, strict=True):
             answer = running.encryptor.post(
                 "/v1/collections/brain/images",
                 files={"image": ("x.npy", npy_bytes(image)), "mask": ("m.npy", npy_bytes(mask))},
-                data={"label": str(label)},
+                data={"label": str(label), "train": "true"},
             )
             assert answer.status_code == 202, answer.text
         trained = running.gateway.post("/v1/collections/brain/model/train", json=SMALL_MODEL)
