@@ -143,6 +143,74 @@ def test_dicom_from_stow_rs_to_a_decrypted_search_hit(cluster):
     assert after["serving_version"] == before["serving_version"]
 
 
+def test_a_corrected_seg_retires_the_old_version_in_every_service(cluster):
+    """Issue 14: the encryptor retires the superseded version once the new one is searchable;
+    the real worker announces it on the Redis stream, the search process drops it and does not
+    bring it back when it catches up from S3 after a restart."""
+    from dicomweb_client.api import DICOMwebClient
+
+    gateway = httpx.Client(
+        base_url=cluster.gateway_url, headers={"authorization": f"Bearer {cluster.token()}"}
+    )
+    encryptor = httpx.Client(
+        base_url=cluster.encryptor_url,
+        headers={"authorization": f"Bearer {cluster.user_token()}"},
+        timeout=60,
+    )
+    pacs = DICOMwebClient(
+        url=f"{cluster.encryptor_url}/dicomweb/brain",
+        headers={"Authorization": f"Bearer {cluster.user_token()}"},
+    )
+
+    def n_vectors() -> int:
+        return int(gateway.get("/v1/collections/brain/model").json()["n_vectors"])
+
+    images, masks, _ = labelled_set(1, shape=(48, 48), seed=123)
+    dataset = make_mr(images[0].astype(np.uint16), bits_stored=12)
+    pacs.store_instances(datasets=[dataset, make_seg(masks[0], dataset, label="glioma")])
+    uids = (dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+    wado = "/dicomweb/brain/studies/{}/series/{}/instances/{}".format(*uids)
+    old_id = encryptor.get(wado).headers["x-pecbir-image-id"]
+    _poll(
+        lambda: (
+            gateway.get(f"/v1/collections/brain/images/{old_id}/status").json()["state"]
+            == "searchable"
+        ),
+        "first version searchable",
+    )
+    held = n_vectors()
+    corrected = make_seg(np.roll(masks[0], 3, axis=1), dataset, label="glioma")
+    pacs.store_instances(datasets=[corrected])
+    _poll(lambda: n_vectors() == held + 1, "corrected version indexed")
+
+    def settled():
+        # A search at the hospital promotes the new version once searchable and retires the
+        # old one in the cloud.
+        encryptor.post(
+            "/v1/collections/brain/search",
+            files={
+                "image": ("q.npy", npy_bytes(images[0])),
+                "mask": ("m.npy", npy_bytes(masks[0])),
+            },
+            data={"k": "5"},
+        )
+        status = gateway.get(f"/v1/collections/brain/images/{old_id}/status").json()
+        return status["state"] == "retired"
+
+    _poll(settled, "old version retired in the cloud")
+    _poll(lambda: n_vectors() == held, "search process dropped the old vector")
+    new_id = encryptor.get(wado).headers["x-pecbir-image-id"]
+    assert new_id != old_id
+    assert gateway.get(f"/v1/collections/brain/images/{new_id}/status").json()["state"] == (
+        "searchable"
+    )
+    cluster.stop_search()
+    cluster.start_search()
+    _poll(lambda: n_vectors() == held, "search caught up after restart", timeout=60)
+    time.sleep(1.0)  # the stream replayed after the catch-up does not bring it back either
+    assert n_vectors() == held
+
+
 def test_poison_upload_is_dead_lettered_by_the_worker(cluster):
     import redis
 

@@ -97,12 +97,14 @@ def test_index_work_waiting_longer_than_the_bound_is_queued_again_once(
     store = runtime.store
     work.index_image(runtime, "hosp-a", "brain", ids[0])  # indexed: never queued again
     store.put(LAYOUT.failure(ids[1]), b'{"reason": "poison"}')  # dead-lettered: neither
+    store.put(LAYOUT.retired(ids[2]), b'{"reason": "replaced"}')  # retired by its owner: neither
+    assert work.index_image(runtime, "hosp-a", "brain", ids[2]).state == "retired"
     sent = Sent()
     early = sweep(store, sent, leases, SETTINGS)
-    assert sent == [] and early.waiting_images == len(ids) - 2
+    assert sent == [] and early.waiting_images == len(ids) - 3
     late = sweep(store, sent, leases, SETTINGS, now=time.time() + BOUND + 1)
-    assert sorted(late.requeued_images) == sorted(ids[2:])
-    assert sorted(sent) == sorted((TASK_INDEX_IMAGE, ("hosp-a", "brain", i)) for i in ids[2:])
+    assert sorted(late.requeued_images) == sorted(ids[3:])
+    assert sorted(sent) == sorted((TASK_INDEX_IMAGE, ("hosp-a", "brain", i)) for i in ids[3:])
     # Within the bound after that, nothing again: a backlog is not queued over and over.
     sent.clear()
     sweep(store, sent, leases, SETTINGS, now=time.time() + BOUND + 2)

@@ -18,6 +18,7 @@ __all__ = [
     "Event",
     "EventBus",
     "ModelEvent",
+    "RetireEvent",
     "VectorEvent",
     "decode_event",
     "encode_event",
@@ -48,11 +49,24 @@ class ModelEvent(BaseModel):
     request_id: str | None = None
 
 
-Event = Annotated[VectorEvent | ModelEvent, Field(discriminator="kind")]
+class RetireEvent(BaseModel):
+    """The owner retired an image (a corrected version replaced it): drop its vector from
+    every version, and ignore any vector of it that comes later."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["retire"] = "retire"
+    tenant: str
+    collection: str
+    image_id: str
+    request_id: str | None = None
+
+
+Event = Annotated[VectorEvent | ModelEvent | RetireEvent, Field(discriminator="kind")]
 _EVENT = TypeAdapter(Event)
 
 
-def encode_event(event: VectorEvent | ModelEvent) -> str:
+def encode_event(event: VectorEvent | ModelEvent | RetireEvent) -> str:
     """JSON of `event`, stamped with the current request id unless it names one already."""
     if event.request_id is None:
         request_id = current_request_id()
@@ -61,19 +75,19 @@ def encode_event(event: VectorEvent | ModelEvent) -> str:
     return event.model_dump_json()
 
 
-def decode_event(data: str | bytes) -> VectorEvent | ModelEvent:
+def decode_event(data: str | bytes) -> VectorEvent | ModelEvent | RetireEvent:
     return _EVENT.validate_json(data)
 
 
 class EventBus(Protocol):
-    def publish(self, event: VectorEvent | ModelEvent) -> str: ...
+    def publish(self, event: VectorEvent | ModelEvent | RetireEvent) -> str: ...
 
     def last_id(self) -> str:
         """Id of the newest event ("0-0" if none): read after it to see only new events."""
 
     def read(
         self, after: str, block_ms: int = 1000, count: int = 1000
-    ) -> list[tuple[str, VectorEvent | ModelEvent]]: ...
+    ) -> list[tuple[str, VectorEvent | ModelEvent | RetireEvent]]: ...
 
     def incr_attempts(self, task_id: str) -> int:
         """Count one more delivery of a task (poison-message detection)."""

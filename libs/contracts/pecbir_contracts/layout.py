@@ -15,6 +15,9 @@ image set, or a consortium's shared set) under ``tenants/<tenant>/collections/<c
                                       upload; the collection is pe-roi iff it exists
     features/<version>/<image_id>.npz Fisher vector + projected vector for one model version
     failures/<image_id>.json          why indexing gave up (dead-lettered)
+    retired/<image_id>.json           the owner retired the image (a corrected version replaced
+                                      it): out of the index and the training set; its objects
+                                      are kept
     models/<version>/model.npz        trained pipeline (npz, no pickle)
     models/<version>/manifest.json    ModelManifest
     models/<version>/request.json     TrainRequest the version was trained from
@@ -194,6 +197,20 @@ class CollectionLayout:
 
     def failure(self, image_id: str) -> str:
         return f"{self.root}failures/{check_image_id(image_id)}.json"
+
+    @property
+    def retired_prefix(self) -> str:
+        return self.root + "retired/"
+
+    def retired(self, image_id: str) -> str:
+        """The marker of a retired image (one listing finds a collection's retired ids)."""
+        return f"{self.retired_prefix}{check_image_id(image_id)}.json"
+
+    def image_id_of_retired(self, key: str) -> str | None:
+        if not (key.startswith(self.retired_prefix) and key.endswith(".json")):
+            return None
+        candidate = key[len(self.retired_prefix) : -len(".json")]
+        return candidate if _IMAGE_ID.fullmatch(candidate) else None
 
     @property
     def models_prefix(self) -> str:

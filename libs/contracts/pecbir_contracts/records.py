@@ -18,6 +18,7 @@ __all__ = [
     "live_versions",
     "read_current_version",
     "read_indexed_version",
+    "read_retired",
     "write_current_version",
     "write_failure",
     "write_indexed_version",
@@ -195,3 +196,9 @@ def live_versions(store: ObjectStore, layout: CollectionLayout) -> list[str]:
 def write_failure(store: ObjectStore, key: str, reason: str, **extra: object) -> None:
     body = {"reason": reason, "at": time.time(), **extra}
     store.put(key, json.dumps(body, default=str).encode(), "application/json")
+
+
+def read_retired(store: ObjectStore, layout: CollectionLayout) -> frozenset[str]:
+    """Ids of the images the owner retired from the collection (one listing of the store)."""
+    ids = (layout.image_id_of_retired(key) for key in store.list(layout.retired_prefix))
+    return frozenset(image_id for image_id in ids if image_id)

@@ -232,7 +232,7 @@ def parse_stored_record(data: bytes | str) -> ImageMetadata | SealedImageMetadat
     return model.model_validate_json(data)
 
 
-UploadState = Literal["stored", "awaiting_model", "indexed", "searchable", "failed"]
+UploadState = Literal["stored", "awaiting_model", "indexed", "searchable", "failed", "retired"]
 
 
 class UploadAccepted(BaseModel):

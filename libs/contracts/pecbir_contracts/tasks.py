@@ -17,6 +17,7 @@ __all__ = [
     "TASK_INDEX_IMAGE",
     "TASK_QUEUES",
     "TASK_REINDEX_COLLECTION",
+    "TASK_RETIRE_IMAGE",
     "TASK_TRAIN_MODEL",
     "WORKER_QUEUES",
 ]
@@ -28,6 +29,8 @@ TASK_INDEX_CHUNK = "pecbir.index.chunk"  # (tenant, collection, version, [image_
 TASK_INDEX_BATCH = "pecbir.index.batch"  # (tenant, collection, version, [image_id, ...])
 TASK_TRAIN_MODEL = "pecbir.model.train"  # (tenant, collection, version)
 TASK_REINDEX_COLLECTION = "pecbir.index.collection"  # (tenant, collection, version)
+# Announce a retired image to the search services (the gateway wrote its marker first).
+TASK_RETIRE_IMAGE = "pecbir.index.retire"  # (tenant, collection, image_id)
 TASK_DEAD_LETTER = "pecbir.dead_letter"  # (original task name, task id, args, reason)
 
 # Queues. Uploads are indexed on their own queue so a re-index never delays fresh uploads.
@@ -42,6 +45,7 @@ QUEUE_DEAD_LETTER = "pecbir.dead_letter"
 
 TASK_QUEUES: dict[str, str] = {
     TASK_INDEX_IMAGE: QUEUE_INDEX,
+    TASK_RETIRE_IMAGE: QUEUE_INDEX,
     TASK_INDEX_CHUNK: QUEUE_REINDEX,
     TASK_INDEX_BATCH: QUEUE_REINDEX_GPU,
     TASK_REINDEX_COLLECTION: QUEUE_REINDEX,

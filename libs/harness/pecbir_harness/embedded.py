@@ -4,13 +4,22 @@ Embedded mode = filesystem object store + in-process event bus + Celery in eager
 run inside the gateway's request, so there is no broker, no redelivery and no parallelism)
 + each FastAPI app reached through an in-process HTTP client. The code paths of the services
 are the real ones; only the transports differ from `pecbir serve`.
+
+`background_tasks=True` runs the tasks instead on one worker thread of the process, in the
+order they were queued (a Celery worker of concurrency 1, without a broker): the gateway
+answers an upload once it is stored, as in a deployment, and indexing overlaps the next
+request. Benchmarks of ingest (`pecbir bench-pacs`) use it; tests keep the eager default,
+where an upload is indexed when its request returns.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -34,6 +43,50 @@ __all__ = [
 ]
 
 USER_SCOPES = ("upload", "search", "read", "train", "decrypt", "key-release")
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundDispatcher:
+    """Runs queued tasks one after the other on a worker thread of this process.
+
+    Parameters
+    ----------
+    run
+        Executes one task by name (`pecbir_indexer.tasks.run_eagerly`).
+    """
+
+    def __init__(self, run) -> None:
+        self._run = run
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._work, name="pecbir-embedded-worker", daemon=True
+        )
+        self._thread.start()
+
+    def send(self, task_name: str, args) -> None:
+        self._queue.put((task_name, list(args)))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                try:
+                    self._run(*item)
+                except Exception:  # a task's failure is recorded by the task itself
+                    log.exception("embedded task %s failed", item[0])
+            finally:
+                self._queue.task_done()
+
+    def join(self) -> None:
+        """Wait until every task queued so far has run."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
 
 
 @dataclass
@@ -83,6 +136,7 @@ class EmbeddedSystem:
         pe_roi_collections: frozenset[str] = frozenset(),
         shared_collections: str = "",
         ui_collections: tuple[str, ...] = ("brain",),
+        background_tasks: bool = False,
         template_collections: frozenset[str] = frozenset(),
         viewer_url: str | None = None,
     ) -> None:
@@ -105,6 +159,13 @@ class EmbeddedSystem:
         self._stack = ExitStack()
 
         use_eager_mode()
+        self.dispatcher = (
+            BackgroundDispatcher(run_eagerly)
+            if background_tasks
+            else CallableDispatcher(run_eagerly)
+        )
+        if background_tasks:
+            self._stack.callback(self.dispatcher.close)
         configure_runtime(
             self.store,
             self.bus,
@@ -120,7 +181,7 @@ class EmbeddedSystem:
         self.gateway_app = gateway.load()(
             gateway.load_settings()(token_secret=cloud, shared_collections=shared_collections),
             store=self.store,
-            dispatcher=CallableDispatcher(run_eagerly),
+            dispatcher=self.dispatcher,
             search_client=self.search,
         )
         self.gateway = self._stack.enter_context(TestClient(self.gateway_app))

@@ -30,7 +30,6 @@ from pecore.cipher_roi import RoiCipher, is_roi_scheme
 from pecore.keys import (
     ImageKey,
     MasterKey,
-    derive_image_key,
     derive_image_key_and_stream,
     paper_key_stream,
 )
@@ -51,6 +50,7 @@ __all__ = [
     "canonical_key_mode",
     "content_key_salt",
     "encrypt_stack",
+    "image_key_and_stream_for",
     "image_key_for",
     "integrity_tag",
     "scenario_key_stream",
@@ -225,6 +225,23 @@ def image_key_for(
     A per-image key with a `salt` (v3 records) is derived from the image id and the salt.
     Image ids starting with "__" are reserved (the shared key's label is one) and refused.
     """
+    return image_key_and_stream_for(master, image_id, key_mode, n_pixels, salt=salt)[0]
+
+
+def image_key_and_stream_for(
+    master: MasterKey,
+    image_id: str,
+    key_mode: KeyMode,
+    n_pixels: int,
+    *,
+    salt: str | None = None,
+) -> tuple[ImageKey, np.ndarray]:
+    """`image_key_for` plus the key stream its derivation computed and validated.
+
+    The key's check value is computed from this very stream, so encrypting or decrypting with
+    it needs no second SSLM orbit (`ImageKey.stream` would compute the same stream again,
+    the most expensive step of sealing an image).
+    """
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key mode {key_mode!r}; expected one of {', '.join(KEY_MODES)}")
     if image_id.startswith(_RESERVED_ID_PREFIX):
@@ -233,11 +250,11 @@ def image_key_for(
             "name the owner's own keys)"
         )
     if key_mode == "same":
-        return derive_image_key(master, SHARED_KEY_LABEL, n_pixels)
+        return derive_image_key_and_stream(master, SHARED_KEY_LABEL, n_pixels)
     if salt is None:
-        return derive_image_key(master, image_id, n_pixels)
-    key = derive_image_key(master, f"{image_id}/salt:{salt}", n_pixels)
-    return key.model_copy(update={"image_id": image_id})  # the image's id, not the label
+        return derive_image_key_and_stream(master, image_id, n_pixels)
+    key, stream = derive_image_key_and_stream(master, f"{image_id}/salt:{salt}", n_pixels)
+    return key.model_copy(update={"image_id": image_id}), stream  # the image's id, not the label
 
 
 def seal(
@@ -288,8 +305,8 @@ def seal(
     salt = None
     if tenant is not None and key_mode == "per-image":
         salt = content_key_salt(master, plain)
-    key = image_key_for(master, image_id, key_mode, plain.size, salt=salt)
-    cipher = encrypt(plain, key.stream(), scheme)
+    key, stream = image_key_and_stream_for(master, image_id, key_mode, plain.size, salt=salt)
+    cipher = encrypt(plain, stream, scheme)
     metadata = CipherMetadata(
         image_id=image_id,
         role=role,
@@ -361,8 +378,7 @@ def seal_roi(
     plain, rescale = to_uint8(image)
     mask = np.asarray(mask, dtype=bool)
     salt = content_key_salt(master, plain) if tenant is not None else None
-    key = image_key_for(master, image_id, "per-image", plain.size, salt=salt)
-    stream = key.stream()
+    key, stream = image_key_and_stream_for(master, image_id, "per-image", plain.size, salt=salt)
     cipher = roi.encrypt(plain, stream, mask=mask, nonce=image_id)
     cloud_mask = roi.cloud_mask(mask, stream, nonce=image_id)
     metadata = CipherMetadata(
@@ -619,7 +635,7 @@ def unseal(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> n
             f"image {metadata.image_id!r} is {metadata.scheme}: its cipher holds the ROI only; "
             "the image opens from its sealed blob"
         )
-    key = image_key_for(
+    key, stream = image_key_and_stream_for(
         master, metadata.image_id, metadata.key_mode, cipher.size, salt=metadata.key_salt
     )
     if key.counter != metadata.key_counter or key.check != metadata.key_check:
@@ -627,7 +643,7 @@ def unseal(cipher: np.ndarray, metadata: CipherMetadata, master: MasterKey) -> n
             f"key for image {metadata.image_id!r} does not match the stored check value: "
             "different SSLM implementation or corrupted metadata; refusing to decrypt"
         )
-    return decrypt(cipher, key.stream(), metadata.scheme)
+    return decrypt(cipher, stream, metadata.scheme)
 
 
 # --------------------------------------------------------------------------- the paper's key modes

@@ -7,7 +7,14 @@ from __future__ import annotations
 import threading
 import time
 
-from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent, decode_event, encode_event
+from pecbir_contracts.events import (
+    EventBus,
+    ModelEvent,
+    RetireEvent,
+    VectorEvent,
+    decode_event,
+    encode_event,
+)
 from pecbir_contracts.tasks import ATTEMPTS_KEY_PREFIX, EVENT_STREAM, EVENT_STREAM_MAXLEN
 
 __all__ = [
@@ -21,11 +28,11 @@ class InMemoryBus:
     """Single-process stand-in for the Redis stream (embedded demo, unit tests)."""
 
     def __init__(self) -> None:
-        self._events: list[tuple[str, VectorEvent | ModelEvent]] = []
+        self._events: list[tuple[str, VectorEvent | ModelEvent | RetireEvent]] = []
         self._attempts: dict[str, int] = {}
         self._changed = threading.Condition()
 
-    def publish(self, event: VectorEvent | ModelEvent) -> str:
+    def publish(self, event: VectorEvent | ModelEvent | RetireEvent) -> str:
         with self._changed:
             event_id = f"{len(self._events) + 1}-0"
             self._events.append((event_id, event))
@@ -38,7 +45,7 @@ class InMemoryBus:
 
     def read(
         self, after: str, block_ms: int = 1000, count: int = 1000
-    ) -> list[tuple[str, VectorEvent | ModelEvent]]:
+    ) -> list[tuple[str, VectorEvent | ModelEvent | RetireEvent]]:
         start = int(after.split("-")[0])
         deadline = time.monotonic() + block_ms / 1000
         with self._changed:
@@ -69,7 +76,7 @@ class RedisBus:
         self.stream = stream
         self._redis = redis.Redis.from_url(url)
 
-    def publish(self, event: VectorEvent | ModelEvent) -> str:
+    def publish(self, event: VectorEvent | ModelEvent | RetireEvent) -> str:
         event_id = self._redis.xadd(
             self.stream,
             {"event": encode_event(event)},
@@ -87,7 +94,7 @@ class RedisBus:
 
     def read(
         self, after: str, block_ms: int = 1000, count: int = 1000
-    ) -> list[tuple[str, VectorEvent | ModelEvent]]:
+    ) -> list[tuple[str, VectorEvent | ModelEvent | RetireEvent]]:
         answer = self._redis.xread({self.stream: after}, count=count, block=block_ms)
         events = []
         for _stream, entries in answer or []:

@@ -148,6 +148,8 @@ class FilesystemStore:
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root
+        if prefix.endswith("/") and not base.is_dir():
+            return []  # a folder that does not exist holds no key (no walk of its parent)
         search_root = base if base.is_dir() else base.parent
         if not search_root.is_dir():
             return []

@@ -8,6 +8,8 @@ dependencies in `deps`, one router per resource in `routes`, the owner-side oper
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from fastapi import FastAPI
 
@@ -21,6 +23,7 @@ from pecbir_encryptor.deps import (
     authenticator,
     build_encryptor,
 )
+from pecbir_encryptor.janitor import PendingJanitor
 from pecbir_encryptor.keyring import Keyring
 from pecbir_encryptor.peers import PeerKeys
 from pecbir_encryptor.routes import dicomweb, ingest, keys, patch_model, search
@@ -28,6 +31,7 @@ from pecbir_encryptor.settings import EncryptorSettings
 from pecbir_encryptor.web import UI_PREFIX
 from pecbir_encryptor.web import install as install_pages
 from pecbir_platform.config import settings_from_env
+from pecbir_platform.heap import freeze_startup_heap
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.web import (
     MULTIPART_OVERHEAD_BYTES,
@@ -85,6 +89,22 @@ def create_app(
     )
     # Also on its own: tests and the CLI reach the owner-side operations of a running app.
     app.state.encryptor = encryptor
+    # Expiry of waiting halves, cloud retirement of replaced versions: for the app's lifetime.
+    janitor = PendingJanitor(encryptor, settings.pending_ttl_s, settings.pending_sweep_interval_s)
+    app.state.janitor = janitor
+    sweeping: list[asyncio.Task] = []
+
+    async def start_sweeping() -> None:
+        if not sweeping:  # once, though an app may be started twice (a test client, uvicorn)
+            sweeping.append(asyncio.get_running_loop().create_task(janitor.run()))
+
+    async def stop_sweeping() -> None:
+        for task in sweeping:
+            task.cancel()
+        sweeping.clear()
+
+    app.router.add_event_handler("startup", start_sweeping)
+    app.router.add_event_handler("shutdown", stop_sweeping)
     for router in (ingest.router, dicomweb.router, search.router, keys.router, patch_model.router):
         app.include_router(router)
     # The radiologist's pages (/ui): their own sign-in (session cookie + CSRF token).
@@ -110,12 +130,18 @@ def create_app(
         app,
         secret=lambda: secret,
         kind=ENCRYPTOR_TOKEN,
-        details=lambda: {"tenant": settings.tenant, "key_id": encryptor.master.key_id},
+        details=lambda: {
+            "tenant": settings.tenant,
+            "key_id": encryptor.master.key_id,
+            "pending": janitor.status(),
+        },
     )
 
     ops.instrument(app, encryptor)
     if settings.dimse_port is not None:
         _serve_dimse(app, encryptor, settings)
+    # Last: full collections then walk only what requests allocate (pecbir_platform.heap).
+    app.router.add_event_handler("startup", freeze_startup_heap)
     return app
 
 
@@ -129,6 +155,7 @@ def _serve_dimse(app: FastAPI, encryptor, settings: EncryptorSettings) -> None:
         ae_title=settings.dimse_ae_title,
         allowed=settings.dimse_allowed_aes,
         collection=settings.dimse_collection,
+        collections=settings.dimse_ae_collections,
         max_associations=settings.dimse_max_associations,
         tls_cert=settings.dimse_tls_cert,
         tls_key=settings.dimse_tls_key,

@@ -10,6 +10,9 @@
     pecbir-encryptor signing-key --out F | public-key | publish-protection --collection C
                                                      the owner's signature over its collections'
                                                      protection (peers check it)
+    pecbir-encryptor pending [--sweep]                  what waits in the pending store (image
+                                                     without SEG, SEG without image) and for
+                                                     how long; --sweep: expire and settle now
     pecbir-encryptor patch-model --collection C IMAGE MASK [IMAGE MASK ...] [--components K]
                                                      fit a sealed collection's patch model on
                                                      plain images, keep it, publish it
@@ -165,6 +168,24 @@ def _publish_protection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pending(args: argparse.Namespace) -> int:
+    from pecbir_encryptor.janitor import PendingJanitor
+    from pecbir_encryptor.settings import EncryptorSettings
+    from pecbir_platform.config import settings_from_env
+
+    settings = settings_from_env(EncryptorSettings)
+    encryptor = _encryptor()
+    if encryptor.pending is None:
+        raise ValueError("no pending store: PECBIR_ENCRYPTOR_PENDING_DIR is unset")
+    janitor = PendingJanitor(encryptor, settings.pending_ttl_s, settings.pending_sweep_interval_s)
+    if args.sweep:
+        expired = janitor.sweep()
+        for half in expired:
+            print(f"expired {half.collection} {half.kind} {half.key} after {half.age_s:.0f} s")
+    print(json.dumps(janitor.status(), indent=2, sort_keys=True))
+    return 0
+
+
 def _rotate(args: argparse.Namespace) -> int:
     import os
 
@@ -232,6 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rewrap_cmd.add_argument("--collection", required=True)
     rewrap_cmd.add_argument("--workers", type=int, default=4, help="re-wraps in flight")
     rewrap_cmd.set_defaults(func=_rewrap)
+    pending = commands.add_parser(
+        "pending", help="halves of image <-> SEG pairs waiting for the other, and their age"
+    )
+    pending.add_argument(
+        "--sweep", action="store_true", help="expire what waited too long, settle versions"
+    )
+    pending.set_defaults(func=_pending)
     signing = commands.add_parser(
         "signing-key", help="make the owner's Ed25519 key that signs protection records"
     )

@@ -862,7 +862,24 @@ class Encryptor:
                 return False
             return status.get("state") == "searchable"
 
-        return self.pending.promote(collection, searchable)
+        retired = self.pending.promote(collection, searchable)
+        self._retire_in_cloud(collection)
+        return retired
+
+    def _retire_in_cloud(self, collection: str) -> None:
+        """Retire in the cloud the versions retired here (out of its index and training set);
+        one the cloud cannot retire now is asked again at the next call (search, sweep)."""
+        settled = []
+        for old, new in self.pending.unsettled(collection):
+            try:
+                self.gateway.retire(collection, old, f"replaced by {new} (corrected DICOM SEG)")
+            except GatewayError as exc:
+                if exc.status != 404:  # 404: not in the cloud at all, nothing to retire
+                    log.warning("could not retire %s in the cloud yet: %s", old, exc)
+                    continue
+            self.audit.write(action="retire", collection=collection, image_id=old, by=new)
+            settled.append(old)
+        self.pending.settle(collection, settled)
 
     def image_id_of(self, collection: str, source_uid: str) -> str:
         """The cloud id of the version served of the image with SOP Instance UID `source_uid`."""

@@ -19,8 +19,8 @@ Per image a SEG references outside its batch:
 * in the cloud with another mask (a corrected SEG): the image (opened from the cloud) is
   uploaded again with the new mask as a new version under its own pseudonym, stored with a
   warning; the old version stays served until the new one is searchable, then its hits are
-  dropped at the hospital (`Encryptor.retired_versions`; the cloud keeps its copy, as it has
-  no way yet to retire an image);
+  dropped at the hospital and it is retired in the cloud, out of its index and training set
+  (`Encryptor.retired_versions`; its objects are kept);
 * else the mask waits for the image (stored, warning).
 """
 

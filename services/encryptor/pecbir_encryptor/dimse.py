@@ -13,20 +13,33 @@ Who may associate: calling AE titles on an allow-list (nothing is allowed by def
 called AE title must be this one, at most `max_associations` at once (more are rejected,
 "local limit exceeded"), PDUs and idle time bounded; TLS when a certificate is configured.
 Every association and refusal is audited.
+
+Where it goes: each calling AE title may be mapped to a collection of this hospital's tenant
+(`DimseConfig.collections`: a modality's or a department's PACS to its own collection); a
+mapped AE title is allowed by being mapped, and an allowed one without a mapping goes to the
+default collection. The tenant is always the encryptor's own (one encryptor per tenant), so a
+mapping can never send images into another hospital's collections.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pecbir_encryptor.core import Encryptor
 from pecbir_encryptor.dicom import SEG_SOP_CLASS, read_instance
 from pecbir_encryptor.dicom_ingest import store_instances
 
-__all__ = ["STORAGE_CLASSES", "TRANSFER_SYNTAXES", "DimseConfig", "start_scp"]
+__all__ = [
+    "STORAGE_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "DimseConfig",
+    "check_ae_title",
+    "start_scp",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +75,18 @@ TRANSFER_SYNTAXES = (
 _COMMENT = 64
 
 
+def check_ae_title(value: str) -> str:
+    """An AE title as DICOM allows it (PS3.5 AE: 1-16 characters of the default repertoire,
+    no backslash or control character; leading and trailing spaces are not significant);
+    ValueError naming the problem."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ValueError(f"AE title {value!r}: 1 to 16 characters, not {len(title)}")
+    if not title.isascii() or any(c == "\\" or not c.isprintable() for c in title):
+        raise ValueError(f"AE title {value!r}: printable ASCII only, no backslash")
+    return title
+
+
 @dataclass(frozen=True)
 class DimseConfig:
     """How the SCP listens and whom it serves.
@@ -73,9 +98,9 @@ class DimseConfig:
     ae_title
         This SCP's AE title (the called AE title must be it).
     allowed
-        Calling AE titles allowed to associate (empty: nobody).
+        Calling AE titles allowed to associate (empty: nobody, unless mapped below).
     collection
-        The collection every C-STORE goes to.
+        The collection a C-STORE goes to when its calling AE title has no mapping.
     host
         Address to listen on.
     max_associations
@@ -87,6 +112,9 @@ class DimseConfig:
     tls_cert, tls_key, tls_ca
         PEM files: the SCP's certificate and key (TLS on when given) and, optionally, the
         CA whose client certificates it requires.
+    collections
+        Calling AE title → the collection of this tenant its C-STOREs go to; a mapped AE
+        title may associate.
     """
 
     port: int
@@ -100,6 +128,25 @@ class DimseConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    collections: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pecbir_contracts.layout import check_name
+
+        for title in (*self.allowed, *self.collections):
+            check_ae_title(title)
+        for collection in (self.collection, *self.collections.values()):
+            check_name(collection, "collection")
+
+    @property
+    def calling_aes(self) -> frozenset[str]:
+        """Every calling AE title that may associate: allowed or mapped."""
+        return frozenset(t.strip() for t in (*self.allowed, *self.collections))
+
+    def collection_for(self, calling: str) -> str:
+        """The collection the C-STOREs of calling AE title `calling` go to."""
+        mapped = {title.strip(): name for title, name in self.collections.items()}
+        return mapped.get(calling.strip(), self.collection)
 
 
 def _tls(config: DimseConfig) -> ssl.SSLContext | None:
@@ -145,7 +192,7 @@ def start_scp(encryptor: Encryptor, config: DimseConfig, *, max_pixels: int):
 
     ae = AE(ae_title=config.ae_title)
     ae.require_called_aet = True
-    ae.require_calling_aet = sorted(config.allowed) or ["\x00nobody"]
+    ae.require_calling_aet = sorted(config.calling_aes) or ["\x00nobody"]
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
     ae.network_timeout = config.idle_timeout_s
@@ -158,23 +205,27 @@ def start_scp(encryptor: Encryptor, config: DimseConfig, *, max_pixels: int):
 
     def on_store(event):
         calling = event.assoc.requestor.ae_title.strip()
+        collection = config.collection_for(calling)
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # pynetdicom raises several types for a broken data set
-            audit.write(action="c-store", calling=calling, outcome="refused", reason=str(exc))
+            audit.write(
+                action="c-store", calling=calling, collection=collection, outcome="refused",
+                reason=str(exc),
+            )  # fmt: skip
             return _status(0xC000, f"cannot read the data set: {exc}")
         instance = read_instance(data, "application/dicom", max_pixels=max_pixels)
         stored, failed = store_instances(
             encryptor,
             [instance],
-            collection=config.collection,
+            collection=collection,
             label=None,
             role="template",
             retrieve_url=lambda _instance, image_id: image_id,
             max_pixels=max_pixels,
         )
         audit.write(
-            action="c-store", calling=calling, collection=config.collection,
+            action="c-store", calling=calling, collection=collection,
             stored=len(stored), failed=len(failed),
         )  # fmt: skip
         if failed:
@@ -205,12 +256,13 @@ def start_scp(encryptor: Encryptor, config: DimseConfig, *, max_pixels: int):
         evt_handlers=handlers,
         ssl_context=_tls(config),
     )
+    routes = {title: config.collection_for(title) for title in sorted(config.calling_aes)}
     log.info(
-        "DIMSE C-STORE SCP %s on %s:%d for %s (allowed: %s)",
+        "DIMSE C-STORE SCP %s on %s:%d (calling AE -> collection: %s; default %s)",
         config.ae_title,
         config.host,
         config.port,
+        ", ".join(f"{t} -> {c}" for t, c in routes.items()) or "nobody allowed",
         config.collection,
-        ", ".join(sorted(config.allowed)) or "nobody",
     )
     return server

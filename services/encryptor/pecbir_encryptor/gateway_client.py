@@ -268,6 +268,22 @@ class GatewayClient:
         """Where an uploaded image stands (ImageStatus as a dict). GatewayError unless 200."""
         return json.loads(self._get(GATEWAY_IMAGE_STATUS, collection, image_id, owner))
 
+    def retire(self, collection: str, image_id: str, reason: str) -> None:
+        """Retire one of this tenant's images in the cloud (out of search and training).
+
+        Raises
+        ------
+        GatewayError
+            For any status other than 202 (retiring again is answered 202 too).
+        """
+        answer = self.http.request(
+            "DELETE",
+            GATEWAY_IMAGE.format(collection=collection, image_id=image_id),
+            json={"reason": reason},
+        )
+        if answer.status_code != 202:
+            raise GatewayError(answer.status_code, _detail(answer))
+
     def cipher(self, collection: str, image_id: str, *, owner: str | None) -> bytes:
         """The stored cipher image (PNG bytes, not yet decoded). GatewayError unless 200."""
         return self._get(GATEWAY_IMAGE_CIPHER, collection, image_id, owner)

@@ -15,6 +15,11 @@ opaque id the cloud gets), never the UID itself.
 Deciding whether the other half is here and, if not, leaving this one is done under a lock
 file per collection (`fcntl.flock`), so two requests carrying the two halves at the same time
 (in one process or several sharing the directory) cannot both decide to wait.
+
+A half whose other never comes (an image nobody segments, a SEG of an image deleted at the
+PACS) expires: `expire` removes halves older than a time to live (a re-sent half starts its
+clock again), under the same lock, so a pair completing at that moment is never half-removed.
+`pecbir_encryptor.janitor` runs it periodically; `status` says what waits and for how long.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +38,7 @@ import numpy as np
 
 from pecore.sealing import SealedIdentity, open_sealed, read_header, seal_image
 
-__all__ = ["MaskVersion", "PendingImage", "PendingMask", "PendingPairs"]
+__all__ = ["Expired", "MaskVersion", "PendingImage", "PendingMask", "PendingPairs"]
 
 Kind = Literal["image", "mask"]
 _NAME = re.compile(r"^(image|mask)-([0-9a-f]{32})\.sealed$")
@@ -92,6 +98,26 @@ class MaskVersion:
     current: str
     candidate: str | None
     retired: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A waiting half removed because its other half did not come in time.
+
+    Attributes
+    ----------
+    collection, kind
+        Where it waited and what it was ("image" or "mask").
+    key
+        Its file's pseudonym (the keyed pseudonym of the image's SOP Instance UID).
+    age_s
+        How long it had waited.
+    """
+
+    collection: str
+    kind: Kind
+    key: str
+    age_s: float
 
 
 class PendingPairs:
@@ -254,6 +280,39 @@ class PendingPairs:
         records[key] = record
         self._save_versions(collection, records)
 
+    def unsettled(self, collection: str) -> list[tuple[str, str]]:
+        """(retired cloud id, the cloud id that replaced it) of versions retired here but not
+        yet in the cloud."""
+        pairs = []
+        for record in self._versions(collection).values():
+            done = set(record.get("cloud_retired", []))
+            pairs += [(i, record["current"]) for i in record["retired"] if i not in done]
+        return pairs
+
+    def settle(self, collection: str, cloud_ids: Collection[str]) -> None:
+        """Record that the cloud retired `cloud_ids` (so they are not asked for again)."""
+        if not cloud_ids:
+            return
+        with self.locked(collection):
+            records = self._versions(collection)
+            for record in records.values():
+                done = record.setdefault("cloud_retired", [])
+                done += [i for i in record["retired"] if i in cloud_ids and i not in done]
+            self._save_versions(collection, records)
+
+    def collections_with_versions(self) -> list[str]:
+        """Collections with a newer version waiting to be served or an old one for the cloud
+        to retire (what a housekeeping sweep settles)."""
+        names = []
+        for collection in self._collections():
+            records = self._versions(collection).values()
+            if any(
+                r["candidate"] is not None or set(r["retired"]) - set(r.get("cloud_retired", []))
+                for r in records
+            ):
+                names.append(collection)
+        return names
+
     def promote(self, collection: str, searchable: Callable[[str], bool]) -> frozenset[str]:
         """Serve each candidate that is searchable now (retire the version it replaces); the
         retired cloud ids of `collection` afterwards."""
@@ -273,6 +332,61 @@ class PendingPairs:
     def drop(self, collection: str, kind: Kind, uid: str) -> None:
         """Forget a waiting half (once its pair is uploaded)."""
         self._path(collection, kind, uid).unlink(missing_ok=True)
+
+    def _collections(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.is_dir())
+
+    def _halves(self, collection: str | None = None) -> Iterator[tuple[str, Kind, str, Path]]:
+        """(collection, kind, key, path) of every waiting half (of one collection)."""
+        names = self._collections() if collection is None else [collection]
+        for name in names:
+            folder = self.directory / name
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                match = _NAME.match(path.name)
+                if match:
+                    yield name, match.group(1), match.group(2), path  # type: ignore[misc]
+
+    def expire(self, ttl_s: float, now: float | None = None) -> list[Expired]:
+        """Remove the halves that have waited longer than `ttl_s` seconds; what was removed.
+
+        Each collection is swept under its lock, and each file's age is read again there: a
+        half re-sent (or paired and dropped) meanwhile is left alone.
+        """
+        now = time.time() if now is None else now
+        expired: list[Expired] = []
+        for collection in self._collections():
+            with self.locked(collection):
+                for _, kind, key, path in self._halves(collection):
+                    try:
+                        age = now - path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age > ttl_s:
+                        path.unlink(missing_ok=True)
+                        expired.append(Expired(collection, kind, key, round(age, 1)))
+        return expired
+
+    def status(self, now: float | None = None) -> dict[str, dict[str, dict[str, float | int]]]:
+        """{collection: {kind: {"waiting": n, "oldest_s": age}}} of what waits (operators)."""
+        now = time.time() if now is None else now
+        status: dict[str, dict[str, dict[str, float | int]]] = {}
+        for collection, kind, _key, path in self._halves():
+            try:
+                age = max(0.0, now - path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+            kinds = status.setdefault(
+                collection,
+                {k: {"waiting": 0, "oldest_s": 0.0} for k in ("image", "mask")},
+            )
+            entry = kinds[kind]
+            entry["waiting"] = int(entry["waiting"]) + 1
+            entry["oldest_s"] = round(max(float(entry["oldest_s"]), age), 1)
+        return status
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{collection: {"image": n, "mask": n}} of what waits (operators, metrics)."""

@@ -69,6 +69,11 @@ class EncryptorSettings(BaseSettings):
     # the master key, fsync'ed; a volume of its own: it must survive restarts). Unset: an
     # image without a SEG in its own request is refused, as before issue 14.
     pending_dir: Path | None = Path("var/pending")
+    # A waiting half expires after this many seconds without its other half (90 days; a
+    # re-sent half starts again; unset: never), swept every pending_sweep_interval_s
+    # (pecbir_encryptor.janitor, which also retires replaced versions in the cloud).
+    pending_ttl_s: float | None = Field(default=90 * 86400, gt=0)
+    pending_sweep_interval_s: float = Field(default=3600, gt=0)
     # Study/Series/SOP Instance UIDs of the images that came as DICOM, by cloud image id (sealed
     # under the master key; never sent to the cloud): the page's "open in viewer" links.
     # Unset: none kept, no links.
@@ -95,6 +100,10 @@ class EncryptorSettings(BaseSettings):
     dimse_ae_title: str = "PECBIR"
     dimse_allowed_aes: frozenset[str] = frozenset()
     dimse_collection: str = "brain"
+    # Calling AE title -> collection of this tenant (JSON object, e.g. '{"MR3T": "brain",
+    # "NEURO_PACS": "neuro"}'): that AE's C-STOREs go there; a mapped AE title is allowed.
+    # Unmapped allowed AE titles go to dimse_collection.
+    dimse_ae_collections: dict[str, str] = {}
     dimse_max_associations: int = 4
     dimse_tls_cert: Path | None = None
     dimse_tls_key: Path | None = None
@@ -120,6 +129,28 @@ class EncryptorSettings(BaseSettings):
     # The page's session cookie Secure (sent over HTTPS only): None, when the page was loaded
     # over HTTPS; set true behind a proxy that terminates TLS.
     ui_secure_cookie: bool | None = None
+
+    @field_validator("dimse_allowed_aes")
+    @classmethod
+    def _ae_titles(cls, value: frozenset[str]) -> frozenset[str]:
+        from pecbir_encryptor.dimse import check_ae_title
+
+        return frozenset(check_ae_title(title) for title in value)
+
+    @field_validator("dimse_ae_collections")
+    @classmethod
+    def _ae_collections(cls, value: dict[str, str]) -> dict[str, str]:
+        from pecbir_contracts.layout import check_name
+        from pecbir_encryptor.dimse import check_ae_title
+
+        return {check_ae_title(t): check_name(c, "collection") for t, c in value.items()}
+
+    @field_validator("dimse_collection")
+    @classmethod
+    def _dimse_collection(cls, value: str) -> str:
+        from pecbir_contracts.layout import check_name
+
+        return check_name(value, "collection")
 
     @field_validator("viewer_url")
     @classmethod

@@ -13,6 +13,7 @@ from pecbir_gateway.deps import GatewayContext
 from pecbir_gateway.dispatch import CeleryDispatcher, TaskDispatcher
 from pecbir_gateway.settings import GatewaySettings
 from pecbir_platform.config import settings_from_env
+from pecbir_platform.heap import freeze_startup_heap
 from pecbir_platform.ratelimit import RateLimiter
 from pecbir_platform.store import check_put_if_absent
 from pecbir_platform.web import (
@@ -78,4 +79,6 @@ def create_app(
     )
 
     ops.instrument(app, context)
+    # Last: full collections then walk only what requests allocate (pecbir_platform.heap).
+    app.router.add_event_handler("startup", freeze_startup_heap)
     return app

@@ -13,7 +13,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from pecbir_contracts.layout import (
     CollectionLayout,
@@ -49,7 +49,7 @@ from pecbir_contracts.schemas import (
     parse_stored_record,
 )
 from pecbir_contracts.store import ObjectNotFound, UnsupportedStore
-from pecbir_contracts.tasks import TASK_INDEX_IMAGE
+from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_RETIRE_IMAGE
 from pecbir_gateway.deps import (
     Access,
     Caller,
@@ -425,6 +425,11 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
     checked_image(access, ctx, image_id)
     base = {"image_id": image_id, "collection": layout.collection}
     try:
+        retired = json.loads(ctx.store.get(layout.retired(image_id)))
+        return UploadStatus(**base, state="retired", detail=retired.get("reason"))
+    except ObjectNotFound:
+        pass
+    try:
         failure = json.loads(ctx.store.get(layout.failure(image_id)))
         return UploadStatus(**base, state="failed", detail=failure.get("reason"))
     except ObjectNotFound:
@@ -476,6 +481,69 @@ def _waiting_s(
     except UnsupportedStore:
         return None
     return None if since is None else round(max(0.0, time.time() - since), 1)
+
+
+class RetireRequest(BaseModel):
+    """Why the owner retires an image (kept in its marker and shown by its status)."""
+
+    reason: str = Field(
+        default="retired by its owner",
+        min_length=1,
+        max_length=200,
+        description="e.g. 'replaced by <image id>' (a corrected DICOM SEG)",
+    )
+
+
+@router.delete(
+    GATEWAY_IMAGE,
+    status_code=202,
+    response_model=UploadStatus,
+    responses={
+        403: {"description": "Not the owner: only the owning tenant may retire its images"},
+        404: {"description": "No such image in the collection"},
+    },
+)
+def retire_image(
+    image_id: str,
+    claims: Caller,
+    ctx: Ctx,
+    collection: str,
+    body: RetireRequest | None = None,
+    owner: Owner = None,
+) -> JSONResponse:
+    """Retire one of the caller's own images (a corrected version replaced it): it leaves
+    every search index and every later training set; its stored objects are kept (so an
+    operator can restore it, and its owner can still open it). Idempotent: retiring it again
+    answers the same. The search services drop it once the indexer announces it (queued
+    here). Scope `upload`, owner only (a tenant a collection is shared with gets 403)."""
+    # Scope upload: never granted on another tenant's collection, shared or not (403).
+    access = authorise(ctx, claims, collection, owner, "upload")
+    layout = access.layout
+    checked_image(access, ctx, image_id)
+    reason = (body or RetireRequest()).reason
+    marker = {"reason": reason, "at": time.time(), "by": claims.sub}
+    # The marker first: training, re-indexing and every search replica's catch-up read it,
+    # so the retirement holds even if the announcement below is lost.
+    key = layout.retired(image_id)
+    if not ctx.store.put_if_absent(key, json.dumps(marker).encode(), "application/json"):
+        reason = json.loads(ctx.store.get(key)).get("reason", reason)  # retired before
+    answer = UploadStatus(
+        image_id=image_id, collection=layout.collection, state="retired", detail=reason
+    )
+    try:
+        ctx.dispatcher.send(TASK_RETIRE_IMAGE, [layout.tenant, layout.collection, image_id])
+    except DispatchError as exc:
+        log.error("image %s retired but not announced: %s", image_id, exc)
+        return JSONResponse(
+            status_code=503,
+            content={
+                "detail": "image retired in the store, but the search services could not be "
+                "told; retry the same request",
+                "image_id": image_id,
+            },
+            headers={"Retry-After": "5"},
+        )
+    return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
 
 
 @router.get(GATEWAY_IMAGE, response_model=ImageMetadata | SealedImageMetadata)

@@ -446,11 +446,20 @@ def _mark_indexed(
         meta = f"{layout.images_prefix}{image_id}/meta.json"
         if meta not in parts or parts[meta] >= became_current or image_id in with_current:
             continue
+        if _is_retired_key(layout, image_id, objects):
+            continue  # never indexed again: a retired image holds no version back
         if layout.failure(image_id) not in objects:
             return  # the re-index still has work
     if write_indexed_version(store, layout, current):
         report.indexed_versions.append(current)
         log.info("reconciler: %s of %s holds every image: indexed", current, layout.root)
+
+
+def _is_retired_key(layout: CollectionLayout, image_id: str, objects: dict[str, float]) -> bool:
+    try:
+        return layout.retired(image_id) in objects
+    except ValueError:
+        return False  # not an image id the gateway writes
 
 
 def _requeue_index(
@@ -489,6 +498,8 @@ def _requeue_index(
         lacks_served = served is not None and image_id not in with_served
         if image_id in with_current and not lacks_served:
             continue
+        if _is_retired_key(layout, image_id, objects):
+            continue  # the owner retired it: it is not indexed on purpose
         report.waiting_images += 1
         since = parts[meta] if lacks_served else max(parts[meta], became_current)
         if now - since <= bound:

@@ -29,6 +29,7 @@ from pecbir_contracts.tasks import (
     TASK_INDEX_CHUNK,
     TASK_INDEX_IMAGE,
     TASK_REINDEX_COLLECTION,
+    TASK_RETIRE_IMAGE,
     TASK_TRAIN_MODEL,
 )
 from pecbir_indexer import batch, work
@@ -143,6 +144,12 @@ def index_image(tenant: str, collection: str, image_id: str) -> str:
     return work.index_image(get_runtime(), tenant, collection, image_id).state
 
 
+@app.task(base=IndexerTask, name=TASK_RETIRE_IMAGE)
+def retire_image(tenant: str, collection: str, image_id: str) -> bool:
+    """Announce a retired image to the search services (drop its vector everywhere)."""
+    return work.retire_image(get_runtime(), tenant, collection, image_id)
+
+
 @app.task(base=IndexerTask, name=TASK_INDEX_CHUNK, throws=(work.PoisonMessage,))
 def index_chunk(tenant: str, collection: str, version: str, image_ids: list[str]) -> int:
     rt = get_runtime()
@@ -243,6 +250,7 @@ def reindex_collection(tenant: str, collection: str, version: str) -> int:
 
 TASKS = {
     TASK_INDEX_IMAGE: index_image,
+    TASK_RETIRE_IMAGE: retire_image,
     TASK_INDEX_CHUNK: index_chunk,
     TASK_INDEX_BATCH: index_batch,
     TASK_TRAIN_MODEL: train_model,

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from pecbir_contracts.events import ModelEvent, VectorEvent
+from pecbir_contracts.events import ModelEvent, RetireEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import InvalidImage, check_pair, decode_image_png, decode_mask_png
 from pecbir_contracts.records import (
     FeatureRecord,
     live_versions,
+    read_retired,
     write_current_version,
 )
 from pecbir_contracts.schemas import (
@@ -52,15 +53,32 @@ class PoisonMessage(Exception):
 @dataclass(frozen=True)
 class IndexOutcome:
     image_id: str
-    state: str  # "indexed" | "already_indexed" | "awaiting_model"
+    state: str  # "indexed" | "already_indexed" | "awaiting_model" | "retired"
     version: str | None  # the newest version it was indexed with
     versions: tuple[str, ...] = ()  # every version it was indexed with, oldest first
 
 
 def list_images(rt: Runtime, layout: CollectionLayout) -> list[str]:
-    """Ids of the complete images of a collection (meta.json written), in key order."""
+    """Ids of the complete images of a collection (meta.json written) that the owner has not
+    retired, in key order: what a re-index indexes and a training fits."""
+    retired = read_retired(rt.store, layout)
     ids = (layout.image_id_of_meta(key) for key in rt.store.list(layout.images_prefix))
-    return [image_id for image_id in ids if image_id]
+    return [image_id for image_id in ids if image_id and image_id not in retired]
+
+
+def is_retired(rt: Runtime, layout: CollectionLayout, image_id: str) -> bool:
+    return rt.store.exists(layout.retired(image_id))
+
+
+def retire_image(rt: Runtime, tenant: str, collection: str, image_id: str) -> bool:
+    """Tell the search services that the owner retired `image_id` (its marker is written by
+    the gateway before this task is queued); False if no marker is there (nothing to say).
+    Publishing again on a redelivery is harmless: dropping an absent vector is a no-op."""
+    layout = CollectionLayout(tenant, collection)
+    if not is_retired(rt, layout, image_id):
+        return False
+    rt.bus.publish(RetireEvent(tenant=tenant, collection=collection, image_id=image_id))
+    return True
 
 
 def load_record(
@@ -121,6 +139,9 @@ def index_image(
     versions = [version] if version else live_versions(rt.store, layout)
     if not versions:
         return IndexOutcome(image_id, "awaiting_model", None)
+    if is_retired(rt, layout, image_id):
+        # A vector published now would only be dropped again by the search services.
+        return IndexOutcome(image_id, "retired", versions[-1])
     loaded: dict[str, object] = {}
     states = [_index_one(rt, layout, image_id, v, loaded) for v in versions]
     state = "indexed" if "indexed" in states else "already_indexed"

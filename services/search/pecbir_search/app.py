@@ -17,6 +17,7 @@ from pecbir_contracts.events import EventBus
 from pecbir_contracts.store import ObjectStore
 from pecbir_platform.bus import bus_from_url
 from pecbir_platform.config import settings_from_env
+from pecbir_platform.heap import freeze_startup_heap
 from pecbir_platform.web import add_healthz, document_api, guard_requests
 from pecbir_search import ops, routes
 from pecbir_search.engine import SearchEngine
@@ -62,6 +63,7 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if start:
             engine.start()
+        freeze_startup_heap()  # the caught-up index too (pecbir_platform.heap)
         yield
         engine.stop()
 

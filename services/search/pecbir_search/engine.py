@@ -10,6 +10,11 @@ once after the swap.
 Start-up reads a version's snapshot (`records.FeatureSnapshot`, written by the indexer's
 janitor) and then only the feature records it lacks, several at a time, instead of one GET
 per record.
+
+Images the owner retired (a corrected version replaced them) are kept out: their ids are
+read from the store at catch-up (`retired/`), a `RetireEvent` drops the vector from every
+version held, and a vector of a retired id that arrives later (a redelivered or re-indexed
+one) is ignored.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pecbir_contracts.events import EventBus, ModelEvent, VectorEvent
+from pecbir_contracts.events import EventBus, ModelEvent, RetireEvent, VectorEvent
 from pecbir_contracts.layout import (
     TENANTS_PREFIX,
     CollectionLayout,
@@ -36,6 +41,7 @@ from pecbir_contracts.records import (
     FeatureSnapshot,
     read_current_version,
     read_indexed_version,
+    read_retired,
 )
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
@@ -62,6 +68,8 @@ class CollectionState:
         self.pending: Version | None = None
         # Ids the serving version holds and the pending one not yet: the swap waits for none.
         self._missing: set[str] = set()
+        # Ids the owner retired: never (again) in an index of this collection.
+        self.retired: set[str] = set()
         self.lock = threading.RLock()
 
     def set_pending(self, version: Version | None) -> None:
@@ -76,7 +84,10 @@ class CollectionState:
         self._maybe_swap()
 
     def upsert(self, target: Version, image_id: str, vector: np.ndarray, label: int | None) -> None:
-        """Add a vector to the serving or pending version (call with `lock` held)."""
+        """Add a vector to the serving or pending version (call with `lock` held); a retired
+        image's (a redelivered or re-indexed one) is ignored."""
+        if image_id in self.retired:
+            return
         target.index.upsert(image_id, vector, label)
         pending = self.pending
         if pending is None:
@@ -85,6 +96,14 @@ class CollectionState:
             self._missing.discard(image_id)
         elif target is self.serving and image_id not in pending.index:
             self._missing.add(image_id)
+
+    def retire(self, image_id: str) -> None:
+        """Drop a retired image from every version held, for good (call with `lock` held)."""
+        self.retired.add(image_id)
+        self._missing.discard(image_id)
+        for held in (self.serving, self.pending):
+            if held is not None:
+                held.index.remove(image_id)
 
     def status(self) -> IndexStatus:
         serving, pending = self.serving, self.pending
@@ -147,7 +166,12 @@ class SearchEngine:
         self.events_applied = 0
 
     # -- loading -------------------------------------------------------------------------------
-    def _load_version(self, layout: CollectionLayout, version: str) -> Version | None:
+    def _load_version(
+        self,
+        layout: CollectionLayout,
+        version: str,
+        retired: set[str] | frozenset[str] = frozenset(),
+    ) -> Version | None:
         from pecore.pipeline import CBIRPipeline
 
         try:
@@ -155,11 +179,15 @@ class SearchEngine:
         except ObjectNotFound:
             return None
         pipeline.n_jobs = self.encode_threads
-        records = self._snapshot_records(layout, version)
+        records = {
+            image_id: record
+            for image_id, record in self._snapshot_records(layout, version).items()
+            if image_id not in retired
+        }
         keys = {}
         for key in self.store.list(layout.features_prefix(version)):
             image_id = layout.image_id_of_features(version, key)
-            if image_id is not None and image_id not in records:
+            if image_id is not None and image_id not in records and image_id not in retired:
                 keys[image_id] = key
         if keys:
             with ThreadPoolExecutor(min(self.read_threads, len(keys))) as pool:
@@ -215,6 +243,7 @@ class SearchEngine:
 
     def _catch_up(self, state: CollectionState) -> None:
         layout = state.layout
+        state.retired.update(read_retired(self.store, layout))
         current = read_current_version(self.store, layout)
         if current is None:
             return
@@ -223,17 +252,17 @@ class SearchEngine:
             # Serve the newest version whose re-index finished; a newer current one fills.
             serving = None
             if version_number(indexed) < version_number(current):
-                serving = self._load_version(layout, indexed)
+                serving = self._load_version(layout, indexed, state.retired)
             if serving is None:
-                state.serving = self._load_version(layout, current)
+                state.serving = self._load_version(layout, current, state.retired)
             else:
                 state.serving = serving
-                state.set_pending(self._load_version(layout, current))
+                state.set_pending(self._load_version(layout, current, state.retired))
             log.info("caught up %s: %s", layout.root, state.status().model_dump())
             return
         # A store of an earlier release (no indexed.json): the previous version serves while
         # it holds more vectors.
-        newest = self._load_version(layout, current)
+        newest = self._load_version(layout, current, state.retired)
         previous = None
         number = version_number(current)
         for key in reversed(self.store.list(layout.models_prefix)):
@@ -243,7 +272,7 @@ class SearchEngine:
                 and version_number(version) < number
                 and self.store.exists(layout.manifest(version))
             ):
-                previous = self._load_version(layout, version)
+                previous = self._load_version(layout, version, state.retired)
                 break
         if previous is not None and (newest is None or len(previous.index) > len(newest.index)):
             state.serving = previous
@@ -275,12 +304,15 @@ class SearchEngine:
         return count
 
     # -- events --------------------------------------------------------------------------------
-    def apply(self, event: VectorEvent | ModelEvent) -> None:
+    def apply(self, event: VectorEvent | ModelEvent | RetireEvent) -> None:
         state = self.collection(event.tenant, event.collection)
         with state.lock:
-            target = self._version_for(state, event.version)
-            if target is not None and isinstance(event, VectorEvent):
-                state.upsert(target, event.image_id, np.asarray(event.vector), event.label)
+            if isinstance(event, RetireEvent):
+                state.retire(event.image_id)
+            else:
+                target = self._version_for(state, event.version)
+                if target is not None and isinstance(event, VectorEvent):
+                    state.upsert(target, event.image_id, np.asarray(event.vector), event.label)
             state._maybe_swap()
         self.events_applied += 1
 
@@ -293,7 +325,7 @@ class SearchEngine:
         )
         if version_number(version) < newest:
             return None  # an old version: ignore
-        loaded = self._load_version(state.layout, version)
+        loaded = self._load_version(state.layout, version, state.retired)
         if loaded is None:
             log.warning("event for unknown model %s of %s", version, state.layout.root)
             return None

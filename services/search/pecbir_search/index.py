@@ -123,6 +123,11 @@ class VectorIndex(Protocol):
         """The ids held, in insertion order."""
         ...
 
+    def remove(self, image_id: str) -> bool:
+        """Drop the vector of `image_id` (the owner retired it); False if it was not held.
+        The others keep their relative order (ties stay in insertion order)."""
+        ...
+
     def search(self, query: np.ndarray, k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, squared distances, labels with -1 for none) of the k nearest, nearest first."""
         ...
@@ -214,6 +219,24 @@ class ExactVectorIndex:
             view.ids.append(image_id)
             self._row_of[image_id] = n
             self._view = _View(columns, labels, view.ids, n + 1)
+
+    def remove(self, image_id: str) -> bool:
+        with self._lock:
+            row = self._row_of.get(image_id)
+            if row is None:
+                return False
+            view = self._view
+            # Rare (a retired image): a new view without the row, never a change readers see.
+            keep = np.r_[0:row, row + 1 : view.n]
+            capacity = view.columns.shape[1]
+            columns = np.zeros((self.dim, capacity), np.float32)
+            columns[:, : view.n - 1] = view.columns[:, keep]
+            labels = np.full(capacity, -1, np.int64)
+            labels[: view.n - 1] = view.labels[keep]
+            ids = [view.ids[i] for i in keep]
+            self._row_of = {image_id: i for i, image_id in enumerate(ids)}
+            self._view = _View(columns, labels, ids, view.n - 1)
+            return True
 
     def search(self, query: np.ndarray, k: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, squared distances, labels) of the k nearest vectors, nearest first."""
