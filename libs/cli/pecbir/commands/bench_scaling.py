@@ -436,7 +436,8 @@ _TENANT, _COLLECTION, _VERSION = "bench", "scaling", "v0001"
 
 def _prepare_store(root: Path, n_images: int, fit_images: int, n_components: int) -> list[str]:
     """A filesystem store holding a fitted model (current version) and `n_images` uploads,
-    written the way the gateway and the training task write them."""
+    written the way the gateway and the training task write them. Beyond the dataset's slices
+    (10⁴ for a re-index extrapolation), its protected slices are stored again under new ids."""
     import io
 
     import httpx
@@ -455,13 +456,14 @@ def _prepare_store(root: Path, n_images: int, fit_images: int, n_components: int
     layout = CollectionLayout(_TENANT, _COLLECTION)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(data.images))
-    fit, upload = order[:fit_images], order[fit_images : fit_images + n_images]
+    fit, rest = order[:fit_images], order[fit_images:]
+    upload = rest[np.arange(n_images) % len(rest)]
     encryptor = Encryptor(MasterKey.from_seed(4), httpx.Client(base_url="http://unused"))
     protected = {
         int(i): encryptor.protect(
             np.asarray(data.images[i]), data.masks[i], opaque_id=f"bench-{i:08d}", label=1
         )
-        for i in np.concatenate([fit, upload])
+        for i in np.unique(np.concatenate([fit, upload]))
     }
     # The model is fitted on cipher images, as the training task does.
     pipeline = CBIRPipeline(n_components=n_components, n_train_patches=40_000, n_jobs=1)
