@@ -174,21 +174,26 @@ def test_concurrent_readers_see_only_whole_rows_while_the_follower_appends():
 
 def test_version_swap_is_atomic_for_concurrent_readers():
     # Readers take `state.serving` once per query (as the app does) while the follower fills the
-    # pending version (another dimension) and swaps it in: every answer must come wholly from
-    # one version, and once the new version serves, it holds at least as many vectors.
+    # pending version (a re-index: the same images, new vectors of another dimension) and swaps
+    # it in: every answer must come wholly from one version, and the new version serves only
+    # once it holds every image the old one holds.
     from pecbir_contracts.layout import CollectionLayout
     from pecbir_search.engine import CollectionState, Version
 
     compile_kernels()
     rng = np.random.default_rng(3)
-    old_vectors = rng.standard_normal((300, 3)).astype(np.float32)
-    new_vectors = rng.standard_normal((300, 5)).astype(np.float32)
+    vectors = {
+        "v0001": rng.standard_normal((300, 3)).astype(np.float32),
+        "v0002": rng.standard_normal((300, 5)).astype(np.float32),
+    }
+    norms = {name: np.sort((v.astype(np.float64) ** 2).sum(axis=1)) for name, v in vectors.items()}
     state = CollectionState(CollectionLayout("hosp-a", "brain"))
     old = VectorIndex("v0001", 3)
-    for i, vector in enumerate(old_vectors):
-        old.upsert(f"v1-{i}", vector, None)
+    for i, vector in enumerate(vectors["v0001"]):
+        old.upsert(f"img-{i}", vector, None)
     state.serving = Version("v0001", object(), old)
-    state.pending = Version("v0002", object(), VectorIndex("v0002", 5))
+    with state.lock:
+        state.set_pending(Version("v0002", object(), VectorIndex("v0002", 5)))
     errors: list[str] = []
     seen: list[tuple[str, int]] = []
     done = threading.Event()
@@ -197,19 +202,20 @@ def test_version_swap_is_atomic_for_concurrent_readers():
         while not done.is_set():
             serving = state.serving
             query = np.zeros(serving.index.dim, np.float32)
-            ids, _, _ = serving.index.search(query, 500)
-            prefix = "v1-" if serving.name == "v0001" else "v2-"
-            if not ids or not all(i.startswith(prefix) for i in ids):
-                errors.append(f"{serving.name} answered {ids[:3]}")
+            ids, distances, _ = serving.index.search(query, 500)
+            answer = np.sort(np.asarray(distances, dtype=np.float64))
+            if len(ids) != 300 or not np.allclose(answer, norms[serving.name], rtol=1e-5):
+                errors.append(f"{serving.name} answered {len(ids)} ids of another version")
             seen.append((serving.name, len(ids)))
 
     readers = [threading.Thread(target=read) for _ in range(2)]
     for reader in readers:
         reader.start()
     try:
-        for i, vector in enumerate(new_vectors):
+        for i, vector in enumerate(vectors["v0002"]):
             with state.lock:
-                state.pending.index.upsert(f"v2-{i}", vector, None)
+                assert state.pending is not None, f"swapped after {i} of 300 images"
+                state.upsert(state.pending, f"img-{i}", vector, None)
                 state._maybe_swap()
     finally:
         done.set()
@@ -220,4 +226,3 @@ def test_version_swap_is_atomic_for_concurrent_readers():
     names = [name for name, _ in seen]
     first_new = names.index("v0002") if "v0002" in names else len(names)
     assert set(names[:first_new]) <= {"v0001"}  # never back to the old version per reader order
-    assert all(count >= 300 for name, count in seen if name == "v0002")

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import queue
 import shutil
 import tempfile
 import threading
@@ -293,7 +294,13 @@ def _whole_task_processes(
         done, indexed, feature_seconds, exited = 0, 0, 0.0, 0
         with tqdm(total=len(ids), desc=f"index {version} x{processes}", unit="img") as bar:
             while exited < processes:
-                kind, value, poison = out.get(timeout=900)
+                try:
+                    kind, value, poison = out.get(timeout=5)
+                except queue.Empty:
+                    died = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                    if died:
+                        raise RuntimeError(f"a worker process died (exit {died[0]})") from None
+                    continue
                 if poison:
                     raise RuntimeError(f"poison in the benchmark: {poison}")
                 if kind == "done":
@@ -305,6 +312,8 @@ def _whole_task_processes(
                 else:
                     exited += 1
                     feature_seconds += value
+        if done != len(ids):
+            raise RuntimeError(f"the workers indexed {done} of {len(ids)} images")
     finally:
         for worker in workers:
             worker.join(timeout=60)
