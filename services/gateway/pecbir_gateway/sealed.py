@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-import httpx
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -34,6 +33,7 @@ from pecbir_gateway.images import (
     checked_image,
     is_sealed_collection,
 )
+from pecbir_gateway.search import forward_search
 from pecbir_platform.web import read_limited
 
 router = APIRouter(tags=["sealed"])
@@ -212,21 +212,6 @@ def search_fisher(
         raise HTTPException(422, str(exc)) from None
     if not is_sealed_collection(ctx, access.layout):
         raise HTTPException(409, f"collection {collection} is not sealed: search with an image")
-    try:
-        answer = ctx.search.post(
-            SEARCH_SEARCH_FISHER.format(collection=collection),
-            params={"owner": access.owner, "k": k},
-            files={"fisher_vector": ("query.npy", vector_bytes, "application/octet-stream")},
-            headers=ctx.search_headers(access),
-        )
-    except httpx.HTTPError as exc:
-        raise HTTPException(503, f"search service unavailable: {exc}") from None
-    if answer.status_code != 200:
-        detail = answer.json().get("detail") if answer.content else answer.reason_phrase
-        status = answer.status_code if answer.status_code in (404, 409, 422) else 502
-        raise HTTPException(status, f"search service: {detail}")
-    result = SearchResponse.model_validate_json(answer.content)
-    for hit in result.hits:
-        path = GATEWAY_IMAGE_SEALED.format(collection=collection, image_id=hit.image_id)
-        hit.cipher_url = f"{path}?owner={access.owner}"
-    return result
+    files = {"fisher_vector": ("query.npy", vector_bytes, "application/octet-stream")}
+    path = SEARCH_SEARCH_FISHER.format(collection=collection)
+    return forward_search(ctx, access, path, k=k, sealed=True, files=files)

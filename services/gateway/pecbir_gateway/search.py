@@ -18,7 +18,7 @@ from pecbir_contracts.routes import (
     SEARCH_SEARCH_STORED,
 )
 from pecbir_contracts.schemas import MAX_K, SearchResponse
-from pecbir_gateway.deps import Caller, Ctx, GatewayContext, Owner, authorise
+from pecbir_gateway.deps import Access, Caller, Ctx, GatewayContext, Owner, authorise
 from pecbir_gateway.images import checked_image, is_sealed_collection, validate_pair
 from pecbir_platform.web import read_limited
 
@@ -35,6 +35,41 @@ def _check_query_roi(ctx: GatewayContext, mask: np.ndarray) -> None:
             f"query tumour mask of {roi} pixels exceeds the query limit of "
             f"{ctx.settings.max_query_roi_pixels} pixels",
         )
+
+
+def forward_search(
+    ctx: GatewayContext,
+    access: Access,
+    path: str,
+    *,
+    k: int,
+    sealed: bool,
+    files: dict[str, tuple[str, bytes, str]] | None = None,
+) -> SearchResponse:
+    """Ask the search service (`path`: one of its search routes) and return its answer, each
+    hit linked to its encrypted download (the sealed blob or the cipher image); its errors
+    become the gateway's."""
+    try:
+        answer = ctx.search.post(
+            path,
+            params={"owner": access.owner, "k": k},
+            files=files,
+            headers=ctx.search_headers(access),
+        )
+    except httpx.HTTPError as exc:
+        # The cause names internal hosts and ports: for the log, not for the client.
+        log.error("search service unreachable: %s", exc)
+        raise HTTPException(503, "search service unavailable") from None
+    if answer.status_code != 200:
+        detail = answer.json().get("detail") if answer.content else answer.reason_phrase
+        status = answer.status_code if answer.status_code in (404, 409, 422) else 502
+        raise HTTPException(status, f"search service: {detail}")
+    result = SearchResponse.model_validate_json(answer.content)
+    template = GATEWAY_IMAGE_SEALED if sealed else GATEWAY_IMAGE_CIPHER
+    for hit in result.hits:
+        link = template.format(collection=access.layout.collection, image_id=hit.image_id)
+        hit.cipher_url = f"{link}?owner={access.owner}"
+    return result
 
 
 @router.post(GATEWAY_SEARCH, response_model=SearchResponse)
@@ -59,29 +94,12 @@ def search(
     _check_query_roi(ctx, plain_mask)
     if is_sealed_collection(ctx, access.layout):
         raise HTTPException(409, f"collection {collection} is sealed: search with a Fisher vector")
-    try:
-        answer = ctx.search.post(
-            SEARCH_SEARCH.format(collection=collection),
-            params={"owner": access.owner, "k": k},
-            files={
-                "cipher": ("query.png", cipher_bytes, "image/png"),
-                "mask": ("mask.png", mask_bytes, "image/png"),
-            },
-            headers=ctx.search_headers(access),
-        )
-    except httpx.HTTPError as exc:
-        # The cause names internal hosts and ports: for the log, not for the client.
-        log.error("search service unreachable: %s", exc)
-        raise HTTPException(503, "search service unavailable") from None
-    if answer.status_code != 200:
-        detail = answer.json().get("detail") if answer.content else answer.reason_phrase
-        status = answer.status_code if answer.status_code in (404, 409, 422) else 502
-        raise HTTPException(status, f"search service: {detail}")
-    result = SearchResponse.model_validate_json(answer.content)
-    for hit in result.hits:
-        path = GATEWAY_IMAGE_CIPHER.format(collection=collection, image_id=hit.image_id)
-        hit.cipher_url = f"{path}?owner={access.owner}"
-    return result
+    files = {
+        "cipher": ("query.png", cipher_bytes, "image/png"),
+        "mask": ("mask.png", mask_bytes, "image/png"),
+    }
+    path = SEARCH_SEARCH.format(collection=collection)
+    return forward_search(ctx, access, path, k=k, sealed=False, files=files)
 
 
 @router.post(
@@ -105,23 +123,6 @@ def search_stored(
     collection (no `owner`). Scope `search`."""
     access = authorise(ctx, claims, collection, None, "search")
     checked_image(access, ctx, image_id)
-    try:
-        answer = ctx.search.post(
-            SEARCH_SEARCH_STORED.format(collection=collection, image_id=image_id),
-            params={"owner": access.owner, "k": k},
-            headers=ctx.search_headers(access),
-        )
-    except httpx.HTTPError as exc:
-        log.error("search service unreachable: %s", exc)
-        raise HTTPException(503, "search service unavailable") from None
-    if answer.status_code != 200:
-        detail = answer.json().get("detail") if answer.content else answer.reason_phrase
-        status = answer.status_code if answer.status_code in (404, 409, 422) else 502
-        raise HTTPException(status, f"search service: {detail}")
-    result = SearchResponse.model_validate_json(answer.content)
+    path = SEARCH_SEARCH_STORED.format(collection=collection, image_id=image_id)
     sealed = is_sealed_collection(ctx, access.layout)
-    for hit in result.hits:
-        template = GATEWAY_IMAGE_SEALED if sealed else GATEWAY_IMAGE_CIPHER
-        path = template.format(collection=collection, image_id=hit.image_id)
-        hit.cipher_url = f"{path}?owner={access.owner}"
-    return result
+    return forward_search(ctx, access, path, k=k, sealed=sealed)
