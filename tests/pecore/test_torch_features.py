@@ -189,3 +189,20 @@ def test_errors():
         pipe = CBIRPipeline(backend="jax")
         pipe.metric_ = object()
         pipe.fisher_vectors([np.zeros((4, 4))], [np.zeros((4, 4), dtype=bool)])
+
+
+def test_projected_dim_is_the_width_project_gives(data, fitted):
+    # CFML keeps only positive eigenvalues: with 3 classes it can learn fewer than `dim`
+    # columns, and an index sized before any vector arrives must use what `project` gives.
+    fv = fitted.fisher_vectors(data.images[:2], data.masks[:2])
+    assert fitted.projected_dim == fitted.project(fv).shape[1] <= fitted.dim
+    wide = CBIRPipeline(**{**PARAMS, "dim": 500})
+    wide.pca_, wide.gmm_, wide.encoder_, wide.metric_ = (
+        fitted.pca_,
+        fitted.gmm_,
+        fitted.encoder_,
+        fitted.metric_,
+    )
+    assert wide.projected_dim == wide.project(fv).shape[1] < 500
+    with pytest.raises(RuntimeError):
+        _ = CBIRPipeline(**PARAMS).projected_dim

@@ -639,6 +639,18 @@ class CBIRPipeline(BaseEstimator):
             return self._torch_features().project(fisher_vectors, components).astype(np.float32)
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
 
+    @property
+    def projected_dim(self) -> int:
+        """Columns of `project`'s output: `dim`, or fewer where CFML learned fewer.
+
+        Raises
+        ------
+        RuntimeError
+            If the pipeline is not fitted.
+        """
+        self._check_fitted()
+        return min(int(self.dim), int(self.metric_.components_.shape[1]))
+
     def transform(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
         """Retrieval vectors of images: ``project(fisher_vectors(images, masks))``.
 

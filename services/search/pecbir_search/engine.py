@@ -194,7 +194,7 @@ class SearchEngine:
                 read = pool.map(self.store.get, keys.values())
                 for image_id, data in zip(keys, read, strict=True):
                     records[image_id] = FeatureRecord.from_bytes(data)
-        dim = next(iter(records.values())).vector.shape[0] if records else int(pipeline.dim)
+        dim = next(iter(records.values())).vector.shape[0] if records else pipeline.projected_dim
         index = self.index_factory(version, dim)
         # In id order whatever came from where: the same insertion order (ties) every start.
         for image_id in sorted(records):

@@ -71,7 +71,7 @@ def _pipeline_bytes() -> tuple[bytes, int]:
     pipeline.fit(images, masks, np.asarray(labels))
     buffer = io.BytesIO()
     pipeline.save(buffer)
-    return buffer.getvalue(), int(pipeline.dim)
+    return buffer.getvalue(), pipeline.projected_dim
 
 
 def _fill(store, layout, n: int, model: bytes, dim: int, threads: int) -> list[str]:
