@@ -107,21 +107,25 @@ def _dicom(pixels: np.ndarray, row: int, seed: int) -> bytes:
     return dicom_bytes(mr)
 
 
+def _model_params(args, source: str) -> dict[str, object]:
+    """The training request of every hospital's collection (a small radius on generated data)."""
+    return {
+        "n_components": args.n_components,
+        "n_regions": 8,
+        "patch_size": 9,
+        "radius": args.radius if source == "figshare" else min(args.radius, 8),
+        "n_train_patches": args.n_train_patches,
+        "dim": 10,
+        "random_state": args.seed,
+    }
+
+
 def _world(args, dataset, source, database, workdir):
     """The three hospitals, their uploads and models; (system, seconds it took)."""
     from pecbir_harness.embedded import EmbeddedSystem
     from pecore.keys import MasterKey
 
-    radius = args.radius if source == "figshare" else min(args.radius, 8)
-    params = {
-        "n_components": args.n_components,
-        "n_regions": 8,
-        "patch_size": 9,
-        "radius": radius,
-        "n_train_patches": args.n_train_patches,
-        "dim": 10,
-        "random_state": args.seed,
-    }
+    params = _model_params(args, source)
     system = EmbeddedSystem(
         workdir,
         master=MasterKey.from_seed(args.seed),
@@ -149,8 +153,9 @@ def _world(args, dataset, source, database, workdir):
                 "/v1/collections/brain/patch-model",
                 files=[("images", (f"{r}.npy", _npy(dataset.images[r]))) for r in rows]
                 + [("masks", (f"{r}.npy", _npy(dataset.masks[r]))) for r in rows],
-                data={k: str(params[k]) for k in ("n_components", "n_regions", "patch_size")}
-                | {"radius": str(radius)},
+                data={
+                    k: str(params[k]) for k in ("n_components", "n_regions", "patch_size", "radius")
+                },
             )
             if published.status_code != 201:
                 raise RuntimeError(f"patch model of hospital-b refused: {published.text}")
@@ -252,16 +257,7 @@ def _processes_world(args, dataset, source, database, workdir, stack) -> tuple[s
             timeout=120,
         )
     )
-    radius = args.radius if source == "figshare" else min(args.radius, 8)
-    params = {
-        "n_components": args.n_components,
-        "n_regions": 8,
-        "patch_size": 9,
-        "radius": radius,
-        "n_train_patches": args.n_train_patches,
-        "dim": 10,
-        "random_state": args.seed,
-    }
+    params = _model_params(args, source)
     trained = gateway.post("/v1/collections/brain/model/train", json=params)
     if trained.status_code != 202:
         raise RuntimeError(f"training refused: {trained.text}")
