@@ -8,6 +8,8 @@ back end can be asked to break the same way).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -206,3 +208,26 @@ def test_projected_dim_is_the_width_project_gives(data, fitted):
     assert wide.projected_dim == wide.project(fv).shape[1] < 500
     with pytest.raises(RuntimeError):
         _ = CBIRPipeline(**PARAMS).projected_dim
+
+
+def test_transform_keeps_the_fisher_vectors_on_the_device(data, fitted):
+    # the indexer's `transform` projects on the device; it must be `project(fisher_vectors)`
+    torch_pipe = CBIRPipeline(**{**PARAMS, "backend": "torch", "device": "cpu"})
+    torch_pipe.pca_, torch_pipe.gmm_ = fitted.pca_, fitted.gmm_
+    torch_pipe.encoder_, torch_pipe.metric_ = fitted.encoder_, fitted.metric_
+    fused = torch_pipe.transform(data.images, data.masks)
+    two_steps = torch_pipe.project(torch_pipe.fisher_vectors(data.images, data.masks))
+    assert fused.dtype == np.float32 and fused.shape == two_steps.shape
+    np.testing.assert_allclose(fused, two_steps, rtol=1e-6, atol=1e-7)
+    # W is uploaded once per array, not per batch; a refitted metric is a new array
+    features = torch_pipe._torch_features()
+    cached = features._w_cache
+    torch_pipe.transform(data.images[:3], data.masks[:3])
+    assert features._w_cache is cached
+    torch_pipe.metric_ = copy.deepcopy(fitted.metric_)
+    torch_pipe.metric_.components_ = torch_pipe.metric_.components_ * 2.0
+    np.testing.assert_allclose(
+        torch_pipe.transform(data.images[:3], data.masks[:3]), 2.0 * fused[:3], rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="masks"):
+        torch_pipe.transform(data.images[:2], data.masks[:1])

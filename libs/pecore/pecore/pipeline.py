@@ -668,6 +668,15 @@ class CBIRPipeline(BaseEstimator):
         ndarray of float32, shape (n_images, dim)
             The retrieval vectors.
         """
+        if self.backend == "torch":  # the Fisher vectors stay on the device
+            self._check_fitted()
+            if len(masks) != len(images):
+                raise ValueError(f"{len(images)} images but {len(masks)} masks")
+            components = self.metric_.components_[:, : self.dim]
+            vectors = self._torch_features().transform(
+                images, masks, components, radius=self.radius
+            )
+            return vectors.astype(np.float32)
         return self.project(self.fisher_vectors(images, masks))
 
     # -- persistence (npz arrays + JSON parameters; no pickle) -------------------------------

@@ -274,10 +274,16 @@ class TorchFeatures:
         # row-major P×P window offsets, as `extract_patches` flattens a block
         self._dr = steps.repeat_interleave(self.patch_size)
         self._dc = steps.repeat(self.patch_size)
+        self._w_cache: tuple[tuple, np.ndarray, torch.Tensor] | None = None
 
     # -- Fisher vectors ----------------------------------------------------------------------
     def fisher_vectors(
-        self, images: Sequence[np.ndarray], rois: Sequence[np.ndarray], *, radius: int = 0
+        self,
+        images: Sequence[np.ndarray],
+        rois: Sequence[np.ndarray],
+        *,
+        radius: int = 0,
+        components: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Fisher vectors of images given their ROIs.
 
@@ -292,6 +298,8 @@ class TorchFeatures:
             Dilate `rois` by this radius first; 0 takes them as they are. On CUDA the device
             does it (`dilate_masks`); on the CPU `pecore.roi.dilate_mask` (the same pixels; its
             distance transform on the mask's bounding box is some 30 times faster there).
+        components : torch.Tensor, optional
+            W on the device (`transform`): return the projections instead.
 
         Returns
         -------
@@ -307,7 +315,11 @@ class TorchFeatures:
             raise ValueError(f"{len(images)} images but {len(rois)} ROIs")
         if radius and not self.device.startswith("cuda"):
             rois, radius = [dilate_mask(np.asarray(r, dtype=bool), radius) for r in rois], 0
-        out = np.zeros((len(images), self.n_features), dtype=np.float32)
+        out = (
+            np.zeros((len(images), self.n_features), dtype=np.float32)
+            if components is None
+            else np.zeros((len(images), components.shape[1]), dtype=np.float64)
+        )
         shapes: dict[tuple[int, ...], list[int]] = {}
         for i, (image, roi) in enumerate(zip(images, rois, strict=True)):
             shape = np.shape(image)
@@ -320,11 +332,61 @@ class TorchFeatures:
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 out[batch] = self._batch(
-                    [images[i] for i in batch], [rois[i] for i in batch], radius
+                    [images[i] for i in batch], [rois[i] for i in batch], radius, components
                 )
         return out
 
-    def _batch(self, images: list[np.ndarray], rois: list[np.ndarray], radius: int) -> np.ndarray:
+    def transform(
+        self,
+        images: Sequence[np.ndarray],
+        rois: Sequence[np.ndarray],
+        components: np.ndarray,
+        *,
+        radius: int = 0,
+    ) -> np.ndarray:
+        """``project(fisher_vectors(images, rois), components)`` without taking the Fisher
+        vectors off the device.
+
+        The same float32 Fisher vectors meet the same float64 product as in `project`; only
+        the (n_images, m) projections travel back, not F = 2·K·d·R floats per image (332 KB at
+        D = 64), which cost more than the features themselves on a fast device.
+
+        Parameters
+        ----------
+        images, rois, radius
+            As in `fisher_vectors`.
+        components : array_like of shape (F, m)
+            The first m columns of the learned metric's W.
+
+        Returns
+        -------
+        ndarray of float64, shape (n_images, m)
+            The projections.
+        """
+        w = self._components(components)
+        return self.fisher_vectors(images, rois, radius=radius, components=w)
+
+    def _components(self, components: np.ndarray) -> torch.Tensor:
+        """W on the device in float64, kept while the caller passes the same memory (uploading
+        an F×m float64 matrix per batch would cost 42 MB at D = 64). The key is the array's
+        address, shape and strides, so a fresh view of the same columns hits; the cache holds
+        the array, so its memory cannot be reused by another while cached."""
+        torch = _torch()
+        components = np.asarray(components)
+        key = (components.__array_interface__["data"][0], components.shape, components.strides)
+        cached = self._w_cache
+        if cached is None or cached[0] != key:
+            tensor = torch.as_tensor(np.asarray(components, dtype=np.float64), device=self.device)
+            cached = self._w_cache = (key, components, tensor)
+        return cached[2]
+
+    def _batch(
+        self,
+        images: list[np.ndarray],
+        rois: list[np.ndarray],
+        radius: int,
+        components: torch.Tensor | None = None,
+    ) -> np.ndarray:
         torch = _torch()
         # named stages, for `pecbir bench-index --stages` (torch.profiler); no cost otherwise
         stage = torch.profiler.record_function
@@ -369,8 +431,12 @@ class TorchFeatures:
             del log_lik
         with stage("pecbir.fisher"):
             blocks = self._encode(torch, posteriors, moments, segment, n_images)
+        blocks = blocks.reshape(n_images, self.n_features)
+        if components is not None:
+            with stage("pecbir.project"):
+                blocks = blocks.to(torch.float64) @ components
         with stage("pecbir.download"):
-            return blocks.reshape(n_images, self.n_features).cpu().numpy()
+            return blocks.cpu().numpy()
 
     def _regions(
         self, torch: Any, values: torch.Tensor, which: torch.Tensor, counts: torch.Tensor
@@ -494,7 +560,7 @@ class TorchFeatures:
             The projections.
         """
         torch = _torch()
-        w = torch.as_tensor(np.asarray(components, dtype=np.float64), device=self.device)
+        w = self._components(components)
         fisher_vectors = np.asarray(fisher_vectors)
         out = np.empty((fisher_vectors.shape[0], w.shape[1]), dtype=np.float64)
         step = 4096

@@ -111,8 +111,8 @@ def _features(
     pipeline = rt.model(layout, version)
 
     def compute(ids: list[str]) -> dict[str, FeatureRecord]:
-        fisher = pipeline.fisher_vectors([loaded[i][1] for i in ids], [loaded[i][2] for i in ids])
-        vectors = pipeline.project(fisher)
+        # transform, not project(fisher_vectors): on a device the Fisher vectors stay there
+        vectors = pipeline.transform([loaded[i][1] for i in ids], [loaded[i][2] for i in ids])
         return {
             image_id: FeatureRecord(version, vectors[k], loaded[image_id][0].label)
             for k, image_id in enumerate(ids)

@@ -2,8 +2,8 @@
 
 What a re-index costs per image, measured on the indexer's own code over a filesystem store:
 
-- **feature step**: `CBIRPipeline.fisher_vectors` + `project` on decoded images already in
-  memory, in batches (the device's share of the work);
+- **feature step**: `CBIRPipeline.transform` (Fisher vectors + projection) on decoded images
+  already in memory, in batches (the device's share of the work);
 - **whole task**: `pecbir_indexer.batch.index_batch` (the GPU worker's task without Celery) over
   stored images: read and decode the cipher PNG, mask and metadata, features, write the feature
   record (fsync'd), publish the vector event (an in-process bus: the device machine has no
@@ -331,12 +331,12 @@ def _whole_task_processes(
 
 
 def _feature_step(pipeline, images, masks, batch: int) -> float:
-    """Images/s of fisher_vectors + project on decoded images (one warm-up batch first)."""
-    pipeline.project(pipeline.fisher_vectors(images[:batch], masks[:batch]))
+    """Images/s of `transform` (Fisher vectors + projection, as the indexer) on decoded images
+    (one warm-up batch first)."""
+    pipeline.transform(images[:batch], masks[:batch])
     started = time.perf_counter()
     for start in range(0, len(images), batch):
-        fv = pipeline.fisher_vectors(images[start : start + batch], masks[start : start + batch])
-        pipeline.project(fv)
+        pipeline.transform(images[start : start + batch], masks[start : start + batch])
     _sync(pipeline)
     return len(images) / (time.perf_counter() - started)
 
@@ -353,7 +353,7 @@ def _stage_profile(pipeline, images, masks, batch: int) -> dict[str, float]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profile:
         for start in range(0, n, batch):
-            pipeline.fisher_vectors(images[start : start + batch], masks[start : start + batch])
+            pipeline.transform(images[start : start + batch], masks[start : start + batch])
         _sync(pipeline)
     out = {}
     for event in profile.key_averages():
