@@ -103,16 +103,16 @@ def test_a_batch_too_big_for_the_device_is_halved_until_it_fits(trained, store, 
     torch = pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
     rt, ids, _ = trained
     pipeline = rt.model(LAYOUT, "v0001")
-    real = pipeline.fisher_vectors
+    real = pipeline.transform
     sizes: list[int] = []
 
-    def fisher_vectors(images, masks):
+    def transform(images, masks):
         sizes.append(len(images))
         if len(images) > 3:  # the device's memory holds at most 3 of these images
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return real(images, masks)
 
-    monkeypatch.setattr(pipeline, "fisher_vectors", fisher_vectors)
+    monkeypatch.setattr(pipeline, "transform", transform)
     outcome = batch.index_batch(rt, "hosp-a", "brain", "v0001", ids)
     assert sorted(outcome.indexed) == sorted(ids) and not outcome.poison
     assert sizes[0] == len(ids) and max(s for s in sizes if s <= 3) == 3
@@ -120,7 +120,7 @@ def test_a_batch_too_big_for_the_device_is_halved_until_it_fits(trained, store, 
     for image_id in ids:
         record = FeatureRecord.from_bytes(store.get(LAYOUT.features("v0001", image_id)))
         _, cipher, mask = work.load_image(rt, LAYOUT, image_id)
-        expected = pipeline.project(real([cipher], [mask]))[0]
+        expected = real([cipher], [mask])[0]
         np.testing.assert_allclose(
             record.vector, expected, rtol=0, atol=1e-3 * float(np.abs(expected).max())
         )
