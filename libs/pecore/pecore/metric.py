@@ -312,28 +312,30 @@ class CFML(BaseEstimator):
         n_diff = n * (n - 1) - n_same
         if n_same == 0 or n_diff == 0:
             raise ValueError("CFML needs at least two classes and one class with two samples")
+        # Only the two F×F statistics are ever F×F: every update is accumulated in place
+        # (at F = 81 920 one more float32 F×F temporary would not fit an 80 GB device).
         gram = products.zeros((n_features, n_features))  # Σ x xᵀ
         weighted = products.zeros((n_features, n_features))  # Σ 2·n_c(x) x xᵀ
         class_sums = np.zeros((len(classes), n_features))
         for i in range(len(offsets) - 1):
-            rows = slice(offsets[i], offsets[i + 1])
+            members = inverse[offsets[i] : offsets[i + 1]]
             host = centred(i)
-            np.add.at(class_sums, inverse[rows], host.astype(np.float64))
+            for c in np.unique(members):
+                class_sums[c] += host[members == c].sum(axis=0, dtype=np.float64)
             block = products.put(host)
-            gram += block.T @ block
-            weights = (2.0 * counts[inverse[rows]]).astype(products.dtype)[:, None]
-            weighted += block.T @ (block * products.put(weights))
+            products.add_product(gram, block, block)
+            weights = (2.0 * counts[members]).astype(products.dtype)[:, None]
+            products.add_product(weighted, block, block * products.put(weights))
             del block
-        total = class_sums.sum(axis=0)
         # pair_scatter's identities: all pairs = 2n·G − 2 t tᵀ, same = Σ_c 2 n_c G_c − 2 s_c s_cᵀ
-        outer = 2.0 * sum(np.outer(sc, sc) for sc in class_sums)
-        weighted -= products.put(outer.astype(products.dtype))  # same-class pair sum
+        sums = products.put(class_sums.astype(products.dtype))  # C × F
+        products.add_product(weighted, sums, sums, alpha=-2.0)  # same-class pair sum
+        total = products.put(class_sums.sum(axis=0, keepdims=True).astype(products.dtype))
         gram *= 2.0 * n
-        gram -= products.put((2.0 * np.outer(total, total)).astype(products.dtype))
+        products.add_product(gram, total, total, alpha=-2.0)
         gram -= weighted  # different-class pair sum
         gram /= n_diff  # M_D
         weighted /= n_same  # M_S
-        del outer
         A_scaled = self._solve_scatter(weighted, gram, products)
         return A_scaled  # the basis is the identity: W = A·√γ
 
@@ -459,6 +461,16 @@ class _BlockProducts:
 
     def numpy(self, a) -> np.ndarray:
         return a if self.torch is None else a.cpu().numpy()
+
+    def add_product(self, acc, a, b, *, alpha: float = 1.0) -> None:
+        """acc += alpha · aᵀ b, in place (on a torch device without an acc-sized temporary)."""
+        if self.torch is None:
+            product = a.T @ b
+            if alpha != 1.0:
+                product *= alpha
+            acc += product
+        else:
+            acc.addmm_(a.T, b, alpha=alpha)
 
     def qr(self, a):
         """An orthonormal basis of a's columns (reduced QR's Q)."""
