@@ -390,7 +390,6 @@ class TorchFeatures:
         torch = _torch()
         # named stages, for `pecbir bench-index --stages` (torch.profiler); no cost otherwise
         stage = torch.profiler.record_function
-        dev = self.device
         n_images = len(images)
         with stage("pecbir.upload"):
             stacked = np.stack([np.asarray(image) for image in images])
