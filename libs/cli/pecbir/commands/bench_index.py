@@ -490,7 +490,13 @@ def run(args: argparse.Namespace) -> int:
                 if processes == 1:
                     row = {**_whole_task(rt, filled[:n], version, args), "processes": 1}
                 else:
-                    row = _whole_task_processes(root, filled[:n], version, processes, device, args)
+                    try:
+                        row = _whole_task_processes(
+                            root, filled[:n], version, processes, device, args
+                        )
+                    except RuntimeError as exc:  # e.g. more workers than the device's memory
+                        row = {"images": n, "processes": processes, "failed": str(exc)}
+                        print(f"{processes} processes: {exc}", flush=True)
                 rows.append(row)
         cpu_version = f"v{versions + 1:04d}"
         base.put(layout.model(cpu_version), blob.getvalue())
@@ -540,6 +546,9 @@ def run(args: argparse.Namespace) -> int:
         print("device time per image, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     print(f"{'images':>9} {'procs':>5} {'wall s':>8} {'img/s':>9} {'features %':>10}")
     for r in rows:
+        if "failed" in r:
+            print(f"{r['images']:>9} {r['processes']:>5} failed: {r['failed']}")
+            continue
         print(
             f"{r['images']:>9} {r['processes']:>5} {r['wall_seconds']:>8.1f} "
             f"{r['images_per_s']:>9,.0f} {100 * r['feature_share_of_wall']:>9.0f}%"
