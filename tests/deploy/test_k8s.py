@@ -36,7 +36,7 @@ NON_SETTINGS_ENV = {
     "PROMETHEUS_MULTIPROC_DIR": "prometheus_client multiprocess mode (prefork pool)",
     "NUMBA_CACHE_DIR": "numba cache on a writable volume",
     "OMP_NUM_THREADS": "one BLAS thread per process",
-    "PYTORCH_CUDA_ALLOC_CONF": "torch CUDA allocator: expandable segments for many processes per GPU",
+    "PYTORCH_CUDA_ALLOC_CONF": "torch CUDA allocator: expandable segments, many processes a GPU",
 }
 
 
