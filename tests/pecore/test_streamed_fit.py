@@ -139,6 +139,27 @@ def test_primal_fit_on_a_torch_device_equals_numpy():
     torch32 = CFML(n_components=2, solver="primal").fit_chunks(chunks32, labels, device="cpu")
     assert _close(numpy_fit.eigenvalues_[:2], torch32.eigenvalues_, 1e-5)
     assert _same_up_to_sign(numpy_fit.components_[:, :2], torch32.components_, 1e-3)
+    # the capped LOBPCG reports how far its pairs got; the direct solver has nothing to report
+    assert numpy_fit.eigen_residuals_ is None
+    assert torch_fit.eigen_residuals_.shape == torch_fit.eigenvalues_.shape
+    assert float(torch_fit.eigen_residuals_.max()) < 1e-6
+    assert float(torch32.eigen_residuals_.max()) < 1e-3
+
+
+def test_primal_fit_on_a_torch_device_returns_when_the_spectrum_clusters(monkeypatch):
+    """Ten wanted pairs, eight of them in a cluster float32 cannot resolve: the iteration cap
+    ends the solve (an uncapped LOBPCG need not return) and the residuals say so."""
+    pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    import pecore.metric as metric
+
+    monkeypatch.setattr(metric, "_LOBPCG_MAX_ITER", 5)
+    rng = np.random.default_rng(3)
+    labels = np.arange(600) % 3
+    X = rng.standard_normal((600, 200)).astype(np.float32)
+    X += 0.3 * rng.standard_normal((3, 200)).astype(np.float32)[labels]
+    fit = CFML(n_components=10, solver="primal").fit_chunks(np.split(X, 3), labels, device="cpu")
+    assert fit.eigen_residuals_.shape == fit.eigenvalues_.shape
+    assert np.all(np.isfinite(fit.eigen_residuals_)) and fit.eigenvalues_[0] > 1.0
 
 
 def test_patch_model_from_lazy_sequences_is_identical():
