@@ -136,8 +136,9 @@ def test_subregions_and_patches_are_exact_on_tie_heavy_images():
         expected = intensity_regions(normalised[rois[i]], 5)
         assert np.array_equal(regions[which == i].numpy(), expected)
         reference = roi_patches(images[i], rois[i], 3, 0, 5, roi=rois[i]).patches
+        sides = torch.full((len(images), 2), 40)
         mine = features._patches(
-            torch, x, which[which == i], rows[which == i], cols[which == i], 40, 40
+            torch, x, which[which == i], rows[which == i], cols[which == i], sides
         )
         order = np.argsort(expected, kind="stable")
         assert np.array_equal(mine.numpy()[order], reference)
@@ -231,3 +232,22 @@ def test_transform_keeps_the_fisher_vectors_on_the_device(data, fitted):
     )
     with pytest.raises(ValueError, match="masks"):
         torch_pipe.transform(data.images[:2], data.masks[:1])
+
+
+def test_crops_at_the_slice_border_and_device_dilation_match_the_reference(data, fitted):
+    """A batch is cut to each ROI's box plus margin and padded to the largest box: a box that
+    ends at the slice's border reflects there (not at the padding), and a disk dilated on the
+    device stops there too. `_batch` with a radius is the CUDA path, run here on the CPU."""
+    images = [img.copy() for img in data.images[:4]]
+    masks = [np.zeros_like(m) for m in data.masks[:4]]
+    masks[0][-4:, -6:] = True  # bottom-right corner: box clipped, patches reflect
+    masks[1][:3, 10:20] = True  # top edge
+    masks[2] = data.masks[2]  # an ordinary tumour, the largest box of the batch
+    masks[3][20, 20] = True  # one pixel
+    reference = fitted.fisher_vectors(images, masks)
+    features = TorchFeatures(
+        fitted.pca_, fitted.gmm_, n_regions=8, patch_size=9, device="cpu", batch_size=4
+    )
+    on_device = features._batch(images, masks, fitted.radius)
+    _assert_fv_close(reference, on_device)
+    _assert_fv_close(reference, features.fisher_vectors(images, dilated_rois(masks, 3)))

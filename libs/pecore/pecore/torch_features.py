@@ -10,8 +10,10 @@ tolerance, not bit for bit (measured by `pecbir bench-gpu`; asserted in
 tests/pecore/test_torch_features.py). TF32 is never used: products run at torch's default
 "highest" float32 precision.
 
-A batch is cut into images of one shape. Masks may be dilated on the device too (the disk as
-2r + 1 horizontal runs, boolean and so exact). Per batch, each (image, subregion) segment is cut
+A batch is cut down on the host to each slice's ROI box plus margin (`_RoiCrops`: the device
+moves and touches a fraction of each slice; the min–max extremes come from the whole slice),
+so slices of any shape share a batch. Masks may be dilated on the device too (the disk as
+2r + 1 horizontal runs, boolean and so exact, stopped at each slice's border). Per batch, each (image, subregion) segment is cut
 into runs of `_RUN` patches, the last one padded, so that all posterior-weighted sums are one
 batched product whose padding stays under `_RUN` patches per segment, whatever the segments'
 spread of sizes (padding every segment to the longest cost several times the work on slices
@@ -320,20 +322,15 @@ class TorchFeatures:
             if components is None
             else np.zeros((len(images), components.shape[1]), dtype=np.float64)
         )
-        shapes: dict[tuple[int, ...], list[int]] = {}
         for i, (image, roi) in enumerate(zip(images, rois, strict=True)):
             shape = np.shape(image)
             if len(shape) != 2:
                 raise ValueError(f"image must be 2-D, got shape {shape}")
             if np.shape(roi) != shape:
                 raise ValueError(f"mask shape {np.shape(roi)} does not match image shape {shape}")
-            shapes.setdefault(shape, []).append(i)
-        for members in shapes.values():
-            for start in range(0, len(members), self.batch_size):
-                batch = members[start : start + self.batch_size]
-                out[batch] = self._batch(
-                    [images[i] for i in batch], [rois[i] for i in batch], radius, components
-                )
+        for start in range(0, len(images), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            out[batch] = self._batch(list(images[batch]), list(rois[batch]), radius, components)
         return out
 
     def transform(
@@ -392,21 +389,24 @@ class TorchFeatures:
         stage = torch.profiler.record_function
         n_images = len(images)
         with stage("pecbir.upload"):
-            stacked = np.stack([np.asarray(image) for image in images])
-            if stacked.dtype != np.uint8:  # exact either way: uint8 → float32 on the device
-                stacked = stacked.astype(np.float32)
-            masks = np.stack([np.asarray(r, dtype=bool) for r in rois])
-            x = self._upload(torch, stacked).to(torch.float32)
-            roi = self._upload(torch, masks)
+            crops = _RoiCrops(images, rois, margin=radius + self.patch_size // 2)
+            x = self._upload(torch, crops.pixels).to(torch.float32)
+            roi = self._upload(torch, crops.masks)
+            sides = torch.as_tensor(crops.sides, device=self.device)  # (B, 2): crop h, w
         if radius:
             with stage("pecbir.dilate"):
                 roi = dilate_masks(roi, radius)
+                # the disk stops at the slice's border, not at the batch's padding beyond it
+                _, height, width = roi.shape
+                inside_rows = torch.arange(height, device=self.device)[None, :] < sides[:, :1]
+                inside_cols = torch.arange(width, device=self.device)[None, :] < sides[:, 1:]
+                roi &= inside_rows[:, :, None] & inside_cols[:, None, :]
         _, height, width = x.shape
         with stage("pecbir.roi_pixels"):
-            # per-image min–max normalisation, as `minmax_normalise` (float32, one division)
-            lo = x.amin(dim=(1, 2), keepdim=True)
-            hi = x.amax(dim=(1, 2), keepdim=True)
-            span = hi - lo
+            # per-image min–max normalisation of the whole slice, as `minmax_normalise`
+            # (float32, one division), from the extremes the host took before cropping
+            lo = torch.as_tensor(crops.low, device=self.device)[:, None, None]
+            span = torch.as_tensor(crops.high, device=self.device)[:, None, None] - lo
             x = (x - lo) / torch.where(span > 0, span, 1.0)  # ÷1 is exact: constant image → 0
             # ROI pixels in raster order, image by image
             which, rows, cols = torch.nonzero(roi, as_tuple=True)
@@ -418,7 +418,7 @@ class TorchFeatures:
             segment, order = torch.sort(segment, stable=True)
             which, rows, cols = which[order], rows[order], cols[order]
         with stage("pecbir.patches_pca"):
-            patches = self._patches(torch, x, which, rows, cols, height, width)
+            patches = self._patches(torch, x, which, rows, cols, sides)
             y = patches @ self._projection
             y -= self._offset
             moments = torch.cat([y, y * y], dim=1)
@@ -475,17 +475,20 @@ class TorchFeatures:
         which: torch.Tensor,
         rows: torch.Tensor,
         cols: torch.Tensor,
-        height: int,
-        width: int,
+        sides: torch.Tensor,
     ) -> torch.Tensor:
-        """The P×P patches at (rows, cols), reflect-padded where they leave the image."""
+        """The P×P patches at (rows, cols) of the crops, reflect-padded where they leave their
+        slice: a crop ends short of the slice's border only `margin` pixels past the ROI, so a
+        patch leaves its crop only where the crop ends at the slice's border."""
         half = self.patch_size // 2
+        _, height, width = x.shape
+        heights, widths = sides[which, 0], sides[which, 1]
         inside = (
             bool(
-                (rows.min() >= half)
-                & (cols.min() >= half)
-                & (rows.max() < height - half)
-                & (cols.max() < width - half)
+                (rows >= half).all()
+                & (cols >= half).all()
+                & (rows < heights - half).all()
+                & (cols < widths - half).all()
             )
             if rows.numel()
             else True
@@ -495,9 +498,10 @@ class TorchFeatures:
             return x.reshape(-1)[centre[:, None] + (self._dr * width + self._dc)]
         r = rows[:, None] + self._dr
         c = cols[:, None] + self._dc
+        h, w = heights[:, None], widths[:, None]
         # numpy's "reflect" (edge not repeated); one reflection suffices for P/2 < side
-        r = torch.where(r < 0, -r, torch.where(r >= height, 2 * (height - 1) - r, r))
-        c = torch.where(c < 0, -c, torch.where(c >= width, 2 * (width - 1) - c, c))
+        r = torch.where(r < 0, -r, torch.where(r >= h, 2 * (h - 1) - r, r))
+        c = torch.where(c < 0, -c, torch.where(c >= w, 2 * (w - 1) - c, c))
         return x.reshape(-1)[(which[:, None] * height + r) * width + c]
 
     def _encode(
@@ -577,3 +581,60 @@ class TorchFeatures:
             block = torch.as_tensor(fisher_vectors[start : start + step], device=self.device)
             out[start : start + step] = (block.to(torch.float64) @ w).cpu().numpy()
         return out
+
+
+class _RoiCrops:
+    """A batch cut down to what the features read: each slice's ROI bounding box plus
+    `margin` (the dilation radius still to apply and the patch half-width), clipped to the
+    slice, at the top left of a canvas as large as the batch's largest box.
+
+    The device then moves and touches a fraction of each 512² slice (about a twentieth for
+    the dataset's tumours). The min–max extremes are taken here over the whole slice, so the
+    normalised values are those of the uncropped slice, bit for bit.
+
+    Attributes
+    ----------
+    pixels : ndarray of uint8 or float32, shape (n, H, W)
+        The crops (uint8 where every slice is uint8).
+    masks : ndarray of bool, shape (n, H, W)
+        Their ROIs; False on the padding.
+    sides : ndarray of int64, shape (n, 2)
+        Each crop's height and width.
+    low, high : ndarray of float32, shape (n,)
+        Each whole slice's minimum and maximum.
+    """
+
+    def __init__(
+        self, images: Sequence[np.ndarray], rois: Sequence[np.ndarray], *, margin: int
+    ) -> None:
+        arrays = [np.asarray(image) for image in images]
+        if any(a.dtype != np.uint8 for a in arrays):  # exact either way: uint8 → float32
+            arrays = [a.astype(np.float32) for a in arrays]
+        masks = [np.asarray(r, dtype=bool) for r in rois]
+        boxes = [_box(mask, margin) for mask in masks]
+        self.sides = np.array([(b[1] - b[0], b[3] - b[2]) for b in boxes], dtype=np.int64)
+        height, width = (int(v) for v in self.sides.max(axis=0))
+        n = len(arrays)
+        self.pixels = np.zeros((n, height, width), dtype=arrays[0].dtype if n else np.uint8)
+        self.masks = np.zeros((n, height, width), dtype=bool)
+        self.low = np.empty(n, dtype=np.float32)
+        self.high = np.empty(n, dtype=np.float32)
+        for i, (array, mask, (r0, r1, c0, c1)) in enumerate(zip(arrays, masks, boxes, strict=True)):
+            self.pixels[i, : r1 - r0, : c1 - c0] = array[r0:r1, c0:c1]
+            self.masks[i, : r1 - r0, : c1 - c0] = mask[r0:r1, c0:c1]
+            self.low[i], self.high[i] = array.min(), array.max()
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1): the mask's bounding box grown by `margin`, clipped to the mask; a
+    1×1 box at the origin for an empty mask (it yields no patch)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return 0, 1, 0, 1
+    height, width = mask.shape
+    return (
+        max(int(rows[0]) - margin, 0),
+        min(int(rows[-1]) + margin + 1, height),
+        max(int(cols[0]) - margin, 0),
+        min(int(cols[-1]) + margin + 1, width),
+    )
