@@ -13,11 +13,12 @@ tests/pecore/test_torch_features.py). TF32 is never used: products run at torch'
 A batch is cut down on the host to each slice's ROI box plus margin (`_RoiCrops`: the device
 moves and touches a fraction of each slice; the min–max extremes come from the whole slice),
 so slices of any shape share a batch. Masks may be dilated on the device too (the disk as
-2r + 1 horizontal runs, boolean and so exact, stopped at each slice's border). Per batch, each (image, subregion) segment is cut
-into runs of `_RUN` patches, the last one padded, so that all posterior-weighted sums are one
-batched product whose padding stays under `_RUN` patches per segment, whatever the segments'
-spread of sizes (padding every segment to the longest cost several times the work on slices
-whose tumours differ in size); the runs' sums add up per segment in float64.
+2r + 1 horizontal runs, boolean and so exact, stopped at each slice's border). Per batch,
+each (image, subregion) segment is cut into runs of `_RUN` patches, the last one padded, so
+that all posterior-weighted sums are one batched product whose padding stays under `_RUN`
+patches per segment, whatever the segments' spread of sizes (padding every segment to the
+longest cost several times the work on slices whose tumours differ in size); the runs' sums
+add up per segment in float64.
 
 torch is an optional extra (`pip install 'pe-cbir[gpu]'`); this module imports it on use.
 """
@@ -322,7 +323,7 @@ class TorchFeatures:
             if components is None
             else np.zeros((len(images), components.shape[1]), dtype=np.float64)
         )
-        for i, (image, roi) in enumerate(zip(images, rois, strict=True)):
+        for image, roi in zip(images, rois, strict=True):
             shape = np.shape(image)
             if len(shape) != 2:
                 raise ValueError(f"image must be 2-D, got shape {shape}")
