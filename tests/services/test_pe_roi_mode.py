@@ -162,8 +162,8 @@ def test_the_cloud_holds_no_pixel_outside_roi_and_margin(roi_run):
         np.testing.assert_array_equal(
             scheme.encrypt(other, stream, mask=mask, nonce=opaque_id), cipher
         )
-        # ...and it decrypts to the kept pixels and zeros.
-        restored = scheme.decrypt(cipher, stream, cloud_mask=cloud_mask, nonce=opaque_id)
+        # ...and it decrypts, with the tumour mask sealed beside it, to the kept pixels and zeros.
+        restored = scheme.decrypt(cipher, stream, mask=mask, nonce=opaque_id)
         np.testing.assert_array_equal(restored, np.where(kept, plain, 0))
     # Nothing else of the images: no raw row, no 8-bit row outside the ROI, no tumour mask.
     keys = system.store.list("")

@@ -12,7 +12,9 @@ candidates that meet it.
    per slice (the highest ROI SSIM of the pixel-level and the jigsaw stage; the oracle uses the
    true keys and is a bound, not an attack) must stay at or below --roi-ssim-max (0.30) on
    every slice: the worst slice decides.  A candidate the report did not attack is not
-   eligible.
+   eligible, except "<base>-in" (patches inside tiles only) of an attacked base: its cloud
+   image is the base's and its mask a function of the base's mask and the public tile grid,
+   so every attack on it is one on the base, whose numbers it takes (`inherit_privacy`).
 2. Retrieval: among the eligible candidates, the highest training-split mAP.
 
 No number of the outer (query) fold enters the choice.  Writes results.json and selection.md
@@ -31,6 +33,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from pecbir.commands.jigsaw_report import ATTACK_STAGES
 
 DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16,pe-roi-t32,pe-roi-t16d,pe-roi-t32dn"
 
@@ -88,8 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-#: Stages of `pecore.jigsaw.attack_slice` that are attacks (the oracle uses the true keys).
-ATTACK_STAGES = ("pixel", "jigsaw")
 
 
 def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, dict[str, float]]:
@@ -126,6 +128,25 @@ def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, d
                 "n_slices": len(best),
             }
     return privacy
+
+
+def inherit_privacy(
+    names: list[str], privacy: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """`privacy` for `names`, an unattacked "<base>-in" taking its attacked base's numbers.
+
+    pe-roi-t<b>[d|dn]-in sends the cloud the same image as its base and, as its mask, the
+    base's cloud mask restricted to the public tile interiors: whatever an attacker does with
+    it can be done with the base's view, so the base's attack numbers bound it.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        base = name.removesuffix("-in")
+        if name in privacy:
+            out[name] = privacy[name]
+        elif base != name and base in privacy:
+            out[name] = {**privacy[base], "attacked_as": base}
+    return out
 
 
 def choose(
@@ -224,11 +245,9 @@ def run(args: argparse.Namespace) -> int:
     # by the explicit spelling pe-roi-t<b>[d|dn]: "pe-roi" names the configuration chosen
     headline = {explicit[n]: 100.0 * float(r["by_dim"]["10"]["mAP"]) for n, r in results.items()}
     report = json.loads(args.jigsaw_report.read_text())
-    privacy = {
-        name: value
-        for name, value in roi_privacy(report, np.asarray(data.folds), args.outer_fold).items()
-        if name in headline
-    }
+    privacy = inherit_privacy(
+        list(headline), roi_privacy(report, np.asarray(data.folds), args.outer_fold)
+    )
     chosen = choose(headline, privacy, args.roi_ssim_max)
     document = {
         "description": "pe-roi selection on training folds only: privacy constraint (worst "
@@ -261,19 +280,21 @@ def run(args: argparse.Namespace) -> int:
         f"# pe-roi selection (training folds of fold {args.outer_fold} only; inner query fold "
         f"{args.inner_fold}, D = {args.dict_size}, per-image keys, CFML dim 10)",
         "",
-        "| candidate | tile | transforms | best attack ROI SSIM, median / worst "
+        "| candidate | tile | transforms | patches | best attack ROI SSIM, median / worst "
         "(training-fold slices) | meets ≤ "
         f"{args.roi_ssim_max:.2f} | mAP % | P@10 % |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, value in headline.items():
         scheme = RoiCipher.from_name(name)
         held = privacy.get(name)
         attack = f"{held['median']:.2f} / {held['worst']:.2f}" if held else "not attacked"
+        if held and "attacked_as" in held:
+            attack += f" (as {held['attacked_as']}: same cloud image)"
         meets = "yes" if held and held["worst"] <= args.roi_ssim_max else "no"
         lines.append(
-            f"| {name} | {scheme.tile} | {scheme.transforms} | {attack} | {meets} | "
-            f"{value:.2f} | {document['p10_percent'][name]:.2f} |"
+            f"| {name} | {scheme.tile} | {scheme.transforms} | {scheme.positions} | {attack} | "
+            f"{meets} | {value:.2f} | {document['p10_percent'][name]:.2f} |"
         )
     n_slices = max((v["n_slices"] for v in privacy.values()), default=0)
     lines += [
