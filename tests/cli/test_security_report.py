@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from pecbir.experiment import read_headline_map
 from pecbir.security import best_ciphertext_only
 
@@ -227,3 +230,48 @@ def test_pe_roi_points_and_section_come_from_the_jigsaw_report():
     text = "\n".join(_jigsaw_markdown({"source": "x", **summary}))
     assert "| pe-roi | pixel | 0.45 / 0.55 | jigsaw | 0.20 / 0.30 | 0.10 / 0.20 |" in text
     assert "| ours | pixel | 0.90 / 1.00 |" in text
+
+
+def test_no_cipher_baselines_and_each_attack_s_advantage_over_guessing():
+    from types import SimpleNamespace
+
+    from pecbir.commands.jigsaw_report import advantage_over_guessing, no_cipher_baselines
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    masks = np.zeros((5, 32, 32), dtype=bool)
+    masks[:, 12:20, 12:20] = True
+    data = SimpleNamespace(images=images, masks=masks, labels=np.ones(5), index=np.arange(5) + 100)
+    baselines = no_cipher_baselines(data, [1, 3])
+    assert baselines["n_mean_slices"] == 3 and len(baselines["per_slice"]) == 2
+    assert baselines["per_slice"][1]["id"] == {"row": 3, "index": 103}
+    # the all-black guess of a slice scores what score_regions gives it
+    from pecore.jigsaw import score_regions
+
+    black = score_regions(images[1], np.zeros_like(images[1]), masks[1])
+    assert baselines["per_slice"][0]["all-black guess"] == black
+    per_slice = [
+        {
+            g: {"ssim_full": 0.2, "ssim_roi": 0.1 * (i + 1)}
+            for g in ("all-black guess", "mean-image guess")
+        }
+        for i in range(2)
+    ]
+    document = {
+        "no_cipher": {"per_slice": per_slice},
+        "per_slice": {
+            "x": [
+                {
+                    "pixel": {"ssim_full": 0.5, "ssim_roi": 0.3},
+                    "oracle": {"ssim_full": 1, "ssim_roi": 1},
+                },
+                {
+                    "pixel": {"ssim_full": 0.1, "ssim_roi": 0.1},
+                    "jigsaw": {"ssim_full": 0.3, "ssim_roi": 0.4},
+                },
+            ]
+        },
+    }
+    advantage = advantage_over_guessing(document)["x"]
+    assert advantage["ssim_full"]["worst"] == pytest.approx(0.3)
+    assert advantage["ssim_roi"]["median"] == pytest.approx(0.2)  # 0.3 - 0.1 and 0.4 - 0.2
