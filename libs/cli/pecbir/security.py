@@ -880,7 +880,7 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
                 "best_attack_roi": roi_name,
                 "all_black_ssim": stages["all-black guess"]["ssim_full"]["mean"],
                 "known_plaintext_ssim": None,
-                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn]
+                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn][-in]
                 "map": retrieval.get((any_scheme(scheme).name, "per-image")),
                 "source": "jigsaw-report",
             }
