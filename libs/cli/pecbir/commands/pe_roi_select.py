@@ -83,6 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an earlier results.json of this command: its units (same split, D, seeds) are "
         "used instead of recomputing them",
     )
+    parser.add_argument(
+        "--recompute",
+        default="",
+        help="candidates whose --reuse units are not taken (computed, or read from --cache)",
+    )
     parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
     parser.add_argument("--cache", type=Path, default=Path("cache"))
     parser.add_argument("--out", type=Path, default=Path("results/pe-roi/selection"))
@@ -90,8 +95,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--key-seed", type=int, default=2025)
     parser.add_argument("--jobs", type=int, default=2)
     parser.set_defaults(func=run)
-
-
 
 
 def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, dict[str, float]]:
@@ -202,7 +205,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"inner fold {args.inner_fold} has no images outside the outer fold")
     conditions = [Condition(n, "per-image") for n in names]
     explicit = {c.name: RoiCipher.from_name(c.scheme).legacy_name for c in conditions}
-    reused = _reusable_units(args, int(keep.size))
+    recompute = {
+        RoiCipher.from_name(c.strip()).legacy_name for c in args.recompute.split(",") if c.strip()
+    }
+    reused = {
+        name: unit
+        for name, unit in _reusable_units(args, int(keep.size)).items()
+        if name not in recompute
+    }
     results: dict[str, dict[str, object]] = {
         c.name: reused[explicit[c.name]] for c in conditions if explicit[c.name] in reused
     }
@@ -271,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         "roi_privacy": privacy,
         "chosen": chosen,
         "reused_units_from": str(args.reuse) if reused else None,
+        "reused_units": sorted(explicit[n] for n in results if explicit[n] in reused),
         "wall_time_s": time.perf_counter() - start,
         "units": {explicit[n]: r for n, r in results.items()},
     }
