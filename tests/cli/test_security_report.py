@@ -275,3 +275,34 @@ def test_no_cipher_baselines_and_each_attack_s_advantage_over_guessing():
     advantage = advantage_over_guessing(document)["x"]
     assert advantage["ssim_full"]["worst"] == pytest.approx(0.3)
     assert advantage["ssim_roi"]["median"] == pytest.approx(0.2)  # 0.3 - 0.1 and 0.4 - 0.2
+
+
+def test_an_interior_pe_roi_is_attacked_as_its_base_and_shows_the_no_cipher_guesses():
+    from pecbir.security import _no_cipher_markdown, jigsaw_no_cipher, pe_roi_frontier
+    from pecore.cipher_roi import RoiCipher
+
+    chosen = RoiCipher().legacy_name
+    base = chosen.removesuffix("-in")
+    if base == chosen:
+        pytest.skip(f"the chosen pe-roi ({chosen}) sends its full moved ROI")
+    entry = {"median": 0.1, "worst": 0.2, "mean": 0.1}
+    stages = {
+        "pixel": {"ssim_full": entry, "psnr_full": entry, "ssim_roi": entry},
+        "all-black guess": {"ssim_full": entry, "psnr_full": entry, "ssim_roi": entry},
+    }
+    points = pe_roi_frontier(
+        {"summary": {base: stages}},
+        {(base, "per-image"): 80.0, ("pe-roi", "per-image"): 81.0},
+    )
+    assert {p["scheme"]: p["map"] for p in points} == {base: 80.0, chosen: 81.0}
+    assert jigsaw_no_cipher({"summary": {}}) is None
+    gap = {"median": -0.3, "worst": 0.05, "mean": -0.2}
+    baseline = jigsaw_no_cipher(
+        {
+            "no_cipher": {"summary": {"mean-image guess": stages["pixel"]}, "n_mean_slices": 9},
+            "advantage_over_guessing": {base: {"ssim_full": gap, "ssim_roi": gap}},
+        }
+    )
+    text = "\n".join(_no_cipher_markdown(baseline))
+    assert "| mean-image guess | 0.10 / 0.20 | 0.10 / 0.20 |" in text
+    assert f"| {base} | -0.30 / +0.05 | -0.30 / +0.05 |" in text
