@@ -133,8 +133,11 @@ def test_tile_keys_known_answer():
 
 
 def test_names_and_errors():
-    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi"
-    assert RoiCipher().legacy_name == "pe-roi-t16dn"
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn-in").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t16dn-in" and RoiCipher().positions == "interior"
+    # the previous choice keeps its meaning under its explicit spelling (older records)
+    assert RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi-t16dn"
+    assert RoiCipher.from_name("pe-roi-t16dn").positions == "all"
     assert RoiCipher.from_name("pe-roi-t32").name == "pe-roi-t32"
     assert RoiCipher.from_name("pe-roi-t16dn").transforms == "dihedral+negative"
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"

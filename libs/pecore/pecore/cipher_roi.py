@@ -73,11 +73,12 @@ _NAME = re.compile(r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?(?P<inside>-
 _SUFFIX = {"all": "", "interior": "-in"}
 #: The chosen configuration (results/pe-roi/selection/): the best training-split mAP among the
 #: candidates whose best attack (jigsaw included) stays at ROI SSIM <= 0.30 on every attacked
-#: training-fold slice; only 16x16 tiles with keyed symmetries and negation do.
+#: training-fold slice; only 16x16 tiles with keyed symmetries and negation do, and of those
+#: the interior patch positions ("-in") retrieve best (82.06 against 81.24 % mAP).
 DEFAULT_ROI_SCHEME = "pe-roi"
 _DEFAULT_TILE = 16
 _DEFAULT_SET: TransformSet = "dihedral+negative"
-_DEFAULT_POSITIONS: Positions = "all"
+_DEFAULT_POSITIONS: Positions = "interior"
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class RoiCipher:
         Extra pixels kept around the ROI (⌊P/2⌋ for P = 9 patches).
     inner : str, default="ours"
         Registered scheme of `pecore.cipher` applied last.
-    positions : {"all", "interior"}, default="all"
+    positions : {"all", "interior"}, default="interior"
         The cloud mask: every ROI pixel (moved), or only those whose patch of side
         2·margin + 1 lies inside one tile (spelling suffix "-in").
 

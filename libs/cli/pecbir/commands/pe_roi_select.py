@@ -36,7 +36,7 @@ import numpy as np
 
 from pecbir.commands.jigsaw_report import ATTACK_STAGES
 
-DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16,pe-roi-t32,pe-roi-t16d,pe-roi-t32dn"
+DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16,pe-roi-t32,pe-roi-t16d,pe-roi-t32dn,pe-roi-t16dn-in"
 
 
 class _Rows:
