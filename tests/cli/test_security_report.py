@@ -295,6 +295,7 @@ def test_an_interior_pe_roi_is_attacked_as_its_base_and_shows_the_no_cipher_gues
         {(base, "per-image"): 80.0, ("pe-roi", "per-image"): 81.0},
     )
     assert {p["scheme"]: p["map"] for p in points} == {base: 80.0, chosen: 81.0}
+    assert points[-1]["best_attack"] == f"pixel (as {base})"
     assert jigsaw_no_cipher({"summary": {}}) is None
     gap = {"median": -0.3, "worst": 0.05, "mean": -0.2}
     baseline = jigsaw_no_cipher(

@@ -872,8 +872,9 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
     # base's (public tile grid): the base's attacks are attacks on it
     chosen = any_scheme("pe-roi").legacy_name
     base = chosen.removesuffix("-in")
+    attacked_as = {}
     if chosen not in summary and base != chosen and base in summary:
-        summary[chosen] = summary[base]
+        summary[chosen], attacked_as[chosen] = summary[base], base
     for scheme, stages in summary.items():
         if not scheme.startswith("pe-roi"):
             continue
@@ -884,7 +885,8 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
             {
                 "scheme": scheme,
                 "mode": "per-image",
-                "best_attack": name,
+                "best_attack": name
+                + (f" (as {attacked_as[scheme]})" if scheme in attacked_as else ""),
                 "best_ssim": best["ssim_full"]["mean"],
                 "best_psnr": best["psnr_full"]["mean"],
                 "best_ssim_roi": roi_best["ssim_roi"]["mean"],
