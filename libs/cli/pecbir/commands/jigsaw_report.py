@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         for scheme, entries in rows.items()
     }
     commands = ["pecbir " + " ".join(sys.argv[1:])]
+    no_cipher = None
     previous_path = args.out / "report.json"
     if args.append and previous_path.is_file():
         previous = json.loads(previous_path.read_text())
@@ -189,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         rows = {**previous["per_slice"], **rows}
         summary = {**previous["summary"], **summary}
         commands = [*previous.get("commands", [previous["command"]]), *commands]
+        no_cipher = previous.get("no_cipher")  # same slices: the guesses still hold
     document = {
         "description": "jigsaw attack (pecore.jigsaw): stage 1 = tile-wise clear-pixel "
         "inpainting, stage 2 = MGC + best buddies + Kruskal placement; per-image keys; "
@@ -201,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
         "per_slice": rows,
         "seconds": time.perf_counter() - start,
     }
+    if no_cipher is not None:
+        document["no_cipher"] = no_cipher
+        document["advantage_over_guessing"] = advantage_over_guessing(document)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(document, indent=1))
     (args.out / "report.md").write_text(markdown(document))
