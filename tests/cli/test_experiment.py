@@ -361,3 +361,23 @@ def test_interior_pe_roi_condition_featurises_only_patches_inside_tiles(tmp_path
     interior = grid[:, None] & grid[None, :]
     np.testing.assert_array_equal(masks[inside.name], masks[full.name] & interior)
     assert masks[inside.name].any() and full.seed_name != inside.seed_name
+
+
+def test_a_scheme_and_its_interior_twin_share_their_worst_attacks():
+    from pecbir.commands.pe_roi_select import roi_privacy
+
+    def entry(row, jigsaw):
+        return {"pixel": {"ssim_roi": 0.01}, "jigsaw": {"ssim_roi": jigsaw}, "id": {"row": row}}
+
+    report = {
+        "per_slice": {
+            "pe-roi-t16dn": [entry(0, 0.26), entry(1, 0.05)],
+            "pe-roi-t16dn-in": [entry(0, 0.20), entry(1, 0.28)],
+            "pe-roi-t16": [entry(0, 0.39), entry(1, 0.40)],
+        }
+    }
+    privacy = roi_privacy(report, np.array([2, 3]), outer_fold=1)
+    # per slice the best attack on either twin: 0.26 and 0.28
+    for name in ("pe-roi-t16dn", "pe-roi-t16dn-in"):
+        assert privacy[name]["worst"] == 0.28 and privacy[name]["median"] == pytest.approx(0.27)
+    assert privacy["pe-roi-t16"]["worst"] == 0.40  # no twin in the report
