@@ -332,3 +332,52 @@ def test_pe_roi_selection_is_privacy_first_then_training_map():
     assert choose(measured, roi_privacy(report, np.array([1, 3]), 1), 0.30) == "pe-roi-t32"
     # a candidate the report did not attack is not eligible
     assert choose({**measured, "pe-roi-t8": 99.0}, privacy, 0.30) == "pe-roi-t16dn"
+    # "<base>-in" has its base's cloud image and a mask that is a function of the base's:
+    # it takes the base's attack numbers; an "-in" of an unattacked base stays ineligible
+    from pecbir.commands.pe_roi_select import inherit_privacy
+
+    names = [*measured, "pe-roi-t16dn-in", "pe-roi-t8-in"]
+    inherited = inherit_privacy(names, privacy)
+    assert inherited["pe-roi-t16dn-in"] == {
+        **privacy["pe-roi-t16dn"],
+        "attacked_as": "pe-roi-t16dn",
+    }
+    assert "pe-roi-t8-in" not in inherited
+    both = {**measured, "pe-roi-t16dn-in": 82.0, "pe-roi-t8-in": 99.0}
+    assert choose(both, inherited, 0.30) == "pe-roi-t16dn-in"
+
+
+def test_interior_pe_roi_condition_featurises_only_patches_inside_tiles(tmp_path):
+    from pecbir.experiment import condition_masks
+
+    data = make_synthetic(n_images=12, size=48, seed=6)
+    full, inside = Condition("pe-roi-t16dn", "per-image"), Condition("pe-roi-t16dn-in", "per-image")
+    stacks = cipher_images(data.images, data.index, [full, inside], 11, tmp_path, data.masks)
+    masks = condition_masks(data.masks, data.index, [full, inside], 11, tmp_path)
+    np.testing.assert_array_equal(stacks[full.name], stacks[inside.name])  # same cloud image
+    grid = np.zeros(48, dtype=bool)
+    for start in (4, 20, 36):
+        grid[start : start + 8] = True
+    interior = grid[:, None] & grid[None, :]
+    np.testing.assert_array_equal(masks[inside.name], masks[full.name] & interior)
+    assert masks[inside.name].any() and full.seed_name != inside.seed_name
+
+
+def test_a_scheme_and_its_interior_twin_share_their_worst_attacks():
+    from pecbir.commands.pe_roi_select import roi_privacy
+
+    def entry(row, jigsaw):
+        return {"pixel": {"ssim_roi": 0.01}, "jigsaw": {"ssim_roi": jigsaw}, "id": {"row": row}}
+
+    report = {
+        "per_slice": {
+            "pe-roi-t16dn": [entry(0, 0.26), entry(1, 0.05)],
+            "pe-roi-t16dn-in": [entry(0, 0.20), entry(1, 0.28)],
+            "pe-roi-t16": [entry(0, 0.39), entry(1, 0.40)],
+        }
+    }
+    privacy = roi_privacy(report, np.array([2, 3]), outer_fold=1)
+    # per slice the best attack on either twin: 0.26 and 0.28
+    for name in ("pe-roi-t16dn", "pe-roi-t16dn-in"):
+        assert privacy[name]["worst"] == 0.28 and privacy[name]["median"] == pytest.approx(0.27)
+    assert privacy["pe-roi-t16"]["worst"] == 0.40  # no twin in the report

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from pecbir.experiment import read_headline_map
 from pecbir.security import best_ciphertext_only
 
@@ -227,3 +230,80 @@ def test_pe_roi_points_and_section_come_from_the_jigsaw_report():
     text = "\n".join(_jigsaw_markdown({"source": "x", **summary}))
     assert "| pe-roi | pixel | 0.45 / 0.55 | jigsaw | 0.20 / 0.30 | 0.10 / 0.20 |" in text
     assert "| ours | pixel | 0.90 / 1.00 |" in text
+
+
+def test_no_cipher_baselines_and_each_attack_s_advantage_over_guessing():
+    from types import SimpleNamespace
+
+    from pecbir.commands.jigsaw_report import advantage_over_guessing, no_cipher_baselines
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    masks = np.zeros((5, 32, 32), dtype=bool)
+    masks[:, 12:20, 12:20] = True
+    data = SimpleNamespace(images=images, masks=masks, labels=np.ones(5), index=np.arange(5) + 100)
+    baselines = no_cipher_baselines(data, [1, 3])
+    assert baselines["n_mean_slices"] == 3 and len(baselines["per_slice"]) == 2
+    assert baselines["per_slice"][1]["id"] == {"row": 3, "index": 103}
+    # the all-black guess of a slice scores what score_regions gives it
+    from pecore.jigsaw import score_regions
+
+    black = score_regions(images[1], np.zeros_like(images[1]), masks[1])
+    assert baselines["per_slice"][0]["all-black guess"] == black
+    per_slice = [
+        {
+            g: {"ssim_full": 0.2, "ssim_roi": 0.1 * (i + 1)}
+            for g in ("all-black guess", "mean-image guess")
+        }
+        for i in range(2)
+    ]
+    document = {
+        "no_cipher": {"per_slice": per_slice},
+        "per_slice": {
+            "x": [
+                {
+                    "pixel": {"ssim_full": 0.5, "ssim_roi": 0.3},
+                    "oracle": {"ssim_full": 1, "ssim_roi": 1},
+                },
+                {
+                    "pixel": {"ssim_full": 0.1, "ssim_roi": 0.1},
+                    "jigsaw": {"ssim_full": 0.3, "ssim_roi": 0.4},
+                },
+            ]
+        },
+    }
+    advantage = advantage_over_guessing(document)["x"]
+    assert advantage["ssim_full"]["worst"] == pytest.approx(0.3)
+    assert advantage["ssim_roi"]["median"] == pytest.approx(0.2)  # 0.3 - 0.1 and 0.4 - 0.2
+
+
+def test_an_interior_pe_roi_is_attacked_as_its_base_and_shows_the_no_cipher_guesses():
+    from pecbir.security import _no_cipher_markdown, jigsaw_no_cipher, pe_roi_frontier
+    from pecore.cipher_roi import RoiCipher
+
+    chosen = RoiCipher().legacy_name
+    base = chosen.removesuffix("-in")
+    if base == chosen:
+        pytest.skip(f"the chosen pe-roi ({chosen}) sends its full moved ROI")
+    entry = {"median": 0.1, "worst": 0.2, "mean": 0.1}
+    stages = {
+        "pixel": {"ssim_full": entry, "psnr_full": entry, "ssim_roi": entry},
+        "all-black guess": {"ssim_full": entry, "psnr_full": entry, "ssim_roi": entry},
+    }
+    points = pe_roi_frontier(
+        {"summary": {base: stages}},
+        {(base, "per-image"): 80.0, ("pe-roi", "per-image"): 81.0},
+    )
+    assert {p["scheme"]: p["map"] for p in points} == {base: 80.0, chosen: 81.0}
+    assert points[-1]["best_attack"] == f"pixel (as {base})"
+    assert jigsaw_no_cipher({"summary": {}}) is None
+    gap = {"median": -0.3, "worst": 0.05, "mean": -0.2}
+    baseline = jigsaw_no_cipher(
+        {
+            "no_cipher": {"summary": {"mean-image guess": stages["pixel"]}, "n_mean_slices": 9},
+            "advantage_over_guessing": {base: {"ssim_full": gap, "ssim_roi": gap}},
+        }
+    )
+    text = "\n".join(_no_cipher_markdown(baseline))
+    assert "| mean-image guess | 0.10 / 0.20 | 0.10 / 0.20 |" in text
+    assert f"| {base} | -0.30 / +0.05 | -0.30 / +0.05 |" in text

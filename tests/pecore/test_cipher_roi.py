@@ -29,7 +29,7 @@ def _case(seed: int, size: int = 64):
 
 
 @pytest.mark.parametrize(
-    "name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn"]
+    "name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn", "pe-roi-t16dn-in"]
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
@@ -38,15 +38,53 @@ def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
     image, mask, stream = _case(seed)
     cipher = scheme.encrypt(image, stream, mask=mask, nonce="img-7")
     cloud = scheme.cloud_mask(mask, stream, nonce="img-7")
-    restored = scheme.decrypt(cipher, stream, cloud_mask=cloud, nonce="img-7")
+    restored = scheme.decrypt(cipher, stream, mask=mask, nonce="img-7")
     kept = dilate_mask(dilate_mask(mask, 6), 2)
     np.testing.assert_array_equal(restored, np.where(kept, image, 0))
     np.testing.assert_array_equal(restored, scheme.blank(image, mask))
-    # the cloud mask is the ROI, moved: same pixel count, back in place with the keys
     keys = scheme.keys(stream, "img-7", image.shape)
+    roi = dilate_mask(mask, 6)
+    if scheme.positions == "all":
+        # the cloud mask is the ROI, moved: back in place with the keys, and it alone decrypts
+        np.testing.assert_array_equal(invert_tile_transforms(cloud, keys, scheme.tile), roi)
+        np.testing.assert_array_equal(
+            scheme.decrypt(cipher, stream, cloud_mask=cloud, nonce="img-7"), restored
+        )
+    else:
+        # the ROI pixels whose 5×5 patch stays inside their tile, moved
+        np.testing.assert_array_equal(
+            invert_tile_transforms(cloud, keys, scheme.tile), roi & scheme.tile_interior(roi.shape)
+        )
+
+
+def test_interior_positions_change_the_cloud_mask_only():
+    """pe-roi-t16dn-in: same cloud image as pe-roi-t16dn; its mask is the moved ROI's pixels
+    at least `margin` from every tile border, so every P×P patch the cloud takes is one tile's."""
+    full, inside = RoiCipher.from_name("pe-roi-t16dn"), RoiCipher.from_name("pe-roi-t16dn-in")
+    assert inside.legacy_name == "pe-roi-t16dn-in" and inside.positions == "interior"
+    image, mask, stream = _case(5)
+    mask[8:50, 10:56] = True
     np.testing.assert_array_equal(
-        invert_tile_transforms(cloud, keys, scheme.tile), dilate_mask(mask, 6)
+        inside.encrypt(image, stream, mask=mask, nonce="a"),
+        full.encrypt(image, stream, mask=mask, nonce="a"),
     )
+    moved = full.cloud_mask(mask, stream, nonce="a")
+    cloud = inside.cloud_mask(mask, stream, nonce="a")
+    assert cloud.any() and not (cloud & ~moved).any()
+    tiles = cloud.reshape(4, 16, 4, 16).swapaxes(1, 2)
+    assert not tiles[:, :, :4].any() and not tiles[:, :, 12:].any()
+    assert not tiles[:, :, :, :4].any() and not tiles[:, :, :, 12:].any()
+    np.testing.assert_array_equal(
+        tiles[:, :, 4:12, 4:12], moved.reshape(4, 16, 4, 16).swapaxes(1, 2)[:, :, 4:12, 4:12]
+    )
+    # the kept pixels cannot be told from this mask: decrypting needs the tumour mask
+    cipher = inside.encrypt(image, stream, mask=mask, nonce="a")
+    with pytest.raises(ValueError, match="tumour mask"):
+        inside.decrypt(cipher, stream, cloud_mask=cloud, nonce="a")
+    with pytest.raises(ValueError, match="exactly one"):
+        inside.decrypt(cipher, stream, nonce="a")
+    with pytest.raises(ValueError, match="exactly one"):
+        full.decrypt(cipher, stream, mask=mask, cloud_mask=moved, nonce="a")
 
 
 def test_the_cloud_image_is_ours_on_the_blanked_moved_slice():
@@ -95,13 +133,17 @@ def test_tile_keys_known_answer():
 
 
 def test_names_and_errors():
-    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi"
-    assert RoiCipher().legacy_name == "pe-roi-t16dn"
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn-in").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t16dn-in" and RoiCipher().positions == "interior"
+    # the previous choice keeps its meaning under its explicit spelling (older records)
+    assert RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi-t16dn"
+    assert RoiCipher.from_name("pe-roi-t16dn").positions == "all"
     assert RoiCipher.from_name("pe-roi-t32").name == "pe-roi-t32"
     assert RoiCipher.from_name("pe-roi-t16dn").transforms == "dihedral+negative"
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
     assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
-    for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q"):
+    assert RoiCipher.from_name("pe-roi-t32-in").positions == "interior"
+    for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q", "pe-roi-in", "pe-roi-t16dn-i"):
         with pytest.raises(ValueError, match="pe-roi"):
             RoiCipher.from_name(bad)
     image, mask, stream = _case(0, size=40)
@@ -130,7 +172,14 @@ def test_tiles_are_moved_as_the_per_tile_definition_says():
 def test_records_name_pe_roi_schemes_as_the_cloud_expects():
     from pecbir_contracts.schemas import is_pe_roi_scheme
 
-    for name in ("pe-roi", "pe-roi-t16dn", "pe-roi-t32", "pe-roi-t8d", "pe-roi-t128"):
+    for name in (
+        "pe-roi",
+        "pe-roi-t16dn",
+        "pe-roi-t32",
+        "pe-roi-t8d",
+        "pe-roi-t128",
+        "pe-roi-t16dn-in",
+    ):
         assert is_pe_roi_scheme(RoiCipher.from_name(name).legacy_name)
     for other in ("pe-roi", "pe-roi-t0", "pe-roi-t16q", "ours", "ours-bs32"):
         assert not is_pe_roi_scheme(other)

@@ -99,6 +99,31 @@ def test_hits_open_bit_exactly_from_the_sealed_envelope(roi_run):
         assert answer.headers["X-Pecbir-Label"] == str(roi_run["labels"][i])
 
 
+def test_a_query_under_another_pe_roi_scheme_than_the_collection_s_is_refused(roi_run):
+    """An encryptor whose pe-roi scheme is not the one the collection's images were stored
+    under (an upgrade that changed the default) refuses to search it, naming both."""
+    system = roi_run["system"]
+    core = system.encryptor_app.state.encryptor
+    held = core.pe_roi_scheme
+    other = "pe-roi-t16dn" if held != "pe-roi-t16dn" else "pe-roi-t16dn-in"
+    # not a stored image (those are answered from their stored features, no query is made)
+    query = np.array(roi_run["images"][N_TRAIN], copy=True)
+    query[0, 0] += 1
+    mask = roi_run["masks"][N_TRAIN]
+    core.pe_roi_scheme = other
+    try:
+        answer = system.encryptor.post(
+            f"/v1/collections/{COLLECTION}/search",
+            files={"image": ("q.npy", npy_bytes(query)), "mask": ("m.npy", npy_bytes(mask))},
+            data={"k": "3"},
+        )
+    finally:
+        core.pe_roi_scheme = held
+    assert answer.status_code == 422, answer.text
+    assert held in answer.text and other in answer.text
+    assert _search(system, query, mask, k=3)["hits"]
+
+
 def test_search_ranks_the_query_s_class_first_and_is_stable(roi_run):
     """A query that is not a stored image (one corner pixel changed, outside ROI and margin) is
     scrambled under its own key, not its stored copy's: its copy is one more image of its
@@ -162,8 +187,8 @@ def test_the_cloud_holds_no_pixel_outside_roi_and_margin(roi_run):
         np.testing.assert_array_equal(
             scheme.encrypt(other, stream, mask=mask, nonce=opaque_id), cipher
         )
-        # ...and it decrypts to the kept pixels and zeros.
-        restored = scheme.decrypt(cipher, stream, cloud_mask=cloud_mask, nonce=opaque_id)
+        # ...and it decrypts, with the tumour mask sealed beside it, to the kept pixels and zeros.
+        restored = scheme.decrypt(cipher, stream, mask=mask, nonce=opaque_id)
         np.testing.assert_array_equal(restored, np.where(kept, plain, 0))
     # Nothing else of the images: no raw row, no 8-bit row outside the ROI, no tumour mask.
     keys = system.store.list("")

@@ -128,7 +128,12 @@ def test_a_query_of_a_stored_image_sends_no_cipher_and_ranks_itself_first(tmp_pa
         other[0, 0] ^= 1
         answer = _search(system.encryptor, collection, other, masks[3], k=12)
         assert answer.status_code == 200, answer.text
-        assert [path for _, path in sent.requests] == [f"/v1/collections/{collection}/search"]
+        # pe-roi: the encryptor first asks which scheme the collection's images are under
+        asked = [f"/v1/collections/{collection}/protection"] if mode == "pe-roi" else []
+        assert [path for _, path in sent.requests] == [
+            *asked,
+            f"/v1/collections/{collection}/search",
+        ]
 
 
 def test_the_gateway_searches_by_reference_only_in_the_caller_s_own_collection(tmp_path):

@@ -462,6 +462,7 @@ def refresh_report(config: ReportConfig) -> dict:
     if jigsaw is not None:
         document["frontier"] += pe_roi_points(config, jigsaw, retrieval)
         document["jigsaw"] = {"source": str(jigsaw_path), **jigsaw["summary"]}
+        document["jigsaw_no_cipher"] = jigsaw_no_cipher(jigsaw)
     document["plain_map"] = retrieval.get(("plain", "same"))
     document["config"]["experiment_results"] = [str(p) for p in paths]
     frontier_plot(out_dir / "frontier.png", document["frontier"])
@@ -616,6 +617,7 @@ def run_report(config: ReportConfig) -> dict:
         "attacks_sealed": sealed,
         "frontier": frontier,
         "jigsaw": None if jigsaw is None else {"source": str(jigsaw_path), **jigsaw["summary"]},
+        "jigsaw_no_cipher": None if jigsaw is None else jigsaw_no_cipher(jigsaw),
         "retrieval_source": retrieval_source,
         "plain_map": plain_map,
         "figures": figures,
@@ -769,6 +771,8 @@ def render_markdown(document: dict, schemes: list[str]) -> str:
     lines += ["", "![frontier](frontier.png)", ""]
     if document.get("jigsaw"):
         lines += _jigsaw_markdown(document["jigsaw"])
+    if document.get("jigsaw_no_cipher"):
+        lines += _no_cipher_markdown(document["jigsaw_no_cipher"])
     lines += [
         "Heat maps of all attacks: "
         + ", ".join(
@@ -863,7 +867,15 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
     on the full slice and, separately, inside the ROI; per-image keys (the report's only mode).
     """
     points = []
-    for scheme, stages in jigsaw["summary"].items():
+    summary = dict(jigsaw["summary"])
+    # pe-roi-t<b>[d|dn]-in sends its base's cloud image and a mask that is a function of the
+    # base's (public tile grid): the base's attacks are attacks on it
+    chosen = any_scheme("pe-roi").legacy_name
+    base = chosen.removesuffix("-in")
+    attacked_as = {}
+    if chosen not in summary and base != chosen and base in summary:
+        summary[chosen], attacked_as[chosen] = summary[base], base
+    for scheme, stages in summary.items():
         if not scheme.startswith("pe-roi"):
             continue
         found = {name: stages[name] for name in _JIGSAW_ATTACKS if name in stages}
@@ -873,19 +885,57 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
             {
                 "scheme": scheme,
                 "mode": "per-image",
-                "best_attack": name,
+                "best_attack": name
+                + (f" (as {attacked_as[scheme]})" if scheme in attacked_as else ""),
                 "best_ssim": best["ssim_full"]["mean"],
                 "best_psnr": best["psnr_full"]["mean"],
                 "best_ssim_roi": roi_best["ssim_roi"]["mean"],
                 "best_attack_roi": roi_name,
                 "all_black_ssim": stages["all-black guess"]["ssim_full"]["mean"],
                 "known_plaintext_ssim": None,
-                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn]
+                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn][-in]
                 "map": retrieval.get((any_scheme(scheme).name, "per-image")),
                 "source": "jigsaw-report",
             }
         )
     return points
+
+
+def jigsaw_no_cipher(jigsaw: dict) -> dict | None:
+    """The jigsaw report's no-ciphertext guesses and each scheme's advantage over them
+    (`pecbir jigsaw-report --baselines`); None where the report has none."""
+    if "no_cipher" not in jigsaw:
+        return None
+    return {
+        "guesses": jigsaw["no_cipher"]["summary"],
+        "n_mean_slices": jigsaw["no_cipher"]["n_mean_slices"],
+        "advantage": jigsaw["advantage_over_guessing"],
+    }
+
+
+def _no_cipher_markdown(baseline: dict) -> list[str]:
+    def cell(entry: dict, sign: str = "") -> str:
+        return f"{entry['median']:{sign}.2f} / {entry['worst']:{sign}.2f}"
+
+    lines = [
+        "### Against guessing without the cipher",
+        "",
+        "Best guesses that never see a cipher, on the jigsaw report's slices: all black, and the "
+        f"mean image of the {baseline['n_mean_slices']} other slices of the data set. A scheme's "
+        "advantage is its best attack (pixel or jigsaw stage) minus the better guess, per slice "
+        "(median / worst); at or below 0 the attack recovers no more than the population prior.",
+        "",
+        "| guess | SSIM full | SSIM ROI |",
+        "|---|---|---|",
+    ]
+    for guess, metrics in baseline["guesses"].items():
+        lines.append(f"| {guess} | {cell(metrics['ssim_full'])} | {cell(metrics['ssim_roi'])} |")
+    lines += ["", "| scheme | advantage, SSIM full | advantage, SSIM ROI |", "|---|---|---|"]
+    for scheme, metrics in baseline["advantage"].items():
+        lines.append(
+            f"| {scheme} | {cell(metrics['ssim_full'], '+')} | {cell(metrics['ssim_roi'], '+')} |"
+        )
+    return [*lines, ""]
 
 
 def _jigsaw_markdown(summary: dict) -> list[str]:

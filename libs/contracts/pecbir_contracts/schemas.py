@@ -136,8 +136,8 @@ ProtectionMode = Literal["pe", "sealed", "pe-roi"]
 
 
 #: A pe-roi scheme as a record names it: always the explicit spelling of `pecore.cipher_roi`
-#: ("pe-roi-t<tile>[d|dn]"), never "pe-roi", whose meaning follows the chosen configuration.
-PE_ROI_SCHEME_PATTERN = r"^pe-roi-t[1-9][0-9]*(?:d|dn)?$"
+#: ("pe-roi-t<tile>[d|dn][-in]"), never "pe-roi", whose meaning follows the chosen configuration.
+PE_ROI_SCHEME_PATTERN = r"^pe-roi-t[1-9][0-9]*(?:d|dn)?(?:-in)?$"
 
 
 def is_pe_roi_scheme(scheme: str) -> bool:
@@ -151,7 +151,7 @@ def is_pe_roi_scheme(scheme: str) -> bool:
     Returns
     -------
     bool
-        True for "pe-roi-t<tile>[d|dn]" (the cloud then expects the image sealed beside it).
+        True for "pe-roi-t<tile>[d|dn][-in]" (the cloud then expects the image sealed beside it).
     """
     return re.fullmatch(PE_ROI_SCHEME_PATTERN, scheme) is not None
 

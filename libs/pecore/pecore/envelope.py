@@ -140,7 +140,7 @@ class CipherMetadata(BaseModel):
         Class label of a template (0..255), None when unknown or for queries.
     scheme : str
         Cipher scheme (pecore.cipher), or a pe-roi scheme (pecore.cipher_roi, explicit
-        spelling "pe-roi-t<b>[d|dn]"): its cipher holds only the scrambled ROI, and the
+        spelling "pe-roi-t<b>[d|dn][-in]"): its cipher holds only the scrambled ROI, and the
         image itself travels sealed (`seal_roi`).
     key_mode : {"per-image", "same"}
         How the key was chosen (see `KeyMode`).
@@ -357,7 +357,7 @@ def seal_roi(
     image_id : str
         Opaque id of the image: selects its key and is the tile keys' nonce.
     scheme : str
-        "pe-roi" (the chosen configuration) or "pe-roi-t<b>[d|dn]".
+        "pe-roi" (the chosen configuration) or "pe-roi-t<b>[d|dn][-in]".
     role : {"template", "query"}
         Recorded in the metadata (and covered by the tag).
     label : int or None

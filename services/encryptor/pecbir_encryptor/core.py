@@ -1000,6 +1000,8 @@ class Encryptor:
             return _without(answer, retired, k)
         query_id = self.query_id_for(pixels, mask)
         if mode == "pe-roi":
+            if signed is None:
+                self._check_held_roi_scheme(collection, scheme)
             query = self.protect_roi(
                 collection,
                 pixels,
@@ -1021,6 +1023,19 @@ class Encryptor:
             owner=owner,
         )
         return _without(answer, retired, k)
+
+    def _check_held_roi_scheme(self, collection: str, scheme: str | None) -> None:
+        """Refuse a query of one of this owner's pe-roi collections whose images were stored
+        under another pe-roi scheme than this encryptor's (e.g. pe-roi-t16dn records from before
+        the default became pe-roi-t16dn-in): its features would not match theirs, and nothing
+        in a query names its scheme.  The cloud's word can only make this refuse, never change
+        the scheme a query goes out under."""
+        held = self.gateway.protection(collection, owner=None).scheme
+        if held is not None and held != scheme:
+            raise ValueError(
+                f"collection {collection!r} holds {held} images, but this encryptor's pe-roi "
+                f"scheme is {scheme}: set PECBIR_ENCRYPTOR_PE_ROI_SCHEME={held} for it"
+            )
 
     def stored_match(
         self, collection: str, pixels: np.ndarray, mask: np.ndarray

@@ -69,7 +69,7 @@ def protect_roi(
     tenant, collection, opaque_id
         The identity the record's tag and the blob are bound to.
     scheme
-        The pe-roi scheme ("pe-roi" or "pe-roi-t<b>[d|dn]"; the record names it explicitly).
+        The pe-roi scheme ("pe-roi" or "pe-roi-t<b>[d|dn][-in]"; the record names it explicitly).
     label, role
         Class label and role; both are sealed inside the blob.
     train

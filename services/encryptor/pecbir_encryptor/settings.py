@@ -40,7 +40,7 @@ class EncryptorSettings(BaseSettings):
     # The owner's pe-roi collections (JSON list): their images are sealed as in a sealed
     # collection, and the cloud extracts the features from a scrambled ROI-only cipher
     # (pecbir_encryptor.pe_roi), with the scheme below: "pe-roi" (the configuration chosen in
-    # results/pe-roi/selection/) or an explicit "pe-roi-t<tile>[d|dn]".
+    # results/pe-roi/selection/) or an explicit "pe-roi-t<tile>[d|dn][-in]".
     pe_roi_collections: frozenset[str] = frozenset()
     pe_roi_scheme: str = "pe-roi"
     # The owner's policy for uploads that do not say whether they are training templates (a

@@ -140,7 +140,7 @@ def upload_image(
     """Store one protected image: cipher PNG, mask PNG and the owner's metadata record, then queue
     its indexing. With an `Idempotency-Key`, a replay of the same body answers the first
     upload's id and another body under the same key gets 409. A pe-roi record (key scheme
-    `pe-roi-t<b>[d|dn]`) sends the ROI-only cipher and the scrambled ROI as image and mask,
+    `pe-roi-t<b>[d|dn][-in]`) sends the ROI-only cipher and the scrambled ROI as image and mask,
     and the image itself as a sealed `blob`; the first one makes the collection pe-roi.
     Scope `upload`."""
     access = authorise(ctx, claims, collection, None, "upload")
@@ -207,7 +207,8 @@ def _check_pe_roi_parts(meta: ImageMetadata, blob: bytes | None) -> str | None:
         return None
     if not is_pe_roi_scheme(scheme):
         raise HTTPException(
-            422, f"metadata: name the pe-roi scheme explicitly (pe-roi-t<b>[d|dn]), not {scheme}"
+            422,
+            f"metadata: name the pe-roi scheme explicitly (pe-roi-t<b>[d|dn][-in]), not {scheme}",
         )
     if blob is None:
         raise HTTPException(422, "blob: a pe-roi image travels sealed; the blob part is missing")

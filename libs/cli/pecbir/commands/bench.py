@@ -192,7 +192,7 @@ def run_pe_roi(args: argparse.Namespace) -> int:
         cipher = ours.encrypt(image, stream)
         roi_cipher = scheme.encrypt(image, stream, mask=mask, nonce=nonce)
         cloud = scheme.cloud_mask(mask, stream, nonce=nonce)
-        restored = scheme.decrypt(roi_cipher, stream, cloud_mask=cloud, nonce=nonce)
+        restored = scheme.decrypt(roi_cipher, stream, mask=mask, nonce=nonce)
         exact &= bool(np.array_equal(restored, scheme.blank(image, mask)))
 
         def pe_roi_owner(image=image, mask=mask, nonce=nonce):
@@ -208,7 +208,7 @@ def run_pe_roi(args: argparse.Namespace) -> int:
         times["pe_encrypt"] += _timed(partial(ours.encrypt, image, stream), args.repeats)
         times["pe_roi_encrypt"] += _timed(pe_roi_owner, args.repeats)
         times["pe_roi_decrypt"] += _timed(
-            partial(scheme.decrypt, roi_cipher, stream, cloud_mask=cloud, nonce=nonce),
+            partial(scheme.decrypt, roi_cipher, stream, mask=mask, nonce=nonce),
             args.repeats,
         )
         times["pe_cloud"] += _timed(pe_cloud, args.repeats)
@@ -222,6 +222,7 @@ def run_pe_roi(args: argparse.Namespace) -> int:
         "scheme": scheme.name,
         "tile": scheme.tile,
         "transforms": scheme.transforms,
+        "positions": scheme.positions,
         "ms_mean": {k: 1e3 * statistics.fmean(v) for k, v in times.items()},
         "patches_per_image_mean": {k: statistics.fmean(v) for k, v in patches.items()},
         "round_trip_bit_exact": exact,

@@ -7,6 +7,11 @@ dilated by 24 px).  Two reference rows cost the attacker nothing: the all-black 
 any attacker scores on the full slice from the black background alone) and, for tiled schemes,
 the stage-1 tiles at random places (chance level inside the ROI).  Writes report.json,
 report.md and an example PNG of the best attack on pe-roi to --out.
+
+--baselines adds (or refreshes) the no-ciphertext baselines of an existing report in --out
+without rerunning any attack: the best guesses that never see a cipher, all-black and the mean
+image of the data set's other slices (`no_cipher_baselines`), on the report's slices, and each
+scheme's best attack's advantage over the better of them (`advantage_over_guessing`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,77 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add --schemes to the report.json in --out (same seed and slices), keep the rest",
     )
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="only add the no-ciphertext baselines (all-black, mean image) to the report in --out",
+    )
     parser.set_defaults(func=run)
+
+
+#: Guesses that see no cipher (the attacker's prior alone).
+NO_CIPHER_GUESSES = ("all-black guess", "mean-image guess")
+#: Stages of `pecore.jigsaw.attack_slice` that are attacks (the oracle uses the true keys).
+ATTACK_STAGES = ("pixel", "jigsaw")
+
+
+def no_cipher_baselines(data, rows: list[int]) -> dict[str, object]:
+    """SSIM of the guesses that never see a cipher, per slice of `rows`.
+
+    The mean image is the rounded pixel mean of every slice of the data set except the attacked
+    ones: what an attacker who knows the population, not the image, would guess.
+
+    Returns
+    -------
+    dict
+        {"per_slice": [{guess: score_regions(...)} per row], "summary": {guess: {metric:
+        median/worst/mean}}}.
+    """
+    from pecore.jigsaw import score_regions
+
+    attacked = set(rows)
+    total = np.zeros(np.asarray(data.images[0]).shape, dtype=np.float64)
+    n = 0
+    for row in range(len(data.labels)):
+        if row not in attacked:
+            total += np.asarray(data.images[row], dtype=np.float64)
+            n += 1
+    mean = np.rint(total / max(n, 1)).astype(np.uint8)
+    per_slice = []
+    for row in rows:
+        plain = np.asarray(data.images[row])
+        mask = np.asarray(data.masks[row])
+        per_slice.append(
+            {
+                "all-black guess": score_regions(plain, np.zeros_like(plain), mask),
+                "mean-image guess": score_regions(plain, mean, mask),
+                "id": {"row": int(row), "index": int(data.index[row])},
+            }
+        )
+    summary = {
+        guess: {
+            metric: _median_worst([r[guess][metric] for r in per_slice])
+            for metric in per_slice[0][guess]
+        }
+        for guess in NO_CIPHER_GUESSES
+    }
+    return {"n_mean_slices": n, "per_slice": per_slice, "summary": summary}
+
+
+def advantage_over_guessing(document: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Per scheme and region: the best attack's SSIM minus the better no-cipher guess's, per
+    slice, then median / worst (max) / mean over the slices."""
+    guesses = document["no_cipher"]["per_slice"]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for scheme, entries in document["per_slice"].items():
+        out[scheme] = {}
+        for metric in ("ssim_full", "ssim_roi"):
+            gaps = []
+            for entry, guess in zip(entries, guesses, strict=True):
+                attack = max(entry[s][metric] for s in ATTACK_STAGES if s in entry)
+                gaps.append(attack - max(guess[g][metric] for g in NO_CIPHER_GUESSES))
+            out[scheme][metric] = _median_worst(gaps)
+    return out
 
 
 def _median_worst(values: list[float]) -> dict[str, float]:
@@ -62,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     from pecore.keys import MasterKey
 
     start = time.perf_counter()
+    if args.baselines:
+        return _add_baselines(args)
     if args.images < 1:
         raise ValueError(f"--images must be >= 1, got {args.images}")
     # pe-roi by its explicit spelling (pe-roi-t<b>[d|dn]): "pe-roi" names whichever was chosen
@@ -104,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         for scheme, entries in rows.items()
     }
     commands = ["pecbir " + " ".join(sys.argv[1:])]
+    no_cipher = None
     previous_path = args.out / "report.json"
     if args.append and previous_path.is_file():
         previous = json.loads(previous_path.read_text())
@@ -112,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         rows = {**previous["per_slice"], **rows}
         summary = {**previous["summary"], **summary}
         commands = [*previous.get("commands", [previous["command"]]), *commands]
+        no_cipher = previous.get("no_cipher")  # same slices: the guesses still hold
     document = {
         "description": "jigsaw attack (pecore.jigsaw): stage 1 = tile-wise clear-pixel "
         "inpainting, stage 2 = MGC + best buddies + Kruskal placement; per-image keys; "
@@ -124,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
         "per_slice": rows,
         "seconds": time.perf_counter() - start,
     }
+    if no_cipher is not None:
+        document["no_cipher"] = no_cipher
+        document["advantage_over_guessing"] = advantage_over_guessing(document)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(document, indent=1))
     (args.out / "report.md").write_text(markdown(document))
@@ -161,9 +243,68 @@ def markdown(document: dict[str, object]) -> str:
                 + (f"{direct['median']:.2f} / {direct['worst']:.2f}" if direct else "")
                 + " |"
             )
+    if "no_cipher" in document:
+        lines += _baseline_markdown(document)
     commands = document.get("commands", [document["command"]])
     lines += ["", "Commands: " + ", ".join(f"`{c}`" for c in commands), ""]
     return "\n".join(lines)
+
+
+def _add_baselines(args: argparse.Namespace) -> int:
+    """--baselines: the no-cipher guesses on the slices of the report in --out."""
+    from pecore.datasets import default_data_path, load_figshare
+
+    path = args.out / "report.json"
+    if not path.is_file():
+        raise ValueError(f"--baselines: no report at {path} (run pecbir jigsaw-report first)")
+    document = json.loads(path.read_text())
+    data_path = Path(args.data) if args.data else default_data_path()
+    data = load_figshare(data_path, cache_dir=args.cache)
+    document["no_cipher"] = no_cipher_baselines(data, [int(r) for r in document["rows"]])
+    document["no_cipher"]["command"] = "pecbir " + " ".join(sys.argv[1:])
+    document["advantage_over_guessing"] = advantage_over_guessing(document)
+    path.write_text(json.dumps(document, indent=1))
+    (args.out / "report.md").write_text(markdown(document))
+    print("\n".join(_baseline_markdown(document)))
+    return 0
+
+
+def _baseline_markdown(document: dict) -> list[str]:
+    summary = document["no_cipher"]["summary"]
+    lines = [
+        "",
+        "## No-ciphertext baselines and each attack's advantage over guessing",
+        "",
+        "What an attacker scores without any cipher: all black, and the mean image of the "
+        f"{document['no_cipher']['n_mean_slices']} other slices of the data set (median / worst "
+        "over the same slices).",
+        "",
+        "| guess | SSIM full | SSIM ROI |",
+        "|---|---|---|",
+    ]
+    for guess, metrics in summary.items():
+        lines.append(
+            f"| {guess} | {metrics['ssim_full']['median']:.3f} / "
+            f"{metrics['ssim_full']['worst']:.3f} | {metrics['ssim_roi']['median']:.3f} / "
+            f"{metrics['ssim_roi']['worst']:.3f} |"
+        )
+    lines += [
+        "",
+        "Advantage = best attack (pixel or jigsaw stage) − the better guess, per slice; "
+        "median / worst (max) over the slices. Near 0: the attack shows no more than guessing.",
+        "",
+        "| scheme | advantage SSIM full | advantage SSIM ROI |",
+        "|---|---|---|",
+    ]
+    for scheme, by_metric in document["advantage_over_guessing"].items():
+        full, roi = by_metric["ssim_full"], by_metric["ssim_roi"]
+        lines.append(
+            f"| {scheme} | {full['median']:+.3f} / {full['worst']:+.3f} | "
+            f"{roi['median']:+.3f} / {roi['worst']:+.3f} |"
+        )
+    lines.append("")
+    lines.append(f"Command: `{document['no_cipher']['command']}`")
+    return lines
 
 
 def _example_png(images: dict[str, np.ndarray], path: Path, row: int, value: float) -> None:

@@ -12,7 +12,9 @@ candidates that meet it.
    per slice (the highest ROI SSIM of the pixel-level and the jigsaw stage; the oracle uses the
    true keys and is a bound, not an attack) must stay at or below --roi-ssim-max (0.30) on
    every slice: the worst slice decides.  A candidate the report did not attack is not
-   eligible.
+   eligible, except "<base>-in" (patches inside tiles only) of an attacked base: its cloud
+   image is the base's and its mask a function of the base's mask and the public tile grid,
+   so every attack on it is one on the base, whose numbers it takes (`inherit_privacy`).
 2. Retrieval: among the eligible candidates, the highest training-split mAP.
 
 No number of the outer (query) fold enters the choice.  Writes results.json and selection.md
@@ -32,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16,pe-roi-t32,pe-roi-t16d,pe-roi-t32dn"
+from pecbir.commands.jigsaw_report import ATTACK_STAGES
+
+DEFAULT_CANDIDATES = "pe-roi-t16dn,pe-roi-t16,pe-roi-t32,pe-roi-t16d,pe-roi-t32dn,pe-roi-t16dn-in"
 
 
 class _Rows:
@@ -79,6 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an earlier results.json of this command: its units (same split, D, seeds) are "
         "used instead of recomputing them",
     )
+    parser.add_argument(
+        "--recompute",
+        default="",
+        help="candidates whose --reuse units are not taken (computed, or read from --cache)",
+    )
     parser.add_argument("--data", default=None, help="dataset .h5 (default $PECBIR_DATA)")
     parser.add_argument("--cache", type=Path, default=Path("cache"))
     parser.add_argument("--out", type=Path, default=Path("results/pe-roi/selection"))
@@ -86,10 +95,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--key-seed", type=int, default=2025)
     parser.add_argument("--jobs", type=int, default=2)
     parser.set_defaults(func=run)
-
-
-#: Stages of `pecore.jigsaw.attack_slice` that are attacks (the oracle uses the true keys).
-ATTACK_STAGES = ("pixel", "jigsaw")
 
 
 def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, dict[str, float]]:
@@ -108,24 +113,54 @@ def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, d
     -------
     dict
         {explicit scheme name: {"median", "worst", "n_slices"}}, the best of `ATTACK_STAGES`
-        per slice, then median and worst (max) over the slices.
+        per slice, then median and worst (max) over the slices.  A scheme and its "-in"
+        twin share their cloud image, and the twin's mask is computable from the scheme's, so
+        per slice both take the best attack on either (an attack on the twin is one on the
+        scheme; taking it for the twin too is the conservative side).
     """
     from pecore.cipher_variants import any_scheme
 
-    privacy = {}
+    by_slice: dict[str, dict[int, float]] = {}
     for scheme, entries in report["per_slice"].items():
-        best = [
-            max(entry[stage]["ssim_roi"] for stage in ATTACK_STAGES if stage in entry)
+        by_slice[any_scheme(scheme).legacy_name] = {
+            int(entry["id"]["row"]): max(
+                entry[stage]["ssim_roi"] for stage in ATTACK_STAGES if stage in entry
+            )
             for entry in entries
             if int(folds[entry["id"]["row"]]) != outer_fold
+        }
+    privacy = {}
+    for name, rows in by_slice.items():
+        twins = [
+            other for other in by_slice if other.removesuffix("-in") == name.removesuffix("-in")
         ]
+        best = [max(by_slice[t].get(row, -1.0) for t in twins) for row in rows]
         if best:
-            privacy[any_scheme(scheme).legacy_name] = {
+            privacy[name] = {
                 "median": float(np.median(best)),
                 "worst": float(np.max(best)),
                 "n_slices": len(best),
             }
     return privacy
+
+
+def inherit_privacy(
+    names: list[str], privacy: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """`privacy` for `names`, an unattacked "<base>-in" taking its attacked base's numbers.
+
+    pe-roi-t<b>[d|dn]-in sends the cloud the same image as its base and, as its mask, the
+    base's cloud mask restricted to the public tile interiors: whatever an attacker does with
+    it can be done with the base's view, so the base's attack numbers bound it.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        base = name.removesuffix("-in")
+        if name in privacy:
+            out[name] = privacy[name]
+        elif base != name and base in privacy:
+            out[name] = {**privacy[base], "attacked_as": base}
+    return out
 
 
 def choose(
@@ -181,7 +216,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"inner fold {args.inner_fold} has no images outside the outer fold")
     conditions = [Condition(n, "per-image") for n in names]
     explicit = {c.name: RoiCipher.from_name(c.scheme).legacy_name for c in conditions}
-    reused = _reusable_units(args, int(keep.size))
+    recompute = {
+        RoiCipher.from_name(c.strip()).legacy_name for c in args.recompute.split(",") if c.strip()
+    }
+    reused = {
+        name: unit
+        for name, unit in _reusable_units(args, int(keep.size)).items()
+        if name not in recompute
+    }
     results: dict[str, dict[str, object]] = {
         c.name: reused[explicit[c.name]] for c in conditions if explicit[c.name] in reused
     }
@@ -224,11 +266,9 @@ def run(args: argparse.Namespace) -> int:
     # by the explicit spelling pe-roi-t<b>[d|dn]: "pe-roi" names the configuration chosen
     headline = {explicit[n]: 100.0 * float(r["by_dim"]["10"]["mAP"]) for n, r in results.items()}
     report = json.loads(args.jigsaw_report.read_text())
-    privacy = {
-        name: value
-        for name, value in roi_privacy(report, np.asarray(data.folds), args.outer_fold).items()
-        if name in headline
-    }
+    privacy = inherit_privacy(
+        list(headline), roi_privacy(report, np.asarray(data.folds), args.outer_fold)
+    )
     chosen = choose(headline, privacy, args.roi_ssim_max)
     document = {
         "description": "pe-roi selection on training folds only: privacy constraint (worst "
@@ -252,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "roi_privacy": privacy,
         "chosen": chosen,
         "reused_units_from": str(args.reuse) if reused else None,
+        "reused_units": sorted(explicit[n] for n in results if explicit[n] in reused),
         "wall_time_s": time.perf_counter() - start,
         "units": {explicit[n]: r for n, r in results.items()},
     }
@@ -261,19 +302,21 @@ def run(args: argparse.Namespace) -> int:
         f"# pe-roi selection (training folds of fold {args.outer_fold} only; inner query fold "
         f"{args.inner_fold}, D = {args.dict_size}, per-image keys, CFML dim 10)",
         "",
-        "| candidate | tile | transforms | best attack ROI SSIM, median / worst "
+        "| candidate | tile | transforms | patches | best attack ROI SSIM, median / worst "
         "(training-fold slices) | meets ≤ "
         f"{args.roi_ssim_max:.2f} | mAP % | P@10 % |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, value in headline.items():
         scheme = RoiCipher.from_name(name)
         held = privacy.get(name)
         attack = f"{held['median']:.2f} / {held['worst']:.2f}" if held else "not attacked"
+        if held and "attacked_as" in held:
+            attack += f" (as {held['attacked_as']}: same cloud image)"
         meets = "yes" if held and held["worst"] <= args.roi_ssim_max else "no"
         lines.append(
-            f"| {name} | {scheme.tile} | {scheme.transforms} | {attack} | {meets} | "
-            f"{value:.2f} | {document['p10_percent'][name]:.2f} |"
+            f"| {name} | {scheme.tile} | {scheme.transforms} | {scheme.positions} | {attack} | "
+            f"{meets} | {value:.2f} | {document['p10_percent'][name]:.2f} |"
         )
     n_slices = max((v["n_slices"] for v in privacy.values()), default=0)
     lines += [
