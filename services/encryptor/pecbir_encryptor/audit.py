@@ -39,6 +39,11 @@ class AuditLog:
         self._lock = threading.Lock()
         self._anonymous_count = 0
         self._anonymous_line_at = -float("inf")
+        # per action filter: (bytes of the file parsed so far, the records kept from them), so
+        # that a page reading the uploads on every render parses only what was appended since
+        # (the log grows by k lines per result view; reading it whole grew with every view)
+        # (a replaced log — another inode — is read again from its start)
+        self._followed: dict[frozenset[str], tuple[tuple[int, int], int, list[dict]]] = {}
 
     def unauthenticated(self, reason: str) -> None:
         """Count a request refused for want of a valid token; one line per interval at most.
@@ -110,14 +115,38 @@ class AuditLog:
         """
         if self.path is None or not self.path.exists():
             return []
-        records = []
-        with self._lock:
-            lines = self.path.read_text().splitlines()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if actions is None or record.get("action") in actions:
-                records.append(record)
+        if actions is None:
+            with self._lock:
+                data = self.path.read_bytes()
+            records = _parse(data, None)
+        else:
+            key = frozenset(actions)
+            with self._lock:
+                with self.path.open("rb") as file:
+                    stat = os.fstat(file.fileno())
+                    inode = (stat.st_dev, stat.st_ino)
+                    known, offset, kept = self._followed.get(key, (inode, 0, []))
+                    if known != inode or stat.st_size < offset:  # replaced or truncated
+                        offset, kept = 0, []
+                    file.seek(offset)
+                    data = file.read()
+                # only whole lines: a line being written is parsed once it is complete
+                complete = data.rfind(b"\n") + 1
+                kept = kept + _parse(data[:complete], key)
+                self._followed[key] = (inode, offset + complete, kept)
+            records = list(kept)
         return records[-last:] if last else records
+
+
+def _parse(data: bytes, actions: Collection[str] | None) -> list[dict]:
+    """The JSON records of these lines of the log (of `actions` only, unless None); a torn
+    line (a crash mid-write) is skipped."""
+    records = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if actions is None or record.get("action") in actions:
+            records.append(record)
+    return records
