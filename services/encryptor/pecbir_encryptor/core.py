@@ -193,6 +193,27 @@ def protect_image(
     return Protected(cipher, mask, to_wire(record))
 
 
+@dataclass(frozen=True)
+class _Push:
+    """One image on its way to the cloud: what `Encryptor.ingest` was asked to upload."""
+
+    mode: Mode
+    collection: str
+    pixels: np.ndarray
+    mask: np.ndarray
+    opaque_id: str
+    label: int | None
+    role: str
+    train: bool
+    idempotency_key: str | None
+    lossy: bool
+
+    @property
+    def cloud_label(self) -> int | None:
+        """The label the cloud may see: a marked template's only."""
+        return self.label if self.train and self.role == "template" else None
+
+
 class Encryptor:
     def __init__(
         self,
@@ -482,7 +503,10 @@ class Encryptor:
         if train is None:
             train = collection in self.template_collections
         mode = self.mode_of(collection)
-        cloud_label = label if train and role == "template" else None
+        push = _Push(
+            mode, collection, pixels, mask, opaque_id, label, role, train, idempotency_key, lossy
+        )
+        cloud_label = push.cloud_label
         known = self.stored_match(collection, pixels, mask)
         if (
             known is not None
@@ -494,18 +518,7 @@ class Encryptor:
             # the cloud never receives a second cipher of it.
             answer = self._answer_for(collection, opaque_id)
         else:
-            answer = self._upload_once(
-                mode,
-                collection,
-                pixels,
-                mask,
-                opaque_id,
-                label,
-                role,
-                train,
-                idempotency_key,
-                lossy,
-            )
+            answer = self._upload_once(push)
         if role == "template" and answer.get("image_id"):
             ref = StoredRef(collection, str(answer["image_id"]), opaque_id, role, cloud_label)
             self.content_index.add(self.master, ref, pixels, mask)
@@ -538,49 +551,25 @@ class Encryptor:
             raise
         return True
 
-    def _upload_once(
-        self,
-        mode: Mode,
-        collection: str,
-        pixels: np.ndarray,
-        mask: np.ndarray,
-        opaque_id: str,
-        label: int | None,
-        role: str,
-        train: bool,
-        idempotency_key: str | None,
-        lossy: bool,
-    ) -> dict:
+    def _upload_once(self, push: _Push) -> dict:
         """`_protect_and_upload`; a 409 for an image the cloud holds with exactly these pixels
         and mask under a retired master key is answered like the first upload."""
         try:
-            answer = self._protect_and_upload(
-                mode,
-                collection,
-                pixels,
-                mask,
-                opaque_id,
-                label,
-                role,
-                train,
-                idempotency_key,
-                lossy,
-            )
+            answer = self._protect_and_upload(push)
         except GatewayError as exc:
             # A re-push of an image stored under a master key since rotated: its content-bound
             # key changed with the master key, so the cloud sees other bytes under its id.
-            cloud_label = label if train and role == "template" else None
             if exc.status != 409 or not self._stored_as(
-                collection,
-                opaque_id,
-                mode,
-                pixels,
-                mask,
-                (role, cloud_label),
-                label if role == "template" else None,
+                push.collection,
+                push.opaque_id,
+                push.mode,
+                push.pixels,
+                push.mask,
+                (push.role, push.cloud_label),
+                push.label if push.role == "template" else None,
             ):
                 raise
-            answer = self._answer_for(collection, opaque_id)
+            answer = self._answer_for(push.collection, push.opaque_id)
         return answer
 
     def _stored_as(
@@ -626,61 +615,47 @@ class Encryptor:
             "status_url": f"{status}?owner={tenant}",
         }
 
-    def _protect_and_upload(
-        self,
-        mode: Mode,
-        collection: str,
-        pixels: np.ndarray,
-        mask: np.ndarray,
-        opaque_id: str,
-        label: int | None,
-        role: str,
-        train: bool,
-        idempotency_key: str | None,
-        lossy: bool,
-    ) -> dict:
-        """Protect one image in `mode` and upload it; the gateway's answer."""
-        if mode == "pe-roi":
+    def _protect_and_upload(self, push: _Push) -> dict:
+        """Protect one image in its collection's mode and upload it; the gateway's answer."""
+        collection, pixels, mask = push.collection, push.pixels, push.mask
+        who = {"opaque_id": push.opaque_id, "role": push.role}
+        if push.mode == "pe-roi":
             roi = self.protect_roi(
-                collection, pixels, mask, opaque_id=opaque_id, label=label, role=role, train=train
+                collection, pixels, mask, label=push.label, train=push.train, **who
             )
-            answer = self.gateway.upload(
+            return self.gateway.upload(
                 collection,
                 cipher_png=encode_png(roi.cipher),
                 mask_png=encode_png(roi.mask),
                 metadata_json=roi.metadata.model_dump_json(),
-                idempotency_key=idempotency_key,
+                idempotency_key=push.idempotency_key,
                 blob=roi.blob,
             )
-        elif mode == "sealed":
+        if push.mode == "sealed":
             sealed = self.seal(
                 collection,
                 pixels,
                 mask,
-                opaque_id=opaque_id,
-                label=label,
-                role=role,
-                train=train,
-                lossy=lossy,
+                label=push.label,
+                train=push.train,
+                lossy=push.lossy,
+                **who,
             )
-            answer = self.gateway.upload_sealed(
+            return self.gateway.upload_sealed(
                 collection,
                 blob=sealed.blob,
                 fisher_npy=encode_vector_npy(sealed.fisher_vector),
                 metadata_json=sealed.metadata.model_dump_json(),
-                idempotency_key=idempotency_key,
+                idempotency_key=push.idempotency_key,
             )
-        else:
-            protected = self.protect(
-                pixels,
-                mask,
-                opaque_id=opaque_id,
-                label=label if train else None,
-                role=role,
-                collection=collection,
-            )
-            answer = self.upload(collection, protected, idempotency_key)
-        return answer
+        protected = self.protect(
+            pixels,
+            mask,
+            label=push.label if push.train else None,
+            collection=collection,
+            **who,
+        )
+        return self.upload(collection, protected, push.idempotency_key)
 
     def publish_patch_model(
         self,
