@@ -330,8 +330,10 @@ class TorchFeatures:
             if np.shape(roi) != shape:
                 raise ValueError(f"mask shape {np.shape(roi)} does not match image shape {shape}")
         for start in range(0, len(images), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            out[batch] = self._batch(list(images[batch]), list(rois[batch]), radius, components)
+            batch = range(start, min(start + self.batch_size, len(images)))
+            out[start : batch.stop] = self._batch(
+                [images[i] for i in batch], [rois[i] for i in batch], radius, components
+            )
         return out
 
     def transform(
