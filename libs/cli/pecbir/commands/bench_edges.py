@@ -28,11 +28,14 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pecbir_harness.dicom import dicom_bytes, make_mr, make_seg, multipart_related
 
 # The service's default model (pecbir_contracts.schemas.TrainRequest) where it sets what a
 # query costs (patches, regions, ROI dilation, mixture size); trained on fewer patches and
@@ -161,88 +164,23 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _dicom(pixels: np.ndarray, *, deflated: bool = False, blob_bytes: int = 0) -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import (
-        DeflatedExplicitVRLittleEndian,
-        ExplicitVRLittleEndian,
-        MRImageStorage,
-        generate_uid,
-    )
+    """A 12-bit MR instance; deflated, and with a private blob of `blob_bytes` zeros (which
+    deflate to almost nothing: a decompression bomb) where asked."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
-    dataset = FileDataset("bench.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
-    dataset.SOPClassUID = MRImageStorage
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.StudyInstanceUID = generate_uid()
-    dataset.SeriesInstanceUID = generate_uid()
-    dataset.Modality = "MR"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated = 16
-    dataset.BitsStored = 12
-    dataset.HighBit = 11
-    dataset.PixelRepresentation = 0
+    dataset = make_mr(pixels, bits_stored=12)
+    if deflated:
+        dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     if blob_bytes:
         dataset.add_new(0x00091010, "OB", bytes(blob_bytes))
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return dicom_bytes(dataset)
 
 
 def _seg(mask: np.ndarray, image_bytes: bytes) -> bytes:
     import pydicom
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.pixels import pack_bits
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     source = pydicom.dcmread(io.BytesIO(image_bytes), stop_before_pixels=True)
-    seg_class = "1.2.840.10008.5.1.4.1.1.66.4"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = seg_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    seg = FileDataset("seg.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
-    seg.SOPClassUID = seg_class
-    seg.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    seg.StudyInstanceUID = source.StudyInstanceUID
-    seg.SeriesInstanceUID = generate_uid()
-    seg.Modality = "SEG"
-    seg.SegmentationType = "BINARY"
-    seg.Rows, seg.Columns = mask.shape
-    seg.NumberOfFrames = 1
-    seg.SamplesPerPixel = 1
-    seg.PhotometricInterpretation = "MONOCHROME2"
-    seg.BitsAllocated = 1
-    seg.BitsStored = 1
-    seg.HighBit = 0
-    seg.PixelRepresentation = 0
-    segment = Dataset()
-    segment.SegmentNumber = 1
-    segment.SegmentLabel = "glioma"
-    seg.SegmentSequence = [segment]
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    series = Dataset()
-    series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedInstanceSequence = [reference]
-    seg.ReferencedSeriesSequence = [series]
-    seg.PixelData = pack_bits(mask.astype(np.uint8))
-    buffer = io.BytesIO()
-    seg.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _multipart_related(parts: list[bytes]) -> tuple[bytes, str]:
-    body = b"".join(
-        b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in parts
-    )
-    return body + b"--b--\r\n", 'multipart/related; type="application/dicom"; boundary=b'
+    return dicom_bytes(make_seg(mask, source))
 
 
 # -- the measurements -------------------------------------------------------------------------
@@ -340,7 +278,7 @@ def _authenticated(system: Any, repeats: int, large_query: bool) -> list[dict[st
     stow = "POST encryptor /dicomweb/{c}/studies"
 
     def stow_call(image_bytes: bytes, mask: np.ndarray) -> Callable[[], Any]:
-        body, content_type = _multipart_related([image_bytes, _seg(mask, image_bytes)])
+        body, content_type = multipart_related([image_bytes, _seg(mask, image_bytes)])
         return lambda: encryptor.post(
             "/dicomweb/brain/studies", content=body, headers={"content-type": content_type}
         )
@@ -359,13 +297,21 @@ def _authenticated(system: Any, repeats: int, large_query: bool) -> list[dict[st
     upload = "POST gateway /v1/collections/{c}/images"
 
     def upload_call(image: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
-        metadata = json.dumps({**stored_meta, "height": image.shape[0], "width": image.shape[1]})
-        files = {
-            "cipher": ("c.png", _png(image)),
-            "mask": ("m.png", _png(mask)),
-            "metadata": (None, metadata),
-        }
-        return lambda: gateway.post("/v1/collections/brain/images", files=files)
+        cipher_png, mask_png = _png(image), _png(mask)
+        sizes = {"height": image.shape[0], "width": image.shape[1]}
+
+        def call() -> Any:
+            # a new opaque id each time: the image id derives from it, and a second upload
+            # of other pixels under one id is refused (409) before any of the work measured
+            metadata = {**stored_meta, **sizes, "opaque_id": f"edge-{uuid.uuid4().hex}"}
+            files = {
+                "cipher": ("c.png", cipher_png),
+                "mask": ("m.png", mask_png),
+                "metadata": (None, json.dumps(metadata)),
+            }
+            return gateway.post("/v1/collections/brain/images", files=files)
+
+        return call
 
     case(upload, "normal: 512²", upload_call(normal_image, normal_mask))
     big_image, big_mask = _blob(side, 3)
