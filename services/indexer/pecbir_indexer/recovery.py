@@ -448,6 +448,8 @@ def _mark_indexed(
             continue
         if _is_retired_key(layout, image_id, objects):
             continue  # never indexed again: a retired image holds no version back
+        if layout.version_failure(current, image_id) in objects:
+            continue  # gave up under this version (work.version_failed): served without it
         if layout.failure(image_id) not in objects:
             return  # the re-index still has work
     if write_indexed_version(store, layout, current):
@@ -495,9 +497,15 @@ def _requeue_index(
         meta = f"{layout.images_prefix}{image_id}/meta.json"
         if meta not in parts or layout.failure(image_id) in objects:
             continue
-        lacks_served = served is not None and image_id not in with_served
-        if image_id in with_current and not lacks_served:
-            continue
+        lacks_served = (
+            served is not None
+            and image_id not in with_served
+            and layout.version_failure(served, image_id) not in objects
+        )
+        if (
+            image_id in with_current or layout.version_failure(version, image_id) in objects
+        ) and not lacks_served:
+            continue  # indexed, or given up under this version (work.version_failed)
         if _is_retired_key(layout, image_id, objects):
             continue  # the owner retired it: it is not indexed on purpose
         report.waiting_images += 1

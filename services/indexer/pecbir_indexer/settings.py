@@ -50,6 +50,11 @@ class IndexerSettings(StoreSettings):
     # records, read by the search service at start-up) once this many records are not in it;
     # 0 writes none.
     snapshot_min_records: int = 256
+    # An image whose indexing with one version fails this many times (any error but the
+    # store's or Redis's being unreachable) is recorded as failed for that version
+    # (failures/<version>/<image_id>.json, the upload status, /metrics) and that version is
+    # served without it; before, it held the swap to that version back for good.
+    version_attempts: int = 3
     # At most this many index tasks re-queued per pass (a slow re-index is not flooded).
     reconcile_max_requeue: int = 1000
     # A training holds a lease renewed every third of this; a killed one loses it this long
@@ -60,3 +65,5 @@ class IndexerSettings(StoreSettings):
     test_index_delay_file: str | None = None
     # The same for `train_model` (a kill mid-training).
     test_train_delay_file: str | None = None
+    # The same for each image of an `index_chunk` (a re-index in progress when an upload comes).
+    test_chunk_delay_file: str | None = None
