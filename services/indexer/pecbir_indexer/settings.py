@@ -46,6 +46,12 @@ class IndexerSettings(StoreSettings):
     redelivery_bound_s: float = 60.0
     janitor_interval_s: float = 600.0
     debris_grace_s: float = 900.0
+    # A janitor pass lists at most this many image objects of each collection (and the
+    # feature records of the same images), then the next pass resumes after them (a cursor
+    # per collection in Redis); a cycle over a collection takes ⌈its image objects / this⌉
+    # passes. A full listing of 10⁷ objects took about 18 min on radosgw (issue 15), longer
+    # than the interval. 0: the whole collection every pass.
+    janitor_page_objects: int = 100_000
     # The janitor's pass rewrites a served version's snapshot (one object holding its feature
     # records, read by the search service at start-up) once this many records are not in it;
     # 0 writes none.
