@@ -27,6 +27,7 @@ from pecbir_indexer.recovery import (
     ScanCursor,
     requeue_stale,
     sweep,
+    to_front,
     train_lease,
 )
 from pecbir_indexer.settings import IndexerSettings
@@ -171,6 +172,30 @@ def test_an_overdue_image_whose_task_is_queued_or_running_is_not_queued_again(
     late = sweep(runtime.store, sent, leases, SETTINGS, now=time.time() + BOUND + 1)
     assert sorted(late.requeued_images) == sorted(ids[2:])
     assert late.queued_behind == 2
+
+
+def test_an_index_task_queued_again_is_next_in_line(leases):
+    """kombu pushes at the head of a queue's list and workers pop from its tail; `to_front`
+    moves a re-queued task (it waited a bound already) to the tail, ahead of the uploads."""
+    import json
+
+    from celery import Celery
+
+    from pecbir_contracts.tasks import QUEUE_INDEX
+
+    kwargs = leases.redis.connection_pool.connection_kwargs
+    app = Celery("test", broker=f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs['db']}")
+
+    def send(n: int) -> str:
+        args = ["hosp-a", "brain", f"{n:032x}"]
+        return app.send_task(TASK_INDEX_IMAGE, args=args, queue=QUEUE_INDEX).id
+
+    uploads = [send(n) for n in range(5)]
+    again = send(99)
+    assert to_front(leases.redis, QUEUE_INDEX, again)
+    taken = [json.loads(leases.redis.rpop(QUEUE_INDEX))["headers"]["id"] for _ in range(6)]
+    assert taken == [again, *uploads]  # the order a worker's BRPOP takes them
+    assert not to_front(leases.redis, QUEUE_INDEX, again)  # taken already: nothing moved
 
 
 def test_a_task_whose_heartbeat_stopped_is_queued_again_once_per_bound(leases):
