@@ -16,6 +16,10 @@ class IndexerSettings(StoreSettings):
     # Event stream for the search service; defaults to the broker's Redis.
     events_url: str | None = None
     reindex_chunk: int = 32
+    # A re-index chunk gives way between two images when an upload's index task waits (the
+    # rest of the chunk is queued again). Uploads wait less, but while the re-index waits
+    # every upload is indexed with each live version (issue 15: measured both ways).
+    reindex_give_way: bool = True
     # > 0: a re-index fans out batches of this many images to the GPU workers' queue
     # (pecbir.reindex.gpu, task pecbir.index.batch) instead of CPU chunks of `reindex_chunk`.
     reindex_gpu_batch: int = 0

@@ -200,7 +200,12 @@ def index_chunk(
     rt = get_runtime()
     failed = 0
     for done, image_id in enumerate(image_ids):
-        if done and not self.request.is_eager and _uploads_waiting():
+        if (
+            done
+            and rt.settings.reindex_give_way
+            and not self.request.is_eager
+            and _uploads_waiting()
+        ):
             rest = image_ids[done:]
             index_chunk.apply_async(args=[tenant, collection, version, rest])
             PREEMPTED.inc()
