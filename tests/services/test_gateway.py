@@ -76,6 +76,22 @@ def test_upload_is_stored_then_queued_with_ids_only(client, store, dispatcher):
     assert cipher.status_code == 200 and cipher.content == encode_png(image)
 
 
+def test_status_says_an_upload_was_given_up_under_the_current_version(client, store):
+    from pecbir_contracts.records import write_current_version, write_failure
+
+    image, mask = blob_image()
+    image_id = client.post(URL, files=upload_files(image, mask), headers=auth()).json()["image_id"]
+    layout = CollectionLayout("hosp-a", "brain")
+    write_current_version(store, layout, "v0002")
+    status = client.get(f"{URL}/{image_id}/status", headers=auth()).json()
+    assert status["state"] == "stored"  # waiting for its index
+    reason = "ValueError: no patch fits (3 attempts)"
+    write_failure(store, layout.version_failure("v0002", image_id), reason, version="v0002")
+    status = client.get(f"{URL}/{image_id}/status", headers=auth()).json()
+    assert (status["state"], status["model_version"]) == ("failed", "v0002")
+    assert reason in status["detail"] and "served without this image" in status["detail"]
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [

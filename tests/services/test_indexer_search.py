@@ -126,6 +126,42 @@ def test_celery_task_dead_letters_poison_and_retries_storage_errors(runtime, tra
     assert len(calls) == 2 and runtime.store.exists(LAYOUT.features("v0001", ids[2]))
 
 
+def test_a_chunk_image_failing_under_its_version_is_tried_again_then_given_up(
+    runtime, trained, monkeypatch
+):
+    """A re-index chunk (Celery, eager) with an image that cannot be indexed with the chunk's
+    version: the others are indexed; it is queued again alone until `version_attempts`
+    failures, then recorded as failed for that version only and announced to the search."""
+    import json
+
+    from pecbir_contracts.events import IndexFailedEvent
+    from pecbir_indexer import runtime as runtime_module
+    from pecbir_indexer import tasks as indexer_app
+
+    monkeypatch.setattr(runtime_module, "_runtime", runtime)
+    indexer_app.use_eager_mode()
+    ids, _ = trained
+    runtime.store.put(LAYOUT.mask(ids[1]), b"not a png")
+    runs = []
+    real = work.index_image
+    monkeypatch.setattr(work, "index_image", lambda *args: runs.append(args[3]) or real(*args))
+    result = indexer_app.index_chunk.apply(args=["hosp-a", "brain", "v0001", ids[:3]])
+    assert result.successful(), result.traceback
+    assert result.result == 2  # the two good images; the bad one's re-queues ran meanwhile
+    attempts = runtime.settings.version_attempts
+    assert runs.count(ids[1]) == attempts and runs.count(ids[0]) == runs.count(ids[2]) == 1
+    assert runtime.store.exists(LAYOUT.features("v0001", ids[0]))
+    assert runtime.store.exists(LAYOUT.features("v0001", ids[2]))
+    failure = json.loads(runtime.store.get(LAYOUT.version_failure("v0001", ids[1])))
+    assert "unusable" in failure["reason"] and f"({attempts} attempts)" in failure["reason"]
+    assert not runtime.store.exists(LAYOUT.failure(ids[1]))  # other versions may index it
+    events = [e for _, e in runtime.bus.read("0-0", 0) if isinstance(e, IndexFailedEvent)]
+    assert [(e.version, e.image_id) for e in events] == [("v0001", ids[1])]
+    # A re-index planned now leaves it out.
+    planned = work.reindex_plan(runtime, "hosp-a", "brain", "v0001")
+    assert ids[1] not in {i for chunk in planned for i in chunk}
+
+
 def test_vector_index_top_k_is_exact_and_stable():
     rng = np.random.default_rng(0)
     index = VectorIndex("v0001", 3, capacity=2)

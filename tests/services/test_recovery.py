@@ -21,7 +21,15 @@ from pecbir_contracts.layout import idempotency_record_key
 from pecbir_contracts.records import FeatureRecord
 from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_TRAIN_MODEL
 from pecbir_indexer import work
-from pecbir_indexer.recovery import InFlight, RedisLeases, requeue_stale, sweep, train_lease
+from pecbir_indexer.recovery import (
+    InFlight,
+    RedisLeases,
+    ScanCursor,
+    requeue_stale,
+    sweep,
+    to_front,
+    train_lease,
+)
 from pecbir_indexer.settings import IndexerSettings
 from pecbir_platform.bus import InMemoryBus
 from pecbir_search.engine import SearchEngine
@@ -113,6 +121,42 @@ def test_index_work_waiting_longer_than_the_bound_is_queued_again_once(
     assert 'pecbir_reconciler_requeued_total{task="pecbir.index.image"}' in text
 
 
+def test_the_janitor_pages_through_a_collection_and_resumes_where_it_stopped(
+    runtime, trained, leases
+):
+    """`janitor_page_objects`: a pass lists a window of image objects after the previous
+    pass's (its cursor in Redis), and the feature records of the same images only; it queues
+    again what its window lacks, and marks a version indexed only at the end of a cycle in
+    which no window lacked it."""
+    ids, _ = trained
+    store, order = runtime.store, sorted(ids)
+    lost = order[7]  # in the third window
+    for image_id in order:
+        if image_id != lost:
+            work.index_image(runtime, "hosp-a", "brain", image_id)
+    # Three objects per image: 7 objects and the rest of the last image's make 3 images.
+    settings = SETTINGS.model_copy(update={"janitor_page_objects": 7})
+    later = time.time() + BOUND + 1
+    expected = [(None, order[2]), (order[2], order[5]), (order[5], order[8]), (order[8], None)]
+
+    def cycle() -> list:
+        reports = [sweep(store, Sent(), leases, settings, now=later) for _ in expected]
+        assert [r.windows[LAYOUT.root] for r in reports] == expected
+        assert [r.listed_image_objects for r in reports] == [9, 9, 9, 9]
+        return reports
+
+    first = cycle()
+    assert [r.requeued_images for r in first] == [[], [], [lost], []]
+    assert [r.indexed_versions for r in first] == [[], [], [], []]  # it lacked one
+    assert ScanCursor.load(leases.redis, LAYOUT).after is None  # the next pass starts over
+    work.index_image(runtime, "hosp-a", "brain", lost)  # the task queued again
+    second = cycle()
+    assert [r.indexed_versions for r in second] == [[], [], [], ["v0001"]]
+    assert all(r.requeued_images == [] for r in second)
+    # The whole collection in one pass (the default page holds it): the same verdicts.
+    assert sweep(store, Sent(), leases, SETTINGS).windows[LAYOUT.root] == (None, None)
+
+
 def test_an_overdue_image_whose_task_is_queued_or_running_is_not_queued_again(
     runtime, trained, leases
 ):
@@ -128,6 +172,30 @@ def test_an_overdue_image_whose_task_is_queued_or_running_is_not_queued_again(
     late = sweep(runtime.store, sent, leases, SETTINGS, now=time.time() + BOUND + 1)
     assert sorted(late.requeued_images) == sorted(ids[2:])
     assert late.queued_behind == 2
+
+
+def test_an_index_task_queued_again_is_next_in_line(leases):
+    """kombu pushes at the head of a queue's list and workers pop from its tail; `to_front`
+    moves a re-queued task (it waited a bound already) to the tail, ahead of the uploads."""
+    import json
+
+    from celery import Celery
+
+    from pecbir_contracts.tasks import QUEUE_INDEX
+
+    kwargs = leases.redis.connection_pool.connection_kwargs
+    app = Celery("test", broker=f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs['db']}")
+
+    def send(n: int) -> str:
+        args = ["hosp-a", "brain", f"{n:032x}"]
+        return app.send_task(TASK_INDEX_IMAGE, args=args, queue=QUEUE_INDEX).id
+
+    uploads = [send(n) for n in range(5)]
+    again = send(99)
+    assert to_front(leases.redis, QUEUE_INDEX, again)
+    taken = [json.loads(leases.redis.rpop(QUEUE_INDEX))["headers"]["id"] for _ in range(6)]
+    assert taken == [again, *uploads]  # the order a worker's BRPOP takes them
+    assert not to_front(leases.redis, QUEUE_INDEX, again)  # taken already: nothing moved
 
 
 def test_a_task_whose_heartbeat_stopped_is_queued_again_once_per_bound(leases):

@@ -9,12 +9,14 @@ engine following the stream in its thread.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
 import numpy as np
 import pytest
 
+from pecbir_contracts.png import decode_image_png
 from pecbir_contracts.records import (
     FeatureRecord,
     FeatureSnapshot,
@@ -296,3 +298,186 @@ def test_a_replica_whose_swap_lagged_serves_the_indexed_version_before_a_newer_o
     for _, event in runtime.bus.read(start, block_ms=0):
         engine.apply(event)
     assert upload in _served(engine)[0].index
+
+
+def test_a_reindex_chunk_gives_way_to_an_upload_and_skips_or_repeats_no_image(
+    tmp_path, store, redis_url
+):
+    """A real Celery worker (solo pool, the uploads' and re-index queues, priority order) runs
+    a re-index chunk of 12 images, slowed by the test hook; an upload's index task queued
+    meanwhile runs before the chunk's last images (the rest of the chunk is queued again),
+    and every image of the chunk is indexed and published exactly once."""
+    from pecbir_contracts.events import VectorEvent
+    from pecbir_contracts.tasks import QUEUE_INDEX, QUEUE_REINDEX, TASK_INDEX_IMAGE
+    from pecbir_gateway.dispatch import CeleryDispatcher
+    from pecbir_harness.procs import celery_worker
+    from pecbir_platform.bus import RedisBus
+
+    bus = RedisBus(redis_url)
+    runtime = Runtime(SETTINGS, store, bus)
+    seeded = _upload(store, seed=10, n=12)
+    _train(runtime, "v0001")
+    (chunk,) = work.reindex_plan(runtime, TENANT, COLLECTION, "v0001", size=12)
+    assert sorted(chunk) == sorted(seeded)
+    (upload,) = _upload(store, seed=11)
+    delay = tmp_path / "chunk-delay"
+    delay.write_text("0.4")
+    env = {
+        "PECBIR_BROKER_URL": redis_url,
+        "PECBIR_STORE_URL": f"file://{store.root}",
+        "PECBIR_RECONCILE_INTERVAL_S": "0",
+        "PECBIR_TEST_CHUNK_DELAY_FILE": str(delay),
+    }
+    broker = CeleryDispatcher(redis_url)
+    log = tmp_path / "worker.log"
+    broker.send(TASK_INDEX_CHUNK, [TENANT, COLLECTION, "v0001", chunk])
+    with celery_worker(env, log, (QUEUE_INDEX, QUEUE_REINDEX)):
+        done = lambda: store.list(LAYOUT.features_prefix("v0001"))  # noqa: E731
+        _until(lambda: len(done()) >= 2, "the chunk has started", timeout=120)
+        broker.send(TASK_INDEX_IMAGE, [TENANT, COLLECTION, upload])
+        _until(lambda: len(done()) == 13, "the chunk and the upload are indexed", timeout=120)
+        delay.unlink()
+        time.sleep(1.0)  # a chunk image done twice would publish again by now
+    events = [e for _, e in bus.read("0-0", block_ms=10) if isinstance(e, VectorEvent)]
+    order = [event.image_id for event in events]
+    assert sorted(order) == sorted([*chunk, upload])  # each image once: none skipped or twice
+    assert order.index(upload) < len(chunk)  # before the chunk's last image: it gave way
+    assert "gives way to uploads" in log.read_text()
+
+
+class FailingRuntime(Runtime):
+    """The runtime, whose pipeline of one version cannot featurise some images (a fault
+    injected only under that version: the older one indexes them)."""
+
+    def __init__(self, *args, fail_version: str, fail_ids: set[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_version, self.fail_ids = fail_version, fail_ids
+        self.attempts = 0
+
+    def model(self, layout, version):
+        pipeline = super().model(layout, version)
+        if version != self.fail_version:
+            return pipeline
+        runtime, store = self, self.store
+
+        class Failing:
+            def __getattr__(self, name):
+                return getattr(pipeline, name)
+
+            def fisher_vectors(self, images, masks):
+                for image_id in runtime.fail_ids:
+                    stored = decode_image_png(store.get(LAYOUT.cipher(image_id)), "cipher")
+                    if np.array_equal(stored, images[0]):
+                        runtime.attempts += 1
+                        raise ValueError("no patch of this image fits the model")
+                return pipeline.fisher_vectors(images, masks)
+
+        return Failing()
+
+
+def test_an_image_failing_only_under_the_new_version_is_given_up_and_the_swap_proceeds(
+    store, redis_url
+):
+    from prometheus_client import REGISTRY
+
+    from pecbir_platform.bus import RedisBus
+
+    metric = "pecbir_index_version_failures_total"
+    failures_before = REGISTRY.get_sample_value(metric) or 0.0
+    runtime = FailingRuntime(
+        SETTINGS, store, RedisBus(redis_url), fail_version="v0002", fail_ids=set()
+    )
+    import redis
+
+    leases = RedisLeases(redis.Redis.from_url(redis_url))
+    seeded = _upload(store, seed=12, n=12)
+    _train(runtime, "v0001")
+    _reindex(runtime, "v0001", work.reindex_plan(runtime, TENANT, COLLECTION, "v0001"))
+    assert sweep(store, Sent(), leases, SETTINGS).indexed_versions == ["v0001"]
+    engine = SearchEngine(store, runtime.bus)
+    engine.start()
+    try:
+        _until(lambda: len(_served(engine)[0].index) == 12, "v0001 serves the seeded images")
+        bad = seeded[3]
+        runtime.fail_ids.add(bad)
+        _train(runtime, "v0002", dim=1)
+        (chunk,) = work.reindex_plan(runtime, TENANT, COLLECTION, "v0002", size=12)
+        attempts = SETTINGS.version_attempts
+        assert attempts >= 2
+        for attempt in range(1, attempts + 1):  # what index_chunk and its re-queues do
+            for image_id in chunk:
+                try:
+                    work.index_image(runtime, TENANT, COLLECTION, image_id, "v0002")
+                except work.PoisonMessage as exc:
+                    assert image_id == bad
+                    given_up = work.version_failed(
+                        runtime, TENANT, COLLECTION, "v0002", bad, work.describe_error(exc)
+                    )
+                    assert given_up == (attempt == attempts)
+            chunk = [bad]
+            if attempt < attempts:  # the swap waits while attempts are left
+                time.sleep(0.5)
+                assert _served(engine)[0].name == "v0001"
+        assert runtime.attempts == attempts
+
+        def swapped() -> bool:
+            serving, pending = _served(engine)
+            return serving.name == "v0002" and pending is None
+
+        _until(swapped, "the swap to v0002 without the failed image")
+        held = sorted(_served(engine)[0].index.ids())
+        assert held == sorted(set(seeded) - {bad})
+        failure = json.loads(store.get(LAYOUT.version_failure("v0002", bad)))
+        assert "no patch of this image fits" in failure["reason"]
+        assert f"({attempts} attempts)" in failure["reason"]
+        assert failure["version"] == "v0002"
+        assert not store.exists(LAYOUT.failure(bad))  # not failed for every version
+        assert REGISTRY.get_sample_value(metric) == failures_before + 1
+        # The janitor: v0002 is indexed without it, and the image is not queued again.
+        report = sweep(store, Sent(), leases, SETTINGS, now=time.time() + BOUND + 1)
+        assert report.indexed_versions == ["v0002"] and report.requeued_images == []
+        # A search service started now serves v0002 at once.
+        restarted = SearchEngine(store, None)
+        restarted.catch_up_all()
+        assert _served(restarted)[0].name == "v0002" and _served(restarted)[1] is None
+    finally:
+        engine.stop()
+
+
+def test_an_upload_failing_under_the_pending_version_is_searchable_under_the_serving_one(
+    store, redis_url
+):
+    from pecbir_platform.bus import RedisBus
+
+    runtime = FailingRuntime(
+        SETTINGS, store, RedisBus(redis_url), fail_version="v0002", fail_ids=set()
+    )
+    seeded = _upload(store, seed=13, n=12)
+    _train(runtime, "v0001")
+    _reindex(runtime, "v0001", work.reindex_plan(runtime, TENANT, COLLECTION, "v0001"))
+    import redis
+
+    assert sweep(
+        store, Sent(), RedisLeases(redis.Redis.from_url(redis_url)), SETTINGS
+    ).indexed_versions == ["v0001"]
+    engine = SearchEngine(store, runtime.bus)
+    engine.start()
+    try:
+        _train(runtime, "v0002", dim=1)
+        _reindex(runtime, "v0002", work.reindex_plan(runtime, TENANT, COLLECTION, "v0002")[:1])
+        (upload,) = _upload(store, seed=14)
+        runtime.fail_ids.add(upload)
+        outcome = work.index_image(runtime, TENANT, COLLECTION, upload)
+        assert outcome.versions == ("v0001",) and outcome.version == "v0001"
+        assert [v for v, _ in outcome.failed] == ["v0002"]
+        _until(lambda: upload in _served(engine)[0].index, "the upload is served by v0001")
+        for _ in range(SETTINGS.version_attempts):  # index_image's task, then its re-queues
+            given_up = work.version_failed(
+                runtime, TENANT, COLLECTION, "v0002", upload, outcome.failed[0][1]
+            )
+        assert given_up
+        _reindex(runtime, "v0002", work.reindex_plan(runtime, TENANT, COLLECTION, "v0002"))
+        _until(lambda: _served(engine)[0].name == "v0002", "the swap to v0002")
+        assert sorted(_served(engine)[0].index.ids()) == sorted(seeded)
+    finally:
+        engine.stop()

@@ -21,6 +21,7 @@ from pecbir_platform.store import (
     MinioStore,
     StoreSettings,
     check_put_if_absent,
+    iter_modified,
     list_children,
     store_from_url,
 )
@@ -51,6 +52,14 @@ def _exercise(store) -> None:
     store.delete("tenants/b/y.bin")
     with pytest.raises(ObjectNotFound):
         store.get("tenants/b/y.bin")
+    # Listings from a cursor, in key order, read lazily (the janitor's windows).
+    store.put("tenants/a/x/3.bin", b"3")
+    tail = list(iter_modified(store, "tenants/a/", "tenants/a/x/1.bin"))
+    assert [key for key, _ in tail] == ["tenants/a/x/2.bin", "tenants/a/x/3.bin"]
+    assert all(abs(modified - time.time()) < 600 for _, modified in tail)
+    everything = [key for key, _ in iter_modified(store, "tenants/")]
+    assert everything == [*(f"tenants/a/x/{i}.bin" for i in (1, 2, 3)), "tenants/b/once"]
+    assert list(iter_modified(store, "tenants/", "tenants/b/once")) == []
     for bad in ("", "/abs", "a/../b", "a//b"):
         with pytest.raises(ValueError):
             store.put(bad, b"x")

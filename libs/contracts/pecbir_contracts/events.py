@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pecbir_contracts.request_ids import current_request_id
 
 __all__ = [
+    "AnyEvent",
     "Event",
     "EventBus",
+    "IndexFailedEvent",
     "ModelEvent",
     "RetireEvent",
     "VectorEvent",
@@ -62,11 +64,27 @@ class RetireEvent(BaseModel):
     request_id: str | None = None
 
 
-Event = Annotated[VectorEvent | ModelEvent | RetireEvent, Field(discriminator="kind")]
+class IndexFailedEvent(BaseModel):
+    """Indexing `image_id` with `version` failed for good (its failure record is in the store,
+    `CollectionLayout.version_failure`): a search service filling `version` stops waiting for
+    it, so the swap to `version` proceeds without that image."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["index_failed"] = "index_failed"
+    tenant: str
+    collection: str
+    version: str
+    image_id: str
+    request_id: str | None = None
+
+
+AnyEvent = VectorEvent | ModelEvent | RetireEvent | IndexFailedEvent
+Event = Annotated[AnyEvent, Field(discriminator="kind")]
 _EVENT = TypeAdapter(Event)
 
 
-def encode_event(event: VectorEvent | ModelEvent | RetireEvent) -> str:
+def encode_event(event: AnyEvent) -> str:
     """JSON of `event`, stamped with the current request id unless it names one already."""
     if event.request_id is None:
         request_id = current_request_id()
@@ -75,19 +93,19 @@ def encode_event(event: VectorEvent | ModelEvent | RetireEvent) -> str:
     return event.model_dump_json()
 
 
-def decode_event(data: str | bytes) -> VectorEvent | ModelEvent | RetireEvent:
+def decode_event(data: str | bytes) -> AnyEvent:
     return _EVENT.validate_json(data)
 
 
 class EventBus(Protocol):
-    def publish(self, event: VectorEvent | ModelEvent | RetireEvent) -> str: ...
+    def publish(self, event: AnyEvent) -> str: ...
 
     def last_id(self) -> str:
         """Id of the newest event ("0-0" if none): read after it to see only new events."""
 
     def read(
         self, after: str, block_ms: int = 1000, count: int = 1000
-    ) -> list[tuple[str, VectorEvent | ModelEvent | RetireEvent]]: ...
+    ) -> list[tuple[str, AnyEvent]]: ...
 
     def incr_attempts(self, task_id: str) -> int:
         """Count one more delivery of a task (poison-message detection)."""

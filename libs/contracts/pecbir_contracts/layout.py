@@ -15,6 +15,8 @@ image set, or a consortium's shared set) under ``tenants/<tenant>/collections/<c
                                       upload; the collection is pe-roi iff it exists
     features/<version>/<image_id>.npz Fisher vector + projected vector for one model version
     failures/<image_id>.json          why indexing gave up (dead-lettered)
+    failures/<version>/<image_id>.json  why indexing with one version gave up (the image is
+                                      indexed with others; that version serves without it)
     retired/<image_id>.json           the owner retired the image (a corrected version replaced
                                       it): out of the index and the training set; its objects
                                       are kept
@@ -197,6 +199,20 @@ class CollectionLayout:
 
     def failure(self, image_id: str) -> str:
         return f"{self.root}failures/{check_image_id(image_id)}.json"
+
+    def version_failures_prefix(self, version: str) -> str:
+        return f"{self.root}failures/{check_version(version)}/"
+
+    def version_failure(self, version: str, image_id: str) -> str:
+        """Why indexing `image_id` with `version` gave up (`failure` is for every version)."""
+        return f"{self.version_failures_prefix(version)}{check_image_id(image_id)}.json"
+
+    def image_id_of_version_failure(self, version: str, key: str) -> str | None:
+        prefix = self.version_failures_prefix(version)
+        if not (key.startswith(prefix) and key.endswith(".json")):
+            return None
+        candidate = key[len(prefix) : -len(".json")]
+        return candidate if _IMAGE_ID.fullmatch(candidate) else None
 
     @property
     def retired_prefix(self) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "read_current_version",
     "read_indexed_version",
     "read_retired",
+    "read_version_failures",
     "write_current_version",
     "write_failure",
     "write_indexed_version",
@@ -196,6 +197,17 @@ def live_versions(store: ObjectStore, layout: CollectionLayout) -> list[str]:
 def write_failure(store: ObjectStore, key: str, reason: str, **extra: object) -> None:
     body = {"reason": reason, "at": time.time(), **extra}
     store.put(key, json.dumps(body, default=str).encode(), "application/json")
+
+
+def read_version_failures(
+    store: ObjectStore, layout: CollectionLayout, version: str
+) -> frozenset[str]:
+    """Ids of the images whose indexing with `version` gave up (one listing of the store)."""
+    ids = (
+        layout.image_id_of_version_failure(version, key)
+        for key in store.list(layout.version_failures_prefix(version))
+    )
+    return frozenset(image_id for image_id in ids if image_id)
 
 
 def read_retired(store: ObjectStore, layout: CollectionLayout) -> frozenset[str]:

@@ -8,10 +8,8 @@ import threading
 import time
 
 from pecbir_contracts.events import (
+    AnyEvent,
     EventBus,
-    ModelEvent,
-    RetireEvent,
-    VectorEvent,
     decode_event,
     encode_event,
 )
@@ -28,11 +26,11 @@ class InMemoryBus:
     """Single-process stand-in for the Redis stream (embedded demo, unit tests)."""
 
     def __init__(self) -> None:
-        self._events: list[tuple[str, VectorEvent | ModelEvent | RetireEvent]] = []
+        self._events: list[tuple[str, AnyEvent]] = []
         self._attempts: dict[str, int] = {}
         self._changed = threading.Condition()
 
-    def publish(self, event: VectorEvent | ModelEvent | RetireEvent) -> str:
+    def publish(self, event: AnyEvent) -> str:
         with self._changed:
             event_id = f"{len(self._events) + 1}-0"
             self._events.append((event_id, event))
@@ -45,7 +43,7 @@ class InMemoryBus:
 
     def read(
         self, after: str, block_ms: int = 1000, count: int = 1000
-    ) -> list[tuple[str, VectorEvent | ModelEvent | RetireEvent]]:
+    ) -> list[tuple[str, AnyEvent]]:
         start = int(after.split("-")[0])
         deadline = time.monotonic() + block_ms / 1000
         with self._changed:
@@ -76,7 +74,7 @@ class RedisBus:
         self.stream = stream
         self._redis = redis.Redis.from_url(url)
 
-    def publish(self, event: VectorEvent | ModelEvent | RetireEvent) -> str:
+    def publish(self, event: AnyEvent) -> str:
         event_id = self._redis.xadd(
             self.stream,
             {"event": encode_event(event)},
@@ -94,7 +92,7 @@ class RedisBus:
 
     def read(
         self, after: str, block_ms: int = 1000, count: int = 1000
-    ) -> list[tuple[str, VectorEvent | ModelEvent | RetireEvent]]:
+    ) -> list[tuple[str, AnyEvent]]:
         answer = self._redis.xread({self.stream: after}, count=count, block=block_ms)
         events = []
         for _stream, entries in answer or []:

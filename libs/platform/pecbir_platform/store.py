@@ -41,6 +41,7 @@ __all__ = [
     "MinioStore",
     "StoreSettings",
     "check_put_if_absent",
+    "iter_modified",
     "list_children",
     "list_modified",
     "store_from_url",
@@ -180,6 +181,19 @@ class FilesystemStore:
             with contextlib.suppress(FileNotFoundError):  # deleted since the listing
                 times[key] = self._path(key).stat().st_mtime
         return times
+
+    def iter_modified(
+        self, prefix: str, start_after: str | None = None
+    ) -> Iterator[tuple[str, float]]:
+        """(key, last write) of the keys under `prefix` after `start_after`, in key order.
+
+        The directory walk lists the whole prefix whatever `start_after` is: the filesystem
+        store serves one machine's collections, not 10⁷ objects (the S3 store pages)."""
+        for key in self.list(prefix):
+            if start_after is not None and key <= start_after:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # deleted since the listing
+                yield key, self._path(key).stat().st_mtime
 
     def stale_temp_files(self, older_than_s: float) -> list[Path]:
         """Temporary files of writes that never finished (a process killed between its
@@ -445,6 +459,27 @@ class MinioStore:
 
         return self._guard(prefix, collect)
 
+    def iter_modified(
+        self, prefix: str, start_after: str | None = None
+    ) -> Iterator[tuple[str, float]]:
+        """(key, last write) of the keys under `prefix` after `start_after`, in key order: a
+        ListObjectsV2 from `start_after`, one page (1 000 keys) at a time as the caller reads,
+        so a caller that stops early asks for no further page."""
+        objects = self._guard(
+            prefix,
+            self._client.list_objects,
+            self.bucket,
+            prefix=prefix,
+            recursive=True,
+            start_after=start_after,
+        )
+        iterator = iter(objects)
+        while True:
+            obj = self._guard(prefix, next, iterator, None)
+            if obj is None:
+                return
+            yield obj.object_name, obj.last_modified.timestamp()
+
     def presigned_get_url(self, key: str, expires: timedelta) -> str | None:
         if self._ssec is not None:
             return None  # the GET would need the key in its headers
@@ -478,6 +513,25 @@ def list_modified(store: ObjectStore, prefix: str) -> dict[str, float]:
     if method is None:
         raise UnsupportedStore(f"{store!r} cannot tell when its objects were written")
     return method(prefix)
+
+
+def iter_modified(
+    store: ObjectStore, prefix: str, start_after: str | None = None
+) -> Iterator[tuple[str, float]]:
+    """(key, last write in epoch seconds) of the keys under `prefix` that sort after
+    `start_after` (None: all), in key order, read lazily: a caller that pages through a large
+    prefix (the janitor's cursor, `pecbir_indexer.recovery`) stops when its page is full.
+
+    Raises
+    ------
+    UnsupportedStore
+        When the store cannot tell when its objects were written.
+    """
+    method = getattr(store, "iter_modified", None)
+    if method is not None:
+        return method(prefix, start_after)
+    listed = list_modified(store, prefix)
+    return iter(sorted((k, t) for k, t in listed.items() if start_after is None or k > start_after))
 
 
 def list_children(store: ObjectStore, prefix: str) -> list[str]:

@@ -445,6 +445,17 @@ def upload_status(image_id: str, access: ImageAccess, ctx: Ctx) -> UploadStatus:
             waiting_s=waited,
         )
     if not ctx.store.exists(layout.features(version, image_id)):
+        try:  # the indexer gave up on it under this version (it holds no other's swap back)
+            failure = json.loads(ctx.store.get(layout.version_failure(version, image_id)))
+            return UploadStatus(
+                **base,
+                state="failed",
+                model_version=version,
+                detail=f"indexing with {version} gave up: {failure.get('reason')}; "
+                f"{version} is served without this image",
+            )
+        except ObjectNotFound:
+            pass
         waited = _waiting_s(ctx, layout, image_id, with_model=True)
         return UploadStatus(
             **base,

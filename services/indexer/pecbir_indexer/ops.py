@@ -117,13 +117,17 @@ def start_reconciler(celery_app: Any, settings: IndexerSettings) -> None:
     def on_ready(**_kw: Any) -> None:
         import redis
 
-        from pecbir_contracts.tasks import TASK_QUEUES
-        from pecbir_indexer.recovery import InFlight, Reconciler, RedisLeases
-
-        def send(task_name: str, args: Any) -> None:
-            celery_app.send_task(task_name, args=list(args), queue=TASK_QUEUES[task_name])
+        from pecbir_contracts.tasks import TASK_INDEX_IMAGE, TASK_QUEUES
+        from pecbir_indexer.recovery import InFlight, Reconciler, RedisLeases, to_front
 
         client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+
+        def send(task_name: str, args: Any) -> None:
+            queue = TASK_QUEUES[task_name]
+            sent = celery_app.send_task(task_name, args=list(args), queue=queue)
+            if task_name == TASK_INDEX_IMAGE:  # an upload that waited a bound: next in line
+                to_front(client, queue, sent.id)
+
         store = get_runtime().store
 
         def give_up(task_name: str, args: Any, reason: str) -> None:

@@ -11,7 +11,9 @@ runs twice. So work does not wait for it:
   pass, whatever the size of the store. Training is queued again too, but never runs twice at
   once: the task itself holds `train_lease` while it trains and skips a version whose lease
   someone holds (a late redelivery finds the manifest and only publishes again).
-- Less often (`janitor_interval_s`), `sweep` lists the store: every complete image still
+- Less often (`janitor_interval_s`), `sweep` lists the store — each collection in windows
+  of `janitor_page_objects` image objects, resuming after the last pass's window
+  (`ScanCursor`, in Redis), so that a pass stays bounded at 10⁷ objects: every complete image still
   lacking features of its collection's current (or served) model longer than
   `redelivery_bound_s`, and whose task is neither queued nor running (`waiting_tasks`), is
   queued again (what no heartbeat covers: a message Redis lost), so is a requested version
@@ -37,12 +39,11 @@ import base64
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
@@ -67,7 +68,7 @@ from pecbir_contracts.tasks import (
     TASK_TRAIN_MODEL,
 )
 from pecbir_indexer.settings import IndexerSettings
-from pecbir_platform.store import list_modified
+from pecbir_platform.store import iter_modified, list_children, list_modified
 
 __all__ = [
     "IN_FLIGHT_KEY",
@@ -76,10 +77,12 @@ __all__ = [
     "InFlight",
     "Reconciler",
     "RedisLeases",
+    "ScanCursor",
     "SweepReport",
     "Watch",
     "requeue_stale",
     "sweep",
+    "to_front",
     "train_lease",
     "waiting_tasks",
 ]
@@ -90,6 +93,7 @@ RECONCILER_LEASE = "pecbir:lease:reconciler"
 JANITOR_LEASE = "pecbir:lease:janitor"
 IN_FLIGHT_KEY = "pecbir:in-flight"
 _REQUEUED_PREFIX = "pecbir:requeued:"
+_CURSOR_PREFIX = "pecbir:janitor:cursor:"
 
 REQUEUED = Counter(
     "pecbir_reconciler_requeued",
@@ -104,10 +108,6 @@ REMOVED = Counter(
 SWEEPS = Counter("pecbir_reconciler_sweeps", "Reconciler passes, by outcome", ["outcome"])
 
 Send = Callable[[str, Sequence[object]], None]
-
-_COLLECTION_KEY = re.compile(
-    rf"^{TENANTS_PREFIX}(?P<tenant>[^/]+)/collections/(?P<collection>[^/]+)/"
-)
 
 
 def train_lease(tenant: str, collection: str, version: str) -> str:
@@ -264,6 +264,35 @@ def requeue_stale(
     return requeued
 
 
+# Moves the message of a task id (ARGV[1]) among the first ARGV[2] of a kombu Redis list
+# (KEYS[1]) to the list's tail; atomic (one script), so no other message is moved.
+_TO_FRONT = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+for _, item in ipairs(items) do
+  if string.find(item, ARGV[1], 1, true) then
+    redis.call('LREM', KEYS[1], 1, item)
+    redis.call('RPUSH', KEYS[1], item)
+    return 1
+  end
+end
+return 0
+"""
+
+
+def to_front(client: Any, queue: str, task_id: str, scan: int = 1000) -> bool:
+    """Put the message of `task_id`, just queued on `queue`, first in line.
+
+    kombu's Redis transport pushes a message at the head of the queue's list and workers pop
+    from the tail: a task queued again after it lost its worker waited behind every upload
+    queued since, having waited a redelivery bound already (issue 15: in a loop of
+    `pecbir recovery`, the uploads in flight at its first worker kills were its four slowest,
+    112–118 s from ack to searchable against ≤ 95 s for the rest). Moved to the tail, it
+    runs next. Priorities cannot do this: every
+    message has the highest (0) by default. True if moved; False if a worker took it first.
+    """
+    return bool(client.eval(_TO_FRONT, 1, queue, task_id, scan))
+
+
 def waiting_tasks(
     client: Any, queues: Sequence[str] = (QUEUE_INDEX, QUEUE_REINDEX, QUEUE_REINDEX_GPU)
 ) -> set[str]:
@@ -318,6 +347,10 @@ class SweepReport:
     snapshots: dict[str, int] = field(default_factory=dict)
     removed_image_objects: list[str] = field(default_factory=list)
     removed_temp_files: list[str] = field(default_factory=list)
+    # Collection root → (the image id its window started after, its last image id; None: the
+    # start / the end of the collection), and how many image objects the windows held.
+    windows: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    listed_image_objects: int = 0
 
 
 def sweep(
@@ -355,18 +388,15 @@ def sweep(
     """
     now = time.time() if now is None else now
     report = SweepReport()
-    grouped: dict[tuple[str, str], dict[str, float]] = {}
-    for key, modified in list_modified(store, TENANTS_PREFIX).items():
-        match = _COLLECTION_KEY.match(key)
-        if match:
-            grouped.setdefault((match["tenant"], match["collection"]), {})[key] = modified
-    for (tenant, collection), objects in sorted(grouped.items()):
-        try:
-            layout = CollectionLayout(tenant, collection)
-        except ValueError:
-            continue  # not written by the gateway: leave it alone
+    for layout in _collections(store):
+        cursor = ScanCursor.load(leases.redis, layout)
+        objects, end = _window(store, layout, cursor.after, settings.janitor_page_objects)
+        report.windows[layout.root] = (cursor.after, end)
+        report.listed_image_objects += sum(k.startswith(layout.images_prefix) for k in objects)
         _collect_debris(store, layout, objects, now - settings.debris_grace_s, report)
-        _mark_indexed(store, layout, objects, report)
+        _mark_indexed(store, layout, objects, report, cursor, cycle_ends=end is None)
+        cursor.after = end
+        cursor.save(leases.redis, layout)
         _requeue_index(store, send, leases, settings, layout, objects, now, report)
         _requeue_training(send, leases, settings, layout, objects, now, report)
         try:
@@ -381,6 +411,92 @@ def sweep(
             REMOVED.labels("temp_file").inc()
             report.removed_temp_files.append(str(path))
     return report
+
+
+def _collections(store: ObjectStore) -> Iterator[CollectionLayout]:
+    """Every collection of the store: one delimited listing per tenant, not a full listing."""
+    for tenant in list_children(store, TENANTS_PREFIX):
+        for collection in list_children(store, f"{TENANTS_PREFIX}{tenant}/collections/"):
+            try:
+                yield CollectionLayout(tenant, collection)
+            except ValueError:
+                continue  # not written by the gateway: leave it alone
+
+
+@dataclass
+class ScanCursor:
+    """Where the janitor's scan of one collection resumes, kept in Redis (`key`).
+
+    `after`: the last image id of the previous pass's window (None: the next pass starts a
+    cycle at the collection's first image). `version` and `lacking` carry across the windows
+    of one cycle what marking a version indexed needs: the current version when the cycle
+    started, and whether an image of a window seen so far lacked its record.
+    """
+
+    after: str | None = None
+    version: str | None = None
+    lacking: bool = False
+
+    @staticmethod
+    def key(layout: CollectionLayout) -> str:
+        return f"{_CURSOR_PREFIX}{layout.tenant}/{layout.collection}"
+
+    @classmethod
+    def load(cls, client: Any, layout: CollectionLayout) -> ScanCursor:
+        raw = client.get(cls.key(layout))
+        if raw is None:
+            return cls()
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError):
+            return cls()  # unreadable: start a cycle again (costs one more cycle, no harm)
+
+    def save(self, client: Any, layout: CollectionLayout) -> None:
+        client.set(self.key(layout), json.dumps(asdict(self)))
+
+
+def _window(
+    store: ObjectStore, layout: CollectionLayout, after: str | None, page: int
+) -> tuple[dict[str, float], str | None]:
+    """What one pass looks at in a collection (key → last write), and the last image id of
+    its window (None: the window reached the collection's last image, a cycle ends).
+
+    The small prefixes whole (models/, failures/, retired/, snapshots/); of images/ the
+    objects of the images after `after` (a ListObjects from there), `page` objects and the
+    rest of the last image's; of the feature records of the current and served versions the
+    same images' (a ListObjects from `after`, stopped past the window). At 10⁷ objects a
+    full listing took about 18 min on radosgw, longer than the janitor's interval; a window
+    costs `page` / 1 000 list requests, and the next pass resumes after it.
+    """
+    objects: dict[str, float] = {}
+    for prefix in (
+        layout.models_prefix,
+        layout.root + "failures/",
+        layout.retired_prefix,
+        layout.root + "snapshots/",
+    ):
+        objects.update(list_modified(store, prefix))
+    images = layout.images_prefix
+    # "~" sorts after every character of an image's object names: after all of its objects.
+    start = None if after is None else f"{images}{after}/~"
+    last = end = None
+    for count, (key, modified) in enumerate(iter_modified(store, images, start)):
+        image_id = key[len(images) :].split("/", 1)[0]
+        if page > 0 and count >= page and image_id != last:
+            end = last
+            break
+        objects[key] = modified
+        last = image_id
+    versions = {read_current_version(store, layout), read_indexed_version(store, layout)}
+    for version in sorted(v for v in versions if v is not None):
+        prefix = layout.features_prefix(version)
+        start = None if after is None else f"{prefix}{after}.npz"
+        for key, modified in iter_modified(store, prefix, start):
+            image_id = layout.image_id_of_features(version, key)
+            if end is not None and image_id is not None and image_id > end:
+                break
+            objects[key] = modified
+    return objects, end
 
 
 def _images(layout: CollectionLayout, objects: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -429,17 +545,40 @@ def _with_features(layout: CollectionLayout, version: str, objects: dict[str, fl
 
 
 def _mark_indexed(
-    store: ObjectStore, layout: CollectionLayout, objects: dict[str, float], report: SweepReport
+    store: ObjectStore,
+    layout: CollectionLayout,
+    objects: dict[str, float],
+    report: SweepReport,
+    cursor: ScanCursor,
+    cycle_ends: bool,
 ) -> None:
     """Record the current version as indexed once its re-index finished: every complete image
     stored before it became current holds its record (an image stored since is indexed with
     it by its own upload task, `live_versions`). Uploads then stop being indexed with older
-    versions too."""
-    if layout.current_model not in objects:
-        return
-    current = read_current_version(store, layout)
+    versions too.
+
+    A pass sees one window of the collection (`_window`): the verdict is carried over the
+    windows of a cycle by `cursor` and given when the cycle ends, if the current version
+    stayed the same throughout.
+    """
+    if cursor.after is None:  # a cycle starts
+        cursor.version, cursor.lacking = None, False
+    current = read_current_version(store, layout) if layout.current_model in objects else None
+    if cursor.version is None:
+        cursor.version = current
+    elif cursor.version != current:
+        cursor.lacking = True  # a newer version mid-cycle: the next cycle judges it
     if current is None or read_indexed_version(store, layout) == current:
         return
+    cursor.lacking = cursor.lacking or _lacks(layout, current, objects)
+    if cycle_ends and not cursor.lacking and write_indexed_version(store, layout, current):
+        report.indexed_versions.append(current)
+        log.info("reconciler: %s of %s holds every image: indexed", current, layout.root)
+
+
+def _lacks(layout: CollectionLayout, current: str, objects: dict[str, float]) -> bool:
+    """Whether an image of `objects` stored before `current` became current lacks its record
+    (and was neither retired nor given up on)."""
     became_current = objects[layout.current_model]
     with_current = _with_features(layout, current, objects)
     for image_id, parts in _images(layout, objects).items():
@@ -448,11 +587,11 @@ def _mark_indexed(
             continue
         if _is_retired_key(layout, image_id, objects):
             continue  # never indexed again: a retired image holds no version back
+        if layout.version_failure(current, image_id) in objects:
+            continue  # gave up under this version (work.version_failed): served without it
         if layout.failure(image_id) not in objects:
-            return  # the re-index still has work
-    if write_indexed_version(store, layout, current):
-        report.indexed_versions.append(current)
-        log.info("reconciler: %s of %s holds every image: indexed", current, layout.root)
+            return True  # the re-index still has work
+    return False
 
 
 def _is_retired_key(layout: CollectionLayout, image_id: str, objects: dict[str, float]) -> bool:
@@ -495,9 +634,15 @@ def _requeue_index(
         meta = f"{layout.images_prefix}{image_id}/meta.json"
         if meta not in parts or layout.failure(image_id) in objects:
             continue
-        lacks_served = served is not None and image_id not in with_served
-        if image_id in with_current and not lacks_served:
-            continue
+        lacks_served = (
+            served is not None
+            and image_id not in with_served
+            and layout.version_failure(served, image_id) not in objects
+        )
+        if (
+            image_id in with_current or layout.version_failure(version, image_id) in objects
+        ) and not lacks_served:
+            continue  # indexed, or given up under this version (work.version_failed)
         if _is_retired_key(layout, image_id, objects):
             continue  # the owner retired it: it is not indexed on purpose
         report.waiting_images += 1

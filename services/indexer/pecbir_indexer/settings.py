@@ -16,6 +16,10 @@ class IndexerSettings(StoreSettings):
     # Event stream for the search service; defaults to the broker's Redis.
     events_url: str | None = None
     reindex_chunk: int = 32
+    # A re-index chunk gives way between two images when an upload's index task waits (the
+    # rest of the chunk is queued again). Uploads wait less, but while the re-index waits
+    # every upload is indexed with each live version (issue 15: measured both ways).
+    reindex_give_way: bool = True
     # > 0: a re-index fans out batches of this many images to the GPU workers' queue
     # (pecbir.reindex.gpu, task pecbir.index.batch) instead of CPU chunks of `reindex_chunk`.
     reindex_gpu_batch: int = 0
@@ -46,10 +50,21 @@ class IndexerSettings(StoreSettings):
     redelivery_bound_s: float = 60.0
     janitor_interval_s: float = 600.0
     debris_grace_s: float = 900.0
+    # A janitor pass lists at most this many image objects of each collection (and the
+    # feature records of the same images), then the next pass resumes after them (a cursor
+    # per collection in Redis); a cycle over a collection takes ⌈its image objects / this⌉
+    # passes. A full listing of 10⁷ objects took about 18 min on radosgw (issue 15), longer
+    # than the interval. 0: the whole collection every pass.
+    janitor_page_objects: int = 100_000
     # The janitor's pass rewrites a served version's snapshot (one object holding its feature
     # records, read by the search service at start-up) once this many records are not in it;
     # 0 writes none.
     snapshot_min_records: int = 256
+    # An image whose indexing with one version fails this many times (any error but the
+    # store's or Redis's being unreachable) is recorded as failed for that version
+    # (failures/<version>/<image_id>.json, the upload status, /metrics) and that version is
+    # served without it; before, it held the swap to that version back for good.
+    version_attempts: int = 3
     # At most this many index tasks re-queued per pass (a slow re-index is not flooded).
     reconcile_max_requeue: int = 1000
     # A training holds a lease renewed every third of this; a killed one loses it this long
@@ -60,3 +75,5 @@ class IndexerSettings(StoreSettings):
     test_index_delay_file: str | None = None
     # The same for `train_model` (a kill mid-training).
     test_train_delay_file: str | None = None
+    # The same for each image of an `index_chunk` (a re-index in progress when an upload comes).
+    test_chunk_delay_file: str | None = None

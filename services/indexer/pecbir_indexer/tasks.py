@@ -18,12 +18,14 @@ import redis
 from celery import Task
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
+from prometheus_client import Counter
 
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.records import write_failure
 from pecbir_contracts.store import StorageError
 from pecbir_contracts.tasks import (
     QUEUE_DEAD_LETTER,
+    QUEUE_INDEX,
     TASK_DEAD_LETTER,
     TASK_INDEX_BATCH,
     TASK_INDEX_CHUNK,
@@ -38,6 +40,10 @@ from pecbir_indexer.recovery import InFlight, train_lease
 from pecbir_indexer.runtime import get_runtime
 
 log = logging.getLogger(__name__)
+PREEMPTED = Counter(
+    "pecbir_reindex_chunks_preempted",
+    "Re-index chunks that gave way to waiting uploads (the rest of the chunk queued again)",
+)
 # Errors that mean "Redis is unreachable", not "this task is bad".
 BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
@@ -129,8 +135,11 @@ class IndexerTask(Task):
 
 def _test_delay(task: str = "index_image") -> None:
     """The fault-injection hook (see IndexerSettings.test_index_delay_file)."""
-    delay_file = settings.test_train_delay_file if task == "train_model" else None
-    delay_file = delay_file or (settings.test_index_delay_file if task != "train_model" else None)
+    delay_files = {
+        "train_model": settings.test_train_delay_file,
+        "index_chunk": settings.test_chunk_delay_file,
+    }
+    delay_file = delay_files.get(task, settings.test_index_delay_file)
     if delay_file:
         with contextlib.suppress(FileNotFoundError, ValueError):
             seconds = float(Path(delay_file).read_text())
@@ -141,7 +150,21 @@ def _test_delay(task: str = "index_image") -> None:
 @app.task(base=IndexerTask, name=TASK_INDEX_IMAGE, throws=(work.PoisonMessage,))
 def index_image(tenant: str, collection: str, image_id: str) -> str:
     _test_delay()
-    return work.index_image(get_runtime(), tenant, collection, image_id).state
+    rt = get_runtime()
+    outcome = work.index_image(rt, tenant, collection, image_id)
+    for version, reason in outcome.failed:  # searchable already; a newer version failed
+        _version_failed(rt, tenant, collection, version, image_id, reason)
+    return outcome.state
+
+
+def _version_failed(
+    rt: Any, tenant: str, collection: str, version: str, image_id: str, reason: str
+) -> None:
+    """Count a failed attempt of `image_id` under `version`: below the bound it is queued
+    again for that version alone (a chunk of one), at the bound recorded as failed for it
+    (`work.version_failed`)."""
+    if not work.version_failed(rt, tenant, collection, version, image_id, reason):
+        index_chunk.apply_async(args=[tenant, collection, version, [image_id]])
 
 
 @app.task(base=IndexerTask, name=TASK_RETIRE_IMAGE)
@@ -150,19 +173,61 @@ def retire_image(tenant: str, collection: str, image_id: str) -> bool:
     return work.retire_image(get_runtime(), tenant, collection, image_id)
 
 
-@app.task(base=IndexerTask, name=TASK_INDEX_CHUNK, throws=(work.PoisonMessage,))
-def index_chunk(tenant: str, collection: str, version: str, image_ids: list[str]) -> int:
+def _uploads_waiting() -> bool:
+    """Whether index work of uploads waits in its queue (kombu's Redis list of the queue)."""
+    try:
+        return bool(_lease_redis().llen(QUEUE_INDEX))
+    except BROKER_DOWN:
+        return False  # Redis down: nothing can be taken from the queue anyway; go on
+
+
+@app.task(base=IndexerTask, name=TASK_INDEX_CHUNK, throws=(work.PoisonMessage,), bind=True)
+def index_chunk(
+    self: Task, tenant: str, collection: str, version: str, image_ids: list[str]
+) -> int:
+    """Index a re-index chunk, giving way to uploads between its images.
+
+    A worker holds a task until it returns, and the queue order only decides which task it
+    takes next; a chunk of many images held uploads back that long (issue 15: 300 uploads
+    arriving during two re-indexes waited more than 2 min). So after each image, if an
+    upload's index task waits, the rest of the chunk is queued again as a chunk of its own
+    and this task returns: the worker takes the upload next. Nothing is skipped (the rest is
+    queued before this task is acknowledged) and nothing is done twice (the rest holds only
+    the images not done here; if the worker dies between the two, the redelivered original
+    finds the records of the images it did and only publishes them again). At least one
+    image per delivery: a re-index always progresses.
+    """
     rt = get_runtime()
     failed = 0
-    for image_id in image_ids:
+    for done, image_id in enumerate(image_ids):
+        if (
+            done
+            and rt.settings.reindex_give_way
+            and not self.request.is_eager
+            and _uploads_waiting()
+        ):
+            rest = image_ids[done:]
+            index_chunk.apply_async(args=[tenant, collection, version, rest])
+            PREEMPTED.inc()
+            log.info(
+                "re-index chunk of %s/%s %s gives way to uploads after %d images: %d queued again",
+                tenant,
+                collection,
+                version,
+                done,
+                len(rest),
+            )
+            return done - failed
+        _test_delay("index_chunk")
         try:
             work.index_image(rt, tenant, collection, image_id, version)
-        except work.PoisonMessage as exc:
-            # One bad image must not block its chunk: record it, go on.
+        except Exception as exc:
+            if work.is_transient(exc) or isinstance(exc, BROKER_DOWN):
+                raise  # the store or Redis, not the image: the whole chunk is retried
+            # One bad image must not block its chunk (nor, for good, the swap to `version`):
+            # count the attempt, go on.
             failed += 1
-            dead_letter(
-                TASK_INDEX_IMAGE, f"chunk:{image_id}", [tenant, collection, image_id], str(exc)
-            )
+            _version_failed(rt, tenant, collection, version, image_id, work.describe_error(exc))
     return len(image_ids) - failed
 
 
@@ -170,10 +235,11 @@ def index_chunk(tenant: str, collection: str, version: str, image_ids: list[str]
 def index_batch(tenant: str, collection: str, version: str, image_ids: list[str]) -> int:
     """A re-index batch with one feature computation (the GPU workers' task)."""
     _test_delay("index_batch")
-    outcome = batch.index_batch(get_runtime(), tenant, collection, version, image_ids)
+    rt = get_runtime()
+    outcome = batch.index_batch(rt, tenant, collection, version, image_ids)
     for image_id, reason in outcome.poison.items():
-        # One bad image must not block its batch: record it, go on.
-        dead_letter(TASK_INDEX_IMAGE, f"batch:{image_id}", [tenant, collection, image_id], reason)
+        # One bad image must not block its batch: count the attempt, go on.
+        _version_failed(rt, tenant, collection, version, image_id, reason)
     return len(outcome.indexed) + len(outcome.already_indexed)
 
 

@@ -20,16 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import redis
+from prometheus_client import Counter as MetricCounter
 from pydantic import ValidationError
 
-from pecbir_contracts.events import ModelEvent, RetireEvent, VectorEvent
+from pecbir_contracts.events import IndexFailedEvent, ModelEvent, RetireEvent, VectorEvent
 from pecbir_contracts.layout import CollectionLayout
 from pecbir_contracts.png import InvalidImage, check_pair, decode_image_png, decode_mask_png
 from pecbir_contracts.records import (
     FeatureRecord,
     live_versions,
     read_retired,
+    read_version_failures,
     write_current_version,
+    write_failure,
 )
 from pecbir_contracts.schemas import (
     ImageMetadata,
@@ -39,11 +43,17 @@ from pecbir_contracts.schemas import (
     TrainRequest,
     parse_stored_record,
 )
-from pecbir_contracts.store import ObjectNotFound
+from pecbir_contracts.store import ObjectNotFound, StorageError
 from pecbir_contracts.vectors import InvalidVector, decode_vector_npy
 from pecbir_indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+VERSION_FAILURES = MetricCounter(
+    "pecbir_index_version_failures",
+    "Images whose indexing with one model version gave up (recorded in the store; that "
+    "version is served without them)",
+)
 
 
 class PoisonMessage(Exception):
@@ -56,6 +66,69 @@ class IndexOutcome:
     state: str  # "indexed" | "already_indexed" | "awaiting_model" | "retired"
     version: str | None  # the newest version it was indexed with
     versions: tuple[str, ...] = ()  # every version it was indexed with, oldest first
+    # Versions after the serving one that failed (version, reason): see `version_failed`.
+    failed: tuple[tuple[str, str], ...] = ()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The store or Redis unreachable: not the image's fault, so retried as a whole task and
+    never counted as a failed attempt of the image."""
+    return isinstance(exc, (StorageError, redis.RedisError, OSError))
+
+
+def describe_error(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, PoisonMessage) else f"{type(exc).__name__}: {exc}"
+
+
+def version_failed(
+    rt: Runtime, tenant: str, collection: str, version: str, image_id: str, reason: str
+) -> bool:
+    """Count a failed attempt at indexing `image_id` with `version`; after
+    `version_attempts` of them, give up on that pair: True (recorded, see
+    `record_version_failure`), else False (the caller queues the image again).
+
+    Without a bound, an image that fails only under a new version (its patches, its mask, a
+    numerical corner of the new model) kept that version from ever being served: the search
+    service swaps only once the new version holds every image the serving one holds. The
+    count lives in Redis beside the tasks' delivery counters, so it survives the worker.
+    """
+    layout = CollectionLayout(tenant, collection)
+    attempts = rt.bus.incr_attempts(f"version:{layout.root}{version}/{image_id}")
+    if attempts < rt.settings.version_attempts:
+        log.warning(
+            "indexing %s of %s with %s failed (attempt %d of %d): %s",
+            image_id,
+            layout.root,
+            version,
+            attempts,
+            rt.settings.version_attempts,
+            reason,
+        )
+        return False
+    record_version_failure(rt, layout, version, image_id, f"{reason} ({attempts} attempts)")
+    return True
+
+
+def record_version_failure(
+    rt: Runtime, layout: CollectionLayout, version: str, image_id: str, reason: str
+) -> None:
+    """Record that `image_id` cannot be indexed with `version` and tell the search services,
+    which then swap to `version` without it (the upload status says so)."""
+    write_failure(rt.store, layout.version_failure(version, image_id), reason, version=version)
+    rt.bus.publish(
+        IndexFailedEvent(
+            tenant=layout.tenant, collection=layout.collection, version=version, image_id=image_id
+        )
+    )
+    VERSION_FAILURES.inc()
+    log.error(
+        "gave up indexing %s of %s with %s: %s; %s is served without it",
+        image_id,
+        layout.root,
+        version,
+        reason,
+        version,
+    )
 
 
 def list_images(rt: Runtime, layout: CollectionLayout) -> list[str]:
@@ -133,7 +206,10 @@ def index_image(
     (`records.live_versions`): while a new version is trained or re-indexed, that is the
     serving one too, so the image is searchable within the redelivery bound instead of at
     the swap, and the new version holds it when it takes over. The serving version's record
-    is written first (it is the one queries see).
+    is written first (it is the one queries see); if it fails, the task fails. A newer
+    version that fails (other than for the store or Redis, `is_transient`) is reported in
+    `IndexOutcome.failed` instead: the image is searchable now, and the caller counts the
+    attempt (`version_failed`).
     """
     layout = CollectionLayout(tenant, collection)
     versions = [version] if version else live_versions(rt.store, layout)
@@ -143,9 +219,17 @@ def index_image(
         # A vector published now would only be dropped again by the search services.
         return IndexOutcome(image_id, "retired", versions[-1])
     loaded: dict[str, object] = {}
-    states = [_index_one(rt, layout, image_id, v, loaded) for v in versions]
+    states, done, failed = [], [], []
+    for position, v in enumerate(versions):
+        try:
+            states.append(_index_one(rt, layout, image_id, v, loaded))
+            done.append(v)
+        except Exception as exc:
+            if position == 0 or is_transient(exc):
+                raise
+            failed.append((v, describe_error(exc)))
     state = "indexed" if "indexed" in states else "already_indexed"
-    return IndexOutcome(image_id, state, versions[-1], tuple(versions))
+    return IndexOutcome(image_id, state, done[-1], tuple(done), tuple(failed))
 
 
 def _index_one(
@@ -356,7 +440,9 @@ def reindex_plan(
         for key in rt.store.list(layout.features_prefix(version))
     }
     images = list_images(rt, layout)
-    todo = [image_id for image_id in images if image_id not in done]
+    # An image given up on under this version (`version_failed`) is not tried again.
+    failed = read_version_failures(rt.store, layout, version)
+    todo = [image_id for image_id in images if image_id not in done and image_id not in failed]
     size = max(1, size or rt.settings.reindex_chunk)
     chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     plan = ReindexPlan(

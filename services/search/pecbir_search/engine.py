@@ -2,7 +2,8 @@
 
 For each (tenant, collection) the engine holds a *serving* version (model + vector index) and
 possibly a *pending* one that a re-index is filling. The pending version replaces the serving
-one, in a single reference swap, as soon as it holds every image the serving one holds;
+one, in a single reference swap, as soon as it holds every image the serving one holds
+(but those the indexer gave up on under the pending version: `IndexFailedEvent`);
 queries always see one consistent (model, matrix) pair. While a version is pending, uploads
 are indexed with both (`records.live_versions`), so they are searchable at once and present
 once after the swap.
@@ -29,7 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pecbir_contracts.events import EventBus, ModelEvent, RetireEvent, VectorEvent
+from pecbir_contracts.events import (
+    AnyEvent,
+    EventBus,
+    IndexFailedEvent,
+    RetireEvent,
+    VectorEvent,
+)
 from pecbir_contracts.layout import (
     TENANTS_PREFIX,
     CollectionLayout,
@@ -42,6 +49,7 @@ from pecbir_contracts.records import (
     read_current_version,
     read_indexed_version,
     read_retired,
+    read_version_failures,
 )
 from pecbir_contracts.schemas import IndexStatus
 from pecbir_contracts.store import ObjectNotFound, ObjectStore
@@ -59,6 +67,9 @@ class Version:
     name: str
     pipeline: object  # pecore.pipeline.CBIRPipeline
     index: VectorIndex
+    # Images the indexer gave up on under this version when it was loaded (the swap to it
+    # does not wait for them).
+    failed: frozenset[str] = frozenset()
 
 
 class CollectionState:
@@ -68,6 +79,8 @@ class CollectionState:
         self.pending: Version | None = None
         # Ids the serving version holds and the pending one not yet: the swap waits for none.
         self._missing: set[str] = set()
+        # Ids the indexer gave up on under the pending version: never waited for.
+        self._failed: set[str] = set()
         # Ids the owner retired: never (again) in an index of this collection.
         self.retired: set[str] = set()
         self.lock = threading.RLock()
@@ -77,10 +90,13 @@ class CollectionState:
         image the serving version holds."""
         self.pending = version
         serving = self.serving
+        self._failed = set(version.failed) if version is not None else set()
         if version is None or serving is None:
             self._missing = set()
         else:
-            self._missing = {i for i in serving.index.ids() if i not in version.index}
+            self._missing = {
+                i for i in serving.index.ids() if i not in version.index and i not in self._failed
+            }
         self._maybe_swap()
 
     def upsert(self, target: Version, image_id: str, vector: np.ndarray, label: int | None) -> None:
@@ -94,8 +110,20 @@ class CollectionState:
             return
         if target is pending:
             self._missing.discard(image_id)
-        elif target is self.serving and image_id not in pending.index:
+        elif (
+            target is self.serving
+            and image_id not in pending.index
+            and image_id not in self._failed
+        ):
             self._missing.add(image_id)
+
+    def version_failed(self, version: str, image_id: str) -> None:
+        """The indexer gave up on `image_id` under `version` (call with `lock` held): if that
+        version is filling, the swap no longer waits for the image."""
+        pending = self.pending
+        if pending is not None and pending.name == version:
+            self._failed.add(image_id)
+            self._missing.discard(image_id)
 
     def retire(self, image_id: str) -> None:
         """Drop a retired image from every version held, for good (call with `lock` held)."""
@@ -207,7 +235,8 @@ class SearchEngine:
             len(index),
             len(keys),
         )
-        return Version(version, pipeline, index)
+        failed = read_version_failures(self.store, layout, version)
+        return Version(version, pipeline, index, failed)
 
     def _snapshot_records(self, layout: CollectionLayout, version: str) -> dict[str, FeatureRecord]:
         try:
@@ -304,7 +333,7 @@ class SearchEngine:
         return count
 
     # -- events --------------------------------------------------------------------------------
-    def apply(self, event: VectorEvent | ModelEvent | RetireEvent) -> None:
+    def apply(self, event: AnyEvent) -> None:
         state = self.collection(event.tenant, event.collection)
         with state.lock:
             if isinstance(event, RetireEvent):
@@ -313,6 +342,8 @@ class SearchEngine:
                 target = self._version_for(state, event.version)
                 if target is not None and isinstance(event, VectorEvent):
                     state.upsert(target, event.image_id, np.asarray(event.vector), event.label)
+                elif target is not None and isinstance(event, IndexFailedEvent):
+                    state.version_failed(event.version, event.image_id)
             state._maybe_swap()
         self.events_applied += 1
 
