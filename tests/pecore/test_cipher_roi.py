@@ -61,7 +61,7 @@ def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
             scheme.decrypt(cipher, stream, cloud_mask=cloud, nonce="img-7"), restored
         )
     else:
-        # the ROI pixels whose 5×5 patch stays inside their tile, moved
+        # the ROI pixels whose patch (of the scheme's patch_size) stays inside their tile, moved
         np.testing.assert_array_equal(
             invert_tile_transforms(cloud, keys, scheme.tile), roi & scheme.tile_interior(roi.shape)
         )
