@@ -381,3 +381,35 @@ def test_a_scheme_and_its_interior_twin_share_their_worst_attacks():
     for name in ("pe-roi-t16dn", "pe-roi-t16dn-in"):
         assert privacy[name]["worst"] == 0.28 and privacy[name]["median"] == pytest.approx(0.27)
     assert privacy["pe-roi-t16"]["worst"] == 0.40  # no twin in the report
+
+
+def test_a_pe_roi_scheme_fixes_the_patch_size_of_its_folds(tmp_path):
+    from pecbir.commands.pe_roi_select import inherit_privacy
+    from pecbir.experiment import condition_fold_config, condition_masks
+
+    config = ExperimentConfig(dictionary_sizes=(2,))
+    small = Condition("pe-roi-t16dn-in-p7", "per-image")
+    chosen = Condition("pe-roi", "per-image")
+    assert (condition_fold_config(config, small).patch_size, small.seed_name) == (
+        7,
+        "pe-roi-t16dn-in-p7/different",
+    )
+    assert condition_fold_config(config, small).radius == 0
+    assert condition_fold_config(config, chosen).patch_size == 9
+    plain = Condition("ours", "per-image")
+    assert condition_fold_config(config, plain) == config
+    # the same cloud image as pe-roi-t16dn (same margin), the interiors of 7×7 patches as mask
+    data = make_synthetic(n_images=8, size=48, seed=7)
+    full = Condition("pe-roi-t16dn", "per-image")
+    stacks = cipher_images(data.images, data.index, [full, small], 11, tmp_path, data.masks)
+    masks = condition_masks(data.masks, data.index, [full, small], 11, tmp_path)
+    assert stacks[full.name].tobytes() == stacks[small.name].tobytes()
+    grid = np.zeros(48, dtype=bool)
+    for start in (3, 19, 35):
+        grid[start : start + 10] = True
+    np.testing.assert_array_equal(masks[small.name], masks[full.name] & grid[:, None] & grid)
+    # its privacy is its cloud image's: pe-roi-t16dn's attack numbers
+    privacy = {"pe-roi-t16dn": {"median": 0.1, "worst": 0.2, "n_slices": 2}}
+    assert inherit_privacy(["pe-roi-t16dn-in-p7", "pe-roi-t16-in-p5"], privacy) == {
+        "pe-roi-t16dn-in-p7": {**privacy["pe-roi-t16dn"], "attacked_as": "pe-roi-t16dn"}
+    }

@@ -29,7 +29,17 @@ def _case(seed: int, size: int = 64):
 
 
 @pytest.mark.parametrize(
-    "name", ["pe-roi", "pe-roi-t16", "pe-roi-t8d", "pe-roi-t32", "pe-roi-t32dn", "pe-roi-t16dn-in"]
+    "name",
+    [
+        "pe-roi",
+        "pe-roi-t16",
+        "pe-roi-t8d",
+        "pe-roi-t32",
+        "pe-roi-t32dn",
+        "pe-roi-t16dn-in",
+        "pe-roi-t16dn-in-p3",
+        "pe-roi-t16-p5",
+    ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
@@ -51,7 +61,7 @@ def test_round_trip_returns_the_kept_pixels_bit_exactly(name, seed):
             scheme.decrypt(cipher, stream, cloud_mask=cloud, nonce="img-7"), restored
         )
     else:
-        # the ROI pixels whose 5×5 patch stays inside their tile, moved
+        # the ROI pixels whose patch (of the scheme's patch_size) stays inside their tile, moved
         np.testing.assert_array_equal(
             invert_tile_transforms(cloud, keys, scheme.tile), roi & scheme.tile_interior(roi.shape)
         )
@@ -85,6 +95,42 @@ def test_interior_positions_change_the_cloud_mask_only():
         inside.decrypt(cipher, stream, nonce="a")
     with pytest.raises(ValueError, match="exactly one"):
         full.decrypt(cipher, stream, mask=mask, cloud_mask=moved, nonce="a")
+
+
+@pytest.mark.parametrize("patch", [7, 5])
+def test_a_smaller_patch_keeps_the_cloud_image_and_widens_the_tile_interiors(patch):
+    """pe-roi-t16dn-in-p<P>: the same margin, so the same cloud image as pe-roi-t16dn(-in),
+    byte for byte; its mask is the moved ROI's pixels whose P×P patch lies inside one tile:
+    the central (16 − P + 1)² of every tile."""
+    base, full = RoiCipher.from_name("pe-roi-t16dn-in"), RoiCipher.from_name("pe-roi-t16dn")
+    small = RoiCipher.from_name(f"pe-roi-t16dn-in-p{patch}")
+    assert small.patch_size == patch and small.margin == base.margin == 4
+    assert small.name == small.legacy_name == f"pe-roi-t16dn-in-p{patch}"
+    assert small.image_name == base.image_name == full.image_name == "pe-roi-t16dn"
+    image, mask, stream = _case(6)
+    mask[8:50, 10:56] = True
+    cipher = small.encrypt(image, stream, mask=mask, nonce="b")
+    assert cipher.tobytes() == full.encrypt(image, stream, mask=mask, nonce="b").tobytes()
+    assert cipher.tobytes() == base.encrypt(image, stream, mask=mask, nonce="b").tobytes()
+    half = patch // 2
+    interior = small.tile_interior((64, 64)).reshape(4, 16, 4, 16).swapaxes(1, 2)
+    expected = np.zeros((16, 16), dtype=bool)
+    expected[half : 16 - half, half : 16 - half] = True
+    assert (interior == expected).all() and expected.sum() == (16 - patch + 1) ** 2
+    moved = full.cloud_mask(mask, stream, nonce="b")
+    cloud = small.cloud_mask(mask, stream, nonce="b")
+    np.testing.assert_array_equal(cloud, moved & small.tile_interior((64, 64)))
+    # more positions than P = 9's, and every one of those among them
+    assert (base.cloud_mask(mask, stream, nonce="b") & ~cloud).sum() == 0
+    assert cloud.sum() > base.cloud_mask(mask, stream, nonce="b").sum()
+    np.testing.assert_array_equal(
+        small.decrypt(cipher, stream, mask=mask, nonce="b"), full.blank(image, mask)
+    )
+    # patches up to P only: wider ones would leave their tile
+    small.check_patch_size(patch)
+    small.check_patch_size(patch - 2)
+    with pytest.raises(ValueError, match=f"at most {patch}"):
+        small.check_patch_size(patch + 2)
 
 
 def test_the_cloud_image_is_ours_on_the_blanked_moved_slice():
@@ -143,8 +189,13 @@ def test_names_and_errors():
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
     assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
     assert RoiCipher.from_name("pe-roi-t32-in").positions == "interior"
-    for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q", "pe-roi-in", "pe-roi-t16dn-i"):
+    assert RoiCipher.from_name("pe-roi-t16dn-in-p9").name == "pe-roi"  # P = 9 is the default
+    for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q", "pe-roi-in", "pe-roi-t16dn-i", "pe-roi-p7"):
         with pytest.raises(ValueError, match="pe-roi"):
+            RoiCipher.from_name(bad)
+    # even patches have no centre; wider than 2·margin + 1 would read blank pixels
+    for bad in ("pe-roi-t16dn-in-p6", "pe-roi-t16dn-in-p11"):
+        with pytest.raises(ValueError, match="patch_size"):
             RoiCipher.from_name(bad)
     image, mask, stream = _case(0, size=40)
     with pytest.raises(ValueError, match="multiples of the tile"):
@@ -179,6 +230,7 @@ def test_records_name_pe_roi_schemes_as_the_cloud_expects():
         "pe-roi-t8d",
         "pe-roi-t128",
         "pe-roi-t16dn-in",
+        "pe-roi-t16dn-in-p7",
     ):
         assert is_pe_roi_scheme(RoiCipher.from_name(name).legacy_name)
     for other in ("pe-roi", "pe-roi-t0", "pe-roi-t16q", "ours", "ours-bs32"):

@@ -243,3 +243,18 @@ def test_engine_builds_its_indexes_with_the_factory_it_is_given(runtime, trained
     state = engine.collection("hosp-a", "brain")
     assert made == [("v0001", manifest.projected_dim)]
     assert len(state.serving.index) == len(ids)
+
+
+@pytest.mark.parametrize(("scheme", "patch"), [("pe-roi-t16dn-in", 9), ("pe-roi-t16dn-in-p7", 7)])
+def test_a_pe_roi_collection_trains_with_its_schemes_patch_size(runtime, scheme, patch):
+    """The scheme's cloud mask holds the positions whose P×P patch lies inside one tile: a
+    request at the default patch size trains with that P, a smaller one is kept, one wider
+    than the owner's margin is refused; the cloud never dilates the owner's ROI."""
+    import json
+
+    runtime.store.put(LAYOUT.pe_roi, json.dumps({"scheme": scheme}).encode())
+    default = work._pe_roi_params(runtime, LAYOUT, TrainRequest())
+    assert (default.patch_size, default.radius) == (patch, 0)
+    assert work._pe_roi_params(runtime, LAYOUT, SMALL).patch_size == 5
+    with pytest.raises(work.PoisonMessage, match="at most 9"):
+        work._pe_roi_params(runtime, LAYOUT, TrainRequest(patch_size=11))

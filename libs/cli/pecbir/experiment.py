@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pecore.cipher_roi import is_roi_scheme
+from pecore.cipher_roi import RoiCipher, is_roi_scheme
 from pecore.cipher_variants import any_scheme, is_variant_scheme
 from pecore.envelope import KEY_MODE_ALIASES, KEY_MODES, canonical_key_mode
 from pecore.model_selection import CFML_DIMS, METRICS, paper_tables
@@ -363,6 +363,20 @@ def _unit_key(
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
+def condition_fold_config(config: ExperimentConfig, condition: Condition) -> ExperimentConfig:
+    """The pipeline parameters `condition`'s folds run with.
+
+    Where the owner ships the ROI (pe-roi, or a variant with `variant_roi` "owner"), the cloud
+    does not dilate it again (radius 0).  A pe-roi scheme also fixes the patch size: its cloud
+    mask holds the positions whose patch of that size lies inside one tile (`RoiCipher`).
+    """
+    owner_roi = condition.is_roi or (condition.is_variant and config.variant_roi == "owner")
+    out = replace(config, radius=0) if owner_roi else config
+    if condition.is_roi:
+        out = replace(out, patch_size=RoiCipher.from_name(str(condition.scheme)).patch_size)
+    return out
+
+
 # ------------------------------------------------------------------------------ the run
 def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -401,8 +415,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
             fold_results[condition.name] = {}
             images = None  # built or mapped only if some fold result is missing
             masks = data.masks
-            owner_roi = condition.is_roi or (condition.is_variant and config.variant_roi == "owner")
-            fold_config = replace(config, radius=0) if owner_roi else config
+            fold_config = condition_fold_config(config, condition)
             for fold in config.folds:
                 keys = {
                     s: _unit_key(config, condition, fold, s, folds_digest)

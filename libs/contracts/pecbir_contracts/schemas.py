@@ -136,8 +136,9 @@ ProtectionMode = Literal["pe", "sealed", "pe-roi"]
 
 
 #: A pe-roi scheme as a record names it: always the explicit spelling of `pecore.cipher_roi`
-#: ("pe-roi-t<tile>[d|dn][-in]"), never "pe-roi", whose meaning follows the chosen configuration.
-PE_ROI_SCHEME_PATTERN = r"^pe-roi-t[1-9][0-9]*(?:d|dn)?(?:-in)?$"
+#: ("pe-roi-t<tile>[d|dn][-in][-p<patch>]"), never "pe-roi", whose meaning follows the chosen
+#: configuration.
+PE_ROI_SCHEME_PATTERN = r"^pe-roi-t[1-9][0-9]*(?:d|dn)?(?:-in)?(?:-p[1-9][0-9]*)?$"
 
 
 def is_pe_roi_scheme(scheme: str) -> bool:

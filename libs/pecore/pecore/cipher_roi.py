@@ -16,10 +16,13 @@ P×P patches centred on its pixels.  So the owner sends, for feature extraction:
 
 and the cloud mask: the ROI moved with the tiles (no further dilation by the cloud).  With the
 "interior" patch positions (spelling suffix "-in"), the cloud mask is only the ROI pixels whose
-P×P patch lies inside one tile (P = 2·margin + 1): a patch that straddles a tile border reads an
+P×P patch lies inside one tile (P = the features' patch size, 9 unless the spelling says
+"-p<P>"; P ≤ 2·margin + 1): a patch that straddles a tile border reads an
 unrelated scrambled neighbour, so the features read genuine patches only (up to the tile's
 transform).  The tile grid is public, so this mask is a function of the full moved ROI the cloud
-would otherwise get: it tells the cloud nothing more, and the cloud image is the same.  The full
+would otherwise get: it tells the cloud nothing more, and the cloud image is the same.  A
+smaller P ("-p7", "-p5") keeps more interior positions per tile ((b − P + 1)² of b²) with the
+same kept margin, so the cloud image stays byte-identical to the P = 9 scheme's.  The full
 slice travels only sealed (AES-GCM envelope, outside this module).  Patches are pooled
 orderlessly into Fisher vectors per intensity-order subregion, so the features need each patch's
 inside, not its place: what tile size and transform set they tolerate is a measurement
@@ -69,7 +72,9 @@ ROI_TRANSFORM_SETS: dict[str, int] = {
 }
 _SHORT = {"none": "", "dihedral": "d", "dihedral+negative": "dn"}
 _LABEL = b"pecbir/pe-roi/v1"
-_NAME = re.compile(r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?(?P<inside>-in)?)?$")
+_NAME = re.compile(
+    r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?(?P<inside>-in)?(?:-p(?P<patch>[1-9][0-9]*))?)?$"
+)
 _SUFFIX = {"all": "", "interior": "-in"}
 #: The chosen configuration (results/pe-roi/selection/): the best training-split mAP among the
 #: candidates whose best attack (jigsaw included) stays at ROI SSIM <= 0.30 on every attacked
@@ -79,6 +84,8 @@ DEFAULT_ROI_SCHEME = "pe-roi"
 _DEFAULT_TILE = 16
 _DEFAULT_SET: TransformSet = "dihedral+negative"
 _DEFAULT_POSITIONS: Positions = "interior"
+#: The features' patch side P of method-spec §2 (no "-p<P>" suffix in a name means this one).
+_DEFAULT_PATCH = 9
 
 
 @dataclass(frozen=True)
@@ -189,14 +196,22 @@ class RoiCipher:
         Registered scheme of `pecore.cipher` applied last.
     positions : {"all", "interior"}, default="interior"
         The cloud mask: every ROI pixel (moved), or only those whose patch of side
-        2·margin + 1 lies inside one tile (spelling suffix "-in").
+        `patch_size` lies inside one tile (spelling suffix "-in").
+    patch_size : int, optional
+        Side P of the P×P patches the features take (odd, ⌊P/2⌋ ≤ margin; default
+        2·margin + 1, i.e. 9; spelling suffix "-p<P>" when not 2·margin + 1).  It does not
+        change the cipher image, only the interior positions and the pipeline the scheme's
+        features are computed with.
 
     Attributes
     ----------
     name : str
-        "pe-roi" for the chosen configuration, else "pe-roi-t<b>[d|dn][-in]".
+        "pe-roi" for the chosen configuration, else "pe-roi-t<b>[d|dn][-in][-p<P>]".
     legacy_name : str
-        Always "pe-roi-t<b>[d|dn][-in]" (what seeds and cache names are derived from).
+        Always "pe-roi-t<b>[d|dn][-in][-p<P>]" (what seeds and cache names are derived from).
+    image_name : str
+        "pe-roi-t<b>[d|dn]": the scheme that sends the same cloud image with the whole moved
+        ROI as mask (the privacy of this scheme is bounded by that one's).
     label : str
         Display label.
     """
@@ -210,6 +225,7 @@ class RoiCipher:
         margin: int = 4,
         inner: str = "ours",
         positions: Positions = _DEFAULT_POSITIONS,
+        patch_size: int | None = None,
     ) -> None:
         if tile < 2:
             raise ValueError(f"tile must be >= 2, got {tile}")
@@ -224,27 +240,43 @@ class RoiCipher:
             raise ValueError(
                 f"unknown patch positions {positions!r}; expected one of {', '.join(_SUFFIX)}"
             )
+        if patch_size is None:
+            patch_size = 2 * margin + 1
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd and positive, got {patch_size}")
+        if patch_size // 2 > margin:
+            raise ValueError(
+                f"patch_size {patch_size} needs a margin of {patch_size // 2} px, got {margin}"
+            )
         self.tile = int(tile)
         self.transforms = transforms
         self.radius = int(radius)
         self.margin = int(margin)
         self.inner: CipherScheme = cipher_scheme(inner)
         self.positions = positions
-        default = (self.tile, transforms, positions) == (
+        self.patch_size = int(patch_size)
+        default = (self.tile, transforms, positions, self.patch_size, self.margin) == (
             _DEFAULT_TILE,
             _DEFAULT_SET,
             _DEFAULT_POSITIONS,
+            _DEFAULT_PATCH,
+            _DEFAULT_PATCH // 2,
         )
-        explicit = f"pe-roi-t{self.tile}{_SHORT[transforms]}{_SUFFIX[positions]}"
+        patch = "" if self.patch_size == 2 * self.margin + 1 else f"-p{self.patch_size}"
+        explicit = f"pe-roi-t{self.tile}{_SHORT[transforms]}{_SUFFIX[positions]}{patch}"
         self.name = "pe-roi" if default else explicit
         # seeds and cache names: the explicit spelling, stable when the chosen one changes
         self.legacy_name = explicit
+        # the scheme whose cloud image this one sends, with the whole moved ROI as mask: this
+        # scheme's mask is a function of that one's and the public tile grid
+        self.image_name = f"pe-roi-t{self.tile}{_SHORT[transforms]}"
         inside = ", patches inside tiles" if positions == "interior" else ""
+        inside += f", {self.patch_size}×{self.patch_size} patches" if patch else ""
         self.label = f"PE-ROI ({self.tile}×{self.tile} tiles, {transforms}{inside})"
 
     @classmethod
     def from_name(cls, name: str) -> RoiCipher:
-        """'pe-roi' (the chosen configuration) or 'pe-roi-t<b>[d|dn][-in]'.
+        """'pe-roi' (the chosen configuration) or 'pe-roi-t<b>[d|dn][-in][-p<P>]'.
 
         Raises
         ------
@@ -254,14 +286,19 @@ class RoiCipher:
         match = _NAME.match(name) if isinstance(name, str) else None
         if match is None:
             raise ValueError(
-                f"unknown pe-roi scheme {name!r}; expected 'pe-roi' or 'pe-roi-t<tile>[d|dn][-in]'"
+                f"unknown pe-roi scheme {name!r}; "
+                "expected 'pe-roi' or 'pe-roi-t<tile>[d|dn][-in][-p<patch>]'"
             )
         if match["tile"] is None:
             return cls()
         sets = {"": "none", "d": "dihedral", "dn": "dihedral+negative"}
         positions: Positions = "interior" if match["inside"] else "all"
+        patch = int(match["patch"]) if match["patch"] else None
         return cls(
-            tile=int(match["tile"]), transforms=sets[match["set"] or ""], positions=positions
+            tile=int(match["tile"]),
+            transforms=sets[match["set"] or ""],
+            positions=positions,
+            patch_size=patch,
         )
 
     def __repr__(self) -> str:
@@ -290,12 +327,19 @@ class RoiCipher:
         Raises
         ------
         ValueError
-            If ⌊P/2⌋ exceeds the kept margin.
+            If ⌊P/2⌋ exceeds the kept margin, or, with the "interior" positions, P exceeds
+            the scheme's `patch_size` (its patches would leave their tile).
         """
         if patch_size // 2 > self.margin:
             raise ValueError(
                 f"{self.legacy_name} keeps a {self.margin}-pixel margin around the ROI, so "
                 f"patch_size must be at most {2 * self.margin + 1}, got {patch_size}"
+            )
+        if self.positions == "interior" and patch_size > self.patch_size:
+            raise ValueError(
+                f"{self.legacy_name} sends the positions whose {self.patch_size}×"
+                f"{self.patch_size} patch lies inside one tile, so patch_size must be at most "
+                f"{self.patch_size}, got {patch_size}"
             )
 
     def roi(self, mask: np.ndarray) -> np.ndarray:
@@ -306,13 +350,14 @@ class RoiCipher:
         return dilate_mask(roi, self.margin)
 
     def tile_interior(self, shape: tuple[int, int]) -> np.ndarray:
-        """Bool image of the pixels whose (2·margin + 1)² patch lies inside their tile.
+        """Bool image of the pixels whose `patch_size`² patch lies inside their tile.
 
         The same in the plain and the moved frame: every dihedral transform maps a tile's
         interior onto itself.
         """
         inside = np.zeros(self.tile, dtype=bool)
-        inside[self.margin : self.tile - self.margin] = True
+        half = self.patch_size // 2
+        inside[half : self.tile - half] = True
         rows = np.tile(inside, shape[0] // self.tile)
         cols = np.tile(inside, shape[1] // self.tile)
         return rows[:, None] & cols[None, :]

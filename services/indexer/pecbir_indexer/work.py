@@ -333,7 +333,9 @@ def _pe_roi_params(rt: Runtime, layout: CollectionLayout, params: TrainRequest) 
     The owner dilated the tumour mask and moved the ROI with the tiles; dilating it again
     here would read blank pixels and neighbouring tiles, so the radius is 0 (the manifest
     records it).  The owner kept a margin of ⌊P/2⌋ pixels for its patch size; larger patches
-    would read blank pixels at the ROI's border.
+    would read blank pixels at the ROI's border.  The scheme fixes the patch size its cloud
+    mask was cut for (`RoiCipher.patch_size`): a request at the default patch size trains
+    with the scheme's, a smaller one is kept, a wider one refused.
     """
     try:
         marker = json.loads(rt.store.get(layout.pe_roi))
@@ -341,11 +343,15 @@ def _pe_roi_params(rt: Runtime, layout: CollectionLayout, params: TrainRequest) 
         return params
     from pecore.cipher_roi import RoiCipher
 
+    scheme = RoiCipher.from_name(marker["scheme"])
+    patch = params.patch_size
+    if patch == TrainRequest.model_fields["patch_size"].default:
+        patch = scheme.patch_size
     try:
-        RoiCipher.from_name(marker["scheme"]).check_patch_size(params.patch_size)
+        scheme.check_patch_size(patch)
     except ValueError as exc:
         raise PoisonMessage(f"collection {layout.collection}: {exc}") from None
-    return params.model_copy(update={"radius": 0})
+    return params.model_copy(update={"radius": 0, "patch_size": patch})
 
 
 def _check_counts(labels: list[int]) -> Counter:

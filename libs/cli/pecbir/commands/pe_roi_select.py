@@ -131,9 +131,7 @@ def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, d
         }
     privacy = {}
     for name, rows in by_slice.items():
-        twins = [
-            other for other in by_slice if other.removesuffix("-in") == name.removesuffix("-in")
-        ]
+        twins = [other for other in by_slice if _image_name(other) == _image_name(name)]
         best = [max(by_slice[t].get(row, -1.0) for t in twins) for row in rows]
         if best:
             privacy[name] = {
@@ -147,20 +145,29 @@ def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, d
 def inherit_privacy(
     names: list[str], privacy: dict[str, dict[str, float]]
 ) -> dict[str, dict[str, float]]:
-    """`privacy` for `names`, an unattacked "<base>-in" taking its attacked base's numbers.
+    """`privacy` for `names`, an unattacked "<base>-in[-p<P>]" taking its attacked base's numbers.
 
-    pe-roi-t<b>[d|dn]-in sends the cloud the same image as its base and, as its mask, the
-    base's cloud mask restricted to the public tile interiors: whatever an attacker does with
-    it can be done with the base's view, so the base's attack numbers bound it.
+    pe-roi-t<b>[d|dn]-in[-p<P>] sends the cloud the same image as its base and, as its mask,
+    the base's cloud mask restricted to the public tile interiors (for patches of side P):
+    whatever an attacker does with it can be done with the base's view, so the base's attack
+    numbers bound it.
     """
     out: dict[str, dict[str, float]] = {}
     for name in names:
-        base = name.removesuffix("-in")
+        base = _image_name(name)
         if name in privacy:
             out[name] = privacy[name]
         elif base != name and base in privacy:
             out[name] = {**privacy[base], "attacked_as": base}
     return out
+
+
+def _image_name(name: str) -> str:
+    """The pe-roi scheme sending the same cloud image with the whole moved ROI as mask
+    (`RoiCipher.image_name`); any other scheme's name as it is."""
+    from pecore.cipher_roi import RoiCipher, is_roi_scheme
+
+    return RoiCipher.from_name(name).image_name if is_roi_scheme(name) else name
 
 
 def choose(
@@ -195,7 +202,13 @@ def choose(
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pecbir.experiment import Condition, ExperimentConfig, cipher_images, condition_masks
+    from pecbir.experiment import (
+        Condition,
+        ExperimentConfig,
+        cipher_images,
+        condition_fold_config,
+        condition_masks,
+    )
     from pecore.cipher_roi import RoiCipher
     from pecore.datasets import default_data_path, load_figshare
     from pecore.model_selection import evaluate_fold, fold_seed
@@ -235,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         ids = np.asarray(data.index)[keep]
         stacks = cipher_images(images, ids, todo, args.key_seed, args.cache, masks=masks)
         clouds = condition_masks(masks, ids, todo, args.key_seed, args.cache)
-        params = ExperimentConfig(n_jobs=args.jobs, radius=0).fold_params()
+        config = ExperimentConfig(n_jobs=args.jobs)
         units = args.cache / "pe_roi_selection"
         units.mkdir(parents=True, exist_ok=True)
     for condition in todo:
@@ -256,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
                 folds,
                 query_fold=args.inner_fold,
                 dictionary_sizes=[args.dict_size],
-                **params,
+                **condition_fold_config(config, condition).fold_params(),
                 random_state=seed,
                 rois=_Rows(cloud, np.arange(len(cloud))),
                 progress=bar.update,
@@ -302,10 +315,10 @@ def run(args: argparse.Namespace) -> int:
         f"# pe-roi selection (training folds of fold {args.outer_fold} only; inner query fold "
         f"{args.inner_fold}, D = {args.dict_size}, per-image keys, CFML dim 10)",
         "",
-        "| candidate | tile | transforms | patches | best attack ROI SSIM, median / worst "
+        "| candidate | tile | transforms | patches | P | best attack ROI SSIM, median / worst "
         "(training-fold slices) | meets ≤ "
         f"{args.roi_ssim_max:.2f} | mAP % | P@10 % |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, value in headline.items():
         scheme = RoiCipher.from_name(name)
@@ -315,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
             attack += f" (as {held['attacked_as']}: same cloud image)"
         meets = "yes" if held and held["worst"] <= args.roi_ssim_max else "no"
         lines.append(
-            f"| {name} | {scheme.tile} | {scheme.transforms} | {scheme.positions} | {attack} | "
+            f"| {name} | {scheme.tile} | {scheme.transforms} | {scheme.positions} | "
+            f"{scheme.patch_size} | {attack} | "
             f"{meets} | {value:.2f} | {document['p10_percent'][name]:.2f} |"
         )
     n_slices = max((v["n_slices"] for v in privacy.values()), default=0)
