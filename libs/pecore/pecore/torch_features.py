@@ -307,7 +307,8 @@ class TorchFeatures:
         Returns
         -------
         ndarray of float32, shape (n_images, n_features)
-            One improved Fisher vector (R blocks) per image, as `FisherVectorEncoder.encode`.
+            One improved Fisher vector (R blocks) per image, as `FisherVectorEncoder.encode`
+            (with `components`: their float64 projections, shape (n_images, m)).
 
         Raises
         ------
