@@ -352,7 +352,8 @@ class CFML(BaseEstimator):
     def _solve_scatter(self, m_same, m_diff, products) -> np.ndarray:
         """A·√γ (r × m): the leading `n_components` positive generalised eigenpairs of
         M_D a = γ (M_S + λI) a, B-normalised, from r×r scatter matrices (numpy or on a torch
-        device, whose arrays it overwrites); sets `eigenvalues_` and `rank_`."""
+        device, whose arrays it overwrites); sets `eigenvalues_`, `rank_` and
+        `eigen_residuals_`."""
         r = m_same.shape[0]
         if products.torch is not None:
             gammas, A, residuals = products.generalized_top(

@@ -61,10 +61,13 @@ def _labels(n: int) -> np.ndarray:
     return np.arange(n) % 3
 
 
-def _write_chunk(path: str, n: int, features: int, start: int, rows: int, seed: int) -> str:
-    """Chunk `start // rows` of the synthetic templates (its own seed: any order, any process)."""
+def _write_chunk(
+    path: str, index: int, n: int, features: int, start: int, rows: int, seed: int
+) -> str:
+    """Chunk `index` (templates start … start + rows) of the synthetic set, drawn from its own
+    seed, so that chunks can be written in any order by any process."""
     centres = np.random.default_rng(seed).standard_normal((3, features)).astype(np.float32)
-    rng = np.random.default_rng([seed, int(Path(path).stem)])
+    rng = np.random.default_rng([seed, index])
     block = rng.standard_normal((rows, features), dtype=np.float32)
     block += 0.3 * centres[_labels(n)[start : start + rows]]
     np.save(path, block)
@@ -80,7 +83,7 @@ def _write_chunks(folder: Path, n: int, features: int, chunk: int, seed: int) ->
 
     starts = range(0, n, chunk)
     jobs = [
-        (str(folder / f"{index:06d}.npy"), n, features, start, min(chunk, n - start), seed)
+        (str(folder / f"{index:06d}.npy"), index, n, features, start, min(chunk, n - start), seed)
         for index, start in enumerate(starts)
     ]
     workers = max(1, min(len(jobs), (os.cpu_count() or 1) // 2))
