@@ -45,6 +45,7 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
     argv = ["bench-index", "--crops", str(crops), "--size", "2", "--train-images", "24"]
     argv += ["--n-train-patches", "2000", "--images", "6,10", "--feature-images", "4"]
     argv += ["--distinct", "4", "--cpu-images", "3", "--batch-size", "4", "--device", "cpu"]
+    argv += ["--feature-threads", "1,2"]
     # discarding: also by two worker processes; writing: also the device's stage profile
     argv += ["--discard-features", "--processes", "1,2"] if discard else ["--stages"]
     assert main([*argv, "--store", str(tmp_path / "store"), "--out", str(out)]) == 0
@@ -58,6 +59,8 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
         stages = report["device_stages_ms_per_image"]
         assert {"upload", "roi_pixels", "patches_pca", "fisher"} <= set(stages)
         assert all(v > 0 for v in stages.values())
+    rates = report["feature_step_images_per_s"]["torch_by_batches_in_flight"]
+    assert set(rates) == {"1", "2"} and all(r > 0 for r in rates.values())
     features = list((tmp_path / "store").rglob("features/*/*.npz"))
     assert (report["feature_record_bytes_discarded"] > 0) == discard
     # the CPU reference (a warm-up image + 3 timed) always writes its records

@@ -632,9 +632,10 @@ class _RoiCrops:
 def _box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     """(r0, r1, c0, c1): the mask's bounding box grown by `margin`, clipped to the mask; a
     1×1 box at the origin for an empty mask (it yields no patch)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return 0, 1, 0, 1
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))  # only the rows it spans
     height, width = mask.shape
     return (
         max(int(rows[0]) - margin, 0),

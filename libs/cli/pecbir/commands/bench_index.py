@@ -68,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--io-threads", type=int, default=8, help="store threads per batch")
     parser.add_argument("--feature-images", type=int, default=4096, help="feature-step images")
+    parser.add_argument(
+        "--feature-threads",
+        default="1",
+        help="comma-separated counts of feature-step batches in flight (threads, own streams)",
+    )
     parser.add_argument("--images", default="4096", help="comma-separated whole-task runs (ids)")
     parser.add_argument("--distinct", type=int, default=2000, help="distinct stored images")
     parser.add_argument("--cpu-images", type=int, default=100, help="images the CPU task indexes")
@@ -337,13 +342,30 @@ def _whole_task_processes(
     }
 
 
-def _feature_step(pipeline, images, masks, batch: int) -> float:
+def _feature_step(pipeline, images, masks, batch: int, threads: int = 1) -> float:
     """Images/s of `transform` (Fisher vectors + projection, as the indexer) on decoded images
-    (one warm-up batch first)."""
-    pipeline.transform(images[:batch], masks[:batch])
+    (one warm-up batch first), with `threads` batches in flight, each thread on its own CUDA
+    stream: one batch's host work (boxes, crops, page-locked copies) then overlaps another's
+    device work, as in a GPU worker running several batches at once."""
+    import contextlib
+
+    pipeline.transform(images[:batch], masks[:batch])  # kernels, the model's tensors, W
+    _sync(pipeline)
+    on_cuda = pipeline.backend == "torch" and str(pipeline.device or "").startswith("cuda")
+
+    def one(start: int) -> None:
+        if on_cuda:
+            import torch
+
+            scope = torch.cuda.stream(torch.cuda.Stream(device=pipeline.device))
+        else:
+            scope = contextlib.nullcontext()
+        with scope:
+            pipeline.transform(images[start : start + batch], masks[start : start + batch])
+
     started = time.perf_counter()
-    for start in range(0, len(images), batch):
-        pipeline.transform(images[start : start + batch], masks[start : start + batch])
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(0, len(images), batch)))
     _sync(pipeline)
     return len(images) / (time.perf_counter() - started)
 
@@ -457,9 +479,17 @@ def run(args: argparse.Namespace) -> int:
     # the feature step, both back ends on the same decoded slices
     torch_pipe = CBIRPipeline.load(io.BytesIO(blob.getvalue()))
     torch_pipe.set_params(backend="torch", device=device)
-    feature_torch = _feature_step(
-        torch_pipe, images[: args.feature_images], masks[: args.feature_images], args.batch_size
-    )
+    feature_threads = [int(n) for n in args.feature_threads.split(",")]
+    feature_torch = {
+        threads: _feature_step(
+            torch_pipe,
+            images[: args.feature_images],
+            masks[: args.feature_images],
+            args.batch_size,
+            threads,
+        )
+        for threads in feature_threads
+    }
     stages = (
         _stage_profile(
             torch_pipe, images[: args.feature_images], masks[: args.feature_images], args.batch_size
@@ -530,7 +560,10 @@ def run(args: argparse.Namespace) -> int:
         "feature_records": "discarded (counted)" if args.discard_features else "written, fsync'd",
         "feature_record_bytes_discarded": discarded,
         "bus": "in-process (no Redis on the device machine)",
-        "feature_step_images_per_s": {"torch": feature_torch, "cpu_one_process": feature_cpu},
+        "feature_step_images_per_s": {
+            "torch_by_batches_in_flight": feature_torch,
+            "cpu_one_process": feature_cpu,
+        },
         "device_stages_ms_per_image": stages,
         "whole_task": rows,
         "cpu_whole_task_one_process": cpu,
@@ -548,7 +581,8 @@ def run(args: argparse.Namespace) -> int:
         f"device {device} ({report['device_name']}), D = {args.size}, d = {report['pca_dims']}, "
         f"FV {fisher_dim}"
     )
-    print(f"feature step: torch {feature_torch:,.0f} img/s, CPU process {feature_cpu:,.1f} img/s")
+    in_flight = ", ".join(f"{n} in flight {r:,.0f}" for n, r in feature_torch.items())
+    print(f"feature step, img/s: torch {in_flight}; one CPU process {feature_cpu:,.1f}")
     if stages:
         print("device time per image, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     print(f"{'images':>9} {'procs':>5} {'wall s':>8} {'img/s':>9} {'features %':>10}")
