@@ -35,11 +35,15 @@ n×n Gram cannot be held and the rank cap loses the discriminative directions.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
 from sklearn.base import BaseEstimator
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CFML", "pair_scatter"]
 
@@ -119,6 +123,11 @@ class CFML(BaseEstimator):
         doc), exact and independent of n in memory.
     random_state : int, default=0
         Seed of the range finder's test matrix (`max_rank` only).
+    max_iter : int, default=1000
+        LOBPCG iterations at most (``solver="primal"`` on a torch device): where the wanted
+        eigenvalues cluster, float32 LOBPCG may never reach its tolerance, and each iteration
+        at F = 81 920 is several products with the two F×F matrices (`eigen_residuals_` says
+        how far the pairs got).
 
     Attributes
     ----------
@@ -160,6 +169,7 @@ class CFML(BaseEstimator):
         power_iterations: int = 2,
         random_state: int = 0,
         solver: str = "dual",
+        max_iter: int = 1000,
     ) -> None:
         self.reg = reg
         self.n_components = n_components
@@ -169,6 +179,7 @@ class CFML(BaseEstimator):
         self.power_iterations = power_iterations
         self.random_state = random_state
         self.solver = solver
+        self.max_iter = max_iter
 
     def fit(self, X: np.ndarray, labels: np.ndarray) -> CFML:
         """Learn W from labelled training vectors.
@@ -321,6 +332,7 @@ class CFML(BaseEstimator):
         gram = products.zeros((n_features, n_features))  # Σ x xᵀ
         weighted = products.zeros((n_features, n_features))  # Σ 2·n_c(x) x xᵀ
         class_sums = np.zeros((len(classes), n_features))
+        started = time.perf_counter()
         for i in range(len(offsets) - 1):
             members = inverse[offsets[i] : offsets[i + 1]]
             host = centred(i)
@@ -340,6 +352,12 @@ class CFML(BaseEstimator):
         gram -= weighted  # different-class pair sum
         gram /= n_diff  # M_D
         weighted /= n_same  # M_S
+        log.info(
+            "primal statistics of %d samples, F = %d: %.1f s",
+            n,
+            n_features,
+            time.perf_counter() - started,
+        )
         A_scaled = self._solve_scatter(weighted, gram, products)
         return A_scaled  # the basis is the identity: W = A·√γ
 
@@ -357,7 +375,7 @@ class CFML(BaseEstimator):
         r = m_same.shape[0]
         if products.torch is not None:
             gammas, A, residuals = products.generalized_top(
-                m_diff, m_same, self.reg, self.n_components
+                m_diff, m_same, self.reg, self.n_components, self.max_iter
             )
             self.eigenvalues_, self.rank_, self.eigen_residuals_ = gammas, int(r), residuals
             return A * np.sqrt(gammas)
@@ -435,11 +453,6 @@ class CFML(BaseEstimator):
         return out
 
 
-#: LOBPCG iterations at most (`_BlockProducts.generalized_top`): at F = 81 920 one iteration
-#: is a few products of two F×F float32 matrices with F×3k blocks, tens of milliseconds on a GPU.
-_LOBPCG_MAX_ITER = 1000
-
-
 class _BlockProducts:
     """The two products `CFML.fit_chunks` needs, in numpy or on a torch device."""
 
@@ -500,12 +513,12 @@ class _BlockProducts:
         dtype = self.torch.float32 if self.dtype == np.float32 else self.torch.float64
         return self.torch.zeros(shape, dtype=dtype, device=self.device)
 
-    def generalized_top(self, m_diff, m_same, reg: float, n_wanted: int):
+    def generalized_top(self, m_diff, m_same, reg: float, n_wanted: int, max_iter: int):
         """(γ, A, residuals) of the leading positive pairs of M_D a = γ (M_S + reg·I) a on the
         device, float64 on return, B-normalised: LOBPCG (torch.lobpcg), which needs only
         products with the two F×F matrices (it overwrites m_same with M_S + reg·I).
 
-        Iterations are capped (`_LOBPCG_MAX_ITER`): where the wanted eigenvalues cluster
+        Iterations are capped (`max_iter`): where the wanted eigenvalues cluster
         (synthetic Gaussian templates put eight of the ten wanted within 10⁻⁵ of each
         other) LOBPCG in float32 may never reach its tolerance, and an uncapped run did not
         return in six minutes on an H100. The residuals say how far the pairs got."""
@@ -518,9 +531,30 @@ class _BlockProducts:
         # converged to a residual near the precision's square root of ε (float32: 1e-4 of
         # the matrices' scale, float64: 1e-8), as far as that precision can resolve pairs
         tol = 1e-4 if m_same.dtype == torch.float32 else 1e-8
+        started = time.perf_counter()
+
+        def progress(worker) -> None:  # the F×F solve can take minutes: say how far it is
+            step = worker.ivars["istep"]
+            if step % 50 == 0:
+                log.info(
+                    "LOBPCG step %d, %d of %d converged, %.1f s",
+                    step,
+                    worker.ivars.get("converged_count", 0),
+                    k,
+                    time.perf_counter() - started,
+                )
+
         gammas, A = torch.lobpcg(
-            m_diff, k=k, B=m_same, X=start, largest=True, niter=_LOBPCG_MAX_ITER, tol=tol
+            m_diff,
+            k=k,
+            B=m_same,
+            X=start,
+            largest=True,
+            niter=max_iter,
+            tol=tol,
+            tracker=progress,
         )
+        log.info("LOBPCG: %.1f s", time.perf_counter() - started)
         pushed, pulled = m_diff @ A, m_same @ A
         residuals = torch.linalg.vector_norm(pushed - pulled * gammas, dim=0) / (
             torch.linalg.vector_norm(pushed, dim=0)

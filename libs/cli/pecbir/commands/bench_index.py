@@ -251,7 +251,11 @@ def _process_worker(
 
     def loop() -> None:
         while (chunk := tasks.get()) is not None:
-            outcome = batch.index_batch(rt, TENANT, COLLECTION, version, chunk)
+            try:
+                outcome = batch.index_batch(rt, TENANT, COLLECTION, version, chunk)
+            except Exception as exc:  # a Celery worker would retry it; the bench reports it
+                out.put(("failed", len(chunk), f"{type(exc).__name__}: {exc}"[:300]))
+                continue
             counts = (len(outcome.indexed), len(outcome.already_indexed))
             out.put(("done", counts, outcome.poison))
 
@@ -304,6 +308,7 @@ def _whole_task_processes(
         started = time.perf_counter()
         start.set()
         done, indexed, feature_seconds, exited = 0, 0, 0.0, 0
+        failed: list[str] = []
         with tqdm(total=len(ids), desc=f"index {version} x{processes}", unit="img") as bar:
             while exited < processes:
                 try:
@@ -312,6 +317,9 @@ def _whole_task_processes(
                     died = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
                     if died:
                         raise RuntimeError(f"a worker process died (exit {died[0]})") from None
+                    continue
+                if kind == "failed":
+                    failed.append(poison)
                     continue
                 if poison:
                     raise RuntimeError(f"poison in the benchmark: {poison}")
@@ -325,7 +333,8 @@ def _whole_task_processes(
                     exited += 1
                     feature_seconds += value
         if done != len(ids):
-            raise RuntimeError(f"the workers indexed {done} of {len(ids)} images")
+            reasons = f"; {len(failed)} batches failed, first: {failed[0]}" if failed else ""
+            raise RuntimeError(f"the workers indexed {done} of {len(ids)} images{reasons}")
     finally:
         for worker in workers:
             worker.join(timeout=60)
@@ -506,6 +515,8 @@ def run(args: argparse.Namespace) -> int:
     layout = CollectionLayout(TENANT, COLLECTION)
     rows = []
     try:
+        if device.startswith("cuda"):  # what the feature step's streams cached: the workers'
+            torch.cuda.empty_cache()
         rt = _runtime(root, args.discard_features, device, args.io_threads)
         base = rt.store._store if args.discard_features else rt.store
         filled = _fill_store(

@@ -51,8 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-rank", type=int, default=4096, help="k of the capped mode")
     parser.add_argument("--device", default=None, help="torch device for the block products")
+    parser.add_argument("--max-iter", type=int, default=1000, help="LOBPCG cap (primal, torch)")
     parser.add_argument("--model-sizes", default="10000,50000,100000")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--child-timeout", type=float, default=0, help="seconds per measurement (0: none)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/gpu/training_memory.json"))
     parser.set_defaults(func=run)
 
@@ -104,12 +108,21 @@ class _Reads(Sequence[np.ndarray]):
 
 
 def child(
-    mode: str, paths: list[str], n: int, limit_bytes: int, device: str, max_rank: int
+    mode: str,
+    paths: list[str],
+    n: int,
+    limit_bytes: int,
+    device: str,
+    max_rank: int,
+    max_iter: int = 1000,
 ) -> None:
     """One measurement, in its own process (peak RSS is per process)."""
+    import logging
     import resource
 
     from pecore.metric import CFML
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # solver progress
 
     if limit_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
@@ -119,13 +132,13 @@ def child(
     try:
         if mode == "memory":
             X = np.concatenate([np.load(p) for p in paths])
-            CFML(n_components=10).fit(X, labels)
+            metric = CFML(n_components=10).fit(X, labels)
         else:
             # read on access, as from a store (a memory map would count every chunk's pages
             # in RSS and in the address space)
             rank = max_rank if mode == "capped" else None
             solver = "primal" if mode == "primal" else "dual"
-            metric = CFML(n_components=10, max_rank=rank, solver=solver)
+            metric = CFML(n_components=10, max_rank=rank, solver=solver, max_iter=max_iter)
             metric.fit_chunks(_Reads(paths), labels, device=device)
         outcome = "fitted"
     except MemoryError:
@@ -133,6 +146,9 @@ def child(
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"outcome": outcome, "seconds": seconds, "peak_rss_bytes": peak}
+    residuals = getattr(metric, "eigen_residuals_", None) if outcome == "fitted" else None
+    if residuals is not None:  # how far the capped LOBPCG got
+        result["eigen_residuals"] = [float(r) for r in residuals]
     if device is not None and device.startswith("cuda"):
         import torch
 
@@ -146,7 +162,7 @@ def _measure(
     code = (
         "import json, sys; from pecbir.commands.bench_training import child; "
         "child(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
-        "sys.argv[5], int(sys.argv[6]))"
+        "sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))"
     )
     argv = [
         mode,
@@ -155,13 +171,22 @@ def _measure(
         str(limit_bytes),
         args.device or "",
         str(args.max_rank),
+        str(args.max_iter),
     ]
-    done = subprocess.run(
-        [sys.executable, "-c", code, *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    timeout = args.child_timeout or None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        print(stderr, file=sys.stderr, flush=True)
+        return {"outcome": f"timed out after {timeout:.0f} s", "stderr": stderr[-600:]}
+    print(done.stderr, file=sys.stderr, flush=True)  # the solver's progress
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         # an allocation refused outside numpy's MemoryError path (BLAS, LAPACK work space)
@@ -231,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         "address_space_limit_gib": args.limit_gib,
         "device": args.device or "numpy (CPU)",
         "max_rank": args.max_rank,
+        "max_iter": args.max_iter,
         "seed": args.seed,
         "machine": {
             "python": platform.python_version(),
