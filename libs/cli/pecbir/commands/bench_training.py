@@ -194,11 +194,16 @@ def _measure(
     return json.loads(lines[-1])
 
 
-def memory_model(mode: str, n: int, features: int, chunk: int, rank: int = 4096) -> int:
-    """Bytes of the big arrays each path allocates (not a measurement)."""
+def memory_model(
+    mode: str, n: int, features: int, chunk: int, rank: int = 4096, *, device: bool = False
+) -> int:
+    """Bytes of the big arrays each path allocates (not a measurement); `device`: of the
+    primal path on a torch device, the device's bytes (the host holds one chunk at a time)."""
     if mode == "primal":
+        if device:  # the two float32 F×F statistics and a chunk, on the device
+            return 2 * features * features * 4 + chunk * features * 4
         # the two float32 F×F statistics, LAPACK's float64 copies of M_D and M_S + λI and its
-        # work space (on a torch device: the two float32 matrices there, LOBPCG's F×3m), chunks
+        # work space, chunks
         return 2 * features * features * 4 + 3 * features * features * 8 + 3 * chunk * features * 4
     if mode == "capped":
         width = min(rank + 64, features)
@@ -223,6 +228,7 @@ def memory_model(mode: str, n: int, features: int, chunk: int, rank: int = 4096)
 def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     limit = int(args.limit_gib * GIB)
+    on_device = bool(args.device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fisher-bench-") as folder:
         paths = _write_chunks(Path(folder), max(sizes), args.features, args.chunk, args.seed)
@@ -237,14 +243,14 @@ def run(args: argparse.Namespace) -> int:
                         "mode": mode,
                         **result,
                         "model_bytes": memory_model(
-                            mode, n, args.features, args.chunk, args.max_rank
+                            mode, n, args.features, args.chunk, args.max_rank, device=on_device
                         ),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
     model = {
         str(n): {
-            mode: memory_model(mode, n, args.features, args.chunk, args.max_rank)
+            mode: memory_model(mode, n, args.features, args.chunk, args.max_rank, device=on_device)
             for mode in ("memory", "streamed", "capped", "primal")
         }
         for n in (int(s) for s in args.model_sizes.split(","))
