@@ -511,8 +511,7 @@ class CBIRPipeline(BaseEstimator):
         if self.backend not in ("numpy", "torch"):
             raise ValueError(f"backend must be 'numpy' or 'torch', got {self.backend!r}")
         if self.backend == "torch":
-            if len(masks) != len(images):
-                raise ValueError(f"{len(images)} images but {len(masks)} masks")
+            _check_pairs(images, masks)
             if rois is None:  # the masks are dilated on the device
                 return self._torch_features().fisher_vectors(images, masks, radius=self.radius)
             return self._torch_features().fisher_vectors(images, rois)
@@ -635,9 +634,13 @@ class CBIRPipeline(BaseEstimator):
                 f"Fisher vectors have {fisher_vectors.shape[1]} features, expected {expected}"
             )
         if self.backend == "torch":
-            components = self.metric_.components_[:, : self.dim]
-            return self._torch_features().project(fisher_vectors, components).astype(np.float32)
+            vectors = self._torch_features().project(fisher_vectors, self._components())
+            return vectors.astype(np.float32)
         return self.metric_.transform(fisher_vectors, self.dim).astype(np.float32)
+
+    def _components(self) -> np.ndarray:
+        """The first `dim` columns of W: what `project` multiplies by."""
+        return self.metric_.components_[:, : self.dim]
 
     @property
     def projected_dim(self) -> int:
@@ -670,11 +673,9 @@ class CBIRPipeline(BaseEstimator):
         """
         if self.backend == "torch":  # the Fisher vectors stay on the device
             self._check_fitted()
-            if len(masks) != len(images):
-                raise ValueError(f"{len(images)} images but {len(masks)} masks")
-            components = self.metric_.components_[:, : self.dim]
+            _check_pairs(images, masks)
             vectors = self._torch_features().transform(
-                images, masks, components, radius=self.radius
+                images, masks, self._components(), radius=self.radius
             )
             return vectors.astype(np.float32)
         return self.project(self.fisher_vectors(images, masks))
@@ -849,3 +850,8 @@ def patch_model_from_arrays(
         }
     )
     return pca, gmm
+
+
+def _check_pairs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
+    if len(masks) != len(images):
+        raise ValueError(f"{len(images)} images but {len(masks)} masks")
