@@ -379,9 +379,10 @@ def _feature_step(pipeline, images, masks, batch: int, threads: int = 1) -> floa
     return len(images) / (time.perf_counter() - started)
 
 
-def _stage_profile(pipeline, images, masks, batch: int) -> dict[str, float]:
+def _stage_profile(pipeline, images, masks, batch: int) -> dict[str, dict[str, float]]:
     """Device (else CPU) milliseconds per image of each named stage of the torch back end
-    (`TorchFeatures._batch`'s record_function names), over at most four batches."""
+    (`TorchFeatures._batch`'s record_function names), over at most four batches; on CUDA also
+    the twelve device operations (kernels, copies) that took the most."""
     import torch
 
     n = min(len(images), 4 * batch)
@@ -393,12 +394,15 @@ def _stage_profile(pipeline, images, masks, batch: int) -> dict[str, float]:
         for start in range(0, n, batch):
             pipeline.transform(images[start : start + batch], masks[start : start + batch])
         _sync(pipeline)
-    out = {}
+    out, ops = {}, {}
     for event in profile.key_averages():
+        micros = event.device_time_total if on_cuda else event.cpu_time_total
         if event.key.startswith("pecbir."):
-            micros = event.device_time_total if on_cuda else event.cpu_time_total
             out[event.key.removeprefix("pecbir.")] = micros / 1000 / n
-    return out
+        elif on_cuda and micros > 0:  # kernels and copies: what a stage's time is made of
+            ops[event.key[:80]] = micros / 1000 / n
+    slowest = sorted(ops.items(), key=lambda item: -item[1])[:12]
+    return {"stages": out, "device_ops": dict(slowest)}
 
 
 def _sync(pipeline) -> None:
@@ -575,7 +579,8 @@ def run(args: argparse.Namespace) -> int:
             "torch_by_batches_in_flight": feature_torch,
             "cpu_one_process": feature_cpu,
         },
-        "device_stages_ms_per_image": stages,
+        "device_stages_ms_per_image": stages and stages["stages"],
+        "device_ops_ms_per_image": stages and stages["device_ops"],
         "whole_task": rows,
         "cpu_whole_task_one_process": cpu,
         "machine": {
@@ -595,7 +600,8 @@ def run(args: argparse.Namespace) -> int:
     in_flight = ", ".join(f"{n} in flight {r:,.0f}" for n, r in feature_torch.items())
     print(f"feature step, img/s: torch {in_flight}; one CPU process {feature_cpu:,.1f}")
     if stages:
-        print("device time per image, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+        for name, times in stages.items():
+            print(f"{name}, ms per image: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
     print(f"{'images':>9} {'procs':>5} {'wall s':>8} {'img/s':>9} {'features %':>10}")
     for r in rows:
         if "failed" in r:
