@@ -16,6 +16,7 @@ from pecbir_contracts.png import encode_png
 
 # The DICOM builders live in the harness (the benchmarks push STOW-RS bodies too).
 from pecbir_harness.dicom import dicom_bytes as dicom_bytes
+from pecbir_harness.dicom import make_mr
 from pecbir_harness.dicom import make_seg as make_seg
 from pecbir_harness.dicom import multipart_related as multipart_related
 from pecbir_platform.store import FilesystemStore
@@ -146,3 +147,10 @@ def radosgw_unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"radosgw is required on CI and did not start: {reason}", pytrace=False)
     pytest.skip(f"no S3 server for the integration tests: {reason}")
+
+
+def mr_with_seg(seed: int, label: str = "glioma"):
+    """One `labelled_set` slice as a 12-bit MR and its SEG: (image, seg, pixels, mask)."""
+    images, masks, _ = labelled_set(1, seed=seed)
+    image = make_mr(images[0].astype(np.uint16), bits_stored=12)
+    return image, make_seg(masks[0], image, label=label), images[0], masks[0]

@@ -9,17 +9,15 @@ import io
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from pydicom import dcmread
 
 from pecbir_contracts.layout import image_id_for
 from pecbir_encryptor.dimse import DimseConfig, start_scp
-from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecbir_harness.procs import free_port
 from pecore.keys import MasterKey
-from tests.services.helpers import dicom_bytes, labelled_set, make_seg
+from tests.services.helpers import dicom_bytes, mr_with_seg
 
 pynetdicom = pytest.importorskip("pynetdicom")
 
@@ -60,9 +58,7 @@ def _associate(port: int, calling: str):
 
 def _push_pair(port: int, calling: str, seed: int) -> str:
     """Send one image and its SEG from `calling`; the image's SOP Instance UID."""
-    images, masks, _ = labelled_set(1, seed=seed)
-    image = make_mr(images[0].astype(np.uint16), bits_stored=12)
-    seg = make_seg(masks[0], image, label="glioma")
+    image, seg, _, _ = mr_with_seg(seed)
     assoc = _associate(port, calling)
     assert assoc.is_established, f"{calling} could not associate"
     try:

@@ -12,9 +12,7 @@ import pytest
 from pecbir.cli import main
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.keys import MasterKey
-from tests.services.helpers import dicom_bytes, labelled_set, make_seg, multipart_related
-
-from pecbir_harness.dicom import make_mr  # isort: skip
+from tests.services.helpers import dicom_bytes, mr_with_seg, multipart_related
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +34,8 @@ def _mint_pacs(system, capsys, account="orthanc-main", scopes="upload") -> str:
 
 
 def _stow(system, headers: dict[str, str]):
-    images, masks, _ = labelled_set(1, seed=40)
-    image = make_mr(images[0].astype("uint16"), bits_stored=12)
-    body, content_type = multipart_related(
-        [dicom_bytes(image), dicom_bytes(make_seg(masks[0], image))]
-    )
+    image, seg, _, _ = mr_with_seg(40)
+    body, content_type = multipart_related([dicom_bytes(image), dicom_bytes(seg)])
     return system.encryptor.post(
         "/dicomweb/brain/studies",
         content=body,

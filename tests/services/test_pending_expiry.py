@@ -16,10 +16,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from pecbir_encryptor.janitor import PendingJanitor
-from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.keys import MasterKey
-from tests.services.helpers import dicom_bytes, labelled_set, make_seg, multipart_related
+from tests.services.helpers import dicom_bytes, make_seg, mr_with_seg, multipart_related
 
 DAY = 86400.0
 
@@ -40,9 +39,7 @@ def _stow(system, datasets) -> dict:
 
 
 def _pair(seed: int):
-    images, masks, _ = labelled_set(1, seed=300 + seed)
-    image = make_mr(images[0].astype(np.uint16), bits_stored=12)
-    return image, make_seg(masks[0], image, label="glioma")
+    return mr_with_seg(300 + seed)[:2]
 
 
 def _waiting(system, kind: str) -> list:

@@ -16,7 +16,6 @@ from pecbir_contracts.layout import CollectionLayout, image_id_for
 from pecbir_contracts.records import FeatureRecord, read_current_version
 from pecbir_contracts.routes import SEARCH_IMAGE, SEARCH_KNN
 from pecbir_encryptor.janitor import PendingJanitor
-from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecbir_search.engine import SearchEngine
 from pecore.keys import MasterKey
@@ -25,6 +24,7 @@ from tests.services.helpers import (
     dicom_bytes,
     labelled_set,
     make_seg,
+    mr_with_seg,
     multipart_related,
     npy_bytes,
 )
@@ -104,13 +104,12 @@ def _wait(predicate, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="module")
 def corrected(system):
     """An image + SEG, then a corrected SEG: (old cloud id, new cloud id), after the sweep."""
-    images, masks, _ = labelled_set(1, seed=701)
-    image = make_mr(images[0].astype(np.uint16), bits_stored=12)
-    assert _stow(system, [image, make_seg(masks[0], image, label="glioma")]) == 200
+    image, seg, _, mask = mr_with_seg(701)
+    assert _stow(system, [image, seg]) == 200
     encryptor = system.encryptor_app.state.encryptor
     old_id = image_id_for(system.tenant, "brain", encryptor.opaque_id_for(image.SOPInstanceUID))
     system.wait_searchable("brain", N_SEED + 1)
-    assert _stow(system, [make_seg(np.roll(masks[0], 4, axis=0), image, label="glioma")]) == 202
+    assert _stow(system, [make_seg(np.roll(mask, 4, axis=0), image, label="glioma")]) == 202
     system.wait_searchable("brain", N_SEED + 2)  # the new version is indexed: both are held
     old_vector = _vector(system, old_id)
     # Nobody searches: the encryptor's housekeeping completes the correction in the cloud.

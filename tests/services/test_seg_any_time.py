@@ -12,7 +12,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pecbir_contracts.layout import image_id_for
-from pecbir_harness.dicom import make_mr
 from pecbir_harness.embedded import EmbeddedSystem
 from pecore.cipher import to_uint8
 from pecore.keys import MasterKey
@@ -21,6 +20,7 @@ from tests.services.helpers import (
     dicom_bytes,
     labelled_set,
     make_seg,
+    mr_with_seg,
     multipart_related,
     npy_bytes,
 )
@@ -60,9 +60,7 @@ def _stow(client, datasets) -> tuple[int, dict[str, dict], dict[str, dict]]:
 
 
 def _pair(seed: int, label: str = "glioma"):
-    images, masks, _ = labelled_set(1, seed=100 + seed)
-    image = make_mr(images[0].astype(np.uint16), bits_stored=12)
-    return image, make_seg(masks[0], image, label=label), images[0], masks[0]
+    return mr_with_seg(100 + seed, label)
 
 
 def _image_id(system, dataset) -> str:
