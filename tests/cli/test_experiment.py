@@ -398,6 +398,14 @@ def test_a_pe_roi_scheme_fixes_the_patch_size_of_its_folds(tmp_path):
     assert condition_fold_config(config, chosen).patch_size == 9
     plain = Condition("ours", "per-image")
     assert condition_fold_config(config, plain) == config
+    # "-rf": the whole moved ROI, every patch cut from its own tile (patch_tile = the tile);
+    # the parameters of every other condition do not name patch_tile (their cache keys stay)
+    reflected = condition_fold_config(config, Condition("pe-roi-t16dn-rf", "per-image"))
+    assert (reflected.patch_tile, reflected.patch_size, reflected.radius) == (16, 9, 0)
+    assert reflected.fold_params()["patch_tile"] == 16
+    assert condition_fold_config(config, chosen).patch_tile is None
+    assert "patch_tile" not in condition_fold_config(config, chosen).fold_params()
+    assert "patch_tile" not in config.model_params()
     # the same cloud image as pe-roi-t16dn (same margin), the interiors of 7×7 patches as mask
     data = make_synthetic(n_images=8, size=48, seed=7)
     full = Condition("pe-roi-t16dn", "per-image")

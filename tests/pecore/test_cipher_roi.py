@@ -39,6 +39,8 @@ def _case(seed: int, size: int = 64):
         "pe-roi-t16dn-in",
         "pe-roi-t16dn-in-p3",
         "pe-roi-t16-p5",
+        "pe-roi-t16dn-rf",
+        "pe-roi-t8-rf-p3",
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
@@ -176,6 +178,37 @@ def test_tile_keys_known_answer():
     assert not np.array_equal(
         roi_tile_keys(stream, "image-2", 16, 15).permutation, keys.permutation
     )
+
+
+@pytest.mark.parametrize("base", ["pe-roi-t16dn", "pe-roi-t16"])
+def test_tile_reflected_patches_change_nothing_the_cloud_gets(base):
+    """pe-roi-<base>-rf: the cloud image and the cloud mask are <base>'s byte for byte (so its
+    attack numbers are <base>'s); only the cloud's patch extraction differs."""
+    plain, reflected = RoiCipher.from_name(base), RoiCipher.from_name(f"{base}-rf")
+    assert reflected.reflect and not plain.reflect and reflected.positions == "all"
+    assert reflected.name == reflected.legacy_name == f"{base}-rf"
+    assert reflected.image_name == plain.image_name == base
+    assert "tile-reflected" in reflected.label
+    image, mask, stream = _case(7)
+    mask[8:50, 10:56] = True
+    cipher = reflected.encrypt(image, stream, mask=mask, nonce="c")
+    assert cipher.tobytes() == plain.encrypt(image, stream, mask=mask, nonce="c").tobytes()
+    cloud = reflected.cloud_mask(mask, stream, nonce="c")
+    assert cloud.tobytes() == plain.cloud_mask(mask, stream, nonce="c").tobytes()
+    np.testing.assert_array_equal(
+        reflected.decrypt(cipher, stream, cloud_mask=cloud, nonce="c"), plain.blank(image, mask)
+    )
+    reflected.check_patch_size(9)
+    with pytest.raises(ValueError, match="at most 9"):
+        reflected.check_patch_size(11)
+    # reflection inside a tile needs ⌊P/2⌋ < tile; "-in" and "-rf" exclude each other
+    with pytest.raises(ValueError, match="cannot be reflected"):
+        RoiCipher(tile=2, margin=2, positions="all", reflect=True)
+    with pytest.raises(ValueError, match="every ROI position"):
+        RoiCipher(positions="interior", reflect=True)
+    for bad in (f"{base}-in-rf", f"{base}-rf-in", f"{base}rf", "pe-roi-rf"):
+        with pytest.raises(ValueError, match="pe-roi"):
+            RoiCipher.from_name(bad)
 
 
 def test_names_and_errors():

@@ -79,3 +79,95 @@ def test_pca_keeps_fewest_components_reaching_the_energy():
     assert y.dtype == np.float32
     np.testing.assert_allclose(y.mean(axis=0), 0, atol=0.05)
     np.testing.assert_allclose(y.var(axis=0), scales[:4] ** 2, rtol=0.05)
+
+
+def _tile_reflected_reference(image, rows, cols, size, tile):
+    """One patch at a time: the centre's own tile, np.pad(..., mode="reflect"), one window."""
+    half, out = size // 2, []
+    for r, c in zip(rows, cols, strict=True):
+        r0, c0 = r - r % tile, c - c % tile
+        padded = np.pad(image[r0 : r0 + tile, c0 : c0 + tile], half, mode="reflect")
+        out.append(padded[r % tile : r % tile + size, c % tile : c % tile + size].ravel())
+    return np.array(out)
+
+
+@pytest.mark.parametrize(("size", "tile"), [(9, 16), (3, 4), (5, 8)])
+def test_tile_reflected_patches_equal_the_per_tile_reference(size, tile):
+    rng = np.random.default_rng(size)
+    image = rng.random((4 * tile, 3 * tile)).astype(np.float32)
+    rows, cols = np.nonzero(rng.random(image.shape) < 0.3)
+    got = extract_patches(image, rows, cols, size, tile=tile)
+    np.testing.assert_array_equal(got, _tile_reflected_reference(image, rows, cols, size, tile))
+    assert got.dtype == np.float32 and got.shape == (rows.size, size * size)
+    # a patch that lies inside its tile is the plain one; one that straddles is not
+    half, local_r, local_c = size // 2, rows % tile, cols % tile
+    inside = (
+        (local_r >= half) & (local_r < tile - half) & (local_c >= half) & (local_c < tile - half)
+    )
+    assert inside.any() and (~inside).any()
+    plain = extract_patches(image, rows, cols, size)
+    np.testing.assert_array_equal(got[inside], plain[inside])
+    # (at the image's own border plain patches reflect too: only the grid's inner borders differ)
+    height, width = image.shape
+    inner = (
+        ((local_r < half) & (rows >= tile))
+        | ((local_r >= tile - half) & (rows < height - tile))
+        | ((local_c < half) & (cols >= tile))
+        | ((local_c >= tile - half) & (cols < width - tile))
+    )
+    assert inner.any()
+    assert not (got[inner] == plain[inner]).all(axis=1).any()
+    np.testing.assert_array_equal(got[~inner], plain[~inner])
+
+
+def test_tile_reflected_patches_hold_only_their_own_tiles_pixels():
+    tile, size = 16, 9
+    image = np.arange(64 * 64, dtype=np.int64).reshape(64, 64)  # every pixel names its place
+    rows, cols = np.nonzero(np.ones_like(image, dtype=bool))
+    patches = extract_patches(image, rows, cols, size, tile=tile)
+    tile_of = (patches // 64 // tile) * 4 + (patches % 64) // tile
+    centre = ((rows // tile) * 4 + cols // tile)[:, None]
+    assert (tile_of == centre).all()
+    # the plain patches of the border positions read other tiles: the test can tell
+    plain = extract_patches(image, rows, cols, size)
+    assert ((plain // 64 // tile) * 4 + (plain % 64) // tile != centre).any()
+
+
+def test_a_neighbouring_tile_does_not_change_tile_reflected_features():
+    rng = np.random.default_rng(3)
+    image = rng.integers(1, 255, (64, 64)).astype(np.uint8)
+    image[0, 0], image[0, 1] = 0, 255  # fixes the min-max normalisation
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[16:32, 16:32] = True  # exactly one tile: every border patch would leave it
+    other = image.copy()
+    other[16:32, 32:48] = rng.permutation(other[16:32, 32:48].ravel()).reshape(16, 16)
+    other[32:48, 16:48] = 255 - other[32:48, 16:48]
+    same = [roi_patches(x, mask, radius=0, n_regions=4, patch_tile=16) for x in (image, other)]
+    np.testing.assert_array_equal(same[0].patches, same[1].patches)
+    np.testing.assert_array_equal(same[0].bounds, same[1].bounds)
+    plain = [roi_patches(x, mask, radius=0, n_regions=4) for x in (image, other)]
+    assert not np.array_equal(plain[0].patches, plain[1].patches)
+
+
+def test_tile_reflection_commutes_with_the_tiles_dihedral_transforms():
+    """The cloud's tile-reflected patch of a rotated/transposed tile is the owner's patch of
+    the plain tile, moved the same way: reflection and the dihedral group commute."""
+    rng = np.random.default_rng(4)
+    tile = rng.random((16, 16)).astype(np.float32)
+    rows, cols = np.nonzero(np.ones((16, 16), dtype=bool))
+    plain = extract_patches(tile, rows, cols, 9, tile=16).reshape(-1, 9, 9)
+    for moved, where, move in (
+        (np.rot90(tile), (15 - cols, rows), np.rot90),
+        (tile.T, (cols, rows), np.transpose),
+    ):
+        got = extract_patches(np.ascontiguousarray(moved), *where, 9, tile=16).reshape(-1, 9, 9)
+        np.testing.assert_array_equal(got, np.array([move(p) for p in plain]))
+
+
+def test_tile_reflected_patches_refuse_tiles_that_do_not_fit():
+    image = np.zeros((32, 32), dtype=np.float32)
+    rows = cols = np.array([5])
+    with pytest.raises(ValueError, match="does not divide"):
+        extract_patches(image, rows, cols, 3, tile=12)
+    with pytest.raises(ValueError, match="cannot be reflected"):
+        extract_patches(image, rows, cols, 9, tile=4)

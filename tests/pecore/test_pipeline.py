@@ -78,3 +78,38 @@ def test_synthetic_dataset_is_patient_disjoint_and_balanced():
     assert set(np.unique(data.folds)) <= {1, 2, 3, 4, 5}
     assert data.images.dtype == np.uint8 and data.masks.dtype == bool
     assert np.array_equal(data.images, make_synthetic(n_images=30, size=40, seed=1).images)
+
+
+def test_tile_reflected_patches_are_numpy_only_and_saved_only_when_set(data, tmp_path):
+    """patch_tile (pe-roi's "-rf"): the numpy path computes it, the torch path refuses it before
+    any work; a model without it saves the same parameters as before the option existed."""
+    import json
+
+    train = data.folds != 2
+    params = {**PARAMS, "radius": 2}
+    plain = CBIRPipeline(**params).fit(data.images[train], data.masks[train], data.labels[train])
+    tiled = CBIRPipeline(**params, patch_tile=16)
+    tiled.fit(data.images[train], data.masks[train], data.labels[train])
+    # different patches, so a different model and different vectors
+    assert not np.array_equal(
+        tiled.transform(data.images[:5], data.masks[:5]),
+        plain.transform(data.images[:5], data.masks[:5]),
+    )
+    saved = {}
+    for name, pipe in (("plain", plain), ("tiled", tiled)):
+        pipe.save(tmp_path / f"{name}.npz")
+        with np.load(tmp_path / f"{name}.npz") as arrays:
+            saved[name] = json.loads(str(arrays["meta_json"]))["params"]
+    assert "patch_tile" not in saved["plain"] and saved["tiled"]["patch_tile"] == 16
+    loaded = CBIRPipeline.load(tmp_path / "tiled.npz")
+    assert loaded.patch_tile == 16
+    np.testing.assert_array_equal(
+        loaded.transform(data.images[:5], data.masks[:5]),
+        tiled.transform(data.images[:5], data.masks[:5]),
+    )
+    torch = CBIRPipeline(**params, patch_tile=16, backend="torch")
+    with pytest.raises(ValueError, match="numpy back end only"):
+        torch.fit(data.images[train], data.masks[train], data.labels[train])
+    loaded.backend = "torch"
+    with pytest.raises(ValueError, match="numpy back end only"):
+        loaded.transform(data.images[:5], data.masks[:5])

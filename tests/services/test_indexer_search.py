@@ -258,3 +258,13 @@ def test_a_pe_roi_collection_trains_with_its_schemes_patch_size(runtime, scheme,
     assert work._pe_roi_params(runtime, LAYOUT, SMALL).patch_size == 5
     with pytest.raises(work.PoisonMessage, match="at most 9"):
         work._pe_roi_params(runtime, LAYOUT, TrainRequest(patch_size=11))
+
+
+def test_a_tile_reflected_pe_roi_collection_is_refused(runtime):
+    """pe-roi-…-rf needs tile-reflected patches, which the indexer does not compute: it refuses
+    the collection rather than train on plain patches."""
+    import json
+
+    runtime.store.put(LAYOUT.pe_roi, json.dumps({"scheme": "pe-roi-t16dn-rf"}).encode())
+    with pytest.raises(work.PoisonMessage, match="tile-reflected"):
+        work._pe_roi_params(runtime, LAYOUT, TrainRequest())

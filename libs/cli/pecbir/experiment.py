@@ -159,6 +159,9 @@ class ExperimentConfig:
     pca_energy: float = 0.99
     n_train_patches: int = 300_000
     metric_lambda: float = 1.5e-4
+    #: Tile-reflected patches (pe-roi "-rf" spellings, `pecore.features.extract_patches`'
+    #: `tile`); None: plain patches, and no entry in the parameters (cache keys unchanged).
+    patch_tile: int | None = None
     seed: int = 0
     #: Master-key seed of the "per-image" keys (MasterKey.from_seed); "same" uses θ*.
     key_seed: int = 2025
@@ -173,7 +176,7 @@ class ExperimentConfig:
 
     def _pipeline_params(self) -> dict[str, object]:
         """The retrieval pipeline's parameters, shared by `model_params` and `fold_params`."""
-        return {
+        params: dict[str, object] = {
             "n_regions": self.n_regions,
             "patch_size": self.patch_size,
             "radius": self.radius,
@@ -181,6 +184,9 @@ class ExperimentConfig:
             "n_train_patches": self.n_train_patches,
             "metric_lambda": self.metric_lambda,
         }
+        if self.patch_tile is not None:  # only where set: the other conditions' keys stay put
+            params["patch_tile"] = self.patch_tile
+        return params
 
     def model_params(self) -> dict[str, object]:
         """What decides the numbers (cache keys, the results' config)."""
@@ -368,12 +374,17 @@ def condition_fold_config(config: ExperimentConfig, condition: Condition) -> Exp
 
     Where the owner ships the ROI (pe-roi, or a variant with `variant_roi` "owner"), the cloud
     does not dilate it again (radius 0).  A pe-roi scheme also fixes the patch size: its cloud
-    mask holds the positions whose patch of that size lies inside one tile (`RoiCipher`).
+    mask holds the positions whose patch of that size lies inside one tile (`RoiCipher`), and
+    a "-rf" scheme cuts every patch from its own tile, reflected at the tile border
+    (`patch_tile`).
     """
     owner_roi = condition.is_roi or (condition.is_variant and config.variant_roi == "owner")
     out = replace(config, radius=0) if owner_roi else config
     if condition.is_roi:
-        out = replace(out, patch_size=RoiCipher.from_name(str(condition.scheme)).patch_size)
+        scheme = RoiCipher.from_name(str(condition.scheme))
+        out = replace(out, patch_size=scheme.patch_size)
+        if scheme.reflect:
+            out = replace(out, patch_tile=scheme.tile)
     return out
 
 

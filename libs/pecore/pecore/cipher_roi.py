@@ -22,7 +22,13 @@ unrelated scrambled neighbour, so the features read genuine patches only (up to 
 transform).  The tile grid is public, so this mask is a function of the full moved ROI the cloud
 would otherwise get: it tells the cloud nothing more, and the cloud image is the same.  A
 smaller P ("-p7", "-p5") keeps more interior positions per tile ((b − P + 1)² of b²) with the
-same kept margin, so the cloud image stays byte-identical to the P = 9 scheme's.  The full
+same kept margin, so the cloud image stays byte-identical to the P = 9 scheme's.  With the
+"tile-reflected" patches (spelling suffix "-rf"), the cloud mask is the whole moved ROI, as
+without "-in", but the cloud cuts every ROI pixel's patch from that pixel's own tile, padded
+by reflection of the tile's pixels (`pecore.features.extract_patches`' `tile`): every patch
+then holds only its own tile's pixels, at every ROI position.  The cloud image and mask are
+byte-identical to the scheme without "-rf"; only the cloud's feature extraction differs (the
+grid is public, and reflection commutes with the per-tile dihedral transforms).  The full
 slice travels only sealed (AES-GCM envelope, outside this module).  Patches are pooled
 orderlessly into Fisher vectors per intensity-order subregion, so the features need each patch's
 inside, not its place: what tile size and transform set they tolerate is a measurement
@@ -73,7 +79,8 @@ ROI_TRANSFORM_SETS: dict[str, int] = {
 _SHORT = {"none": "", "dihedral": "d", "dihedral+negative": "dn"}
 _LABEL = b"pecbir/pe-roi/v1"
 _NAME = re.compile(
-    r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?(?P<inside>-in)?(?:-p(?P<patch>[1-9][0-9]*))?)?$"
+    r"^pe-roi(?:-t(?P<tile>[1-9][0-9]*)(?P<set>d|dn)?(?P<inside>-in|-rf)?"
+    r"(?:-p(?P<patch>[1-9][0-9]*))?)?$"
 )
 _SUFFIX = {"all": "", "interior": "-in"}
 #: The chosen configuration (results/pe-roi/selection/): the best training-split mAP among the
@@ -202,13 +209,19 @@ class RoiCipher:
         2·margin + 1, i.e. 9; spelling suffix "-p<P>" when not 2·margin + 1).  It does not
         change the cipher image, only the interior positions and the pipeline the scheme's
         features are computed with.
+    reflect : bool, default=False
+        Tile-reflected patches (spelling suffix "-rf"; positions "all" only): the cloud cuts
+        every patch from its centre's own tile, padded by reflection of that tile's pixels.
+        It changes neither the cipher image nor the cloud mask, only the feature extraction
+        (`pecbir.experiment.condition_fold_config`'s `patch_tile`).
 
     Attributes
     ----------
     name : str
-        "pe-roi" for the chosen configuration, else "pe-roi-t<b>[d|dn][-in][-p<P>]".
+        "pe-roi" for the chosen configuration, else "pe-roi-t<b>[d|dn][-in|-rf][-p<P>]".
     legacy_name : str
-        Always "pe-roi-t<b>[d|dn][-in][-p<P>]" (what seeds and cache names are derived from).
+        Always "pe-roi-t<b>[d|dn][-in|-rf][-p<P>]" (what seeds and cache names are derived
+        from).
     image_name : str
         "pe-roi-t<b>[d|dn]": the scheme that sends the same cloud image with the whole moved
         ROI as mask (the privacy of this scheme is bounded by that one's).
@@ -226,6 +239,7 @@ class RoiCipher:
         inner: str = "ours",
         positions: Positions = _DEFAULT_POSITIONS,
         patch_size: int | None = None,
+        reflect: bool = False,
     ) -> None:
         if tile < 2:
             raise ValueError(f"tile must be >= 2, got {tile}")
@@ -248,22 +262,41 @@ class RoiCipher:
             raise ValueError(
                 f"patch_size {patch_size} needs a margin of {patch_size // 2} px, got {margin}"
             )
+        if reflect and positions != "all":
+            raise ValueError(
+                "tile-reflected patches (reflect=True) take every ROI position; "
+                f"got positions {positions!r}"
+            )
+        if reflect and patch_size // 2 >= tile:
+            raise ValueError(
+                f"patches of side {patch_size} cannot be reflected inside {tile}-pixel tiles"
+            )
         self.tile = int(tile)
         self.transforms = transforms
+        self.reflect = bool(reflect)
         self.radius = int(radius)
         self.margin = int(margin)
         self.inner: CipherScheme = cipher_scheme(inner)
         self.positions = positions
         self.patch_size = int(patch_size)
-        default = (self.tile, transforms, positions, self.patch_size, self.margin) == (
+        default = (
+            self.tile,
+            transforms,
+            positions,
+            self.patch_size,
+            self.margin,
+            self.reflect,
+        ) == (
             _DEFAULT_TILE,
             _DEFAULT_SET,
             _DEFAULT_POSITIONS,
             _DEFAULT_PATCH,
             _DEFAULT_PATCH // 2,
+            False,
         )
         patch = "" if self.patch_size == 2 * self.margin + 1 else f"-p{self.patch_size}"
-        explicit = f"pe-roi-t{self.tile}{_SHORT[transforms]}{_SUFFIX[positions]}{patch}"
+        where = "-rf" if self.reflect else _SUFFIX[positions]
+        explicit = f"pe-roi-t{self.tile}{_SHORT[transforms]}{where}{patch}"
         self.name = "pe-roi" if default else explicit
         # seeds and cache names: the explicit spelling, stable when the chosen one changes
         self.legacy_name = explicit
@@ -271,12 +304,13 @@ class RoiCipher:
         # scheme's mask is a function of that one's and the public tile grid
         self.image_name = f"pe-roi-t{self.tile}{_SHORT[transforms]}"
         inside = ", patches inside tiles" if positions == "interior" else ""
+        inside += ", tile-reflected patches" if self.reflect else ""
         inside += f", {self.patch_size}×{self.patch_size} patches" if patch else ""
         self.label = f"PE-ROI ({self.tile}×{self.tile} tiles, {transforms}{inside})"
 
     @classmethod
     def from_name(cls, name: str) -> RoiCipher:
-        """'pe-roi' (the chosen configuration) or 'pe-roi-t<b>[d|dn][-in][-p<P>]'.
+        """'pe-roi' (the chosen configuration) or 'pe-roi-t<b>[d|dn][-in|-rf][-p<P>]'.
 
         Raises
         ------
@@ -287,18 +321,19 @@ class RoiCipher:
         if match is None:
             raise ValueError(
                 f"unknown pe-roi scheme {name!r}; "
-                "expected 'pe-roi' or 'pe-roi-t<tile>[d|dn][-in][-p<patch>]'"
+                "expected 'pe-roi' or 'pe-roi-t<tile>[d|dn][-in|-rf][-p<patch>]'"
             )
         if match["tile"] is None:
             return cls()
         sets = {"": "none", "d": "dihedral", "dn": "dihedral+negative"}
-        positions: Positions = "interior" if match["inside"] else "all"
+        positions: Positions = "interior" if match["inside"] == "-in" else "all"
         patch = int(match["patch"]) if match["patch"] else None
         return cls(
             tile=int(match["tile"]),
             transforms=sets[match["set"] or ""],
             positions=positions,
             patch_size=patch,
+            reflect=match["inside"] == "-rf",
         )
 
     def __repr__(self) -> str:
@@ -328,7 +363,8 @@ class RoiCipher:
         ------
         ValueError
             If ⌊P/2⌋ exceeds the kept margin, or, with the "interior" positions, P exceeds
-            the scheme's `patch_size` (its patches would leave their tile).
+            the scheme's `patch_size` (its patches would leave their tile), or, with
+            tile-reflected patches, ⌊P/2⌋ is not below the tile.
         """
         if patch_size // 2 > self.margin:
             raise ValueError(
@@ -340,6 +376,11 @@ class RoiCipher:
                 f"{self.legacy_name} sends the positions whose {self.patch_size}×"
                 f"{self.patch_size} patch lies inside one tile, so patch_size must be at most "
                 f"{self.patch_size}, got {patch_size}"
+            )
+        if self.reflect and patch_size // 2 >= self.tile:
+            raise ValueError(
+                f"{self.legacy_name} reflects patches inside {self.tile}-pixel tiles, so "
+                f"patch_size must be below {2 * self.tile + 1}, got {patch_size}"
             )
 
     def roi(self, mask: np.ndarray) -> np.ndarray:

@@ -59,11 +59,24 @@ def minmax_normalise(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def extract_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
+def extract_patches(
+    image: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    size: int,
+    *,
+    tile: int | None = None,
+) -> np.ndarray:
     """The size×size blocks centred on (rows, cols), flattened row-major: (T, size²).
 
     Patches that would leave the image use reflect padding (never the case for the figshare data
     with radius 24 and P = 9, where Cheng's code does no bounds check; spec §1.4).
+
+    With `tile` ("tile-reflected patches", pe-roi's "-rf" spelling, `pecore.cipher_roi`), the
+    image is a grid of tile×tile tiles and every patch is cut from its centre's own tile,
+    padded by reflection of that tile's pixels (``np.pad(tile, size // 2, mode="reflect")``),
+    so that no patch reads a pixel of another tile.  A patch that lies inside its tile is the
+    plain one.
 
     Parameters
     ----------
@@ -73,6 +86,9 @@ def extract_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size:
         Patch centres.
     size : int
         Patch side P (odd, positive).
+    tile : int, optional
+        Side of the tiles every patch is confined to (must divide the image's sides and
+        exceed ⌊P/2⌋); None cuts the patches from the whole image.
 
     Returns
     -------
@@ -82,7 +98,8 @@ def extract_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size:
     Raises
     ------
     ValueError
-        If `size` is even or not positive.
+        If `size` is even or not positive, or `tile` does not divide the image or is not
+        larger than ⌊P/2⌋.
 
     Examples
     --------
@@ -90,10 +107,20 @@ def extract_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size:
     >>> image = np.arange(25).reshape(5, 5)
     >>> extract_patches(image, np.array([2]), np.array([2]), 3)
     array([[ 6,  7,  8, 11, 12, 13, 16, 17, 18]])
+
+    Confined to 4×4 tiles, a patch inside its tile is the plain one; one on the tile's right
+    border reflects its own tile's column instead of reading the next tile:
+
+    >>> image = np.arange(64).reshape(8, 8)
+    >>> extract_patches(image, np.array([1, 1]), np.array([1, 3]), 3, tile=4)
+    array([[ 0,  1,  2,  8,  9, 10, 16, 17, 18],
+           [ 2,  3,  2, 10, 11, 10, 18, 19, 18]])
     """
     if size < 1 or size % 2 == 0:
         raise ValueError(f"patch size must be odd and positive, got {size}")
     half = size // 2
+    if tile is not None:
+        return _tile_reflected_patches(image, rows, cols, size, tile)
     h, w = image.shape
     if rows.size and (
         rows.min() < half or cols.min() < half or rows.max() >= h - half or cols.max() >= w - half
@@ -102,6 +129,26 @@ def extract_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size:
         rows, cols = rows + half, cols + half
     windows = np.lib.stride_tricks.sliding_window_view(image, (size, size))
     return windows[rows - half, cols - half].reshape(rows.size, size * size)
+
+
+def _tile_reflected_patches(
+    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int, tile: int
+) -> np.ndarray:
+    """`extract_patches` with `tile`: tile view → each used tile padded by reflection → windows."""
+    half = size // 2
+    h, w = image.shape
+    if tile < 1 or h % tile or w % tile:
+        raise ValueError(f"tile {tile} does not divide the image of shape {image.shape}")
+    if half >= tile:
+        raise ValueError(f"patches of side {size} cannot be reflected inside {tile}-pixel tiles")
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    grid = image.reshape(h // tile, tile, w // tile, tile).swapaxes(1, 2)  # view (R, C, b, b)
+    which = (rows // tile) * (w // tile) + cols // tile
+    used, owner = np.unique(which, return_inverse=True)  # pad only the tiles holding a centre
+    tiles = grid[used // (w // tile), used % (w // tile)]
+    padded = np.pad(tiles, ((0, 0), (half, half), (half, half)), mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))
+    return windows[owner.ravel(), rows % tile, cols % tile].reshape(rows.size, size * size)
 
 
 @dataclass(frozen=True)
@@ -134,6 +181,7 @@ def roi_patches(
     radius: int = 24,
     n_regions: int = 8,
     roi: np.ndarray | None = None,
+    patch_tile: int | None = None,
 ) -> ImagePatches:
     """All ROI patches of one (plain or cipher) image with their intensity-order subregions.
 
@@ -155,6 +203,9 @@ def roi_patches(
         Number of intensity-order subregions R.
     roi : ndarray of bool, shape (height, width), optional
         The already dilated mask, to skip the dilation.
+    patch_tile : int, optional
+        Cut every patch from its centre's own `patch_tile`-sided tile, reflected at the tile's
+        border (`extract_patches`' `tile`; pe-roi's "-rf" spelling); None: from the image.
 
     Returns
     -------
@@ -187,7 +238,7 @@ def roi_patches(
     rows, cols = np.nonzero(roi)
     regions = intensity_regions(normalised[rows, cols], n_regions)
     order = np.argsort(regions, kind="stable")
-    patches = extract_patches(normalised, rows[order], cols[order], patch_size)
+    patches = extract_patches(normalised, rows[order], cols[order], patch_size, tile=patch_tile)
     bounds = np.searchsorted(regions[order], np.arange(n_regions + 1), side="left")
     return ImagePatches(patches=np.ascontiguousarray(patches), bounds=bounds.astype(np.int64))
 

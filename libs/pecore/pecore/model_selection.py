@@ -61,6 +61,7 @@ def evaluate_fold(
     rois: Sequence[np.ndarray] | None = None,
     progress: Callable[[int], object] | None = None,
     sealed: bool = False,
+    patch_tile: int | None = None,
 ) -> dict[int, dict[str, object]]:
     """Learn on the database folds, evaluate the queries of `query_fold`, for every D.
 
@@ -105,6 +106,9 @@ def evaluate_fold(
         Called with the number of images encoded since the last call.
     sealed : bool, default False
         Featurise as the owner of a sealed collection (`images` must then be plain).
+    patch_tile : int, optional
+        Tile-reflected patches (`pecore.features.extract_patches`' `tile`; pe-roi's "-rf"
+        spellings): every patch from its centre's own tile, reflected at the tile border.
 
     Returns
     -------
@@ -118,6 +122,8 @@ def evaluate_fold(
     from pecore.owner_features import owner_fisher_vectors
     from pecore.pipeline import encode_images, fit_patch_model
 
+    if sealed and patch_tile is not None:
+        raise ValueError("tile-reflected patches (patch_tile) are a pe-roi option, not sealed's")
     sizes = list(dictionary_sizes)
     train = np.flatnonzero(folds != query_fold)
     query = np.flatnonzero(folds == query_fold)
@@ -133,6 +139,7 @@ def evaluate_fold(
         n_train_patches=n_train_patches,
         random_state=random_state,
         rois=None if rois is None else [rois[i] for i in train],
+        patch_tile=patch_tile,
     )
     timings["pca_gmm_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -162,6 +169,7 @@ def evaluate_fold(
             rois=rois,
             n_jobs=n_jobs,
             progress=progress,
+            patch_tile=patch_tile,
         )
     timings["encode_s"] = time.perf_counter() - start
     out: dict[int, dict[str, object]] = {}

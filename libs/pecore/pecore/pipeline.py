@@ -110,6 +110,7 @@ def fit_patch_model(
     n_train_patches: int = 300_000,
     random_state: int = 0,
     rois: Sequence[np.ndarray] | None = None,
+    patch_tile: int | None = None,
 ) -> PatchModel:
     """Sample training patches (1/5 per image, then `n_train_patches`), fit PCA and the GMMs.
 
@@ -140,6 +141,8 @@ def fit_patch_model(
         Seed of the patch sample and of the GMMs.
     rois : sequence of ndarray of bool, optional
         The masks already dilated by `radius`.
+    patch_tile : int, optional
+        Tile-reflected patches (`pecore.features.extract_patches`' `tile`); None: plain ones.
 
     Returns
     -------
@@ -170,7 +173,11 @@ def fit_patch_model(
             # positions index the ROI pixels in raster order; only the chosen patches are cut
             rows, cols = np.nonzero(roi_of(i))
             normalised = minmax_normalise(images[i])
-            parts.append(extract_patches(normalised, rows[positions], cols[positions], patch_size))
+            parts.append(
+                extract_patches(
+                    normalised, rows[positions], cols[positions], patch_size, tile=patch_tile
+                )
+            )
     sample = np.concatenate(parts)
     pca = PatchPCA(energy=pca_energy).fit(sample)
     projected = pca.transform(sample)
@@ -193,6 +200,7 @@ def encode_images(
     rois: Sequence[np.ndarray] | None = None,
     n_jobs: int | None = None,
     progress: Callable[[int], object] | None = None,
+    patch_tile: int | None = None,
 ) -> list[np.ndarray]:
     """Fisher vectors of every image for each encoder: a list of float32 (n, F_k) matrices.
 
@@ -220,6 +228,8 @@ def encode_images(
         Worker threads; None uses up to 2.
     progress : callable, optional
         Called with 1 after each image (e.g. ``tqdm.update``).
+    patch_tile : int, optional
+        Tile-reflected patches (`pecore.features.extract_patches`' `tile`); None: plain ones.
 
     Returns
     -------
@@ -243,7 +253,9 @@ def encode_images(
 
     def work(i: int) -> int:
         roi = rois[i] if rois is not None else dilate_mask(np.asarray(masks[i], dtype=bool), radius)
-        patches = roi_patches(images[i], roi, patch_size, radius, n_regions, roi=roi)
+        patches = roi_patches(
+            images[i], roi, patch_size, radius, n_regions, roi=roi, patch_tile=patch_tile
+        )
         y = pca.transform(patches.patches)
         y_moments = moments(y)
         for enc, out in zip(encoders, outputs, strict=True):
@@ -297,6 +309,11 @@ class CBIRPipeline(BaseEstimator):
         extra). PCA, GMM and CFML are fitted by the reference code either way.
     device : str or None, default=None
         The torch device of the "torch" back end (None: CUDA when present, else the CPU).
+    patch_tile : int or None, default=None
+        Cut every patch from its centre's own `patch_tile`-sided tile, reflected at the tile
+        border (`pecore.features.extract_patches`' `tile`; pe-roi's "-rf" spellings).  The
+        numpy back end only: the "torch" back end refuses it.  Saved only when set, so the
+        files of models without it are unchanged.
 
     Attributes
     ----------
@@ -351,6 +368,7 @@ class CBIRPipeline(BaseEstimator):
         n_jobs: int | None = None,
         backend: str = "numpy",
         device: str | None = None,
+        patch_tile: int | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_regions = n_regions
@@ -364,6 +382,7 @@ class CBIRPipeline(BaseEstimator):
         self.n_jobs = n_jobs
         self.backend = backend
         self.device = device
+        self.patch_tile = patch_tile
 
     # -- learning ----------------------------------------------------------------------------
     def fit(
@@ -465,6 +484,7 @@ class CBIRPipeline(BaseEstimator):
         rois: Sequence[np.ndarray] | None,
     ) -> None:
         """PCA and GMM (`fit_patch_model`), and the encoder over them."""
+        self._check_backend()
         model = fit_patch_model(
             images,
             masks,
@@ -475,11 +495,20 @@ class CBIRPipeline(BaseEstimator):
             n_train_patches=self.n_train_patches,
             random_state=self.random_state,
             rois=rois,
+            patch_tile=self.patch_tile,
         )
         self.pca_ = model.pca
         self.gmm_ = model.gmms[self.n_components]
         self.encoder_ = FisherVectorEncoder(self.gmm_, n_regions=self.n_regions)
         self._torch_cache = None  # built over the new PCA and GMM on first use
+
+    def _check_backend(self) -> None:
+        """Refuse the torch back end with tile-reflected patches (numpy only), before any work."""
+        if self.backend == "torch" and self.patch_tile is not None:
+            raise ValueError(
+                f"patch_tile={self.patch_tile} (tile-reflected patches) is computed by the "
+                "numpy back end only; use backend='numpy'"
+            )
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "metric_"):
@@ -488,6 +517,8 @@ class CBIRPipeline(BaseEstimator):
     def _torch_features(self):  # -> pecore.torch_features.TorchFeatures
         """The torch back end over the fitted PCA and GMM (built once per device)."""
         from pecore.torch_features import TorchFeatures
+
+        self._check_backend()
 
         cached = getattr(self, "_torch_cache", None)
         if cached is None or cached[0] != self.device:
@@ -524,6 +555,7 @@ class CBIRPipeline(BaseEstimator):
             radius=self.radius,
             rois=rois,
             n_jobs=self.n_jobs,
+            patch_tile=self.patch_tile,
         )
         return fv
 
@@ -701,7 +733,7 @@ class CBIRPipeline(BaseEstimator):
         ordered = {
             name: params[name]
             for name in inspect.signature(type(self)).parameters
-            if name not in _EXECUTION_PARAMS
+            if name not in _EXECUTION_PARAMS and not (name == "patch_tile" and params[name] is None)
         }
         meta = {"format_version": _FORMAT_VERSION, "params": ordered}
         arrays = {

@@ -344,6 +344,12 @@ def _pe_roi_params(rt: Runtime, layout: CollectionLayout, params: TrainRequest) 
     from pecore.cipher_roi import RoiCipher
 
     scheme = RoiCipher.from_name(marker["scheme"])
+    if scheme.reflect:
+        # the tile-reflected patches are an experiment-only option (pecbir experiment)
+        raise PoisonMessage(
+            f"collection {layout.collection}: {scheme.legacy_name}'s tile-reflected patches "
+            "are not supported by the indexer"
+        )
     patch = params.patch_size
     if patch == TrainRequest.model_fields["patch_size"].default:
         patch = scheme.patch_size

@@ -12,9 +12,10 @@ candidates that meet it.
    per slice (the highest ROI SSIM of the pixel-level and the jigsaw stage; the oracle uses the
    true keys and is a bound, not an attack) must stay at or below --roi-ssim-max (0.30) on
    every slice: the worst slice decides.  A candidate the report did not attack is not
-   eligible, except "<base>-in" (patches inside tiles only) of an attacked base: its cloud
-   image is the base's and its mask a function of the base's mask and the public tile grid,
-   so every attack on it is one on the base, whose numbers it takes (`inherit_privacy`).
+   eligible, except "<base>-in" (patches inside tiles only) or "<base>-rf" (tile-reflected
+   patches) of an attacked base: its cloud image is the base's and its mask the base's ("-rf")
+   or a function of the base's mask and the public tile grid ("-in"), so every attack on it is
+   one on the base, whose numbers it takes (`inherit_privacy`).
 2. Retrieval: among the eligible candidates, the highest training-split mAP.
 
 No number of the outer (query) fold enters the choice.  Writes results.json and selection.md
@@ -145,12 +146,14 @@ def roi_privacy(report: dict, folds: np.ndarray, outer_fold: int) -> dict[str, d
 def inherit_privacy(
     names: list[str], privacy: dict[str, dict[str, float]]
 ) -> dict[str, dict[str, float]]:
-    """`privacy` for `names`, an unattacked "<base>-in[-p<P>]" taking its attacked base's numbers.
+    """`privacy` for `names`, an unattacked "<base>-in|-rf[-p<P>]" taking its attacked base's
+    numbers.
 
     pe-roi-t<b>[d|dn]-in[-p<P>] sends the cloud the same image as its base and, as its mask,
-    the base's cloud mask restricted to the public tile interiors (for patches of side P):
-    whatever an attacker does with it can be done with the base's view, so the base's attack
-    numbers bound it.
+    the base's cloud mask restricted to the public tile interiors (for patches of side P);
+    pe-roi-t<b>[d|dn]-rf[-p<P>] sends the base's image and mask unchanged (only the cloud's
+    patch extraction differs): whatever an attacker does with either view can be done with
+    the base's, so the base's attack numbers bound it.
     """
     out: dict[str, dict[str, float]] = {}
     for name in names:
@@ -328,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
             attack += f" (as {held['attacked_as']}: same cloud image)"
         meets = "yes" if held and held["worst"] <= args.roi_ssim_max else "no"
         lines.append(
-            f"| {name} | {scheme.tile} | {scheme.transforms} | {scheme.positions} | "
+            f"| {name} | {scheme.tile} | {scheme.transforms} | {scheme.positions}"
+            f"{', tile-reflected' if scheme.reflect else ''} | "
             f"{scheme.patch_size} | {attack} | "
             f"{meets} | {value:.2f} | {document['p10_percent'][name]:.2f} |"
         )
