@@ -1,6 +1,7 @@
 """The experiment runner on synthetic data (the full run needs the dataset; see results/table1)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -227,6 +228,26 @@ def test_headline_map_reads_old_and_new_spellings_at_the_largest_d(tmp_path):
     assert "dim 10" in reason
 
 
+def test_headline_map_names_pe_roi_by_the_spelling_it_was_computed_under(tmp_path):
+    """ "pe-roi" is whichever configuration was chosen when a file was written: the file's
+    `roi_schemes` says which; an explicit spelling is itself; the chosen one changes."""
+    from pecore.cipher_roi import RoiCipher
+
+    path = tmp_path / "results.json"
+    document = _results_document(
+        {"pe-roi/per-image": {"64": 84.1}, "pe-roi-t32/same": {"16": 80.0}}
+    )
+    document["config"]["roi_schemes"] = {"pe-roi": "pe-roi-t16dn-in"}
+    path.write_text(json.dumps(document))
+    assert read_headline_map(path)[0] == {
+        ("pe-roi-t16dn-in", "per-image"): 84.1,
+        ("pe-roi-t32", "same"): 80.0,
+    }
+    del document["config"]["roi_schemes"]  # a file from before the field: today's choice
+    path.write_text(json.dumps(document))
+    assert (RoiCipher().legacy_name, "per-image") in read_headline_map(path)[0]
+
+
 def test_markdown_tables_of_an_old_results_file_show_the_paper_numbers():
     document = _results_document({"ours/different": {"16": 80.0}})
     for entry in document["summary"]["ours/different"]["16"].values():
@@ -296,6 +317,13 @@ def test_pe_roi_condition_caches_its_cloud_masks_and_uses_them_undilated(tmp_pat
         )
     config = ExperimentConfig(dictionary_sizes=(2,), conditions=(plain, roi))
     assert _unit_key(config, roi, 1, 2, "x") != _unit_key(config, plain, 1, 2, "x")
+    # the results file says which explicit spelling each pe-roi condition was computed under
+    chosen = Condition("pe-roi", "per-image")
+    written = summarise(replace(config, conditions=(plain, roi, chosen)), {}, "x")["config"]
+    assert written["roi_schemes"] == {
+        roi.scheme: "pe-roi-t16d",
+        "pe-roi": RoiCipher().legacy_name,
+    }
 
 
 def test_pe_roi_selection_is_privacy_first_then_training_map():

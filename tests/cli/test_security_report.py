@@ -214,21 +214,21 @@ def test_pe_roi_points_and_section_come_from_the_jigsaw_report():
 
     summary = {
         "ours": {"pixel": stage(0.9, 0.88), "all-black guess": stage(0.4, 0.0)},
-        "pe-roi": {
+        "pe-roi-t16d": {
             "pixel": stage(0.45, 0.02),
             "jigsaw": stage(0.43, 0.2, neighbour_accuracy=0.1, direct_accuracy=0.05),
             "oracle": stage(0.5, 0.85),  # a bound, not an attack
             "all-black guess": stage(0.4, 0.0),
         },
     }
-    points = pe_roi_frontier({"summary": summary}, {("pe-roi", "per-image"): 87.0})
+    points = pe_roi_frontier({"summary": summary}, {("pe-roi-t16d", "per-image"): 87.0})
     assert len(points) == 1
     (point,) = points
     assert point["best_attack"] == "pixel" and point["best_ssim"] == 0.45
     assert point["best_attack_roi"] == "jigsaw" and point["best_ssim_roi"] == 0.2
     assert point["map"] == 87.0 and point["all_black_ssim"] == 0.4
     text = "\n".join(_jigsaw_markdown({"source": "x", **summary}))
-    assert "| pe-roi | pixel | 0.45 / 0.55 | jigsaw | 0.20 / 0.30 | 0.10 / 0.20 |" in text
+    assert "| pe-roi-t16d | pixel | 0.45 / 0.55 | jigsaw | 0.20 / 0.30 | 0.10 / 0.20 |" in text
     assert "| ours | pixel | 0.90 / 1.00 |" in text
 
 
@@ -279,12 +279,8 @@ def test_no_cipher_baselines_and_each_attack_s_advantage_over_guessing():
 
 def test_an_interior_pe_roi_is_attacked_as_its_base_and_shows_the_no_cipher_guesses():
     from pecbir.security import _no_cipher_markdown, jigsaw_no_cipher, pe_roi_frontier
-    from pecore.cipher_roi import RoiCipher
 
-    chosen = RoiCipher().legacy_name
-    base = chosen.removesuffix("-in")
-    if base == chosen:
-        pytest.skip(f"the chosen pe-roi ({chosen}) sends its full moved ROI")
+    interior, base = "pe-roi-t16dn-in", "pe-roi-t16dn"
     entry = {"median": 0.1, "worst": 0.2, "mean": 0.1}
     stages = {
         "pixel": {"ssim_full": entry, "psnr_full": entry, "ssim_roi": entry},
@@ -292,9 +288,9 @@ def test_an_interior_pe_roi_is_attacked_as_its_base_and_shows_the_no_cipher_gues
     }
     points = pe_roi_frontier(
         {"summary": {base: stages}},
-        {(base, "per-image"): 80.0, ("pe-roi", "per-image"): 81.0},
+        {(base, "per-image"): 80.0, (interior, "per-image"): 81.0},
     )
-    assert {p["scheme"]: p["map"] for p in points} == {base: 80.0, chosen: 81.0}
+    assert {p["scheme"]: p["map"] for p in points} == {base: 80.0, interior: 81.0}
     assert points[-1]["best_attack"] == f"pixel (as {base})"
     assert jigsaw_no_cipher({"summary": {}}) is None
     gap = {"median": -0.3, "worst": 0.05, "mean": -0.2}

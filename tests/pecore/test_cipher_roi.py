@@ -212,9 +212,12 @@ def test_tile_reflected_patches_change_nothing_the_cloud_gets(base):
 
 
 def test_names_and_errors():
-    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16dn-in").name == "pe-roi"
-    assert RoiCipher().legacy_name == "pe-roi-t16dn-in" and RoiCipher().positions == "interior"
-    # the previous choice keeps its meaning under its explicit spelling (older records)
+    assert RoiCipher().name == "pe-roi" and RoiCipher.from_name("pe-roi-t16d").name == "pe-roi"
+    assert RoiCipher().legacy_name == "pe-roi-t16d" and RoiCipher().positions == "all"
+    assert RoiCipher().transforms == "dihedral"
+    # the previous choices keep their meaning under their explicit spellings (older records)
+    assert RoiCipher.from_name("pe-roi-t16dn-in").name == "pe-roi-t16dn-in"
+    assert RoiCipher.from_name("pe-roi-t16dn-in").positions == "interior"
     assert RoiCipher.from_name("pe-roi-t16dn").name == "pe-roi-t16dn"
     assert RoiCipher.from_name("pe-roi-t16dn").positions == "all"
     assert RoiCipher.from_name("pe-roi-t32").name == "pe-roi-t32"
@@ -222,7 +225,7 @@ def test_names_and_errors():
     assert any_scheme("pe-roi-t32d").name == "pe-roi-t32d"
     assert is_roi_scheme("pe-roi") and not is_roi_scheme("ours-bs32")
     assert RoiCipher.from_name("pe-roi-t32-in").positions == "interior"
-    assert RoiCipher.from_name("pe-roi-t16dn-in-p9").name == "pe-roi"  # P = 9 is the default
+    assert RoiCipher.from_name("pe-roi-t16d-p9").name == "pe-roi"  # P = 9 is the default
     for bad in ("pe-roi-t0", "pe-roi-x", "pe-roi-t16q", "pe-roi-in", "pe-roi-t16dn-i", "pe-roi-p7"):
         with pytest.raises(ValueError, match="pe-roi"):
             RoiCipher.from_name(bad)

@@ -542,6 +542,12 @@ def summarise(
             **config.model_params(),
             "dictionary_sizes": list(config.dictionary_sizes),
             "conditions": [c.name for c in config.conditions],
+            # what "pe-roi" meant for this run: its explicit spelling (the chosen one changes)
+            "roi_schemes": {
+                str(c.scheme): any_scheme(str(c.scheme)).legacy_name
+                for c in config.conditions
+                if c.is_roi
+            },
             "folds": list(config.folds),
             "fold_file": config.fold_file,
             "folds_digest": folds_digest,
@@ -699,7 +705,8 @@ def write_outputs(results: dict[str, object], out_dir: Path) -> list[Path]:
 def _headline_entries(
     path: Path | None,
 ) -> tuple[dict[tuple[str, str], tuple[int, int, float]], str]:
-    """(scheme, key mode) → (number of folds, D, headline mAP %) of one results.json."""
+    """(scheme, key mode) → (number of folds, D, headline mAP %) of one results.json; a pe-roi
+    scheme under the explicit spelling the file says it was computed with (`roi_schemes`)."""
     if path is None:
         return {}, "no experiment results file found (results/<run>/results.json)"
     if not Path(path).is_file():
@@ -713,11 +720,15 @@ def _headline_entries(
     config = document.get("config", {})
     dim = str(config.get("headline_dim", HEADLINE_DIM))
     n_folds = len(config.get("folds") or [])
+    spellings = config.get("roi_schemes") or {}
     found: dict[tuple[str, str], tuple[int, int, float]] = {}
     sizes_used: set[str] = set()
     for name, by_size in document["summary"].items():
         condition = Condition.from_name(name)
         key = ("plain", "same") if condition.scheme is None else condition.scheme_and_mode
+        if condition.is_roi:  # "pe-roi" names whichever scheme was chosen when the file was made
+            written = name.split("/")[0]
+            key = (any_scheme(spellings.get(written, written)).legacy_name, key[1])
         sizes = sorted((s for s in by_size if dim in by_size[s]), key=int)
         if sizes:
             value = float(by_size[sizes[-1]][dim]["mAP"]["mean"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pecbir.experiment import SEALED, read_headline_map, read_headline_maps
+from pecbir.experiment import SEALED, read_headline_maps
 from pecore import attacks
 from pecore.attack_suite import AttackImages, attack_scheme, cipher_statistics
 from pecore.cipher import SCHEMES
@@ -70,7 +70,6 @@ class ReportConfig:
 
 
 DEFAULT_JIGSAW_REPORT = Path("results/security/jigsaw/report.json")
-DEFAULT_PE_ROI_RESULTS = Path("results/pe-roi/results.json")
 
 
 # --------------------------------------------------------------------------- data
@@ -852,8 +851,17 @@ def read_jigsaw_report(config: ReportConfig) -> tuple[Path, dict | None]:
 def pe_roi_points(
     config: ReportConfig, jigsaw: dict, retrieval: dict[tuple[str, str], float]
 ) -> list[dict]:
-    """The pe-roi frontier points, their mAP from the pe-roi results where measured."""
-    roi_map, _ = read_headline_map(config.pe_roi_results or DEFAULT_PE_ROI_RESULTS)
+    """The pe-roi frontier points, their mAP from the pe-roi results where measured (every
+    Table 1 run under results/pe-roi/, each scheme by its explicit spelling)."""
+    if config.pe_roi_results is not None:
+        paths = [config.pe_roi_results]
+    else:  # selection/ holds inner-fold units of the training split, not Table 1
+        paths = [
+            p
+            for p in sorted(Path("results/pe-roi").rglob("results.json"))
+            if "selection" not in p.parts
+        ]
+    roi_map, _ = read_headline_maps(paths)
     return pe_roi_frontier(jigsaw, {**retrieval, **roi_map})
 
 
@@ -868,13 +876,16 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
     """
     points = []
     summary = dict(jigsaw["summary"])
-    # pe-roi-t<b>[d|dn]-in sends its base's cloud image and a mask that is a function of the
-    # base's (public tile grid): the base's attacks are attacks on it
-    chosen = any_scheme("pe-roi").legacy_name
-    base = chosen.removesuffix("-in")
+    # a pe-roi scheme with -in, -rf or -p<P> sends its image twin's cloud image
+    # (pe-roi-t<b>[d|dn]) and a mask that is a function of the twin's and the public tile grid:
+    # the twin's attacks are attacks on it
     attacked_as = {}
-    if chosen not in summary and base != chosen and base in summary:
-        summary[chosen], attacked_as[chosen] = summary[base], base
+    for scheme, _ in retrieval:
+        if not scheme.startswith("pe-roi"):
+            continue
+        twin = any_scheme(scheme).image_name
+        if scheme not in summary and twin != scheme and twin in summary:
+            summary[scheme], attacked_as[scheme] = summary[twin], twin
     for scheme, stages in summary.items():
         if not scheme.startswith("pe-roi"):
             continue
@@ -893,8 +904,8 @@ def pe_roi_frontier(jigsaw: dict, retrieval: dict[tuple[str, str], float]) -> li
                 "best_attack_roi": roi_name,
                 "all_black_ssim": stages["all-black guess"]["ssim_full"]["mean"],
                 "known_plaintext_ssim": None,
-                # "pe-roi" in the experiment's results is the chosen pe-roi-t<b>[d|dn][-in]
-                "map": retrieval.get((any_scheme(scheme).name, "per-image")),
+                # retrieval names pe-roi schemes by their explicit spellings (read_headline_map)
+                "map": retrieval.get((scheme, "per-image")),
                 "source": "jigsaw-report",
             }
         )

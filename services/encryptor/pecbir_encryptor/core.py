@@ -1001,8 +1001,8 @@ class Encryptor:
 
     def _check_held_roi_scheme(self, collection: str, scheme: str | None) -> None:
         """Refuse a query of one of this owner's pe-roi collections whose images were stored
-        under another pe-roi scheme than this encryptor's (e.g. pe-roi-t16dn records from before
-        the default became pe-roi-t16dn-in): its features would not match theirs, and nothing
+        under another pe-roi scheme than this encryptor's (e.g. pe-roi-t16dn-in records from
+        before the default became pe-roi-t16d): its features would not match theirs, and nothing
         in a query names its scheme.  The cloud's word can only make this refuse, never change
         the scheme a query goes out under."""
         held = self.gateway.protection(collection, owner=None).scheme

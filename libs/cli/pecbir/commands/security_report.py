@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--pe-roi-results",
         type=Path,
         default=None,
-        help="results.json of the pe-roi experiment (default results/pe-roi/results.json)",
+        help="results.json of a pe-roi experiment (default: every run under results/pe-roi/)",
     )
     parser.add_argument("--out", type=Path, default=Path("results/security"))
     parser.set_defaults(func=run)
