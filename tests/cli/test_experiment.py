@@ -449,3 +449,139 @@ def test_a_pe_roi_scheme_fixes_the_patch_size_of_its_folds(tmp_path):
     assert inherit_privacy(["pe-roi-t16dn-in-p7", "pe-roi-t16-in-p5"], privacy) == {
         "pe-roi-t16dn-in-p7": {**privacy["pe-roi-t16dn"], "attacked_as": "pe-roi-t16dn"}
     }
+
+
+def test_extra_lambdas_reuse_and_extend_the_one_lambda_units(tmp_path, monkeypatch):
+    import pecore.datasets
+    from pecbir.experiment import _unit_key, run_experiment
+
+    data = make_synthetic(n_images=45, size=40, seed=3)
+    monkeypatch.setattr(pecore.datasets, "load_figshare", lambda path, cache_dir=None: data)
+    (tmp_path / "data.h5").write_bytes(b"synthetic")
+    config = ExperimentConfig(
+        dictionary_sizes=(2,),
+        conditions=(Condition("ours", "per-image"),),
+        folds=(1, 2),
+        radius=3,
+        n_train_patches=3000,
+        n_jobs=1,
+        data_path=str(tmp_path / "data.h5"),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    # the default keys are the ones every existing cache holds: extra λ do not enter them
+    condition = config.conditions[0]
+    key = _unit_key(config, condition, 1, 2, "x")
+    assert _unit_key(replace(config, extra_lambdas=(1e-2,)), condition, 1, 2, "x") == key
+    assert _unit_key(replace(config, metric_lambda=1e-2), condition, 1, 2, "x") != key
+    units = tmp_path / "cache" / "experiment_units"
+
+    plain = run_experiment(replace(config, extra={}))
+    first_units = {p.name: p.read_text() for p in units.iterdir()}
+    assert len(first_units) == 2 and "summary_by_lambda" not in plain
+    assert "metric_lambdas" not in plain["config"]
+
+    several = run_experiment(replace(config, extra_lambdas=(1.5e-4, 1e-2), extra={}))
+    # the headline λ's units were taken from the cache, untouched; λ = 1e-2 got its own
+    assert all(r["2"]["cached"] for r in several["folds"]["ours/per-image"].values())
+    now = {p.name: p.read_text() for p in units.iterdir()}
+    assert len(now) == 4 and all(now[name] == text for name, text in first_units.items())
+    assert several["summary"] == plain["summary"]
+    assert several["config"]["metric_lambdas"] == [1.5e-4, 1e-2]
+    assert list(several["summary_by_lambda"]) == ["0.00015", "0.01"]
+    assert several["summary_by_lambda"]["0.00015"] == plain["summary"]
+    other = several["folds_by_lambda"]["0.01"]["ours/per-image"]["1"]["2"]
+    assert (
+        other["cfml_eigenvalues"] != plain["folds"]["ours/per-image"]["1"]["2"]["cfml_eigenvalues"]
+    )
+    text = markdown_tables(several, dim=1)
+    assert "## mAP against the CFML ridge λ" in text and "| λ = 0.00015 | λ = 0.01 |" in text
+
+    # a run at λ = 1e-2 alone finds every unit cached under its own keys, with the same numbers
+    alone = run_experiment(replace(config, metric_lambda=1e-2, extra={}))
+    assert all(r["2"]["cached"] for r in alone["folds"]["ours/per-image"].values())
+    assert alone["summary"] == several["summary_by_lambda"]["0.01"]
+    assert (
+        alone["folds"]["ours/per-image"]["1"]["2"]["cfml_eigenvalues"] == other["cfml_eigenvalues"]
+    )
+    assert len(list(units.iterdir())) == 4
+
+
+def test_cli_passes_metric_lambdas_headline_first(monkeypatch):
+    import pecbir.experiment
+    from pecbir.cli import main
+
+    seen = {}
+
+    def fake_run(config):
+        seen["lambdas"] = (config.metric_lambda, config.extra_lambdas)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pecbir.experiment, "run_experiment", fake_run)
+    with pytest.raises(SystemExit):
+        main(["experiment", "--conditions", "ours", "--metric-lambdas", "1e-2,1.5e-4,1"])
+    assert seen["lambdas"] == (1e-2, (1.5e-4, 1.0))
+    with pytest.raises(SystemExit):
+        main(["experiment", "--conditions", "ours"])
+    assert seen["lambdas"] == (1.5e-4, ())  # the default: Cheng's λ alone, keys unchanged
+    with pytest.raises(SystemExit) as error:
+        main(["experiment", "--metric-lambdas", "0,1"])
+    assert error.value.code == 2  # argparse's usage error, before any work
+
+
+def test_lambda_rule_takes_the_best_training_map_and_says_whether_it_clears_the_noise():
+    from pecbir.commands.lambda_select import choose_lambdas
+
+    table = {
+        16: {1.5e-4: 85.0, 1e-2: 85.5, 1.0: 80.0},
+        64: {1.5e-4: 84.0, 1e-2: 86.5, 1.0: 86.5},  # a tie goes to the larger λ
+    }
+    choice = choose_lambdas(table, baseline=1.5e-4, margin=1.0)
+    assert choice["per_d"][16] == {"lambda": 1e-2, "map": 85.5, "gain": 0.5, "clear": False}
+    assert choice["per_d"][64]["lambda"] == 1.0 and choice["per_d"][64]["clear"]
+    assert choice["common"]["lambda"] == 1e-2  # mean over D: 86.0 against 84.5 and 83.25
+    assert choice["common"]["gain"] == pytest.approx(1.5) and choice["common"]["clear"]
+
+
+def test_lambda_select_leaves_the_outer_fold_out_and_records_every_lambda(tmp_path, monkeypatch):
+    import pecore.datasets
+    import pecore.model_selection
+    from pecbir.cli import main
+
+    data = make_synthetic(n_images=45, size=40, seed=3)
+    monkeypatch.setattr(pecore.datasets, "load_figshare", lambda path, cache_dir=None: data)
+    (tmp_path / "data.h5").write_bytes(b"synthetic")
+    seen = []
+    evaluate = pecore.model_selection.evaluate_fold
+
+    def spy(images, masks, labels, folds, **kwargs):
+        seen.append((len(images), sorted(set(folds.tolist())), kwargs["extra_lambdas"]))
+        return evaluate(images, masks, labels, folds, **{**kwargs, "n_train_patches": 3000})
+
+    monkeypatch.setattr(pecore.model_selection, "evaluate_fold", spy)
+    argv = [
+        "lambda-select",
+        "--conditions",
+        "ours",
+        "--dict-sizes",
+        "2",
+        "--metric-lambdas",
+        "1e-2,1",
+        "--data",
+        str(tmp_path / "data.h5"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--jobs",
+        "1",
+    ]
+    assert main(argv) == 0
+    n_outer = int(np.sum(data.folds == 1))
+    assert seen == [(len(data) - n_outer, [2, 3, 4, 5], [1.5e-4, 1e-2, 1.0])]  # baseline added
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    entry = document["conditions"]["ours/per-image"]
+    assert list(entry["map_percent"]["2"]) == ["0.00015", "0.01", "1.0"]
+    assert entry["chosen"]["per_d"]["2"]["lambda"] in (1.5e-4, 1e-2, 1.0)
+    assert "| 2 |" in (tmp_path / "out" / "selection.md").read_text()
+    assert main(argv) == 0  # every unit cached: no fold is computed again
+    assert len(seen) == 1

@@ -96,3 +96,28 @@ def test_copy_false_centres_in_place_and_gives_the_same_metric():
     b = CFML(n_components=2, copy=False).fit(X, y)
     np.testing.assert_allclose(X.mean(axis=0), 0, atol=1e-6)  # centred in place
     np.testing.assert_array_equal(a.components_, b.components_)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_path_gives_each_lambda_the_metric_fit_gives_it(dtype):
+    X, y = _data(40, 25, 5)
+    X = X.astype(dtype)
+    regs = [1.5e-4, 1e-2, 10.0]
+    path = CFML(n_components=3, copy=False).fit_path(X.copy(), y, regs)
+    assert [m.reg for m in path] == regs
+    for metric, reg in zip(path, regs, strict=True):
+        alone = CFML(n_components=3, reg=reg).fit(X, y)
+        # the same operations in the same order: bit for bit, not just close
+        np.testing.assert_array_equal(metric.components_, alone.components_)
+        np.testing.assert_array_equal(metric.eigenvalues_, alone.eigenvalues_)
+        assert metric.rank_ == alone.rank_
+    # λ matters: a heavy ridge gives another metric
+    assert not np.allclose(path[0].components_, path[-1].components_)
+
+
+def test_fit_path_needs_a_lambda_and_checks_its_input_like_fit():
+    X, y = _data(12, 5, 6)
+    with pytest.raises(ValueError, match="at least one"):
+        CFML().fit_path(X, y, [])
+    with pytest.raises(ValueError, match="do not match"):
+        CFML().fit_path(X, y[:-1], [1.0])

@@ -117,3 +117,41 @@ def test_paper_tables_hold_tables_1_to_3_as_published():
     assert sum(len(v) for v in table2.values()) == 15
     assert table2["ours/same"]["3"] == [91.74, 85.22, 89.01]
     assert tables["table3_seconds"]["rows"]["chained"] == [0.1429, 0.1434]
+
+
+def test_extra_lambdas_score_each_lambda_as_a_run_at_that_lambda_alone(data):
+    from pecore.model_selection import lambda_key, unit_at_lambda
+
+    def run(metric_lambda, extra=()):
+        params = {**PARAMS, "metric_lambda": metric_lambda}
+        return evaluate_fold(
+            data.images,
+            data.masks,
+            data.labels,
+            data.folds,
+            query_fold=2,
+            dictionary_sizes=[2, 4],
+            random_state=fold_seed([0, 2, 9]),
+            extra_lambdas=extra,
+            **params,
+        )
+
+    plain = run(1.5e-4)
+    assert all("extra_lambdas" not in r and "metric_lambda" not in r for r in plain.values())
+    both = run(1.5e-4, [1.5e-4, 1.0])  # the headline λ repeated is scored once
+    for size in (2, 4):
+        assert list(both[size]["extra_lambdas"]) == [lambda_key(1.0)]
+        # the headline λ: the unit the one-λ run gives
+        assert _without_timings({0: unit_at_lambda(both[size], 1.5e-4)}) == _without_timings(
+            {0: plain[size]}
+        )
+    alone = run(1.0)
+    for size in (2, 4):
+        at = unit_at_lambda(both[size], 1.0)
+        assert _without_timings({0: at}) == _without_timings({0: alone[size]})
+        assert at["by_dim"] != plain[size]["by_dim"]  # λ = 1 ranks otherwise
+    with pytest.raises(KeyError):
+        unit_at_lambda(both[2], 1e-3)
+    assert _without_timings({0: unit_at_lambda(plain[2], 1.5e-4)}) == _without_timings(
+        {0: plain[2]}
+    )

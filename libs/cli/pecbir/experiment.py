@@ -159,6 +159,10 @@ class ExperimentConfig:
     pca_energy: float = 0.99
     n_train_patches: int = 300_000
     metric_lambda: float = 1.5e-4
+    #: More CFML ridge values scored on the same Fisher vectors (`evaluate_fold`'s
+    #: `extra_lambdas`); each (condition, fold, D, λ) is cached under the key a run with
+    #: `metric_lambda` = λ alone has, so `model_params` and the headline stay `metric_lambda`'s.
+    extra_lambdas: tuple[float, ...] = ()
     #: Tile-reflected patches (pe-roi "-rf" spellings, `pecore.features.extract_patches`'
     #: `tile`); None: plain patches, and no entry in the parameters (cache keys unchanged).
     patch_tile: int | None = None
@@ -397,7 +401,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     from tqdm import tqdm
 
     from pecore.datasets import default_data_path, load_figshare, read_fold_file
-    from pecore.model_selection import evaluate_fold, fold_seed
+    from pecore.model_selection import evaluate_fold, fold_seed, lambda_key, unit_at_lambda
     from pecore.pipeline import dilated_rois
 
     wall_start = time.perf_counter()
@@ -414,7 +418,11 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
             raise ValueError(f"fold {fold} has no images")
     units_dir = cache_dir / "experiment_units"
     units_dir.mkdir(parents=True, exist_ok=True)
-    fold_results: dict[str, dict[int, dict[int, dict[str, object]]]] = {}
+    # the headline λ first, then the extra ones (each once)
+    lambdas = list(dict.fromkeys([config.metric_lambda, *config.extra_lambdas]))
+    by_lambda: dict[float, dict[str, dict[int, dict[int, dict[str, object]]]]] = {
+        reg: {c.name: {} for c in config.conditions} for reg in lambdas
+    }
     n_units = len(config.conditions) * len(config.folds)
     # Build every missing cipher stack of a key mode in one pass (one key stream per image).
     pending = list(config.conditions)
@@ -423,21 +431,28 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     dilate = config.radius if config.variant_roi == "owner" else None
     with tqdm(total=n_units, desc="condition×fold", unit="unit") as bar:
         for condition in config.conditions:
-            fold_results[condition.name] = {}
             images = None  # built or mapped only if some fold result is missing
             masks = data.masks
             fold_config = condition_fold_config(config, condition)
             for fold in config.folds:
+                # every (D, λ) is its own unit, keyed as a run at that λ alone keys it
                 keys = {
-                    s: _unit_key(config, condition, fold, s, folds_digest)
+                    (s, reg): _unit_key(
+                        replace(config, metric_lambda=reg), condition, fold, s, folds_digest
+                    )
+                    for reg in lambdas
                     for s in config.dictionary_sizes
                 }
-                cached = {}
-                for size, key in keys.items():
+                found: dict[tuple[int, float], dict[str, object]] = {}
+                for (size, reg), key in keys.items():
                     file = units_dir / f"{condition.slug}_f{fold}_D{size}_{key}.json"
                     if file.is_file():
-                        cached[size] = json.loads(file.read_text())
-                missing = [s for s in config.dictionary_sizes if s not in cached]
+                        found[size, reg] = json.loads(file.read_text())
+                missing = [
+                    s
+                    for s in config.dictionary_sizes
+                    if any((s, reg) not in found for reg in lambdas)
+                ]
                 if missing:
                     if images is None:
                         images = cipher_images(
@@ -473,29 +488,47 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                             rois=dilated[1],
                             progress=encoded.update,
                             sealed=condition.is_sealed,
+                            extra_lambdas=lambdas[1:],
                         )
                     for size, result in fresh.items():
-                        file = units_dir / f"{condition.slug}_f{fold}_D{size}_{keys[size]}.json"
-                        text = json.dumps(result)
-                        file.write_text(text)
-                        cached[size] = json.loads(text)  # same key types as a cached result
-                        cached[size]["cached"] = False
+                        for reg in lambdas:
+                            if (size, reg) in found:  # cached already: kept as it was
+                                continue
+                            name = f"{condition.slug}_f{fold}_D{size}_{keys[size, reg]}.json"
+                            text = json.dumps(unit_at_lambda(result, reg))
+                            (units_dir / name).write_text(text)
+                            found[size, reg] = json.loads(text)  # same key types as cached
+                            found[size, reg]["cached"] = False
                     log.info(
                         "%s fold %d: %s (peak RSS %.2f GiB)",
                         condition.name,
                         fold,
                         ", ".join(
-                            f"D={s} mAP={cached[s]['by_dim'][str(HEADLINE_DIM)]['mAP']:.4f}"
+                            f"D={s} λ={reg:g} "
+                            f"mAP={found[s, reg]['by_dim'][str(HEADLINE_DIM)]['mAP']:.4f}"
                             for s in missing
+                            for reg in lambdas
                         ),
                         peak_memory_bytes() / 2**30,
                     )
-                else:
-                    for result in cached.values():
-                        result["cached"] = True
-                fold_results[condition.name][fold] = cached
+                for result in found.values():
+                    result.setdefault("cached", True)
+                for reg in lambdas:
+                    by_lambda[reg][condition.name][fold] = {
+                        s: found[s, reg] for s in config.dictionary_sizes
+                    }
                 bar.update(1)
-    results = summarise(config, fold_results, folds_digest)
+    results = summarise(config, by_lambda[config.metric_lambda], folds_digest)
+    if config.extra_lambdas:
+        results["config"]["metric_lambdas"] = list(lambdas)
+        results["summary_by_lambda"] = {
+            lambda_key(reg): summarise(config, by_lambda[reg], folds_digest)["summary"]
+            for reg in lambdas
+        }
+        results["folds_by_lambda"] = {
+            lambda_key(reg): summarise(config, by_lambda[reg], folds_digest)["folds"]
+            for reg in lambdas[1:]
+        }
     results["wall_time_s"] = time.perf_counter() - wall_start
     results["peak_memory_bytes"] = peak_memory_bytes()
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
@@ -630,6 +663,26 @@ def markdown_tables(results: dict[str, object], dim: int = HEADLINE_DIM) -> str:
             f"{by_dim[str(d)]['mAP']['mean']:.2f}" if str(d) in by_dim else "" for d in CFML_DIMS
         ]
         lines.append(f"| {Condition.from_name(name).label} | " + " | ".join(cells) + " |")
+    by_lambda = results.get("summary_by_lambda") or {}
+    if by_lambda:
+        lams = list(by_lambda)
+        lines += [
+            "",
+            f"## mAP against the CFML ridge λ (CFML dim {dim}; headline λ = "
+            f"{config['metric_lambda']:g})",
+            "",
+            "| D | Method | " + " | ".join(f"λ = {float(lam):g}" for lam in lams) + " |",
+            "|---|---|" + "---|" * len(lams),
+        ]
+        for size in config["dictionary_sizes"]:
+            for name in config["conditions"]:
+                cells = []
+                for lam in lams:
+                    entry = by_lambda[lam].get(name, {}).get(str(size), {}).get(str(dim))
+                    cells.append(_fmt(entry["mAP"]) if entry else "")
+                if any(cells):
+                    label = Condition.from_name(name).label
+                    lines.append(f"| {size} | {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Wall time {results.get('wall_time_s', 0) / 60:.1f} min, peak memory "

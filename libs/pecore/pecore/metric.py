@@ -202,6 +202,71 @@ class CFML(BaseEstimator):
             If X and labels do not match, `n_components` is below 1, or the classes give no
             same- or different-class pairs.
         """
+        centred, gram = self._centred_gram(X, labels)
+        coeffs = self._solve_gram(gram, labels)
+        self.components_ = (centred.T @ coeffs.astype(centred.dtype)).astype(np.float64)
+        return self  # W = U A √γ
+
+    def fit_path(self, X: np.ndarray, labels: np.ndarray, regs: Sequence[float]) -> list[CFML]:
+        """One fitted metric per ridge λ in `regs`, the λ-independent work done once.
+
+        The centred copy, the n×n Gram matrix, its eigendecomposition and the scatter matrices
+        in the span basis do not depend on λ: only the r×r generalised eigensolve and W are
+        repeated.  Each returned estimator equals ``CFML(reg=λ, <this one's parameters>)
+        .fit(X, labels)`` (the same operations in the same order: bit for bit).
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            Training vectors, as in `fit` (with ``copy=False`` centred in place, once).
+        labels : array_like of shape (n_samples,)
+            Class of each training vector.
+        regs : sequence of float
+            The ridge values λ, in the order of the returned estimators.
+
+        Returns
+        -------
+        list of CFML
+            Fitted copies of this estimator with ``reg`` set to each λ; this one is not fitted.
+
+        Raises
+        ------
+        ValueError
+            As `fit`, or if `regs` is empty.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> labels = np.repeat([0, 1, 2], 10)
+        >>> X = rng.standard_normal((30, 6)) + 3.0 * np.eye(6)[labels]
+        >>> small, large = CFML(n_components=2).fit_path(X, labels, [1e-4, 1.0])
+        >>> small.reg, large.reg
+        (0.0001, 1.0)
+        >>> bool(np.array_equal(large.components_, CFML(n_components=2, reg=1.0).fit(X, labels)
+        ...     .components_))
+        True
+        """
+        from sklearn.base import clone
+
+        regs = [float(reg) for reg in regs]
+        if not regs:
+            raise ValueError("fit_path needs at least one ridge value")
+        centred, gram = self._centred_gram(X, labels)
+        V, s = self._gram_basis(gram)
+        m_same, m_diff = pair_scatter(V * s, labels)
+        fitted = []
+        for reg in regs:
+            metric = clone(self).set_params(reg=reg)
+            # _solve_scatter overwrites its M_D; M_S + λI is a new array
+            scaled = metric._solve_scatter(m_same, m_diff.copy(), _BlockProducts(None, np.float64))
+            coeffs = (V / s) @ scaled
+            metric.components_ = (centred.T @ coeffs.astype(centred.dtype)).astype(np.float64)
+            fitted.append(metric)
+        return fitted
+
+    def _centred_gram(self, X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the centred samples, their n×n Gram matrix in float64), after `fit`'s checks."""
         X = np.asarray(X)
         labels = np.asarray(labels)
         if X.ndim != 2 or X.shape[0] != labels.shape[0]:
@@ -214,10 +279,7 @@ class CFML(BaseEstimator):
         dtype = np.float32 if X.dtype == np.float32 else np.float64
         centred = np.array(X, dtype=dtype, copy=self.copy or None)
         centred -= centred.mean(axis=0, dtype=np.float64).astype(dtype)
-        gram = (centred @ centred.T).astype(np.float64)  # n×n, = V S² Vᵀ
-        coeffs = self._solve_gram(gram, labels)
-        self.components_ = (centred.T @ coeffs.astype(dtype)).astype(np.float64)  # W = U A √γ
-        return self
+        return centred, (centred @ centred.T).astype(np.float64)  # n×n, = V S² Vᵀ
 
     def fit_chunks(
         self,
@@ -308,14 +370,18 @@ class CFML(BaseEstimator):
     def _solve_gram(self, gram: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The n × m coefficients of W in the centred samples, from their Gram matrix (which it
         overwrites); sets `eigenvalues_` and `rank_`."""
+        V, s = self._gram_basis(gram)
+        # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
+        return (V / s) @ self._solve_coordinates(V * s, labels)  # n × m
+
+    def _gram_basis(self, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(V, s) of the Gram matrix's eigenpairs above `rtol` (it overwrites the Gram): the
+        centred samples' coordinates in the orthonormal basis of their span are V·s."""
         np.add(gram, gram.T, out=gram)  # symmetrise in place: (g + gᵀ)·½, no third n×n array
         gram *= 0.5
         eigenvalues, V = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True)
         keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
-        s = np.sqrt(eigenvalues[keep])
-        V = V[:, keep]
-        # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
-        return (V / s) @ self._solve_coordinates(V * s, labels)  # n × m
+        return V[:, keep], np.sqrt(eigenvalues[keep])
 
     def _fit_primal(
         self, centred, offsets: np.ndarray, labels: np.ndarray, n_features: int, products

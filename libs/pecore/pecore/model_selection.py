@@ -18,7 +18,15 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["CFML_DIMS", "METRICS", "evaluate_fold", "fold_seed", "paper_tables"]
+__all__ = [
+    "CFML_DIMS",
+    "METRICS",
+    "evaluate_fold",
+    "fold_seed",
+    "lambda_key",
+    "paper_tables",
+    "unit_at_lambda",
+]
 
 #: CFML output dimensions scored for every (fold, D); the paper's headline is the last.
 CFML_DIMS = tuple(range(1, 11))
@@ -62,6 +70,7 @@ def evaluate_fold(
     progress: Callable[[int], object] | None = None,
     sealed: bool = False,
     patch_tile: int | None = None,
+    extra_lambdas: Sequence[float] = (),
 ) -> dict[int, dict[str, object]]:
     """Learn on the database folds, evaluate the queries of `query_fold`, for every D.
 
@@ -109,12 +118,18 @@ def evaluate_fold(
     patch_tile : int, optional
         Tile-reflected patches (`pecore.features.extract_patches`' `tile`; pe-roi's "-rf"
         spellings): every patch from its centre's own tile, reflected at the tile border.
+    extra_lambdas : sequence of float, default ()
+        More CFML ridge values scored on the same Fisher vectors (`pecore.metric.CFML.fit_path`:
+        the λ-independent work once).  Empty: `metric_lambda` alone, fitted as always.
 
     Returns
     -------
     dict of int to dict
         Per D: fold, sizes, model facts (PCA/FV dimensions, GMM iterations, CFML rank and
-        eigenvalues), ``timings_s`` and ``by_dim`` (CFML dim → mAP, P@5, P@10, per_class).
+        eigenvalues), ``timings_s`` and ``by_dim`` (CFML dim → mAP, P@5, P@10, per_class), all
+        at `metric_lambda`; with `extra_lambdas` also ``extra_lambdas``: `lambda_key`(λ) →
+        {metric_lambda, cfml_rank, cfml_eigenvalues, cfml_s, by_dim} per extra λ
+        (`unit_at_lambda` gives the unit as a run with that `metric_lambda` would).
     """
     from pecore.evaluate import retrieval_metrics
     from pecore.fisher import FisherVectorEncoder
@@ -125,6 +140,7 @@ def evaluate_fold(
     if sealed and patch_tile is not None:
         raise ValueError("tile-reflected patches (patch_tile) are a pe-roi option, not sealed's")
     sizes = list(dictionary_sizes)
+    extras = [float(reg) for reg in extra_lambdas if float(reg) != float(metric_lambda)]
     train = np.flatnonzero(folds != query_fold)
     query = np.flatnonzero(folds == query_fold)
     timings: dict[str, float] = {}
@@ -178,22 +194,28 @@ def evaluate_fold(
         fv_dim = int(fv.shape[1])
         start = time.perf_counter()
         # fv[train] is a fresh copy already, so CFML may centre it in place
-        metric = CFML(reg=metric_lambda, n_components=max(CFML_DIMS), copy=False).fit(
-            fv[train], labels[train]
-        )
-        projected = metric.transform(fv)
-        cfml_s = time.perf_counter() - start
+        estimator = CFML(reg=metric_lambda, n_components=max(CFML_DIMS), copy=False)
+        if extras:
+            metrics = estimator.fit_path(fv[train], labels[train], [metric_lambda, *extras])
+        else:  # the one-λ path as it always ran
+            metrics = [estimator.fit(fv[train], labels[train])]
+        fitted = []
+        for metric in metrics:
+            projected = metric.transform(fv)
+            by_dim = {}
+            for dim in CFML_DIMS:
+                if dim > projected.shape[1]:
+                    break
+                scores = retrieval_metrics(
+                    projected[query, :dim], labels[query], projected[train, :dim], labels[train]
+                )
+                scores.pop("ap")
+                scores["per_class"] = {str(c): v for c, v in scores["per_class"].items()}
+                by_dim[str(dim)] = scores
+            fitted.append((metric, by_dim))
+        cfml_s = (time.perf_counter() - start) / len(metrics)  # per λ, the shared work split
         del fv
-        by_dim = {}
-        for dim in CFML_DIMS:
-            if dim > projected.shape[1]:
-                break
-            scores = retrieval_metrics(
-                projected[query, :dim], labels[query], projected[train, :dim], labels[train]
-            )
-            scores.pop("ap")
-            scores["per_class"] = {str(c): v for c, v in scores["per_class"].items()}
-            by_dim[str(dim)] = scores
+        metric, by_dim = fitted[0]
         gmm = model.gmms[size]
         out[size] = {
             "fold": query_fold,
@@ -212,7 +234,68 @@ def evaluate_fold(
             "timings_s": {**timings, "cfml_s": cfml_s},
             "by_dim": by_dim,
         }
+        if extras:
+            out[size]["metric_lambda"] = float(metric_lambda)
+            out[size]["extra_lambdas"] = {
+                lambda_key(reg): {
+                    "metric_lambda": reg,
+                    "cfml_rank": int(other.rank_),
+                    "cfml_eigenvalues": other.eigenvalues_.tolist(),
+                    "cfml_s": cfml_s,
+                    "by_dim": other_by_dim,
+                }
+                for reg, (other, other_by_dim) in zip(extras, fitted[1:], strict=True)
+            }
     return out
+
+
+def lambda_key(reg: float) -> str:
+    """The spelling of a CFML ridge λ in results (``repr`` of the float: "0.00015").
+
+    Examples
+    --------
+    >>> lambda_key(1.5e-4), lambda_key(1)
+    ('0.00015', '1.0')
+    """
+    return repr(float(reg))
+
+
+def unit_at_lambda(unit: dict[str, object], reg: float) -> dict[str, object]:
+    """One `evaluate_fold` result (one D) as a run with ``metric_lambda=reg`` would return it.
+
+    Parameters
+    ----------
+    unit : dict
+        A result of `evaluate_fold`: `reg` is its ``metric_lambda`` or among its
+        ``extra_lambdas`` (a unit without either key was fitted at one λ, taken to be `reg`).
+    reg : float
+        The ridge λ.
+
+    Returns
+    -------
+    dict
+        The unit with the CFML facts, ``timings_s["cfml_s"]`` and ``by_dim`` at `reg`, and
+        neither ``metric_lambda`` nor ``extra_lambdas``.
+
+    Raises
+    ------
+    KeyError
+        If the unit holds no result at `reg`.
+    """
+    base = {k: v for k, v in unit.items() if k not in ("extra_lambdas", "metric_lambda")}
+    extras = unit.get("extra_lambdas") or {}
+    if lambda_key(reg) not in extras:
+        if float(unit.get("metric_lambda", reg)) != float(reg):
+            raise KeyError(f"no result at λ = {reg} in this unit")
+        return base
+    at = extras[lambda_key(reg)]
+    return {
+        **base,
+        "cfml_rank": at["cfml_rank"],
+        "cfml_eigenvalues": at["cfml_eigenvalues"],
+        "timings_s": {**base["timings_s"], "cfml_s": at["cfml_s"]},
+        "by_dim": at["by_dim"],
+    }
 
 
 @cache

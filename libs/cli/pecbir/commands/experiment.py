@@ -26,6 +26,16 @@ def _int_list(text: str) -> list[int]:
         ) from exc
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
 def _str_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -96,6 +106,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="encoding threads")
     parser.add_argument("--n-train-patches", type=int, default=300_000)
     parser.add_argument(
+        "--metric-lambdas",
+        type=_float_list,
+        default=[1.5e-4],
+        help="CFML ridge values λ, scored on the same Fisher vectors; the first is the "
+        "headline (tables.md's Table 1), every one is recorded (results.json "
+        "summary_by_lambda, a λ table in tables.md) (default 1.5e-4, Cheng's value)",
+    )
+    parser.add_argument(
         "--variant-roi",
         choices=("cloud", "owner"),
         default="cloud",
@@ -150,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         folds=tuple(folds),
         fold_file=args.fold_file,
         n_train_patches=args.n_train_patches,
+        metric_lambda=args.metric_lambdas[0],
+        extra_lambdas=tuple(args.metric_lambdas[1:]),
         seed=args.seed,
         key_seed=args.key_seed,
         n_jobs=args.jobs,
