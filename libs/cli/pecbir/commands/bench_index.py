@@ -312,17 +312,17 @@ def _whole_task_processes(
         with tqdm(total=len(ids), desc=f"index {version} x{processes}", unit="img") as bar:
             while exited < processes:
                 try:
-                    kind, value, poison = out.get(timeout=5)
+                    kind, value, detail = out.get(timeout=5)  # detail: poison or error
                 except queue.Empty:
                     died = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
                     if died:
                         raise RuntimeError(f"a worker process died (exit {died[0]})") from None
                     continue
                 if kind == "failed":
-                    failed.append(poison)
+                    failed.append(detail)
                     continue
-                if poison:
-                    raise RuntimeError(f"poison in the benchmark: {poison}")
+                if detail:
+                    raise RuntimeError(f"poison in the benchmark: {detail}")
                 if kind == "done":
                     indexed += value[0]
                     done += value[0] + value[1]
