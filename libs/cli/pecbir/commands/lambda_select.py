@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from pecbir.commands.experiment import _float_list, _int_list, _str_list
+from pecore.metric import CFML
 
-BASELINE = 1.5e-4
-DEFAULT_LAMBDAS = "1.5e-4,1e-3,1e-2,1e-1,1"
+BASELINE = CFML().reg  # Cheng's λ, the estimator's default
+DEFAULT_LAMBDAS = f"{BASELINE},1e-3,1e-2,1e-1,1"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
