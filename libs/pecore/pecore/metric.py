@@ -35,6 +35,7 @@ n×n Gram cannot be held and the rank cap loses the discriminative directions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -449,13 +450,14 @@ class CFML(BaseEstimator):
         # only the leading n_components eigenpairs are ever used: ask LAPACK for just those
         # (B-normalised like the full solve; about 10x faster than all r of them)
         n_wanted = min(self.n_components, r)
-        gammas, A = scipy.linalg.eigh(
-            np.asarray(m_diff, dtype=np.float64),
-            m_same + self.reg * np.eye(r),
-            subset_by_index=[r - n_wanted, r - 1],
-            overwrite_a=True,
-            overwrite_b=True,
-        )
+        with _lapack_threads(r):
+            gammas, A = scipy.linalg.eigh(
+                np.asarray(m_diff, dtype=np.float64),
+                m_same + self.reg * np.eye(r),
+                subset_by_index=[r - n_wanted, r - 1],
+                overwrite_a=True,
+                overwrite_b=True,
+            )
         order = np.argsort(gammas)[::-1]
         gammas, A = gammas[order], A[:, order]
         positive = gammas > 0
@@ -517,6 +519,21 @@ class CFML(BaseEstimator):
         for start in range(0, X.shape[0], 512):  # float64 without copying all of X at once
             out[start : start + 512] = X[start : start + 512].astype(np.float64) @ W
         return out
+
+
+#: From this matrix side on the generalised solve runs LAPACK on one thread: the threaded
+#: Cholesky of SciPy's OpenBLAS 0.3.30 (scipy-openblas32, Haswell kernels) crashed the process
+#: (SIGSEGV) at 16 384 on a 2-core machine, one thread did not (the primal solve at F >= 16 384).
+_ONE_THREAD_FROM = 16_384
+
+
+def _lapack_threads(side: int):
+    """The BLAS thread limit for a generalised eigensolve of this side (`_ONE_THREAD_FROM`)."""
+    if side < _ONE_THREAD_FROM:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 class _BlockProducts:
