@@ -129,7 +129,7 @@ def _unit_file(cache: Path, condition, fields: dict[str, object]) -> Path:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pecbir.commands.pe_roi_select import _Rows
+    from pecbir.commands.pe_roi_select import _Rows, training_split
     from pecbir.experiment import (
         ALGORITHM_VERSION,
         Condition,
@@ -157,14 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("lambda-select compares cipher conditions (per-image keys)")
     data_path = Path(args.data) if args.data else default_data_path()
     data = load_figshare(data_path, cache_dir=args.cache)
-    keep = np.flatnonzero(data.folds != args.outer_fold)
-    folds = np.asarray(data.folds)[keep]
-    if not np.any(folds == args.inner_fold):
-        raise ValueError(f"inner fold {args.inner_fold} has no images outside the outer fold")
-    images = _Rows(data.images, keep)
-    masks = _Rows(data.masks, keep)
-    labels = np.asarray(data.labels)[keep]
-    ids = np.asarray(data.index)[keep]
+    images, masks, labels, ids, folds = training_split(data, args.outer_fold, args.inner_fold)
     (args.cache / "lambda_selection").mkdir(parents=True, exist_ok=True)
     units: dict[str, dict[int, dict[int, dict[float, dict[str, object]]]]] = {}
     for condition in conditions:
@@ -184,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                         "condition": condition.seed_name,
                         "outer": args.outer_fold,
                         "inner": args.inner_fold,
-                        "n_images": int(keep.size),
+                        "n_images": len(folds),
                         "D": size,
                         "seed": seed,
                         "key_seed": args.key_seed,
@@ -244,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "pecbir " + " ".join(sys.argv[1:]),
         "outer_fold_left_out": args.outer_fold,
         "inner_query_fold": args.inner_fold,
-        "n_images": int(keep.size),
+        "n_images": len(folds),
         "dictionary_sizes": sizes,
         "metric_lambdas": lambdas,
         "seeds": list(args.seeds),

@@ -54,6 +54,17 @@ class _Rows:
         return np.asarray(self.stack[self.rows[i]])
 
 
+def training_split(data, outer_fold: int, inner_fold: int):
+    """(images, masks, labels, ids, folds) of the slices outside `outer_fold` (images and
+    masks read on access), for the inner protocol: `inner_fold` queries the other folds."""
+    keep = np.flatnonzero(data.folds != outer_fold)
+    folds = np.asarray(data.folds)[keep]
+    if not np.any(folds == inner_fold):
+        raise ValueError(f"inner fold {inner_fold} has no images outside the outer fold")
+    labels, ids = np.asarray(data.labels)[keep], np.asarray(data.index)[keep]
+    return _Rows(data.images, keep), _Rows(data.masks, keep), labels, ids, folds
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pe-roi-select",
@@ -226,10 +237,7 @@ def run(args: argparse.Namespace) -> int:
         )
     data_path = Path(args.data) if args.data else default_data_path()
     data = load_figshare(data_path, cache_dir=args.cache)
-    keep = np.flatnonzero(data.folds != args.outer_fold)
-    folds = np.asarray(data.folds)[keep]
-    if not np.any(folds == args.inner_fold):
-        raise ValueError(f"inner fold {args.inner_fold} has no images outside the outer fold")
+    images, masks, labels, ids, folds = training_split(data, args.outer_fold, args.inner_fold)
     conditions = [Condition(n, "per-image") for n in names]
     explicit = {c.name: RoiCipher.from_name(c.scheme).legacy_name for c in conditions}
     recompute = {
@@ -237,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     }
     reused = {
         name: unit
-        for name, unit in _reusable_units(args, int(keep.size)).items()
+        for name, unit in _reusable_units(args, len(folds)).items()
         if name not in recompute
     }
     results: dict[str, dict[str, object]] = {
@@ -245,10 +253,6 @@ def run(args: argparse.Namespace) -> int:
     }
     todo = [c for c in conditions if c.name not in results]
     if todo:
-        images = _Rows(data.images, keep)
-        masks = _Rows(data.masks, keep)
-        labels = np.asarray(data.labels)[keep]
-        ids = np.asarray(data.index)[keep]
         stacks = cipher_images(images, ids, todo, args.key_seed, args.cache, masks=masks)
         clouds = condition_masks(masks, ids, todo, args.key_seed, args.cache)
         config = ExperimentConfig(n_jobs=args.jobs)
@@ -293,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "pecbir " + " ".join(sys.argv[1:]),
         "outer_fold_left_out": args.outer_fold,
         "inner_query_fold": args.inner_fold,
-        "n_images": int(keep.size),
+        "n_images": len(folds),
         "dictionary_size": args.dict_size,
         "roi_ssim_max": args.roi_ssim_max,
         "attack_stages": list(ATTACK_STAGES),
