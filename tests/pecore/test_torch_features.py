@@ -90,6 +90,13 @@ def test_device_dilation_equals_dilate_mask():
         expected = np.stack([dilate_mask(m, radius) for m in masks])
         np.testing.assert_array_equal(device, expected, err_msg=f"radius {radius}")
     assert not dilate_masks(torch.from_numpy(masks[1:2]), 24).any()
+    # 63 masks share an int64 word: 130 masks fill two words and part of a third
+    many = rng.random((130, 30, 31)) > 0.99
+    many[64] = False
+    np.testing.assert_array_equal(
+        dilate_masks(torch.from_numpy(many), 4).numpy(),
+        np.stack([dilate_mask(m, 4) for m in many]),
+    )
     # masks dilated on the device give the Fisher vectors of masks dilated on the host
     data = make_synthetic(n_images=8, size=48, seed=2)
     pipe = CBIRPipeline(**PARAMS).fit(data.images, data.masks, data.labels)
@@ -102,6 +109,17 @@ def test_device_dilation_equals_dilate_mask():
         dilate_masks(torch.from_numpy(masks), -1)
     with pytest.raises(ValueError, match="n, height, width"):
         dilate_masks(torch.from_numpy(masks[0]), 1)
+
+
+def test_a_batch_without_roi_pixels_gives_zero_vectors(data, fitted):
+    features = TorchFeatures(fitted.pca_, fitted.gmm_, n_regions=8, patch_size=9, device="cpu")
+    empty = np.zeros_like(data.masks[:3])
+    fv = features.fisher_vectors(data.images[:3], empty)
+    assert fv.dtype == np.float32 and fv.shape == (3, features.n_features) and not fv.any()
+    np.testing.assert_array_equal(fv, fitted.fisher_vectors(data.images[:3], empty))
+    w = fitted.metric_.components_[:, :2]
+    projected = features.transform(data.images[:3], empty, w)
+    assert projected.dtype == np.float64 and projected.shape == (3, 2) and not projected.any()
 
 
 def test_subregions_and_patches_are_exact_on_tie_heavy_images():
