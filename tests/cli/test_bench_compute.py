@@ -46,8 +46,13 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
     argv += ["--n-train-patches", "2000", "--images", "6,10", "--feature-images", "4"]
     argv += ["--distinct", "4", "--cpu-images", "3", "--batch-size", "4", "--device", "cpu"]
     argv += ["--feature-threads", "1,2"]
-    # discarding: also by two worker processes; writing: also the device's stage profile
-    argv += ["--discard-features", "--processes", "1,2"] if discard else ["--stages"]
+    # discarding: also by two worker processes; writing: also the device's stage profile and
+    # the feature step by two processes
+    argv += (
+        ["--discard-features", "--processes", "1,2"]
+        if discard
+        else ["--stages", "--feature-processes", "2"]
+    )
     assert main([*argv, "--store", str(tmp_path / "store"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     # every id indexed once, hard-linked ids included; records written or counted, not both
@@ -61,6 +66,10 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
         assert all(v > 0 for v in stages.values())
     rates = report["feature_step_images_per_s"]["torch_by_batches_in_flight"]
     assert set(rates) == {"1", "2"} and all(r > 0 for r in rates.values())
+    by_processes = report["feature_step_images_per_s"]["torch_by_processes_two_batches_each"]
+    assert (
+        (set(by_processes) == {"2"} and by_processes["2"] > 0) if not discard else not by_processes
+    )
     features = list((tmp_path / "store").rglob("features/*/*.npz"))
     assert (report["feature_record_bytes_discarded"] > 0) == discard
     # the CPU reference (a warm-up image + 3 timed) always writes its records

@@ -73,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="1",
         help="comma-separated counts of feature-step batches in flight (threads, own streams)",
     )
+    parser.add_argument(
+        "--feature-processes",
+        default="",
+        help="comma-separated counts of processes sharing the device in the feature step "
+        "(each with two batches in flight, as a GPU worker's prefork pool)",
+    )
     parser.add_argument("--images", default="4096", help="comma-separated whole-task runs (ids)")
     parser.add_argument("--distinct", type=int, default=2000, help="distinct stored images")
     parser.add_argument("--cpu-images", type=int, default=100, help="images the CPU task indexes")
@@ -98,11 +104,12 @@ def _model(args: argparse.Namespace, data) -> object:
     return pipeline
 
 
-def _canvases(data, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Full-size cipher slices: crop i at a seeded place in 512² keyed noise, its mask likewise
-    (tumours lie anywhere in a slice: a batch's masks do not share one corner)."""
+def _canvases(data, n: int, start: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Full-size cipher slices `start` ≤ i < `start` + `n`: crop i at a seeded place in 512²
+    keyed noise, its mask likewise (tumours lie anywhere in a slice: a batch's masks do not
+    share one corner)."""
     images, masks = [], []
-    for i in range(n):
+    for i in range(start, start + n):
         crop, mask = data.images[i % len(data.labels)], data.masks[i % len(data.labels)]
         rng = np.random.default_rng(i)
         canvas = rng.integers(0, 256, (CANVAS, CANVAS), dtype=np.uint8)
@@ -351,15 +358,18 @@ def _whole_task_processes(
     }
 
 
-def _feature_step(pipeline, images, masks, batch: int, threads: int = 1) -> float:
+def _feature_step(
+    pipeline, images, masks, batch: int, threads: int = 1, *, warm: bool = True
+) -> float:
     """Images/s of `transform` (Fisher vectors + projection, as the indexer) on decoded images
     (one warm-up batch first), with `threads` batches in flight, each thread on its own CUDA
     stream: one batch's host work (boxes, crops, page-locked copies) then overlaps another's
     device work, as in a GPU worker running several batches at once."""
     import contextlib
 
-    pipeline.transform(images[:batch], masks[:batch])  # kernels, the model's tensors, W
-    _sync(pipeline)
+    if warm:
+        pipeline.transform(images[:batch], masks[:batch])  # kernels, the model's tensors, W
+        _sync(pipeline)
     on_cuda = pipeline.backend == "torch" and str(pipeline.device or "").startswith("cuda")
 
     def one(start: int) -> None:
@@ -377,6 +387,71 @@ def _feature_step(pipeline, images, masks, batch: int, threads: int = 1) -> floa
         list(pool.map(one, range(0, len(images), batch)))
     _sync(pipeline)
     return len(images) / (time.perf_counter() - started)
+
+
+def _feature_step_processes(args, blob: bytes, device: str, processes: int) -> float:
+    """Images/s of the feature step run by `processes` processes sharing the device, each on
+    its own share of `--feature-images` slices with two batches in flight: a GPU worker's
+    prefork pool, where one process's host work (under its own GIL) overlaps the others'.
+    The clock starts once every process has decoded its slices and run a warm-up batch."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    out, start = ctx.Queue(), ctx.Event()
+    share = args.feature_images // processes
+    workers = [
+        ctx.Process(
+            target=_feature_worker,
+            args=(str(args.crops), blob, device, p * share, share, args.batch_size, (out, start)),
+        )
+        for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in workers:
+            kind, detail = out.get(timeout=600)
+            if kind != "ready":
+                raise RuntimeError(f"a feature-step process failed: {detail}")
+        started = time.perf_counter()
+        start.set()
+        for _ in workers:
+            kind, detail = out.get(timeout=600)
+            if kind != "done":
+                raise RuntimeError(f"a feature-step process failed: {detail}")
+        return share * processes / (time.perf_counter() - started)
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _feature_worker(
+    crops: str, blob: bytes, device: str, first: int, n: int, batch: int, queues
+) -> None:
+    """One process of `_feature_step_processes`."""
+    from pecbir.commands.bench_gpu import _load_crops
+    from pecore.pipeline import CBIRPipeline
+
+    out, start = queues
+    try:
+        images, masks = _canvases(_load_crops(Path(crops)), n, start=first)
+        pipeline = CBIRPipeline.load(io.BytesIO(blob))
+        pipeline.set_params(backend="torch", device=device)
+        pipeline.transform(images[:batch], masks[:batch])  # kernels, the model's tensors, W
+        _sync(pipeline)
+    except Exception as exc:
+        out.put(("failed", f"{type(exc).__name__}: {exc}"[:300]))
+        return
+    out.put(("ready", ""))
+    start.wait()
+    try:
+        _feature_step(pipeline, images, masks, batch, threads=2, warm=False)
+    except Exception as exc:
+        out.put(("failed", f"{type(exc).__name__}: {exc}"[:300]))
+        return
+    out.put(("done", ""))
 
 
 def _stage_profile(pipeline, images, masks, batch: int) -> dict[str, dict[str, float]]:
@@ -503,6 +578,10 @@ def run(args: argparse.Namespace) -> int:
         )
         for threads in feature_threads
     }
+    feature_processes = {
+        processes: _feature_step_processes(args, blob.getvalue(), device, processes)
+        for processes in (int(n) for n in args.feature_processes.split(",") if n)
+    }
     stages = (
         _stage_profile(
             torch_pipe, images[: args.feature_images], masks[: args.feature_images], args.batch_size
@@ -577,6 +656,7 @@ def run(args: argparse.Namespace) -> int:
         "bus": "in-process (no Redis on the device machine)",
         "feature_step_images_per_s": {
             "torch_by_batches_in_flight": feature_torch,
+            "torch_by_processes_two_batches_each": feature_processes,
             "cpu_one_process": feature_cpu,
         },
         "device_stages_ms_per_image": stages and stages["stages"],
@@ -597,7 +677,10 @@ def run(args: argparse.Namespace) -> int:
         f"device {device} ({report['device_name']}), D = {args.size}, d = {report['pca_dims']}, "
         f"FV {fisher_dim}"
     )
-    in_flight = ", ".join(f"{n} in flight {r:,.0f}" for n, r in feature_torch.items())
+    in_flight = ", ".join(
+        [f"{n} in flight {r:,.0f}" for n, r in feature_torch.items()]
+        + [f"{n} processes {r:,.0f}" for n, r in feature_processes.items()]
+    )
     print(f"feature step, img/s: torch {in_flight}; one CPU process {feature_cpu:,.1f}")
     if stages:
         for name, times in stages.items():
