@@ -3,6 +3,7 @@ JSON their results/gpu/ files are made of (figures are measured there, never ass
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -35,6 +36,11 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["memory", "streamed", "capped", "primal"]
     assert all(r["outcome"] == "fitted" and r["peak_rss_bytes"] > 0 for r in rows)
+    if importlib.util.find_spec("torch") is not None:  # float32 primal on a device, 60 < F
+        device = ["--modes", "primal", "--device", "cpu", "--limit-gib", "0"]
+        assert main([*argv, *device, "--out", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["outcome"] == "refused" and "solver='dual'" in row["reason"]
 
 
 @pytest.mark.parametrize("discard", [False, True])

@@ -146,6 +146,20 @@ def test_primal_fit_on_a_torch_device_equals_numpy():
     assert float(torch32.eigen_residuals_.max()) < 1e-3
 
 
+def test_float32_primal_fit_on_a_torch_device_refuses_fewer_templates_than_features():
+    """With n − classes < F, M_S + λI is λ in directions M_S does not reach, where float32
+    round-off is of λ's order: the solve would return spurious pairs, so it is refused; float64
+    chunks, or enough templates, are solved."""
+    pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
+    X, labels = _ranked_data(62, 60, seed=10)  # 62 − 3 classes < 60 features
+    with pytest.raises(ValueError, match=r"62 templates, 3 classes, F = 60.*solver='dual'"):
+        CFML(solver="primal").fit_chunks([X.astype(np.float32)], labels, device="cpu")
+    float64 = CFML(n_components=2, solver="primal").fit_chunks([X], labels, device="cpu")
+    assert float64.eigenvalues_.shape == (2,)
+    X, labels = _ranked_data(63, 60, seed=10)
+    CFML(n_components=2, solver="primal").fit_chunks([X.astype(np.float32)], labels, device="cpu")
+
+
 def test_primal_fit_on_a_torch_device_returns_when_the_spectrum_clusters():
     """Ten wanted pairs, eight of them in a cluster float32 cannot resolve: the iteration cap
     ends the solve (an uncapped LOBPCG need not return) and the residuals say so."""

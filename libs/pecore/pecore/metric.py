@@ -30,7 +30,11 @@ chunk, time n·F² for the statistics plus the F×F generalised eigensolve of th
 `n_components` pairs (LAPACK on the CPU; LOBPCG on a torch device). It equals the dual solve:
 directions outside the data's span have M_S w = M_D w = 0, so γ = 0 and they are never kept.
 It is the consortium-scale path where n ≫ F (10⁵ templates, F ≈ 8·10⁴ at D = 64), where the
-n×n Gram cannot be held and the rank cap loses the discriminative directions.
+n×n Gram cannot be held and the rank cap loses the discriminative directions. In float32 on a
+torch device it needs more templates than features plus classes: with fewer, M_S + λI has
+eigenvalues equal to λ in the directions M_S does not reach, float32 round-off of the
+statistics is of λ's order there, and LOBPCG returns spurious leading pairs (γ ≈ 10⁴ where the
+float64 solve gives 1; results/gpu/primal_float32_check.py), so that case is refused.
 """
 
 from __future__ import annotations
@@ -324,10 +328,22 @@ class CFML(BaseEstimator):
             raise ValueError(f"chunks of {sum(sizes)} rows but {labels.shape[0]} labels")
         if self.n_components < 1:
             raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        if self.solver not in ("dual", "primal"):
+            raise ValueError(f"solver must be 'dual' or 'primal', got {self.solver!r}")
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         first = np.asarray(chunks[0])
         dtype = np.float32 if first.dtype == np.float32 else np.float64
-        total = np.zeros(first.shape[1], dtype=np.float64)
+        n, n_classes, n_features = int(offsets[-1]), len(np.unique(labels)), first.shape[1]
+        # M_S cannot have full rank below F + classes templates: see the module doc
+        float32_device = device is not None and dtype == np.float32
+        if self.solver == "primal" and float32_device and n - n_classes < n_features:
+            raise ValueError(
+                f"the float32 primal solve needs more templates than features plus "
+                f"classes ({n} templates, {n_classes} classes, F = {n_features}): "
+                "round-off in the directions M_S does not reach is of the ridge's order "
+                "and gives spurious eigenpairs; use solver='dual' or float64 chunks"
+            )
+        total = np.zeros(n_features, dtype=np.float64)
         for i in range(len(chunks)):
             total += np.asarray(chunks[i]).sum(axis=0, dtype=np.float64)
         mean = (total / offsets[-1]).astype(dtype)
@@ -336,13 +352,11 @@ class CFML(BaseEstimator):
         def centred(i: int) -> np.ndarray:
             return np.asarray(chunks[i], dtype=dtype) - mean
 
-        if self.solver not in ("dual", "primal"):
-            raise ValueError(f"solver must be 'dual' or 'primal', got {self.solver!r}")
         if self.solver == "primal":
-            self.components_ = self._fit_primal(centred, offsets, labels, first.shape[1], products)
+            self.components_ = self._fit_primal(centred, offsets, labels, n_features, products)
             return self
         if self.max_rank is not None and offsets[-1] - 1 > self.max_rank:
-            basis = self._principal_basis(centred, offsets, first.shape[1], products)
+            basis = self._principal_basis(centred, offsets, n_features, products)
             Z = np.concatenate(
                 [products.numpy(products.put(centred(i)) @ basis) for i in range(len(chunks))]
             ).astype(np.float64)
@@ -361,7 +375,7 @@ class CFML(BaseEstimator):
             del outer
         coeffs = self._solve_gram(gram, labels)
         del gram
-        components = np.zeros((first.shape[1], coeffs.shape[1]), dtype=np.float64)
+        components = np.zeros((n_features, coeffs.shape[1]), dtype=np.float64)
         for i in range(len(chunks)):
             part = coeffs[offsets[i] : offsets[i + 1]].astype(dtype)
             components += products.weighted(products.put(centred(i)), part)

@@ -129,6 +129,7 @@ def child(
     labels = _labels(n)
     device = device or None
     started = time.perf_counter()
+    reason = None
     try:
         if mode == "memory":
             X = np.concatenate([np.load(p) for p in paths])
@@ -143,9 +144,13 @@ def child(
         outcome = "fitted"
     except MemoryError:
         outcome = "MemoryError"
+    except ValueError as exc:  # a solve CFML refuses (the float32 primal below F templates)
+        outcome, reason = "refused", str(exc)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"outcome": outcome, "seconds": seconds, "peak_rss_bytes": peak}
+    if reason:
+        result["reason"] = reason
     residuals = getattr(metric, "eigen_residuals_", None) if outcome == "fitted" else None
     if residuals is not None:  # how far the capped LOBPCG got
         result["eigen_residuals"] = [float(r) for r in residuals]
