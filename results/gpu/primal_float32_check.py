@@ -4,8 +4,9 @@ with fewer and with more templates than features.
 
 Synthetic templates as `pecbir bench-training` draws them (three classes). The float32 solve is
 run through `CFML._fit_primal`, past the refusal in `fit_chunks`. Prints, per N: the leading
-eigenvalues of both, the largest LOBPCG residual, and the smallest cosine between the two
-leading directions of both fits.
+eigenvalues of each, the largest LOBPCG residual, and the smallest cosine between the two
+leading directions of each torch fit and the LAPACK one; float64 on the torch device (what
+`bench-training --dtype float64` measures) is the remedy checked on the last line.
 
     PYTHONPATH=libs/cli .venv/bin/python results/gpu/primal_float32_check.py 2048 1000,4000 300
 """
@@ -36,7 +37,7 @@ for n in [int(v) for v in sys.argv[2].split(",")]:
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])])
     fit = CFML(n_components=10, solver="primal", max_iter=MAX_ITER)
     fit.components_ = fit._fit_primal(
-        lambda i: chunks[i], offsets, labels, F, _BlockProducts("cpu", np.float32)
+        chunks.__getitem__, offsets, labels, F, _BlockProducts("cpu", np.float32)
     )
     cosines = np.linalg.svd(
         leading_plane(exact.components_).T @ leading_plane(fit.components_), compute_uv=False
@@ -46,5 +47,16 @@ for n in [int(v) for v in sys.argv[2].split(",")]:
     print(f"  float32 LOBPCG  eigenvalues {np.array2string(fit.eigenvalues_[:5], precision=4)}")
     print(
         f"  float32 residual max {fit.eigen_residuals_.max():.2e}, "
+        f"leading-plane cosine min {cosines.min():.5f}"
+    )
+    float64 = CFML(n_components=10, solver="primal", max_iter=MAX_ITER)
+    float64.fit_chunks([X.astype(np.float64)], labels, device="cpu")
+    cosines = np.linalg.svd(
+        leading_plane(exact.components_).T @ leading_plane(float64.components_),
+        compute_uv=False,
+    )
+    print(
+        f"  float64 LOBPCG  eigenvalues {np.array2string(float64.eigenvalues_[:5], precision=4)}"
+        f", residual max {float64.eigen_residuals_.max():.2e}, "
         f"leading-plane cosine min {cosines.min():.5f}"
     )

@@ -41,6 +41,11 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
         assert main([*argv, *device, "--out", str(out)]) == 0
         (row,) = json.loads(out.read_text())["rows"]
         assert row["outcome"] == "refused" and "solver='dual'" in row["reason"]
+        assert main([*argv, *device, "--dtype", "float64", "--out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        (row,) = report["rows"]
+        assert report["dtype"] == "float64" and row["outcome"] == "fitted"
+        assert row["model_bytes"] == (2 * 300 * 300 + 25 * 300) * 8
 
 
 @pytest.mark.parametrize("discard", [False, True])

@@ -10,6 +10,10 @@ memory) and reports its peak RSS:
 - `capped`: the same with `max_rank` (the randomised k-dimensional subspace);
 - `primal`: `CFML(solver="primal").fit_chunks`, the exact solve from streamed F×F statistics.
 
+`--dtype float64` reads the chunks as float64: on a torch device the primal statistics and
+LOBPCG then run in float64 (2·F² doubles: 103 GiB at F = 81 920, an H200's memory), which
+CFML needs below F + classes templates, where it refuses float32.
+
 A run that does not fit under the limit is recorded as such. The table also gives each mode's
 memory model (bytes, fitted to nothing: the arrays each path allocates) at larger N, labelled
 as a model, not a measurement. Prints a table and writes JSON.
@@ -52,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-rank", type=int, default=4096, help="k of the capped mode")
     parser.add_argument("--device", default=None, help="torch device for the block products")
     parser.add_argument("--max-iter", type=int, default=1000, help="LOBPCG cap (primal, torch)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32", help="chunks read as"
+    )
     parser.add_argument("--model-sizes", default="10000,50000,100000")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -97,14 +104,14 @@ def _write_chunks(folder: Path, n: int, features: int, chunk: int, seed: int) ->
 
 
 class _Reads(Sequence[np.ndarray]):
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
+    def __init__(self, paths: list[str], dtype: str = "float32") -> None:
+        self.paths, self.dtype = paths, np.dtype(dtype)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):  # type: ignore[override]
-        return np.load(self.paths[i])
+        return np.load(self.paths[i]).astype(self.dtype, copy=False)
 
 
 def child(
@@ -115,6 +122,7 @@ def child(
     device: str,
     max_rank: int,
     max_iter: int = 1000,
+    dtype: str = "float32",
 ) -> None:
     """One measurement, in its own process (peak RSS is per process)."""
     import logging
@@ -140,7 +148,7 @@ def child(
             rank = max_rank if mode == "capped" else None
             solver = "primal" if mode == "primal" else "dual"
             metric = CFML(n_components=10, max_rank=rank, solver=solver, max_iter=max_iter)
-            metric.fit_chunks(_Reads(paths), labels, device=device)
+            metric.fit_chunks(_Reads(paths, dtype), labels, device=device)
         outcome = "fitted"
     except MemoryError:
         outcome = "MemoryError"
@@ -167,7 +175,7 @@ def _measure(
     code = (
         "import json, sys; from pecbir.commands.bench_training import child; "
         "child(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), "
-        "sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))"
+        "sys.argv[5], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8])"
     )
     argv = [
         mode,
@@ -177,6 +185,7 @@ def _measure(
         args.device or "",
         str(args.max_rank),
         str(args.max_iter),
+        args.dtype,
     ]
     timeout = args.child_timeout or None
     try:
@@ -200,13 +209,21 @@ def _measure(
 
 
 def memory_model(
-    mode: str, n: int, features: int, chunk: int, rank: int = 4096, *, device: bool = False
+    mode: str,
+    n: int,
+    features: int,
+    chunk: int,
+    rank: int = 4096,
+    *,
+    device: bool = False,
+    itemsize: int = 4,
 ) -> int:
     """Bytes of the big arrays each path allocates (not a measurement); `device`: of the
-    primal path on a torch device, the device's bytes (the host holds one chunk at a time)."""
+    primal path on a torch device, the device's bytes (the host holds one chunk at a time),
+    in the chunks' precision (`itemsize`)."""
     if mode == "primal":
-        if device:  # the two float32 F×F statistics and a chunk, on the device
-            return 2 * features * features * 4 + chunk * features * 4
+        if device:  # the two F×F statistics and a chunk, on the device
+            return (2 * features * features + chunk * features) * itemsize
         # the two float32 F×F statistics, LAPACK's float64 copies of M_D and M_S + λI and its
         # work space, chunks
         return 2 * features * features * 4 + 3 * features * features * 8 + 3 * chunk * features * 4
@@ -234,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     limit = int(args.limit_gib * GIB)
     on_device = bool(args.device)
+    itemsize = np.dtype(args.dtype).itemsize
     rows = []
     with tempfile.TemporaryDirectory(prefix="fisher-bench-") as folder:
         paths = _write_chunks(Path(folder), max(sizes), args.features, args.chunk, args.seed)
@@ -248,14 +266,28 @@ def run(args: argparse.Namespace) -> int:
                         "mode": mode,
                         **result,
                         "model_bytes": memory_model(
-                            mode, n, args.features, args.chunk, args.max_rank, device=on_device
+                            mode,
+                            n,
+                            args.features,
+                            args.chunk,
+                            args.max_rank,
+                            device=on_device,
+                            itemsize=itemsize,
                         ),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
     model = {
         str(n): {
-            mode: memory_model(mode, n, args.features, args.chunk, args.max_rank, device=on_device)
+            mode: memory_model(
+                mode,
+                n,
+                args.features,
+                args.chunk,
+                args.max_rank,
+                device=on_device,
+                itemsize=itemsize,
+            )
             for mode in ("memory", "streamed", "capped", "primal")
         }
         for n in (int(s) for s in args.model_sizes.split(","))
@@ -268,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device or "numpy (CPU)",
         "max_rank": args.max_rank,
         "max_iter": args.max_iter,
+        "dtype": args.dtype,
         "seed": args.seed,
         "machine": {
             "python": platform.python_version(),
