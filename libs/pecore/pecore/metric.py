@@ -86,20 +86,41 @@ def pair_scatter(Z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     Z = np.asarray(Z, dtype=np.float64)
     labels = np.asarray(labels)
     n = Z.shape[0]
+    # in place throughout (r×r arrays are n×n in the dual solve), the same operations in the
+    # same order as 2.0 * n * (Z.T @ Z) - 2.0 * np.outer(t, t), so the same bits
     total = Z.sum(axis=0)
-    all_pairs = 2.0 * n * (Z.T @ Z) - 2.0 * np.outer(total, total)
+    all_pairs = Z.T @ Z
+    all_pairs *= 2.0 * n
+    _subtract_twice_outer(all_pairs, total)
     same = np.zeros_like(all_pairs)
     n_same = 0
     for c in np.unique(labels):
         Zc = Z[labels == c]
         nc = Zc.shape[0]
         sc = Zc.sum(axis=0)
-        same += 2.0 * nc * (Zc.T @ Zc) - 2.0 * np.outer(sc, sc)
+        term = Zc.T @ Zc
+        del Zc
+        term *= 2.0 * nc
+        _subtract_twice_outer(term, sc)
+        same += term
+        del term
         n_same += nc * (nc - 1)
     n_diff = n * (n - 1) - n_same
     if n_same == 0 or n_diff == 0:
         raise ValueError("CFML needs at least two classes and one class with two samples")
-    return same / n_same, (all_pairs - same) / n_diff
+    all_pairs -= same
+    all_pairs /= n_diff
+    same /= n_same
+    return same, all_pairs
+
+
+def _subtract_twice_outer(matrix: np.ndarray, v: np.ndarray, rows: int = 256) -> None:
+    """matrix −= 2·v vᵀ in place, in blocks of rows: the bits of ``matrix - 2.0 * np.outer(v,
+    v)`` without an r×r temporary."""
+    for start in range(0, len(v), rows):
+        block = np.outer(v[start : start + rows], v)
+        block *= 2.0
+        matrix[start : start + rows] -= block
 
 
 class CFML(BaseEstimator):
@@ -208,7 +229,9 @@ class CFML(BaseEstimator):
             same- or different-class pairs.
         """
         centred, gram = self._centred_gram(X, labels)
-        coeffs = self._solve_gram(gram, labels)
+        V, s = self._gram_basis(gram)
+        del gram  # overwritten by the eigensolve: n² bytes that the rest does not need
+        coeffs = self._span_coefficients(V, s, labels)
         self.components_ = (centred.T @ coeffs.astype(centred.dtype)).astype(np.float64)
         return self  # W = U A √γ
 
@@ -263,8 +286,10 @@ class CFML(BaseEstimator):
         fitted = []
         for reg in regs:
             metric = clone(self).set_params(reg=reg)
-            # _solve_scatter overwrites its M_D; M_S + λI is a new array
-            scaled = metric._solve_scatter(m_same, m_diff.copy(), _BlockProducts(None, np.float64))
+            # _solve_scatter overwrites both
+            scaled = metric._solve_scatter(
+                m_same.copy(), m_diff.copy(), _BlockProducts(None, np.float64)
+            )
             coeffs = (V / s) @ scaled
             metric.components_ = (centred.T @ coeffs.astype(centred.dtype)).astype(np.float64)
             fitted.append(metric)
@@ -373,8 +398,10 @@ class CFML(BaseEstimator):
                 gram[rows, offsets[j] : offsets[j + 1]] = block
                 gram[offsets[j] : offsets[j + 1], rows] = block.T
             del outer
-        coeffs = self._solve_gram(gram, labels)
+        V, s = self._gram_basis(gram)
         del gram
+        coeffs = self._span_coefficients(V, s, labels)
+        del V
         components = np.zeros((n_features, coeffs.shape[1]), dtype=np.float64)
         for i in range(len(chunks)):
             part = coeffs[offsets[i] : offsets[i + 1]].astype(dtype)
@@ -382,12 +409,16 @@ class CFML(BaseEstimator):
         self.components_ = components
         return self
 
-    def _solve_gram(self, gram: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """The n × m coefficients of W in the centred samples, from their Gram matrix (which it
-        overwrites); sets `eigenvalues_` and `rank_`."""
-        V, s = self._gram_basis(gram)
-        # coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples)
-        return (V / s) @ self._solve_coordinates(V * s, labels)  # n × m
+    def _span_coefficients(self, V: np.ndarray, s: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The n × m coefficients of W in the centred samples, from their Gram matrix's basis
+        (`_gram_basis`); sets `eigenvalues_` and `rank_`."""
+        # the coordinates of the centred samples in U = centredᵀ V S⁻¹ (rows = samples), V·s,
+        # live only inside pair_scatter, and V / s only once the r×r scatters are gone: at
+        # r ≈ n every array here is n×n
+        m_same, m_diff = pair_scatter(V * s, labels)
+        A_scaled = self._solve_scatter(m_same, m_diff, _BlockProducts(None, np.float64))
+        del m_same, m_diff
+        return (V / s) @ A_scaled  # n × m
 
     def _gram_basis(self, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(V, s) of the Gram matrix's eigenpairs above `rtol` (it overwrites the Gram): the
@@ -467,7 +498,7 @@ class CFML(BaseEstimator):
         with _lapack_threads(r):
             gammas, A = scipy.linalg.eigh(
                 np.asarray(m_diff, dtype=np.float64),
-                m_same + self.reg * np.eye(r),
+                _add_to_diagonal(np.asarray(m_same, dtype=np.float64), self.reg),
                 subset_by_index=[r - n_wanted, r - 1],
                 overwrite_a=True,
                 overwrite_b=True,
@@ -548,6 +579,13 @@ def _lapack_threads(side: int):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def _add_to_diagonal(matrix: np.ndarray, value: float) -> np.ndarray:
+    """matrix + value·I in place (the bits of `matrix + value * np.eye(r)`, without two more
+    r×r arrays)."""
+    matrix[np.diag_indices(matrix.shape[0])] += value
+    return matrix
 
 
 class _BlockProducts:

@@ -238,8 +238,10 @@ def memory_model(
             + 5 * rank * rank * 8
             + 3 * chunk * features * 4
         )
-    # both: the float64 Gram and LAPACK evd's ~2 n² float64 work space (the dual solve's n²)
-    solve = 3 * n * n * 8
+    # both, at the dual solve's peak (r ≈ n): the Gram's eigenvectors V, the coordinates
+    # Z = V·s, pair_scatter's two sums and one class's ZcᵀZc (n×n float64 each), and that
+    # class's rows of Z (a third of n×n: three classes)
+    solve = (5 * n * n + n * n // 3) * 8
     if mode == "memory":
         # the loaded float32 vectors, their centred copy, the float32 Gram product
         return 2 * n * features * 4 + n * n * 4 + solve
