@@ -68,6 +68,7 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
     report = json.loads(out.read_text())
     # every id indexed once, hard-linked ids included; records written or counted, not both
     rows = [(r["images"], r["processes"], r["indexed"]) for r in report["whole_task"]]
+    assert all(r["load_ms_per_image_per_thread"] > 0 for r in report["whole_task"])
     if discard:
         assert rows == [(6, 1, 6), (6, 2, 6), (10, 1, 10), (10, 2, 10)]
     else:

@@ -178,14 +178,16 @@ class _Timed:
 
     def __init__(self, func) -> None:
         self.func, self.seconds, self.calls = func, 0.0, 0
+        self._lock = threading.Lock()
 
     def __call__(self, *a, **kw):
         started = time.perf_counter()
         try:
             return self.func(*a, **kw)
         finally:
-            self.seconds += time.perf_counter() - started
-            self.calls += 1
+            with self._lock:  # called from the I/O threads at once
+                self.seconds += time.perf_counter() - started
+                self.calls += 1
 
 
 class _DiscardFeatures:
@@ -251,8 +253,8 @@ def _process_worker(
     layout = CollectionLayout(TENANT, COLLECTION)
     _, cipher, mask = load_image(rt, layout, first)
     rt.model(layout, version).fisher_vectors([cipher], [mask])  # model, kernels, allocator
-    compute = _Timed(batch._features)
-    batch._features = compute
+    compute, load = _Timed(batch._features), _Timed(batch._load)
+    batch._features, batch._load = compute, load
     out.put(("ready", 0, {}))
     start.wait()
 
@@ -271,7 +273,7 @@ def _process_worker(
         thread.start()
     for thread in threads:
         thread.join()
-    out.put(("exit", compute.seconds, {}))
+    out.put(("exit", (compute.seconds, load.seconds), {}))
 
 
 def _whole_task_processes(
@@ -314,7 +316,7 @@ def _whole_task_processes(
                 raise RuntimeError(f"worker process failed to start ({kind})")
         started = time.perf_counter()
         start.set()
-        done, indexed, feature_seconds, exited = 0, 0, 0.0, 0
+        done, indexed, feature_seconds, load_seconds, exited = 0, 0, 0.0, 0.0, 0
         failed: list[str] = []
         with tqdm(total=len(ids), desc=f"index {version} x{processes}", unit="img") as bar:
             while exited < processes:
@@ -338,7 +340,8 @@ def _whole_task_processes(
                         wall = time.perf_counter() - started
                 else:
                     exited += 1
-                    feature_seconds += value
+                    feature_seconds += value[0]
+                    load_seconds += value[1]
         if done != len(ids):
             reasons = f"; {len(failed)} batches failed, first: {failed[0]}" if failed else ""
             raise RuntimeError(f"the workers indexed {done} of {len(ids)} images{reasons}")
@@ -355,6 +358,8 @@ def _whole_task_processes(
         "images_per_s": len(ids) / wall,
         "feature_seconds_summed": feature_seconds,
         "feature_share_of_wall": feature_seconds / wall / (args.concurrency * processes),
+        # one image's store read + PNG decodes, on an I/O thread (several run at once)
+        "load_ms_per_image_per_thread": 1000 * load_seconds / len(ids),
     }
 
 
@@ -492,9 +497,9 @@ def _whole_task(rt, ids: list[str], version: str, args: argparse.Namespace) -> d
 
     from pecbir_indexer import batch
 
-    compute = _Timed(batch._features)
+    compute, load = _Timed(batch._features), _Timed(batch._load)
     publish = _Timed(rt.bus.publish)
-    batch._features, rt.bus.publish = compute, publish
+    batch._features, batch._load, rt.bus.publish = compute, load, publish
     chunks = [ids[i : i + args.batch_size] for i in range(0, len(ids), args.batch_size)]
     indexed = 0
     try:
@@ -512,7 +517,7 @@ def _whole_task(rt, ids: list[str], version: str, args: argparse.Namespace) -> d
                 bar.update(len(outcome.indexed) + len(outcome.already_indexed))
         wall = time.perf_counter() - started
     finally:
-        batch._features, rt.bus.publish = compute.func, publish.func
+        batch._features, batch._load, rt.bus.publish = compute.func, load.func, publish.func
     return {
         "images": len(ids),
         "indexed": indexed,
@@ -522,6 +527,7 @@ def _whole_task(rt, ids: list[str], version: str, args: argparse.Namespace) -> d
         "feature_seconds_summed": compute.seconds,
         "publish_seconds": publish.seconds,
         "feature_share_of_wall": compute.seconds / wall / args.concurrency,
+        "load_ms_per_image_per_thread": 1000 * load.seconds / len(ids),
     }
 
 
@@ -685,14 +691,18 @@ def run(args: argparse.Namespace) -> int:
     if stages:
         for name, times in stages.items():
             print(f"{name}, ms per image: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
-    print(f"{'images':>9} {'procs':>5} {'wall s':>8} {'img/s':>9} {'features %':>10}")
+    print(
+        f"{'images':>9} {'procs':>5} {'wall s':>8} {'img/s':>9} {'features %':>10} "
+        f"{'load ms/img':>11}"
+    )
     for r in rows:
         if "failed" in r:
             print(f"{r['images']:>9} {r['processes']:>5} failed: {r['failed']}")
             continue
         print(
             f"{r['images']:>9} {r['processes']:>5} {r['wall_seconds']:>8.1f} "
-            f"{r['images_per_s']:>9,.0f} {100 * r['feature_share_of_wall']:>9.0f}%"
+            f"{r['images_per_s']:>9,.0f} {100 * r['feature_share_of_wall']:>9.0f}% "
+            f"{r['load_ms_per_image_per_thread']:>11.2f}"
         )
     print(f"CPU index_image, one process: {cpu['images_per_s']:.1f} img/s")
     print(f"wrote {args.out}")
