@@ -252,8 +252,19 @@ def memory_model(
 def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     limit = int(args.limit_gib * GIB)
-    on_device = bool(args.device)
     itemsize = np.dtype(args.dtype).itemsize
+
+    def model_bytes(mode: str, n: int) -> int:
+        return memory_model(
+            mode,
+            n,
+            args.features,
+            args.chunk,
+            args.max_rank,
+            device=bool(args.device),
+            itemsize=itemsize,
+        )
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="fisher-bench-") as folder:
         paths = _write_chunks(Path(folder), max(sizes), args.features, args.chunk, args.seed)
@@ -263,35 +274,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"N={n} {mode} …", flush=True)
                 result = _measure(mode, used, n, limit, args)
                 rows.append(
-                    {
-                        "n_templates": n,
-                        "mode": mode,
-                        **result,
-                        "model_bytes": memory_model(
-                            mode,
-                            n,
-                            args.features,
-                            args.chunk,
-                            args.max_rank,
-                            device=on_device,
-                            itemsize=itemsize,
-                        ),
-                    }
+                    {"n_templates": n, "mode": mode, **result, "model_bytes": model_bytes(mode, n)}
                 )
                 print(json.dumps(rows[-1]), flush=True)
     model = {
-        str(n): {
-            mode: memory_model(
-                mode,
-                n,
-                args.features,
-                args.chunk,
-                args.max_rank,
-                device=on_device,
-                itemsize=itemsize,
-            )
-            for mode in ("memory", "streamed", "capped", "primal")
-        }
+        str(n): {mode: model_bytes(mode, n) for mode in ("memory", "streamed", "capped", "primal")}
         for n in (int(s) for s in args.model_sizes.split(","))
     }
     report = {
