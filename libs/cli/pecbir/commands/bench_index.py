@@ -3,11 +3,14 @@
 What a re-index costs per image, measured on the indexer's own code over a filesystem store:
 
 - **feature step**: `CBIRPipeline.transform` (Fisher vectors + projection) on decoded images
-  already in memory, in batches (the device's share of the work);
+  already in memory, in batches (the device's share of the work), with `--feature-threads`
+  batches in flight in one process, or by `--feature-processes` processes sharing the device;
 - **whole task**: `pecbir_indexer.batch.index_batch` (the GPU worker's task without Celery) over
   stored images: read and decode the cipher PNG, mask and metadata, features, write the feature
   record (fsync'd), publish the vector event (an in-process bus: the device machine has no
-  Redis); `--concurrency` batches in flight, as a worker with that many threads;
+  Redis); `--concurrency` batches in flight, as a worker with that many threads, in
+  `--processes` worker processes; the features' share of the wall time and each image's read
+  and decode time on its I/O thread say where the time goes;
 - **CPU reference**: `pecbir_indexer.work.index_image` (the CPU worker's task) image by image in
   one process, one encode thread, in the same run.
 
@@ -398,7 +401,7 @@ def _feature_step_processes(args, blob: bytes, device: str, processes: int) -> f
     """Images/s of the feature step run by `processes` processes sharing the device, each on
     its own share of `--feature-images` slices with two batches in flight: a GPU worker's
     prefork pool, where one process's host work (under its own GIL) overlaps the others'.
-    The clock starts once every process has decoded its slices and run a warm-up batch."""
+    The clock starts once every process has built its slices and run a warm-up batch."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
