@@ -94,13 +94,13 @@ def decode_mask_png(data: bytes, what: str = "mask", max_pixels: int = MAX_PIXEL
     if image.mode not in ("1", "L"):
         raise InvalidImage(f"{what}: PNG mode {image.mode!r}; expected grey ('L') or 1-bit")
     values = _load(image, what)
-    if image.mode == "L":
+    # binary: every non-zero value is the largest (two counts; np.unique's sort took 0.8 ms
+    # of a 512² mask's 1.1 ms decode, paid by every indexed image)
+    top = values.max()
+    if image.mode == "L" and top and np.count_nonzero(values) != np.count_nonzero(values == top):
         levels = np.unique(values)
-        if levels.size > 2 or (levels.size == 2 and levels[0] != 0):
-            shown = ", ".join(str(v) for v in levels[:6])
-            raise InvalidImage(
-                f"{what}: not binary (values {shown}{'…' if levels.size > 6 else ''})"
-            )
+        shown = ", ".join(str(v) for v in levels[:6])
+        raise InvalidImage(f"{what}: not binary (values {shown}{'…' if levels.size > 6 else ''})")
     mask = values.astype(bool)
     if not mask.any():
         raise InvalidImage(f"{what}: empty (no tumour pixel)")
