@@ -33,6 +33,31 @@ def test_pair_scatter_closed_form_equals_all_ordered_pairs():
         pair_scatter(X, np.zeros(9))
 
 
+def test_pair_scatter_in_place_has_the_bits_of_the_plain_formula(monkeypatch):
+    """The in-place pair_scatter (it spares the dual solve n×n arrays) must change no bit of
+    M_S or M_D, and so of W, whose results are pinned: same operations, same order."""
+    from pecore import metric
+
+    rng = np.random.default_rng(4)
+    Z = rng.standard_normal((300, 70))
+    labels = rng.integers(0, 3, 300)
+    n, total = len(Z), Z.sum(axis=0)
+    all_pairs = 2.0 * n * (Z.T @ Z) - 2.0 * np.outer(total, total)
+    same, n_same = np.zeros_like(all_pairs), 0
+    for c in np.unique(labels):
+        Zc = Z[labels == c]
+        sc = Zc.sum(axis=0)
+        same += 2.0 * len(Zc) * (Zc.T @ Zc) - 2.0 * np.outer(sc, sc)
+        n_same += len(Zc) * (len(Zc) - 1)
+    n_diff = n * (n - 1) - n_same
+    # outer products subtracted in blocks of 256 rows, and of 9 (several blocks, one partial)
+    for rows in (256, 9):
+        monkeypatch.setattr(metric._subtract_twice_outer, "__defaults__", (rows,))
+        m_same, m_diff = pair_scatter(Z, labels)
+        assert np.array_equal(m_same, same / n_same)
+        assert np.array_equal(m_diff, (all_pairs - same) / n_diff)
+
+
 @pytest.mark.parametrize(("n", "f"), [(12, 30), (40, 6)])
 def test_low_rank_reduction_equals_the_full_generalised_eigenproblem(n, f):
     X, y = _data(n, f, 1)
