@@ -148,18 +148,18 @@ def test_fit_path_needs_a_lambda_and_checks_its_input_like_fit():
         CFML().fit_path(X, y[:-1], [1.0])
 
 
-def test_large_generalised_solves_run_lapack_on_one_thread():
-    """SciPy's threaded OpenBLAS Cholesky crashed at side 16 384: from there one thread."""
+def test_large_symmetric_products_and_solves_run_blas_on_one_thread():
+    """OpenBLAS's threaded syrk crashed near side 16 000 here: from 12 000 on, one thread."""
     from threadpoolctl import threadpool_info
 
-    from pecore.metric import _ONE_THREAD_FROM, _lapack_threads
+    from pecore.metric import _ONE_THREAD_FROM, _blas_threads
 
     def blas_threads() -> set[int]:
         return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
 
     before = blas_threads()
-    with _lapack_threads(_ONE_THREAD_FROM - 1):
+    with _blas_threads(_ONE_THREAD_FROM - 1):
         assert blas_threads() == before
-    with _lapack_threads(_ONE_THREAD_FROM):
+    with _blas_threads(_ONE_THREAD_FROM):
         assert blas_threads() == {1}
     assert blas_threads() == before

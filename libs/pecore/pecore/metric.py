@@ -89,7 +89,8 @@ def pair_scatter(Z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     # in place throughout (r×r arrays are n×n in the dual solve), the same operations in the
     # same order as 2.0 * n * (Z.T @ Z) - 2.0 * np.outer(t, t), so the same bits
     total = Z.sum(axis=0)
-    all_pairs = Z.T @ Z
+    with _blas_threads(Z.shape[1]):
+        all_pairs = Z.T @ Z
     all_pairs *= 2.0 * n
     _subtract_twice_outer(all_pairs, total)
     same = np.zeros_like(all_pairs)
@@ -98,7 +99,8 @@ def pair_scatter(Z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
         Zc = Z[labels == c]
         nc = Zc.shape[0]
         sc = Zc.sum(axis=0)
-        term = Zc.T @ Zc
+        with _blas_threads(Z.shape[1]):
+            term = Zc.T @ Zc
         del Zc
         term *= 2.0 * nc
         _subtract_twice_outer(term, sc)
@@ -309,7 +311,9 @@ class CFML(BaseEstimator):
         dtype = np.float32 if X.dtype == np.float32 else np.float64
         centred = np.array(X, dtype=dtype, copy=self.copy or None)
         centred -= centred.mean(axis=0, dtype=np.float64).astype(dtype)
-        return centred, (centred @ centred.T).astype(np.float64)  # n×n, = V S² Vᵀ
+        with _blas_threads(centred.shape[0]):
+            gram = centred @ centred.T
+        return centred, gram.astype(np.float64)  # n×n, = V S² Vᵀ
 
     def fit_chunks(
         self,
@@ -425,7 +429,8 @@ class CFML(BaseEstimator):
         centred samples' coordinates in the orthonormal basis of their span are V·s."""
         np.add(gram, gram.T, out=gram)  # symmetrise in place: (g + gᵀ)·½, no third n×n array
         gram *= 0.5
-        eigenvalues, V = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True)
+        with _blas_threads(gram.shape[0]):
+            eigenvalues, V = scipy.linalg.eigh(gram, driver="evd", overwrite_a=True)
         keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
         return V[:, keep], np.sqrt(eigenvalues[keep])
 
@@ -495,7 +500,7 @@ class CFML(BaseEstimator):
         # only the leading n_components eigenpairs are ever used: ask LAPACK for just those
         # (B-normalised like the full solve; about 10x faster than all r of them)
         n_wanted = min(self.n_components, r)
-        with _lapack_threads(r):
+        with _blas_threads(r):
             gammas, A = scipy.linalg.eigh(
                 np.asarray(m_diff, dtype=np.float64),
                 _add_to_diagonal(np.asarray(m_same, dtype=np.float64), self.reg),
@@ -566,14 +571,18 @@ class CFML(BaseEstimator):
         return out
 
 
-#: From this matrix side on the generalised solve runs LAPACK on one thread: the threaded
-#: Cholesky of SciPy's OpenBLAS 0.3.30 (scipy-openblas32, Haswell kernels) crashed the process
-#: (SIGSEGV) at 16 384 on a 2-core machine, one thread did not (the primal solve at F >= 16 384).
-_ONE_THREAD_FROM = 16_384
+#: From this side of a symmetric product's or eigensolve's matrix on, BLAS and LAPACK run on
+#: one thread. OpenBLAS's threaded syrk (aᵀa and a aᵀ; also inside Cholesky and eigh) crashes
+#: the process (SIGSEGV) on this 2-core SkylakeX machine, in SciPy's 0.3.30 and numpy's
+#: 0.3.31 alike, from an output side near 16 000 (probed: 16 000 × 1 000 and 20 000 × 500
+#: crash, 15 000 × 4 000 and 14 000 × 3 000 do not; gemm of two arrays did not); one thread
+#: does not. A margin below the first crash seen.
+_ONE_THREAD_FROM = 12_000
 
 
-def _lapack_threads(side: int):
-    """The BLAS thread limit for a generalised eigensolve of this side (`_ONE_THREAD_FROM`)."""
+def _blas_threads(side: int):
+    """The BLAS thread limit for symmetric products and eigensolves whose matrices have this
+    side (`_ONE_THREAD_FROM`)."""
     if side < _ONE_THREAD_FROM:
         return contextlib.nullcontext()
     from threadpoolctl import threadpool_limits
@@ -626,7 +635,8 @@ class _BlockProducts:
     def add_product(self, acc, a, b, *, alpha: float = 1.0) -> None:
         """acc += alpha · aᵀ b, in place (on a torch device without an acc-sized temporary)."""
         if self.torch is None:
-            product = a.T @ b
+            with _blas_threads(acc.shape[0]):
+                product = a.T @ b
             if alpha != 1.0:
                 product *= alpha
             acc += product
