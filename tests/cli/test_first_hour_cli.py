@@ -117,3 +117,20 @@ def test_an_unreachable_gateway_is_one_line(tmp_path):
     assert done.stderr.count("\n") == 1, done.stderr
     assert "cannot reach the gateway" in done.stderr
     assert "PECBIR_ENCRYPTOR_GATEWAY_URL" in done.stderr
+
+
+def test_a_command_named_after_its_module_imports_that_module_alone():
+    """What lets a benchmark run on a GPU machine without the services' libraries; a command
+    registered under another name (encrypt, in crypto.py) still parses, from all modules."""
+    probe = (
+        "import sys; from pecbir.cli import build_parser; "
+        "build_parser('bench-training').parse_args(['bench-training']); "
+        "print(sorted(m for m in sys.modules if m.startswith('pecbir.commands.'))); "
+        "print('fastapi' in sys.modules, 'celery' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["['pecbir.commands.bench_training']", "False False"]
+    args = build_parser("encrypt").parse_args(["encrypt", "x.png", "--key", "k", "--out", "o"])
+    assert args.command == "encrypt"
