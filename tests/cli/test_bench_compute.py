@@ -40,7 +40,7 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
         device = ["--modes", "primal", "--device", "cpu", "--limit-gib", "0"]
         assert main([*argv, *device, "--out", str(out)]) == 0
         (row,) = json.loads(out.read_text())["rows"]
-        assert row["outcome"] == "refused" and "solver='dual'" in row["reason"]
+        assert row["outcome"] == "fitted"  # its LOBPCG multiplies in float64
         assert main([*argv, *device, "--dtype", "float64", "--out", str(out)]) == 0
         report = json.loads(out.read_text())
         (row,) = report["rows"]

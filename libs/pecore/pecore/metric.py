@@ -23,23 +23,27 @@ Where the data's rank is at most k the basis spans the data and the fit is the e
 that it is an approximation whose retrieval cost is measured (`pecbir bench-training`).
 
 With `solver="primal"`, `fit_chunks` solves the exact problem in the F-dimensional feature space
-instead, from sufficient statistics streamed over the chunks: the F×F Gram Σ x xᵀ of the centred
-samples, the same Gram with each sample weighted by its class size, and the per-class sums give
-M_S and M_D directly (`pair_scatter`'s identities), whatever n is. Memory is 2·F² floats and a
+instead, from sufficient statistics streamed over the chunks: the F×F scatter of the samples
+about their class means, the same with each sample weighted by its class size, and the class
+means give M_S and M_D directly (`_fit_primal`), whatever n is. Memory is 2·F² floats and a
 chunk, time n·F² for the statistics plus the F×F generalised eigensolve of the leading
 `n_components` pairs (LAPACK on the CPU; LOBPCG on a torch device). It equals the dual solve:
 directions outside the data's span have M_S w = M_D w = 0, so γ = 0 and they are never kept.
 It is the consortium-scale path where n ≫ F (10⁵ templates, F ≈ 8·10⁴ at D = 64), where the
-n×n Gram cannot be held and the rank cap loses the discriminative directions. In float32 on a
-torch device it needs more templates than features plus classes: with fewer, M_S + λI has
-eigenvalues equal to λ in the directions M_S does not reach, float32 round-off of the
-statistics is of λ's order there, and LOBPCG returns spurious leading pairs (γ ≈ 10⁴ where the
-float64 solve gives 1; results/gpu/primal_float32_check.py), so that case is refused.
+n×n Gram cannot be held and the rank cap loses the discriminative directions. With fewer
+templates than features plus classes, M_S + λI has eigenvalues equal to λ in the directions
+M_S does not reach, and LOBPCG in float32 returns spurious leading pairs there (γ ≈ 10⁴ where
+the exact solve gives 1). The float32 statistics themselves are accurate (LAPACK in float64 on
+them gives the exact pairs; results/gpu/primal_float32_check.py): so in that case LOBPCG runs
+in float64 over the float32 statistics, each product widening a block of rows at a time
+(`_float64_product`), which keeps the device memory at 2·F² float32 (50 GiB at F = 81 920,
+where float64 statistics would need 100 GiB).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -153,7 +157,7 @@ class CFML(BaseEstimator):
         Seed of the range finder's test matrix (`max_rank` only).
     max_iter : int, default=1000
         LOBPCG iterations at most (``solver="primal"`` on a torch device): where the wanted
-        eigenvalues cluster, float32 LOBPCG may never reach its tolerance, and each iteration
+        eigenvalues cluster, LOBPCG may never reach its tolerance, and each iteration
         at F = 81 920 is several products with the two F×F matrices (`eigen_residuals_` says
         how far the pairs got).
 
@@ -363,27 +367,25 @@ class CFML(BaseEstimator):
         first = np.asarray(chunks[0])
         dtype = np.float32 if first.dtype == np.float32 else np.float64
         n, n_classes, n_features = int(offsets[-1]), len(np.unique(labels)), first.shape[1]
-        # M_S cannot have full rank below F + classes templates: see the module doc
+        # below F + classes templates M_S + λI equals λ where M_S does not reach, and float32
+        # LOBPCG there gives spurious pairs: the float32 statistics are then multiplied in
+        # float64 (module doc)
         float32_device = device is not None and dtype == np.float32
-        if self.solver == "primal" and float32_device and n - n_classes < n_features:
-            raise ValueError(
-                f"the float32 primal solve needs more templates than features plus "
-                f"classes ({n} templates, {n_classes} classes, F = {n_features}): "
-                "round-off in the directions M_S does not reach is of the ridge's order "
-                "and gives spurious eigenpairs; use solver='dual' or float64 chunks"
+        rank_deficient = n - n_classes < n_features
+        products = _BlockProducts(device, dtype, float64_solve=float32_device and rank_deficient)
+        if self.solver == "primal":  # its statistics centre each sample on its class's mean
+            self.components_ = self._fit_primal(
+                lambda i: np.asarray(chunks[i], dtype=dtype), offsets, labels, products
             )
+            return self
         total = np.zeros(n_features, dtype=np.float64)
         for i in range(len(chunks)):
             total += np.asarray(chunks[i]).sum(axis=0, dtype=np.float64)
         mean = (total / offsets[-1]).astype(dtype)
-        products = _BlockProducts(device, dtype)
 
         def centred(i: int) -> np.ndarray:
             return np.asarray(chunks[i], dtype=dtype) - mean
 
-        if self.solver == "primal":
-            self.components_ = self._fit_primal(centred, offsets, labels, n_features, products)
-            return self
         if self.max_rank is not None and offsets[-1] - 1 > self.max_rank:
             basis = self._principal_basis(centred, offsets, n_features, products)
             Z = np.concatenate(
@@ -434,40 +436,50 @@ class CFML(BaseEstimator):
         keep = eigenvalues > self.rtol * max(float(eigenvalues.max()), 1e-300)
         return V[:, keep], np.sqrt(eigenvalues[keep])
 
-    def _fit_primal(
-        self, centred, offsets: np.ndarray, labels: np.ndarray, n_features: int, products
-    ):
-        """W (F × m) from the F×F statistics of the centred chunks (module doc)."""
+    def _fit_primal(self, read, offsets: np.ndarray, labels: np.ndarray, products):
+        """W (F × m) from the F×F statistics of the chunks (`read(i)`, module doc).
+
+        Each sample is centred on its class's mean x̄_c, so that no two large terms cancel:
+        over same-class pairs Σ (x_i − x_j)(x_i − x_j)ᵀ = Σ_c 2n_c W_c, over all pairs
+        2n·S_T, with W_c = Σ_{i∈c} (x_i − x̄_c)(x_i − x̄_c)ᵀ and S_T = Σ_c W_c +
+        Σ_c n_c (x̄_c − x̄)(x̄_c − x̄)ᵀ. (`pair_scatter`'s 2n_c G_c − 2 s_c s_cᵀ subtracts two
+        terms of the class means' size: in float32 at F = 8 192, N = 4 000 that moved the
+        leading γ by 0.27 % where this form moves it by 0.004 %;
+        results/gpu/primal_float32_check.txt.)
+        """
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         n = int(offsets[-1])
         n_same = int((counts * (counts - 1)).sum())
         n_diff = n * (n - 1) - n_same
         if n_same == 0 or n_diff == 0:
             raise ValueError("CFML needs at least two classes and one class with two samples")
+        class_sums = None
+        for i in range(len(offsets) - 1):  # one pass for the class means
+            members, host = inverse[offsets[i] : offsets[i + 1]], read(i)
+            if class_sums is None:
+                class_sums = np.zeros((len(classes), host.shape[1]))
+            for c in np.unique(members):
+                class_sums[c] += host[members == c].sum(axis=0, dtype=np.float64)
+        means = class_sums / counts[:, None]
+        n_features = means.shape[1]
         # Only the two F×F statistics are ever F×F: every update is accumulated in place
         # (at F = 81 920 one more float32 F×F temporary would not fit an 80 GB device).
-        gram = products.zeros((n_features, n_features))  # Σ x xᵀ
-        weighted = products.zeros((n_features, n_features))  # Σ 2·n_c(x) x xᵀ
-        class_sums = np.zeros((len(classes), n_features))
+        scatter = products.zeros((n_features, n_features))  # Σ_c W_c, then S_T, then M_D
+        weighted = products.zeros((n_features, n_features))  # Σ_c 2n_c W_c, then M_S
         started = time.perf_counter()
         for i in range(len(offsets) - 1):
             members = inverse[offsets[i] : offsets[i + 1]]
-            host = centred(i)
-            for c in np.unique(members):
-                class_sums[c] += host[members == c].sum(axis=0, dtype=np.float64)
-            block = products.put(host)
-            products.add_product(gram, block, block)
+            block = products.put(read(i) - means[members].astype(products.dtype))
+            products.add_product(scatter, block, block)
             weights = (2.0 * counts[members]).astype(products.dtype)[:, None]
             products.add_product(weighted, block, block * products.put(weights))
             del block
-        # pair_scatter's identities: all pairs = 2n·G − 2 t tᵀ, same = Σ_c 2 n_c G_c − 2 s_c s_cᵀ
-        sums = products.put(class_sums.astype(products.dtype))  # C × F
-        products.add_product(weighted, sums, sums, alpha=-2.0)  # same-class pair sum
-        total = products.put(class_sums.sum(axis=0, keepdims=True).astype(products.dtype))
-        gram *= 2.0 * n
-        products.add_product(gram, total, total, alpha=-2.0)
-        gram -= weighted  # different-class pair sum
-        gram /= n_diff  # M_D
+        spread = np.sqrt(counts)[:, None] * (means - class_sums.sum(axis=0) / n)
+        spread = products.put(spread.astype(products.dtype))  # C × F
+        products.add_product(scatter, spread, spread)  # S_T
+        scatter *= 2.0 * n  # all-pairs sum
+        scatter -= weighted  # different-class pair sum
+        scatter /= n_diff  # M_D
         weighted /= n_same  # M_S
         log.info(
             "primal statistics of %d samples, F = %d: %.1f s",
@@ -475,7 +487,7 @@ class CFML(BaseEstimator):
             n_features,
             time.perf_counter() - started,
         )
-        A_scaled = self._solve_scatter(weighted, gram, products)
+        A_scaled = self._solve_scatter(weighted, scatter, products)
         return A_scaled  # the basis is the identity: W = A·√γ
 
     def _solve_coordinates(self, Z: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -600,8 +612,9 @@ def _add_to_diagonal(matrix: np.ndarray, value: float) -> np.ndarray:
 class _BlockProducts:
     """The two products `CFML.fit_chunks` needs, in numpy or on a torch device."""
 
-    def __init__(self, device: str | None, dtype: type) -> None:
+    def __init__(self, device: str | None, dtype: type, *, float64_solve: bool = False) -> None:
         self.dtype = dtype
+        self.float64_solve = float64_solve  # LOBPCG over float32 matrices in float64
         self.torch = None
         if device is not None:
             import torch
@@ -669,6 +682,8 @@ class _BlockProducts:
         return in six minutes on an H100. The residuals say how far the pairs got."""
         torch = self.torch
         m_same.diagonal().add_(reg)
+        if self.float64_solve and m_same.dtype == torch.float32:
+            m_diff, m_same = _float64_product(m_diff), _float64_product(m_same)
         r = m_same.shape[0]
         k = min(n_wanted, max(r // 3, 1))
         generator = torch.Generator(device="cpu").manual_seed(0)
@@ -711,3 +726,56 @@ class _BlockProducts:
         gammas, A, residuals = gammas[order], A[:, order], residuals[order]
         positive = gammas > 0
         return gammas[positive], A[:, positive], residuals[positive]
+
+
+#: Rows of a float32 matrix widened at a time by `_float64_product` (2 048 × 81 920 doubles:
+#: 1.3 GB of scratch on the device).
+FLOAT64_ROWS = 2048
+
+
+def _float64_product(stored):  # torch.Tensor -> torch.Tensor
+    """A float32 square matrix on a torch device that `torch.lobpcg` multiplies in float64.
+
+    LOBPCG needs only products with its matrices (and their shape, dtype and device). This
+    tensor reports float64 and answers each product by widening `FLOAT64_ROWS` rows of the
+    stored float32 matrix at a time, so the F×F statistics stay float32 (at F = 81 920 two
+    float64 copies would need 100 GiB; a device of 80 GB holds the float32 pair) while every
+    sum is taken in float64. Any other operation on it raises.
+    """
+    return _float64_product_type()(stored)
+
+
+@functools.cache
+def _float64_product_type() -> type:
+    import torch  # the [gpu] extra: defined on first use
+
+    class Float64Product(torch.Tensor):
+        @staticmethod
+        def __new__(cls, stored):
+            return torch.Tensor._make_wrapper_subclass(
+                cls, stored.shape, dtype=torch.float64, device=stored.device
+            )
+
+        def __init__(self, stored) -> None:
+            self.stored = stored
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            # torch's own code runs as is (its results stay plain tensors); only the
+            # products with this matrix reach __torch_dispatch__
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            products = (torch.ops.aten.mm.default, torch.ops.aten.matmul.default)
+            if func not in products or not isinstance(args[0], cls) or kwargs:
+                raise NotImplementedError(f"{func} on a float32 matrix multiplied in float64")
+            matrix, block = args
+            out = block.new_empty((matrix.shape[0], block.shape[1]))
+            for start in range(0, matrix.shape[0], FLOAT64_ROWS):
+                rows = slice(start, start + FLOAT64_ROWS)
+                torch.mm(matrix.stored[rows].double(), block, out=out[rows])
+            return out
+
+    return Float64Product

@@ -11,8 +11,9 @@ memory) and reports its peak RSS:
 - `primal`: `CFML(solver="primal").fit_chunks`, the exact solve from streamed F×F statistics.
 
 `--dtype float64` reads the chunks as float64: on a torch device the primal statistics and
-LOBPCG then run in float64 (2·F² doubles: 103 GiB at F = 81 920, an H200's memory), which
-CFML needs below F + classes templates, where it refuses float32.
+LOBPCG then run in float64 (2·F² doubles: 100 GiB at F = 81 920, an H200's memory). With
+float32 chunks below F + classes templates, CFML keeps the statistics in float32 and runs
+LOBPCG in float64 over them (2·F² floats and a block of widened rows).
 
 A run that does not fit under the limit is recorded as such. The table also gives each mode's
 memory model (bytes, fitted to nothing: the arrays each path allocates) at larger N, labelled
@@ -152,7 +153,7 @@ def child(
         outcome = "fitted"
     except MemoryError:
         outcome = "MemoryError"
-    except ValueError as exc:  # a solve CFML refuses (the float32 primal below F templates)
+    except ValueError as exc:  # a solve CFML refuses
         outcome, reason = "refused", str(exc)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -223,7 +224,12 @@ def memory_model(
     in the chunks' precision (`itemsize`)."""
     if mode == "primal":
         if device:  # the two F×F statistics and a chunk, on the device
-            return (2 * features * features + chunk * features) * itemsize
+            statistics = (2 * features * features + chunk * features) * itemsize
+            if itemsize == 4 and n - 3 < features:  # LOBPCG's float64 products: widened rows
+                from pecore.metric import FLOAT64_ROWS
+
+                statistics += FLOAT64_ROWS * features * 8
+            return statistics
         # the two float32 F×F statistics, LAPACK's float64 copies of M_D and M_S + λI and its
         # work space, chunks
         return 2 * features * features * 4 + 3 * features * features * 8 + 3 * chunk * features * 4
