@@ -41,6 +41,11 @@ def test_bench_training_measures_both_paths_and_reports_a_limit(tmp_path):
         assert main([*argv, *device, "--out", str(out)]) == 0
         (row,) = json.loads(out.read_text())["rows"]
         assert row["outcome"] == "fitted"  # its LOBPCG multiplies in float64
+        # LOBPCG stopped by its cap gives pairs that are not eigenpairs yet: said, not hidden
+        assert main([*argv, *device, "--max-iter", "2", "--out", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["outcome"] == "unconverged" and "in 2 iterations" in row["reason"]
+        assert len(row["eigenvalues"]) == len(row["eigen_residuals"]) > 0
         assert main([*argv, *device, "--dtype", "float64", "--out", str(out)]) == 0
         report = json.loads(out.read_text())
         (row,) = report["rows"]
@@ -71,6 +76,9 @@ def test_bench_index_runs_the_indexers_own_tasks_end_to_end(tmp_path, discard):
     assert all(r["load_ms_per_image_per_thread"] > 0 for r in report["whole_task"])
     if discard:
         assert rows == [(6, 1, 6), (6, 2, 6), (10, 1, 10), (10, 2, 10)]
+        # the worker processes' discarded records count too (they were 0 before session 11)
+        pooled = [r for r in report["whole_task"] if r["processes"] > 1]
+        assert all(r["feature_record_bytes_discarded"] > 0 for r in pooled)
     else:
         assert rows == [(6, 1, 6), (10, 1, 10)]
         stages = report["device_stages_ms_per_image"]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 
 from pecore.datasets import make_synthetic
 from pecore.metric import CFML
@@ -146,6 +147,7 @@ def test_primal_fit_on_a_torch_device_equals_numpy():
     assert float(torch32.eigen_residuals_.max()) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # pairs checked
 def test_float32_primal_fit_on_a_torch_device_below_f_templates_multiplies_in_float64():
     """With n − classes < F, M_S + λI equals λ where M_S does not reach; float32 LOBPCG there
     returns a spurious third pair (γ ≈ 10⁴ where the exact one is 0.985) although the float32
@@ -164,14 +166,16 @@ def test_float32_primal_fit_on_a_torch_device_below_f_templates_multiplies_in_fl
 
 def test_primal_fit_on_a_torch_device_returns_when_the_spectrum_clusters():
     """Ten wanted pairs, eight of them in a cluster float32 cannot resolve: the iteration cap
-    ends the solve (an uncapped LOBPCG need not return) and the residuals say so."""
+    ends the solve (an uncapped LOBPCG need not return), a ConvergenceWarning and the
+    residuals say so."""
     pytest.importorskip("torch", reason="the [gpu] extra (torch) is not installed")
     rng = np.random.default_rng(3)
     labels = np.arange(600) % 3
     X = rng.standard_normal((600, 200)).astype(np.float32)
     X += 0.3 * rng.standard_normal((3, 200)).astype(np.float32)[labels]
     fit = CFML(n_components=10, solver="primal", max_iter=5)
-    fit.fit_chunks(np.split(X, 3), labels, device="cpu")
+    with pytest.warns(ConvergenceWarning, match="in 5 iterations"):
+        fit.fit_chunks(np.split(X, 3), labels, device="cpu")
     assert fit.eigen_residuals_.shape == fit.eigenvalues_.shape
     assert np.all(np.isfinite(fit.eigen_residuals_)) and fit.eigenvalues_[0] > 1.0
 

@@ -273,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pecore.torch_features import resolve_device
 
+    if args.export_crops is not None:  # before the encryption, not after it
+        args.export_crops.parent.mkdir(parents=True, exist_ok=True)
     data, source = _dataset(args)
     if args.export_crops is not None:
         if args.cipher:

@@ -276,7 +276,8 @@ def _process_worker(
         thread.start()
     for thread in threads:
         thread.join()
-    out.put(("exit", (compute.seconds, load.seconds), {}))
+    discarded = getattr(rt.store, "discarded_bytes", 0)  # this process's own count
+    out.put(("exit", (compute.seconds, load.seconds, discarded), {}))
 
 
 def _whole_task_processes(
@@ -319,7 +320,7 @@ def _whole_task_processes(
                 raise RuntimeError(f"worker process failed to start ({kind})")
         started = time.perf_counter()
         start.set()
-        done, indexed, feature_seconds, load_seconds, exited = 0, 0, 0.0, 0.0, 0
+        done, indexed, feature_seconds, load_seconds, exited, discarded = 0, 0, 0.0, 0.0, 0, 0
         failed: list[str] = []
         with tqdm(total=len(ids), desc=f"index {version} x{processes}", unit="img") as bar:
             while exited < processes:
@@ -345,6 +346,7 @@ def _whole_task_processes(
                     exited += 1
                     feature_seconds += value[0]
                     load_seconds += value[1]
+                    discarded += value[2]
         if done != len(ids):
             reasons = f"; {len(failed)} batches failed, first: {failed[0]}" if failed else ""
             raise RuntimeError(f"the workers indexed {done} of {len(ids)} images{reasons}")
@@ -357,6 +359,7 @@ def _whole_task_processes(
         "images": len(ids),
         "indexed": indexed,
         "processes": processes,
+        "feature_record_bytes_discarded": discarded,
         "wall_seconds": wall,
         "images_per_s": len(ids) / wall,
         "feature_seconds_summed": feature_seconds,
@@ -641,7 +644,10 @@ def run(args: argparse.Namespace) -> int:
         cpu_version = f"v{versions + 1:04d}"
         base.put(layout.model(cpu_version), blob.getvalue())
         cpu = _cpu_task(base, layout, cpu_version, filled[: args.cpu_images + 1])
-        discarded = getattr(rt.store, "discarded_bytes", 0)
+        # this process's discarded records and those of the worker processes
+        discarded = getattr(rt.store, "discarded_bytes", 0) + sum(
+            row.get("feature_record_bytes_discarded", 0) for row in rows
+        )
     finally:
         if args.store is None:
             shutil.rmtree(root, ignore_errors=True)

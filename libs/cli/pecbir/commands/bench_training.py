@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def child(
     import logging
     import resource
 
+    from sklearn.exceptions import ConvergenceWarning
+
     from pecore.metric import CFML
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # solver progress
@@ -140,17 +143,22 @@ def child(
     started = time.perf_counter()
     reason = None
     try:
-        if mode == "memory":
-            X = np.concatenate([np.load(p) for p in paths])
-            metric = CFML(n_components=10).fit(X, labels)
-        else:
-            # read on access, as from a store (a memory map would count every chunk's pages
-            # in RSS and in the address space)
-            rank = max_rank if mode == "capped" else None
-            solver = "primal" if mode == "primal" else "dual"
-            metric = CFML(n_components=10, max_rank=rank, solver=solver, max_iter=max_iter)
-            metric.fit_chunks(_Reads(paths, dtype), labels, device=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            if mode == "memory":
+                X = np.concatenate([np.load(p) for p in paths])
+                metric = CFML(n_components=10).fit(X, labels)
+            else:
+                # read on access, as from a store (a memory map would count every chunk's
+                # pages in RSS and in the address space)
+                rank = max_rank if mode == "capped" else None
+                solver = "primal" if mode == "primal" else "dual"
+                metric = CFML(n_components=10, max_rank=rank, solver=solver, max_iter=max_iter)
+                metric.fit_chunks(_Reads(paths, dtype), labels, device=device)
         outcome = "fitted"
+        unconverged = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+        if unconverged:  # the capped LOBPCG returned its best pairs, not eigenpairs
+            outcome, reason = "unconverged", str(unconverged[0].message)
     except MemoryError:
         outcome = "MemoryError"
     except ValueError as exc:  # a solve CFML refuses
@@ -160,7 +168,10 @@ def child(
     result = {"outcome": outcome, "seconds": seconds, "peak_rss_bytes": peak}
     if reason:
         result["reason"] = reason
-    residuals = getattr(metric, "eigen_residuals_", None) if outcome == "fitted" else None
+    fitted = outcome in ("fitted", "unconverged")
+    if fitted:
+        result["eigenvalues"] = [float(g) for g in metric.eigenvalues_]
+    residuals = getattr(metric, "eigen_residuals_", None) if fitted else None
     if residuals is not None:  # how far the capped LOBPCG got
         result["eigen_residuals"] = [float(r) for r in residuals]
     if device is not None and device.startswith("cuda"):
