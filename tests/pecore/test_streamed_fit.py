@@ -212,5 +212,15 @@ def test_pipeline_fit_streamed_equals_fit(tmp_path):
     signs = np.sign(np.sum(whole.metric_.components_ * streamed.metric_.components_, axis=0))
     z, s = whole.transform(data.images, data.masks), streamed.transform(data.images, data.masks)
     assert _close(z, s * signs.astype(np.float32), 1e-4)
+    # the primal solver (2·F² floats whatever n is) fits the same metric
+    primal = CBIRPipeline(**params).fit_streamed(
+        data.images, data.masks, data.labels, chunk_size=8, metric_solver="primal"
+    )
+    assert _close(whole.metric_.eigenvalues_, primal.metric_.eigenvalues_, 1e-4)
+    assert _same_up_to_sign(whole.metric_.components_, primal.metric_.components_, 1e-3)
+    with pytest.raises(ValueError, match="solver"):
+        CBIRPipeline(**params).fit_streamed(
+            data.images, data.masks, data.labels, metric_solver="gram"
+        )
     with pytest.raises(ValueError, match="chunk_size"):
         CBIRPipeline(**params).fit_streamed(data.images, data.masks, data.labels, chunk_size=0)
