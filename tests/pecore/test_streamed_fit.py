@@ -147,7 +147,6 @@ def test_primal_fit_on_a_torch_device_equals_numpy():
     assert float(torch32.eigen_residuals_.max()) < 1e-3
 
 
-@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # pairs checked
 def test_float32_primal_fit_on_a_torch_device_below_f_templates_multiplies_in_float64():
     """With n − classes < F, M_S + λI equals λ where M_S does not reach; float32 LOBPCG there
     returns a spurious third pair (γ ≈ 10⁴ where the exact one is 0.985) although the float32
