@@ -303,14 +303,20 @@ class CFML(BaseEstimator):
             fitted.append(metric)
         return fitted
 
+    def _check_params(self) -> None:
+        """Refuse parameters no fit accepts, before any data is read."""
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        if self.solver not in ("dual", "primal"):
+            raise ValueError(f"solver must be 'dual' or 'primal', got {self.solver!r}")
+
     def _centred_gram(self, X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the centred samples, their n×n Gram matrix in float64), after `fit`'s checks."""
         X = np.asarray(X)
         labels = np.asarray(labels)
         if X.ndim != 2 or X.shape[0] != labels.shape[0]:
             raise ValueError(f"X {X.shape} and labels {labels.shape} do not match")
-        if self.n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        self._check_params()
         # One centred copy in the input's precision: float32 Fisher vectors (as in Cheng's
         # MATLAB code) keep the n×F copy and the n×n Gram product in float32, 4x faster and
         # half the memory of float64 at F = 83k; everything after the Gram is float64.
@@ -361,10 +367,7 @@ class CFML(BaseEstimator):
         sizes = [int(np.shape(chunks[i])[0]) for i in range(len(chunks))]
         if not sizes or sum(sizes) != labels.shape[0]:
             raise ValueError(f"chunks of {sum(sizes)} rows but {labels.shape[0]} labels")
-        if self.n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
-        if self.solver not in ("dual", "primal"):
-            raise ValueError(f"solver must be 'dual' or 'primal', got {self.solver!r}")
+        self._check_params()
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         first = np.asarray(chunks[0])
         dtype = np.float32 if first.dtype == np.float32 else np.float64

@@ -461,16 +461,16 @@ class CBIRPipeline(BaseEstimator):
         Raises
         ------
         ValueError
-            If images, masks and labels differ in number, `chunk_size` is below 1 or
-            `metric_solver` is not a solver.
+            If images, masks and labels differ in number, `chunk_size` is below 1, or
+            `metric_solver` or `dim` is not one CFML accepts.
         """
         import tempfile
 
         labels = _checked_labels(images, masks, labels)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if metric_solver not in ("dual", "primal"):  # before the hours of features, not after
-            raise ValueError(f"metric_solver must be 'dual' or 'primal', got {metric_solver!r}")
+        metric = CFML(reg=self.metric_lambda, n_components=self.dim, solver=metric_solver)
+        metric._check_params()  # before the hours of features, not after
         self._fit_dictionary(images, masks, rois=None)
         with tempfile.TemporaryDirectory(dir=spill_dir, prefix="fisher-") as folder:
             paths = []
@@ -482,9 +482,7 @@ class CBIRPipeline(BaseEstimator):
                 del fv
             chunks = _SpilledChunks(paths)
             device = self._torch_features().device if self.backend == "torch" else None
-            self.metric_ = CFML(
-                reg=self.metric_lambda, n_components=self.dim, solver=metric_solver
-            ).fit_chunks(chunks, labels, device=device)
+            self.metric_ = metric.fit_chunks(chunks, labels, device=device)
         return self
 
     def _fit_dictionary(
