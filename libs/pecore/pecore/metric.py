@@ -37,7 +37,11 @@ the exact solve gives 1). The float32 statistics themselves are accurate (LAPACK
 them gives the exact pairs; results/gpu/primal_float32_check.py): so in that case LOBPCG runs
 in float64 over the float32 statistics, each product widening a block of rows at a time
 (`_float64_product`), which keeps the device memory at 2·F² float32 (50 GiB at F = 81 920,
-where float64 statistics would need 100 GiB).
+where float64 statistics would need 100 GiB). Far below F templates even that LOBPCG may leave
+spurious pairs (N = 10⁴, F = 81 920 on an H100: two, at residual 0.998, where N = 5·10⁴
+converged; results/gpu/h100-s11/): a pair above `MAX_PAIR_RESIDUAL` raises a
+ConvergenceWarning, and there the dual is exact and cheaper (75 s and 4.6 GiB against 192 s
+and 53 GiB).
 """
 
 from __future__ import annotations
